@@ -1,0 +1,167 @@
+"""NATS subjects: built and parsed here, never by f-strings elsewhere.
+
+Layout (``<domain>.<feed>.<symbol>[.<tf>]``)::
+
+    ticks.<feed>.<symbol>               Tick, TickBatch, Bar from the EA or backfill
+    candles.<feed>.<symbol>.<tf>        Candle
+    features.<feed>.<symbol>.<tf>       FeatureVector
+    scores.<feed>.<symbol>.<tf>         Score
+    signals.<feed>.<symbol>.<tf>        Signal
+    dlq.<worker>                        DeadLetter
+
+A replay namespace prefixes every subject with ``ns.<name>.`` so it never meets live
+traffic.
+
+Symbol tokens are escaped losslessly: ``[A-Za-z0-9_-]`` stand for themselves, every other
+byte of the UTF-8 encoding becomes ``=XX`` (upper-case hex). The result is a valid NATS
+token and also a valid JetStream KV key and stream-name fragment, e.g.
+``US500.cash -> US500=2Ecash``, ``EUR/USD -> EUR=2FUSD``, ``BRK B -> BRK=20B``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, NamedTuple
+
+from contracts.messages import Timeframe
+
+_SAFE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPED_TOKEN: Final = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+MAX_SYMBOL_CHARS: Final = 64
+
+TICKS: Final = "ticks"
+CANDLES: Final = "candles"
+FEATURES: Final = "features"
+SCORES: Final = "scores"
+SIGNALS: Final = "signals"
+DLQ: Final = "dlq"
+NAMESPACE: Final = "ns"
+
+_PER_TF: Final = frozenset({CANDLES, FEATURES, SCORES, SIGNALS})
+
+
+class SubjectError(ValueError):
+    """A subject, symbol, feed or name that tickwire cannot accept."""
+
+
+class Parsed(NamedTuple):
+    domain: str
+    feed: str
+    symbol: str
+    tf: Timeframe | None
+    namespace: str | None
+
+
+def check_symbol(symbol: str) -> str:
+    """Refuse symbols no terminal would send: empty, too long, control characters."""
+    if not symbol or len(symbol) > MAX_SYMBOL_CHARS:
+        raise SubjectError(f"symbol must be 1..{MAX_SYMBOL_CHARS} characters: {symbol!r}")
+    if not symbol.isprintable() or symbol != symbol.strip():
+        raise SubjectError(f"symbol has control or surrounding blank characters: {symbol!r}")
+    return symbol
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Feeds, workers and namespaces are plain tokens: ``[A-Za-z0-9_-]{1,32}``."""
+    if not _NAME.match(name):
+        raise SubjectError(f"{what} must match [A-Za-z0-9_-]{{1,32}}: {name!r}")
+    return name
+
+
+def escape(symbol: str) -> str:
+    check_symbol(symbol)
+    raw = symbol.encode()
+    if all(b in _SAFE for b in raw):
+        return symbol
+    return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in raw)
+
+
+def unescape(token: str) -> str:
+    if not _ESCAPED_TOKEN.match(token):
+        raise SubjectError(f"not an escaped symbol token: {token!r}")
+    if "=" not in token:
+        return token
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "=":
+            out.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(token[i]))
+            i += 1
+    try:
+        symbol = out.decode()
+    except UnicodeDecodeError:
+        raise SubjectError(f"escaped symbol is not UTF-8: {token!r}") from None
+    if escape(symbol) != token:
+        raise SubjectError(f"not the canonical escape of {symbol!r}: {token!r}")
+    return symbol
+
+
+def _prefix(namespace: str | None) -> str:
+    return "" if namespace is None else f"{NAMESPACE}.{check_name(namespace, 'namespace')}."
+
+
+def ticks(feed: str, symbol: str, *, namespace: str | None = None) -> str:
+    return f"{_prefix(namespace)}{TICKS}.{check_name(feed, 'feed')}.{escape(symbol)}"
+
+
+def _per_tf(domain: str, feed: str, symbol: str, tf: Timeframe, namespace: str | None) -> str:
+    try:
+        tf = Timeframe(tf)
+    except ValueError:
+        raise SubjectError(f"unknown timeframe: {tf!r}") from None
+    return f"{_prefix(namespace)}{domain}.{check_name(feed, 'feed')}.{escape(symbol)}.{tf.value}"
+
+
+def candles(feed: str, symbol: str, tf: Timeframe, *, namespace: str | None = None) -> str:
+    return _per_tf(CANDLES, feed, symbol, tf, namespace)
+
+
+def features(feed: str, symbol: str, tf: Timeframe, *, namespace: str | None = None) -> str:
+    return _per_tf(FEATURES, feed, symbol, tf, namespace)
+
+
+def scores(feed: str, symbol: str, tf: Timeframe, *, namespace: str | None = None) -> str:
+    return _per_tf(SCORES, feed, symbol, tf, namespace)
+
+
+def signals(feed: str, symbol: str, tf: Timeframe, *, namespace: str | None = None) -> str:
+    return _per_tf(SIGNALS, feed, symbol, tf, namespace)
+
+
+def dlq(worker: str, *, namespace: str | None = None) -> str:
+    return f"{_prefix(namespace)}{DLQ}.{check_name(worker, 'worker')}"
+
+
+def wildcard(domain: str, *, feed: str | None = None, namespace: str | None = None) -> str:
+    """Every subject of a domain (optionally of one feed), for stream and consumer filters."""
+    if domain not in _PER_TF | {TICKS, DLQ}:
+        raise SubjectError(f"unknown domain: {domain!r}")
+    if domain == DLQ:
+        return f"{_prefix(namespace)}{DLQ}.*"
+    feed_token = "*" if feed is None else check_name(feed, "feed")
+    tail = ".*.*" if domain in _PER_TF else ".*"
+    return f"{_prefix(namespace)}{domain}.{feed_token}{tail}"
+
+
+def parse(subject: str) -> Parsed:
+    """Inverse of the builders for ticks, candles, features, scores and signals."""
+    tokens = subject.split(".")
+    namespace = None
+    if tokens[0] == NAMESPACE and len(tokens) > 2:
+        namespace = check_name(tokens[1], "namespace")
+        tokens = tokens[2:]
+    domain = tokens[0]
+    if domain == TICKS and len(tokens) == 3:
+        return Parsed(TICKS, check_name(tokens[1], "feed"), unescape(tokens[2]), None, namespace)
+    if domain in _PER_TF and len(tokens) == 4:
+        try:
+            tf = Timeframe(tokens[3])
+        except ValueError:
+            raise SubjectError(f"unknown timeframe in {subject!r}") from None
+        feed = check_name(tokens[1], "feed")
+        return Parsed(domain, feed, unescape(tokens[2]), tf, namespace)
+    raise SubjectError(f"not a tickwire market subject: {subject!r}")
