@@ -1,0 +1,51 @@
+"""The one place a NATS connection is made: reconnect forever, say so in the log."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from workers.runtime.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+
+async def connect(settings: RuntimeSettings, *, name: str) -> Client:
+    """Connect with endless reconnects; a worker rides out server restarts and failovers."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected to %s", nc.connected_url)
+
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in settings.nats_url.split(",") if u.strip()],
+        "name": name,
+        "connect_timeout": settings.nats_connect_timeout_s,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+        # a worker that keeps a few MB in flight should not be cut off as a slow consumer
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if settings.nats_user is not None:
+        options["user"] = settings.nats_user
+    if settings.nats_password is not None:
+        options["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_creds_file is not None:
+        options["user_credentials"] = settings.nats_creds_file
+    if settings.nats_tls_ca is not None:
+        options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+    nc = await nats.connect(**options)
+    return nc

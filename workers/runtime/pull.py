@@ -1,0 +1,193 @@
+"""A JetStream pull consumer that is not capped by nats-py's ``fetch()``.
+
+``fetch()`` spends a task and a ``wait_for`` per message and stalls near 20-30 k msg/s. Here
+one plain subscription on an inbox receives everything, and pull requests
+(``$JS.API.CONSUMER.MSG.NEXT``) for ``batch`` messages are kept outstanding so the server
+always has somewhere to send the next message. Acks, naks and in-progress signals are plain
+publishes to each message's reply subject.
+
+The server ends a pull request with a status message; ``Nats-Pending-Messages`` on it says
+how many of the requested messages it will no longer send, which keeps the count of what is
+still outstanding exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+ACK: Final = b"+ACK"
+IN_PROGRESS: Final = b"+WPI"
+TERM: Final = b"+TERM"
+
+_STATUS: Final = "Status"
+_PENDING_MSGS: Final = "Nats-Pending-Messages"
+_NS: Final = 1_000_000_000
+
+
+class _NextRequest(msgspec.Struct, omit_defaults=True):
+    batch: int
+    expires: int
+    idle_heartbeat: int = 0
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class AckInfo(msgspec.Struct, frozen=True):
+    """What the reply subject ``$JS.ACK...`` of a delivered message says."""
+
+    stream: str
+    consumer: str
+    deliveries: int
+    stream_seq: int
+    consumer_seq: int
+    timestamp_ns: int
+    pending: int
+
+
+def parse_reply(reply: str) -> AckInfo:
+    """Parse ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``.
+
+    The newer form inserts domain and account hash after ``ACK`` and appends a token.
+    """
+    t = reply.split(".")
+    if len(t) == 9:
+        o = 2
+    elif len(t) >= 11:
+        o = 4
+    else:
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    return AckInfo(
+        stream=t[o],
+        consumer=t[o + 1],
+        deliveries=int(t[o + 2]),
+        stream_seq=int(t[o + 3]),
+        consumer_seq=int(t[o + 4]),
+        timestamp_ns=int(t[o + 5]),
+        pending=int(t[o + 6]),
+    )
+
+
+def nak_payload(delay_s: float) -> bytes:
+    return b"-NAK " + _encode({"delay": int(delay_s * _NS)})
+
+
+class PullSource:
+    """Keeps pull requests outstanding and buffers what arrives, with backpressure."""
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        *,
+        batch: int = 1000,
+        expires_s: float = 5.0,
+        max_buffered: int | None = None,
+    ) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._batch = batch
+        self._expires_s = expires_s
+        self._heartbeat_s = max(expires_s / 5, 0.5)
+        self._max_buffered = max_buffered or batch * 4
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._buffer: deque[Msg] = deque()
+        self._ready = asyncio.Event()
+        self._outstanding = 0
+        self._last_heard = time.monotonic()
+        self._closed = False
+        self.statuses: dict[str, int] = {}
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(
+            self._inbox, cb=self._on_msg, pending_msgs_limit=self._max_buffered + self._batch * 2
+        )
+        await self._request()
+
+    async def stop(self) -> None:
+        """Stop asking; what the server still sends is left unacked and redelivered later."""
+        self._closed = True
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        self._ready.set()
+
+    def reset(self) -> None:
+        """Forget outstanding requests (after a reconnect the server no longer holds them)."""
+        self._outstanding = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = time.monotonic()
+        headers = msg.headers
+        if headers is not None and _STATUS in headers and not msg.reply:
+            status = headers[_STATUS]
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status == "100":  # idle heartbeat: the request is alive
+                return
+            unfilled = headers.get(_PENDING_MSGS)
+            if unfilled is not None:
+                self._outstanding = max(0, self._outstanding - int(unfilled))
+            elif status in ("404", "408", "409"):
+                # request ended without saying how much was left: assume all of it
+                self._outstanding = 0
+            if status not in ("404", "408"):
+                log.info("pull request ended: %s %s", status, headers.get("Description", ""))
+            self._ready.set()  # let the taker re-request promptly
+            return
+        self._outstanding -= 1
+        self._buffer.append(msg)
+        self._ready.set()
+
+    async def _request(self) -> None:
+        if self._closed or not self._nc.is_connected:
+            return
+        room = self._max_buffered - len(self._buffer) - self._outstanding
+        if self._outstanding > self._batch // 2 or room < self._batch // 2:
+            return
+        ask = min(self._batch, room)
+        body = _NextRequest(
+            batch=ask,
+            expires=int(self._expires_s * _NS),
+            idle_heartbeat=int(self._heartbeat_s * _NS),
+        )
+        self._outstanding += ask
+        self._last_heard = time.monotonic()
+        await self._nc.publish(self._subject, _encode(body), reply=self._inbox)
+
+    async def take(self, max_n: int, timeout_s: float) -> list[Msg]:
+        """Up to ``max_n`` messages; waits at most ``timeout_s`` for the first one."""
+        if not self._buffer:
+            if self._outstanding > 0 and time.monotonic() - self._last_heard > (
+                self._heartbeat_s * 3
+            ):
+                # neither messages nor heartbeats: the server lost our requests
+                self._outstanding = 0
+            await self._request()
+            self._ready.clear()
+            if not self._buffer and not self._closed:
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout_s)
+                except TimeoutError:
+                    pass
+        buf = self._buffer
+        n = min(max_n, len(buf))
+        out = [buf.popleft() for _ in range(n)]
+        await self._request()
+        return out

@@ -1,0 +1,382 @@
+"""The loop every worker runs: take a batch, decode, handle, make the effect durable, ack.
+
+The ack policy is decided here, once:
+
+- decoded and handled      -> ack, after the handler returned (its publishes are acked by
+                              JetStream and its writes committed by then)
+- bad input                -> dead letter (payload, headers, reason) to ``dlq.<worker>``,
+                              then ack; counted by reason
+- ``TransientError``       -> nak with exponential backoff; nothing is acked
+- any other exception      -> the batch is retried one message at a time so one poison
+                              message cannot hold back the others; a message that keeps
+                              failing is dead-lettered after ``poison_deliveries`` attempts
+
+A worker module only declares what it consumes, how to decode it, and a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from contracts import subjects
+from contracts.codec import Codec, ContractError, encode
+from contracts.messages import DeadLetter
+from workers.runtime.connection import connect
+from workers.runtime.errors import Rejected, TransientError
+from workers.runtime.metrics import MetricsServer, WorkerMetrics
+from workers.runtime.publish import Outgoing, Publisher
+from workers.runtime.pull import ACK, IN_PROGRESS, AckInfo, PullSource, nak_payload, parse_reply
+from workers.runtime.settings import RuntimeSettings
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+HANDLER_ERROR = "handler_error"
+
+
+class Delivery(Generic[T]):
+    """One delivered message and its decoded value."""
+
+    __slots__ = ("info", "msg", "value")
+
+    def __init__(self, msg: Msg, value: T, info: AckInfo) -> None:
+        self.msg = msg
+        self.value = value
+        self.info = info
+
+
+class Batch(Generic[T]):
+    """The decoded messages of one pull, in stream order. Iterating skips rejected ones."""
+
+    __slots__ = ("_rejected", "items")
+
+    def __init__(self, items: list[Delivery[T]]) -> None:
+        self.items = items
+        self._rejected: dict[int, Rejected] = {}
+
+    def __iter__(self) -> Iterator[Delivery[T]]:
+        rejected = self._rejected
+        return (d for d in self.items if id(d) not in rejected) if rejected else iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items) - len(self._rejected)
+
+    def reject(self, delivery: Delivery[T], reason: str, detail: str = "") -> None:
+        """Send this message to the dead letters (with ``reason``) instead of handling it."""
+        self._rejected[id(delivery)] = Rejected(reason, detail)
+
+    def rejections(self) -> list[tuple[Delivery[T], Rejected]]:
+        return [(d, self._rejected[id(d)]) for d in self.items if id(d) in self._rejected]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a handler may use; made once at start-up."""
+
+    worker: str
+    settings: RuntimeSettings
+    nc: Client
+    js: JetStreamContext
+    publisher: Publisher
+    metrics: WorkerMetrics
+    state: dict[str, Any]
+    """Connections and state the worker's start-up hook creates."""
+
+
+Handler = Callable[[Batch[T], Context], Awaitable[None]]
+Hook = Callable[[Context], Awaitable[None]]
+
+
+class Worker(Generic[T]):
+    """One consumer of one JetStream durable consumer."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        stream: str,
+        durable: str,
+        codec: Codec[T],
+        settings: RuntimeSettings,
+        handler: Handler[T] | None = None,
+    ) -> None:
+        self.name = subjects.check_name(name, "worker")
+        self.stream = stream
+        self.durable = durable
+        self.codec = codec
+        self.settings = settings
+        self.metrics = WorkerMetrics(name)
+        self._handler = handler
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._stop = asyncio.Event()
+        self._source: PullSource | None = None
+        self._ctx: Context | None = None
+        self._alive_at = 0.0
+        self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
+        self.metrics_server: MetricsServer | None = None
+        self.started = asyncio.Event()
+        """Set once connected, subscribed and serving metrics."""
+
+    # --- declaration -----------------------------------------------------------------
+
+    def handler(self, fn: Handler[T]) -> Handler[T]:
+        self._handler = fn
+        return fn
+
+    def on_startup(self, fn: Hook) -> Hook:
+        self._startup.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Hook) -> Hook:
+        self._shutdown.append(fn)
+        return fn
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and drain (what SIGTERM does)."""
+        self._stop.set()
+
+    @property
+    def context(self) -> Context:
+        assert self._ctx is not None, "worker not started"
+        return self._ctx
+
+    def healthy(self) -> bool:
+        ctx = self._ctx
+        if ctx is None or not ctx.nc.is_connected or self._stop.is_set():
+            return False
+        return time.monotonic() - self._alive_at < max(30.0, self.settings.pull_expires_s * 3)
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, start, consume until ``stop()``, then drain and close."""
+        if self._handler is None:
+            raise RuntimeError(f"worker {self.name} has no handler")
+        s = self.settings
+        nc = await connect(s, name=self.name)
+        js = nc.jetstream(timeout=s.publish_timeout_s)
+        ctx = Context(
+            worker=self.name,
+            settings=s,
+            nc=nc,
+            js=js,
+            publisher=Publisher(js, self.metrics, s.publish_timeout_s),
+            metrics=self.metrics,
+            state={},
+        )
+        self._ctx = ctx
+        self.metrics_server = MetricsServer(
+            self.metrics, self.healthy, s.metrics_host, s.metrics_port
+        )
+        try:
+            for hook in self._startup:
+                await hook(ctx)
+            info = await js.consumer_info(self.stream, self.durable)
+            ack_wait = float(info.config.ack_wait or 30.0)
+            self._source = PullSource(
+                nc,
+                self.stream,
+                self.durable,
+                batch=s.fetch_batch,
+                expires_s=s.pull_expires_s,
+                max_buffered=max(s.fetch_batch, s.handler_batch) * 4,
+            )
+            await self.metrics_server.start()
+            await self._source.start()
+            self.metrics.up.labels(self.name).set(1)
+            self._alive_at = time.monotonic()
+            self.started.set()
+            log.info("%s consuming %s/%s", self.name, self.stream, self.durable)
+            await self._loop(ctx, self._source, ack_wait)
+        finally:
+            self.metrics.up.labels(self.name).set(0)
+            await self._drain(ctx)
+
+    async def _loop(self, ctx: Context, source: PullSource, ack_wait: float) -> None:
+        take_timeout = 0.25
+        max_n = self.settings.handler_batch
+        while not self._stop.is_set():
+            self._alive_at = time.monotonic()
+            msgs = await source.take(max_n, take_timeout)
+            if msgs:
+                await self.process(ctx, msgs, ack_wait)
+
+    async def _drain(self, ctx: Context) -> None:
+        source = self._source
+        if source is not None:
+            await source.stop()
+        for hook in reversed(self._shutdown):
+            try:
+                await hook(ctx)
+            except Exception:
+                log.exception("%s: shutdown hook failed", self.name)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        try:
+            await asyncio.wait_for(ctx.nc.drain(), self.settings.drain_timeout_s)
+        except Exception as exc:
+            log.warning("%s: drain did not finish cleanly: %r", self.name, exc)
+            await ctx.nc.close()
+        log.info("%s stopped", self.name)
+
+    # --- one batch -------------------------------------------------------------------
+
+    async def process(self, ctx: Context, msgs: Sequence[Msg], ack_wait: float = 30.0) -> None:
+        started = time.perf_counter()
+        decode = self.codec.decode
+        items: list[Delivery[T]] = []
+        dead: list[tuple[Msg, AckInfo, str, str]] = []
+        for msg in msgs:
+            info = parse_reply(msg.reply)
+            try:
+                items.append(Delivery(msg, decode(msg.data), info))
+            except ContractError as exc:
+                dead.append((msg, info, exc.reason, exc.detail))
+        acked: list[Delivery[T]] = []
+        retry: list[tuple[Delivery[T], str]] = []
+        if items:
+            batch = Batch(items)
+            try:
+                await self._call(ctx, batch, ack_wait)
+            except TransientError as exc:
+                log.warning(
+                    "%s: transient failure, %d messages retried: %s", self.name, len(items), exc
+                )
+                retry.extend((d, repr(exc)) for d in items)
+            except Exception as exc:
+                if len(items) == 1:
+                    retry.append((items[0], repr(exc)))
+                    log.exception("%s: handler failed", self.name)
+                else:
+                    log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
+                    await self._isolate(ctx, items, ack_wait, acked, retry, dead)
+            else:
+                for d, rej in batch.rejections():
+                    dead.append((d.msg, d.info, rej.reason, rej.detail))
+                acked.extend(batch)
+
+        poison = [
+            (d, err) for d, err in retry if d.info.deliveries >= self.settings.poison_deliveries
+        ]
+        if poison:
+            dead.extend((d.msg, d.info, HANDLER_ERROR, err) for d, err in poison)
+            drop = {id(d) for d, _ in poison}
+            retry = [(d, err) for d, err in retry if id(d) not in drop]
+        if dead:
+            try:
+                await self._dead_letter(ctx, dead)
+            except TransientError:
+                # not durable: leave them unacked, they come back
+                for msg, info, _, _ in dead:
+                    await ctx.nc.publish(msg.reply, nak_payload(self._backoff(info.deliveries)))
+                dead = []
+        nc = ctx.nc
+        for d in acked:
+            await nc.publish(d.msg.reply, ACK)
+        for msg, _, _, _ in dead:
+            await nc.publish(msg.reply, ACK)
+        for d, _ in retry:
+            await nc.publish(d.msg.reply, nak_payload(self._backoff(d.info.deliveries)))
+
+        m = self.metrics
+        m.in_ok.inc(len(acked))
+        if dead:
+            m.in_dead.inc(len(dead))
+        if retry:
+            m.in_retry.inc(len(retry))
+        m.batch_size_w.observe(len(msgs))
+        m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
+        m.processing_w.observe(time.perf_counter() - started)
+
+    async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
+        """Run the handler; tell the server we are still working if it takes long."""
+        assert self._handler is not None
+        task = asyncio.ensure_future(self._handler(batch, ctx))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=ack_wait / 3)
+                if done:
+                    task.result()
+                    return
+                for d in batch.items:
+                    await ctx.nc.publish(d.msg.reply, IN_PROGRESS)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _isolate(
+        self,
+        ctx: Context,
+        items: list[Delivery[T]],
+        ack_wait: float,
+        acked: list[Delivery[T]],
+        retry: list[tuple[Delivery[T], str]],
+        dead: list[tuple[Msg, AckInfo, str, str]],
+    ) -> None:
+        for d in items:
+            single = Batch([d])
+            try:
+                await self._call(ctx, single, ack_wait)
+            except Rejected as exc:
+                dead.append((d.msg, d.info, exc.reason, exc.detail))
+            except Exception as exc:
+                retry.append((d, repr(exc)))
+            else:
+                for _, rej in single.rejections():
+                    dead.append((d.msg, d.info, rej.reason, rej.detail))
+                acked.extend(single)
+
+    def _backoff(self, deliveries: int) -> float:
+        s = self.settings
+        return float(min(s.retry_backoff_s * 2 ** max(deliveries - 1, 0), s.retry_backoff_max_s))
+
+    async def _dead_letter(self, ctx: Context, dead: list[tuple[Msg, AckInfo, str, str]]) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        out = []
+        for msg, info, reason, detail in dead:
+            letter = DeadLetter(
+                worker=self.name,
+                reason=reason,
+                detail=detail[:2000],
+                subject=msg.subject,
+                payload=msg.data,
+                headers=dict(msg.headers or {}),
+                stream=info.stream,
+                stream_seq=info.stream_seq,
+                deliveries=info.deliveries,
+                failed_at_ms=now_ms,
+            )
+            msg_id = f"dlq|{self.name}|{info.stream}|{info.stream_seq}"
+            out.append(Outgoing(self._dlq_subject, encode(letter), msg_id))
+        await ctx.publisher.publish(out)
+        for _, info, reason, detail in dead:
+            self.metrics.dead_letters.labels(self.name, reason).inc()
+            log.warning(
+                "%s: dead letter %s seq=%d: %.200s", self.name, reason, info.stream_seq, detail
+            )
+
+
+def run_until_signalled(worker: Worker[Any]) -> None:
+    """Run a worker in this process; SIGTERM and SIGINT drain it and exit."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(main())
