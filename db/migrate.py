@@ -35,7 +35,7 @@ NO_TRANSACTION_MARKER = "-- tickwire: no-transaction"
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<slug>[a-z0-9_]+)\.sql$")
 
 # The runner's own queries. Fixed text only: values travel as bind parameters.
-_LOCK_KEY = "tickwire:schema_migrations"
+LOCK_NAME = "tickwire:schema_migrations"  # advisory lock: hashtext(LOCK_NAME)
 _TAKE_LOCK = "SELECT pg_advisory_lock(hashtext($1))"
 _CREATE_BOOKKEEPING = """
 CREATE TABLE IF NOT EXISTS public.schema_migrations (
@@ -99,7 +99,7 @@ async def migrate(dsn: str, *, directory: Path | None = None) -> list[str]:
     conn = await asyncpg.connect(dsn)
     try:
         # Released when the connection closes, whatever happens below.
-        await conn.execute(_TAKE_LOCK, _LOCK_KEY)
+        await conn.execute(_TAKE_LOCK, LOCK_NAME)
         await conn.execute(_CREATE_BOOKKEEPING)
         done = {row["version"]: row for row in await conn.fetch(_SELECT_APPLIED)}
         for migration in migrations:
