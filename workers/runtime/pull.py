@@ -14,6 +14,7 @@ still outstanding exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ACK: Final = b"+ACK"
 IN_PROGRESS: Final = b"+WPI"
+NAK: Final = b"-NAK"
 TERM: Final = b"+TERM"
 
 _STATUS: Final = "Status"
@@ -118,12 +120,27 @@ class PullSource:
         await self._request()
 
     async def stop(self) -> None:
-        """Stop asking; what the server still sends is left unacked and redelivered later."""
+        """Stop asking and hand back everything received but not taken.
+
+        Pull requests already sent stay open at the server until filled or expired; waiting
+        for them (at most ``expires_s``) and naking what they bring means nothing sits
+        unacked until its ack wait runs out.
+        """
         self._closed = True
+        for msg in self._buffer:
+            await self._nc.publish(msg.reply, NAK)
+        self._buffer.clear()
+        deadline = time.monotonic() + self._expires_s + 1.0
+        while self._outstanding > 0 and self._nc.is_connected:
+            self._ready.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), remaining)
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-        self._ready.set()
 
     def reset(self) -> None:
         """Forget outstanding requests (after a reconnect the server no longer holds them)."""
@@ -152,7 +169,10 @@ class PullSource:
             self._ready.set()  # let the taker re-request promptly
             return
         self._outstanding -= 1
-        self._buffer.append(msg)
+        if self._closed:
+            await self._nc.publish(msg.reply, NAK)
+        else:
+            self._buffer.append(msg)
         self._ready.set()
 
     async def _request(self) -> None:
@@ -182,10 +202,8 @@ class PullSource:
             await self._request()
             self._ready.clear()
             if not self._buffer and not self._closed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), timeout_s)
-                except TimeoutError:
-                    pass
         buf = self._buffer
         n = min(max_n, len(buf))
         out = [buf.popleft() for _ in range(n)]

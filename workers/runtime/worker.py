@@ -214,9 +214,8 @@ class Worker(Generic[T]):
                 await self.process(ctx, msgs, ack_wait)
 
     async def _drain(self, ctx: Context) -> None:
-        source = self._source
-        if source is not None:
-            await source.stop()
+        if self._source is not None:
+            await self._source.stop()
         for hook in reversed(self._shutdown):
             try:
                 await hook(ctx)
