@@ -1,2 +1,150 @@
-def main() -> None:
-    raise SystemExit("tickwire: not built yet")
+"""``tickwire``: one console script, one subcommand per job.
+
+Bad arguments give one line on stderr and exit code 2. Each subcommand imports what it
+needs when it runs, so ``tickwire --help`` stays fast and a worker process loads only its
+own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+WORKERS: dict[str, str] = {
+    # worker name -> module whose main() runs it
+    "candle-ingest": "workers.candle_ingest.app",
+    "feature-builder": "workers.feature_builder.app",
+    "model-scorer": "workers.model_scorer.app",
+    "signal-publisher": "workers.signal_publisher.app",
+    "timescale-replicator": "workers.timescale_replicator.app",
+    "scheduler": "workers.trainer.scheduler",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one line and exit code 2."""
+    sys.stderr.write(f"tickwire: {message}\n")
+    raise SystemExit(2)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    module_name = WORKERS[args.worker]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            fail(f"worker {args.worker!r} is not built yet")
+        raise
+    main: Callable[[], int | None] = module.main
+    return main() or 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from infra.stack import main
+
+    return main(args.rest)
+
+
+def _db(args: argparse.Namespace) -> int:
+    from db.migrate import main
+
+    return main([args.action, *args.rest])
+
+
+def _contracts(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        from contracts.schemas import main as export
+
+        return export(args.rest)
+    from contracts.asyncapi import main as asyncapi
+
+    return asyncapi(args.rest)
+
+
+def _streams(args: argparse.Namespace) -> int:
+    from contracts.streams import consumer_specs, ensure, stream_specs
+    from workers.runtime.connection import connect
+    from workers.runtime.settings import RuntimeSettings, load
+
+    settings = load(RuntimeSettings, namespace=args.namespace)
+
+    async def go() -> dict[str, str]:
+        nc = await connect(settings, name="tickwire-streams")
+        try:
+            return await ensure(
+                nc.jetstream(),
+                stream_specs(namespace=args.namespace, replicas=args.replicas),
+                consumer_specs(namespace=args.namespace),
+            )
+        finally:
+            await nc.close()
+
+    for name, outcome in asyncio.run(go()).items():
+        print(f"{name:40} {outcome}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from workers.demo import main
+
+    return main(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tickwire", description="MT5 ticks in, signals out, over NATS JetStream.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run one worker in this process until SIGTERM")
+    run.add_argument("worker", choices=sorted(WORKERS))
+    run.set_defaults(func=_run_worker)
+
+    stack = sub.add_parser("stack", help="start NATS, PostgreSQL and QuestDB locally")
+    stack.add_argument("rest", nargs=argparse.REMAINDER)
+    stack.set_defaults(func=_stack)
+
+    db = sub.add_parser("db", help="PostgreSQL migrations")
+    db.add_argument("action", choices=["migrate", "status"])
+    db.add_argument("rest", nargs=argparse.REMAINDER)
+    db.set_defaults(func=_db)
+
+    contracts = sub.add_parser("contracts", help="export JSON Schemas or the AsyncAPI document")
+    contracts.add_argument("action", choices=["export", "asyncapi"])
+    contracts.add_argument("rest", nargs=argparse.REMAINDER)
+    contracts.set_defaults(func=_contracts)
+
+    streams = sub.add_parser("streams", help="create or update JetStream streams and consumers")
+    streams.add_argument("action", choices=["ensure"])
+    streams.add_argument("--namespace", default=None)
+    streams.add_argument("--replicas", type=int, default=1, choices=[1, 3, 5])
+    streams.set_defaults(func=_streams)
+
+    demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
+    demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""One table for every benchmark: figure, baseline from the same run, ratio, target, verdict.
+
+Absolute rates on a shared 2-core machine are noise; the ratio against a baseline measured
+seconds earlier on the same machine is the figure that means something.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline_name: str
+    baseline: float
+    target_ratio: float | None = None
+    target_value: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline if self.baseline else float("nan")
+
+    @property
+    def met(self) -> bool | None:
+        checks = []
+        if self.target_ratio is not None:
+            checks.append(self.ratio >= self.target_ratio)
+        if self.target_value is not None:
+            checks.append(self.value >= self.target_value)
+        return all(checks) if checks else None
+
+    def target(self) -> str:
+        parts = []
+        if self.target_ratio is not None:
+            parts.append(f">= {self.target_ratio:g}x")
+        if self.target_value is not None:
+            parts.append(f">= {self.target_value:,.0f} {self.unit}")
+        return " and ".join(parts) or "-"
+
+
+async def median_rate(n: int, run: Callable[[], Awaitable[float]], repeats: int) -> float:
+    """Median messages/s over ``repeats`` runs of ``run`` (which returns elapsed seconds)."""
+    return statistics.median([n / await run() for _ in range(repeats)])
+
+
+def table(figures: list[Figure]) -> str:
+    head = ("figure", "value", "baseline (same run)", "ratio", "target", "")
+    rows = [head]
+    for f in figures:
+        verdict = {True: "met", False: "SHORT", None: ""}[f.met]
+        rows.append(
+            (
+                f.name,
+                f"{f.value:,.0f} {f.unit}",
+                f"{f.baseline_name}: {f.baseline:,.0f}",
+                f"{f.ratio:.2f}x",
+                f.target(),
+                verdict,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save(figures: list[Figure], path: Path = RESULTS) -> None:
+    doc = {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "figures": [asdict(f) | {"ratio": f.ratio, "met": f.met} for f in figures],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
