@@ -15,6 +15,7 @@ into a ``Tick`` and acks it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -148,10 +149,8 @@ async def runtime(nats_url: str, n: int, run: int) -> float:
 async def measure(nats_url: str, n: int = 200_000, repeats: int = 3) -> list[Figure]:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    try:
+    with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_stream(STREAM)
-    except nats.js.errors.NotFoundError:
-        pass
     await js.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECT]))
     print(f"runtime: publishing {n:,} single-tick messages ...", flush=True)
     await _fill(js, n)
