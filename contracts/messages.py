@@ -32,7 +32,8 @@ Feed = Annotated[
     msgspec.Meta(
         min_length=1,
         max_length=32,
-        pattern=r"^[A-Za-z0-9_-]+$",
+        # "(?!\n)": Python's "$" also matches before a final newline, JSON Schema's does not
+        pattern=r"^[A-Za-z0-9_-]+$(?!\n)",
         description="broker/account the prices come from; never mixed with another feed",
     ),
 ]

@@ -26,8 +26,8 @@ from typing import Final, NamedTuple
 from contracts.messages import Timeframe
 
 _SAFE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_ESCAPED_TOKEN: Final = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
-_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_ESCAPED_TOKEN: Final = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+")
+_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 MAX_SYMBOL_CHARS: Final = 64
 
 TICKS: Final = "ticks"
@@ -64,7 +64,7 @@ def check_symbol(symbol: str) -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """Feeds, workers and namespaces are plain tokens: ``[A-Za-z0-9_-]{1,32}``."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise SubjectError(f"{what} must match [A-Za-z0-9_-]{{1,32}}: {name!r}")
     return name
 
@@ -78,10 +78,10 @@ def escape(symbol: str) -> str:
 
 
 def unescape(token: str) -> str:
-    if not _ESCAPED_TOKEN.match(token):
+    if not _ESCAPED_TOKEN.fullmatch(token):
         raise SubjectError(f"not an escaped symbol token: {token!r}")
     if "=" not in token:
-        return token
+        return check_symbol(token)
     out = bytearray()
     i = 0
     while i < len(token):
