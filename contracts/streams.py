@@ -1,0 +1,462 @@
+"""JetStream streams and consumers, described as data and applied by one idempotent call.
+
+Every stream uses ``limits`` retention on file storage: several independent consumers (the
+next worker, the replicator, ad-hoc replays) read the same messages, and a replay needs them
+after they were consumed, which rules out ``interest`` and ``workqueue``. Streams are bounded
+by age, not by size: a per-stream ``max_bytes`` reserves that much storage up front on every
+server, so disk is capped by the account's JetStream limit in ``infra/`` instead.
+
+Consumers are durable pull consumers with explicit acks. ``ack_wait`` equals the first
+``backoff`` step (the server forces that) and later redeliveries of an unacked message back
+off further. A message that keeps failing is dead-lettered by the shared runtime well before
+``max_deliver``; the server's limit is the backstop for a message that kills its worker.
+
+A replay namespace gets its own streams (``NS_<namespace>_<STREAM>``) over its own subjects
+(``ns.<namespace>.<domain>...``), with the same values as live ones, so a replay behaves
+like production and never touches live data.
+
+``ensure`` manages only the fields described here: fields set by someone else (sources of a
+replay stream, metadata) are left as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+from typing import Any, Final
+
+import msgspec
+from nats.js import api
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.manager import JetStreamManager
+
+from contracts import subjects
+
+MINUTE: Final = 60.0
+HOUR: Final = 3600.0
+DAY: Final = 86_400.0
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+# Stream base names; a namespace turns them into NS_<namespace>_<name>.
+TICKS: Final = "TICKS"
+CANDLES: Final = "CANDLES"
+FEATURES: Final = "FEATURES"
+SCORES: Final = "SCORES"
+SIGNALS: Final = "SIGNALS"
+DLQ: Final = "DLQ"
+
+# Durable consumer names, one per worker (the replicator uses the same name on each stream).
+CANDLE_INGEST: Final = "candle-ingest"
+FEATURE_BUILDER: Final = "feature-builder"
+MODEL_SCORER: Final = "model-scorer"
+SIGNAL_PUBLISHER: Final = "signal-publisher"
+TIMESCALE_REPLICATOR: Final = "timescale-replicator"
+
+CREATED: Final = "created"
+UPDATED: Final = "updated"
+UNCHANGED: Final = "unchanged"
+
+# Error code of "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE: Final = 10058
+_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class Retention(enum.StrEnum):
+    LIMITS = "limits"
+    INTEREST = "interest"
+    WORKQUEUE = "workqueue"
+
+
+class Storage(enum.StrEnum):
+    FILE = "file"
+    MEMORY = "memory"
+
+
+class Discard(enum.StrEnum):
+    OLD = "old"
+    NEW = "new"
+
+
+class DeliverPolicy(enum.StrEnum):
+    ALL = "all"
+    NEW = "new"
+    LAST = "last"
+    LAST_PER_SUBJECT = "last_per_subject"
+
+
+class AckPolicy(enum.StrEnum):
+    EXPLICIT = "explicit"
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One JetStream stream. Durations are seconds, sizes bytes, ``-1`` means unlimited."""
+
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age: float
+    duplicate_window: float
+    """Window in which a repeated ``Nats-Msg-Id`` is dropped by the server."""
+    retention: Retention = Retention.LIMITS
+    storage: Storage = Storage.FILE
+    replicas: int = 1
+    max_msg_size: int = -1
+    max_bytes: int = -1
+    discard: Discard = Discard.OLD
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"stream name must match {_NAME.pattern}: {self.name!r}")
+        if not self.subjects:
+            raise ValueError(f"stream {self.name} has no subjects")
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(f"stream {self.name}: replicas must be 1..5, not {self.replicas}")
+        if self.max_age < 0 or self.duplicate_window < 0:
+            raise ValueError(f"stream {self.name}: durations must not be negative")
+        if self.max_age and self.duplicate_window > self.max_age:
+            raise ValueError(f"stream {self.name}: duplicate_window longer than max_age")
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One durable pull consumer on a stream. Durations are seconds."""
+
+    stream: str
+    durable: str
+    description: str
+    filter_subjects: tuple[str, ...]
+    ack_wait: float
+    """How long a delivered message may stay unacked before it is redelivered."""
+    max_deliver: int
+    backoff: tuple[float, ...] = ()
+    """Delays between redeliveries after an ack timeout; the last one repeats."""
+    max_ack_pending: int
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+    ack_policy: AckPolicy = AckPolicy.EXPLICIT
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.durable):
+            raise ValueError(f"consumer name must match {_NAME.pattern}: {self.durable!r}")
+        if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.max_deliver < 1:
+            raise ValueError(f"consumer {self.durable}: ack_wait, max_* must be positive")
+        if self.backoff:
+            # The server replaces ack_wait by the first step and needs a delivery per step.
+            if self.backoff[0] != self.ack_wait:
+                raise ValueError(f"consumer {self.durable}: ack_wait must equal backoff[0]")
+            if self.max_deliver <= len(self.backoff):
+                raise ValueError(f"consumer {self.durable}: max_deliver must exceed backoff")
+
+    @property
+    def label(self) -> str:
+        return f"{self.stream}/{self.durable}"
+
+
+def stream_name(base: str, *, namespace: str | None = None) -> str:
+    """``TICKS`` live, ``NS_<namespace>_TICKS`` in a replay namespace."""
+    if namespace is None:
+        return base
+    return f"NS_{subjects.check_name(namespace, 'namespace')}_{base}"
+
+
+def stream_specs(*, namespace: str | None = None, replicas: int = 1) -> list[StreamSpec]:
+    """Every stream of the pipeline (R1 for tests and the demo, R3 in a production cluster)."""
+
+    def spec(base: str, domain: str, **values: Any) -> StreamSpec:
+        return StreamSpec(
+            name=stream_name(base, namespace=namespace),
+            subjects=(subjects.wildcard(domain, namespace=namespace),),
+            replicas=replicas,
+            **values,
+        )
+
+    # Long enough to cover a crashed worker or EA restarting and republishing what it had
+    # in flight; the sinks' idempotent upserts cover anything older.
+    dedup = 10 * MINUTE
+    return [
+        spec(
+            TICKS,
+            subjects.TICKS,
+            description="Ticks, tick batches and backfill bars from the EAs",
+            # The replay source: a week covers a rebuild after a bad deploy found on Monday.
+            max_age=7 * DAY,
+            duplicate_window=dedup,
+            # Same limit as the codec's: a larger tick batch must be split by the EA.
+            max_msg_size=1 * MiB,
+        ),
+        spec(
+            CANDLES,
+            subjects.CANDLES,
+            description="Closed candles and their revisions",
+            # Rebuildable from ticks; TimescaleDB keeps them for good. Two weeks outlast
+            # a long replicator outage.
+            max_age=14 * DAY,
+            duplicate_window=dedup,
+            max_msg_size=64 * KiB,  # a candle is ~400 bytes of JSON
+        ),
+        spec(
+            FEATURES,
+            subjects.FEATURES,
+            description="Feature vectors of closed candles",
+            max_age=14 * DAY,  # rebuildable from candles, kept in TimescaleDB
+            duplicate_window=dedup,
+            max_msg_size=256 * KiB,  # room for feature sets with thousands of values
+        ),
+        spec(
+            SCORES,
+            subjects.SCORES,
+            description="Model scores of feature vectors",
+            max_age=14 * DAY,  # rebuildable from features, kept in TimescaleDB
+            duplicate_window=dedup,
+            max_msg_size=64 * KiB,
+        ),
+        spec(
+            SIGNALS,
+            subjects.SIGNALS,
+            description="Trading signals for downstream subscribers",
+            # Subscribers may be offline for days; a month is also the audit trail of
+            # what was sent.
+            max_age=30 * DAY,
+            duplicate_window=dedup,
+            max_msg_size=64 * KiB,
+        ),
+        spec(
+            DLQ,
+            subjects.DLQ,
+            description="Messages a worker refused, with reason, for inspection and requeue",
+            max_age=30 * DAY,  # a month to notice, fix and requeue
+            duplicate_window=dedup,
+            # Holds the original payload base64-encoded (4/3) plus headers: a full 1 MiB
+            # tick batch must fit. Needs the server's max_payload raised to match.
+            max_msg_size=2 * MiB,
+        ),
+    ]
+
+
+# Redelivery after an ack timeout (worker crashed or hung): 30 s, then slower, then every
+# 10 min. After 10 deliveries (about an hour) the server stops delivering a message that
+# crashes its worker every time, instead of looping forever. Must stay above the runtime's
+# poison_deliveries, which dead-letters a message that fails without crashing.
+_RETRY: Final = (30.0, 60.0, 120.0, 300.0, 600.0)
+_MAX_DELIVER: Final = 10
+# The replicator may hold a whole COPY batch unacked until commit; it gets a longer first
+# timeout so a slow commit does not cause redelivery of the batch.
+_REPLICATOR_RETRY: Final = (60.0, 120.0, 300.0, 600.0)
+
+
+def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
+    """The durable consumers of the pipeline workers."""
+
+    def spec(base: str, domain: str, durable: str, **values: Any) -> ConsumerSpec:
+        return ConsumerSpec(
+            stream=stream_name(base, namespace=namespace),
+            durable=durable,
+            filter_subjects=(subjects.wildcard(domain, namespace=namespace),),
+            **values,
+        )
+
+    pipeline: dict[str, Any] = {
+        "ack_wait": _RETRY[0],
+        "backoff": _RETRY,
+        "max_deliver": _MAX_DELIVER,
+    }
+    replicator: dict[str, Any] = {
+        "ack_wait": _REPLICATOR_RETRY[0],
+        "backoff": _REPLICATOR_RETRY,
+        "max_deliver": _MAX_DELIVER,
+        # Room for a COPY batch in flight plus the next fetch.
+        "max_ack_pending": 20_000,
+    }
+    return [
+        spec(
+            TICKS,
+            subjects.TICKS,
+            CANDLE_INGEST,
+            description="Ticks to M1 candles and higher timeframes",
+            max_ack_pending=10_000,  # ticks arrive in bursts and are fetched in batches
+            **pipeline,
+        ),
+        spec(
+            CANDLES,
+            subjects.CANDLES,
+            FEATURE_BUILDER,
+            description="Candles to feature vectors",
+            max_ack_pending=2_000,
+            **pipeline,
+        ),
+        spec(
+            FEATURES,
+            subjects.FEATURES,
+            MODEL_SCORER,
+            description="Feature vectors to model scores, in micro-batches",
+            max_ack_pending=2_000,
+            **pipeline,
+        ),
+        spec(
+            SCORES,
+            subjects.SCORES,
+            SIGNAL_PUBLISHER,
+            description="Scores to trading signals",
+            max_ack_pending=1_000,
+            **pipeline,
+        ),
+        *(
+            spec(
+                base,
+                domain,
+                TIMESCALE_REPLICATOR,
+                description=f"{base.capitalize()} to TimescaleDB",
+                **replicator,
+            )
+            for base, domain in (
+                (CANDLES, subjects.CANDLES),
+                (FEATURES, subjects.FEATURES),
+                (SCORES, subjects.SCORES),
+                (SIGNALS, subjects.SIGNALS),
+            )
+        ),
+    ]
+
+
+def signal_subscriber(
+    name: str, *, feed: str | None = None, namespace: str | None = None
+) -> ConsumerSpec:
+    """A downstream subscriber's own durable consumer on SIGNALS (optionally one feed).
+
+    It starts with signals published after its creation (older ones are stale for a
+    trader) and is redelivered quickly: a signal is worth little after a few minutes.
+    """
+    return ConsumerSpec(
+        stream=stream_name(SIGNALS, namespace=namespace),
+        durable=subjects.check_name(name, "subscriber"),
+        description=f"Signal subscriber {name}",
+        filter_subjects=(subjects.wildcard(subjects.SIGNALS, feed=feed, namespace=namespace),),
+        deliver_policy=DeliverPolicy.NEW,
+        ack_wait=10.0,
+        backoff=(10.0, 30.0, 60.0, 120.0),
+        max_deliver=5,
+        max_ack_pending=100,
+    )
+
+
+# --- nats-py configuration ------------------------------------------------------------
+
+
+def _stream_fields(spec: StreamSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "subjects": list(spec.subjects),
+        "retention": api.RetentionPolicy(spec.retention.value),
+        "storage": api.StorageType(spec.storage.value),
+        "max_age": spec.max_age,
+        "duplicate_window": spec.duplicate_window,
+        "num_replicas": spec.replicas,
+        "max_msg_size": spec.max_msg_size,
+        "max_bytes": spec.max_bytes,
+        "discard": api.DiscardPolicy(spec.discard.value),
+    }
+
+
+def _consumer_fields(spec: ConsumerSpec) -> dict[str, Any]:
+    return {
+        "name": spec.durable,
+        "durable_name": spec.durable,
+        "description": spec.description,
+        "filter_subject": None,
+        "filter_subjects": list(spec.filter_subjects),
+        "ack_wait": spec.ack_wait,
+        "max_deliver": spec.max_deliver,
+        "backoff": list(spec.backoff) or None,
+        "max_ack_pending": spec.max_ack_pending,
+        "deliver_policy": api.DeliverPolicy(spec.deliver_policy.value),
+        "ack_policy": api.AckPolicy(spec.ack_policy.value),
+    }
+
+
+def to_stream_config(spec: StreamSpec) -> api.StreamConfig:
+    return api.StreamConfig(**_stream_fields(spec))
+
+
+def to_consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
+    return api.ConsumerConfig(**_consumer_fields(spec))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def stream_diff(spec: StreamSpec, config: api.StreamConfig) -> list[str]:
+    """Names of the managed fields in which a server's stream config differs from ``spec``."""
+    wanted = _stream_fields(spec)
+    return [k for k, v in wanted.items() if _plain(v) != _plain(getattr(config, k))]
+
+
+def consumer_diff(spec: ConsumerSpec, config: api.ConsumerConfig) -> list[str]:
+    """Names of the managed fields in which a server's consumer config differs from ``spec``."""
+    wanted = _consumer_fields(spec)
+    actual = {k: getattr(config, k) for k in wanted}
+    # One filter may come back in either field, depending on the server version.
+    actual["filter_subjects"] = config.filter_subjects or (
+        [config.filter_subject] if config.filter_subject else []
+    )
+    actual["filter_subject"] = None
+    actual["backoff"] = config.backoff or None
+    return [k for k, v in wanted.items() if _plain(v) != _plain(actual[k])]
+
+
+async def ensure(
+    js: JetStreamManager,
+    streams: Iterable[StreamSpec],
+    consumers: Iterable[ConsumerSpec] = (),
+) -> dict[str, str]:
+    """Create what is missing and update what differs; idempotent.
+
+    Returns, in order, each stream name and ``STREAM/consumer`` label with what was done:
+    ``"created"``, ``"updated"`` or ``"unchanged"``. A change the server cannot apply in
+    place (storage, retention, deliver policy) raises the server's error; nothing is
+    deleted to force it.
+    """
+    report: dict[str, str] = {}
+    for stream in streams:
+        report[stream.name] = await _ensure_stream(js, stream)
+    for consumer in consumers:
+        report[consumer.label] = await _ensure_consumer(js, consumer)
+    return report
+
+
+async def _ensure_stream(js: JetStreamManager, spec: StreamSpec) -> str:
+    try:
+        info = await js.stream_info(spec.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(to_stream_config(spec))
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            # Created concurrently by another process, with other values: update it.
+            info = await js.stream_info(spec.name)
+        else:
+            return CREATED
+    if not stream_diff(spec, info.config):
+        return UNCHANGED
+    await js.update_stream(info.config.evolve(**_stream_fields(spec)))
+    return UPDATED
+
+
+async def _ensure_consumer(js: JetStreamManager, spec: ConsumerSpec) -> str:
+    try:
+        info: api.ConsumerInfo = await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        # Creating a durable is create-or-update on the server: a concurrent creator with
+        # the same values is harmless.
+        await js.add_consumer(spec.stream, to_consumer_config(spec))
+        return CREATED
+    if not consumer_diff(spec, info.config):
+        return UNCHANGED
+    await js.add_consumer(spec.stream, info.config.evolve(**_consumer_fields(spec)))
+    return UPDATED
