@@ -91,7 +91,7 @@ async def test_acks_dead_letters_and_redelivers(stack, js: JetStreamContext, uni
             assert isinstance(tick, Tick)
             seen[d.info.stream_seq].append(d.info.deliveries)
             if tick.symbol == "FLAKY" and d.info.deliveries == 1:
-                raise TransientError("database restarting")
+                raise ConnectionError("reset by peer")  # an unexpected failure, once
             if tick.symbol == "POISON":
                 raise ValueError("bug triggered by this message")
             if tick.bid > tick.ask:
@@ -102,7 +102,7 @@ async def test_acks_dead_letters_and_redelivers(stack, js: JetStreamContext, uni
     # 50 good ticks, then one of each kind of trouble, then 50 more good ones
     payloads = [_tick("EURUSD", i) for i in range(50)]
     payloads.append(b'{"type":"tick","feed":')  # malformed JSON
-    payloads.append(_tick("FLAKY", 50))  # fails transiently once
+    payloads.append(_tick("FLAKY", 50))  # fails once, then works
     payloads.append(_tick("POISON", 51))  # fails every time
     payloads.append(
         msgspec.json.encode(Tick(feed="demo", symbol="X", time_ms=1, bid=2.0, ask=1.0))
@@ -154,6 +154,53 @@ async def test_acks_dead_letters_and_redelivers(stack, js: JetStreamContext, uni
     assert by_reason["handler_error"].deliveries == 3
     assert by_reason["bid_above_ask"].payload == payloads[53]
     assert by_reason["unknown_schema_version"].payload == payloads[54]
+
+
+async def test_transient_failure_holds_the_batch_without_redelivery(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """A dependency outage: the same messages are retried in place, in order, not redelivered."""
+    worker_name, stream, _ = await _make_streams(js, unique)
+    attempts: list[list[int]] = []
+    handled: list[tuple[int, int]] = []  # (stream seq, deliveries)
+    worker: Worker[TickInput] = Worker(
+        worker_name,
+        stream=stream,
+        durable=worker_name,
+        codec=Codec(TickInput),
+        settings=_settings(stack.nats_url),
+    )
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        attempts.append([d.info.stream_seq for d in batch])
+        if len(attempts) <= 3:
+            raise TransientError("database is restarting")
+        handled.extend((d.info.stream_seq, d.info.deliveries) for d in batch)
+
+    for i in range(20):
+        await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
+    # published before the worker starts, so its first batch holds all of them
+    task = await _run(worker)
+    try:
+        await eventually(lambda: len(handled) == 20, what="all handled")
+
+        async def all_acked() -> bool:
+            info = await js.consumer_info(stream, worker_name)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(all_acked, what="every message acked")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert handled == [(seq, 1) for seq in range(1, 21)]  # in order, never redelivered
+    assert attempts[0] == attempts[1] == attempts[2] == attempts[3]
+    retries = worker.metrics.registry.get_sample_value(
+        "tickwire_transient_retries_total", {"worker": worker_name}
+    )
+    assert retries == 3
+    info = await js.consumer_info(stream, worker_name)
+    assert info.num_redelivered == 0
 
 
 async def _dead_letters_if(js: JetStreamContext, stream: str, n: int) -> list[DeadLetter] | None:

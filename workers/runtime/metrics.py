@@ -77,6 +77,12 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+        self.transient_retries = Counter(
+            "tickwire_transient_retries",
+            "Batches held and retried because a dependency was unavailable",
+            ["worker"],
+            registry=r,
+        )
         self.up = Gauge("tickwire_up", "1 while connected and consuming", ["worker"], registry=r)
         # label children made once: hot paths call .inc() without a dict lookup per message
         self.in_ok = self.messages_in.labels(worker, "ok")

@@ -6,10 +6,16 @@ The ack policy is decided here, once:
                               JetStream and its writes committed by then)
 - bad input                -> dead letter (payload, headers, reason) to ``dlq.<worker>``,
                               then ack; counted by reason
-- ``TransientError``       -> nak with exponential backoff; nothing is acked
+- ``TransientError``       -> a dependency is down (database, QuestDB, JetStream publish):
+                              the batch is held, in-progress acks keep the server from
+                              redelivering it, and it is tried again with exponential
+                              backoff until it succeeds. Order is kept and no delivery
+                              attempt is spent on an outage. Stopping naks what is held.
 - any other exception      -> the batch is retried one message at a time so one poison
-                              message cannot hold back the others; a message that keeps
-                              failing is dead-lettered after ``poison_deliveries`` attempts
+                              message cannot hold back the others; a failing message is
+                              nak'd with backoff and redelivered, and dead-lettered on its
+                              ``poison_deliveries``-th failure (or the consumer's
+                              ``max_deliver``-th, if lower)
 
 A worker module only declares what it consumes, how to decode it, and a handler.
 """
@@ -36,7 +42,15 @@ from workers.runtime.connection import connect
 from workers.runtime.errors import Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
-from workers.runtime.pull import ACK, IN_PROGRESS, AckInfo, PullSource, nak_payload, parse_reply
+from workers.runtime.pull import (
+    ACK,
+    IN_PROGRESS,
+    NAK,
+    AckInfo,
+    PullSource,
+    nak_payload,
+    parse_reply,
+)
 from workers.runtime.settings import RuntimeSettings
 
 T = TypeVar("T")
@@ -124,6 +138,7 @@ class Worker(Generic[T]):
         self._source: PullSource | None = None
         self._ctx: Context | None = None
         self._alive_at = 0.0
+        self._poison_limit = settings.poison_deliveries
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
         self.started = asyncio.Event()
@@ -185,6 +200,9 @@ class Worker(Generic[T]):
                 await hook(ctx)
             info = await js.consumer_info(self.stream, self.durable)
             ack_wait = float(info.config.ack_wait or 30.0)
+            max_deliver = info.config.max_deliver or -1
+            if max_deliver > 0:
+                self._poison_limit = min(self._poison_limit, max_deliver)
             self._source = PullSource(
                 nc,
                 self.stream,
@@ -245,42 +263,38 @@ class Worker(Generic[T]):
                 dead.append((msg, info, exc.reason, exc.detail))
         acked: list[Delivery[T]] = []
         retry: list[tuple[Delivery[T], str]] = []
-        if items:
-            batch = Batch(items)
-            try:
-                await self._call(ctx, batch, ack_wait)
-            except TransientError as exc:
-                log.warning(
-                    "%s: transient failure, %d messages retried: %s", self.name, len(items), exc
-                )
-                retry.extend((d, repr(exc)) for d in items)
-            except Exception as exc:
-                if len(items) == 1:
-                    retry.append((items[0], repr(exc)))
-                    log.exception("%s: handler failed", self.name)
+        try:
+            if items:
+                try:
+                    batch = await self._holding(items, lambda b: self._call(ctx, b, ack_wait))
+                except TransientError:
+                    raise
+                except Exception as exc:
+                    if len(items) == 1:
+                        retry.append((items[0], repr(exc)))
+                        log.exception("%s: handler failed", self.name)
+                    else:
+                        log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
+                        await self._isolate(ctx, items, ack_wait, acked, retry, dead)
                 else:
-                    log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
-                    await self._isolate(ctx, items, ack_wait, acked, retry, dead)
-            else:
-                for d, rej in batch.rejections():
-                    dead.append((d.msg, d.info, rej.reason, rej.detail))
-                acked.extend(batch)
+                    for d, rej in batch.rejections():
+                        dead.append((d.msg, d.info, rej.reason, rej.detail))
+                    acked.extend(batch)
 
-        poison = [
-            (d, err) for d, err in retry if d.info.deliveries >= self.settings.poison_deliveries
-        ]
-        if poison:
-            dead.extend((d.msg, d.info, HANDLER_ERROR, err) for d, err in poison)
-            drop = {id(d) for d, _ in poison}
-            retry = [(d, err) for d, err in retry if id(d) not in drop]
-        if dead:
-            try:
-                await self._dead_letter(ctx, dead)
-            except TransientError:
-                # not durable: leave them unacked, they come back
-                for msg, info, _, _ in dead:
-                    await ctx.nc.publish(msg.reply, nak_payload(self._backoff(info.deliveries)))
-                dead = []
+            limit = self._poison_limit
+            for d, err in retry:
+                if d.info.deliveries >= limit:
+                    dead.append((d.msg, d.info, HANDLER_ERROR, err))
+            retry = [(d, err) for d, err in retry if d.info.deliveries < limit]
+            if dead:
+                held = [Delivery(msg, None, info) for msg, info, _, _ in dead]
+                await self._holding(held, lambda _: self._dead_letter(ctx, dead))
+        except TransientError:
+            # stopping while a dependency is down: hand everything back for redelivery
+            for msg in msgs:
+                await ctx.nc.publish(msg.reply, NAK)
+            self.metrics.in_retry.inc(len(msgs))
+            return
         nc = ctx.nc
         for d in acked:
             await nc.publish(d.msg.reply, ACK)
@@ -298,6 +312,40 @@ class Worker(Generic[T]):
         m.batch_size_w.observe(len(msgs))
         m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
         m.processing_w.observe(time.perf_counter() - started)
+
+    async def _holding(
+        self, items: list[Delivery[Any]], attempt: Callable[[Batch[Any]], Awaitable[Any]]
+    ) -> Batch[Any]:
+        """Run ``attempt`` on a fresh batch until it does not raise ``TransientError``.
+
+        Between tries the messages stay unacked and are kept alive with in-progress acks;
+        raises ``TransientError`` only when the worker is asked to stop.
+        """
+        tries = 0
+        while True:
+            batch = Batch(items)
+            try:
+                await attempt(batch)
+                return batch
+            except TransientError as exc:
+                if self._stop.is_set():
+                    raise
+                tries += 1
+                delay = self._backoff(tries)
+                self.metrics.transient_retries.labels(self.name).inc()
+                log.warning(
+                    "%s: %s; holding %d messages, retry %d in %.1fs",
+                    self.name,
+                    exc,
+                    len(items),
+                    tries,
+                    delay,
+                )
+                nc = self.context.nc
+                for d in items:
+                    await nc.publish(d.msg.reply, IN_PROGRESS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
         """Run the handler; tell the server we are still working if it takes long."""
@@ -327,9 +375,10 @@ class Worker(Generic[T]):
         dead: list[tuple[Msg, AckInfo, str, str]],
     ) -> None:
         for d in items:
-            single = Batch([d])
             try:
-                await self._call(ctx, single, ack_wait)
+                single = await self._holding([d], lambda b: self._call(ctx, b, ack_wait))
+            except TransientError:
+                raise
             except Rejected as exc:
                 dead.append((d.msg, d.info, exc.reason, exc.detail))
             except Exception as exc:
