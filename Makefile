@@ -59,6 +59,7 @@ chaos: setup
 
 schemas: setup
 	$(BIN)/tickwire contracts export
+	$(BIN)/tickwire contracts asyncapi
 
 lock:
 	$(BIN)/python -m pip install --quiet uv

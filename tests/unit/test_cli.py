@@ -1,0 +1,46 @@
+"""The tickwire console script: one line and exit code 2 for any bad argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def tickwire(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "", "TICKWIRE_POSTGRES_DSN": ""},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "required: command"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("run",), "required: worker"),
+        (("run", "candle-eater"), "invalid choice: 'candle-eater'"),
+        (("streams", "ensure", "--replicas", "2"), "invalid choice: 2"),
+        (("db", "drop"), "invalid choice: 'drop'"),
+        (("db", "migrate"), "no PostgreSQL DSN"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args: tuple[str, ...], says: str) -> None:
+    proc = tickwire(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert says in lines[0]
+    assert lines[0].startswith("tickwire")
+
+
+def test_help_lists_every_subcommand() -> None:
+    proc = tickwire("--help")
+    assert proc.returncode == 0
+    for command in ("run", "stack", "db", "contracts", "streams", "demo"):
+        assert command in proc.stdout

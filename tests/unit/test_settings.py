@@ -1,0 +1,49 @@
+"""Worker settings: read from TICKWIRE_* variables, frozen, secrets hidden, bad input = one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from workers.runtime.settings import RuntimeSettings, load
+
+
+def test_reads_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKWIRE_NATS_URL", "nats://a:4222,nats://b:4222")
+    monkeypatch.setenv("TICKWIRE_FETCH_BATCH", "250")
+    s = load(RuntimeSettings)
+    assert s.nats_url == "nats://a:4222,nats://b:4222"
+    assert s.fetch_batch == 250
+
+
+def test_secrets_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKWIRE_NATS_PASSWORD", "hunter2-secret")
+    s = load(RuntimeSettings)
+    assert "hunter2-secret" not in repr(s)
+    assert "hunter2-secret" not in str(s)
+    assert "hunter2-secret" not in str(s.model_dump())
+    assert s.nats_password is not None
+    assert s.nats_password.get_secret_value() == "hunter2-secret"
+
+
+def test_settings_are_frozen() -> None:
+    s = RuntimeSettings()
+    with pytest.raises(ValidationError):
+        s.fetch_batch = 5  # type: ignore[misc]
+
+
+def test_a_bad_variable_stops_the_process_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "from workers.runtime.settings import *; load(RuntimeSettings)"],
+        env={"TICKWIRE_FETCH_BATCH": "lots", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tickwire: bad setting TICKWIRE_FETCH_BATCH:")
