@@ -62,12 +62,19 @@ HANDLER_ERROR = "handler_error"
 class Delivery(Generic[T]):
     """One delivered message and its decoded value."""
 
-    __slots__ = ("info", "msg", "value")
+    __slots__ = ("_info", "msg", "value")
 
-    def __init__(self, msg: Msg, value: T, info: AckInfo) -> None:
+    def __init__(self, msg: Msg, value: T, info: AckInfo | None = None) -> None:
         self.msg = msg
         self.value = value
-        self.info = info
+        self._info = info
+
+    @property
+    def info(self) -> AckInfo:
+        """Stream sequence, delivery count... parsed from the reply subject when asked."""
+        if self._info is None:
+            self._info = parse_reply(self.msg.reply)
+        return self._info
 
 
 class Batch(Generic[T]):
@@ -256,11 +263,10 @@ class Worker(Generic[T]):
         items: list[Delivery[T]] = []
         dead: list[tuple[Msg, AckInfo, str, str]] = []
         for msg in msgs:
-            info = parse_reply(msg.reply)
             try:
-                items.append(Delivery(msg, decode(msg.data), info))
+                items.append(Delivery(msg, decode(msg.data)))
             except ContractError as exc:
-                dead.append((msg, info, exc.reason, exc.detail))
+                dead.append((msg, parse_reply(msg.reply), exc.reason, exc.detail))
         acked: list[Delivery[T]] = []
         retry: list[tuple[Delivery[T], str]] = []
         try:
