@@ -94,6 +94,12 @@ def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from workers.candle_ingest.importer import main
+
+    return main([args.kind, *args.rest])
+
+
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import main
 
@@ -128,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     streams.add_argument("--namespace", default=None)
     streams.add_argument("--replicas", type=int, default=1, choices=[1, 3, 5])
     streams.set_defaults(func=_streams)
+
+    imp = sub.add_parser("import", help="backfill from MT5 CSV exports (bars or ticks)")
+    imp.add_argument("kind", choices=["mt5-bars", "mt5-ticks"])
+    imp.add_argument("rest", nargs=argparse.REMAINDER)
+    imp.set_defaults(func=_import)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")
