@@ -8,9 +8,7 @@ The document is committed as ``contracts/asyncapi.json``; a test fails when it d
 
 from __future__ import annotations
 
-import argparse
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -105,12 +103,3 @@ def document() -> dict[str, Any]:
 
 def render() -> str:
     return json.dumps(document(), indent=2, sort_keys=True) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tickwire contracts asyncapi")
-    parser.add_argument("--out", type=Path, default=DOCUMENT)
-    args = parser.parse_args(argv)
-    args.out.write_text(render())
-    print(f"wrote {args.out}")
-    return 0

@@ -8,11 +8,8 @@ trailing newline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,19 +55,3 @@ def export(directory: Path) -> list[Path]:
         path.write_bytes(render(schema))
         written.append(path)
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tickwire contracts export [--dir D]``; ``argv`` is what follows ``export``."""
-    parser = argparse.ArgumentParser(
-        prog="tickwire contracts export", description="Write the JSON Schemas of all messages."
-    )
-    parser.add_argument("--dir", type=Path, default=SCHEMA_DIR, help="default: %(default)s")
-    args = parser.parse_args(argv)
-    for path in export(args.dir):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

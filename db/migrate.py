@@ -16,13 +16,11 @@ to the environment variable TICKWIRE_POSTGRES_DSN.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
 import re
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,23 +205,14 @@ def split_statements(sql: str) -> list[tuple[int, str]]:
     return statements
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`tickwire db migrate|status [--dsn DSN]`; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="tickwire db", description="PostgreSQL schema.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for command, summary in (
-        ("migrate", "apply the pending migrations"),
-        ("status", "list the applied and pending migrations"),
-    ):
-        sub = commands.add_parser(command, help=summary, description=summary)
-        sub.add_argument("--dsn", help=f"PostgreSQL DSN (default: ${DSN_ENV})")
-    args = parser.parse_args(argv)
-    dsn = args.dsn or os.environ.get(DSN_ENV)
+def run(command: str, dsn: str | None) -> int:
+    """`tickwire db migrate|status`: print the outcome, return the process exit code."""
+    dsn = dsn or os.environ.get(DSN_ENV)
     if not dsn:
         print(f"tickwire db: no PostgreSQL DSN: pass --dsn or set {DSN_ENV}", file=sys.stderr)
         return 2
     try:
-        if args.command == "migrate":
+        if command == "migrate":
             names = asyncio.run(migrate(dsn))
             for name in names:
                 print(f"applied  {name}")
@@ -236,14 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _, name in sorted(done.items()):
                 print(f"{'unknown':<8} {name} (applied, no such file here)")
     except MigrationError as exc:
-        print(f"tickwire db {args.command}: {exc}", file=sys.stderr)
+        print(f"tickwire db {command}: {exc}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         message = " ".join(str(exc).split())
-        print(f"tickwire db {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
+        print(f"tickwire db {command}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

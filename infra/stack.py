@@ -11,7 +11,6 @@ kills it if this process dies without cleaning up (kill -9, segfault).
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import ctypes
@@ -33,7 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -779,25 +778,14 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tickwire stack",
-        description="Run NATS (JetStream), PostgreSQL and QuestDB on free loopback ports "
-        "until Ctrl-C or SIGTERM.",
-    )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=DEFAULT_STACK_DIR,
-        help=f"private directory for data and logs, kept between runs (default {DEFAULT_STACK_DIR})",
-    )
-    args = parser.parse_args(argv)
+def serve(directory: Path = DEFAULT_STACK_DIR) -> int:
+    """`tickwire stack`: run the servers in ``directory`` until Ctrl-C or SIGTERM."""
     # Explicit for SIGINT too: a shell starting us in the background sets it to "ignore".
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
-    print(f"starting the local stack in {args.dir} ...", file=sys.stderr, flush=True)
+    print(f"starting the local stack in {directory} ...", file=sys.stderr, flush=True)
     try:
-        with LocalStack(args.dir) as stack:
+        with LocalStack(directory) as stack:
             print(describe(stack.urls), flush=True)
             print("running; Ctrl-C to stop", file=sys.stderr, flush=True)
             while True:
@@ -814,7 +802,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackError as error:
         print(f"tickwire stack: {error}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

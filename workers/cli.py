@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 WORKERS: dict[str, str] = {
@@ -50,25 +51,30 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from infra.stack import main
+    from infra.stack import DEFAULT_STACK_DIR, serve
 
-    return main(args.rest)
+    return serve(args.dir or DEFAULT_STACK_DIR)
 
 
 def _db(args: argparse.Namespace) -> int:
-    from db.migrate import main
+    from db.migrate import run
 
-    return main([args.action, *args.rest])
+    return run(args.action, args.dsn)
 
 
 def _contracts(args: argparse.Namespace) -> int:
     if args.action == "export":
-        from contracts.schemas import main as export
+        from contracts.schemas import SCHEMA_DIR, export
 
-        return export(args.rest)
-    from contracts.asyncapi import main as asyncapi
+        for path in export(args.dir or SCHEMA_DIR):
+            print(path)
+        return 0
+    from contracts.asyncapi import DOCUMENT, render
 
-    return asyncapi(args.rest)
+    out: Path = args.out or DOCUMENT
+    out.write_text(render())
+    print(f"wrote {out}")
+    return 0
 
 
 def _streams(args: argparse.Namespace) -> int:
@@ -115,18 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("worker", choices=sorted(WORKERS))
     run.set_defaults(func=_run_worker)
 
-    stack = sub.add_parser("stack", help="start NATS, PostgreSQL and QuestDB locally")
-    stack.add_argument("rest", nargs=argparse.REMAINDER)
+    stack = sub.add_parser(
+        "stack", help="run NATS, PostgreSQL and QuestDB on free loopback ports until Ctrl-C"
+    )
+    stack.add_argument(
+        "--dir", type=Path, help="private directory for data and logs (default .stack/local)"
+    )
     stack.set_defaults(func=_stack)
 
-    db = sub.add_parser("db", help="PostgreSQL migrations")
+    db = sub.add_parser("db", help="PostgreSQL migrations: apply them, or list their state")
     db.add_argument("action", choices=["migrate", "status"])
-    db.add_argument("rest", nargs=argparse.REMAINDER)
+    db.add_argument("--dsn", help="PostgreSQL DSN (default: $TICKWIRE_POSTGRES_DSN)")
     db.set_defaults(func=_db)
 
-    contracts = sub.add_parser("contracts", help="export JSON Schemas or the AsyncAPI document")
+    contracts = sub.add_parser("contracts", help="write the JSON Schemas or the AsyncAPI document")
     contracts.add_argument("action", choices=["export", "asyncapi"])
-    contracts.add_argument("rest", nargs=argparse.REMAINDER)
+    contracts.add_argument("--dir", type=Path, help="schemas directory (export)")
+    contracts.add_argument("--out", type=Path, help="document path (asyncapi)")
     contracts.set_defaults(func=_contracts)
 
     streams = sub.add_parser("streams", help="create or update JetStream streams and consumers")
@@ -137,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="backfill from MT5 CSV exports (bars or ticks)")
     imp.add_argument("kind", choices=["mt5-bars", "mt5-ticks"])
-    imp.add_argument("rest", nargs=argparse.REMAINDER)
+    imp.add_argument("rest", nargs="*")
     imp.set_defaults(func=_import)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
@@ -147,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `import` hands its options to the importer's own parser
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = [*args.rest, *extra]
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

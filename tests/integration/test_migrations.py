@@ -9,8 +9,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from db.migrate import LOCK_NAME, MigrationError, applied, load_migrations, main, migrate
+from db.migrate import LOCK_NAME, MigrationError, applied, load_migrations, migrate
 from tests.waiting import eventually
+from workers.cli import main as tickwire
 
 pytestmark = pytest.mark.integration
 
@@ -201,11 +202,11 @@ async def test_no_transaction_file_runs_statement_by_statement(pg_dsn: str, tmp_
 def test_cli_migrates_and_lists_status(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     names = [m.name for m in load_migrations()]
 
-    assert main(["status", "--dsn", pg_dsn]) == 0
+    assert tickwire(["db", "status", "--dsn", pg_dsn]) == 0
     assert capsys.readouterr().out.splitlines() == [f"pending  {name}" for name in names]
-    assert main(["migrate", "--dsn", pg_dsn]) == 0
+    assert tickwire(["db", "migrate", "--dsn", pg_dsn]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"{len(names)} migration(s) applied"
-    assert main(["migrate", "--dsn", pg_dsn]) == 0
+    assert tickwire(["db", "migrate", "--dsn", pg_dsn]) == 0
     assert capsys.readouterr().out.splitlines() == ["up to date"]
-    assert main(["status", "--dsn", pg_dsn]) == 0
+    assert tickwire(["db", "status", "--dsn", pg_dsn]) == 0
     assert capsys.readouterr().out.splitlines() == [f"applied  {name}" for name in names]

@@ -44,3 +44,13 @@ def test_help_lists_every_subcommand() -> None:
     assert proc.returncode == 0
     for command in ("run", "stack", "db", "contracts", "streams", "demo"):
         assert command in proc.stdout
+
+
+def test_delegated_subcommands_receive_their_options(tmp_path) -> None:
+    out = tmp_path / "api.json"
+    proc = tickwire("contracts", "asyncapi", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().startswith("{")
+    bad = tickwire("stack", "--no-such-option")
+    assert bad.returncode == 2
+    assert "--no-such-option" in bad.stderr

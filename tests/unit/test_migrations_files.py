@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from db.migrate import MigrationError, load_migrations, main, split_statements
+from db.migrate import MigrationError, load_migrations, split_statements
 from db.questdb import ddl_statements, render, table_name
+from workers.cli import main as tickwire
 
 
 def test_migrations_are_numbered_one_by_one_from_0001() -> None:
@@ -68,7 +69,7 @@ def test_cli_without_a_dsn_says_so_in_one_line_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("TICKWIRE_POSTGRES_DSN", raising=False)
-    assert main(["migrate"]) == 2
+    assert tickwire(["db", "migrate"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "TICKWIRE_POSTGRES_DSN" in err

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from contracts import schemas
+from workers.cli import main as tickwire
 
 COMMITTED = Path(schemas.__file__).with_name("schemas")
 FIX = "run `make schemas` and commit contracts/schemas/"
@@ -58,7 +59,7 @@ def test_export_is_deterministic_and_cleans_up_after_itself(tmp_path: Path) -> N
 
 
 def test_main_exports_into_the_given_directory(tmp_path: Path) -> None:
-    assert schemas.main(["--dir", str(tmp_path / "cli")]) == 0
+    assert tickwire(["contracts", "export", "--dir", str(tmp_path / "cli")]) == 0
     assert _files(tmp_path / "cli") == _files_after_export(tmp_path / "api")
 
 
