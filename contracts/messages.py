@@ -131,7 +131,20 @@ class Bar(_Message, tag="bar", tag_field="type", frozen=True, kw_only=True):
     """Spread as MT5 exports it, in price units."""
 
 
-TickInput = Tick | TickBatch | Bar
+class Watermark(_Message, tag="watermark", tag_field="type", kw_only=True, frozen=True):
+    """Event time of one feed and symbol has reached ``time_ms``, with no tick to say so.
+
+    candle-ingest publishes it onto the symbol's TICKS subject when the symbol has been idle
+    past a candle's end plus the grace time, and consumes it like a tick: idle symbols close
+    their candles, and because the decision is in the stream a replay closes them the same.
+    """
+
+    feed: Feed
+    symbol: Symbol
+    time_ms: EpochMs
+
+
+TickInput = Tick | TickBatch | Bar | Watermark
 """What may arrive on a TICKS subject."""
 
 
@@ -239,6 +252,7 @@ ALL_MESSAGES: Final[tuple[type[_Message], ...]] = (
     Tick,
     TickBatch,
     Bar,
+    Watermark,
     Candle,
     FeatureVector,
     Score,

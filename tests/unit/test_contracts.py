@@ -41,6 +41,7 @@ from contracts.messages import (
     TickInput,
     TickRow,
     Timeframe,
+    Watermark,
 )
 
 # --- canonical payloads and the structs they stand for --------------------------------
@@ -200,10 +201,16 @@ DEAD_LETTER = DeadLetter(
     failed_at_ms=1767225600999,
 )
 
+WATERMARK_JSON = (
+    b'{"type":"watermark","v":1,"feed":"icm-live","symbol":"US500.cash","time_ms":1767225660000}'
+)
+WATERMARK = Watermark(feed="icm-live", symbol="US500.cash", time_ms=1767225660000)
+
 CANONICAL: list[tuple[bytes, Any]] = [
     (TICK_JSON, TICK),
     (TICK_BATCH_JSON, TICK_BATCH),
     (BAR_JSON, BAR),
+    (WATERMARK_JSON, WATERMARK),
     (CANDLE_JSON, CANDLE),
     (FEATURES_JSON, FEATURES),
     (SCORE_JSON, SCORE),

@@ -40,6 +40,7 @@ def test_there_is_one_schema_per_message_and_one_for_tick_input(tmp_path: Path) 
         "tick.json",
         "tick_batch.json",
         "tick_input.json",
+        "watermark.json",
     ]
     tick_input = json.loads((tmp_path / "tick_input.json").read_text())
     assert sorted(tick_input["$defs"]) == ["Bar", "Tick", "TickBatch", "TickRow", "Timeframe"]
