@@ -43,7 +43,14 @@ def test_there_is_one_schema_per_message_and_one_for_tick_input(tmp_path: Path) 
         "watermark.json",
     ]
     tick_input = json.loads((tmp_path / "tick_input.json").read_text())
-    assert sorted(tick_input["$defs"]) == ["Bar", "Tick", "TickBatch", "TickRow", "Timeframe"]
+    assert sorted(tick_input["$defs"]) == [
+        "Bar",
+        "Tick",
+        "TickBatch",
+        "TickRow",
+        "Timeframe",
+        "Watermark",
+    ]
 
 
 def test_export_is_deterministic_and_cleans_up_after_itself(tmp_path: Path) -> None:
