@@ -326,3 +326,72 @@ def test_batch_type_is_what_ticks_decode_into() -> None:
     )
     assert isinstance(batch, TickBatch)
     assert [t.time_ms for t in batch.ticks] == [1, 2]
+
+
+async def test_partition_filter_and_dead_lettered_pieces(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """Messages of another partition are acked unread; a refused piece of a batch goes to the
+    dead letters with its own payload while the rest of the message is handled."""
+    worker_name, stream, dlq_stream = await _make_streams(js, unique)
+    handled: list[tuple[str, int]] = []
+    worker: Worker[TickInput] = Worker(
+        worker_name,
+        stream=stream,
+        durable=worker_name,
+        codec=Codec(TickInput),
+        settings=_settings(stack.nats_url),
+        accept=lambda subject: subject.endswith(".mine"),
+    )
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        for d in batch:
+            assert isinstance(d.value, TickBatch)
+            for i, row in enumerate(d.value.ticks):
+                if row.bid > row.ask:
+                    batch.reject_part(d, i, msgspec.json.encode(row), "bid_above_ask")
+                else:
+                    handled.append((d.msg.subject, row.time_ms))
+
+    def tick_batch(times: list[int], bad: int | None = None) -> bytes:
+        rows = [{"time_ms": t, "bid": 2.0 if t == bad else 1.0, "ask": 1.5} for t in times]
+        return msgspec.json.encode(
+            {"type": "tick_batch", "feed": "demo", "symbol": "EURUSD", "ticks": rows}
+        )
+
+    await js.publish(f"rt.{unique}.theirs", tick_batch([1, 2, 3]))
+    await js.publish(f"rt.{unique}.mine", tick_batch([4, 5, 6], bad=5))
+    await js.publish(f"rt.{unique}.theirs", b"not even json")
+    await js.publish(f"rt.{unique}.mine", tick_batch([7]))
+    task = await _run(worker)
+    try:
+
+        async def all_acked() -> bool:
+            info = await js.consumer_info(stream, worker_name)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(all_acked, what="every message acked")
+        letters = await eventually(lambda: _dead_letters_if(js, dlq_stream, 1), what="a letter")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    subject = f"rt.{unique}.mine"
+    assert handled == [(subject, 4), (subject, 6), (subject, 7)]
+    assert len(letters) == 1
+    (letter,) = letters
+    assert letter.reason == "bid_above_ask"
+    assert msgspec.json.decode(letter.payload) == {
+        "time_ms": 5,
+        "bid": 2.0,
+        "ask": 1.5,
+        "last": None,
+        "volume": None,
+        "seq": None,
+        "flags": 0,
+    }
+    assert letter.stream_seq == 2
+    skipped = worker.metrics.registry.get_sample_value(
+        "tickwire_messages_in_total", {"worker": worker_name, "outcome": "other_partition"}
+    )
+    assert skipped == 2

@@ -31,7 +31,7 @@ class WorkerMetrics:
         r = self.registry
         self.messages_in = Counter(
             "tickwire_messages_in",
-            "Input messages by outcome: ok, dead_letter, retry",
+            "Input messages by outcome: ok, dead_letter, retry, other_partition",
             ["worker", "outcome"],
             registry=r,
         )
@@ -88,6 +88,7 @@ class WorkerMetrics:
         self.in_ok = self.messages_in.labels(worker, "ok")
         self.in_dead = self.messages_in.labels(worker, "dead_letter")
         self.in_retry = self.messages_in.labels(worker, "retry")
+        self.in_skipped = self.messages_in.labels(worker, "other_partition")
         self.batch_size_w = self.batch_size.labels(worker)
         self.processing_w = self.processing.labels(worker)
 

@@ -29,7 +29,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -59,6 +59,18 @@ log = logging.getLogger(__name__)
 HANDLER_ERROR = "handler_error"
 
 
+class DeadItem(NamedTuple):
+    """A message, or one piece of it, on its way to the dead letters."""
+
+    msg: Msg
+    info: AckInfo
+    reason: str
+    detail: str
+    part: int | None = None
+    payload: bytes | None = None
+    """The piece's own payload when ``part`` is set; the message's payload otherwise."""
+
+
 class Delivery(Generic[T]):
     """One delivered message and its decoded value."""
 
@@ -80,11 +92,13 @@ class Delivery(Generic[T]):
 class Batch(Generic[T]):
     """The decoded messages of one pull, in stream order. Iterating skips rejected ones."""
 
-    __slots__ = ("_rejected", "items")
+    __slots__ = ("_rejected", "items", "parts")
 
     def __init__(self, items: list[Delivery[T]]) -> None:
         self.items = items
         self._rejected: dict[int, Rejected] = {}
+        self.parts: list[tuple[Delivery[T], int, bytes, Rejected]] = []
+        """Refused pieces of messages whose other pieces were handled."""
 
     def __iter__(self) -> Iterator[Delivery[T]]:
         rejected = self._rejected
@@ -96,6 +110,12 @@ class Batch(Generic[T]):
     def reject(self, delivery: Delivery[T], reason: str, detail: str = "") -> None:
         """Send this message to the dead letters (with ``reason``) instead of handling it."""
         self._rejected[id(delivery)] = Rejected(reason, detail)
+
+    def reject_part(
+        self, delivery: Delivery[T], index: int, payload: bytes, reason: str, detail: str = ""
+    ) -> None:
+        """Dead-letter one piece (e.g. a tick of a batch); the message itself is handled."""
+        self.parts.append((delivery, index, payload, Rejected(reason, detail)))
 
     def rejections(self) -> list[tuple[Delivery[T], Rejected]]:
         return [(d, self._rejected[id(d)]) for d in self.items if id(d) in self._rejected]
@@ -131,8 +151,12 @@ class Worker(Generic[T]):
         codec: Codec[T],
         settings: RuntimeSettings,
         handler: Handler[T] | None = None,
+        accept: Callable[[str], bool] | None = None,
     ) -> None:
+        """``accept(subject)`` False: the message belongs to another instance's partition
+        and is acked unread."""
         self.name = subjects.check_name(name, "worker")
+        self.accept = accept
         self.stream = stream
         self.durable = durable
         self.codec = codec
@@ -261,14 +285,25 @@ class Worker(Generic[T]):
         started = time.perf_counter()
         decode = self.codec.decode
         items: list[Delivery[T]] = []
-        dead: list[tuple[Msg, AckInfo, str, str]] = []
+        dead: list[DeadItem] = []
+        if self.accept is not None:
+            accept = self.accept
+            skipped = [m for m in msgs if not accept(m.subject)]
+            if skipped:
+                for msg in skipped:
+                    await ctx.nc.publish(msg.reply, ACK)
+                self.metrics.in_skipped.inc(len(skipped))
+                msgs = [m for m in msgs if accept(m.subject)]
+                if not msgs:
+                    return
         for msg in msgs:
             try:
                 items.append(Delivery(msg, decode(msg.data)))
             except ContractError as exc:
-                dead.append((msg, parse_reply(msg.reply), exc.reason, exc.detail))
+                dead.append(DeadItem(msg, parse_reply(msg.reply), exc.reason, exc.detail))
         acked: list[Delivery[T]] = []
         retry: list[tuple[Delivery[T], str]] = []
+        parts: list[DeadItem] = []
         try:
             if items:
                 try:
@@ -281,20 +316,22 @@ class Worker(Generic[T]):
                         log.exception("%s: handler failed", self.name)
                     else:
                         log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
-                        await self._isolate(ctx, items, ack_wait, acked, retry, dead)
+                        await self._isolate(ctx, items, ack_wait, acked, retry, dead, parts)
                 else:
                     for d, rej in batch.rejections():
-                        dead.append((d.msg, d.info, rej.reason, rej.detail))
+                        dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
+                    parts.extend(_part_items(batch))
                     acked.extend(batch)
 
             limit = self._poison_limit
             for d, err in retry:
                 if d.info.deliveries >= limit:
-                    dead.append((d.msg, d.info, HANDLER_ERROR, err))
+                    dead.append(DeadItem(d.msg, d.info, HANDLER_ERROR, err))
             retry = [(d, err) for d, err in retry if d.info.deliveries < limit]
-            if dead:
-                held = [Delivery(msg, None, info) for msg, info, _, _ in dead]
-                await self._holding(held, lambda _: self._dead_letter(ctx, dead))
+            if dead or parts:
+                letters = dead + parts
+                held = [Delivery(item.msg, None, item.info) for item in letters]
+                await self._holding(held, lambda _: self._dead_letter(ctx, letters))
         except TransientError:
             # stopping while a dependency is down: hand everything back for redelivery
             for msg in msgs:
@@ -304,8 +341,8 @@ class Worker(Generic[T]):
         nc = ctx.nc
         for d in acked:
             await nc.publish(d.msg.reply, ACK)
-        for msg, _, _, _ in dead:
-            await nc.publish(msg.reply, ACK)
+        for item in dead:
+            await nc.publish(item.msg.reply, ACK)
         for d, _ in retry:
             await nc.publish(d.msg.reply, nak_payload(self._backoff(d.info.deliveries)))
 
@@ -378,7 +415,8 @@ class Worker(Generic[T]):
         ack_wait: float,
         acked: list[Delivery[T]],
         retry: list[tuple[Delivery[T], str]],
-        dead: list[tuple[Msg, AckInfo, str, str]],
+        dead: list[DeadItem],
+        parts: list[DeadItem],
     ) -> None:
         for d in items:
             try:
@@ -386,28 +424,30 @@ class Worker(Generic[T]):
             except TransientError:
                 raise
             except Rejected as exc:
-                dead.append((d.msg, d.info, exc.reason, exc.detail))
+                dead.append(DeadItem(d.msg, d.info, exc.reason, exc.detail))
             except Exception as exc:
                 retry.append((d, repr(exc)))
             else:
                 for _, rej in single.rejections():
-                    dead.append((d.msg, d.info, rej.reason, rej.detail))
+                    dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
+                parts.extend(_part_items(single))
                 acked.extend(single)
 
     def _backoff(self, deliveries: int) -> float:
         s = self.settings
         return float(min(s.retry_backoff_s * 2 ** max(deliveries - 1, 0), s.retry_backoff_max_s))
 
-    async def _dead_letter(self, ctx: Context, dead: list[tuple[Msg, AckInfo, str, str]]) -> None:
+    async def _dead_letter(self, ctx: Context, dead: list[DeadItem]) -> None:
         now_ms = time.time_ns() // 1_000_000
         out = []
-        for msg, info, reason, detail in dead:
+        for item in dead:
+            msg, info = item.msg, item.info
             letter = DeadLetter(
                 worker=self.name,
-                reason=reason,
-                detail=detail[:2000],
+                reason=item.reason,
+                detail=item.detail[:2000],
                 subject=msg.subject,
-                payload=msg.data,
+                payload=msg.data if item.payload is None else item.payload,
                 headers=dict(msg.headers or {}),
                 stream=info.stream,
                 stream_seq=info.stream_seq,
@@ -415,13 +455,26 @@ class Worker(Generic[T]):
                 failed_at_ms=now_ms,
             )
             msg_id = f"dlq|{self.name}|{info.stream}|{info.stream_seq}"
+            if item.part is not None:
+                msg_id = f"{msg_id}|{item.part}"
             out.append(Outgoing(self._dlq_subject, encode(letter), msg_id))
         await ctx.publisher.publish(out)
-        for _, info, reason, detail in dead:
-            self.metrics.dead_letters.labels(self.name, reason).inc()
+        for item in dead:
+            self.metrics.dead_letters.labels(self.name, item.reason).inc()
             log.warning(
-                "%s: dead letter %s seq=%d: %.200s", self.name, reason, info.stream_seq, detail
+                "%s: dead letter %s seq=%d: %.200s",
+                self.name,
+                item.reason,
+                item.info.stream_seq,
+                item.detail,
             )
+
+
+def _part_items(batch: Batch[Any]) -> list[DeadItem]:
+    return [
+        DeadItem(d.msg, d.info, rej.reason, rej.detail, part=index, payload=payload)
+        for d, index, payload, rej in batch.parts
+    ]
 
 
 def run_until_signalled(worker: Worker[Any]) -> None:
