@@ -20,6 +20,7 @@ token and also a valid JetStream KV key and stream-name fragment, e.g.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final, NamedTuple
 
@@ -69,7 +70,9 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=65_536)
 def escape(symbol: str) -> str:
+    """The subject token of ``symbol`` (cached: a worker meets the same few symbols)."""
     check_symbol(symbol)
     raw = symbol.encode()
     if all(b in _SAFE for b in raw):

@@ -97,7 +97,7 @@ class Batch(Generic[T]):
     def __init__(self, items: list[Delivery[T]]) -> None:
         self.items = items
         self._rejected: dict[int, Rejected] = {}
-        self.parts: list[tuple[Delivery[T], int, bytes, Rejected]] = []
+        self.parts: dict[tuple[int, int], tuple[Delivery[T], int, bytes, Rejected]] = {}
         """Refused pieces of messages whose other pieces were handled."""
 
     def __iter__(self) -> Iterator[Delivery[T]]:
@@ -115,7 +115,7 @@ class Batch(Generic[T]):
         self, delivery: Delivery[T], index: int, payload: bytes, reason: str, detail: str = ""
     ) -> None:
         """Dead-letter one piece (e.g. a tick of a batch); the message itself is handled."""
-        self.parts.append((delivery, index, payload, Rejected(reason, detail)))
+        self.parts[id(delivery), index] = (delivery, index, payload, Rejected(reason, detail))
 
     def rejections(self) -> list[tuple[Delivery[T], Rejected]]:
         return [(d, self._rejected[id(d)]) for d in self.items if id(d) in self._rejected]
@@ -359,14 +359,15 @@ class Worker(Generic[T]):
     async def _holding(
         self, items: list[Delivery[Any]], attempt: Callable[[Batch[Any]], Awaitable[Any]]
     ) -> Batch[Any]:
-        """Run ``attempt`` on a fresh batch until it does not raise ``TransientError``.
+        """Run ``attempt`` on the batch until it does not raise ``TransientError``.
 
         Between tries the messages stay unacked and are kept alive with in-progress acks;
         raises ``TransientError`` only when the worker is asked to stop.
         """
         tries = 0
+        # one batch for every try: what a try refused stays refused
+        batch = Batch(items)
         while True:
-            batch = Batch(items)
             try:
                 await attempt(batch)
                 return batch
@@ -473,7 +474,7 @@ class Worker(Generic[T]):
 def _part_items(batch: Batch[Any]) -> list[DeadItem]:
     return [
         DeadItem(d.msg, d.info, rej.reason, rej.detail, part=index, payload=payload)
-        for d, index, payload, rej in batch.parts
+        for d, index, payload, rej in batch.parts.values()
     ]
 
 
