@@ -1,0 +1,320 @@
+"""MT5 CSV exports: exact times, carried prices, numbered refusals, spreads in price units."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from contracts.messages import Bar, TickRow, Timeframe
+from workers.candle_ingest import mt5_csv
+from workers.candle_ingest.mt5_csv import HeaderError, ParseError
+
+TICK_HEADER = "<DATE>\t<TIME>\t<BID>\t<ASK>\t<LAST>\t<VOLUME>\t<FLAGS>"
+BAR_HEADER = "<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"
+UTC2 = 2 * 3_600_000
+# 2024-01-02 00:00:00 UTC in ms
+JAN2 = 1_704_153_600_000
+
+
+def write(
+    tmp_path: Path, lines: list[str], *, encoding: str = "utf-8", name: str = "x.csv"
+) -> Path:
+    path = tmp_path / name
+    path.write_bytes("".join(f"{line}\r\n" for line in lines).encode(encoding))
+    return path
+
+
+def ticks(path: Path, offset_ms: int = 0) -> list[tuple[int, TickRow | ParseError]]:
+    return list(mt5_csv.iter_ticks(path, feed="demo", symbol="EURUSD", utc_offset_ms=offset_ms))
+
+
+def bars(
+    path: Path, tf: Timeframe = Timeframe.M5, offset_ms: int = 0, point: Decimal | None = None
+) -> list[tuple[int, Bar | ParseError]]:
+    return list(
+        mt5_csv.iter_bars(
+            path, feed="demo", symbol="US500.cash", tf=tf, utc_offset_ms=offset_ms, point=point
+        )
+    )
+
+
+# --- ticks ---------------------------------------------------------------------------
+
+
+def test_ticks_exact_ms_with_utc_offset_and_carried_prices(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2024.01.02\t02:00:00.007\t1.10450\t1.10460\t\t\t6",
+            "2024.01.02\t02:00:00.456\t\t1.10462\t\t\t4",  # bid unchanged
+            "2024.01.02\t02:00:01.5\t1.10455\t\t\t\t2",  # ask unchanged; ".5" is 500 ms
+            "2024.01.02\t02:00:01.500\t\t\t1.10458\t3\t24",  # only last and volume
+            "2024.01.03\t01:59:59.999\t1.1047\t1.1048\t\t\t6",
+        ],
+    )
+    assert ticks(path, UTC2) == [
+        (2, TickRow(time_ms=JAN2 + 7, bid=1.1045, ask=1.1046, flags=6)),
+        (3, TickRow(time_ms=JAN2 + 456, bid=1.1045, ask=1.10462, flags=4)),
+        (4, TickRow(time_ms=JAN2 + 1500, bid=1.10455, ask=1.10462, flags=2)),
+        (
+            5,
+            TickRow(
+                time_ms=JAN2 + 1500, bid=1.10455, ask=1.10462, last=1.10458, volume=3.0, flags=24
+            ),
+        ),
+        (6, TickRow(time_ms=JAN2 + 86_400_000 - 1, bid=1.1047, ask=1.1048, flags=6)),
+    ]
+
+
+def test_fractional_and_negative_utc_offsets_are_exact() -> None:
+    assert mt5_csv.parse_utc_offset("2") == 7_200_000
+    assert mt5_csv.parse_utc_offset("-5") == -18_000_000
+    assert mt5_csv.parse_utc_offset("5.5") == 19_800_000
+    assert mt5_csv.parse_utc_offset("5.75") == 20_700_000
+    assert mt5_csv.parse_utc_offset("0.1") == 360_000  # 0.1 h is not a float problem here
+    for bad in ("x", "15", "nan", "0.0000001"):
+        with pytest.raises(ValueError, match=r"\w"):
+            mt5_csv.parse_utc_offset(bad)
+
+
+def test_utf16_with_bom_and_any_column_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            "<TIME>\t<ASK>\t<DATE>\t<BID>\t<FLAGS>",  # no LAST/VOLUME, other order
+            "00:00:00.100\t1.2\t2024.01.02\t1.1\t6",
+            "00:00:00.200\t\t2024.01.02\t1.15\t2",
+        ],
+        encoding="utf-16",  # with BOM, native order
+    )
+    assert path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+    assert ticks(path) == [
+        (2, TickRow(time_ms=JAN2 + 100, bid=1.1, ask=1.2, flags=6)),
+        (3, TickRow(time_ms=JAN2 + 200, bid=1.15, ask=1.2, flags=2)),
+    ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-8-sig", "utf-8"])
+def test_encodings_are_detected(tmp_path: Path, encoding: str) -> None:
+    path = write(
+        tmp_path, [TICK_HEADER, "2024.01.02\t00:00:00.000\t1.1\t1.2\t\t\t6"], encoding=encoding
+    )
+    assert ticks(path) == [(2, TickRow(time_ms=JAN2, bid=1.1, ask=1.2, flags=6))]
+
+
+def test_comma_separated_export(tmp_path: Path) -> None:
+    path = write(tmp_path, ["<DATE>,<TIME>,<BID>,<ASK>", "2024.01.02,00:00:00.250,1.1,1.2"])
+    assert ticks(path) == [(2, TickRow(time_ms=JAN2 + 250, bid=1.1, ask=1.2))]
+
+
+def test_malformed_tick_lines_are_numbered_and_later_lines_still_parse(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2024.01.02\t00:00:00.000\t\t1.2\t\t\t4",  # 2: no bid known yet (ask is kept)
+            "2024.01.02\t00:00:00.001\t1.1\t\t\t\t2",  # 3: bid now, ask carried from line 2
+            "2024.01.02\t00:00:00.002\tabc\t1.2\t\t\t6",  # 4: not a number
+            "",  # blank lines are skipped, not refused
+            "2024.13.02\t00:00:00.003\t1.1\t1.2\t\t\t6",  # 6: month 13
+            "2024.01.02\t24:00:00.003\t1.1\t1.2\t\t\t6",  # 7: hour 24
+            "2024.01.02\t00:00:00.004\t1.3\t\t\t\t2",  # 8: bid above carried ask
+            "2024.01.02\t00:00:00.005\tnan\t1.2\t\t\t6",  # 9
+            "2024.01.02\t00:00:00.006\t-1.1\t1.2\t\t\t6",  # 10
+            "2024.01.02\t00:00:00.007\t1.1\t1.2\t\t-3\t6",  # 11: negative volume
+            "2024.01.02\t00:00:00.008\t1.1\t1.2",  # 12: truncated line
+            "2024.01.02\t00:00:00.009\t\t\t\t\t0",  # 13: nothing at all
+            "2024.01.02\t00:00:00.000\t1.1\t1.2\t\t\t6",  # 14: earlier than line 3
+            "2024.01.02\t00:00:00.010\t\t1.25\t\t\t4",  # 15: bid carried from line 3
+        ],
+    )
+    got = ticks(path)
+    refused = {n: item.reason for n, item in got if isinstance(item, ParseError)}
+    assert refused == {
+        2: "no_previous_bid",
+        4: "bad_number",
+        6: "bad_date",
+        7: "bad_time",
+        8: "bid_above_ask",
+        9: "not_finite",
+        10: "not_positive",
+        11: "negative",
+        12: "field_count",
+        13: "empty_tick",
+        14: "out_of_order",
+    }
+    assert refused.keys() <= set(range(2, 16))
+    assert all(r in mt5_csv.REASONS for r in refused.values())
+    assert [(n, t) for n, t in got if isinstance(t, TickRow)] == [
+        (3, TickRow(time_ms=JAN2 + 1, bid=1.1, ask=1.2, flags=2)),
+        (15, TickRow(time_ms=JAN2 + 10, bid=1.1, ask=1.25, flags=4)),
+    ]
+    detail = dict(got)[4]
+    assert isinstance(detail, ParseError)
+    assert detail.detail == "<BID> 'abc'"
+
+
+def test_time_before_epoch_after_offset_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, [TICK_HEADER, "1970.01.01\t01:00:00.000\t1.1\t1.2\t\t\t6"])
+    [(_, error)] = ticks(path, UTC2)
+    assert isinstance(error, ParseError)
+    assert error.reason == "before_epoch"
+
+
+def test_header_without_required_columns_refuses_the_file_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, [BAR_HEADER, "2024.01.02\t00:00:00\t1\t1\t1\t1\t1\t0\t0"])
+    with pytest.raises(HeaderError) as info:
+        ticks(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "not an MT5 ticks export: no <BID>, <ASK>" in message
+    empty = write(tmp_path, [], name="empty.csv")
+    empty.write_bytes(b"")
+    with pytest.raises(HeaderError, match="empty file"):
+        ticks(empty)
+
+
+# --- bars ----------------------------------------------------------------------------
+
+
+def test_bars_exact_values_spread_in_price_units(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            BAR_HEADER,
+            "2024.01.02\t02:00:00\t1.10450\t1.10480\t1.10440\t1.10470\t120\t0\t12",
+            "2024.01.02\t02:05:00\t1.10470\t1.10470\t1.10400\t1.10410\t98\t1500\t3",
+        ],
+    )
+    got = bars(path, offset_ms=UTC2, point=Decimal("0.00001"))
+    common = {"feed": "demo", "symbol": "US500.cash", "tf": Timeframe.M5}
+    assert got == [
+        (
+            2,
+            Bar(
+                **common,
+                open_time_ms=JAN2,
+                open=1.1045,
+                high=1.1048,
+                low=1.1044,
+                close=1.1047,
+                tick_volume=120,
+                real_volume=0.0,
+                spread=0.00012,  # not 12 * 1e-05 == 0.00012000000000000002
+            ),
+        ),
+        (
+            3,
+            Bar(
+                **common,
+                open_time_ms=JAN2 + 300_000,
+                open=1.1047,
+                high=1.1047,
+                low=1.104,
+                close=1.1041,
+                tick_volume=98,
+                real_volume=1500.0,
+                spread=0.00003,
+            ),
+        ),
+    ]
+
+
+def test_point_is_inferred_from_the_prices_decimals(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            BAR_HEADER,
+            "2024.01.02\t00:00:00\t151.2\t151.25\t151.1\t151.2\t5\t0\t7",
+            "2024.01.02\t00:05:00\t151.2\t151.214\t151.2\t151.21\t5\t0\t7",
+        ],
+    )
+    assert mt5_csv.infer_point(path) == Decimal("0.001")
+    got = bars(path)  # point=None: inferred
+    assert [b.spread for _, b in got if isinstance(b, Bar)] == [0.007, 0.007]
+    integers = write(
+        tmp_path, [BAR_HEADER, "2024.01.02\t00:00:00\t4700\t4710\t4690\t4705\t5\t0\t2"], name="i"
+    )
+    assert mt5_csv.infer_point(integers) == Decimal(1)
+
+
+def test_d1_export_without_time_column(tmp_path: Path) -> None:
+    header = "<DATE>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"
+    path = write(
+        tmp_path,
+        [
+            header,
+            "2024.01.02\t1.1\t1.2\t1.0\t1.15\t10\t0\t0",
+            "2024.01.03\t1.15\t1.2\t1.1\t1.1\t9\t0\t0",
+        ],
+    )
+    got = bars(path, tf=Timeframe.D1, offset_ms=UTC2)
+    assert [(n, b.open_time_ms) for n, b in got if isinstance(b, Bar)] == [
+        (2, JAN2 - UTC2),
+        (3, JAN2 + 86_400_000 - UTC2),
+    ]
+    with pytest.raises(HeaderError, match="only a D1 export may omit"):
+        bars(path, tf=Timeframe.H1)
+
+
+def test_malformed_bar_lines_are_numbered_and_later_lines_still_parse(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            BAR_HEADER,
+            "2024.01.02\t00:00:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t1",  # 2 ok
+            "2024.01.02\t00:05:00\t1.1\t1.12\t1.0\t1.15\t10\t0\t1",  # 3 high below close
+            "2024.01.02\t00:05:00\t1.1\t1.2\t1.11\t1.15\t10\t0\t1",  # 4 low above open
+            "2024.01.02\t00:07:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t1",  # 5 not on an M5 boundary
+            "2024.01.02\t00:00:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t1",  # 6 not after line 2
+            "2024.01.02\t00:10:00\t1.1\t1.2\t1.0\t1.15\t-1\t0\t1",  # 7 negative tick volume
+            "2024.01.02\t00:10:00\t1.1\t1.2\t1.0\t1.15\t10\t-5\t1",  # 8 negative volume
+            "2024.01.02\t00:10:00\t1.1\t1.2\t1.0\tinf\t10\t0\t1",  # 9
+            "2024.01.02\t00:10:00\t0\t1.2\t0\t1.15\t10\t0\t1",  # 10
+            "2024.01.02\t00:10:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t1.5",  # 11 spread not points
+            "2024.01.02\t00:10:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t1",  # 12 ok
+        ],
+    )
+    got = bars(path, point=Decimal("0.1"))
+    refused = {n: item.reason for n, item in got if isinstance(item, ParseError)}
+    assert refused == {
+        3: "bad_ohlc",
+        4: "bad_ohlc",
+        5: "misaligned_time",
+        6: "out_of_order",
+        7: "negative",
+        8: "negative",
+        9: "not_finite",
+        10: "not_positive",
+        11: "bad_number",
+    }
+    ok = [(n, b.open_time_ms, b.spread) for n, b in got if isinstance(b, Bar)]
+    assert ok == [(2, JAN2, 0.1), (12, JAN2 + 600_000, 0.1)]
+
+
+def test_bad_feed_or_symbol_fails_before_reading(tmp_path: Path) -> None:
+    path = write(tmp_path, [TICK_HEADER])
+    with pytest.raises(ValueError, match="feed"):
+        mt5_csv.iter_ticks(path, feed="a.b", symbol="EURUSD", utc_offset_ms=0)
+    with pytest.raises(ValueError, match="symbol"):
+        mt5_csv.iter_ticks(path, feed="demo", symbol="EUR\nUSD", utc_offset_ms=0)
+
+
+def test_progress_reaches_the_file_size(tmp_path: Path) -> None:
+    lines = [TICK_HEADER] + [
+        f"2024.01.02\t00:00:{i // 1000:02d}.{i % 1000:03d}\t1.1\t1.2\t\t\t6" for i in range(3000)
+    ]
+    path = write(tmp_path, lines, encoding="utf-16")
+    seen: list[int] = []
+    rows = list(
+        mt5_csv.iter_ticks(
+            path, feed="demo", symbol="EURUSD", utc_offset_ms=0, progress=seen.append
+        )
+    )
+    assert len(rows) == 3000
+    assert seen == sorted(seen)
+    assert len(seen) > 1
+    assert seen[-1] == path.stat().st_size
