@@ -21,7 +21,10 @@ async def connect(settings: RuntimeSettings, *, name: str) -> Client:
         log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
-        log.warning("nats: disconnected")
+        if nc.is_closed or nc.is_draining:
+            log.debug("nats: connection closed")
+        else:
+            log.warning("nats: disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected to %s", nc.connected_url)
