@@ -1,0 +1,1 @@
+"""candle-ingest: ticks and backfill bars -> candles of every configured timeframe."""

@@ -1,0 +1,659 @@
+"""Ticks and backfill bars -> candles, in event time. Pure: no I/O, no clock.
+
+Per (feed, symbol) the aggregator keeps an event-time watermark ``W``, the largest tick time
+it accepted. A candle of timeframe length ``L`` opening at ``o`` closes once
+``W >= o + L + close_delay_ms`` and is then emitted with revision 0. It is kept while
+``o + L > W - allowed_lateness_ms``: a late tick that falls into it updates it and emits it
+again with the next revision. A tick older than ``W - allowed_lateness_ms`` is refused as
+``too_late``. Open candles are never emitted; a period without ticks has no candle.
+
+Buckets are aligned on the broker's day start: ``o = (t - day_start) // L * L + day_start``.
+Every timeframe length divides the next one, so the buckets of all timeframes nest.
+
+How it stays fast: only the smallest configured timeframe is updated per tick, in an
+*accumulator* held in flat fields of the symbol's book (the candle of the bucket that holds
+``W``). When the watermark leaves that bucket the accumulator is *folded*: it becomes the
+smallest timeframe's candle and is merged into the candles of every larger timeframe. A tick
+outside the accumulator's bucket (late, or into a period that already has a candle) is
+applied to every timeframe directly. So each tick lands in each timeframe exactly once.
+In-order ticks cost two comparisons and a handful of attribute updates; one integer,
+``next_event``, says when anything (a close, an eviction, a fold) is due.
+
+Emission order for one call: revisions (timeframes M1..D1), then closes (timeframes M1..D1,
+each by open time). The same sequence of calls yields equal candles, and ``snapshot`` /
+``restore`` in between changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from itertools import islice
+from typing import Final, NamedTuple
+
+import msgspec
+
+from contracts.messages import Bar, Candle, Timeframe
+
+DAY_MS: Final = 86_400_000
+MAX_MISSING_SEQS: Final = 10_000
+"""Per symbol, at most this many missing EA sequence numbers are remembered (the newest)."""
+
+SNAPSHOT_FORMAT: Final = 1
+
+ACCEPTED: Final = "accepted"
+DUPLICATE: Final = "duplicate"
+TOO_LATE: Final = "too_late"
+NO_LAST_PRICE: Final = "no_last_price"
+
+_NEVER: Final = 1 << 62
+"""A time no watermark reaches: ``next_event`` when nothing is pending."""
+_NO_SEQ: Final = -(1 << 62)
+"""``max_seq`` of a symbol that never sent a sequence number."""
+
+
+class PriceSource(enum.StrEnum):
+    BID = "bid"
+    MID = "mid"
+    LAST = "last"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    timeframes: tuple[Timeframe, ...] = tuple(Timeframe)
+    price: PriceSource = PriceSource.BID
+    day_start_ms: int = 0
+    """UTC time of day at which the broker's day starts (79_200_000 for a UTC+2 server);
+    normalised into [0, 86_400_000)."""
+    allowed_lateness_ms: int = 60_000
+    close_delay_ms: int = 0
+
+    def __post_init__(self) -> None:
+        tfs = tuple(sorted({Timeframe(tf) for tf in self.timeframes}, key=lambda tf: tf.ms))
+        if not tfs:
+            raise ValueError("at least one timeframe is needed")
+        if self.allowed_lateness_ms < 0 or self.close_delay_ms < 0:
+            raise ValueError("allowed_lateness_ms and close_delay_ms must be >= 0")
+        object.__setattr__(self, "timeframes", tfs)
+        object.__setattr__(self, "price", PriceSource(self.price))
+        object.__setattr__(self, "day_start_ms", self.day_start_ms % DAY_MS)
+
+
+class TickResult(NamedTuple):
+    outcome: str
+    """``accepted``, ``duplicate``, ``too_late`` or ``no_last_price``."""
+    candles: list[Candle]
+    """Candles to publish because of this tick (revisions, then closes)."""
+    gap: int
+    """EA sequence numbers this tick revealed as missing."""
+
+
+class SnapshotMismatch(ValueError):
+    """The snapshot was taken with another configuration or format: rebuild from the stream."""
+
+
+# --- state: mutable msgspec structs, array-like so snapshots are compact ----------------
+
+
+class _Cand(msgspec.Struct, array_like=True, gc=False):
+    """A candle being built (open) or kept for revisions (closed)."""
+
+    open_ms: int
+    first_ms: int
+    last_ms: int
+    open: float
+    high: float
+    low: float
+    close: float
+    n: int
+    """tick volume"""
+    k: int
+    """spread samples: ticks, or bars for candles built from bars"""
+    volume: float
+    spread_sum: float
+    spread_max: float
+    revision: int = 0
+
+
+class _Series(msgspec.Struct, array_like=True):
+    """One timeframe of one book: candles by open time."""
+
+    open: dict[int, _Cand] = {}
+    kept: dict[int, _Cand] = {}
+
+
+class _Book(msgspec.Struct, array_like=True):
+    feed: str
+    symbol: str
+    wm: int
+    next_event: int
+    series: list[_Series]
+    """One per configured timeframe, smallest first."""
+
+
+class _TickBook(_Book):
+    # the accumulator: the smallest timeframe's candle of the bucket [a_open, a_close)
+    # holding W, not yet folded anywhere; a_open == a_close == 0 when there is none
+    a_open: int
+    a_close: int
+    a_first: int
+    a_last: int
+    a_op: float
+    a_hi: float
+    a_lo: float
+    a_cl: float
+    a_n: int
+    a_vol: float
+    a_ssum: float
+    a_smax: float
+    max_seq: int
+    missing: dict[int, int]
+    """missing seq -> watermark when it went missing"""
+
+
+class _BarBook(_Book):
+    src_ms: int
+    """Length of the timeframe whose bars this book aggregates (the first one it saw)."""
+
+
+class _Snapshot(msgspec.Struct, array_like=True):
+    format: int
+    config: tuple[tuple[str, ...], str, int, int, int]
+    last_stream_seq: int
+    ticks: list[_TickBook]
+    bars: list[_BarBook]
+
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder(_Snapshot)
+
+_R_DUPLICATE: Final = TickResult(DUPLICATE, [], 0)
+_R_TOO_LATE: Final = TickResult(TOO_LATE, [], 0)
+_R_NO_LAST: Final = TickResult(NO_LAST_PRICE, [], 0)
+
+
+def _put(c: _Cand, t: int, p: float, s: float, v: float | None) -> None:
+    if t >= c.last_ms:
+        c.last_ms = t
+        c.close = p
+    elif t < c.first_ms:
+        c.first_ms = t
+        c.open = p
+    if p > c.high:
+        c.high = p
+    elif p < c.low:
+        c.low = p
+    c.n += 1
+    c.k += 1
+    if v is not None:
+        c.volume += v
+    c.spread_sum += s
+    if s > c.spread_max:
+        c.spread_max = s
+
+
+def _merge(into: _Cand, c: _Cand) -> None:
+    if c.first_ms < into.first_ms:
+        into.first_ms = c.first_ms
+        into.open = c.open
+    if c.last_ms >= into.last_ms:
+        into.last_ms = c.last_ms
+        into.close = c.close
+    if c.high > into.high:
+        into.high = c.high
+    if c.low < into.low:
+        into.low = c.low
+    into.n += c.n
+    into.k += c.k
+    into.volume += c.volume
+    into.spread_sum += c.spread_sum
+    if c.spread_max > into.spread_max:
+        into.spread_max = c.spread_max
+
+
+def _copy_at(c: _Cand, open_ms: int) -> _Cand:
+    return _Cand(
+        open_ms, c.first_ms, c.last_ms, c.open, c.high, c.low, c.close,
+        c.n, c.k, c.volume, c.spread_sum, c.spread_max,
+    )  # fmt: skip
+
+
+class Aggregator:
+    """Candles of every configured timeframe for any number of (feed, symbol)."""
+
+    __slots__ = (
+        "_bars",
+        "_day_start",
+        "_delay",
+        "_index",
+        "_kind",
+        "_late",
+        "_lens",
+        "_tfs",
+        "_ticks",
+        "config",
+        "last_stream_seq",
+    )
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.last_stream_seq: int = 0
+        """Set by the caller (the last stream sequence applied), kept in snapshots."""
+        self._tfs = config.timeframes
+        self._lens = tuple(tf.ms for tf in self._tfs)
+        self._index = {tf: i for i, tf in enumerate(self._tfs)}
+        self._day_start = config.day_start_ms
+        self._late = config.allowed_lateness_ms
+        self._delay = config.close_delay_ms
+        self._kind = (PriceSource.BID, PriceSource.MID, PriceSource.LAST).index(config.price)
+        self._ticks: dict[str, dict[str, _TickBook]] = {}
+        self._bars: dict[str, dict[str, _BarBook]] = {}
+
+    # --- ticks --------------------------------------------------------------------------
+
+    def add(
+        self,
+        feed: str,
+        symbol: str,
+        time_ms: int,
+        bid: float,
+        ask: float,
+        last: float | None = None,
+        volume: float | None = None,
+        seq: int | None = None,
+    ) -> TickResult:
+        """Apply one validated tick. The result's candle list must not be mutated."""
+        kind = self._kind
+        if kind == 0:
+            price = bid
+        elif kind == 1:
+            price = (bid + ask) / 2
+        elif last is None:
+            return _R_NO_LAST
+        else:
+            price = last
+        syms = self._ticks.get(feed)
+        b = None if syms is None else syms.get(symbol)
+        if b is None:
+            self._new_book(feed, symbol, time_ms, price, ask - bid, volume, seq)
+            return TickResult(ACCEPTED, [], 0)
+        if time_ms < b.wm - self._late:
+            return _R_TOO_LATE
+        gap = 0
+        if seq is not None:
+            if seq == b.max_seq + 1:
+                b.max_seq = seq
+            else:
+                gap = self._check_seq(b, seq, time_ms)
+                if gap < 0:
+                    return _R_DUPLICATE
+        if b.a_open <= time_ms < b.a_close:
+            # hot path: the tick belongs to the accumulator
+            spread = ask - bid
+            if time_ms >= b.a_last:
+                b.a_last = time_ms
+                b.a_cl = price
+            elif time_ms < b.a_first:
+                b.a_first = time_ms
+                b.a_op = price
+            if price > b.a_hi:
+                b.a_hi = price
+            elif price < b.a_lo:
+                b.a_lo = price
+            b.a_n += 1
+            if volume is not None:
+                b.a_vol += volume
+            b.a_ssum += spread
+            if spread > b.a_smax:
+                b.a_smax = spread
+            if time_ms > b.wm:
+                b.wm = time_ms
+                if time_ms >= b.next_event:
+                    out: list[Candle] = []
+                    self._housekeep(b, out)
+                    return TickResult(ACCEPTED, out, gap)
+            return TickResult(ACCEPTED, [], gap)
+        return TickResult(ACCEPTED, self._add_slow(b, time_ms, price, ask - bid, volume), gap)
+
+    def advance(self, feed: str, symbol: str, watermark_ms: int) -> list[Candle]:
+        """Move the watermark of an idle symbol; returns what a tick at that time would close.
+
+        Unknown symbols are ignored (they have nothing to close).
+        """
+        syms = self._ticks.get(feed)
+        b = None if syms is None else syms.get(symbol)
+        return [] if b is None else self._advance(b, watermark_ms)
+
+    def watermark(self, feed: str, symbol: str) -> int | None:
+        syms = self._ticks.get(feed)
+        b = None if syms is None else syms.get(symbol)
+        return None if b is None else b.wm
+
+    def next_close_ms(self, feed: str, symbol: str) -> int | None:
+        """The watermark at which the earliest open candle of (feed, symbol) closes (its
+        close time plus the close delay); None if it has no open candle."""
+        syms = self._ticks.get(feed)
+        b = None if syms is None else syms.get(symbol)
+        if b is None:
+            return None
+        ends = [o + L for L, ser in zip(self._lens, b.series, strict=True) for o in ser.open]
+        if b.a_close > b.a_open:
+            ends.append(b.a_close)
+        return min(ends) + self._delay if ends else None
+
+    def symbols(self) -> list[tuple[str, str]]:
+        """(feed, symbol) of every book built from ticks, sorted."""
+        return sorted((feed, symbol) for feed, syms in self._ticks.items() for symbol in syms)
+
+    def open_candles(self) -> int:
+        """Open candles across all timeframes and symbols, ticks and bars."""
+        count = 0
+        ds = self._day_start
+        for bars in self._bars.values():
+            for bb in bars.values():
+                count += sum(len(ser.open) for ser in bb.series)
+        for ticks in self._ticks.values():
+            for b in ticks.values():
+                count += sum(len(ser.open) for ser in b.series)
+                if b.a_close > b.a_open:  # the accumulator, and larger candles only it opened
+                    count += 1
+                    for L, ser in zip(self._lens[1:], b.series[1:], strict=True):
+                        if (b.a_open - ds) // L * L + ds not in ser.open:
+                            count += 1
+        return count
+
+    # --- bars ---------------------------------------------------------------------------
+
+    def add_bar(self, bar: Bar) -> list[Candle]:
+        """A backfill bar: its own candle now, and its share of every larger timeframe.
+
+        The own candle is returned only if the bar's timeframe is configured. A book per
+        (feed, symbol), apart from the ticks' one, aggregates bars of one timeframe (the
+        first it sees) into larger timeframes that are multiples of it, in time order
+        only: a bar starting before the bar watermark (the end of the latest bar aggregated,
+        or what ``advance_bars`` set), a repeated bar, or a bar of another timeframe yields
+        its own candle and nothing else. Larger candles close by that watermark. Raises ValueError for a bar not aligned on the day start.
+        """
+        tf = Timeframe(bar.tf)
+        lb = tf.ms
+        o = bar.open_time_ms
+        ds = self._day_start
+        if (o - ds) % lb:
+            raise ValueError(f"{tf} bar at {o} is not aligned on the day start {ds}")
+        out: list[Candle] = []
+        if tf in self._index:
+            out.append(
+                Candle(
+                    feed=bar.feed,
+                    symbol=bar.symbol,
+                    tf=tf,
+                    open_time_ms=o,
+                    close_time_ms=o + lb,
+                    open=bar.open,
+                    high=bar.high,
+                    low=bar.low,
+                    close=bar.close,
+                    tick_volume=bar.tick_volume,
+                    real_volume=bar.real_volume,
+                    spread_mean=bar.spread,
+                    spread_max=bar.spread,
+                    first_tick_ms=o,
+                    last_tick_ms=o + lb - 1,
+                    revision=0,
+                    source="bars",
+                )
+            )
+        syms = self._bars.setdefault(bar.feed, {})
+        b = syms.get(bar.symbol)
+        if b is None:
+            series = [_Series() for _ in self._tfs]
+            b = _BarBook(bar.feed, bar.symbol, o, _NEVER, series, lb)
+            syms[bar.symbol] = b
+        if b.src_ms != lb or o < b.wm:
+            return out
+        c = _Cand(
+            o, o, o + lb - 1, bar.open, bar.high, bar.low, bar.close,
+            bar.tick_volume, 1, float(bar.real_volume), bar.spread, bar.spread,
+        )  # fmt: skip
+        for L, ser in zip(self._lens, b.series, strict=True):
+            if lb < L and L % lb == 0:
+                ho = (o - ds) // L * L + ds
+                h = ser.open.get(ho)
+                if h is None:
+                    ser.open[ho] = _copy_at(c, ho)
+                else:
+                    _merge(h, c)
+        b.wm = max(b.wm, o + lb)
+        self._housekeep(b, out)
+        return out
+
+    def advance_bars(self, feed: str, symbol: str, watermark_ms: int) -> list[Candle]:
+        """``advance`` for the book built from bars (e.g. at the end of a backfill)."""
+        syms = self._bars.get(feed)
+        b = None if syms is None else syms.get(symbol)
+        return [] if b is None else self._advance(b, watermark_ms)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def _fingerprint(self) -> tuple[tuple[str, ...], str, int, int, int]:
+        c = self.config
+        names = tuple(tf.value for tf in self._tfs)
+        return (names, c.price.value, c.day_start_ms, c.allowed_lateness_ms, c.close_delay_ms)
+
+    def snapshot(self) -> bytes:
+        """The whole state, deterministic bytes (msgpack)."""
+        snap = _Snapshot(
+            SNAPSHOT_FORMAT,
+            self._fingerprint(),
+            self.last_stream_seq,
+            [b for syms in self._ticks.values() for b in syms.values()],
+            [b for syms in self._bars.values() for b in syms.values()],
+        )
+        return _ENCODER.encode(snap)
+
+    @classmethod
+    def restore(cls, config: AggregatorConfig, data: bytes) -> Aggregator:
+        """The aggregator ``snapshot`` saved; SnapshotMismatch if the config differs."""
+        try:
+            snap = _DECODER.decode(data)
+        except msgspec.DecodeError as e:
+            raise SnapshotMismatch(f"not an aggregator snapshot: {e}") from None
+        agg = cls(config)
+        if snap.format != SNAPSHOT_FORMAT or snap.config != agg._fingerprint():
+            raise SnapshotMismatch(
+                f"snapshot of format {snap.format} with config {snap.config}, "
+                f"expected format {SNAPSHOT_FORMAT} with {agg._fingerprint()}"
+            )
+        agg.last_stream_seq = snap.last_stream_seq
+        for tb in snap.ticks:
+            agg._ticks.setdefault(tb.feed, {})[tb.symbol] = tb
+        for bb in snap.bars:
+            agg._bars.setdefault(bb.feed, {})[bb.symbol] = bb
+        return agg
+
+    # --- the slow paths -----------------------------------------------------------------
+
+    def _new_book(
+        self, feed: str, symbol: str, t: int, p: float, s: float, v: float | None, seq: int | None
+    ) -> None:
+        L = self._lens[0]
+        o = (t - self._day_start) // L * L + self._day_start
+        b = _TickBook(
+            feed, symbol, t, o + L, [_Series() for _ in self._tfs],
+            o, o + L, t, t, p, p, p, p, 1, 0.0 if v is None else float(v), s, s,
+            _NO_SEQ if seq is None else seq, {},
+        )  # fmt: skip
+        self._ticks.setdefault(feed, {})[symbol] = b
+
+    def _check_seq(self, b: _TickBook, seq: int, t: int) -> int:
+        """Gap size (>= 0) if the tick is new, -1 if it is a duplicate."""
+        ms = b.max_seq
+        if seq > ms:
+            b.max_seq = seq
+            if ms == _NO_SEQ:
+                return 0
+            seen = max(b.wm, t)
+            miss = b.missing
+            for s in range(max(ms + 1, seq - MAX_MISSING_SEQS), seq):
+                miss[s] = seen
+            if len(miss) > MAX_MISSING_SEQS:
+                b.missing = dict(islice(miss.items(), len(miss) - MAX_MISSING_SEQS, None))
+            b.next_event = min(b.next_event, seen + self._late + 1)
+            return seq - ms - 1
+        if seq in b.missing:
+            del b.missing[seq]
+            return 0
+        if t > b.wm:  # newer than anything seen: the EA restarted and reset its sequence
+            b.max_seq = seq
+            b.missing.clear()
+            return 0
+        return -1
+
+    def _add_slow(self, b: _TickBook, t: int, p: float, s: float, v: float | None) -> list[Candle]:
+        out: list[Candle] = []
+        if b.a_close > b.a_open and t >= b.a_close:
+            self._fold(b)
+        L = self._lens[0]
+        ds = self._day_start
+        o = (t - ds) // L * L + ds
+        base = b.series[0]
+        if t > b.wm:
+            b.wm = t
+        if b.a_close <= b.a_open and t >= b.wm and o not in base.open and o not in base.kept:
+            b.a_open, b.a_close, b.a_first, b.a_last = o, o + L, t, t
+            b.a_op = b.a_hi = b.a_lo = b.a_cl = p
+            b.a_n = 1
+            b.a_vol = 0.0 if v is None else float(v)
+            b.a_ssum = b.a_smax = s
+        else:
+            self._apply(b, t, p, s, v, out)
+        self._housekeep(b, out)
+        return out
+
+    def _apply(
+        self, b: _TickBook, t: int, p: float, s: float, v: float | None, out: list[Candle]
+    ) -> None:
+        """A tick outside the accumulator: into every timeframe, emitting revisions."""
+        ds = self._day_start
+        closed_before = b.wm - self._delay
+        for i, L in enumerate(self._lens):
+            ser = b.series[i]
+            o = (t - ds) // L * L + ds
+            c = ser.open.get(o)
+            if c is not None:
+                _put(c, t, p, s, v)
+                continue
+            c = ser.kept.get(o)
+            if c is not None:
+                _put(c, t, p, s, v)
+                c.revision += 1
+                out.append(self._candle(b, i, c))
+                continue
+            c = _Cand(o, t, t, p, p, p, p, 1, 1, 0.0 if v is None else float(v), s, s)
+            if o + L <= closed_before:  # a late tick into a closed period that had none
+                ser.kept[o] = c
+                out.append(self._candle(b, i, c))
+            else:
+                ser.open[o] = c
+
+    def _fold(self, b: _TickBook) -> None:
+        """The accumulator becomes the smallest timeframe's candle and joins the larger ones."""
+        o = b.a_open
+        c = _Cand(
+            o, b.a_first, b.a_last, b.a_op, b.a_hi, b.a_lo, b.a_cl,
+            b.a_n, b.a_n, b.a_vol, b.a_ssum, b.a_smax,
+        )  # fmt: skip
+        b.series[0].open[o] = c
+        ds = self._day_start
+        for L, ser in zip(self._lens[1:], b.series[1:], strict=True):
+            ho = (o - ds) // L * L + ds
+            h = ser.open.get(ho)
+            if h is None:
+                ser.open[ho] = _copy_at(c, ho)
+            else:
+                _merge(h, c)
+        b.a_open = b.a_close = 0
+
+    def _advance(self, b: _Book, w: int) -> list[Candle]:
+        out: list[Candle] = []
+        if w > b.wm:
+            b.wm = w
+            if w >= b.next_event:
+                self._housekeep(b, out)
+        return out
+
+    def _housekeep(self, b: _Book, out: list[Candle]) -> None:
+        """Fold, close, evict whatever the watermark made due; recompute ``next_event``."""
+        w = b.wm
+        nxt = _NEVER
+        if isinstance(b, _TickBook) and b.a_close > b.a_open:
+            if w >= b.a_close:
+                self._fold(b)
+            else:
+                nxt = b.a_close
+        delay = self._delay
+        late = self._late
+        floor = w - late
+        for i, L in enumerate(self._lens):
+            ser = b.series[i]
+            opened = ser.open
+            if opened:
+                due: list[int] | None = None
+                for o in opened:
+                    end = o + L + delay
+                    if end <= w:
+                        if due is None:
+                            due = [o]
+                        else:
+                            due.append(o)
+                    elif end < nxt:
+                        nxt = end
+                if due is not None:
+                    due.sort()
+                    kept = ser.kept
+                    for o in due:
+                        c = opened.pop(o)
+                        kept[o] = c
+                        out.append(self._candle(b, i, c))
+            kept = ser.kept
+            if kept:
+                old: list[int] | None = None
+                for o in kept:
+                    end = o + L
+                    if end <= floor:
+                        if old is None:
+                            old = [o]
+                        else:
+                            old.append(o)
+                    elif end + late < nxt:
+                        nxt = end + late
+                if old is not None:
+                    for o in old:
+                        del kept[o]
+        if isinstance(b, _TickBook) and b.missing:
+            if next(iter(b.missing.values())) < floor:
+                b.missing = {s: seen for s, seen in b.missing.items() if seen >= floor}
+            if b.missing:
+                nxt = min(nxt, next(iter(b.missing.values())) + late + 1)
+        b.next_event = nxt
+
+    def _candle(self, b: _Book, i: int, c: _Cand) -> Candle:
+        return Candle(
+            feed=b.feed,
+            symbol=b.symbol,
+            tf=self._tfs[i],
+            open_time_ms=c.open_ms,
+            close_time_ms=c.open_ms + self._lens[i],
+            open=c.open,
+            high=c.high,
+            low=c.low,
+            close=c.close,
+            tick_volume=c.n,
+            real_volume=c.volume,
+            spread_mean=c.spread_sum / c.k,
+            spread_max=c.spread_max,
+            first_tick_ms=c.first_ms,
+            last_tick_ms=c.last_ms,
+            revision=c.revision,
+            source="bars" if isinstance(b, _BarBook) else "ticks",
+        )
