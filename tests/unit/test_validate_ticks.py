@@ -1,0 +1,104 @@
+"""Tick and bar validation: one reason per kind of bad input, None for good input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from contracts.messages import Bar, Timeframe
+from workers.candle_ingest.validate import check_bar, check_symbol, check_tick
+
+NOW = 1_704_362_400_000
+SKEW = 5_000
+NAN = math.nan
+INF = math.inf
+
+
+def tick(
+    time_ms: int = NOW,
+    bid: float = 1.10001,
+    ask: float = 1.10003,
+    last: float | None = None,
+    volume: float | None = None,
+) -> str | None:
+    return check_tick(time_ms, bid, ask, last, volume, now_ms=NOW, max_future_skew_ms=SKEW)
+
+
+def test_good_ticks_pass() -> None:
+    assert tick() is None
+    assert tick(bid=1.1, ask=1.1) is None  # zero spread
+    assert tick(last=1.10002, volume=0.0) is None
+    assert tick(volume=12.5) is None
+    assert tick(time_ms=NOW + SKEW) is None
+    assert tick(time_ms=0) is None  # old ticks are the aggregator's business (too_late)
+
+
+@pytest.mark.parametrize(
+    ("bid", "ask", "last"),
+    [
+        (NAN, 1.1, None),
+        (1.1, NAN, None),
+        (INF, INF, None),
+        (1.1, INF, None),
+        (-INF, 1.1, None),
+        (0.0, 1.1, None),
+        (-1.1, 1.1, None),
+        (1.1, 0.0, None),
+        (1.1, 1.1, NAN),
+        (1.1, 1.1, INF),
+        (1.1, 1.1, 0.0),
+        (1.1, 1.1, -1.1),
+    ],
+)
+def test_bad_price(bid: float, ask: float, last: float | None) -> None:
+    assert tick(bid=bid, ask=ask, last=last) == "bad_price"
+
+
+def test_bid_above_ask() -> None:
+    assert tick(bid=1.10004, ask=1.10003) == "bid_above_ask"
+
+
+def test_volume() -> None:
+    assert tick(volume=-1.0) == "negative_volume"
+    assert tick(volume=-INF) == "negative_volume"
+    assert tick(volume=NAN) == "bad_volume"
+    assert tick(volume=INF) == "bad_volume"
+
+
+def test_future_time() -> None:
+    assert tick(time_ms=NOW + SKEW + 1) == "future_time"
+
+
+@pytest.mark.parametrize("symbol", ["EURUSD", "US500.cash", "BRK B", "EUR/USD", "#AAPL"])
+def test_legal_symbols(symbol: str) -> None:
+    assert check_symbol(symbol) is None
+
+
+@pytest.mark.parametrize("symbol", ["", "x" * 65, "EUR\nUSD", " EURUSD", "EURUSD\t", "A\x00B"])
+def test_illegal_symbols(symbol: str) -> None:
+    assert check_symbol(symbol) == "illegal_symbol"
+
+
+def bar(**kw: object) -> str | None:
+    fields: dict[str, object] = {
+        "feed": "a", "symbol": "EURUSD", "tf": Timeframe.H4,
+        "open_time_ms": NOW - NOW % 86_400_000 + 2 * 3_600_000,
+        "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15, "tick_volume": 10,
+        "real_volume": 0.0, "spread": 0.0001,
+    }  # fmt: skip
+    fields.update(kw)
+    b = Bar(**fields)  # type: ignore[arg-type]
+    return check_bar(b, day_start_ms=79_200_000, now_ms=NOW, max_future_skew_ms=SKEW)
+
+
+def test_bars() -> None:
+    assert bar() is None
+    assert bar(low=0.0) == "bad_price"
+    assert bar(high=NAN) == "bad_price"
+    assert bar(high=1.12) == "bad_ohlc"  # below the close
+    assert bar(low=1.12) == "bad_ohlc"  # above the open
+    assert bar(spread=NAN) == "bad_volume"
+    assert bar(real_volume=INF) == "bad_volume"
+    assert bar(open_time_ms=NOW - NOW % 86_400_000) == "misaligned_bar"  # 00:00, day starts 22:00
+    assert bar(tf=Timeframe.M1, open_time_ms=NOW + 60_000) == "future_time"

@@ -1,0 +1,81 @@
+"""Refusal reasons for ticks and bars: machine-readable, checked before aggregation.
+
+Each check returns ``None`` for good input or one reason from a small fixed vocabulary,
+the ``reason`` of the dead letter. ``too_late``, ``duplicate`` and ``no_last_price`` depend
+on state and come from the aggregator instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from contracts.messages import Bar, Timeframe
+from contracts.subjects import SubjectError
+from contracts.subjects import check_symbol as _check_symbol
+
+BAD_PRICE: Final = "bad_price"
+BID_ABOVE_ASK: Final = "bid_above_ask"
+NEGATIVE_VOLUME: Final = "negative_volume"
+BAD_VOLUME: Final = "bad_volume"
+FUTURE_TIME: Final = "future_time"
+ILLEGAL_SYMBOL: Final = "illegal_symbol"
+BAD_OHLC: Final = "bad_ohlc"
+MISALIGNED_BAR: Final = "misaligned_bar"
+
+_INF: Final = math.inf
+
+
+def check_tick(
+    time_ms: int,
+    bid: float,
+    ask: float,
+    last: float | None,
+    volume: float | None,
+    *,
+    now_ms: int,
+    max_future_skew_ms: int,
+) -> str | None:
+    """``bad_price``: NaN, inf, zero or negative bid/ask/last; ``bid_above_ask``;
+    ``negative_volume``; ``bad_volume`` (NaN or inf); ``future_time``: after
+    ``now_ms + max_future_skew_ms``."""
+    # a chained comparison is False for NaN and for inf
+    if not (0.0 < bid < _INF and 0.0 < ask < _INF):
+        return BAD_PRICE
+    if last is not None and not 0.0 < last < _INF:
+        return BAD_PRICE
+    if bid > ask:
+        return BID_ABOVE_ASK
+    if volume is not None and not 0.0 <= volume < _INF:
+        return NEGATIVE_VOLUME if volume < 0.0 else BAD_VOLUME
+    if time_ms > now_ms + max_future_skew_ms:
+        return FUTURE_TIME
+    return None
+
+
+def check_symbol(symbol: str) -> str | None:
+    """``illegal_symbol`` for what ``contracts.subjects.check_symbol`` refuses."""
+    try:
+        _check_symbol(symbol)
+    except SubjectError:
+        return ILLEGAL_SYMBOL
+    return None
+
+
+def check_bar(bar: Bar, *, day_start_ms: int, now_ms: int, max_future_skew_ms: int) -> str | None:
+    """``bad_price``, ``bad_ohlc`` (high/low not enclosing open and close),
+    ``bad_volume`` (NaN or inf volume or spread), ``misaligned_bar`` (open time not on a
+    period boundary counted from the day start), ``future_time``; ``illegal_symbol`` is
+    ``check_symbol``'s."""
+    o, h, lo, c = bar.open, bar.high, bar.low, bar.close
+    if not all(0.0 < p < _INF for p in (o, h, lo, c)):
+        return BAD_PRICE
+    if not (lo <= o <= h and lo <= c <= h):
+        return BAD_OHLC
+    if not (math.isfinite(bar.real_volume) and math.isfinite(bar.spread)):
+        return BAD_VOLUME
+    if (bar.open_time_ms - day_start_ms) % Timeframe(bar.tf).ms:
+        return MISALIGNED_BAR
+    if bar.open_time_ms > now_ms + max_future_skew_ms:
+        return FUTURE_TIME
+    return None
