@@ -1,0 +1,448 @@
+"""candle-ingest: ticks -> M1..D1 candles by event time, into QuestDB and CANDLES.
+
+consume TICKS (Tick, TickBatch, Bar, Watermark) -> ``Aggregator`` -> candles, published to
+CANDLES with ``Nats-Msg-Id`` = natural key + revision and upserted into QuestDB, before the
+ticks are acked.
+
+Exactly once across crashes: the aggregator's state is snapshotted (object store) together
+with the stream sequence it covers, only when every candle it emitted is durable. On start
+the snapshot is loaded and the ticks between it and the consumer's ack floor are replayed
+with output suppressed (their candles are durable already); ticks after the floor come
+again through the durable consumer and are processed normally, so candles a crash left half
+written are written again, identically, and de-duplicated by message id and upsert key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from typing import Annotated, Final
+
+import msgspec
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+
+from contracts import subjects
+from contracts.codec import Codec, ContractError, encode
+from contracts.messages import Bar, Candle, Tick, TickBatch, TickInput, TickRow, Watermark
+from contracts.streams import (
+    CANDLE_INGEST,
+    TICKS,
+    ConsumerSpec,
+    consumer_specs,
+    ensure,
+    stream_name,
+    stream_specs,
+)
+from workers.candle_ingest.aggregate import Aggregator, AggregatorConfig, PriceSource
+from workers.candle_ingest.sink import QuestDBSink
+from workers.candle_ingest.validate import check_tick
+from workers.runtime.errors import TransientError
+from workers.runtime.publish import Outgoing
+from workers.runtime.pull import PullSource
+from workers.runtime.settings import RuntimeSettings, load
+from workers.runtime.worker import Batch, Context, Delivery, Worker, run_until_signalled
+
+log = logging.getLogger(__name__)
+
+NAME: Final = CANDLE_INGEST
+TOO_LATE: Final = "too_late"
+
+
+class Settings(RuntimeSettings):
+    questdb_ilp: str = "http::addr=127.0.0.1:9000;"
+    questdb_http: str = "http://127.0.0.1:9000"
+    price: PriceSource = PriceSource.BID
+    day_start_minutes: Annotated[int, Field(ge=0, lt=1440)] = 0
+    """UTC time of day (minutes) at which the broker's day starts: 1320 for UTC+2 servers."""
+    allowed_lateness_s: Annotated[float, Field(ge=0)] = 60.0
+    close_delay_s: Annotated[float, Field(ge=0)] = 0.0
+    idle_close: bool = True
+    """Close an idle symbol's candles by publishing a Watermark (off in replays)."""
+    idle_grace_s: Annotated[float, Field(gt=0)] = 5.0
+    max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
+    max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
+    partitions: Annotated[int, Field(ge=1, le=64)] = 1
+    partition: Annotated[int, Field(ge=0)] = 0
+    snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+    def aggregator_config(self) -> AggregatorConfig:
+        return AggregatorConfig(
+            price=self.price,
+            day_start_ms=self.day_start_minutes * 60_000,
+            allowed_lateness_ms=round(self.allowed_lateness_s * 1000),
+            close_delay_ms=round(self.close_delay_s * 1000),
+        )
+
+    @property
+    def durable(self) -> str:
+        if self.partitions == 1:
+            return NAME
+        return f"{NAME}-{self.partition}of{self.partitions}"
+
+
+def partition_of(subject: str, partitions: int) -> int:
+    """Stable partition of a tick subject by its feed and symbol tokens (never Python hash)."""
+    feed_symbol = subject.rsplit(".", 2)
+    return zlib.crc32(f"{feed_symbol[-2]}.{feed_symbol[-1]}".encode()) % partitions
+
+
+class Metrics:
+    def __init__(self, ctx: Context) -> None:
+        r, w = ctx.metrics.registry, ctx.worker
+        self.ticks = Counter(
+            "tickwire_ticks_in", "Ticks by outcome", ["worker", "outcome"], registry=r
+        )
+        self.candles = Counter(
+            "tickwire_candles_out", "Candles published by timeframe", ["worker", "tf"], registry=r
+        )
+        self.revisions = Counter(
+            "tickwire_candle_revisions", "Candles republished as revisions", ["worker"], registry=r
+        )
+        self.gaps = Counter(
+            "tickwire_tick_sequence_gaps",
+            "Ticks missing in the EA's per-symbol sequence",
+            ["worker"],
+            registry=r,
+        )
+        self.open = Gauge(
+            "tickwire_open_candles", "Candles held open in memory", ["worker"], registry=r
+        )
+        self.accepted = self.ticks.labels(w, "accepted")
+        self.duplicate = self.ticks.labels(w, "duplicate")
+        self.rejected = self.ticks.labels(w, "rejected")
+        self.revisions_w = self.revisions.labels(w)
+        self.gaps_w = self.gaps.labels(w)
+        self.open_w = self.open.labels(w)
+        self.latency = ctx.metrics.latency.labels(w, "tick_to_candle")
+        self.by_tf = {
+            tf: self.candles.labels(w, tf) for tf in ("M1", "M5", "M15", "M30", "H1", "H4", "D1")
+        }
+
+
+class Ingest:
+    """The aggregator plus what it owes: candles emitted but not yet durable."""
+
+    def __init__(self, settings: Settings, ctx: Context, sink: QuestDBSink) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.sink = sink
+        self.agg = Aggregator(settings.aggregator_config())
+        self.pending: list[Candle] = []
+        self.trigger_ms: list[int] = []
+        self.metrics = Metrics(ctx)
+        self.namespace = settings.namespace
+        self._snapshot_at = time.monotonic()
+        self._bucket = _bucket_name(settings.namespace)
+        self._key = settings.durable
+
+    # --- applying input ---------------------------------------------------------------
+
+    def apply(self, batch: Batch[TickInput] | None, d: Delivery[TickInput]) -> None:
+        """Fold one message into the state; ``batch`` None means replay (nothing refused)."""
+        seq = d.info.stream_seq
+        agg = self.agg
+        if seq <= agg.last_stream_seq:
+            return  # already in the state (a redelivery after a restart)
+        m = d.value
+        problem = _subject_problem(d.msg.subject, m)
+        if problem is not None:
+            if batch is not None:
+                batch.reject(d, *problem)
+        elif isinstance(m, Tick):
+            self._tick(batch, d, m.feed, m.symbol, m, None)
+        elif isinstance(m, TickBatch):
+            for i, row in enumerate(m.ticks):
+                self._tick(batch, d, m.feed, m.symbol, row, i)
+        elif isinstance(m, Bar):
+            self._emit(agg.add_bar(m), m.open_time_ms)
+        elif isinstance(m, Watermark):
+            self._emit(agg.advance(m.feed, m.symbol, m.time_ms), m.time_ms)
+        agg.last_stream_seq = seq
+
+    def _tick(
+        self,
+        batch: Batch[TickInput] | None,
+        d: Delivery[TickInput],
+        feed: str,
+        symbol: str,
+        t: Tick | TickRow,
+        part: int | None,
+    ) -> None:
+        s = self.settings
+        time_ms, bid, ask, last, volume = t.time_ms, t.bid, t.ask, t.last, t.volume
+        reason = check_tick(
+            time_ms,
+            bid,
+            ask,
+            last,
+            volume,
+            now_ms=time.time_ns() // 1_000_000,
+            max_future_skew_ms=round(s.max_future_skew_s * 1000),
+        )
+        if reason is None:
+            result = self.agg.add(feed, symbol, time_ms, bid, ask, last, volume, t.seq)
+            if result.gap:
+                self.metrics.gaps_w.inc(result.gap)
+            if result.outcome == "accepted":
+                self.metrics.accepted.inc()
+                if result.candles:
+                    self._emit(result.candles, time_ms)
+                return
+            if result.outcome == "duplicate":
+                self.metrics.duplicate.inc()
+                return
+            reason = result.outcome
+        self.metrics.rejected.inc()
+        if batch is None:
+            return
+        detail = f"{feed} {symbol} time_ms={time_ms} bid={bid} ask={ask}"
+        if part is None:
+            batch.reject(d, reason, detail)
+        else:
+            batch.reject_part(d, part, msgspec.json.encode(t), reason, detail)
+
+    def _emit(self, candles: list[Candle], trigger_ms: int) -> None:
+        if candles:
+            self.pending.extend(candles)
+            self.trigger_ms.extend([trigger_ms] * len(candles))
+
+    # --- making it durable ------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Publish and store what is pending; raises TransientError, keeping it pending."""
+        pending = self.pending
+        if pending:
+            ns = self.namespace
+            out = [
+                Outgoing(
+                    subjects.candles(c.feed, c.symbol, c.tf, namespace=ns),
+                    encode(c),
+                    f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}",
+                )
+                for c in pending
+            ]
+            await self.sink.write(pending)
+            await self.ctx.publisher.publish(out)
+            now_ms = time.time_ns() // 1_000_000
+            m = self.metrics
+            for c, trigger in zip(pending, self.trigger_ms, strict=True):
+                m.by_tf[c.tf.value].inc()
+                if c.revision:
+                    m.revisions_w.inc()
+                m.latency.observe(max(0, now_ms - trigger) / 1000)
+            self.pending = []
+            self.trigger_ms = []
+        self.metrics.open_w.set(self.agg.open_candles())
+        if time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s:
+            await self.snapshot()
+
+    async def snapshot(self) -> None:
+        """Save the state; only called with nothing pending, so it is all durable."""
+        assert not self.pending
+        try:
+            store = await self.ctx.js.object_store(self._bucket)
+            await store.put(self._key, self.agg.snapshot())
+        except Exception as exc:  # a missed snapshot costs replay time, nothing else
+            log.warning("%s: snapshot not saved: %r", NAME, exc)
+            return
+        self._snapshot_at = time.monotonic()
+
+    # --- start-up ---------------------------------------------------------------------
+
+    async def restore(self, stream: str) -> None:
+        """Load the snapshot, then replay up to the ack floor with output suppressed."""
+        js = self.ctx.js
+        store = await js.create_object_store(self._bucket)
+        config = self.settings.aggregator_config()
+        try:
+            data = (await store.get(self._key)).data
+        except NotFoundError:
+            data = None
+        if data:
+            self.agg = Aggregator.restore(config, data)
+        info = await js.consumer_info(stream, self.settings.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        start = self.agg.last_stream_seq
+        if start < floor:
+            replayed = await self._replay(stream, start + 1, floor)
+            log.info(
+                "%s: state rebuilt from seq %d to %d (%d messages)",
+                NAME,
+                start + 1,
+                floor,
+                replayed,
+            )
+        self.agg.last_stream_seq = max(self.agg.last_stream_seq, floor)
+        self.pending = []
+        self.trigger_ms = []
+
+    async def _replay(self, stream: str, first: int, last: int) -> int:
+        js, nc = self.ctx.js, self.ctx.nc
+        spec = _spec(self.settings)
+        info = await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=first,
+                filter_subjects=list(spec.filter_subjects),
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        source = PullSource(nc, stream, info.name, batch=1000)
+        codec: Codec[TickInput] = Codec(TickInput, max_bytes=self.settings.max_payload_bytes)
+        accept = _acceptor(self.settings)
+        done = 0
+        await source.start()
+        try:
+            while self.agg.last_stream_seq < last:
+                msgs = await source.take(1000, 5.0)
+                if not msgs:
+                    raise TransientError(f"replay stalled at seq {self.agg.last_stream_seq}")
+                for msg in msgs:
+                    d: Delivery[TickInput] = Delivery(msg, None)  # type: ignore[arg-type]
+                    seq = d.info.stream_seq
+                    if seq > last:
+                        break
+                    if accept is None or accept(msg.subject):
+                        # what failed to decode was dead-lettered the first time
+                        with contextlib.suppress(ContractError):
+                            d.value = codec.decode(msg.data)
+                            self.apply(None, d)
+                    self.agg.last_stream_seq = seq
+                    done += 1
+        finally:
+            await source.stop()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(stream, info.name)
+        return done
+
+    # --- idle symbols -----------------------------------------------------------------
+
+    async def close_idle(self) -> None:
+        """Publish a Watermark for symbols whose open candle ended more than the grace ago."""
+        s = self.settings
+        grace_ms = round(s.idle_grace_s * 1000)
+        now_ms = time.time_ns() // 1_000_000
+        mark = now_ms - grace_ms
+        out = []
+        for feed, symbol in self.agg.symbols():
+            next_close = self.agg.next_close_ms(feed, symbol)
+            if next_close is None or next_close + grace_ms > now_ms:
+                continue
+            wm = Watermark(feed=feed, symbol=symbol, time_ms=mark)
+            out.append(
+                Outgoing(
+                    subjects.ticks(feed, symbol, namespace=self.namespace),
+                    encode(wm),
+                    f"wm|{feed}|{symbol}|{mark}",
+                )
+            )
+        if out:
+            await self.ctx.publisher.publish(out)
+
+
+def _bucket_name(namespace: str | None) -> str:
+    return "candle-ingest-state" if namespace is None else f"ns-{namespace}-candle-ingest-state"
+
+
+def _subject_problem(subject: str, m: TickInput) -> tuple[str, str] | None:
+    """A message must carry a legal symbol, and the feed and symbol of its subject."""
+    try:
+        token = subjects.escape(m.symbol)
+    except subjects.SubjectError as exc:
+        return "illegal_symbol", str(exc)
+    tokens = subject.rsplit(".", 2)
+    if tokens[-2] != m.feed or tokens[-1] != token:
+        return "subject_mismatch", f"{m.feed}/{m.symbol} published on {subject}"
+    return None
+
+
+def _spec(settings: Settings) -> ConsumerSpec:
+    base = next(
+        c for c in consumer_specs(namespace=settings.namespace) if c.durable == CANDLE_INGEST
+    )
+    return msgspec.structs.replace(base, durable=settings.durable)
+
+
+def _acceptor(settings: Settings) -> Callable[[str], bool] | None:
+    n, k = settings.partitions, settings.partition
+    if n == 1:
+        return None
+    return lambda subject: partition_of(subject, n) == k
+
+
+def build(settings: Settings) -> Worker[TickInput]:
+    if settings.partition >= settings.partitions:
+        raise SystemExit("tickwire: TICKWIRE_PARTITION must be below TICKWIRE_PARTITIONS")
+    stream = stream_name(TICKS, namespace=settings.namespace)
+    worker: Worker[TickInput] = Worker(
+        NAME,
+        stream=stream,
+        durable=settings.durable,
+        codec=Codec(TickInput, max_bytes=settings.max_payload_bytes),
+        settings=settings,
+        accept=_acceptor(settings),
+    )
+    idle_task: list[asyncio.Task[None]] = []
+
+    @worker.on_startup
+    async def start(ctx: Context) -> None:
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [_spec(settings)])
+        sink = QuestDBSink(
+            settings.questdb_ilp, settings.questdb_http, table_prefix=_table_prefix(settings)
+        )
+        await sink.start()
+        ingest = Ingest(settings, ctx, sink)
+        await ingest.restore(stream)
+        ctx.state["ingest"] = ingest
+        if settings.idle_close:
+            idle_task.append(asyncio.create_task(_idle_loop(worker, ingest)))
+
+    @worker.handler
+    async def on_ticks(batch: Batch[TickInput], ctx: Context) -> None:
+        ingest: Ingest = ctx.state["ingest"]
+        for d in batch.items:
+            ingest.apply(batch, d)
+        await ingest.flush()
+
+    @worker.on_shutdown
+    async def stop(ctx: Context) -> None:
+        for task in idle_task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        ingest: Ingest | None = ctx.state.get("ingest")
+        if ingest is not None:
+            if not ingest.pending:
+                await ingest.snapshot()
+            ingest.sink.close()
+
+    return worker
+
+
+async def _idle_loop(worker: Worker[TickInput], ingest: Ingest) -> None:
+    """Once a second; a failure is logged and tried again, never kills the worker."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await ingest.close_idle()
+        except Exception as exc:
+            log.warning("%s: idle close failed: %r", worker.name, exc)
+
+
+def _table_prefix(settings: Settings) -> str:
+    return "" if settings.namespace is None else f"ns_{settings.namespace.replace('-', '_')}_"
+
+
+def main() -> int:
+    run_until_signalled(build(load(Settings)))
+    return 0
