@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -57,6 +62,7 @@ async def publish(
     js: JetStreamContext, sc: market.Scenario, namespace: str, *, close: bool = True
 ) -> None:
     """The scenario's messages in order, then a watermark per symbol that closes everything."""
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
     futures = []
     for feed, symbol, payload, msg_id in sc.messages:
         subject = subjects.ticks(feed, symbol, namespace=namespace)
@@ -157,3 +163,154 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     assert sample(
         "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
     ) == len(sc.accepted)
+
+
+@pytest.fixture
+async def namespace_b(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    name = f"{unique}b"
+    yield name
+    for spec in streams.stream_specs(namespace=name):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+    with contextlib.suppress(APIError):
+        await js.delete_object_store(f"ns-{name}-candle-ingest-state")
+
+
+def worker_env(stack: StackUrls, questdb: QuestDBUrls, namespace: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(stack.nats_url),
+        "TICKWIRE_NAMESPACE": namespace,
+        "TICKWIRE_QUESTDB_ILP": questdb.ilp_conf,
+        "TICKWIRE_QUESTDB_HTTP": questdb.http,
+        "TICKWIRE_DAY_START_MINUTES": str(DAY_START_MS // 60_000),
+        "TICKWIRE_IDLE_CLOSE": "false",
+        "TICKWIRE_PULL_EXPIRES_S": "1",
+        "TICKWIRE_SNAPSHOT_INTERVAL_S": "0.3",
+        "TICKWIRE_LOG_LEVEL": "WARNING",
+    }
+
+
+def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "run", "candle-ingest"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+
+
+async def questdb_rows(questdb: QuestDBUrls, namespace: str) -> list[dict[str, Any]]:
+    prefix = f"ns_{namespace}_"
+    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=60)
+    return await asyncio.to_thread(
+        query,
+        questdb.http,
+        "SELECT * FROM {prefix}candles ORDER BY ts, feed, symbol, tf",
+        table_prefix=prefix,
+    )
+
+
+async def test_kill_9_at_random_moments_changes_nothing(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    namespace_b: str,
+    tmp_path: Path,
+) -> None:
+    """200 k ticks with late and duplicate ones; the worker is killed with SIGKILL six times
+    at random points of its progress. Afterwards CANDLES and QuestDB hold exactly what an
+    uninterrupted run of the same stream produced: nothing missing, nothing doubled."""
+    sc = market.scenario(seed=7, ticks=200_000)
+    chaos, calm = namespace, namespace_b
+    await publish(js, sc, calm)
+    ticks_chaos = streams.stream_name(streams.TICKS, namespace=chaos)
+    ticks_calm = streams.stream_name(streams.TICKS, namespace=calm)
+    total = (await js.stream_info(ticks_calm)).state.last_seq
+
+    # the uninterrupted run
+    calm_worker = build(settings(stack, questdb, calm))
+    calm_task = asyncio.create_task(calm_worker.run())
+    await eventually(lambda: calm_worker.started.is_set() or calm_task.done(), what="start")
+    await eventually(lambda: consumed(js, ticks_calm, "candle-ingest"), timeout=300, what="calm")
+    calm_worker.stop()
+    await asyncio.wait_for(calm_task, 60)
+
+    # the same stream, published while the worker is killed at random points of its progress
+    # (the publisher stays a little ahead, so every kill lands in the middle of work)
+    env = worker_env(stack, questdb, chaos)
+    log = tmp_path / "candle-ingest.log"
+
+    async def progress() -> int:
+        """Highest seq delivered to the worker (acks of a killed one come 30 s later)."""
+        try:
+            info = await js.consumer_info(ticks_chaos, "candle-ingest")
+        except APIError:
+            return 0
+        return info.delivered.stream_seq if info.delivered else 0
+
+    async def feed() -> None:
+        await streams.ensure(js, streams.stream_specs(namespace=chaos))
+        chunk = 5_000
+        for start in range(0, len(sc.messages), chunk):
+            part = market.Scenario(messages=sc.messages[start : start + chunk])
+            await publish(js, part, chaos, close=False)
+            await eventually(lambda start=start: _at_least(progress, start, None), timeout=300)
+        await publish(js, market.Scenario(symbols=sc.symbols, last_ms=sc.last_ms), chaos)
+
+    publisher = asyncio.create_task(feed())
+    rng = random.Random(2024)
+    kill_points = sorted(rng.sample(range(total // 20, total * 19 // 20), 6))
+    proc = spawn(env, log)
+    proc.kill()  # before it even connected
+    proc.wait()
+    kills = 1
+    for point in kill_points:
+        proc = spawn(env, log)
+        await eventually(
+            lambda point=point, proc=proc: _at_least(progress, point, proc),
+            timeout=180,
+            what=f"progress to seq {point}",
+        )
+        proc.kill()
+        proc.wait()
+        kills += 1
+    proc = spawn(env, log)
+    try:
+        await asyncio.wait_for(publisher, 300)
+        await eventually(
+            lambda: consumed(js, ticks_chaos, "candle-ingest"), timeout=300, what="the end"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert kills == 7
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert (await js.stream_info(ticks_chaos)).state.last_seq == total
+
+    calm_out = await stream_messages(js, streams.stream_name(streams.CANDLES, namespace=calm))
+    chaos_out = await stream_messages(js, streams.stream_name(streams.CANDLES, namespace=chaos))
+    assert len(calm_out) > 1000
+    assert Counter(chaos_out) == Counter(calm_out)  # byte for byte, none missing or doubled
+    assert await questdb_rows(questdb, chaos) == await questdb_rows(questdb, calm)
+
+    def letters(raw: list[bytes]) -> Counter[tuple[str, int | None]]:
+        decoded = [msgspec.json.decode(m, type=DeadLetter) for m in raw]
+        return Counter((d.reason, d.stream_seq) for d in decoded)
+
+    dlq = streams.DLQ
+    chaos_dead = letters(await stream_messages(js, streams.stream_name(dlq, namespace=chaos)))
+    calm_dead = letters(await stream_messages(js, streams.stream_name(dlq, namespace=calm)))
+    assert chaos_dead.keys() == calm_dead.keys()
+    assert sum(calm_dead.values()) == sum(sc.dead.values())
+
+
+async def _at_least(
+    probe: Callable[[], Awaitable[int]], point: int, proc: subprocess.Popen[bytes] | None
+) -> bool:
+    if proc is not None and proc.poll() is not None:
+        raise AssertionError(f"worker exited with {proc.returncode}")
+    return await probe() >= point

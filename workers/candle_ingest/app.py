@@ -20,7 +20,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from typing import Annotated, Final
+from typing import Annotated, Final, Protocol
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -139,17 +139,24 @@ class Ingest:
         self.metrics = Metrics(ctx)
         self.namespace = settings.namespace
         self._snapshot_at = time.monotonic()
+        self.recovered: dict[int, Recorded] = {}
+        """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
         self._key = settings.durable
 
     # --- applying input ---------------------------------------------------------------
 
-    def apply(self, batch: Batch[TickInput] | None, d: Delivery[TickInput]) -> None:
-        """Fold one message into the state; ``batch`` None means replay (nothing refused)."""
+    def apply(self, batch: Refuser | None, d: Delivery[TickInput]) -> None:
+        """Fold one message into the state; ``batch`` None: refusals are already recorded."""
         seq = d.info.stream_seq
         agg = self.agg
         if seq <= agg.last_stream_seq:
-            return  # already in the state (a redelivery after a restart)
+            # already in the state (a redelivery after a restart); what recovery refused
+            # is dead-lettered now, with the message it belongs to
+            recorded = self.recovered.pop(seq, None)
+            if recorded is not None and batch is not None:
+                recorded.replay_onto(batch, d)
+            return
         m = d.value
         problem = _subject_problem(d.msg.subject, m)
         if problem is not None:
@@ -168,7 +175,7 @@ class Ingest:
 
     def _tick(
         self,
-        batch: Batch[TickInput] | None,
+        batch: Refuser | None,
         d: Delivery[TickInput],
         feed: str,
         symbol: str,
@@ -240,7 +247,9 @@ class Ingest:
             self.pending = []
             self.trigger_ms = []
         self.metrics.open_w.set(self.agg.open_candles())
-        if time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s:
+        # a snapshot must not cover refusals that are not dead letters yet
+        due = time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
+        if due and not self.recovered:
             await self.snapshot()
 
     async def snapshot(self) -> None:
@@ -257,7 +266,13 @@ class Ingest:
     # --- start-up ---------------------------------------------------------------------
 
     async def restore(self, stream: str) -> None:
-        """Load the snapshot, then replay up to the ack floor with output suppressed."""
+        """Load the snapshot and catch up, in stream order, with what a crash left behind.
+
+        Up to the ack floor every effect is durable: those messages only rebuild the state.
+        Messages delivered to the previous process but not acked are processed now, with
+        output (de-duplicated where it was already written), before any newer message: the
+        server would redeliver them only after their ack wait, behind newer ones.
+        """
         js = self.ctx.js
         store = await js.create_object_store(self._bucket)
         config = self.settings.aggregator_config()
@@ -269,21 +284,25 @@ class Ingest:
             self.agg = Aggregator.restore(config, data)
         info = await js.consumer_info(stream, self.settings.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        delivered = info.delivered.stream_seq if info.delivered else 0
         start = self.agg.last_stream_seq
-        if start < floor:
-            replayed = await self._replay(stream, start + 1, floor)
+        if start < delivered:
+            replayed = await self._replay(stream, start + 1, delivered, live_from=floor + 1)
             log.info(
-                "%s: state rebuilt from seq %d to %d (%d messages)",
+                "%s: state rebuilt from seq %d to %d, output from %d (%d messages)",
                 NAME,
                 start + 1,
-                floor,
+                delivered,
+                floor + 1,
                 replayed,
             )
-        self.agg.last_stream_seq = max(self.agg.last_stream_seq, floor)
-        self.pending = []
-        self.trigger_ms = []
+            await self.flush()
+        self.agg.last_stream_seq = max(self.agg.last_stream_seq, delivered)
 
-    async def _replay(self, stream: str, first: int, last: int) -> int:
+    def _recorder(self, seq: int) -> Recorded:
+        return self.recovered.setdefault(seq, Recorded())
+
+    async def _replay(self, stream: str, first: int, last: int, *, live_from: int) -> int:
         js, nc = self.ctx.js, self.ctx.nc
         spec = _spec(self.settings)
         info = await js.add_consumer(
@@ -312,17 +331,22 @@ class Ingest:
                     seq = d.info.stream_seq
                     if seq > last:
                         break
+                    live = seq >= live_from
+                    if not live:  # its candles are durable already
+                        self.pending.clear()
+                        self.trigger_ms.clear()
                     if accept is None or accept(msg.subject):
-                        # what failed to decode was dead-lettered the first time
+                        # undecodable: the runtime dead-letters it when it comes again
                         with contextlib.suppress(ContractError):
                             d.value = codec.decode(msg.data)
-                            self.apply(None, d)
+                            self.apply(self._recorder(seq) if live else None, d)
                     self.agg.last_stream_seq = seq
                     done += 1
         finally:
             await source.stop()
             with contextlib.suppress(Exception):
                 await js.delete_consumer(stream, info.name)
+        self.recovered = {seq: r for seq, r in self.recovered.items() if r.calls}
         return done
 
     # --- idle symbols -----------------------------------------------------------------
@@ -348,6 +372,50 @@ class Ingest:
             )
         if out:
             await self.ctx.publisher.publish(out)
+
+
+class Refuser(Protocol):
+    """Where refusals go: the runtime's batch, or a record kept during recovery."""
+
+    def reject(self, delivery: Delivery[TickInput], reason: str, detail: str = "") -> None: ...
+
+    def reject_part(
+        self,
+        delivery: Delivery[TickInput],
+        index: int,
+        payload: bytes,
+        reason: str,
+        detail: str = "",
+    ) -> None: ...
+
+
+class Recorded:
+    """Refusals of one message seen during recovery, handed to the batch it comes back in."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, bytes, str, str]] = []
+
+    def reject(self, delivery: Delivery[TickInput], reason: str, detail: str = "") -> None:
+        self.calls.append((None, b"", reason, detail))
+
+    def reject_part(
+        self,
+        delivery: Delivery[TickInput],
+        index: int,
+        payload: bytes,
+        reason: str,
+        detail: str = "",
+    ) -> None:
+        self.calls.append((index, payload, reason, detail))
+
+    def replay_onto(self, batch: Refuser, d: Delivery[TickInput]) -> None:
+        for index, payload, reason, detail in self.calls:
+            if index is None:
+                batch.reject(d, reason, detail)
+            else:
+                batch.reject_part(d, index, payload, reason, detail)
 
 
 def _bucket_name(namespace: str | None) -> str:
@@ -422,7 +490,7 @@ def build(settings: Settings) -> Worker[TickInput]:
                 await task
         ingest: Ingest | None = ctx.state.get("ingest")
         if ingest is not None:
-            if not ingest.pending:
+            if not ingest.pending and not ingest.recovered:
                 await ingest.snapshot()
             ingest.sink.close()
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from questdb import QuestDBError, Sender, TimestampMicros, TimestampNanos
 
 from contracts.messages import Candle
+from db.questdb import QuestDBError as QuestDBUnavailable
 from db.questdb import apply_ddl, table_name
 from workers.runtime.errors import TransientError
 
@@ -35,8 +36,8 @@ class QuestDBSink:
     async def start(self) -> None:
         try:
             await asyncio.to_thread(apply_ddl, self._http_url, table_prefix=self._prefix)
-        except OSError as exc:
-            raise TransientError(f"QuestDB not reachable: {exc}") from exc
+        except (OSError, QuestDBUnavailable) as exc:
+            raise TransientError(f"QuestDB not ready: {exc}") from exc
         self._sender = Sender.from_conf(self._conf)
         self._sender.establish()  # type: ignore[no-untyped-call]
 
