@@ -12,8 +12,10 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
 from tests.waiting import eventually
+from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
 
 pytestmark = pytest.mark.integration
@@ -314,3 +317,215 @@ async def _at_least(
     if proc is not None and proc.poll() is not None:
         raise AssertionError(f"worker exited with {proc.returncode}")
     return await probe() >= point
+
+
+async def run_worker(worker: Any) -> asyncio.Task[None]:
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: worker.started.is_set() or task.done(), what="worker start")
+    if task.done():
+        task.result()
+    return task
+
+
+async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    now = int(time.time() * 1000)
+    feed, symbol = "feed-a", "EURUSD"
+    subject = subjects.ticks(feed, symbol, namespace=namespace)
+
+    def tick(**kw: Any) -> bytes:
+        body = {"type": "tick", "v": 1, "feed": feed, "symbol": symbol, "time_ms": now - 5_000}
+        body |= {"bid": 1.1, "ask": 1.2, "seq": None} | kw
+        return msgspec.json.encode(body)
+
+    bad: list[tuple[str, bytes, str]] = [
+        ("malformed_json", b'{"type":"tick","feed":"feed-a",', subject),
+        ("unknown_schema_version", tick(v=9, extra=[1, 2]), subject),
+        ("missing_field", b'{"type":"tick","v":1,"feed":"feed-a","symbol":"EURUSD"}', subject),
+        ("invalid_value", tick(bid=1e999), subject),  # inf
+        ("invalid_value", tick(bid=None), subject),  # NaN is not JSON: encoders send null
+        ("bad_price", tick(bid=0.0), subject),
+        ("bad_price", tick(ask=-1.2), subject),
+        ("bid_above_ask", tick(bid=1.3), subject),
+        ("negative_volume", tick(volume=-2.0), subject),
+        ("future_time", tick(time_ms=now + 3_600_000), subject),
+        ("too_late", tick(time_ms=now - 3_600_000), subject),
+        ("oversized", tick(pad="x" * 70_000), subject),  # the stream alone allows 1 MiB
+        ("illegal_symbol", tick(symbol="EUR\x00USD"), subject),
+        ("subject_mismatch", tick(feed="feed-b"), subject),
+    ]
+    worker = build(settings(stack, questdb, namespace, max_payload_bytes=64 * 1024))
+    task = await run_worker(worker)
+    try:
+        await streams.ensure(js, streams.stream_specs(namespace=namespace))
+        await js.publish(subject, tick(), headers={"Nats-Msg-Id": "good-1"})
+        for _, payload, subj in bad:
+            await js.publish(subj, payload)
+        await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
+        await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
+        ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="all consumed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    letters = [
+        msgspec.json.decode(m, type=DeadLetter)
+        for m in await stream_messages(js, streams.stream_name(streams.DLQ, namespace=namespace))
+    ]
+    assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
+    for letter in letters:
+        assert letter.worker == "candle-ingest"
+        assert letter.subject == subject
+    by_payload = {d.payload for d in letters}
+    assert {payload for _, payload, _ in bad} <= by_payload
+    accepted = worker.metrics.registry.get_sample_value(
+        "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
+    )
+    assert accepted == 2  # the good ones around the bad ones, the re-sent one stored once
+    dead = worker.metrics.registry.get_sample_value(
+        "tickwire_dead_letters_total", {"worker": "candle-ingest", "reason": "bad_price"}
+    )
+    assert dead == 2
+
+
+async def test_an_idle_symbol_closes_its_candle_by_the_wall_clock(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    now = int(time.time() * 1000)
+    minute = now // 60_000 * 60_000 - 120_000  # a minute that ended over a minute ago
+    feed, symbol = "feed-a", "XAUUSD"
+    subject = subjects.ticks(feed, symbol, namespace=namespace)
+    worker = build(
+        settings(stack, questdb, namespace).model_copy(
+            update={"idle_close": True, "idle_grace_s": 0.5}
+        )
+    )
+    task = await run_worker(worker)
+    try:
+        for i, bid in enumerate((2000.5, 2001.25, 1999.75)):
+            body = {"type": "tick", "feed": feed, "symbol": symbol, "time_ms": minute + i * 1000}
+            await js.publish(subject, msgspec.json.encode(body | {"bid": bid, "ask": bid + 0.5}))
+        candles = streams.stream_name(streams.CANDLES, namespace=namespace)
+
+        async def m1() -> list[Candle]:
+            try:
+                raw = await stream_messages(js, candles)
+            except APIError:
+                return []
+            out = [msgspec.json.decode(m, type=Candle) for m in raw]
+            return [c for c in out if c.tf.value == "M1"]
+
+        (candle,) = await eventually(m1, timeout=30, what="the idle M1 candle closed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    assert (candle.open, candle.high, candle.low, candle.close) == (
+        2000.5,
+        2001.25,
+        1999.75,
+        1999.75,
+    )
+    assert candle.open_time_ms == minute
+    assert candle.tick_volume == 3
+    # the decision is in the stream, so a replay of TICKS closes it the same way
+    ticks = await stream_messages(js, streams.stream_name(streams.TICKS, namespace=namespace))
+    assert any(b'"type":"watermark"' in m for m in ticks)
+
+
+async def test_two_instances_split_the_symbols_and_together_make_every_candle(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    sc = market.scenario(seed=5, ticks=12_000, troubles=False)
+    workers = [
+        build(settings(stack, questdb, namespace, partitions=2, partition=k)) for k in (0, 1)
+    ]
+    tasks = [await run_worker(w) for w in workers]
+    try:
+        await publish(js, sc, namespace)
+        ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+        for durable in ("candle-ingest-0of2", "candle-ingest-1of2"):
+            await eventually(lambda d=durable: consumed(js, ticks, d), timeout=120, what=durable)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*(asyncio.wait_for(t, 60) for t in tasks))
+    owned = [set(w.context.state["ingest"].agg.symbols()) for w in workers]
+    assert owned[0], "both instances should own symbols"
+    assert owned[1], "both instances should own symbols"
+    assert not owned[0] & owned[1], "a symbol's ticks were split between instances"
+    assert owned[0] | owned[1] == set(sc.symbols)
+    published = [
+        msgspec.json.decode(m, type=Candle)
+        for m in await stream_messages(
+            js, streams.stream_name(streams.CANDLES, namespace=namespace)
+        )
+    ]
+    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
+    assert reference.differences(latest(published), want) == []
+
+
+async def test_backfilled_bars_become_candles(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An MT5 M1 bar export goes through `tickwire import` and candle-ingest: every bar is an
+    M1 candle, and the M5 candles are the bars merged five at a time."""
+    start = datetime(2025, 3, 4, 10, 0)  # server time, UTC+2
+    rng = random.Random(3)
+    lines = ["<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"]
+    bars = []
+    price = 110_000
+    for i in range(20):
+        o = price
+        c = o + rng.randint(-30, 30)
+        h, lo = max(o, c) + rng.randint(0, 10), min(o, c) - rng.randint(0, 10)
+        t = start + timedelta(minutes=i)
+        bars.append((t, o, h, lo, c, 10 + i))
+        lines.append(
+            f"{t:%Y.%m.%d}\t{t:%H:%M:%S}\t{o / 1e5:.5f}\t{h / 1e5:.5f}\t{lo / 1e5:.5f}\t"
+            f"{c / 1e5:.5f}\t{10 + i}\t0\t5"
+        )
+        price = c
+    csv = tmp_path / "EURUSD_M1.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    worker = build(settings(stack, questdb, namespace))
+    task = await run_worker(worker)
+    try:
+        monkeypatch.setenv("TICKWIRE_NATS_URL", str(stack.nats_url))
+        monkeypatch.setenv("TICKWIRE_NAMESPACE", namespace)
+        args = ["mt5-bars", str(csv), "--feed", "hist", "--symbol", "EURUSD", "--tf", "M1"]
+        code = await asyncio.to_thread(importer.main, [*args, "--utc-offset", "2"])
+        assert code == 0
+        ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="bars consumed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    published = [
+        msgspec.json.decode(m, type=Candle)
+        for m in await stream_messages(
+            js, streams.stream_name(streams.CANDLES, namespace=namespace)
+        )
+    ]
+    m1 = {c.open_time_ms: c for c in published if c.tf.value == "M1"}
+    assert len(m1) == 20
+    for t, o, h, lo, c, vol in bars:
+        utc_ms = int((t - timedelta(hours=2)).replace(tzinfo=UTC).timestamp() * 1000)
+        got = m1[utc_ms]
+        assert (got.open, got.high, got.low, got.close) == (o / 1e5, h / 1e5, lo / 1e5, c / 1e5)
+        assert got.tick_volume == vol
+        assert got.source == "bars"
+    m5 = sorted((c for c in published if c.tf.value == "M5"), key=lambda c: c.open_time_ms)
+    assert len(m5) >= 3  # the last one closes only on a later bar
+    for k, candle in enumerate(m5):
+        group = bars[5 * k : 5 * k + 5]
+        assert candle.open == group[0][1] / 1e5
+        assert candle.close == group[-1][4] / 1e5
+        assert candle.high == max(b[2] for b in group) / 1e5
+        assert candle.low == min(b[3] for b in group) / 1e5
+        assert candle.tick_volume == sum(b[5] for b in group)
