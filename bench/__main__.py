@@ -6,24 +6,28 @@ import argparse
 import asyncio
 import logging
 
-from bench import runtime
+from bench import candle_ingest, runtime
 from bench.report import RESULTS, Figure, save, table
 from infra.stack import LocalStack
-
-
-async def _all(nats_url: str, n: int, repeats: int) -> list[Figure]:
-    return [*await runtime.measure(nats_url, n=n, repeats=repeats)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["runtime", "candle-ingest"], help="one benchmark")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    with LocalStack(postgres=False, questdb=False) as stack:
-        assert stack.urls.nats_url is not None
-        figures = asyncio.run(_all(stack.urls.nats_url, args.messages, args.repeats))
+    with LocalStack(postgres=False) as stack:
+        urls = stack.urls
+        assert urls.nats_url is not None
+        figures: list[Figure] = []
+        if args.only in (None, "runtime"):
+            figures += asyncio.run(
+                runtime.measure(urls.nats_url, n=args.messages, repeats=args.repeats)
+            )
+        if args.only in (None, "candle-ingest"):
+            figures += candle_ingest.measure(urls)
     print()
     print(table(figures))
     save(figures)

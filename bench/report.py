@@ -25,6 +25,8 @@ class Figure:
     baseline: float
     target_ratio: float | None = None
     target_value: float | None = None
+    lower_is_better: bool = False
+    """The baseline is then a limit: met when the value stays at or below it."""
 
     @property
     def ratio(self) -> float:
@@ -32,6 +34,8 @@ class Figure:
 
     @property
     def met(self) -> bool | None:
+        if self.lower_is_better:
+            return self.value <= self.baseline
         checks = []
         if self.target_ratio is not None:
             checks.append(self.ratio >= self.target_ratio)
@@ -40,6 +44,8 @@ class Figure:
         return all(checks) if checks else None
 
     def target(self) -> str:
+        if self.lower_is_better:
+            return f"<= {self.baseline:,.0f} {self.unit}"
         parts = []
         if self.target_ratio is not None:
             parts.append(f">= {self.target_ratio:g}x")

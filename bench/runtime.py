@@ -99,7 +99,7 @@ async def bare_raw(nc: Client, n: int, run: int) -> float:
     async def ask() -> None:
         await nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
-            b'{"batch":1000,"expires":5000000000}',
+            b'{"batch":500,"expires":5000000000}',
             reply=inbox,
         )
 

@@ -395,3 +395,52 @@ async def test_partition_filter_and_dead_lettered_pieces(
         "tickwire_messages_in_total", {"worker": worker_name, "outcome": "other_partition"}
     )
     assert skipped == 2
+
+
+async def test_a_start_up_hook_whose_dependency_is_down_is_retried(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    worker_name, stream, _ = await _make_streams(js, unique)
+    worker: Worker[TickInput] = Worker(
+        worker_name,
+        stream=stream,
+        durable=worker_name,
+        codec=Codec(TickInput),
+        settings=_settings(stack.nats_url),
+    )
+    tries: list[int] = []
+
+    @worker.on_startup
+    async def connect_database(ctx: Context) -> None:
+        tries.append(len(tries))
+        if len(tries) < 3:
+            raise TransientError("database starting up")
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        pass
+
+    task = await _run(worker)
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+    assert tries == [0, 1, 2]
+
+
+async def test_stop_while_nats_is_unreachable_returns_at_once(unique: str) -> None:
+    worker: Worker[TickInput] = Worker(
+        f"rt-{unique}",
+        stream="NOWHERE",
+        durable="nobody",
+        codec=Codec(TickInput),
+        settings=_settings("nats://127.0.0.1:1"),
+    )
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        pass
+
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0)  # let it start connecting
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert not worker.started.is_set()

@@ -15,11 +15,12 @@ written are written again, identically, and de-duplicated by message id and upse
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Final, Protocol
 
 import msgspec
@@ -40,7 +41,13 @@ from contracts.streams import (
     stream_name,
     stream_specs,
 )
-from workers.candle_ingest.aggregate import Aggregator, AggregatorConfig, PriceSource
+from workers.candle_ingest.aggregate import (
+    ACCEPTED,
+    DUPLICATE,
+    Aggregator,
+    AggregatorConfig,
+    PriceSource,
+)
 from workers.candle_ingest.sink import QuestDBSink
 from workers.candle_ingest.validate import check_tick
 from workers.runtime.errors import TransientError
@@ -139,6 +146,9 @@ class Ingest:
         self.metrics = Metrics(ctx)
         self.namespace = settings.namespace
         self._snapshot_at = time.monotonic()
+        self.counts: collections.Counter[str] = collections.Counter()
+        """Tick outcomes since the last flush, added to the metrics there."""
+        self._skew_ms = round(settings.max_future_skew_s * 1000)
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
@@ -162,58 +172,61 @@ class Ingest:
         if problem is not None:
             if batch is not None:
                 batch.reject(d, *problem)
-        elif isinstance(m, Tick):
-            self._tick(batch, d, m.feed, m.symbol, m, None)
         elif isinstance(m, TickBatch):
-            for i, row in enumerate(m.ticks):
-                self._tick(batch, d, m.feed, m.symbol, row, i)
+            self._ticks(batch, d, m.feed, m.symbol, m.ticks, whole=False)
+        elif isinstance(m, Tick):
+            self._ticks(batch, d, m.feed, m.symbol, (m,), whole=True)
         elif isinstance(m, Bar):
             self._emit(agg.add_bar(m), m.open_time_ms)
         elif isinstance(m, Watermark):
             self._emit(agg.advance(m.feed, m.symbol, m.time_ms), m.time_ms)
         agg.last_stream_seq = seq
 
-    def _tick(
+    def _ticks(
         self,
         batch: Refuser | None,
         d: Delivery[TickInput],
         feed: str,
         symbol: str,
-        t: Tick | TickRow,
-        part: int | None,
+        rows: Sequence[Tick | TickRow],
+        *,
+        whole: bool,
     ) -> None:
-        s = self.settings
-        time_ms, bid, ask, last, volume = t.time_ms, t.bid, t.ask, t.last, t.volume
-        reason = check_tick(
-            time_ms,
-            bid,
-            ask,
-            last,
-            volume,
-            now_ms=time.time_ns() // 1_000_000,
-            max_future_skew_ms=round(s.max_future_skew_s * 1000),
-        )
-        if reason is None:
-            result = self.agg.add(feed, symbol, time_ms, bid, ask, last, volume, t.seq)
-            if result.gap:
-                self.metrics.gaps_w.inc(result.gap)
-            if result.outcome == "accepted":
-                self.metrics.accepted.inc()
-                if result.candles:
-                    self._emit(result.candles, time_ms)
-                return
-            if result.outcome == "duplicate":
-                self.metrics.duplicate.inc()
-                return
-            reason = result.outcome
-        self.metrics.rejected.inc()
-        if batch is None:
-            return
-        detail = f"{feed} {symbol} time_ms={time_ms} bid={bid} ask={ask}"
-        if part is None:
-            batch.reject(d, reason, detail)
-        else:
-            batch.reject_part(d, part, msgspec.json.encode(t), reason, detail)
+        """The hot path: validate and fold each tick; count once per message, not per tick."""
+        add = self.agg.add
+        now_ms = time.time_ns() // 1_000_000
+        skew_ms = self._skew_ms
+        accepted = duplicate = gap = 0
+        for i, t in enumerate(rows):
+            time_ms, bid, ask, last, volume = t.time_ms, t.bid, t.ask, t.last, t.volume
+            reason = check_tick(
+                time_ms, bid, ask, last, volume, now_ms=now_ms, max_future_skew_ms=skew_ms
+            )
+            if reason is None:
+                result = add(feed, symbol, time_ms, bid, ask, last, volume, t.seq)
+                gap += result.gap
+                outcome = result.outcome
+                if outcome is ACCEPTED:
+                    accepted += 1
+                    if result.candles:
+                        self._emit(result.candles, time_ms)
+                    continue
+                if outcome is DUPLICATE:
+                    duplicate += 1
+                    continue
+                reason = outcome
+            self.counts["rejected"] += 1
+            if batch is None:
+                continue
+            detail = f"{feed} {symbol} time_ms={time_ms} bid={bid} ask={ask}"
+            if whole:
+                batch.reject(d, reason, detail)
+            else:
+                batch.reject_part(d, i, msgspec.json.encode(t), reason, detail)
+        counts = self.counts
+        counts["accepted"] += accepted
+        counts["duplicate"] += duplicate
+        counts["gap"] += gap
 
     def _emit(self, candles: list[Candle], trigger_ms: int) -> None:
         if candles:
@@ -246,7 +259,15 @@ class Ingest:
                 m.latency.observe(max(0, now_ms - trigger) / 1000)
             self.pending = []
             self.trigger_ms = []
-        self.metrics.open_w.set(self.agg.open_candles())
+        m = self.metrics
+        counts = self.counts
+        if counts:
+            m.accepted.inc(counts["accepted"])
+            m.duplicate.inc(counts["duplicate"])
+            m.rejected.inc(counts["rejected"])
+            m.gaps_w.inc(counts["gap"])
+            counts.clear()
+        m.open_w.set(self.agg.open_candles())
         # a snapshot must not cover refusals that are not dead letters yet
         due = time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
         if due and not self.recovered:

@@ -35,11 +35,16 @@ TERM: Final = b"+TERM"
 _STATUS: Final = "Status"
 _PENDING_MSGS: Final = "Nats-Pending-Messages"
 _NS: Final = 1_000_000_000
+REQUEST_BYTES: Final = 8 << 20
+"""Most payload bytes one pull request may bring: large messages cannot flood the client."""
+BUFFER_BYTES: Final = 32 << 20
+"""No new request while this much is received and not yet taken."""
 
 
 class _NextRequest(msgspec.Struct, omit_defaults=True):
     batch: int
     expires: int
+    max_bytes: int = 0
     idle_heartbeat: int = 0
 
 
@@ -107,6 +112,7 @@ class PullSource:
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._buffer: deque[Msg] = deque()
+        self._buffered_bytes = 0
         self._ready = asyncio.Event()
         self._outstanding = 0
         self._last_heard = time.monotonic()
@@ -130,6 +136,7 @@ class PullSource:
         for msg in self._buffer:
             await self._nc.publish(msg.reply, NAK)
         self._buffer.clear()
+        self._buffered_bytes = 0
         deadline = time.monotonic() + self._expires_s + 1.0
         while self._outstanding > 0 and self._nc.is_connected:
             self._ready.clear()
@@ -164,15 +171,19 @@ class PullSource:
             elif status in ("404", "408", "409"):
                 # request ended without saying how much was left: assume all of it
                 self._outstanding = 0
-            if status not in ("404", "408"):
+            if status not in ("404", "408", "409"):
                 log.info("pull request ended: %s %s", status, headers.get("Description", ""))
-            self._ready.set()  # let the taker re-request promptly
+            await self._request()  # keep the server busy while the handler works
+            self._ready.set()
             return
         self._outstanding -= 1
         if self._closed:
             await self._nc.publish(msg.reply, NAK)
-        else:
-            self._buffer.append(msg)
+            return
+        self._buffer.append(msg)
+        self._buffered_bytes += len(msg.data)
+        if self._outstanding <= self._batch // 2:
+            await self._request()
         self._ready.set()
 
     async def _request(self) -> None:
@@ -181,10 +192,13 @@ class PullSource:
         room = self._max_buffered - len(self._buffer) - self._outstanding
         if self._outstanding > self._batch // 2 or room < self._batch // 2:
             return
+        if self._buffered_bytes > BUFFER_BYTES:
+            return
         ask = min(self._batch, room)
         body = _NextRequest(
             batch=ask,
             expires=int(self._expires_s * _NS),
+            max_bytes=REQUEST_BYTES,
             idle_heartbeat=int(self._heartbeat_s * _NS),
         )
         self._outstanding += ask
@@ -207,5 +221,6 @@ class PullSource:
         buf = self._buffer
         n = min(max_n, len(buf))
         out = [buf.popleft() for _ in range(n)]
+        self._buffered_bytes -= sum(len(m.data) for m in out)
         await self._request()
         return out

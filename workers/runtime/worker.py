@@ -211,7 +211,17 @@ class Worker(Generic[T]):
         if self._handler is None:
             raise RuntimeError(f"worker {self.name} has no handler")
         s = self.settings
-        nc = await connect(s, name=self.name)
+        connecting = asyncio.ensure_future(connect(s, name=self.name))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            log.info("%s stopped before it could connect", self.name)
+            return
+        nc = connecting.result()
         js = nc.jetstream(timeout=s.publish_timeout_s)
         ctx = Context(
             worker=self.name,
@@ -228,7 +238,9 @@ class Worker(Generic[T]):
         )
         try:
             for hook in self._startup:
-                await hook(ctx)
+                await self._until_ready(hook, ctx)
+            if self._stop.is_set():
+                return
             info = await js.consumer_info(self.stream, self.durable)
             ack_wait = float(info.config.ack_wait or 30.0)
             max_deliver = info.config.max_deliver or -1
@@ -252,6 +264,20 @@ class Worker(Generic[T]):
         finally:
             self.metrics.up.labels(self.name).set(0)
             await self._drain(ctx)
+
+    async def _until_ready(self, hook: Hook, ctx: Context) -> None:
+        """A start-up hook whose dependency is down is tried again with backoff."""
+        tries = 0
+        while not self._stop.is_set():
+            try:
+                await hook(ctx)
+                return
+            except TransientError as exc:
+                tries += 1
+                delay = self._backoff(tries)
+                log.warning("%s: not ready (%s); retry %d in %.1fs", self.name, exc, tries, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _loop(self, ctx: Context, source: PullSource, ack_wait: float) -> None:
         take_timeout = 0.25

@@ -1,0 +1,263 @@
+"""candle-ingest end to end against a bare nats-py consumer that only decodes the same stream.
+
+Ticks are already on the stream when each consumer starts, so every figure is a drain rate:
+from the moment the consumer asks for messages until every message is acked. The worker's
+figure includes validation, aggregation into 7 timeframes, QuestDB writes and CANDLES
+publishes; the baseline only decodes and acks. Peak RSS is the worker process's high-water
+mark after holding 1,000 symbols x 7 timeframes open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from bench.report import Figure
+from contracts import streams, subjects
+from contracts.messages import Tick, TickBatch, TickRow
+from infra.stack import StackUrls
+from workers.candle_ingest.app import Settings, build
+
+START_MS = 1_741_038_600_000
+
+
+def _batches(
+    symbols: int, per_message: int, messages: int, seed: int = 1
+) -> list[tuple[str, bytes]]:
+    """(symbol, payload) round-robin over symbols, ~0.25 s between a symbol's ticks."""
+    rng = random.Random(seed)
+    names = [f"SYM{i:04d}" for i in range(symbols)]
+    clock = dict.fromkeys(names, START_MS)
+    mid = {s: rng.uniform(1, 1000) for s in names}
+    enc = msgspec.json.Encoder()
+    out = []
+    for n in range(messages):
+        s = names[n % symbols]
+        rows = []
+        for _ in range(per_message):
+            clock[s] += rng.randint(50, 450)
+            mid[s] *= 1 + rng.gauss(0, 1e-4)
+            bid = round(mid[s], 5)
+            rows.append(TickRow(time_ms=clock[s], bid=bid, ask=round(bid + 0.0002, 5)))
+        if per_message == 1:
+            r = rows[0]
+            msg: Tick | TickBatch = Tick(
+                feed="bench", symbol=s, time_ms=r.time_ms, bid=r.bid, ask=r.ask
+            )
+        else:
+            msg = TickBatch(feed="bench", symbol=s, ticks=rows)
+        out.append((s, enc.encode(msg)))
+    return out
+
+
+async def _publish(js: nats.js.JetStreamContext, ns: str, items: list[tuple[str, bytes]]) -> None:
+    await streams.ensure(js, streams.stream_specs(namespace=ns))
+    pending = []
+    for s, payload in items:
+        pending.append(await js.publish_async(subjects.ticks("bench", s, namespace=ns), payload))
+        if len(pending) >= 2000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+
+
+async def _bare(nc: Client, ns: str, messages: int, per_message: int) -> float:
+    """The fastest bare consumer: one subscription, batched pull requests, decode, ack."""
+    js = nc.jetstream()
+    stream = streams.stream_name(streams.TICKS, namespace=ns)
+    durable = f"bare{random.randrange(1 << 30)}"
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+    )
+    decode = msgspec.json.Decoder(TickBatch if per_message > 1 else Tick).decode
+    inbox = nc.new_inbox()
+    done = 0
+    finished = asyncio.Event()
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+    async def ask() -> None:
+        await nc.publish(subject, b'{"batch":500,"expires":5000000000}', reply=inbox)
+
+    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+        nonlocal done
+        if not msg.reply:
+            await ask()
+            return
+        decode(msg.data)
+        await nc.publish(msg.reply, b"+ACK")
+        done += 1
+        if done % 500 == 0:
+            await ask()
+        if done >= messages:
+            finished.set()
+
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=200_000)
+    t0 = time.perf_counter()
+    await ask()
+    await ask()
+    await finished.wait()
+    await nc.flush()
+    elapsed = time.perf_counter() - t0
+    await sub.unsubscribe()
+    await js.delete_consumer(stream, durable)
+    return messages * per_message / elapsed
+
+
+def _settings(urls: StackUrls, ns: str, **kw: object) -> Settings:
+    return Settings(
+        nats_url=urls.nats_url,
+        namespace=ns,
+        questdb_ilp=urls.questdb_ilp_conf,
+        questdb_http=urls.questdb_http,
+        idle_close=False,
+        metrics_port=0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _worker(urls: StackUrls, ns: str, ticks: int) -> float:
+    worker = build(_settings(urls, ns))
+    task = asyncio.create_task(worker.run())
+    await worker.started.wait()
+    t0 = time.perf_counter()
+    registry = worker.metrics.registry
+    while True:
+        accepted = registry.get_sample_value(
+            "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
+        )
+        if (accepted or 0) >= ticks:
+            break
+        await asyncio.sleep(0.02)  # polling a counter to time a run, not synchronising a test
+    elapsed = time.perf_counter() - t0
+    worker.stop()
+    await task
+    return ticks / elapsed
+
+
+async def _cleanup(js: nats.js.JetStreamContext, ns: str) -> None:
+    for spec in streams.stream_specs(namespace=ns):
+        with contextlib.suppress(Exception):
+            await js.delete_stream(spec.name)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(f"ns-{ns}-candle-ingest-state")
+
+
+def _peak_rss(urls: StackUrls, ns: str, messages: int) -> float:
+    """MB high-water mark of a worker process that consumed ``messages`` ticks."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(urls.nats_url),
+        "TICKWIRE_NAMESPACE": ns,
+        "TICKWIRE_QUESTDB_ILP": str(urls.questdb_ilp_conf),
+        "TICKWIRE_QUESTDB_HTTP": str(urls.questdb_http),
+        "TICKWIRE_IDLE_CLOSE": "false",
+        "TICKWIRE_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "run", "candle-ingest"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+    async def wait_consumed() -> None:
+        nc = await nats.connect(str(urls.nats_url))
+        js = nc.jetstream()
+        stream = streams.stream_name(streams.TICKS, namespace=ns)
+        while True:
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(stream, "candle-ingest")
+                if info.ack_floor.stream_seq >= messages:
+                    break
+            await asyncio.sleep(0.2)  # timing a benchmark run
+        await nc.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(wait_consumed(), 300))
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        hwm_kb = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return hwm_kb / 1024
+
+
+async def _throughput(
+    urls: StackUrls, ns: str, per_message: int, messages: int, symbols: int
+) -> tuple[float, float]:
+    nc = await nats.connect(str(urls.nats_url))
+    js = nc.jetstream()
+    try:
+        items = _batches(symbols, per_message, messages)
+        await _publish(js, ns, items)
+        bare = max([await _bare(nc, ns, messages, per_message) for _ in range(2)])
+        rate = await _worker(urls, ns, messages * per_message)
+        return rate, bare
+    finally:
+        await _cleanup(js, ns)
+        await nc.close()
+
+
+def measure(urls: StackUrls) -> list[Figure]:
+    print("candle-ingest: 100-tick batches ...", flush=True)
+    batch_rate, batch_bare = asyncio.run(_throughput(urls, "benchb", 100, 20_000, 20))
+    print("candle-ingest: single-tick messages ...", flush=True)
+    single_rate, single_bare = asyncio.run(_throughput(urls, "benchs", 1, 200_000, 20))
+    print("candle-ingest: 1,000 symbols x 7 timeframes open, peak RSS ...", flush=True)
+
+    async def fill() -> None:
+        nc = await nats.connect(str(urls.nats_url))
+        await _publish(nc.jetstream(), "benchm", _batches(1000, 50, 2000))
+        await nc.close()
+
+    asyncio.run(fill())
+    rss = _peak_rss(urls, "benchm", 2000)
+
+    async def clean() -> None:
+        nc = await nats.connect(str(urls.nats_url))
+        await _cleanup(nc.jetstream(), "benchm")
+        await nc.close()
+
+    asyncio.run(clean())
+    return [
+        Figure(
+            "candle-ingest, 100-tick batches",
+            batch_rate,
+            "ticks/s",
+            "bare decode-only",
+            batch_bare,
+            0.4,
+            400_000,
+        ),
+        Figure(
+            "candle-ingest, single-tick messages",
+            single_rate,
+            "ticks/s",
+            "bare decode-only",
+            single_bare,
+            0.5,
+        ),
+        Figure(
+            "candle-ingest peak RSS, 1,000 symbols x 7 TF",
+            rss,
+            "MB",
+            "limit",
+            300.0,
+            None,
+            None,
+            lower_is_better=True,
+        ),
+    ]
