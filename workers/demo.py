@@ -1,172 +1,206 @@
 """``make demo``: the main job on a local stack, and an honest account of what runs.
 
-Today it sets up everything the pipeline stands on and drives ticks through the shared
-worker runtime: local NATS, PostgreSQL and QuestDB; migrations; QuestDB tables; JetStream
-streams and consumers; EA-style ticks from two feeds (one malformed on purpose) consumed,
-dead-lettered and acked by the runtime. It then lists the workers not built yet.
+It starts NATS, PostgreSQL and QuestDB (in ``.stack/demo``, reused by the next run),
+applies the migrations, creates the streams, runs every worker that is built (today:
+candle-ingest) and feeds it the last half hour of EA-style ticks from two feeds at
+accelerated speed, one malformed message among them. It ends with a summary and lists the
+workers that are not built yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import itertools
 import random
 import time
 from dataclasses import dataclass, field
 
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from contracts import subjects
-from contracts.codec import Codec, encode
-from contracts.messages import Tick, TickInput
-from contracts.streams import TICKS, consumer_specs, ensure, stream_name, stream_specs
+from contracts import streams, subjects
+from contracts.codec import Codec, ContractError, encode
+from contracts.messages import Tick, TickBatch, TickInput, Watermark
+from infra.stack import StackUrls
+from workers.candle_ingest.app import Settings, build
 from workers.cli import WORKERS
-from workers.runtime.settings import RuntimeSettings
-from workers.runtime.worker import Batch, Context, Worker
 
 FEEDS = ("icmarkets-live", "pepperstone-demo")
 SYMBOLS = ("EURUSD", "US500.cash", "XAUUSD")
-PROBE = "demo-probe"
-"""The demo's own durable on TICKS: it never takes messages from a pipeline worker."""
+MIDS = {"EURUSD": 1.1650, "US500.cash": 6650.0, "XAUUSD": 4050.0}
 
 
 @dataclass
-class Tally:
+class Summary:
     published: int = 0
-    handled: int = 0
-    dead: int = 0
-    by_feed: dict[str, int] = field(default_factory=dict)
+    accepted: float = 0.0
+    candles: dict[str, float] = field(default_factory=dict)
+    dead: dict[str, float] = field(default_factory=dict)
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    metrics_url: str = ""
 
 
-def _ticks(n: int, seed: int = 7) -> list[Tick]:
+def _ticks(n: int, start_ms: int, end_ms: int, seed: int) -> list[Tick]:
+    """``n`` ticks between ``start_ms`` and ``end_ms``, round-robin over feeds and symbols."""
     rng = random.Random(seed)
-    t0 = 1_763_800_000_000
-    mids = {"EURUSD": 1.1650, "US500.cash": 6650.0, "XAUUSD": 4050.0}
+    mids = dict(MIDS)
+    step = max(1, (end_ms - start_ms) // n)
     out = []
-    for i, (feed, symbol) in zip(range(n), itertools.cycle(itertools.product(FEEDS, SYMBOLS))):
+    pairs = itertools.cycle(itertools.product(FEEDS, SYMBOLS))
+    for i, (feed, symbol) in zip(range(n), pairs, strict=False):
         mids[symbol] *= 1 + rng.gauss(0, 2e-5)
-        spread = mids[symbol] * 1e-5 * (1 + rng.random())
-        bid = round(mids[symbol], 5)
+        digits = 5 if mids[symbol] < 10 else 2
+        bid = round(mids[symbol], digits)
+        spread = round(mids[symbol] * 1e-5 * (1 + rng.random()), digits) or 10**-digits
         out.append(
             Tick(
                 feed=feed,
                 symbol=symbol,
-                time_ms=t0 + i * 25,
+                time_ms=end_ms - (n - i) * step,
                 bid=bid,
-                ask=round(bid + spread, 5),
-                seq=i,
+                ask=round(bid + spread, digits),
+                seq=end_ms // 1000 + i,
             )
         )
     return out
 
 
-async def _drive(nats_url: str, n: int) -> Tally:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    report = await ensure(js, stream_specs(), consumer_specs())
-    created = [k for k, v in report.items() if v != "unchanged"]
-    print(f"  streams and consumers: {len(report)} ensured ({len(created)} created or updated)")
-    tally = Tally()
-    futures = []
-    for tick in _ticks(n):
-        futures.append(await js.publish_async(subjects.ticks(tick.feed, tick.symbol), encode(tick)))
-        tally.published += 1
-    futures.append(await js.publish_async(subjects.ticks(FEEDS[0], "EURUSD"), b'{"type":"tick",'))
-    tally.published += 1
-    acks = await asyncio.gather(*futures)
+async def _latest_event_ms(js: nats.js.JetStreamContext) -> int:
+    """Event time of the newest tick or watermark already on TICKS (0 if none)."""
+    stream = streams.stream_name(streams.TICKS)
+    last = (await js.stream_info(stream)).state.last_seq
+    codec: Codec[TickInput] = Codec(TickInput)
+    for seq in range(last, max(0, last - 50), -1):
+        with contextlib.suppress(ContractError, nats.js.errors.NotFoundError):
+            m = codec.decode((await js.get_msg(stream, seq)).data or b"")
+            if isinstance(m, TickBatch):
+                return max(t.time_ms for t in m.ticks)
+            if isinstance(m, Tick | Watermark):
+                return m.time_ms
+    return 0
 
-    # the demo reads what it just published on a durable of its own
-    if await _exists(js, PROBE):
-        await js.delete_consumer(stream_name(TICKS), PROBE)
-    await js.add_consumer(
-        stream_name(TICKS),
-        ConsumerConfig(
-            durable_name=PROBE,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=acks[0].seq,
-        ),
+
+def _quantile(histogram: list[tuple[float, float]], q: float) -> float | None:
+    """Upper bucket bound below which a ``q`` share of the observations fall."""
+    total = histogram[-1][1] if histogram else 0
+    if not total:
+        return None
+    for bound, count in histogram:
+        if count >= q * total:
+            return bound
+    return None
+
+
+async def _run(urls: StackUrls, n: int) -> Summary:
+    assert urls.nats_url is not None
+    settings = Settings(
+        nats_url=urls.nats_url,
+        questdb_ilp=str(urls.questdb_ilp_conf),
+        questdb_http=str(urls.questdb_http),
+        idle_grace_s=1.0,
     )
-    await nc.close()
-
-    worker: Worker[TickInput] = Worker(
-        PROBE,
-        stream=stream_name(TICKS),
-        durable=PROBE,
-        codec=Codec(TickInput),
-        settings=RuntimeSettings(nats_url=nats_url),
-    )
-
-    all_good = asyncio.Event()
-
-    @worker.handler
-    async def count(batch: Batch[TickInput], ctx: Context) -> None:
-        for d in batch:
-            tally.handled += 1
-            tally.by_feed[d.value.feed] = tally.by_feed.get(d.value.feed, 0) + 1
-        if tally.handled >= n:
-            all_good.set()
-
+    worker = build(settings)
     task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(all_good.wait(), 120)
-    finally:
-        worker.stop()  # the batch in hand (with the malformed tick) is finished first
-        await task
-    tally.dead = _dead(worker)
-    nc = await nats.connect(nats_url)
-    await nc.jetstream().delete_consumer(stream_name(TICKS), PROBE)
+    await worker.started.wait()
+    summary = Summary()
+    assert worker.metrics_server is not None
+    summary.metrics_url = f"http://127.0.0.1:{worker.metrics_server.port}/metrics"
+    nc = await nats.connect(urls.nats_url)
+    js = nc.jetstream()
+    end_ms = time.time_ns() // 1_000_000 - 2_000
+    # the last half hour, or what came after the previous run (older ticks would be too late)
+    start_ms = end_ms - 30 * 60_000
+    start_ms = max(start_ms, await _latest_event_ms(js) + 1_000)
+    futures = []
+    for tick in _ticks(n, start_ms, end_ms, seed=end_ms):
+        subject = subjects.ticks(tick.feed, tick.symbol)
+        msg_id = f"demo|{tick.feed}|{tick.symbol}|{tick.seq}"
+        futures.append(
+            await js.publish_async(subject, encode(tick), headers={"Nats-Msg-Id": msg_id})
+        )
+    futures.append(await js.publish_async(subjects.ticks(FEEDS[0], "EURUSD"), b'{"type":"tick",'))
+    summary.published = len(futures)
+    await asyncio.gather(*futures)
+    print(f"  published {summary.published:,} ticks; candle-ingest is working ...", flush=True)
+
+    sample = worker.metrics.registry.get_sample_value
+    tfs = ("M1", "M5", "M15", "M30", "H1", "H4", "D1")
+    deadline = time.monotonic() + 120
+    ticks_stream = streams.stream_name(streams.TICKS)
+    while time.monotonic() < deadline:
+        info = await js.consumer_info(ticks_stream, "candle-ingest")
+        closed = sample("tickwire_candles_out_total", {"worker": "candle-ingest", "tf": "M1"})
+        # every tick consumed, and the idle timer has closed the last minute's candles
+        if info.num_pending == 0 and info.num_ack_pending == 0 and (closed or 0) >= 6:
+            break
+        await asyncio.sleep(0.5)  # progress display of a live run
     await nc.close()
-    return tally
+    worker.stop()
+    await task
 
-
-async def _exists(js: nats.js.JetStreamContext, durable: str) -> bool:
-    try:
-        await js.consumer_info(stream_name(TICKS), durable)
-    except nats.js.errors.NotFoundError:
-        return False
-    return True
-
-
-def _dead(worker: Worker[TickInput]) -> int:
-    value = worker.metrics.registry.get_sample_value(
-        "tickwire_messages_in_total", {"worker": worker.name, "outcome": "dead_letter"}
+    summary.accepted = (
+        sample("tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}) or 0.0
     )
-    return int(value or 0)
+    for tf in tfs:
+        summary.candles[tf] = (
+            sample("tickwire_candles_out_total", {"worker": "candle-ingest", "tf": tf}) or 0.0
+        )
+    for metric in worker.metrics.registry.collect():
+        if metric.name == "tickwire_dead_letters":
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    summary.dead[s.labels["reason"]] = s.value
+        # the ticks are the last half hour replayed fast, so event-time latency would say
+        # "minutes"; what the worker spends per batch is the figure that means something here
+        if metric.name == "tickwire_processing_seconds":
+            buckets = [
+                (float(s.labels["le"]), s.value)
+                for s in metric.samples
+                if s.name.endswith("_bucket")
+            ]
+            summary.latency_p50 = _quantile(buckets, 0.5)
+            summary.latency_p99 = _quantile(buckets, 0.99)
+    return summary
 
 
 def main(*, keep: bool = False, ticks: int = 5_000) -> int:
     from db.migrate import migrate
-    from db.questdb import apply_ddl
     from infra.stack import REPO, LocalStack, describe
 
     root = REPO / ".stack" / "demo"
     print(f"tickwire demo: starting the local stack in {root} ...", flush=True)
     with LocalStack(root) as stack:
         urls = stack.urls
-        assert urls.nats_url
         assert urls.postgres_dsn
-        assert urls.questdb_http
         print(describe(urls))
         applied = asyncio.run(migrate(urls.postgres_dsn))
         print(f"  PostgreSQL migrations: {len(applied)} applied this run")
-        apply_ddl(urls.questdb_http)
-        print("  QuestDB tables: ready")
         started = time.perf_counter()
-        tally = asyncio.run(_drive(urls.nats_url, ticks))
+        s = asyncio.run(_run(urls, ticks))
         elapsed = time.perf_counter() - started
         print()
         print("summary")
-        print(f"  ticks published        {tally.published:,} (one malformed on purpose)")
-        print(f"  handled by the runtime {tally.handled:,}  {tally.by_feed}")
-        print(f"  dead letters           {tally.dead} (on dlq.{PROBE})")
-        print(f"  wall time              {elapsed:.1f}s")
-        print()
+        print(f"  ticks published   {s.published:,} (one malformed on purpose)")
+        print(f"  ticks in candles  {s.accepted:,.0f}")
+        print("  candles published " + ", ".join(f"{tf} {n:.0f}" for tf, n in s.candles.items()))
+        print(f"  dead letters      {dict(s.dead) or 0}")
+        if s.latency_p50 is not None:
+            print(
+                f"  batch handling    p50 <= {s.latency_p50 * 1000:g} ms, "
+                f"p99 <= {(s.latency_p99 or float('nan')) * 1000:g} ms (decode, candles, "
+                "QuestDB, CANDLES, ack)"
+            )
+        print(f"  wall time         {elapsed:.1f}s")
+        print(
+            f"  candles in QuestDB: {urls.questdb_http} (table candles); metrics were on {s.metrics_url}"
+        )
         missing = [name for name, module in WORKERS.items() if not _importable(module)]
         if missing:
+            print()
             print("not built yet: " + ", ".join(missing))
-            print("so no candles, features, scores or signals are produced by this demo yet.")
+            print("so this demo stops at candles: no features, scores or signals yet.")
         if keep:
             print("\nstack running; Ctrl-C to stop")
             try:
@@ -178,8 +212,6 @@ def main(*, keep: bool = False, ticks: int = 5_000) -> int:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
