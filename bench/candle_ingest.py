@@ -23,6 +23,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from bench import bare
 from bench.report import Figure
 from contracts import streams, subjects
 from contracts.messages import Tick, TickBatch, TickRow
@@ -82,35 +83,7 @@ async def _bare(nc: Client, ns: str, messages: int, per_message: int) -> float:
         ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
     )
     decode = msgspec.json.Decoder(TickBatch if per_message > 1 else Tick).decode
-    inbox = nc.new_inbox()
-    done = 0
-    finished = asyncio.Event()
-    subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-
-    async def ask() -> None:
-        await nc.publish(subject, b'{"batch":500,"expires":5000000000}', reply=inbox)
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        nonlocal done
-        if not msg.reply:
-            await ask()
-            return
-        decode(msg.data)
-        await nc.publish(msg.reply, b"+ACK")
-        done += 1
-        if done % 500 == 0:
-            await ask()
-        if done >= messages:
-            finished.set()
-
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=200_000)
-    t0 = time.perf_counter()
-    await ask()
-    await ask()
-    await finished.wait()
-    await nc.flush()
-    elapsed = time.perf_counter() - t0
-    await sub.unsubscribe()
+    elapsed = await bare.drain(nc, stream, durable, decode, messages)
     await js.delete_consumer(stream, durable)
     return messages * per_message / elapsed
 

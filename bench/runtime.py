@@ -23,6 +23,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
+from bench import bare
 from bench.report import Figure, median_rate
 from contracts.codec import Codec
 from contracts.messages import Tick, TickInput
@@ -78,40 +79,7 @@ async def bare_fetch(nc: Client, n: int, run: int) -> float:
 async def bare_raw(nc: Client, n: int, run: int) -> float:
     js = nc.jetstream()
     durable = await _consumer(js, f"raw{run}")
-    decode = msgspec.json.Decoder(Tick).decode
-    inbox = nc.new_inbox()
-    done = 0
-    finished = asyncio.Event()
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        nonlocal done
-        if not msg.reply:  # status (request expired): ask again
-            await ask()
-            return
-        decode(msg.data)
-        await nc.publish(msg.reply, b"+ACK")
-        done += 1
-        if done % 500 == 0:
-            await ask()
-        if done >= n:
-            finished.set()
-
-    async def ask() -> None:
-        await nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
-            b'{"batch":500,"expires":5000000000}',
-            reply=inbox,
-        )
-
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=100_000)
-    t0 = time.perf_counter()
-    await ask()
-    await ask()
-    await finished.wait()
-    await nc.flush()
-    elapsed = time.perf_counter() - t0
-    await sub.unsubscribe()
-    return elapsed
+    return await bare.drain(nc, STREAM, durable, msgspec.json.Decoder(Tick).decode, n)
 
 
 async def runtime(nats_url: str, n: int, run: int) -> float:

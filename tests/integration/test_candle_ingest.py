@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -35,6 +35,7 @@ from workers.candle_ingest.app import Settings, build
 
 pytestmark = pytest.mark.integration
 
+T = TypeVar("T")
 DAY_START_MS = 22 * 3_600_000  # a UTC+2 broker: its day starts at 22:00 UTC
 
 
@@ -88,6 +89,12 @@ async def stream_messages(js: JetStreamContext, stream: str) -> list[bytes]:
     ]
 
 
+async def on_stream(js: JetStreamContext, base: str, namespace: str, tp: type[T]) -> list[T]:
+    """Every message of a namespaced stream, decoded."""
+    raw = await stream_messages(js, streams.stream_name(base, namespace=namespace))
+    return [msgspec.json.decode(m, type=tp) for m in raw]
+
+
 def latest(candles: list[Candle]) -> dict[tuple, dict[str, Any]]:
     best: dict[tuple, Candle] = {}
     for c in candles:
@@ -120,13 +127,7 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
         await asyncio.wait_for(task, 60)
 
     want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
-    decode = msgspec.json.Decoder(Candle).decode
-    published = [
-        decode(m)
-        for m in await stream_messages(
-            js, streams.stream_name(streams.CANDLES, namespace=namespace)
-        )
-    ]
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
     keys = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
     assert max(keys.values()) == 1, "a candle revision was published twice"
     got = latest(published)
@@ -152,10 +153,7 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
         assert (row["tick_volume"], row["revision"]) == (c["tick_volume"], c["revision"])
 
     # every refused tick is a dead letter with its reason; duplicates counted once
-    letters = [
-        msgspec.json.decode(m, type=DeadLetter)
-        for m in await stream_messages(js, streams.stream_name(streams.DLQ, namespace=namespace))
-    ]
+    letters = await on_stream(js, streams.DLQ, namespace, DeadLetter)
     assert Counter(d.reason for d in letters) == sc.dead
     registry = worker.metrics.registry
     sample = registry.get_sample_value
@@ -369,10 +367,7 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
-    letters = [
-        msgspec.json.decode(m, type=DeadLetter)
-        for m in await stream_messages(js, streams.stream_name(streams.DLQ, namespace=namespace))
-    ]
+    letters = await on_stream(js, streams.DLQ, namespace, DeadLetter)
     assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
     for letter in letters:
         assert letter.worker == "candle-ingest"
@@ -455,12 +450,7 @@ async def test_two_instances_split_the_symbols_and_together_make_every_candle(
     assert owned[1], "both instances should own symbols"
     assert not owned[0] & owned[1], "a symbol's ticks were split between instances"
     assert owned[0] | owned[1] == set(sc.symbols)
-    published = [
-        msgspec.json.decode(m, type=Candle)
-        for m in await stream_messages(
-            js, streams.stream_name(streams.CANDLES, namespace=namespace)
-        )
-    ]
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
     want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
     assert reference.differences(latest(published), want) == []
 
@@ -506,12 +496,7 @@ async def test_backfilled_bars_become_candles(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
-    published = [
-        msgspec.json.decode(m, type=Candle)
-        for m in await stream_messages(
-            js, streams.stream_name(streams.CANDLES, namespace=namespace)
-        )
-    ]
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
     m1 = {c.open_time_ms: c for c in published if c.tf.value == "M1"}
     assert len(m1) == 20
     for t, o, h, lo, c, vol in bars:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -62,6 +63,27 @@ def _settings(nats_url: str, **kw: object) -> RuntimeSettings:
     )
 
 
+def _worker(
+    name: str,
+    stream: str,
+    settings: RuntimeSettings,
+    accept: Callable[[str], bool] | None = None,
+) -> Worker[TickInput]:
+    return Worker(
+        name,
+        stream=stream,
+        durable=name,
+        codec=Codec(TickInput),
+        settings=settings,
+        accept=accept,
+    )
+
+
+async def _all_acked(js: JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
 async def _run(worker: Worker[TickInput]) -> asyncio.Task[None]:
     task = asyncio.create_task(worker.run())
     await eventually(lambda: worker.started.is_set() or task.done(), what="worker start")
@@ -76,13 +98,7 @@ async def test_acks_dead_letters_and_redelivers(stack, js: JetStreamContext, uni
     seen: dict[int, list[int]] = defaultdict(list)  # stream seq -> deliveries seen
     values: dict[int, TickInput] = {}
 
-    worker: Worker[TickInput] = Worker(
-        worker_name,
-        stream=stream,
-        durable=worker_name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url),
-    )
+    worker = _worker(worker_name, stream, _settings(stack.nats_url))
 
     @worker.handler
     async def handle(batch: Batch[TickInput], ctx: Context) -> None:
@@ -115,12 +131,7 @@ async def test_acks_dead_letters_and_redelivers(stack, js: JetStreamContext, uni
 
     task = await _run(worker)
     try:
-
-        async def all_acked() -> bool:
-            info = await js.consumer_info(stream, worker_name)
-            return info.num_pending == 0 and info.num_ack_pending == 0
-
-        await eventually(all_acked, what="every message acked")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
         letters = await eventually(
             lambda: _dead_letters_if(js, dlq_stream, 4), what="four dead letters"
         )
@@ -163,13 +174,7 @@ async def test_transient_failure_holds_the_batch_without_redelivery(
     worker_name, stream, _ = await _make_streams(js, unique)
     attempts: list[list[int]] = []
     handled: list[tuple[int, int]] = []  # (stream seq, deliveries)
-    worker: Worker[TickInput] = Worker(
-        worker_name,
-        stream=stream,
-        durable=worker_name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url),
-    )
+    worker = _worker(worker_name, stream, _settings(stack.nats_url))
 
     @worker.handler
     async def handle(batch: Batch[TickInput], ctx: Context) -> None:
@@ -185,11 +190,7 @@ async def test_transient_failure_holds_the_batch_without_redelivery(
     try:
         await eventually(lambda: len(handled) == 20, what="all handled")
 
-        async def all_acked() -> bool:
-            info = await js.consumer_info(stream, worker_name)
-            return info.num_pending == 0 and info.num_ack_pending == 0
-
-        await eventually(all_acked, what="every message acked")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
@@ -210,13 +211,7 @@ async def _dead_letters_if(js: JetStreamContext, stream: str, n: int) -> list[De
 
 async def test_metrics_and_health_endpoints(stack, js: JetStreamContext, unique: str) -> None:
     worker_name, stream, dlq_stream = await _make_streams(js, unique)
-    worker: Worker[TickInput] = Worker(
-        worker_name,
-        stream=stream,
-        durable=worker_name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url),
-    )
+    worker = _worker(worker_name, stream, _settings(stack.nats_url))
     handled: list[int] = []
 
     @worker.handler
@@ -277,13 +272,7 @@ async def test_stop_then_restart_handles_each_message_once(
         await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
 
     def make(handled: list[int], stop_after: int | None) -> Worker[TickInput]:
-        w: Worker[TickInput] = Worker(
-            worker_name,
-            stream=stream,
-            durable=worker_name,
-            codec=Codec(TickInput),
-            settings=_settings(stack.nats_url, handler_batch=10),
-        )
+        w = _worker(worker_name, stream, _settings(stack.nats_url, handler_batch=10))
 
         @w.handler
         async def handle(batch: Batch[TickInput], ctx: Context) -> None:
@@ -307,11 +296,7 @@ async def test_stop_then_restart_handles_each_message_once(
             what=f"all 200 handled {len(first)} {len(second)}",
         )
 
-        async def all_acked() -> bool:
-            info = await js.consumer_info(stream, worker_name)
-            return info.num_pending == 0 and info.num_ack_pending == 0
-
-        await eventually(all_acked, what="every message acked")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
     finally:
         w2.stop()
         await asyncio.wait_for(task, 30)
@@ -335,12 +320,10 @@ async def test_partition_filter_and_dead_lettered_pieces(
     dead letters with its own payload while the rest of the message is handled."""
     worker_name, stream, dlq_stream = await _make_streams(js, unique)
     handled: list[tuple[str, int]] = []
-    worker: Worker[TickInput] = Worker(
+    worker = _worker(
         worker_name,
-        stream=stream,
-        durable=worker_name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url),
+        stream,
+        _settings(stack.nats_url),
         accept=lambda subject: subject.endswith(".mine"),
     )
 
@@ -366,12 +349,7 @@ async def test_partition_filter_and_dead_lettered_pieces(
     await js.publish(f"rt.{unique}.mine", tick_batch([7]))
     task = await _run(worker)
     try:
-
-        async def all_acked() -> bool:
-            info = await js.consumer_info(stream, worker_name)
-            return info.num_pending == 0 and info.num_ack_pending == 0
-
-        await eventually(all_acked, what="every message acked")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
         letters = await eventually(lambda: _dead_letters_if(js, dlq_stream, 1), what="a letter")
     finally:
         worker.stop()
@@ -401,13 +379,7 @@ async def test_a_start_up_hook_whose_dependency_is_down_is_retried(
     stack, js: JetStreamContext, unique: str
 ) -> None:
     worker_name, stream, _ = await _make_streams(js, unique)
-    worker: Worker[TickInput] = Worker(
-        worker_name,
-        stream=stream,
-        durable=worker_name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url),
-    )
+    worker = _worker(worker_name, stream, _settings(stack.nats_url))
     tries: list[int] = []
 
     @worker.on_startup
