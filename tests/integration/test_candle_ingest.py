@@ -514,3 +514,29 @@ async def test_backfilled_bars_become_candles(
         assert candle.high == max(b[2] for b in group) / 1e5
         assert candle.low == min(b[3] for b in group) / 1e5
         assert candle.tick_volume == sum(b[5] for b in group)
+
+
+async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    sc = market.scenario(seed=9, ticks=3_000, troubles=False)
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    first = build(settings(stack, questdb, namespace, snapshot_interval_s=0.01))
+    task = await run_worker(first)
+    try:
+        await publish(js, sc, namespace, close=False)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="first run")
+    finally:
+        first.stop()
+        await asyncio.wait_for(task, 60)
+    held = first.context.state["ingest"].agg.open_candles()
+    assert held > 0
+
+    # the broker's day start changes: the old snapshot cannot be used
+    second = build(settings(stack, questdb, namespace).model_copy(update={"day_start_minutes": 0}))
+    task = await run_worker(second)
+    second.stop()
+    await asyncio.wait_for(task, 60)
+    rebuilt = second.context.state["ingest"].agg
+    assert rebuilt.open_candles() == held  # every symbol's open candles are back
+    assert sorted(rebuilt.symbols()) == sorted(sc.symbols)

@@ -47,6 +47,7 @@ from workers.candle_ingest.aggregate import (
     Aggregator,
     AggregatorConfig,
     PriceSource,
+    SnapshotMismatch,
 )
 from workers.candle_ingest.sink import QuestDBSink
 from workers.candle_ingest.validate import check_tick
@@ -302,7 +303,12 @@ class Ingest:
         except NotFoundError:
             data = None
         if data:
-            self.agg = Aggregator.restore(config, data)
+            try:
+                self.agg = Aggregator.restore(config, data)
+            except SnapshotMismatch as exc:
+                # the settings changed (timeframes, day start, lateness...): rebuild the state
+                # from the start of the stream under the new ones, without output
+                log.warning("%s: snapshot not usable (%s); rebuilding from the stream", NAME, exc)
         info = await js.consumer_info(stream, self.settings.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
