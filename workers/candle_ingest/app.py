@@ -31,7 +31,16 @@ from pydantic import Field
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
-from contracts.messages import Bar, Candle, Tick, TickBatch, TickInput, TickRow, Watermark
+from contracts.messages import (
+    Bar,
+    Candle,
+    Tick,
+    TickBatch,
+    TickInput,
+    TickRow,
+    Timeframe,
+    Watermark,
+)
 from contracts.streams import (
     CANDLE_INGEST,
     TICKS,
@@ -60,7 +69,6 @@ from workers.runtime.worker import Batch, Context, Delivery, Worker, run_until_s
 log = logging.getLogger(__name__)
 
 NAME: Final = CANDLE_INGEST
-TOO_LATE: Final = "too_late"
 
 
 class Settings(RuntimeSettings):
@@ -102,6 +110,8 @@ def partition_of(subject: str, partitions: int) -> int:
 
 
 class Metrics:
+    """candle-ingest's own series, beside the runtime's."""
+
     def __init__(self, ctx: Context) -> None:
         r, w = ctx.metrics.registry, ctx.worker
         self.ticks = Counter(
@@ -129,9 +139,7 @@ class Metrics:
         self.gaps_w = self.gaps.labels(w)
         self.open_w = self.open.labels(w)
         self.latency = ctx.metrics.latency.labels(w, "tick_to_candle")
-        self.by_tf = {
-            tf: self.candles.labels(w, tf) for tf in ("M1", "M5", "M15", "M30", "H1", "H4", "D1")
-        }
+        self.by_tf = {tf.value: self.candles.labels(w, tf.value) for tf in Timeframe}
 
 
 class Ingest:
