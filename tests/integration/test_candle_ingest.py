@@ -39,14 +39,19 @@ T = TypeVar("T")
 DAY_START_MS = 22 * 3_600_000  # a UTC+2 broker: its day starts at 22:00 UTC
 
 
-@pytest.fixture
-async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
-    yield unique
-    for spec in streams.stream_specs(namespace=unique):
+async def drop_namespace(js: JetStreamContext, name: str) -> None:
+    """A test's streams and state bucket go when it ends: the server's disk is shared."""
+    for spec in streams.stream_specs(namespace=name):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
     with contextlib.suppress(APIError):
-        await js.delete_object_store(f"ns-{unique}-candle-ingest-state")
+        await js.delete_object_store(f"ns-{name}-candle-ingest-state")
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    yield unique
+    await drop_namespace(js, unique)
 
 
 def settings(stack: StackUrls, questdb: QuestDBUrls, namespace: str, **kw: Any) -> Settings:
@@ -170,11 +175,7 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
 async def namespace_b(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     name = f"{unique}b"
     yield name
-    for spec in streams.stream_specs(namespace=name):
-        with contextlib.suppress(APIError):
-            await js.delete_stream(spec.name)
-    with contextlib.suppress(APIError):
-        await js.delete_object_store(f"ns-{name}-candle-ingest-state")
+    await drop_namespace(js, name)
 
 
 def worker_env(stack: StackUrls, questdb: QuestDBUrls, namespace: str) -> dict[str, str]:
