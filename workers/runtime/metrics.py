@@ -71,7 +71,7 @@ class WorkerMetrics:
             ["worker", "consumer"],
             registry=r,
         )
-        self.publish_retries = Counter(
+        self.publish_failures = Counter(
             "tickwire_publish_failures",
             "Publish batches that failed or timed out (retried through redelivery)",
             ["worker"],

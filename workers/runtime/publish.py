@@ -57,7 +57,7 @@ class Publisher:
         except Exception as exc:
             for f in futures:
                 f.cancel()
-            self._metrics.publish_retries.labels(self._metrics.worker).inc()
+            self._metrics.publish_failures.labels(self._metrics.worker).inc()
             raise PublishError(f"publish of {len(futures)} messages failed: {exc!r}") from exc
         for ack in acks:
             self._metrics.messages_out.labels(self._metrics.worker, ack.stream).inc()

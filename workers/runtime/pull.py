@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 ACK: Final = b"+ACK"
 IN_PROGRESS: Final = b"+WPI"
 NAK: Final = b"-NAK"
-TERM: Final = b"+TERM"
 
 _STATUS: Final = "Status"
 _PENDING_MSGS: Final = "Nats-Pending-Messages"
@@ -117,7 +116,6 @@ class PullSource:
         self._outstanding = 0
         self._last_heard = time.monotonic()
         self._closed = False
-        self.statuses: dict[str, int] = {}
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -149,20 +147,11 @@ class PullSource:
             await self._sub.unsubscribe()
             self._sub = None
 
-    def reset(self) -> None:
-        """Forget outstanding requests (after a reconnect the server no longer holds them)."""
-        self._outstanding = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
         headers = msg.headers
         if headers is not None and _STATUS in headers and not msg.reply:
             status = headers[_STATUS]
-            self.statuses[status] = self.statuses.get(status, 0) + 1
             if status == "100":  # idle heartbeat: the request is alive
                 return
             unfilled = headers.get(_PENDING_MSGS)
