@@ -51,15 +51,12 @@ from contracts.streams import (
     stream_specs,
 )
 from workers.candle_ingest.aggregate import (
-    ACCEPTED,
-    DUPLICATE,
     Aggregator,
     AggregatorConfig,
     PriceSource,
     SnapshotMismatch,
 )
 from workers.candle_ingest.sink import QuestDBSink
-from workers.candle_ingest.validate import check_tick
 from workers.runtime.errors import TransientError
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import PullSource
@@ -201,41 +198,32 @@ class Ingest:
         *,
         whole: bool,
     ) -> None:
-        """The hot path: validate and fold each tick; count once per message, not per tick."""
-        add = self.agg.add
-        now_ms = time.time_ns() // 1_000_000
-        skew_ms = self._skew_ms
-        accepted = duplicate = gap = 0
-        for i, t in enumerate(rows):
-            time_ms, bid, ask, last, volume = t.time_ms, t.bid, t.ask, t.last, t.volume
-            reason = check_tick(
-                time_ms, bid, ask, last, volume, now_ms=now_ms, max_future_skew_ms=skew_ms
-            )
-            if reason is None:
-                result = add(feed, symbol, time_ms, bid, ask, last, volume, t.seq)
-                gap += result.gap
-                outcome = result.outcome
-                if outcome is ACCEPTED:
-                    accepted += 1
-                    if result.candles:
-                        self._emit(result.candles, time_ms)
-                    continue
-                if outcome is DUPLICATE:
-                    duplicate += 1
-                    continue
-                reason = outcome
-            self.counts["rejected"] += 1
-            if batch is None:
-                continue
-            detail = f"{feed} {symbol} time_ms={time_ms} bid={bid} ask={ask}"
+        """The hot path: validate and fold the ticks; count once per message, not per tick."""
+        result = self.agg.add_rows(
+            feed,
+            symbol,
+            rows,
+            now_ms=time.time_ns() // 1_000_000,
+            max_future_skew_ms=self._skew_ms,
+            out=self.pending,
+            out_times=self.trigger_ms,
+        )
+        counts = self.counts
+        counts["accepted"] += result.accepted
+        counts["duplicate"] += result.duplicate
+        counts["gap"] += result.gap
+        if not result.refused:
+            return
+        counts["rejected"] += len(result.refused)
+        if batch is None:
+            return
+        for i, reason in result.refused:
+            t = rows[i]
+            detail = f"{feed} {symbol} time_ms={t.time_ms} bid={t.bid} ask={t.ask}"
             if whole:
                 batch.reject(d, reason, detail)
             else:
                 batch.reject_part(d, i, msgspec.json.encode(t), reason, detail)
-        counts = self.counts
-        counts["accepted"] += accepted
-        counts["duplicate"] += duplicate
-        counts["gap"] += gap
 
     def _emit(self, candles: list[Candle], trigger_ms: int) -> None:
         if candles:
