@@ -61,7 +61,14 @@ from workers.runtime.errors import TransientError
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import PullSource
 from workers.runtime.settings import RuntimeSettings, load
-from workers.runtime.worker import Batch, Context, Delivery, Worker, run_until_signalled
+from workers.runtime.worker import (
+    Batch,
+    Commit,
+    Context,
+    Delivery,
+    Worker,
+    run_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,8 @@ class Ingest:
         """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
         self._key = settings.durable
+        self.unsettled = 0
+        """Commits sealed but not (yet) durable: no snapshot of the live state meanwhile."""
 
     # --- applying input ---------------------------------------------------------------
 
@@ -232,30 +241,16 @@ class Ingest:
 
     # --- making it durable ------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Publish and store what is pending; raises TransientError, keeping it pending."""
-        pending = self.pending
-        if pending:
-            ns = self.namespace
-            out = [
-                Outgoing(
-                    subjects.candles(c.feed, c.symbol, c.tf, namespace=ns),
-                    encode(c),
-                    f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}",
-                )
-                for c in pending
-            ]
-            await self.sink.write(pending)
-            await self.ctx.publisher.publish(out)
-            now_ms = time.time_ns() // 1_000_000
-            m = self.metrics
-            for c, trigger in zip(pending, self.trigger_ms, strict=True):
-                m.by_tf[c.tf.value].inc()
-                if c.revision:
-                    m.revisions_w.inc()
-                m.latency.observe(max(0, now_ms - trigger) / 1000)
-            self.pending = []
-            self.trigger_ms = []
+    def seal(self) -> Commit:
+        """What the messages applied so far owe, as a commit the runtime runs in order.
+
+        The candles pending now (and the state now, when a snapshot is due) are taken out
+        of the ingest, so the next batch can be applied while this commit runs. The commit
+        publishes and stores them, then saves the snapshot: a snapshot is saved only once
+        every candle of the state it holds is durable (earlier commits finished first).
+        """
+        pending, triggers = self.pending, self.trigger_ms
+        self.pending, self.trigger_ms = [], []
         m = self.metrics
         counts = self.counts
         if counts:
@@ -265,21 +260,66 @@ class Ingest:
             m.gaps_w.inc(counts["gap"])
             counts.clear()
         m.open_w.set(self.agg.open_candles())
+        state = None
         # a snapshot must not cover refusals that are not dead letters yet
-        due = time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
-        if due and not self.recovered:
-            await self.snapshot()
+        if not self.recovered and (
+            time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
+        ):
+            state = self.agg.snapshot()
+            self._snapshot_at = time.monotonic()
+        self.unsettled += 1
+        settled = False
+
+        async def commit() -> None:
+            nonlocal settled
+            if not settled:
+                await self._write(pending, triggers)
+                settled = True
+                self.unsettled -= 1
+            if state is not None:
+                await self._save(state)
+
+        return commit
+
+    async def flush(self) -> None:
+        """Seal and commit at once (start-up)."""
+        await self.seal()()
+
+    async def _write(self, pending: list[Candle], triggers: list[int]) -> None:
+        """Publish and store; raises TransientError (the commit is tried again)."""
+        if not pending:
+            return
+        ns = self.namespace
+        out = [
+            Outgoing(
+                subjects.candles(c.feed, c.symbol, c.tf, namespace=ns),
+                encode(c),
+                f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}",
+            )
+            for c in pending
+        ]
+        await self.sink.write(pending)
+        await self.ctx.publisher.publish(out)
+        now_ms = time.time_ns() // 1_000_000
+        m = self.metrics
+        for c, trigger in zip(pending, triggers, strict=True):
+            m.by_tf[c.tf.value].inc()
+            if c.revision:
+                m.revisions_w.inc()
+            m.latency.observe(max(0, now_ms - trigger) / 1000)
 
     async def snapshot(self) -> None:
-        """Save the state; only called with nothing pending, so it is all durable."""
+        """Save the state now; only when every candle it emitted is durable."""
         assert not self.pending
+        assert not self.unsettled
+        await self._save(self.agg.snapshot())
+
+    async def _save(self, state: bytes) -> None:
         try:
             store = await self.ctx.js.object_store(self._bucket)
-            await store.put(self._key, self.agg.snapshot())
+            await store.put(self._key, state)
         except Exception as exc:  # a missed snapshot costs replay time, nothing else
             log.warning("%s: snapshot not saved: %r", NAME, exc)
-            return
-        self._snapshot_at = time.monotonic()
 
     # --- start-up ---------------------------------------------------------------------
 
@@ -499,11 +539,11 @@ def build(settings: Settings) -> Worker[TickInput]:
             idle_task.append(asyncio.create_task(_idle_loop(worker, ingest)))
 
     @worker.handler
-    async def on_ticks(batch: Batch[TickInput], ctx: Context) -> None:
+    async def on_ticks(batch: Batch[TickInput], ctx: Context) -> Commit:
         ingest: Ingest = ctx.state["ingest"]
         for d in batch.items:
             ingest.apply(batch, d)
-        await ingest.flush()
+        return ingest.seal()
 
     @worker.on_shutdown
     async def stop(ctx: Context) -> None:
@@ -513,7 +553,7 @@ def build(settings: Settings) -> Worker[TickInput]:
                 await task
         ingest: Ingest | None = ctx.state.get("ingest")
         if ingest is not None:
-            if not ingest.pending and not ingest.recovered:
+            if not ingest.pending and not ingest.recovered and not ingest.unsettled:
                 await ingest.snapshot()
             ingest.sink.close()
 

@@ -17,6 +17,13 @@ The ack policy is decided here, once:
                               ``poison_deliveries``-th failure (or the consumer's
                               ``max_deliver``-th, if lower)
 
+A handler may split its work in two: it updates its state and returns a *commit*, the
+awaitable that makes the batch's effect durable (publishes, writes). The loop then takes
+and handles the next batch while the commit runs; commits run one at a time, in batch
+order, and a batch is acked only after its commit. A commit's ``TransientError`` holds the
+batch as above; any other exception stops the worker (its state may be ahead of what is
+durable, so it must start again from what is).
+
 A worker module only declares what it consumes, how to decode it, and a handler.
 """
 
@@ -54,6 +61,7 @@ from workers.runtime.pull import (
 from workers.runtime.settings import RuntimeSettings
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 HANDLER_ERROR = "handler_error"
@@ -135,8 +143,28 @@ class Context:
     """Connections and state the worker's start-up hook creates."""
 
 
-Handler = Callable[[Batch[T], Context], Awaitable[None]]
+Commit = Callable[[], Awaitable[None]]
+"""Makes a handled batch's effect durable; called again after a ``TransientError``."""
+Handler = Callable[[Batch[T], Context], Awaitable[Commit | None]]
 Hook = Callable[[Context], Awaitable[None]]
+
+
+class CommitFailed(RuntimeError):
+    """A commit raised something other than ``TransientError``: the worker stopped."""
+
+
+@dataclass(slots=True)
+class _Staged(Generic[T]):
+    """A handled batch on its way to being acked."""
+
+    msgs: Sequence[Msg]
+    started: float
+    ack_wait: float
+    acked: list[Delivery[T]]
+    retry: list[tuple[Delivery[T], str]]
+    dead: list[DeadItem]
+    parts: list[DeadItem]
+    commit: Commit | None
 
 
 class Worker(Generic[T]):
@@ -170,6 +198,9 @@ class Worker(Generic[T]):
         self._ctx: Context | None = None
         self._alive_at = 0.0
         self._poison_limit = settings.poison_deliveries
+        self._queued: Sequence[Msg] = ()
+        """A handled batch waiting for the commit before it: kept alive while that holds."""
+        self._failed: BaseException | None = None
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
         self.started = asyncio.Event()
@@ -280,13 +311,35 @@ class Worker(Generic[T]):
                     await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _loop(self, ctx: Context, source: PullSource, ack_wait: float) -> None:
+        """Take and handle batch N+1 while batch N's commit runs; finish batches in order."""
         take_timeout = 0.25
         max_n = self.settings.handler_batch
-        while not self._stop.is_set():
-            self._alive_at = time.monotonic()
-            msgs = await source.take(max_n, take_timeout)
-            if msgs:
-                await self.process(ctx, msgs, ack_wait)
+        finishing: asyncio.Future[bool] | None = None
+        try:
+            while not self._stop.is_set():
+                self._alive_at = time.monotonic()
+                msgs = await source.take(max_n, take_timeout)
+                if not msgs:
+                    continue
+                staged = await self._prepare(ctx, msgs, ack_wait, before=finishing)
+                if staged is None:
+                    continue
+                if finishing is not None:
+                    self._queued = staged.msgs
+                    try:
+                        finished = await finishing
+                    finally:
+                        self._queued = ()
+                    finishing = None
+                    if not finished:
+                        await self._hand_back(ctx, staged.msgs)
+                        break
+                finishing = asyncio.ensure_future(self._finish(ctx, staged))
+        finally:
+            if finishing is not None:
+                await finishing
+        if self._failed is not None:
+            raise CommitFailed(f"{self.name}: commit failed: {self._failed!r}") from self._failed
 
     async def _drain(self, ctx: Context) -> None:
         if self._source is not None:
@@ -308,6 +361,24 @@ class Worker(Generic[T]):
     # --- one batch -------------------------------------------------------------------
 
     async def process(self, ctx: Context, msgs: Sequence[Msg], ack_wait: float = 30.0) -> None:
+        """Handle, commit and ack one batch (the loop overlaps these across batches)."""
+        staged = await self._prepare(ctx, msgs, ack_wait)
+        if staged is not None:
+            await self._finish(ctx, staged)
+
+    async def _prepare(
+        self,
+        ctx: Context,
+        msgs: Sequence[Msg],
+        ack_wait: float,
+        *,
+        before: asyncio.Future[bool] | None = None,
+    ) -> _Staged[T] | None:
+        """Decode and handle; what to ack, retry and dead-letter once the commit is done.
+
+        ``before``: the previous batch's finish, awaited before anything is committed here
+        out of turn (messages handled one by one commit as they go).
+        """
         started = time.perf_counter()
         decode = self.codec.decode
         items: list[Delivery[T]] = []
@@ -321,7 +392,7 @@ class Worker(Generic[T]):
                 self.metrics.in_skipped.inc(len(skipped))
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
-                    return
+                    return None
         for msg in msgs:
             try:
                 items.append(Delivery(msg, decode(msg.data)))
@@ -330,40 +401,65 @@ class Worker(Generic[T]):
         acked: list[Delivery[T]] = []
         retry: list[tuple[Delivery[T], str]] = []
         parts: list[DeadItem] = []
+        commit: Commit | None = None
+        if not items:
+            return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, None)
         try:
-            if items:
+            batch, commit = await self._holding(items, lambda b: self._call(ctx, b, ack_wait))
+        except TransientError:
+            # stopping while a dependency is down: hand everything back for redelivery
+            await self._hand_back(ctx, msgs)
+            return None
+        except Exception as exc:
+            if before is not None:
+                await before
+            if len(items) == 1:
+                retry.append((items[0], repr(exc)))
+                log.exception("%s: handler failed", self.name)
+            else:
+                log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
                 try:
-                    batch = await self._holding(items, lambda b: self._call(ctx, b, ack_wait))
+                    await self._isolate(ctx, items, ack_wait, acked, retry, dead, parts)
                 except TransientError:
-                    raise
-                except Exception as exc:
-                    if len(items) == 1:
-                        retry.append((items[0], repr(exc)))
-                        log.exception("%s: handler failed", self.name)
-                    else:
-                        log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
-                        await self._isolate(ctx, items, ack_wait, acked, retry, dead, parts)
-                else:
-                    for d, rej in batch.rejections():
-                        dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
-                    parts.extend(_part_items(batch))
-                    acked.extend(batch)
+                    await self._hand_back(ctx, msgs)
+                    return None
+        else:
+            for d, rej in batch.rejections():
+                dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
+            parts.extend(_part_items(batch))
+            acked.extend(batch)
+        return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, commit)
 
+    async def _finish(self, ctx: Context, staged: _Staged[T]) -> bool:
+        """Dead-letter, commit, ack. False: the batch was handed back (stopping or failed)."""
+        msgs, acked, dead, retry = staged.msgs, staged.acked, staged.dead, staged.retry
+        try:
             limit = self._poison_limit
             for d, err in retry:
                 if d.info.deliveries >= limit:
                     dead.append(DeadItem(d.msg, d.info, HANDLER_ERROR, err))
             retry = [(d, err) for d, err in retry if d.info.deliveries < limit]
-            if dead or parts:
-                letters = dead + parts
+            # dead letters first: a commit may record the batch as done (a snapshot), and
+            # what it records as done must include its refusals
+            if dead or staged.parts:
+                letters = dead + staged.parts
                 held = [Delivery(item.msg, None, item.info) for item in letters]
                 await self._holding(held, lambda _: self._dead_letter(ctx, letters))
+            commit = staged.commit
+            if commit is not None:
+                every = [Delivery(m, None) for m in msgs]
+                await self._holding(
+                    every, lambda b: self._keepalive(commit(), b.items, staged.ack_wait)
+                )
         except TransientError:
-            # stopping while a dependency is down: hand everything back for redelivery
-            for msg in msgs:
-                await ctx.nc.publish(msg.reply, NAK)
-            self.metrics.in_retry.inc(len(msgs))
-            return
+            await self._hand_back(ctx, msgs)
+            return False
+        except Exception as exc:
+            log.exception("%s: commit failed; stopping", self.name)
+            self._failed = exc
+            self.stop()
+            await self._hand_back(ctx, msgs)
+            return False
         nc = ctx.nc
         for d in acked:
             await nc.publish(d.msg.reply, ACK)
@@ -380,23 +476,30 @@ class Worker(Generic[T]):
             m.in_retry.inc(len(retry))
         m.batch_size_w.observe(len(msgs))
         m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
-        m.processing_w.observe(time.perf_counter() - started)
+        m.processing_w.observe(time.perf_counter() - staged.started)
+        return True
+
+    async def _hand_back(self, ctx: Context, msgs: Sequence[Msg]) -> None:
+        """Nak for redelivery: what a stopping worker could not make durable."""
+        for msg in msgs:
+            await ctx.nc.publish(msg.reply, NAK)
+        self.metrics.in_retry.inc(len(msgs))
 
     async def _holding(
-        self, items: list[Delivery[Any]], attempt: Callable[[Batch[Any]], Awaitable[Any]]
-    ) -> Batch[Any]:
+        self, items: list[Delivery[Any]], attempt: Callable[[Batch[Any]], Awaitable[R]]
+    ) -> tuple[Batch[Any], R]:
         """Run ``attempt`` on the batch until it does not raise ``TransientError``.
 
-        Between tries the messages stay unacked and are kept alive with in-progress acks;
-        raises ``TransientError`` only when the worker is asked to stop.
+        Between tries the messages (and a handled batch queued behind them) stay unacked
+        and are kept alive with in-progress acks; raises ``TransientError`` only when the
+        worker is asked to stop.
         """
         tries = 0
         # one batch for every try: what a try refused stays refused
         batch = Batch(items)
         while True:
             try:
-                await attempt(batch)
-                return batch
+                return batch, await attempt(batch)
             except TransientError as exc:
                 if self._stop.is_set():
                     raise
@@ -414,26 +517,39 @@ class Worker(Generic[T]):
                 nc = self.context.nc
                 for d in items:
                     await nc.publish(d.msg.reply, IN_PROGRESS)
+                for msg in self._queued:
+                    await nc.publish(msg.reply, IN_PROGRESS)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
 
-    async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
-        """Run the handler; tell the server we are still working if it takes long."""
+    async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> Commit | None:
+        """Run the handler."""
         assert self._handler is not None
-        task = asyncio.ensure_future(self._handler(batch, ctx))
+        return await self._keepalive(self._handler(batch, ctx), batch.items, ack_wait)
+
+    async def _keepalive(
+        self, work: Awaitable[R], items: Sequence[Delivery[Any]], ack_wait: float
+    ) -> R:
+        """Await ``work``; tell the server we are still working on ``items`` if it takes long."""
+        task = asyncio.ensure_future(work)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=ack_wait / 3)
                 if done:
-                    task.result()
-                    return
-                for d in batch.items:
-                    await ctx.nc.publish(d.msg.reply, IN_PROGRESS)
+                    return task.result()
+                nc = self.context.nc
+                for d in items:
+                    await nc.publish(d.msg.reply, IN_PROGRESS)
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+    async def _call_and_commit(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
+        commit = await self._call(ctx, batch, ack_wait)
+        if commit is not None:
+            await self._keepalive(commit(), batch.items, ack_wait)
 
     async def _isolate(
         self,
@@ -447,7 +563,9 @@ class Worker(Generic[T]):
     ) -> None:
         for d in items:
             try:
-                single = await self._holding([d], lambda b: self._call(ctx, b, ack_wait))
+                single, _ = await self._holding(
+                    [d], lambda b: self._call_and_commit(ctx, b, ack_wait)
+                )
             except TransientError:
                 raise
             except Rejected as exc:
