@@ -106,7 +106,7 @@ def test_a_message_must_come_on_its_own_subject() -> None:
 def test_latest_keeps_the_highest_revision_and_the_later_of_equals() -> None:
     rng = random.Random(3)
     rows = [(rng.choice("ab"), rng.choice("xy"), rng.randrange(3), n) for n in range(500)]
-    got = latest(rows, key=(0, 1), revision=2)
+    got = latest(rows, key=2, revision=2)
     # brute force: per key, the row no other row of the key beats on (revision, position)
     want = []
     for k, group in itertools.groupby(sorted(rows, key=lambda r: r[:2]), key=lambda r: r[:2]):

@@ -7,12 +7,13 @@ so one bad message is dead-lettered on its own instead of failing its batch's CO
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from contracts import subjects
-from contracts.messages import Candle, FeatureVector, Score, Signal
+from contracts.messages import Candle, FeatureVector, Score, Signal, Timeframe
 from contracts.streams import CANDLES, FEATURES, SCORES, SIGNALS
 
 M = TypeVar("M", Candle, FeatureVector, Score, Signal)
@@ -42,8 +43,8 @@ class Table(Generic[M]):
     message: type[M]
     columns: str
     """Staging columns, space-separated, in the order of ``row()``'s values."""
-    key: tuple[int, ...]
-    """Positions of the natural key in a row (the time column included)."""
+    key: int
+    """The natural key is a row's first ``key`` values (the time column included)."""
     revision: int
     """Position of the revision: the same or a higher one replaces a stored row."""
     check: Callable[[M, str, str | None], Problem | None]
@@ -63,15 +64,16 @@ class Table(Generic[M]):
         return f"replicator_upsert_{self.name}"
 
 
-def latest(rows: Iterable[Row], key: Sequence[int], revision: int) -> list[Row]:
-    """One row per natural key: the highest revision, the later one among equals.
+def latest(rows: Iterable[Row], key: int, revision: int) -> list[Row]:
+    """One row per natural key (a row's first ``key`` values): the highest revision, the
+    later one among equals.
 
     An upsert cannot touch one row twice in a statement, and a batch may hold several
     revisions of a candle; the database's own guard then keeps a stored later revision.
     """
     best: dict[tuple[Any, ...], Row] = {}
     for row in rows:
-        k = tuple(row[i] for i in key)
+        k = row[:key]
         held = best.get(k)
         if held is None or row[revision] >= held[revision]:
             best[k] = row
@@ -118,12 +120,18 @@ _SUBJECT: Final[dict[type[Any], Callable[..., str]]] = {
 }
 
 
+@functools.lru_cache(maxsize=65_536)
+def _subject(kind: type[Any], feed: str, symbol: str, tf: Timeframe, ns: str | None) -> str:
+    """Where a message of this kind and series belongs (a worker meets the same few)."""
+    return _SUBJECT[kind](feed, symbol, tf, namespace=ns)
+
+
 def _common(
     m: Candle | FeatureVector | Score | Signal, subject: str, ns: str | None
 ) -> Problem | None:
     """Symbol legal, published where its feed, symbol and timeframe say, times in range."""
     try:
-        expected = _SUBJECT[type(m)](m.feed, m.symbol, m.tf, namespace=ns)
+        expected = _subject(type(m), m.feed, m.symbol, m.tf, ns)
     except subjects.SubjectError as exc:
         return ILLEGAL_SYMBOL, str(exc)
     if subject != expected:
@@ -233,7 +241,7 @@ CANDLE_TABLE: Final = Table(
         "feed symbol tf open_time_ms close_time_ms open high low close tick_volume "
         "real_volume spread_mean spread_max first_tick_ms last_tick_ms revision v"
     ),
-    key=(0, 1, 2, 3),
+    key=4,
     revision=15,
     check=check_candle,
     row=candle_row,
@@ -243,7 +251,7 @@ FEATURE_TABLE: Final = Table(
     stream=FEATURES,
     message=FeatureVector,
     columns=("feed symbol tf open_time_ms feature_set_id candle_revision values warming_up v"),
-    key=(0, 1, 2, 3, 4),
+    key=5,
     revision=5,
     check=check_features,
     row=features_row,
@@ -256,7 +264,7 @@ SCORE_TABLE: Final = Table(
         "feed symbol tf open_time_ms model_version candle_revision feature_set_id "
         "probabilities score v"
     ),
-    key=(0, 1, 2, 3, 4),
+    key=5,
     revision=5,
     check=check_score,
     row=score_row,
@@ -269,7 +277,7 @@ SIGNAL_TABLE: Final = Table(
         "feed symbol tf open_time_ms model_version candle_revision signal_id side "
         "strength ref_price expires_ms feature_set_id corrects v"
     ),
-    key=(0, 1, 2, 3, 4),
+    key=5,
     revision=5,
     check=check_signal,
     row=signal_row,
