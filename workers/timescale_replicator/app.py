@@ -180,6 +180,18 @@ class Replica:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         stored = await self.store.last_seq()
         self._last_seq.set(stored)
+        if stored < floor:
+            # acked means committed: the database lost commits (restored from a backup?)
+            log.warning(
+                "%s: %s holds up to seq %d but the consumer acked up to %d; replay %d..%d"
+                " into it to fill the gap",
+                NAME,
+                self.stream,
+                stored,
+                floor,
+                stored + 1,
+                floor,
+            )
         first = max(floor, stored) + 1
         if first <= delivered:
             count = await self._catch_up(ctx, first, delivered)
