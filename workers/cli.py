@@ -107,6 +107,12 @@ def _import(args: argparse.Namespace) -> int:
     return main([args.kind, *args.rest])
 
 
+def _status(args: argparse.Namespace) -> int:
+    from workers.status import main
+
+    return main()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import main
 
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("kind", choices=["mt5-bars", "mt5-ticks"])
     imp.add_argument("rest", nargs="*")
     imp.set_defaults(func=_import)
+
+    status = sub.add_parser("status", help="every consumer's lag behind its stream, as a table")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")

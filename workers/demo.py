@@ -2,9 +2,9 @@
 
 It starts NATS, PostgreSQL and QuestDB (in ``.stack/demo``, reused by the next run),
 applies the migrations, creates the streams, runs every worker that is built (today:
-candle-ingest) and feeds it the last half hour of EA-style ticks from two feeds at
-accelerated speed, one malformed message among them. It ends with a summary and lists the
-workers that are not built yet.
+candle-ingest, then timescale-replicator on its candles) and feeds it the last half hour of
+EA-style ticks from two feeds at accelerated speed, one malformed message among them. It
+ends with a summary and lists the workers that are not built yet.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Summary:
     accepted: float = 0.0
     candles: dict[str, float] = field(default_factory=dict)
     dead: dict[str, float] = field(default_factory=dict)
+    replicated: float = 0.0
     latency_p50: float | None = None
     latency_p99: float | None = None
     metrics_url: str = ""
@@ -80,6 +81,41 @@ async def _latest_event_ms(js: nats.js.JetStreamContext) -> int:
             if isinstance(m, Tick | Watermark):
                 return m.time_ms
     return 0
+
+
+async def _replicate(urls: StackUrls) -> float:
+    """timescale-replicator copies CANDLES into PostgreSQL; returns the rows it upserted."""
+    from workers.timescale_replicator.app import Replicator
+    from workers.timescale_replicator.app import Settings as ReplicatorSettings
+
+    assert urls.nats_url is not None
+    assert urls.postgres_dsn is not None
+    nc = await nats.connect(urls.nats_url)
+    js = nc.jetstream()
+    durable = streams.TIMESCALE_REPLICATOR
+    spec = [c for c in streams.consumer_specs() if c.label == f"{streams.CANDLES}/{durable}"]
+    await streams.ensure(js, [], spec)
+    replicator = Replicator(
+        ReplicatorSettings(
+            nats_url=urls.nats_url, postgres_dsn=urls.postgres_dsn, replicate=streams.CANDLES
+        )
+    )
+    task = asyncio.create_task(replicator.run())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not task.done():
+        info = await js.consumer_info(streams.CANDLES, durable)
+        last = (await js.stream_info(streams.CANDLES)).state.last_seq
+        if info.ack_floor.stream_seq >= last and not info.num_ack_pending:
+            break
+        await asyncio.sleep(0.2)  # progress display of a live run
+    await nc.close()
+    replicator.stop()
+    await task
+    labels = {"worker": durable, "stream": streams.CANDLES, "outcome": "upserted"}
+    return (
+        replicator.metrics.registry.get_sample_value("tickwire_replicated_rows_total", labels)
+        or 0.0
+    )
 
 
 def _quantile(histogram: list[tuple[float, float]], q: float) -> float | None:
@@ -139,6 +175,8 @@ async def _run(urls: StackUrls, n: int) -> Summary:
     await nc.close()
     worker.stop()
     await task
+    print("  candle-ingest done; timescale-replicator copies CANDLES to PostgreSQL ...", flush=True)
+    summary.replicated = await _replicate(urls)
 
     summary.accepted = (
         sample("tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}) or 0.0
@@ -192,6 +230,7 @@ def main(*, keep: bool = False, ticks: int = 5_000) -> int:
                 f"p99 <= {(s.latency_p99 or float('nan')) * 1000:g} ms (decode, candles, "
                 "QuestDB, CANDLES, ack)"
             )
+        print(f"  rows upserted     {s.replicated:,.0f} into PostgreSQL market.candles")
         print(f"  wall time         {elapsed:.1f}s")
         print(
             f"  candles in QuestDB: {urls.questdb_http} (table candles); metrics were on {s.metrics_url}"

@@ -1,0 +1,653 @@
+"""timescale-replicator on the real NATS and PostgreSQL: tables equal the streams' content.
+
+Each test has its own namespace (its own CANDLES, FEATURES, SCORES, SIGNALS and DLQ
+streams) and its own database, migrated by the admin role; the worker connects as a login
+role of ``tickwire_replicator``, so every test also runs it with least privilege.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from contracts import streams, subjects
+from contracts.codec import encode
+from contracts.messages import Candle, DeadLetter, Score, Signal
+from db.migrate import migrate
+from infra.stack import LocalStack, StackUrls
+from tests import replication
+from tests.replication import BASE, Published
+from tests.waiting import eventually
+from workers.timescale_replicator.app import Replicator, Settings
+from workers.timescale_replicator.store import Refused, Store
+from workers.timescale_replicator.tables import CANDLE_TABLE
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DURABLE = streams.TIMESCALE_REPLICATOR
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MS = timedelta(milliseconds=1)
+
+# What each table holds, as the messages name it (times back to epoch milliseconds).
+SELECT = {
+    "candles": "SELECT * FROM market.candles",
+    "features": "SELECT * FROM market.features",
+    "scores": "SELECT * FROM market.scores",
+    "signals": "SELECT * FROM market.signals",
+}
+TIMES = {"open_time": "open_time_ms", "close_time": "close_time_ms", "expires_at": "expires_ms"}
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    await streams.ensure(js, streams.stream_specs(namespace=unique), replicator_consumers(unique))
+    yield unique
+    for spec in streams.stream_specs(namespace=unique):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+
+
+def replicator_consumers(namespace: str) -> list[streams.ConsumerSpec]:
+    return [c for c in streams.consumer_specs(namespace=namespace) if c.durable == DURABLE]
+
+
+@pytest.fixture
+async def writer_dsn(local_stack: LocalStack, pg_dsn: str, unique: str) -> AsyncIterator[str]:
+    """The migrated test database, as a login role that is a member of tickwire_replicator."""
+    await migrate(pg_dsn)
+    role = f"{unique}_writer"
+    # roles are cluster-wide: a name of this test's own, dropped afterwards
+    with login_role(local_stack, role, "tickwire_replicator"):
+        yield as_role(pg_dsn, role)
+
+
+@contextlib.contextmanager
+def login_role(local_stack: LocalStack, role: str, group: str) -> Iterator[None]:
+    postgres = local_stack.postgres
+    assert postgres is not None
+    postgres.psql('CREATE ROLE :"role" LOGIN IN ROLE :"group";', role=role, group=group)
+    try:
+        yield
+    finally:
+        if postgres.running:
+            postgres.psql('DROP ROLE IF EXISTS :"role";', role=role)
+
+
+def as_role(dsn: str, role: str) -> str:
+    return dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+
+
+def settings(stack: StackUrls, namespace: str, dsn: str, **kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "nats_url": stack.nats_url,
+        "namespace": namespace,
+        "postgres_dsn": dsn,
+        "pull_expires_s": 1,
+        "lag_interval_s": 0.2,
+        "retry_backoff_max_s": 1.0,
+    }
+    return Settings(**(values | kw))
+
+
+async def start(replicator: Replicator) -> asyncio.Task[None]:
+    task = asyncio.create_task(replicator.run())
+    await eventually(
+        lambda: all(w.started.is_set() for w in replicator.workers) or task.done(),
+        what="replicator start",
+    )
+    if task.done():
+        task.result()
+    return task
+
+
+async def stop(replicator: Replicator, task: asyncio.Task[None]) -> None:
+    replicator.stop()
+    await asyncio.wait_for(task, 60)
+
+
+async def publish(js: JetStreamContext, messages: list[Published]) -> None:
+    futures = []
+    for m in messages:
+        futures.append(
+            await js.publish_async(m.subject, m.payload, headers={"Nats-Msg-Id": m.msg_id})
+        )
+    await asyncio.gather(*futures)
+
+
+async def replicated(js: JetStreamContext, namespace: str) -> bool:
+    """Every replicator consumer has acked everything on its stream."""
+    for spec in replicator_consumers(namespace):
+        info = await js.consumer_info(spec.stream, spec.durable)
+        last = (await js.stream_info(spec.stream)).state.last_seq
+        if info.ack_floor.stream_seq != last or info.num_ack_pending:
+            return False
+    return True
+
+
+async def tables(dsn: str) -> dict[str, list[dict[str, Any]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        out = {}
+        for table, sql in SELECT.items():
+            rows = []
+            for record in await conn.fetch(sql):
+                row = {TIMES.get(k, k): v for k, v in dict(record).items()}
+                for name in TIMES.values():
+                    if name in row:
+                        row[name] = (row[name] - EPOCH) // MS
+                rows.append(row)
+            keys = replication.KEYS[table]
+            out[table] = sorted(rows, key=lambda r, keys=keys: [r[k] for k in keys])
+        return out
+    finally:
+        await conn.close()
+
+
+async def state(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT stream, consumer, last_seq FROM market.replication_state")
+    finally:
+        await conn.close()
+    return {r["stream"]: r["last_seq"] for r in rows if r["consumer"] == DURABLE}
+
+
+async def last_seqs(js: JetStreamContext, namespace: str) -> dict[str, int]:
+    out = {}
+    for base in BASE.values():
+        name = streams.stream_name(base, namespace=namespace)
+        out[name] = (await js.stream_info(name)).state.last_seq
+    return out
+
+
+async def dead_letters(js: JetStreamContext, namespace: str) -> list[DeadLetter]:
+    name = streams.stream_name(streams.DLQ, namespace=namespace)
+    info = await js.stream_info(name)
+    if not info.state.messages:
+        return []
+    return [
+        msgspec.json.decode((await js.get_msg(name, seq)).data, type=DeadLetter)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+
+
+def sample(replicator: Replicator, name: str, **labels: str) -> float:
+    value = replicator.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+# --- schema and roles ----------------------------------------------------------------------
+
+
+async def test_roles_replicator_writes_market_only_reader_only_reads(
+    local_stack: LocalStack, pg_dsn: str, writer_dsn: str, unique: str
+) -> None:
+    reader_role = f"{unique}_reader"
+    with login_role(local_stack, reader_role, "tickwire_reader"):
+        await _roles(pg_dsn, writer_dsn, as_role(pg_dsn, reader_role))
+
+
+async def _roles(pg_dsn: str, writer_dsn: str, reader_dsn: str) -> None:
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("CREATE SCHEMA other; CREATE TABLE other.t (x int)")
+    writer = await asyncpg.connect(writer_dsn)
+    reader = await asyncpg.connect(reader_dsn)
+    candle = (
+        "INSERT INTO market.candles VALUES ('f', 'EURUSD', 'M1', to_timestamp(60),"
+        " to_timestamp(120), 1.1, 1.2, 1.0, 1.05, 10, 0, 0.1, 0.2, 60000, 119000, 0, 1)"
+    )
+    try:
+        await writer.execute(candle)
+        await writer.execute("UPDATE market.candles SET revision = 1")
+        assert await writer.fetchval("SELECT count(*) FROM market.candles") == 1
+        refused_to_writer = [
+            "DROP TABLE market.candles",
+            "TRUNCATE market.candles",
+            "DELETE FROM market.candles",
+            "ALTER TABLE market.candles ADD COLUMN x int",
+            "DROP SCHEMA market CASCADE",
+            "CREATE TABLE market.mine (x int)",
+            "CREATE TABLE public.mine (x int)",
+            "CREATE SCHEMA mine",
+            "SELECT * FROM public.schema_migrations",
+            "INSERT INTO other.t VALUES (1)",
+            "SELECT * FROM other.t",
+        ]
+        for sql in refused_to_writer:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute(sql)
+        # its staging tables are temporary ones
+        await writer.execute("CREATE TEMPORARY TABLE scratch (x int)")
+
+        assert await reader.fetchval("SELECT revision FROM market.candles") == 1
+        assert await reader.fetchval("SELECT m1_count FROM market.candles_h1") == 1
+        for sql in [candle, "UPDATE market.candles SET revision = 2", "TRUNCATE market.candles",
+                    "SELECT * FROM other.t", "CREATE TABLE public.mine (x int)"]:  # fmt: skip
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.execute(sql)
+    finally:
+        await writer.close()
+        await reader.close()
+        await admin.close()
+
+
+async def test_hourly_and_daily_views_aggregate_the_m1_candles(pg_dsn: str) -> None:
+    """The H1/D1 views (continuous aggregates under TimescaleDB) against pandas resampling."""
+    import pandas as pd
+
+    await migrate(pg_dsn)
+    rng = random.Random(5)
+    rows = []
+    for symbol in ("EURUSD", "XAUUSD"):
+        for i in range(3000):  # a little over two days of minutes
+            o, c = rng.uniform(1, 2), rng.uniform(1, 2)
+            rows.append(
+                ("f", symbol, "M1", EPOCH + (replication.START_MS + i * 60_000) * MS,
+                 EPOCH + (replication.START_MS + (i + 1) * 60_000) * MS, o,
+                 max(o, c) + rng.random(), min(o, c) - rng.random() / 2, c,
+                 rng.randrange(1, 100), rng.random(), 0.0, rng.random(), 0, 0, 0, 1)
+            )  # fmt: skip
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.copy_records_to_table("candles", records=rows, schema_name="market")
+        h1 = [dict(r) for r in await conn.fetch("SELECT * FROM market.candles_h1")]
+        d1 = [dict(r) for r in await conn.fetch("SELECT * FROM market.candles_d1")]
+    finally:
+        await conn.close()
+    columns = ["feed", "symbol", "tf", "open_time", "close_time", "open", "high", "low", "close",
+               "tick_volume", "real_volume", "spread_mean", "spread_max"]  # fmt: skip
+    df = pd.DataFrame([r[: len(columns)] for r in rows], columns=columns)
+    for got, freq in ((h1, "1h"), (d1, "1D")):
+        want = (
+            df.sort_values("open_time")
+            .groupby(["feed", "symbol", df["open_time"].dt.floor(freq)])
+            .agg(
+                open=("open", "first"),
+                high=("high", "max"),
+                low=("low", "min"),
+                close=("close", "last"),
+                tick_volume=("tick_volume", "sum"),
+                spread_max=("spread_max", "max"),
+                m1_count=("open", "size"),
+            )
+            .reset_index()
+        )
+        assert len(got) == len(want)
+        by_key = {(r["feed"], r["symbol"], r["open_time"]): r for r in got}
+        for w in want.to_dict("records"):
+            g = by_key[w["feed"], w["symbol"], w["open_time"].to_pydatetime()]
+            assert (g["open"], g["high"], g["low"], g["close"]) == (
+                w["open"], w["high"], w["low"], w["close"],
+            )  # fmt: skip
+            assert (g["tick_volume"], g["spread_max"], g["m1_count"]) == (
+                w["tick_volume"], w["spread_max"], w["m1_count"],
+            )  # fmt: skip
+
+
+# --- replication ---------------------------------------------------------------------------
+
+
+async def test_tables_equal_the_streams_latest_revision_wins(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
+) -> None:
+    messages = replication.published(seed=1, candles_per_series=150, namespace=namespace)
+    replicator = Replicator(settings(stack, namespace, writer_dsn, handler_batch=700))
+    task = await start(replicator)
+    try:
+        await publish(js, messages)
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+        # lag on /metrics: nothing left behind on any stream
+        port = replicator.lead.metrics_server.port  # type: ignore[union-attr]
+
+        def scraped() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        async def caught_up() -> bool:
+            text = await asyncio.to_thread(scraped)  # the server runs on this loop
+            lines = [ln for ln in text.splitlines() if ln.startswith("tickwire_replication_lag")]
+            return len(lines) == 8 and all(ln.endswith(" 0.0") for ln in lines)
+
+        await eventually(caught_up, what="lag 0 on /metrics")
+    finally:
+        await stop(replicator, task)
+
+    want = replication.expected(messages)
+    got = await tables(pg_dsn)
+    for table in replication.KEYS:
+        assert got[table] == want[table], table
+    assert any(r["revision"] > 0 for r in got["candles"])
+    assert await state(pg_dsn) == await last_seqs(js, namespace)
+    published = Counter(m.table for m in messages)
+    upserted = sum(
+        sample(replicator, "tickwire_replicated_rows_total", worker=DURABLE, stream=b, outcome=o)
+        for b in BASE.values()
+        for o in ("upserted", "superseded")
+    )
+    assert upserted == sum(published.values())  # every message went through exactly once
+
+
+async def test_restart_skips_what_the_database_has(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
+) -> None:
+    """A consumer that delivers everything again (made anew) rewrites nothing."""
+    messages = replication.published(seed=2, candles_per_series=40, namespace=namespace)
+    await publish(js, messages)
+    first = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(first)
+    await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    await stop(first, task)
+    conn = await asyncpg.connect(pg_dsn)
+    versions = "SELECT xmin::text, ctid::text FROM market.candles ORDER BY 1, 2"
+    before = await conn.fetch(versions)
+
+    for spec in replicator_consumers(namespace):
+        await js.delete_consumer(spec.stream, spec.durable)
+    await streams.ensure(js, [], replicator_consumers(namespace))
+    again = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(again)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated again")
+    finally:
+        await stop(again, task)
+    assert await conn.fetch(versions) == before  # no row was written again
+    await conn.close()
+    skipped = sum(
+        sample(again, "tickwire_replicated_rows_total", worker=DURABLE, stream=b, outcome="skipped")
+        for b in BASE.values()
+    )
+    assert skipped == len(messages)
+    assert await tables(pg_dsn) == replication.expected(messages)
+
+
+async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
+) -> None:
+    good = replication.published(seed=3, candles_per_series=5, namespace=namespace, troubles=False)
+    candle = next(m.message for m in good if isinstance(m.message, Candle))
+    score = next(m.message for m in good if isinstance(m.message, Score))
+    signal = next(m.message for m in good if isinstance(m.message, Signal))
+    c_subject = subjects.candles(candle.feed, candle.symbol, candle.tf, namespace=namespace)
+    s_subject = subjects.scores(score.feed, score.symbol, score.tf, namespace=namespace)
+    g_subject = subjects.signals(signal.feed, signal.symbol, signal.tf, namespace=namespace)
+    f_subject = subjects.features(candle.feed, candle.symbol, candle.tf, namespace=namespace)
+
+    def body(m: Any, **change: Any) -> bytes:
+        return msgspec.json.encode(msgspec.json.decode(encode(m)) | change)
+
+    no_high = msgspec.json.decode(encode(candle))
+    del no_high["high"]
+    bad: list[tuple[str, str, bytes]] = [
+        ("malformed_json", c_subject, b'{"type":"candle","v":1,'),
+        ("unknown_schema_version", c_subject, body(candle, v=7, extra=1)),
+        ("missing_field", c_subject, msgspec.json.encode(no_high)),
+        ("invalid_value", c_subject, body(candle, tick_volume=-1)),
+        ("invalid_value", g_subject, body(signal, strength=1.5)),
+        ("unknown_type", c_subject, body(candle, type="candlestick")),
+        ("out_of_range", c_subject, body(candle, low=candle.high + 1)),
+        ("out_of_range", c_subject, body(candle, open_time_ms=7_258_118_400_000)),  # 2200
+        ("out_of_range", c_subject, body(candle, revision=2**31)),
+        ("out_of_range", s_subject, body(score, score=1.5)),
+        ("out_of_range", s_subject, body(score, probabilities=[0.5, -0.1, 0.6])),
+        ("out_of_range", g_subject, body(signal, expires_ms=signal.open_time_ms)),
+        ("subject_mismatch", c_subject, body(candle, feed="feed-z")),
+        ("subject_mismatch", c_subject, body(candle, tf="H4")),
+        ("illegal_symbol", c_subject, body(candle, symbol="EUR\x00USD")),
+        ("illegal_id", s_subject, body(score, model_version="")),
+        ("illegal_id", f_subject, encode(replication.published(
+            seed=3, candles_per_series=1, namespace=namespace, troubles=False)[1].message
+        ).replace(b'"fs-core-v3"', b'"fs\\u0000v3"')),
+    ]  # fmt: skip
+    # bad messages between good ones, all within one batch per stream
+    mixed: list[Published] = []
+    for i, m in enumerate(good):
+        mixed.append(m)
+        if i < len(bad):
+            reason, subject, payload = bad[i]
+            mixed.append(Published("bad", subject, payload, f"bad|{i}", m.message))
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    await publish(js, mixed)
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+        letters = await eventually(
+            lambda: _at_least(dead_letters(js, namespace), len(bad)), what="dead letters"
+        )
+    finally:
+        await stop(replicator, task)
+
+    assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
+    assert {d.payload for d in letters} == {payload for _, _, payload in bad}
+    assert all(d.worker == DURABLE and d.subject.startswith(f"ns.{namespace}.") for d in letters)
+    assert await tables(pg_dsn) == replication.expected(good)
+    by_reason = Counter(reason for reason, _, _ in bad)
+    for reason, count in by_reason.items():
+        got = sample(replicator, "tickwire_dead_letters_total", worker=DURABLE, reason=reason)
+        assert got == count, reason
+
+
+async def _at_least(letters: Awaitable[list[DeadLetter]], n: int) -> list[DeadLetter] | None:
+    got = await letters
+    return got if len(got) >= n else None
+
+
+async def test_a_batch_the_database_refuses_is_stored_row_by_row(
+    writer_dsn: str, pg_dsn: str
+) -> None:
+    """Rows the database refuses (here a timeframe no message can carry) are singled out."""
+    messages = replication.published(seed=4, candles_per_series=3, namespace="x", troubles=False)
+    candles = [m.message for m in messages if isinstance(m.message, Candle)]
+    rows = [(seq, CANDLE_TABLE.row(c)) for seq, c in enumerate(candles, start=1)]
+    rows[3] = (4, ("f", "EURUSD", "M2", *rows[3][1][3:]))
+    store = Store(writer_dsn, CANDLE_TABLE, stream="S", consumer=DURABLE)
+    try:
+        with pytest.raises(Refused, match="candles_tf_check"):
+            await store.write(rows, len(rows))
+        assert await store.last_seq() == 0  # nothing of the refused batch stayed
+        refused = await store.write_each(rows, len(rows))
+        assert [i for i, _ in refused] == [3]
+        assert await store.last_seq() == len(rows)
+    finally:
+        await store.close()
+    want = replication.expected([m for m in messages if m.message is not candles[3]])
+    assert (await tables(pg_dsn))["candles"] == want["candles"]
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+async def test_postgres_stopped_and_restarted_mid_run(
+    stack: StackUrls,
+    local_stack: LocalStack,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+) -> None:
+    postgres = local_stack.postgres
+    assert postgres is not None
+    messages = replication.published(seed=5, candles_per_series=120, namespace=namespace)
+    half = len(messages) // 2
+    replicator = Replicator(settings(stack, namespace, writer_dsn, handler_batch=500))
+    task = await start(replicator)
+    retries = "tickwire_transient_retries_total"
+    try:
+        await publish(js, messages[:half])
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="first half")
+        postgres.stop()
+        try:
+            await publish(js, messages[half:])
+            before = sample(replicator, retries, worker=DURABLE)
+            await eventually(
+                lambda: sample(replicator, retries, worker=DURABLE) >= before + 4,
+                timeout=60,
+                what="the worker holding batches while PostgreSQL is down",
+            )
+            floors = await ack_floors(js, namespace)
+            lag = "tickwire_replication_lag_messages"
+            await eventually(
+                lambda: sample(replicator, lag, worker=DURABLE, stream="CANDLES") > 0,
+                what="lag reported during the outage",
+            )
+            await eventually(
+                lambda: sample(replicator, retries, worker=DURABLE) >= before + 8,
+                timeout=60,
+                what="more retries",
+            )
+            # nothing acked while nothing could be committed
+            assert await ack_floors(js, namespace) == floors
+        finally:
+            postgres.start()
+        await eventually(lambda: replicated(js, namespace), timeout=90, what="after restart")
+    finally:
+        await stop(replicator, task)
+    assert await tables(pg_dsn) == replication.expected(messages)
+    assert await state(pg_dsn) == await last_seqs(js, namespace)
+
+
+async def ack_floors(js: JetStreamContext, namespace: str) -> dict[str, int]:
+    out = {}
+    for spec in replicator_consumers(namespace):
+        info = await js.consumer_info(spec.stream, spec.durable)
+        out[spec.stream] = info.ack_floor.stream_seq
+    return out
+
+
+def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "run", "timescale-replicator"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+
+async def test_kill_9_mid_batch_changes_nothing(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The worker process is killed with SIGKILL five times while it works through the
+    streams; afterwards the tables hold exactly the streams' content."""
+    messages = replication.published(seed=6, candles_per_series=400, namespace=namespace)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(stack.nats_url),
+        "TICKWIRE_NAMESPACE": namespace,
+        "TICKWIRE_POSTGRES_DSN": writer_dsn,
+        "TICKWIRE_HANDLER_BATCH": "300",
+        "TICKWIRE_FETCH_BATCH": "300",
+        "TICKWIRE_PULL_EXPIRES_S": "1",
+        "TICKWIRE_LOG_LEVEL": "INFO",
+    }
+    log = tmp_path / "replicator.log"
+    candles = streams.stream_name(streams.CANDLES, namespace=namespace)
+    # what a killed process held comes again after the ack wait: 5 s here instead of 60 s
+    quick = [msgspec.structs.replace(c, ack_wait=5.0, backoff=(5.0, 10.0))
+             for c in replicator_consumers(namespace)]  # fmt: skip
+    await streams.ensure(js, [], quick)
+
+    async def delivered() -> int:
+        info = await js.consumer_info(candles, DURABLE)
+        return info.delivered.stream_seq
+
+    async def feed() -> None:
+        chunk = 2000
+        for start_at in range(0, len(messages), chunk):
+            # stay a little ahead of the worker, so every kill lands in the middle of work
+            behind = sum(1 for m in messages[:start_at] if m.table == "candles")
+            await eventually(lambda behind=behind: _above(delivered, behind - 1, None), timeout=120)
+            await publish(js, messages[start_at : start_at + chunk])
+
+    publisher = asyncio.create_task(feed())
+    total = sum(1 for m in messages if m.table == "candles")
+    rng = random.Random(99)
+    points = sorted(rng.sample(range(total // 10, total * 9 // 10), 5))
+    for point in points:
+        proc = spawn(env, log)
+        await eventually(
+            lambda point=point, proc=proc: _above(delivered, point, proc),
+            timeout=120,
+            what=f"CANDLES delivered past seq {point}",
+        )
+        proc.kill()
+        proc.wait()
+    proc = spawn(env, log)
+    try:
+        await asyncio.wait_for(publisher, 120)
+        await eventually(lambda: replicated(js, namespace), timeout=120, what="the end")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert await tables(pg_dsn) == replication.expected(messages)
+    assert await state(pg_dsn) == await last_seqs(js, namespace)
+    assert await dead_letters(js, namespace) == []
+    assert "caught up from seq" in log.read_text(), "no kill landed between delivery and ack"
+
+
+async def _above(
+    probe: Callable[[], Awaitable[int]], point: int, proc: subprocess.Popen[bytes] | None
+) -> bool:
+    if proc is not None and proc.poll() is not None:
+        raise AssertionError(f"worker exited with {proc.returncode}")
+    return await probe() > point
+
+
+# --- tickwire status -----------------------------------------------------------------------
+
+
+async def test_status_prints_every_consumer_with_its_lag(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    messages = replication.published(seed=7, candles_per_series=10, namespace=namespace)
+    await publish(js, messages)
+    candles = streams.stream_name(streams.CANDLES, namespace=namespace)
+    state_ = (await js.stream_info(candles)).state
+    first = (await js.get_msg(candles, state_.first_seq)).time
+    last = (await js.get_msg(candles, state_.last_seq)).time
+    assert first is not None
+    assert last is not None
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "workers.cli", "status"],
+        env={"PATH": os.environ.get("PATH", ""), "TICKWIRE_NATS_URL": str(stack.nats_url)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:2] == ["stream", "consumer"]
+    ours = {line.split()[0]: line.split() for line in lines if f"NS_{namespace}_" in line}
+    assert set(ours) == {streams.stream_name(b, namespace=namespace) for b in BASE.values()}
+    counts = Counter(m.table for m in messages)
+    for table, base in BASE.items():
+        row = ours[streams.stream_name(base, namespace=namespace)]
+        # stream, consumer, last seq, ack floor, not delivered, ack pending, lag msgs, lag s
+        assert row[1] == DURABLE
+        assert [int(x) for x in row[2:7]] == [counts[table], 0, counts[table], 0, counts[table]]
+    seconds = float(ours[candles][7])
+    assert seconds == pytest.approx((last - first).total_seconds(), abs=0.051)

@@ -1,0 +1,125 @@
+"""timescale-replicator's pure part: which messages it refuses, and one row per key."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import msgspec
+import pytest
+
+from contracts import subjects
+from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
+from workers.timescale_replicator.app import Settings
+from workers.timescale_replicator.tables import (
+    CANDLE_TABLE,
+    FEATURE_TABLE,
+    SCORE_TABLE,
+    SIGNAL_TABLE,
+    TABLES,
+    latest,
+)
+
+T0 = 1_741_038_600_000
+CANDLE = Candle(
+    feed="feed-a", symbol="US500.cash", tf=Timeframe.M5, open_time_ms=T0, close_time_ms=T0 + 300_000,
+    open=5000.5, high=5010.25, low=4990.0, close=5001.0, tick_volume=120, first_tick_ms=T0 + 10,
+    last_tick_ms=T0 + 299_000, revision=1,
+)  # fmt: skip
+FEATURES = FeatureVector(
+    feed="feed-a", symbol="US500.cash", tf=Timeframe.M5, open_time_ms=T0, candle_revision=1,
+    feature_set_id="fs-1", values=[0.5, -1.25],
+)  # fmt: skip
+SCORE = Score(
+    feed="feed-a", symbol="US500.cash", tf=Timeframe.M5, open_time_ms=T0, candle_revision=1,
+    feature_set_id="fs-1", model_version="m-7", probabilities=[0.2, 0.3, 0.5], score=0.3,
+)  # fmt: skip
+SIGNAL = Signal(
+    signal_id="feed-a|US500.cash|M5|1741038600000|m-7", feed="feed-a", symbol="US500.cash",
+    tf=Timeframe.M5, open_time_ms=T0, candle_revision=1, side=Side.BUY, strength=0.3,
+    ref_price=5001.0, expires_ms=T0 + 600_000, model_version="m-7", feature_set_id="fs-1",
+)  # fmt: skip
+
+
+def subject_of(m: Any, namespace: str | None = None) -> str:
+    build = {Candle: subjects.candles, FeatureVector: subjects.features,
+             Score: subjects.scores, Signal: subjects.signals}[type(m)]  # fmt: skip
+    return build(m.feed, m.symbol, m.tf, namespace=namespace)
+
+
+def table_of(m: Any) -> Any:
+    return {Candle: CANDLE_TABLE, FeatureVector: FEATURE_TABLE, Score: SCORE_TABLE,
+            Signal: SIGNAL_TABLE}[type(m)]  # fmt: skip
+
+
+@pytest.mark.parametrize("message", [CANDLE, FEATURES, SCORE, SIGNAL])
+def test_good_messages_pass_and_their_rows_follow_the_staging_columns(message: Any) -> None:
+    table = table_of(message)
+    assert table.check(message, subject_of(message), None) is None
+    assert table.check(message, subject_of(message, "replay1"), "replay1") is None
+    row = table.row(message)
+    assert len(row) == len(table.column_names)
+    plain = msgspec.to_builtins(message)
+    for name, value in zip(table.column_names, row, strict=True):
+        assert value == plain[name], name
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "says"),
+    [
+        (msgspec.structs.replace(CANDLE, low=5002.0), "out_of_range", "not a bar"),
+        (msgspec.structs.replace(CANDLE, close=5011.0), "out_of_range", "not a bar"),
+        (msgspec.structs.replace(CANDLE, close_time_ms=T0), "out_of_range", "close_time_ms"),
+        (msgspec.structs.replace(CANDLE, open_time_ms=4_102_444_800_001), "out_of_range", "2100"),
+        (msgspec.structs.replace(CANDLE, revision=2**31), "out_of_range", "revision"),
+        (msgspec.structs.replace(CANDLE, tick_volume=2**63), "out_of_range", "tick_volume"),
+        (msgspec.structs.replace(FEATURES, values=[]), "out_of_range", "values is empty"),
+        (msgspec.structs.replace(FEATURES, feature_set_id=""), "illegal_id", "feature_set_id"),
+        (msgspec.structs.replace(FEATURES, feature_set_id="a\x00b"), "illegal_id", "feature_set_id"),
+        (msgspec.structs.replace(SCORE, score=-1.01), "out_of_range", "score"),
+        (msgspec.structs.replace(SCORE, probabilities=[1.5]), "out_of_range", "probabilities[0]"),
+        (msgspec.structs.replace(SCORE, model_version="m" * 129), "illegal_id", "model_version"),
+        (msgspec.structs.replace(SIGNAL, ref_price=0.0), "out_of_range", "ref_price"),
+        (msgspec.structs.replace(SIGNAL, expires_ms=T0 - 1), "out_of_range", "expires_ms"),
+        (msgspec.structs.replace(SIGNAL, corrects="x\ny"), "illegal_id", "corrects"),
+    ],
+)  # fmt: skip
+def test_values_the_database_would_refuse_are_refused_first(
+    message: Any, reason: str, says: str
+) -> None:
+    problem = table_of(message).check(message, subject_of(message), None)
+    assert problem is not None
+    assert problem[0] == reason
+    assert says in problem[1]
+
+
+def test_a_message_must_come_on_its_own_subject() -> None:
+    other_tf = subjects.candles(CANDLE.feed, CANDLE.symbol, Timeframe.H1)
+    assert CANDLE_TABLE.check(CANDLE, other_tf, None)[0] == "subject_mismatch"
+    live_in_replay = subject_of(CANDLE)
+    assert CANDLE_TABLE.check(CANDLE, live_in_replay, "replay1")[0] == "subject_mismatch"
+    control = msgspec.structs.replace(CANDLE, symbol="EUR\tUSD")
+    assert CANDLE_TABLE.check(control, subject_of(CANDLE), None)[0] == "illegal_symbol"
+
+
+def test_latest_keeps_the_highest_revision_and_the_later_of_equals() -> None:
+    rng = random.Random(3)
+    rows = [(rng.choice("ab"), rng.choice("xy"), rng.randrange(3), n) for n in range(500)]
+    got = latest(rows, key=2, revision=2)
+    # brute force: per key, the row no other row of the key beats on (revision, position)
+    want = []
+    for k, group in itertools.groupby(sorted(rows, key=lambda r: r[:2]), key=lambda r: r[:2]):
+        want.append(max(group, key=lambda r: (r[2], r[3])))
+        assert k == want[-1][:2]
+    assert sorted(got) == sorted(want)
+
+
+def test_settings_choose_streams_and_refuse_unknown_ones() -> None:
+    dsn = "postgresql://replicator:secret@db/tickwire"
+    s = Settings(postgres_dsn=dsn, replicate=" candles, SIGNALS,candles")
+    assert s.streams == ["CANDLES", "SIGNALS"]
+    assert Settings(postgres_dsn=dsn).streams == list(TABLES)
+    assert "secret" not in repr(s)
+    with pytest.raises(ValueError, match="subset of CANDLES,FEATURES,SCORES,SIGNALS"):
+        Settings(postgres_dsn=dsn, replicate="CANDLES,TICKS")

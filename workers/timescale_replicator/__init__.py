@@ -1,0 +1,1 @@
+"""timescale-replicator: CANDLES, FEATURES, SCORES, SIGNALS into PostgreSQL/TimescaleDB."""

@@ -1,0 +1,363 @@
+"""timescale-replicator: CANDLES, FEATURES, SCORES, SIGNALS -> PostgreSQL/TimescaleDB.
+
+consume each stream on its own durable (``timescale-replicator``) -> check every message
+(``tables``) -> COPY + upsert + last stream sequence in one transaction (``store``) -> ack.
+
+Exactly once: a message is acked only after its transaction committed; a redelivered one
+at or below the stored last sequence is already in and is skipped. Because later messages
+may be delivered before a dead process's unacked ones come back, start-up first catches up
+with what the previous process was given (stream sequences above the stored one up to the
+consumer's last delivered), reading it on a short-lived consumer, before consuming anew.
+Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
+is skipped is checked again, so a refusal whose dead letter was never published is not lost.
+
+One process runs one runtime ``Worker`` per stream, all sharing one set of metrics; the
+first serves /metrics and /healthz on ``TICKWIRE_METRICS_PORT`` (healthy when every stream
+is), the others on free loopback ports of their own. Run one process per set of streams:
+two processes on one stream's durable would commit out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Annotated, Any, Final
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge
+from pydantic import Field, SecretStr, field_validator
+
+from contracts.codec import Codec, ContractError
+from contracts.streams import TIMESCALE_REPLICATOR, stream_name
+from workers.runtime.errors import TransientError
+from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.pull import PullSource, parse_reply
+from workers.runtime.settings import RuntimeSettings, load
+from workers.runtime.worker import Batch, Context, Worker
+from workers.status import consumer_lag
+from workers.timescale_replicator.store import Refused, Store
+from workers.timescale_replicator.tables import TABLES, Row, Table
+
+log = logging.getLogger(__name__)
+
+NAME: Final = TIMESCALE_REPLICATOR
+DB_REFUSED: Final = "db_refused"
+CATCH_UP_SUFFIX: Final = "-catchup"
+
+
+class Settings(RuntimeSettings):
+    postgres_dsn: SecretStr
+    """DSN of a login role in ``tickwire_replicator`` (hidden in repr and logs)."""
+    replicate: str = ",".join(TABLES)
+    """Comma-separated streams to replicate (base names: CANDLES,FEATURES,SCORES,SIGNALS)."""
+    handler_batch: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    """Rows per COPY transaction, at most."""
+    fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 2000
+    lag_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    postgres_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    postgres_command_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("replicate")
+    @classmethod
+    def _known_streams(cls, value: str) -> str:
+        names = [n.strip().upper() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in TABLES]
+        if unknown or not names:
+            raise ValueError(f"want a comma-separated subset of {','.join(TABLES)}: {value!r}")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def streams(self) -> list[str]:
+        return self.replicate.split(",")
+
+
+class Metrics:
+    """The replicator's own series, on the registry its workers share."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        r = metrics.registry
+        self.rows = Counter(
+            "tickwire_replicated_rows",
+            "Messages by outcome: upserted, skipped (already stored), superseded (a later"
+            " revision in the same batch)",
+            ["worker", "stream", "outcome"],
+            registry=r,
+        )
+        self.last_seq = Gauge(
+            "tickwire_replicated_last_seq",
+            "Last stream sequence committed to PostgreSQL",
+            ["worker", "stream"],
+            registry=r,
+        )
+        self.lag_messages = Gauge(
+            "tickwire_replication_lag_messages",
+            "Messages on the stream not yet committed and acked",
+            ["worker", "stream"],
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "tickwire_replication_lag_seconds",
+            "Stream time between the stream's last message and the last one replicated",
+            ["worker", "stream"],
+            registry=r,
+        )
+
+
+class Replica:
+    """One stream's worker: its table, store, durable and checks."""
+
+    def __init__(self, settings: Settings, table: Table[Any], metrics: Metrics) -> None:
+        self.settings = settings
+        self.table = table
+        self.namespace = settings.namespace
+        self.stream = stream_name(table.stream, namespace=settings.namespace)
+        self.durable = NAME
+        self.codec: Codec[Any] = Codec(table.message)
+        self.store = Store(
+            settings.postgres_dsn.get_secret_value(),
+            table,
+            stream=self.stream,
+            consumer=self.durable,
+            connect_timeout_s=settings.postgres_connect_timeout_s,
+            command_timeout_s=settings.postgres_command_timeout_s,
+        )
+        name = table.stream
+        self._upserted = metrics.rows.labels(NAME, name, "upserted")
+        self._skipped = metrics.rows.labels(NAME, name, "skipped")
+        self._superseded = metrics.rows.labels(NAME, name, "superseded")
+        self._last_seq = metrics.last_seq.labels(NAME, name)
+        self.lag_messages = metrics.lag_messages.labels(NAME, name)
+        self.lag_seconds = metrics.lag_seconds.labels(NAME, name)
+
+    # --- a batch -----------------------------------------------------------------------
+
+    async def handle(self, batch: Batch[Any], ctx: Context) -> None:
+        check, row, ns = self.table.check, self.table.row, self.namespace
+        rows: list[tuple[int, Row]] = []
+        kept = []
+        top = 0
+        for d in batch.items:
+            seq = d.info.stream_seq
+            top = max(top, seq)
+            problem = check(d.value, d.msg.subject, ns)
+            if problem is not None:
+                batch.reject(d, *problem)
+            else:
+                rows.append((seq, row(d.value)))
+                kept.append(d)
+        try:
+            written = await self.store.write(rows, top)
+        except Refused as exc:
+            log.warning("%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc)
+            for i, why in await self.store.write_each(rows, top):
+                batch.reject(kept[i], DB_REFUSED, why)
+            self._last_seq.set(top)
+            return
+        self._upserted.inc(written.rows)
+        if written.skipped:
+            self._skipped.inc(written.skipped)
+        superseded = len(rows) - written.skipped - written.rows
+        if superseded:
+            self._superseded.inc(superseded)
+        self._last_seq.set(written.last_seq)
+
+    # --- start-up ----------------------------------------------------------------------
+
+    async def start(self, ctx: Context) -> None:
+        """Database ready, durable present, then what a dead process left behind."""
+        await self.store.connect()
+        try:
+            info = await ctx.js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            raise TransientError(
+                f"consumer {self.stream}/{self.durable} not found: run `tickwire streams ensure`"
+            ) from None
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        stored = await self.store.last_seq()
+        self._last_seq.set(stored)
+        if stored < floor:
+            # acked means committed: the database lost commits (restored from a backup?)
+            log.warning(
+                "%s: %s holds up to seq %d but the consumer acked up to %d; replay %d..%d"
+                " into it to fill the gap",
+                NAME,
+                self.stream,
+                stored,
+                floor,
+                stored + 1,
+                floor,
+            )
+        first = max(floor, stored) + 1
+        if first <= delivered:
+            count = await self._catch_up(ctx, first, delivered)
+            log.info(
+                "%s: %s caught up from seq %d to %d (%d messages) before consuming",
+                NAME,
+                self.stream,
+                first,
+                delivered,
+                count,
+            )
+
+    async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
+        """Store the valid messages of ``first..last``; refusals come with the redelivery."""
+        js = ctx.js
+        name = self.durable + CATCH_UP_SUFFIX
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(self.stream, name)
+        await js.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                name=name,
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=first,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        source = PullSource(ctx.nc, self.stream, name, batch=1000, expires_s=1.0)
+        done = 0
+        await source.start()
+        try:
+            reached = first - 1
+            while reached < last:
+                msgs = await source.take(1000, 2.0)
+                if not msgs:
+                    if not (await js.consumer_info(self.stream, name)).num_pending:
+                        break  # the rest of the range is gone from the stream
+                    continue
+                rows = self._rows(msgs, last)
+                reached = max(reached, min(last, parse_reply(msgs[-1].reply).stream_seq))
+                await self._write_holding(rows, reached)
+                done += len(msgs)
+        finally:
+            await source.stop()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(self.stream, name)
+        return done
+
+    def _rows(self, msgs: list[Msg], last: int) -> list[tuple[int, Row]]:
+        out = []
+        for msg in msgs:
+            seq = parse_reply(msg.reply).stream_seq
+            if seq > last:
+                break
+            try:
+                value = self.codec.decode(msg.data)
+            except ContractError:
+                continue
+            if self.table.check(value, msg.subject, self.namespace) is None:
+                out.append((seq, self.table.row(value)))
+        return out
+
+    async def _write_holding(self, rows: list[tuple[int, Row]], through: int) -> None:
+        """Catch-up writes: a refused batch goes row by row (its refusals come again)."""
+        try:
+            await self.store.write(rows, through)
+        except Refused:
+            await self.store.write_each(rows, through)
+        self._last_seq.set(through)
+
+    async def update_lag(self, ctx: Context) -> None:
+        lag = await consumer_lag(ctx.js, self.stream, self.durable)
+        self.lag_messages.set(lag.messages)
+        self.lag_seconds.set(lag.seconds)
+
+
+class _StreamWorker(Worker[Any]):
+    """The runtime worker of one stream; the first one answers /healthz for all of them."""
+
+    siblings: list[Worker[Any]]
+
+    def healthy(self) -> bool:
+        return all(Worker.healthy(w) for w in getattr(self, "siblings", [self]))
+
+
+class Replicator:
+    """The stream workers of one process, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics(NAME)
+        own = Metrics(self.metrics)
+        self.replicas = [Replica(settings, TABLES[s], own) for s in settings.streams]
+        self.workers: list[_StreamWorker] = []
+        for i, replica in enumerate(self.replicas):
+            # only the first serves the configured metrics port
+            s = settings if i == 0 else settings.model_copy(update={"metrics_port": 0})
+            worker = _StreamWorker(
+                NAME,
+                stream=replica.stream,
+                durable=replica.durable,
+                codec=replica.codec,
+                settings=s,
+                handler=replica.handle,
+            )
+            worker.metrics = self.metrics
+            worker.on_startup(replica.start)
+            worker.on_shutdown(_closer(replica))
+            self.workers.append(worker)
+        self.workers[0].siblings = list(self.workers)
+        self._stopping = asyncio.Event()
+
+    @property
+    def lead(self) -> Worker[Any]:
+        return self.workers[0]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for w in self.workers:
+            w.stop()
+
+    async def run(self) -> None:
+        """Every stream worker and the lag reporter; one failing stops all."""
+        tasks = [asyncio.create_task(w.run(), name=f"{NAME} {w.stream}") for w in self.workers]
+        tasks.append(asyncio.create_task(self._report_lag(), name=f"{NAME} lag"))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.stop()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+
+    async def _report_lag(self) -> None:
+        """Every ``lag_interval_s``: messages and seconds behind each stream, on /metrics."""
+        interval = self.settings.lag_interval_s
+        while not self._stopping.is_set():
+            for worker, replica in zip(self.workers, self.replicas, strict=True):
+                if not worker.started.is_set():
+                    continue
+                try:
+                    await replica.update_lag(worker.context)
+                except Exception as exc:  # lag is a report; a failure must not stop work
+                    log.debug("%s: lag of %s not read: %r", NAME, replica.stream, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+
+def _closer(replica: Replica) -> Any:
+    async def close(_: Context) -> None:
+        await replica.store.close()
+
+    return close
+
+
+def main() -> int:
+    replicator = Replicator(load(Settings))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, replicator.stop)
+        await replicator.run()
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,185 @@
+"""One stream's rows into PostgreSQL: COPY into staging, upsert, last sequence, one commit.
+
+Each replicated stream has its own connection (and so its own temporary staging tables).
+``write`` runs one transaction: read the stream's last replicated sequence (locking its
+row), drop what it already covers, COPY the rest into staging, upsert it into the market
+table, record the batch's last sequence. The caller acks after it returns.
+
+A database that cannot be reached, restarts, or times out raises ``TransientError`` (the
+runtime holds the batch and tries again with backoff; the connection is made again). A
+batch the database refuses for its values raises ``Refused``; ``write_each`` then stores
+the rows one by one and returns those refused, so one bad row never holds back the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import asyncpg
+
+from db.queries import query
+from workers.runtime.errors import TransientError
+from workers.timescale_replicator.tables import Row, Table, latest
+
+log = logging.getLogger(__name__)
+
+# What the database says of the values themselves (SQLSTATE classes 22 and 23), and what
+# the client says when a value cannot be encoded for COPY.
+_VALUE_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    OverflowError,
+    ValueError,
+    TypeError,
+)
+
+
+class Refused(Exception):
+    """PostgreSQL refused a batch for the values of some row in it."""
+
+
+class Written(NamedTuple):
+    rows: int
+    """Rows sent to the upsert (after skipping and collapsing revisions)."""
+    skipped: int
+    """Messages at or below the stored last sequence: the database has them already."""
+    last_seq: int
+
+
+class Store:
+    def __init__(
+        self,
+        dsn: str,
+        table: Table[Any],
+        *,
+        stream: str,
+        consumer: str,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 60.0,
+    ) -> None:
+        self._dsn = dsn
+        self.table = table
+        self.stream = stream
+        self.consumer = consumer
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self._conn: asyncpg.Connection | None = None
+        self._upsert = query(table.upsert_query)
+        self._columns = table.column_names
+
+    async def connect(self) -> asyncpg.Connection:
+        """The open connection, made (with its staging tables) when there is none."""
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._conn = None
+        try:
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s,
+                server_settings={"application_name": f"timescale-replicator {self.stream}"},
+            )
+        except Exception as exc:
+            raise TransientError(f"PostgreSQL not reachable: {_describe(exc)}") from exc
+        try:
+            await conn.execute(query("replicator_staging"))
+            await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+            raise TransientError(f"PostgreSQL not ready: {_describe(exc)}") from exc
+        self._conn = conn
+        return conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=5)
+            except Exception:
+                conn.terminate()
+
+    async def last_seq(self) -> int:
+        conn = await self.connect()
+        try:
+            value = await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
+        except Exception as exc:
+            raise await self._lost(exc) from exc
+        return int(value or 0)
+
+    async def write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
+        """Store ``(stream_seq, row)`` pairs and ``through_seq`` as the last sequence."""
+        conn = await self.connect()
+        try:
+            async with conn.transaction():
+                last = await self._locked_last_seq(conn)
+                fresh = [row for seq, row in rows if seq > last]
+                unique = latest(fresh, self.table.key, self.table.revision)
+                if unique:
+                    await conn.copy_records_to_table(
+                        self.table.staging,
+                        records=unique,
+                        columns=self._columns,
+                        schema_name="pg_temp",
+                    )
+                    await conn.execute(self._upsert)
+                if through_seq > last:
+                    await self._record(conn, through_seq)
+        except _VALUE_ERRORS as exc:
+            raise Refused(_describe(exc)) from exc
+        except Exception as exc:
+            raise await self._lost(exc) from exc
+        return Written(len(unique), len(rows) - len(fresh), max(last, through_seq))
+
+    async def write_each(
+        self, rows: Sequence[tuple[int, Row]], through_seq: int
+    ) -> list[tuple[int, str]]:
+        """Like ``write``, a row at a time; returns ``(index in rows, why)`` of those refused."""
+        conn = await self.connect()
+        refused: list[tuple[int, str]] = []
+        try:
+            async with conn.transaction():
+                last = await self._locked_last_seq(conn)
+                for i, (seq, row) in enumerate(rows):
+                    if seq <= last:
+                        continue
+                    try:
+                        async with conn.transaction():  # a savepoint per row
+                            await conn.execute(query("replicator_clear_staging"))
+                            await conn.copy_records_to_table(
+                                self.table.staging,
+                                records=[row],
+                                columns=self._columns,
+                                schema_name="pg_temp",
+                            )
+                            await conn.execute(self._upsert)
+                    except _VALUE_ERRORS as exc:
+                        refused.append((i, _describe(exc)))
+                if through_seq > last:
+                    await self._record(conn, through_seq)
+        except Exception as exc:
+            raise await self._lost(exc) from exc
+        return refused
+
+    async def _locked_last_seq(self, conn: asyncpg.Connection) -> int:
+        value = await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
+        return int(value or 0)
+
+    async def _record(self, conn: asyncpg.Connection, seq: int) -> None:
+        await conn.execute(query("replicator_write_state"), self.stream, self.consumer, seq)
+
+    async def _lost(self, exc: BaseException) -> TransientError:
+        """The connection's state is unknown after a failure: drop it, retry on a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+        return TransientError(f"PostgreSQL write failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"[:500]
