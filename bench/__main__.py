@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from bench import candle_ingest, runtime
+from bench import candle_ingest, feature_builder, runtime
 from bench.report import RESULTS, Figure, save, table
 from infra.stack import LocalStack
 
@@ -15,7 +15,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["runtime", "candle-ingest"], help="one benchmark")
+    parser.add_argument(
+        "--only", choices=["runtime", "candle-ingest", "feature-builder"], help="one benchmark"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with LocalStack(postgres=False) as stack:
@@ -28,6 +30,8 @@ def main() -> int:
             )
         if args.only in (None, "candle-ingest"):
             figures += candle_ingest.measure(urls)
+        if args.only in (None, "feature-builder"):
+            figures += feature_builder.measure(urls)
     print()
     print(table(figures))
     save(figures)
