@@ -1,0 +1,169 @@
+"""feature-builder end to end against a bare consumer of the same stream, and the feature
+library's incremental form against its batch form over the same candles.
+
+Candles are already on CANDLES when each consumer starts, so the end-to-end figure is a
+drain rate: from the moment the worker asks for candles until every one is acked, with
+every feature vector published to FEATURES and acked by JetStream. The baseline only
+decodes and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from bench import bare
+from bench.report import Figure
+from contracts import streams, subjects
+from contracts.messages import Candle, Timeframe
+from infra.stack import StackUrls
+from workers.feature_builder.app import Settings, build
+from workers.features import DEFAULT, Candles
+
+START_MS = 1_741_038_600_000
+
+
+def _series(symbol: str, n: int, rng: random.Random) -> list[Candle]:
+    """A random-walk M1 series of ``n`` candles."""
+    out = []
+    price = rng.uniform(1.0, 2000.0)
+    for i in range(n):
+        t = START_MS + i * 60_000
+        o = price
+        c = round(o * math.exp(rng.gauss(0, 3e-4)), 5)
+        h = round(max(o, c) * (1 + abs(rng.gauss(0, 1e-4))), 5)
+        lo = round(min(o, c) * (1 - abs(rng.gauss(0, 1e-4))), 5)
+        out.append(
+            Candle(
+                feed="bench",
+                symbol=symbol,
+                tf=Timeframe.M1,
+                open_time_ms=t,
+                close_time_ms=t + 60_000,
+                open=o,
+                high=max(h, o, c),
+                low=min(lo, o, c),
+                close=c,
+                tick_volume=rng.randint(1, 200),
+                spread_mean=round(o * 3e-5, 6),
+                first_tick_ms=t,
+                last_tick_ms=t + 59_000,
+            )
+        )
+        price = c
+    return out
+
+
+def _candles(symbols: int, per_symbol: int) -> list[Candle]:
+    rng = random.Random(5)
+    parts = [_series(f"SYM{k:03d}", per_symbol, rng) for k in range(symbols)]
+    return [c for i in range(per_symbol) for c in (p[i] for p in parts)]
+
+
+async def _publish(js: nats.js.JetStreamContext, ns: str, candles: list[Candle]) -> None:
+    await streams.ensure(js, streams.stream_specs(namespace=ns))
+    pending = []
+    enc = msgspec.json.Encoder()
+    for c in candles:
+        subject = subjects.candles(c.feed, c.symbol, c.tf, namespace=ns)
+        pending.append(await js.publish_async(subject, enc.encode(c)))
+        if len(pending) >= 2000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+
+
+async def _bare(nc: Client, ns: str, messages: int) -> float:
+    js = nc.jetstream()
+    stream = streams.stream_name(streams.CANDLES, namespace=ns)
+    durable = f"bare{random.randrange(1 << 30)}"
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+    )
+    elapsed = await bare.drain(nc, stream, durable, msgspec.json.Decoder(Candle).decode, messages)
+    await js.delete_consumer(stream, durable)
+    return messages / elapsed
+
+
+async def _worker(urls: StackUrls, ns: str, messages: int) -> float:
+    worker = build(Settings(nats_url=urls.nats_url, namespace=ns, metrics_port=0))
+    task = asyncio.create_task(worker.run())
+    await worker.started.wait()
+    t0 = time.perf_counter()
+    registry = worker.metrics.registry
+    labels = {"worker": worker.name, "outcome": "ok"}
+    while True:
+        if (registry.get_sample_value("tickwire_messages_in_total", labels) or 0) >= messages:
+            break
+        await asyncio.sleep(0.02)  # polling a counter to time a run, not synchronising a test
+    elapsed = time.perf_counter() - t0
+    worker.stop()
+    await task
+    return messages / elapsed
+
+
+async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[float, float]:
+    ns = "benchfb"
+    nc = await nats.connect(str(urls.nats_url))
+    js = nc.jetstream()
+    try:
+        candles = _candles(symbols, per_symbol)
+        await _publish(js, ns, candles)
+        baseline = max([await _bare(nc, ns, len(candles)) for _ in range(2)])
+        rate = await _worker(urls, ns, len(candles))
+        return rate, baseline
+    finally:
+        for spec in streams.stream_specs(namespace=ns):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(spec.name)
+        await nc.close()
+
+
+def _library(n: int, repeats: int = 3) -> tuple[float, float]:
+    """Nanoseconds per candle: stepping one engine through ``n`` candles, and the batch
+    form over the same candles (best of ``repeats`` each)."""
+    bars = _series("LIB", n, random.Random(9))
+    candles = Candles.from_bars(bars)
+    step, batch = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        DEFAULT.engine().run(bars)
+        step.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        DEFAULT.batch(candles)
+        batch.append(time.perf_counter() - t0)
+    return min(step) / n * 1e9, min(batch) / n * 1e9
+
+
+def measure(urls: StackUrls) -> list[Figure]:
+    print("feature-builder: 100,000 candles of 50 symbols, end to end ...", flush=True)
+    rate, baseline = asyncio.run(_end_to_end(urls, 50, 2_000))
+    print("feature library: 50,000 candles, incremental and batch ...", flush=True)
+    step_ns, batch_ns = _library(50_000)
+    return [
+        Figure(
+            "feature-builder, candles to vectors",
+            rate,
+            "candles/s",
+            "bare decode-only",
+            baseline,
+            None,
+            20_000,
+        ),
+        Figure(
+            f"feature library, incremental ({len(DEFAULT.names)} values)",
+            step_ns,
+            "ns/candle",
+            "batch form, same candles",
+            batch_ns,
+        ),
+    ]

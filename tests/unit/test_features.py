@@ -1,0 +1,250 @@
+"""The feature library: incremental equals batch on 50,000 candles, both equal pandas
+references written here, the feature-set id is stable, and look-ahead is caught."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.candles import series
+from workers.features import DEFAULT, Candles, Feature, FeatureSet, Stepper, violations
+from workers.features.base import Array, Bar, empty
+from workers.features.kinds import Macd, Rsi
+from workers.features.lookahead import close
+
+N = 50_000
+LEVELS = [(1.1, 5, 3), (5000.0, 2, 4), (30_000.0, 1, 5)]  # price, digits, seed
+
+
+@pytest.fixture(scope="module", params=LEVELS, ids=["fx", "index", "crypto"])
+def long_series(request: pytest.FixtureRequest) -> tuple[list, Candles, Array]:
+    price, digits, seed = request.param
+    bars = series(N, price=price, digits=digits, seed=seed)
+    return bars, Candles.from_bars(bars), DEFAULT.engine().run(bars)
+
+
+def assert_close(got: Array, want: Array, what: str, tol: float = 1e-9) -> None:
+    ok = close(got, want, tol)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise AssertionError(f"{what}: first difference at {i}: {got[i]!r} != {want[i]!r}")
+
+
+def test_incremental_equals_batch_for_every_feature(long_series) -> None:
+    _, candles, stream = long_series
+    batch = DEFAULT.batch(candles)
+    assert stream.shape == batch.shape == (N, len(DEFAULT.names))
+    for j, name in enumerate(DEFAULT.names):
+        assert_close(stream[:, j], batch[:, j], name)
+
+
+def test_values_are_nan_exactly_before_each_warm_up(long_series) -> None:
+    _, _, stream = long_series
+    at = 0
+    for f in DEFAULT.features:
+        for j in range(len(f.names)):
+            column = stream[:, at + j]
+            assert np.isnan(column[: f.warmup - 1]).all(), f.names[j]
+            assert np.isfinite(column[f.warmup - 1 :]).all(), f.names[j]
+        at += len(f.names)
+    assert DEFAULT.warmup == max(f.warmup for f in DEFAULT.features) == 34
+
+
+def column(values: Array, name: str) -> Array:
+    return values[:, DEFAULT.names.index(name)]
+
+
+def wilder(x: pd.Series, period: int) -> pd.Series:
+    """Wilder's smoothing with pandas: mean of the first ``period`` values of x (from index
+    1, the first change), then ewm(alpha=1/period, adjust=False)."""
+    seed = x.iloc[1 : period + 1].mean()
+    s = x.iloc[period:].copy()
+    s.iloc[0] = seed
+    return s.ewm(alpha=1 / period, adjust=False).mean().reindex(x.index)
+
+
+def test_rsi_atr_macd_equal_pandas_references(long_series) -> None:
+    _, candles, stream = long_series
+    df = pd.DataFrame({"h": candles.high, "l": candles.low, "c": candles.close})
+    change = df["c"].diff()
+    gain = wilder(change.clip(lower=0), 14)
+    loss = wilder((-change).clip(lower=0), 14)
+    with np.errstate(divide="ignore"):
+        rsi = 100 - 100 / (1 + gain / loss)
+    prev = df["c"].shift(1)
+    tr = pd.concat([df["h"] - df["l"], (df["h"] - prev).abs(), (df["l"] - prev).abs()], axis=1)
+    atr = wilder(tr.max(axis=1, skipna=False), 14)
+    macd = df["c"].ewm(span=12, adjust=False).mean() - df["c"].ewm(span=26, adjust=False).mean()
+    signal = macd.ewm(span=9, adjust=False).mean()
+    for name, ref, first in [
+        ("rsi_14", rsi, 14),
+        ("atr_14", atr, 14),
+        ("macd", macd, 33),
+        ("macd_signal", signal, 33),
+        ("macd_hist", macd - signal, 33),
+    ]:
+        got = column(stream, name)
+        assert np.isnan(got[:first]).all()
+        assert_close(got[first:], ref.to_numpy()[first:], name)
+
+
+def test_window_features_equal_pandas_references(long_series) -> None:
+    _, candles, stream = long_series
+    c = pd.Series(candles.close)
+    r1 = np.log(c / c.shift(1))
+
+    def std(x: pd.Series) -> pd.Series:
+        # two passes per window: pandas' own rolling std is an online update whose rounding
+        # reaches 1e-8 of a z-score on 50,000 prices
+        return x.rolling(20).apply(lambda w: w.std(ddof=0), raw=True)
+
+    refs: dict[str, pd.Series] = {
+        "ret_1": r1,
+        "ret_5": np.log(c / c.shift(5)),
+        "ret_20": np.log(c / c.shift(20)),
+        "vol_20": std(r1),
+        "bb_z_20": (c - c.rolling(20).mean()) / std(c),
+        "range_hl": (pd.Series(candles.high) - pd.Series(candles.low)) / c,
+    }
+    v = pd.Series(candles.tick_volume, dtype=float)
+    refs["volume_z_20"] = (v - v.rolling(20).mean()) / v.rolling(20).std(ddof=0)
+    tr = np.maximum(
+        candles.high[1:] - candles.low[1:],
+        np.maximum(
+            np.abs(candles.high[1:] - candles.close[:-1]),
+            np.abs(candles.low[1:] - candles.close[:-1]),
+        ),
+    )
+    atr = wilder(pd.Series(np.concatenate([[np.nan], tr])), 14)
+    refs["spread_atr_14"] = pd.Series(candles.spread_mean) / atr
+    for name, ref in refs.items():
+        want = ref.to_numpy(dtype=float)
+        got = column(stream, name)
+        # a flat window (zero deviation) is 0 by definition, NaN or inf in pandas
+        defined = np.isfinite(want)
+        assert_close(got[defined], want[defined], name)
+        flat = ~defined & ~np.isnan(got)
+        assert (got[flat] == 0.0).all(), name
+
+    times = pd.to_datetime(candles.open_time_ms, unit="ms", utc=True)
+    seconds = times.hour * 3600 + times.minute * 60 + times.second
+    angle_day = 2 * np.pi * np.asarray(seconds) / 86_400
+    angle_week = 2 * np.pi * np.asarray(times.dayofweek) / 7  # pandas: Monday = 0
+    assert_close(column(stream, "tod_sin"), np.sin(angle_day), "tod_sin")
+    assert_close(column(stream, "tod_cos"), np.cos(angle_day), "tod_cos")
+    assert_close(column(stream, "dow_sin"), np.sin(angle_week), "dow_sin")
+    assert_close(column(stream, "dow_cos"), np.cos(angle_week), "dow_cos")
+
+
+def test_a_clone_is_independent_of_the_series_it_came_from() -> None:
+    bars = series(200, seed=8)
+    engine = DEFAULT.engine()
+    for b in bars[:100]:
+        engine.step(b)
+    fork = engine.clone()
+    other = series(200, seed=9, start_ms=bars[100].open_time_ms)
+    for b in other[100:150]:  # a different future for the fork
+        fork.step(b)
+    rest = [engine.step(b) for b in bars[100:]]
+    want = DEFAULT.batch(Candles.from_bars(bars))[100:]
+    assert_close(np.asarray(rest), want, "original after fork")
+
+
+# --- the feature-set id ---------------------------------------------------------------
+
+
+def test_the_default_id_is_pinned() -> None:
+    # Changing a definition's parameters, the set or LIBRARY_VERSION changes this on
+    # purpose: models trained on the old set are refused by the scorer.
+    assert DEFAULT.id == "fs-6b96a736becbbd47"
+
+
+def test_changing_a_parameter_changes_the_id() -> None:
+    changed = FeatureSet(
+        tuple(
+            dataclasses.replace(f, period=21) if isinstance(f, Rsi) else f for f in DEFAULT.features
+        )
+    )
+    assert changed.id != DEFAULT.id
+    signal = FeatureSet(
+        tuple(
+            dataclasses.replace(f, signal=8) if isinstance(f, Macd) else f for f in DEFAULT.features
+        )
+    )
+    assert len({DEFAULT.id, changed.id, signal.id}) == 3
+    reordered = FeatureSet(DEFAULT.features[::-1])
+    assert reordered.id != DEFAULT.id  # values are published in the set's order
+    assert FeatureSet(tuple(DEFAULT.features)).id == DEFAULT.id
+
+
+def test_the_id_is_the_same_in_another_process() -> None:
+    code = "from workers.features import DEFAULT; print(DEFAULT.id)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123"},
+    )
+    assert out.stdout.strip() == DEFAULT.id
+
+
+# --- look-ahead -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeekNext(Feature):
+    """Planted: the return from this close to the next one, a label posing as a feature."""
+
+    kind: ClassVar[str] = "peek_next"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("next_ret",)
+
+    @property
+    def warmup(self) -> int:
+        return 1
+
+    def stepper(self) -> Stepper:
+        return _Zero()
+
+    def batch(self, candles: Candles) -> Array:
+        out = empty(len(candles))
+        c = candles.close
+        out[:-1, 0] = np.log(c[1:] / c[:-1])
+        out[-1:, 0] = 0.0
+        return out
+
+
+class _Zero(Stepper):
+    __slots__ = ()
+
+    def step(self, bar: Bar, out: list[float], at: int) -> None:
+        out[at] = 0.0
+
+    def clone(self) -> _Zero:
+        return self
+
+
+def test_no_default_feature_reads_ahead() -> None:
+    candles = Candles.from_bars(series(3_000, seed=12))
+    assert violations(DEFAULT, candles) == []
+
+
+def test_a_feature_that_peeks_at_the_next_candle_is_reported_by_name() -> None:
+    candles = Candles.from_bars(series(3_000, seed=12))
+    found = violations((*DEFAULT.features, PeekNext()), candles)
+    assert {v.name for v in found} == {"next_ret"}
+    assert {v.check for v in found} == {"prefix", "stream"}
+    prefix = next(v for v in found if v.check == "prefix")
+    assert prefix.other == 0.0
+    assert not math.isclose(prefix.full, 0.0)

@@ -1,0 +1,315 @@
+"""feature-builder: closed candles -> feature vectors, one series at a time.
+
+consume CANDLES (Candle) -> ``Builder`` (per feed/symbol/timeframe engines of the shared
+feature library) -> FeatureVector published to FEATURES with ``Nats-Msg-Id`` = candle key,
+candle revision and feature-set id, before the candles are acked.
+
+State comes from history: on start the CANDLES stream is read again from its first message
+up to the last one the durable consumer delivered, through the same engines, so every
+series is in the state an uninterrupted run has, to the last bit. Up to the ack floor that
+only rebuilds state; after it (what a crashed process was given but did not ack) the
+vectors are published again, identically, and de-duplicated by message id. When those
+candles come again through the durable consumer they are acked without a second effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from typing import Annotated, Final
+
+import msgspec
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+from tqdm import tqdm
+
+from contracts import subjects
+from contracts.codec import Codec, ContractError, encode
+from contracts.messages import Candle, Timeframe
+from contracts.streams import (
+    CANDLES,
+    FEATURE_BUILDER,
+    ConsumerSpec,
+    consumer_specs,
+    ensure,
+    stream_name,
+    stream_specs,
+)
+from workers.feature_builder.state import Builder, Refusal, message_id
+from workers.features import DEFAULT
+from workers.runtime.errors import TransientError
+from workers.runtime.publish import MSG_ID, Outgoing, PublishError
+from workers.runtime.pull import PullSource
+from workers.runtime.settings import RuntimeSettings, load
+from workers.runtime.worker import Batch, Context, Delivery, Worker, run_until_signalled
+
+log = logging.getLogger(__name__)
+
+NAME: Final = FEATURE_BUILDER
+REMEMBERED_REFUSALS: Final = 100_000
+
+
+class Settings(RuntimeSettings):
+    revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
+    """At least this many of a series' latest candles can be revised (at most twice that)."""
+    max_payload_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
+    partitions: Annotated[int, Field(ge=1, le=64)] = 1
+    partition: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def durable(self) -> str:
+        if self.partitions == 1:
+            return NAME
+        return f"{NAME}-{self.partition}of{self.partitions}"
+
+
+def partition_of(subject: str, partitions: int) -> int:
+    """Stable partition of a candle subject by its feed and symbol tokens: every timeframe of
+    a symbol goes to the same instance."""
+    tokens = subject.rsplit(".", 3)
+    return zlib.crc32(f"{tokens[-3]}.{tokens[-2]}".encode()) % partitions
+
+
+class Metrics:
+    """feature-builder's own series, beside the runtime's."""
+
+    def __init__(self, ctx: Context) -> None:
+        r, w = ctx.metrics.registry, ctx.worker
+        self.vectors = Counter(
+            "tickwire_feature_vectors_out",
+            "Feature vectors published, by timeframe and whether warming up",
+            ["worker", "tf", "warming_up"],
+            registry=r,
+        )
+        self.revisions = Counter(
+            "tickwire_feature_revisions",
+            "Vectors recomputed for a revised candle",
+            ["worker"],
+            registry=r,
+        )
+        self.warmup = Counter(
+            "tickwire_feature_warmup_candles",
+            "Candles read from the stream at start to rebuild state",
+            ["worker"],
+            registry=r,
+        )
+        self.series = Gauge(
+            "tickwire_feature_series",
+            "Series (feed, symbol, timeframe) held",
+            ["worker"],
+            registry=r,
+        )
+        self.latency = ctx.metrics.latency.labels(w, "candle_to_feature")
+        self.by_tf = {
+            (tf, warming): self.vectors.labels(w, tf.value, str(warming).lower())
+            for tf in Timeframe
+            for warming in (False, True)
+        }
+        self.revisions_w = self.revisions.labels(w)
+        self.warmup_w = self.warmup.labels(w)
+        self.series_w = self.series.labels(w)
+
+
+class Features:
+    """The builder plus what it owes: vectors computed but not yet published."""
+
+    def __init__(self, settings: Settings, ctx: Context) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.builder = Builder(DEFAULT, settings.revision_depth)
+        self.metrics = Metrics(ctx)
+        self.applied_seq = 0
+        """Stream sequence of the last candle folded into the state."""
+        self.pending: list[Outgoing] = []
+        self.pending_meta: list[tuple[Timeframe, bool, int, bool]] = []
+        """(tf, warming up, candle close ms, revised) of each pending vector."""
+        self.refused: collections.OrderedDict[int, Refusal] = collections.OrderedDict()
+        """Refusals by stream seq, for the candle coming again (a retried batch, or a
+        redelivery after a restart whose replay refused it)."""
+
+    def apply(self, batch: Batch[Candle] | None, d: Delivery[Candle], *, output: bool) -> None:
+        seq = d.info.stream_seq
+        if seq <= self.applied_seq:  # in the state already
+            refusal = self.refused.get(seq)
+            if refusal is not None and batch is not None:
+                batch.reject(d, *refusal)
+            return
+        c = d.value
+        revisions = self.builder.revisions
+        result = self.builder.apply(c, d.msg.subject)
+        self.applied_seq = seq
+        if isinstance(result, Refusal):
+            if output:
+                self.refused[seq] = result
+                if len(self.refused) > REMEMBERED_REFUSALS:
+                    self.refused.popitem(last=False)
+                if batch is not None:
+                    batch.reject(d, *result)
+            return
+        if not output:
+            return
+        subject = subjects.features(c.feed, c.symbol, c.tf, namespace=self.settings.namespace)
+        self.pending.append(Outgoing(subject, encode(result), message_id(result)))
+        revised = self.builder.revisions != revisions
+        self.pending_meta.append((c.tf, result.warming_up, c.close_time_ms, revised))
+
+    async def flush(self) -> None:
+        """Publish what is pending; raises TransientError, keeping it pending."""
+        if self.pending:
+            await publish(self.ctx, self.pending)
+            now_ms = time.time_ns() // 1_000_000
+            m = self.metrics
+            for tf, warming, close_ms, revised in self.pending_meta:
+                m.by_tf[tf, warming].inc()
+                if revised:
+                    m.revisions_w.inc()
+                m.latency.observe(max(0, now_ms - close_ms) / 1000)
+            self.pending = []
+            self.pending_meta = []
+        self.metrics.series_w.set(len(self.builder.series))
+
+    async def restore(self, stream: str) -> None:
+        """Rebuild every series from the stream, publishing again what was not acked."""
+        info = await self.ctx.js.consumer_info(stream, self.settings.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        if delivered == 0:
+            return
+        read = await self._replay(stream, delivered, live_from=floor + 1)
+        self.metrics.warmup_w.inc(read)
+        log.info(
+            "%s: %d series rebuilt from %d candles up to seq %d, output from seq %d",
+            NAME,
+            len(self.builder.series),
+            read,
+            delivered,
+            floor + 1,
+        )
+        await self.flush()
+        self.applied_seq = max(self.applied_seq, delivered)
+
+    async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
+        js, nc = self.ctx.js, self.ctx.nc
+        info = await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                filter_subjects=list(_spec(self.settings).filter_subjects),
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        source = PullSource(nc, stream, info.name, batch=1000)
+        codec: Codec[Candle] = Codec(Candle, max_bytes=self.settings.max_payload_bytes)
+        accept = _acceptor(self.settings)
+        read = 0
+        await source.start()
+        progress = tqdm(total=last, desc=f"{NAME} warm-up", unit="seq", disable=None)
+        try:
+            while self.applied_seq < last:
+                msgs = await source.take(1000, 5.0)
+                if not msgs:
+                    if (await js.consumer_info(stream, info.name)).num_pending == 0:
+                        break  # the rest up to `last` is gone from the stream
+                    raise TransientError(f"warm-up stalled at seq {self.applied_seq}")
+                for msg in msgs:
+                    d: Delivery[Candle] = Delivery(msg, None)  # type: ignore[arg-type]
+                    seq = d.info.stream_seq
+                    if seq > last:
+                        break
+                    if accept is None or accept(msg.subject):
+                        # undecodable: the runtime dead-letters it when it comes again
+                        with contextlib.suppress(ContractError):
+                            d.value = codec.decode(msg.data)
+                            self.apply(None, d, output=seq >= live_from)
+                            read += 1
+                    self.applied_seq = seq
+                progress.update(self.applied_seq - progress.n)
+        finally:
+            progress.close()
+            await source.stop()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(stream, info.name)
+        return read
+
+
+async def publish(ctx: Context, messages: list[Outgoing]) -> None:
+    """Publish all, wait for every JetStream ack; ``PublishError`` if any fails or times out.
+
+    The runtime's ``Publisher`` without its per-message stall timeout: with one, nats-py
+    waits for its pending-publish semaphore through ``asyncio.wait_for``, which yields to
+    the event loop on every message, so each vector went out in a socket write of its own
+    (about 3 k vectors/s). Without it the vectors of a batch leave in a few writes. At most
+    ``handler_batch`` publishes are pending at once, so the semaphore never blocks long.
+    """
+    futures: list[asyncio.Future[PubAck]] = []
+    timeout = ctx.settings.publish_timeout_s
+    try:
+        for m in messages:
+            futures.append(
+                await ctx.js.publish_async(m.subject, m.payload, headers={MSG_ID: m.msg_id})
+            )
+        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    except Exception as exc:
+        for f in futures:
+            f.cancel()
+        ctx.metrics.publish_failures.labels(ctx.worker).inc()
+        raise PublishError(f"publish of {len(futures)} vectors failed: {exc!r}") from exc
+    if acks:
+        ctx.metrics.messages_out.labels(ctx.worker, acks[0].stream).inc(len(acks))
+
+
+def _spec(settings: Settings) -> ConsumerSpec:
+    base = next(
+        c for c in consumer_specs(namespace=settings.namespace) if c.durable == FEATURE_BUILDER
+    )
+    return msgspec.structs.replace(base, durable=settings.durable)
+
+
+def _acceptor(settings: Settings) -> Callable[[str], bool] | None:
+    n, k = settings.partitions, settings.partition
+    if n == 1:
+        return None
+    return lambda subject: partition_of(subject, n) == k
+
+
+def build(settings: Settings) -> Worker[Candle]:
+    if settings.partition >= settings.partitions:
+        raise SystemExit("tickwire: TICKWIRE_PARTITION must be below TICKWIRE_PARTITIONS")
+    stream = stream_name(CANDLES, namespace=settings.namespace)
+    worker: Worker[Candle] = Worker(
+        NAME,
+        stream=stream,
+        durable=settings.durable,
+        codec=Codec(Candle, max_bytes=settings.max_payload_bytes),
+        settings=settings,
+        accept=_acceptor(settings),
+    )
+
+    @worker.on_startup
+    async def start(ctx: Context) -> None:
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [_spec(settings)])
+        features = Features(settings, ctx)
+        await features.restore(stream)
+        ctx.state["features"] = features
+
+    @worker.handler
+    async def on_candles(batch: Batch[Candle], ctx: Context) -> None:
+        features: Features = ctx.state["features"]
+        for d in batch.items:
+            features.apply(batch, d, output=True)
+        await features.flush()
+
+    return worker
+
+
+def main() -> int:
+    run_until_signalled(build(load(Settings)))
+    return 0

@@ -1,0 +1,183 @@
+"""Per-series feature state, candle checks and revisions: the pure part of feature-builder.
+
+A series (feed, symbol, timeframe) holds the incremental engine after its latest candle and
+enough to go back: the engine as it was before the oldest of the recent candles, a copy
+taken every ``depth`` candles, and the recent candles themselves (between ``depth`` and
+``2 * depth`` of them). A revised candle among them is recomputed from the state before it,
+and the candles after it are stepped again so the state going on holds every latest
+revision. Only the revised candle's vector is published: later vectors keep the revision
+they were computed from, and their ids are taken.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, NamedTuple
+
+from contracts import subjects
+from contracts.messages import Candle, FeatureVector, Timeframe
+from workers.features import Engine, FeatureSet
+
+HIGH_BELOW_LOW: Final = "high_below_low"
+PRICE_OUTSIDE_RANGE: Final = "price_outside_range"
+BAD_PRICE: Final = "bad_price"
+BAD_PERIOD: Final = "bad_period"
+SUBJECT_MISMATCH: Final = "subject_mismatch"
+OUT_OF_ORDER: Final = "out_of_order"
+STALE_REVISION: Final = "stale_revision"
+REVISION_TOO_OLD: Final = "revision_too_old"
+NON_FINITE: Final = "non_finite_feature"
+
+
+class Refusal(NamedTuple):
+    reason: str
+    detail: str
+
+
+Key = tuple[str, str, Timeframe]
+
+
+def check_candle(c: Candle, subject: str) -> Refusal | None:
+    """A candle features can be computed from, published where it belongs."""
+    tokens = subject.rsplit(".", 3)
+    try:
+        token = subjects.escape(c.symbol)
+    except subjects.SubjectError as exc:
+        return Refusal(SUBJECT_MISMATCH, str(exc))
+    if tokens[-3:] != [c.feed, token, c.tf.value]:
+        return Refusal(SUBJECT_MISMATCH, f"{c.feed}/{c.symbol}/{c.tf} published on {subject}")
+    prices = (c.open, c.high, c.low, c.close)
+    if not all(math.isfinite(p) and p > 0.0 for p in prices):
+        return Refusal(BAD_PRICE, f"{_name(c)} o={c.open} h={c.high} l={c.low} c={c.close}")
+    if c.high < c.low:
+        return Refusal(HIGH_BELOW_LOW, f"{_name(c)} high={c.high} < low={c.low}")
+    if not (c.low <= c.open <= c.high and c.low <= c.close <= c.high):
+        return Refusal(
+            PRICE_OUTSIDE_RANGE, f"{_name(c)} o={c.open} c={c.close} outside [{c.low}, {c.high}]"
+        )
+    if c.close_time_ms - c.open_time_ms != c.tf.ms or not math.isfinite(c.spread_mean):
+        return Refusal(BAD_PERIOD, f"{_name(c)} {c.open_time_ms}..{c.close_time_ms}")
+    return None
+
+
+def _name(c: Candle) -> str:
+    return f"{c.feed} {c.symbol} {c.tf.value} {c.open_time_ms} r{c.revision}"
+
+
+class Series:
+    """One series' engine, the state to go back to, and its recent candles."""
+
+    __slots__ = ("base", "depth", "engine", "mid", "recent")
+
+    def __init__(self, fs: FeatureSet, depth: int) -> None:
+        self.depth = depth
+        self.engine = fs.engine()
+        self.base = self.engine.clone()
+        """The engine before ``recent[0]``."""
+        self.mid: Engine | None = None
+        """The engine before ``recent[depth]``, once there is one."""
+        self.recent: list[Candle] = []
+
+    def add(self, c: Candle) -> list[float]:
+        """Step the next candle (later than every one before)."""
+        recent = self.recent
+        if len(recent) == self.depth:
+            self.mid = self.engine.clone()
+        values = self.engine.step(c)
+        recent.append(c)
+        if len(recent) == 2 * self.depth:
+            assert self.mid is not None
+            self.base, self.mid = self.mid, None
+            del recent[: self.depth]
+        return values
+
+    def revise(self, at: int, c: Candle) -> tuple[list[float], bool]:
+        """Replace ``recent[at]`` and step again from the state before the oldest recent
+        candle; the revised candle's values and whether it was still warming up."""
+        self.recent[at] = c
+        engine = self.base.clone()
+        self.mid = None
+        values: list[float] = []
+        warming = False
+        for k, candle in enumerate(self.recent):
+            if k == self.depth:
+                self.mid = engine.clone()
+            out = engine.step(candle)
+            if k == at:
+                values, warming = out, engine.warming_up
+        self.engine = engine
+        return values, warming
+
+    def find(self, open_time_ms: int) -> int | None:
+        for k in range(len(self.recent) - 1, -1, -1):
+            t = self.recent[k].open_time_ms
+            if t == open_time_ms:
+                return k
+            if t < open_time_ms:
+                return None
+        return None
+
+
+class Builder:
+    """Every series of one worker, under one feature set."""
+
+    def __init__(self, fs: FeatureSet, depth: int = 8) -> None:
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.fs = fs
+        self.depth = depth
+        self.series: dict[Key, Series] = {}
+        self.revisions = 0
+        """Revised candles recomputed so far."""
+
+    def apply(self, c: Candle, subject: str) -> FeatureVector | Refusal:
+        """The vector of a candle (new or revised), or why there is none."""
+        refusal = check_candle(c, subject)
+        if refusal is not None:
+            return refusal
+        key = (c.feed, c.symbol, c.tf)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(self.fs, self.depth)
+        recent = series.recent
+        if not recent or c.open_time_ms > recent[-1].open_time_ms:
+            values = series.add(c)
+            warming = series.engine.warming_up
+        else:
+            at = series.find(c.open_time_ms)
+            if at is None:
+                if c.open_time_ms < recent[0].open_time_ms and c.revision > 0:
+                    return Refusal(
+                        REVISION_TOO_OLD,
+                        f"{_name(c)}: only candles from {recent[0].open_time_ms} can be revised",
+                    )
+                return Refusal(
+                    OUT_OF_ORDER, f"{_name(c)} after {recent[-1].open_time_ms}, not a revision"
+                )
+            if c.revision <= recent[at].revision:
+                return Refusal(
+                    STALE_REVISION, f"{_name(c)}: revision {recent[at].revision} already seen"
+                )
+            values, warming = series.revise(at, c)
+            self.revisions += 1
+        if warming:
+            values = [v if v == v else 0.0 for v in values]  # NaN: this feature is not warm
+        elif not all(map(math.isfinite, values)):
+            return Refusal(NON_FINITE, f"{_name(c)}: {values}")
+        return FeatureVector(
+            feed=c.feed,
+            symbol=c.symbol,
+            tf=c.tf,
+            open_time_ms=c.open_time_ms,
+            candle_revision=c.revision,
+            feature_set_id=self.fs.id,
+            values=values,
+            warming_up=warming,
+        )
+
+
+def message_id(v: FeatureVector) -> str:
+    """The ``Nats-Msg-Id`` of a vector: its candle's key and revision, and the feature set."""
+    return (
+        f"{v.feed}|{v.symbol}|{v.tf.value}|{v.open_time_ms}|{v.candle_revision}|{v.feature_set_id}"
+    )
