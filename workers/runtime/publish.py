@@ -9,6 +9,7 @@ which the stream's duplicate window turns into no-ops.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
@@ -19,6 +20,8 @@ from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
 
 MSG_ID: Final = "Nats-Msg-Id"
+MAX_PENDING: Final = 4000
+"""Publishes awaiting their ack, per JetStream context (``publish_async_max_pending``)."""
 
 
 class Outgoing(NamedTuple):
@@ -42,14 +45,16 @@ class Publisher:
         """Publish all, wait for every ack. Returns the acks in order."""
         futures: list[asyncio.Future[PubAck]] = []
         try:
+            js = self._js
             for m in messages:
                 headers = {MSG_ID: m.msg_id}
                 if m.headers:
                     headers.update(m.headers)
+                # a time limit on the wait for a free slot costs a task per publish in
+                # nats-py (several times the publish itself): only ask for one when full
+                stall = None if js.publish_async_pending() < MAX_PENDING else self._timeout_s
                 futures.append(
-                    await self._js.publish_async(
-                        m.subject, m.payload, headers=headers, wait_stall=self._timeout_s
-                    )
+                    await js.publish_async(m.subject, m.payload, headers=headers, wait_stall=stall)
                 )
             if not futures:
                 return []
@@ -59,6 +64,6 @@ class Publisher:
                 f.cancel()
             self._metrics.publish_failures.labels(self._metrics.worker).inc()
             raise PublishError(f"publish of {len(futures)} messages failed: {exc!r}") from exc
-        for ack in acks:
-            self._metrics.messages_out.labels(self._metrics.worker, ack.stream).inc()
+        for stream, n in Counter(ack.stream for ack in acks).items():
+            self._metrics.messages_out.labels(self._metrics.worker, stream).inc(n)
         return acks

@@ -20,9 +20,10 @@ The ack policy is decided here, once:
 A handler may split its work in two: it updates its state and returns a *commit*, the
 awaitable that makes the batch's effect durable (publishes, writes). The loop then takes
 and handles the next batch while the commit runs; commits run one at a time, in batch
-order, and a batch is acked only after its commit. A commit's ``TransientError`` holds the
-batch as above; any other exception stops the worker (its state may be ahead of what is
-durable, so it must start again from what is).
+order, and a batch is acked only after its commit. A commit may still reject messages of
+its batch (a database refusing a row): they are dead-lettered after it. A commit's
+``TransientError`` holds the batch as above; any other exception stops the worker (its
+state may be ahead of what is durable, so it must start again from what is).
 
 A worker module only declares what it consumes, how to decode it, and a handler.
 """
@@ -48,7 +49,7 @@ from contracts.messages import DeadLetter
 from workers.runtime.connection import connect
 from workers.runtime.errors import Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
-from workers.runtime.publish import Outgoing, Publisher
+from workers.runtime.publish import MAX_PENDING, Outgoing, Publisher
 from workers.runtime.pull import (
     ACK,
     IN_PROGRESS,
@@ -165,6 +166,23 @@ class _Staged(Generic[T]):
     dead: list[DeadItem]
     parts: list[DeadItem]
     commit: Commit | None
+    batch: Batch[T] | None = None
+
+    def late_rejections(self) -> list[DeadItem]:
+        """Messages the commit rejected on the batch; taken out of ``acked``."""
+        batch = self.batch
+        if batch is None:
+            return []
+        known = {id(item.msg) for item in self.dead}
+        late = [
+            DeadItem(d.msg, d.info, rej.reason, rej.detail)
+            for d, rej in batch.rejections()
+            if id(d.msg) not in known
+        ]
+        if late:
+            gone = {id(item.msg) for item in late}
+            self.acked = [d for d in self.acked if id(d.msg) not in gone]
+        return late
 
 
 class Worker(Generic[T]):
@@ -253,7 +271,7 @@ class Worker(Generic[T]):
             log.info("%s stopped before it could connect", self.name)
             return
         nc = connecting.result()
-        js = nc.jetstream(timeout=s.publish_timeout_s)
+        js = nc.jetstream(timeout=s.publish_timeout_s, publish_async_max_pending=MAX_PENDING)
         ctx = Context(
             worker=self.name,
             settings=s,
@@ -402,6 +420,7 @@ class Worker(Generic[T]):
         retry: list[tuple[Delivery[T], str]] = []
         parts: list[DeadItem] = []
         commit: Commit | None = None
+        batch: Batch[T] | None = None
         if not items:
             return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, None)
         try:
@@ -413,7 +432,9 @@ class Worker(Generic[T]):
         except Exception as exc:
             if before is not None:
                 await before
-            if len(items) == 1:
+            if len(items) == 1 and isinstance(exc, Rejected):
+                dead.append(DeadItem(items[0].msg, items[0].info, exc.reason, exc.detail))
+            elif len(items) == 1:
                 retry.append((items[0], repr(exc)))
                 log.exception("%s: handler failed", self.name)
             else:
@@ -428,11 +449,11 @@ class Worker(Generic[T]):
                 dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
             parts.extend(_part_items(batch))
             acked.extend(batch)
-        return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, commit)
+        return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, commit, batch)
 
     async def _finish(self, ctx: Context, staged: _Staged[T]) -> bool:
         """Dead-letter, commit, ack. False: the batch was handed back (stopping or failed)."""
-        msgs, acked, dead, retry = staged.msgs, staged.acked, staged.dead, staged.retry
+        msgs, dead, retry = staged.msgs, staged.dead, staged.retry
         try:
             limit = self._poison_limit
             for d, err in retry:
@@ -451,6 +472,12 @@ class Worker(Generic[T]):
                 await self._holding(
                     every, lambda b: self._keepalive(commit(), b.items, staged.ack_wait)
                 )
+                late = staged.late_rejections()
+                if late:
+                    # refused by the commit itself (e.g. by the database): acked as dead
+                    held = [Delivery(item.msg, None, item.info) for item in late]
+                    await self._holding(held, lambda _: self._dead_letter(ctx, late))
+                    dead = dead + late
         except TransientError:
             await self._hand_back(ctx, msgs)
             return False
@@ -461,6 +488,7 @@ class Worker(Generic[T]):
             await self._hand_back(ctx, msgs)
             return False
         nc = ctx.nc
+        acked = staged.acked
         for d in acked:
             await nc.publish(d.msg.reply, ACK)
         for item in dead:
