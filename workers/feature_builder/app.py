@@ -14,7 +14,6 @@ candles come again through the durable consumer they are acked without a second 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import logging
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from typing import Annotated, Final
 
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 from tqdm import tqdm
@@ -44,10 +43,10 @@ from contracts.streams import (
 from workers.feature_builder.state import Builder, Refusal, message_id
 from workers.features import DEFAULT
 from workers.runtime.errors import TransientError
-from workers.runtime.publish import MSG_ID, Outgoing, PublishError
+from workers.runtime.publish import Outgoing
 from workers.runtime.pull import PullSource
 from workers.runtime.settings import RuntimeSettings, load
-from workers.runtime.worker import Batch, Context, Delivery, Worker, run_until_signalled
+from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +158,30 @@ class Features:
         revised = self.builder.revisions != revisions
         self.pending_meta.append((c.tf, result.warming_up, c.close_time_ms, revised))
 
-    async def flush(self) -> None:
-        """Publish what is pending; raises TransientError, keeping it pending."""
-        if self.pending:
-            await publish(self.ctx, self.pending)
+    def seal(self) -> Commit:
+        """The vectors pending now, as the commit that publishes them (the runtime runs it
+        while the next batch is applied); tried again after a TransientError."""
+        pending, meta = self.pending, self.pending_meta
+        self.pending, self.pending_meta = [], []
+        self.metrics.series_w.set(len(self.builder.series))
+
+        async def commit() -> None:
+            if not pending:
+                return
+            await self.ctx.publisher.publish(pending)
             now_ms = time.time_ns() // 1_000_000
             m = self.metrics
-            for tf, warming, close_ms, revised in self.pending_meta:
+            for tf, warming, close_ms, revised in meta:
                 m.by_tf[tf, warming].inc()
                 if revised:
                     m.revisions_w.inc()
                 m.latency.observe(max(0, now_ms - close_ms) / 1000)
-            self.pending = []
-            self.pending_meta = []
-        self.metrics.series_w.set(len(self.builder.series))
+
+        return commit
+
+    async def flush(self) -> None:
+        """Seal and commit at once (start-up)."""
+        await self.seal()()
 
     async def restore(self, stream: str) -> None:
         """Rebuild every series from the stream, publishing again what was not acked."""
@@ -240,32 +249,6 @@ class Features:
         return read
 
 
-async def publish(ctx: Context, messages: list[Outgoing]) -> None:
-    """Publish all, wait for every JetStream ack; ``PublishError`` if any fails or times out.
-
-    The runtime's ``Publisher`` without its per-message stall timeout: with one, nats-py
-    waits for its pending-publish semaphore through ``asyncio.wait_for``, which yields to
-    the event loop on every message, so each vector went out in a socket write of its own
-    (about 3 k vectors/s). Without it the vectors of a batch leave in a few writes. At most
-    ``handler_batch`` publishes are pending at once, so the semaphore never blocks long.
-    """
-    futures: list[asyncio.Future[PubAck]] = []
-    timeout = ctx.settings.publish_timeout_s
-    try:
-        for m in messages:
-            futures.append(
-                await ctx.js.publish_async(m.subject, m.payload, headers={MSG_ID: m.msg_id})
-            )
-        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
-    except Exception as exc:
-        for f in futures:
-            f.cancel()
-        ctx.metrics.publish_failures.labels(ctx.worker).inc()
-        raise PublishError(f"publish of {len(futures)} vectors failed: {exc!r}") from exc
-    if acks:
-        ctx.metrics.messages_out.labels(ctx.worker, acks[0].stream).inc(len(acks))
-
-
 def _spec(settings: Settings) -> ConsumerSpec:
     base = next(
         c for c in consumer_specs(namespace=settings.namespace) if c.durable == FEATURE_BUILDER
@@ -301,11 +284,11 @@ def build(settings: Settings) -> Worker[Candle]:
         ctx.state["features"] = features
 
     @worker.handler
-    async def on_candles(batch: Batch[Candle], ctx: Context) -> None:
+    async def on_candles(batch: Batch[Candle], ctx: Context) -> Commit:
         features: Features = ctx.state["features"]
         for d in batch.items:
             features.apply(batch, d, output=True)
-        await features.flush()
+        return features.seal()
 
     return worker
 

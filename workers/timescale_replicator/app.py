@@ -37,7 +37,7 @@ from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import PullSource, parse_reply
 from workers.runtime.settings import RuntimeSettings, load
-from workers.runtime.worker import Batch, Context, Worker
+from workers.runtime.worker import Batch, Commit, Context, Worker
 from workers.status import consumer_lag
 from workers.timescale_replicator.store import Refused, Store
 from workers.timescale_replicator.tables import TABLES, Row, Table
@@ -135,7 +135,9 @@ class Replica:
 
     # --- a batch -----------------------------------------------------------------------
 
-    async def handle(self, batch: Batch[Any], ctx: Context) -> None:
+    async def handle(self, batch: Batch[Any], ctx: Context) -> Commit:
+        """Check and shape the rows; the transaction is the commit, overlapping the next
+        batch's checks."""
         check, row, ns = self.table.check, self.table.row, self.namespace
         rows: list[tuple[int, Row]] = []
         kept = []
@@ -149,21 +151,27 @@ class Replica:
             else:
                 rows.append((seq, row(d.value)))
                 kept.append(d)
-        try:
-            written = await self.store.write(rows, top)
-        except Refused as exc:
-            log.warning("%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc)
-            for i, why in await self.store.write_each(rows, top):
-                batch.reject(kept[i], DB_REFUSED, why)
-            self._last_seq.set(top)
-            return
-        self._upserted.inc(written.rows)
-        if written.skipped:
-            self._skipped.inc(written.skipped)
-        superseded = len(rows) - written.skipped - written.rows
-        if superseded:
-            self._superseded.inc(superseded)
-        self._last_seq.set(written.last_seq)
+
+        async def commit() -> None:
+            try:
+                written = await self.store.write(rows, top)
+            except Refused as exc:
+                log.warning(
+                    "%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc
+                )
+                for i, why in await self.store.write_each(rows, top):
+                    batch.reject(kept[i], DB_REFUSED, why)
+                self._last_seq.set(top)
+                return
+            self._upserted.inc(written.rows)
+            if written.skipped:
+                self._skipped.inc(written.skipped)
+            superseded = len(rows) - written.skipped - written.rows
+            if superseded:
+                self._superseded.inc(superseded)
+            self._last_seq.set(written.last_seq)
+
+        return commit
 
     # --- start-up ----------------------------------------------------------------------
 
