@@ -298,8 +298,13 @@ class Ingest:
             )
             for c in pending
         ]
-        await self.sink.write(pending)
-        await self.ctx.publisher.publish(out)
+        # at once, both to the end; both idempotent: a retry after a failure does both again
+        done = await asyncio.gather(
+            self.sink.write(pending), self.ctx.publisher.publish(out), return_exceptions=True
+        )
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
         now_ms = time.time_ns() // 1_000_000
         m = self.metrics
         for c, trigger in zip(pending, triggers, strict=True):
@@ -541,8 +546,10 @@ def build(settings: Settings) -> Worker[TickInput]:
     @worker.handler
     async def on_ticks(batch: Batch[TickInput], ctx: Context) -> Commit:
         ingest: Ingest = ctx.state["ingest"]
-        for d in batch.items:
+        for i, d in enumerate(batch.items, 1):
             ingest.apply(batch, d)
+            if not i % 64:
+                await asyncio.sleep(0)  # let the previous batch's commit and acks move on
         return ingest.seal()
 
     @worker.on_shutdown
