@@ -2,7 +2,7 @@
 
 It starts NATS, PostgreSQL and QuestDB (in ``.stack/demo``, reused by the next run),
 applies the migrations, creates the streams, runs every worker that is built (today:
-candle-ingest, then timescale-replicator on its candles) and feeds it the last half hour of
+candle-ingest, feature-builder on its candles, then timescale-replicator on both) and feeds it the last half hour of
 EA-style ticks from two feeds at accelerated speed, one malformed message among them. It
 ends with a summary and lists the workers that are not built yet.
 """
@@ -25,6 +25,7 @@ from contracts.messages import Tick, TickBatch, TickInput, Watermark
 from infra.stack import StackUrls
 from workers.candle_ingest.app import Settings, build
 from workers.cli import WORKERS
+from workers.features.featureset import DEFAULT
 
 FEEDS = ("icmarkets-live", "pepperstone-demo")
 SYMBOLS = ("EURUSD", "US500.cash", "XAUUSD")
@@ -37,7 +38,9 @@ class Summary:
     accepted: float = 0.0
     candles: dict[str, float] = field(default_factory=dict)
     dead: dict[str, float] = field(default_factory=dict)
-    replicated: float = 0.0
+    replicated: dict[str, float] = field(default_factory=dict)
+    vectors: float = 0.0
+    warming: float = 0.0
     latency_p50: float | None = None
     latency_p99: float | None = None
     metrics_url: str = ""
@@ -83,8 +86,43 @@ async def _latest_event_ms(js: nats.js.JetStreamContext) -> int:
     return 0
 
 
-async def _replicate(urls: StackUrls) -> float:
-    """timescale-replicator copies CANDLES into PostgreSQL; returns the rows it upserted."""
+async def _drained(js: nats.js.JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    last = (await js.stream_info(stream)).state.last_seq
+    return info.ack_floor.stream_seq >= last and not info.num_ack_pending
+
+
+async def _features(urls: StackUrls) -> tuple[float, float]:
+    """feature-builder turns CANDLES into FEATURES; returns (vectors, of which warming up)."""
+    from workers.feature_builder.app import Settings as FeatureSettings
+    from workers.feature_builder.app import build as build_features
+
+    assert urls.nats_url is not None
+    worker = build_features(FeatureSettings(nats_url=urls.nats_url, metrics_port=0))
+    task = asyncio.create_task(worker.run())
+    nc = await nats.connect(urls.nats_url)
+    js = nc.jetstream()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not task.done():
+        if worker.started.is_set() and await _drained(js, streams.CANDLES, worker.durable):
+            break
+        await asyncio.sleep(0.2)  # progress display of a live run
+    await nc.close()
+    worker.stop()
+    await task
+    vectors = warming = 0.0
+    for metric in worker.metrics.registry.collect():
+        if metric.name == "tickwire_feature_vectors_out":
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    vectors += sample.value
+                    if sample.labels["warming_up"] == "true":
+                        warming += sample.value
+    return vectors, warming
+
+
+async def _replicate(urls: StackUrls) -> dict[str, float]:
+    """timescale-replicator copies CANDLES and FEATURES into PostgreSQL; rows per stream."""
     from workers.timescale_replicator.app import Replicator
     from workers.timescale_replicator.app import Settings as ReplicatorSettings
 
@@ -93,29 +131,33 @@ async def _replicate(urls: StackUrls) -> float:
     nc = await nats.connect(urls.nats_url)
     js = nc.jetstream()
     durable = streams.TIMESCALE_REPLICATOR
-    spec = [c for c in streams.consumer_specs() if c.label == f"{streams.CANDLES}/{durable}"]
-    await streams.ensure(js, [], spec)
+    copied = (streams.CANDLES, streams.FEATURES)
+    labels = {f"{stream}/{durable}" for stream in copied}
+    await streams.ensure(js, [], [c for c in streams.consumer_specs() if c.label in labels])
     replicator = Replicator(
         ReplicatorSettings(
-            nats_url=urls.nats_url, postgres_dsn=urls.postgres_dsn, replicate=streams.CANDLES
+            nats_url=urls.nats_url, postgres_dsn=urls.postgres_dsn, replicate=",".join(copied)
         )
     )
     task = asyncio.create_task(replicator.run())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not task.done():
-        info = await js.consumer_info(streams.CANDLES, durable)
-        last = (await js.stream_info(streams.CANDLES)).state.last_seq
-        if info.ack_floor.stream_seq >= last and not info.num_ack_pending:
+        done = [await _drained(js, stream, durable) for stream in copied]
+        if all(done):
             break
         await asyncio.sleep(0.2)  # progress display of a live run
     await nc.close()
     replicator.stop()
     await task
-    labels = {"worker": durable, "stream": streams.CANDLES, "outcome": "upserted"}
-    return (
-        replicator.metrics.registry.get_sample_value("tickwire_replicated_rows_total", labels)
+    sample = replicator.metrics.registry.get_sample_value
+    return {
+        stream: sample(
+            "tickwire_replicated_rows_total",
+            {"worker": durable, "stream": stream, "outcome": "upserted"},
+        )
         or 0.0
-    )
+        for stream in copied
+    }
 
 
 def _quantile(histogram: list[tuple[float, float]], q: float) -> float | None:
@@ -175,7 +217,9 @@ async def _run(urls: StackUrls, n: int) -> Summary:
     await nc.close()
     worker.stop()
     await task
-    print("  candle-ingest done; timescale-replicator copies CANDLES to PostgreSQL ...", flush=True)
+    print("  candle-ingest done; feature-builder turns candles into features ...", flush=True)
+    summary.vectors, summary.warming = await _features(urls)
+    print("  timescale-replicator copies candles and features to PostgreSQL ...", flush=True)
     summary.replicated = await _replicate(urls)
 
     summary.accepted = (
@@ -230,7 +274,15 @@ def main(*, keep: bool = False, ticks: int = 5_000) -> int:
                 f"p99 <= {(s.latency_p99 or float('nan')) * 1000:g} ms (decode, candles, "
                 "QuestDB, CANDLES, ack)"
             )
-        print(f"  rows upserted     {s.replicated:,.0f} into PostgreSQL market.candles")
+        print(
+            f"  feature vectors   {s.vectors:,.0f} ({s.warming:,.0f} still warming up: a series"
+            f" needs {DEFAULT.warmup} candles of history)"
+        )
+        print(
+            "  rows upserted     "
+            + ", ".join(f"{n:,.0f} {stream.lower()}" for stream, n in s.replicated.items())
+            + " into PostgreSQL (schema market)"
+        )
         print(f"  wall time         {elapsed:.1f}s")
         print(
             f"  candles in QuestDB: {urls.questdb_http} (table candles); metrics were on {s.metrics_url}"
@@ -239,7 +291,7 @@ def main(*, keep: bool = False, ticks: int = 5_000) -> int:
         if missing:
             print()
             print("not built yet: " + ", ".join(missing))
-            print("so this demo stops at candles: no features, scores or signals yet.")
+            print("so this demo stops at features: no scores or signals yet.")
         if keep:
             print("\nstack running; Ctrl-C to stop")
             try:
