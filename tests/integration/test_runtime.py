@@ -18,7 +18,7 @@ from contracts.messages import DeadLetter, Tick, TickBatch, TickInput
 from tests.waiting import eventually
 from workers.runtime.errors import TransientError
 from workers.runtime.settings import RuntimeSettings
-from workers.runtime.worker import Batch, Context, Worker
+from workers.runtime.worker import Batch, Commit, Context, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -202,6 +202,65 @@ async def test_transient_failure_holds_the_batch_without_redelivery(
     assert retries == 3
     info = await js.consumer_info(stream, worker_name)
     assert info.num_redelivered == 0
+
+
+async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """A handler that returns a commit: the next batch is handled while it runs, nothing is
+    acked before its own commit, commits run in batch order, a commit's TransientError is
+    retried in place, and a message the commit refuses is dead-lettered."""
+    worker_name, stream, dlq_stream = await _make_streams(js, unique)
+    worker = _worker(worker_name, stream, _settings(stack.nats_url, handler_batch=10))
+    handled: list[list[int]] = []
+    committed: list[list[int]] = []
+    tries: defaultdict[int, int] = defaultdict(int)
+    gate = asyncio.Event()
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> Commit:
+        seqs = [d.info.stream_seq for d in batch]
+        handled.append(seqs)
+
+        async def commit() -> None:
+            tries[seqs[0]] += 1
+            if seqs[0] == 1:
+                await gate.wait()
+            if len(committed) == 1 and tries[seqs[0]] == 1:
+                raise TransientError("store restarting")
+            for d in batch:
+                if d.info.stream_seq == 15:
+                    batch.reject(d, "db_refused", "violates check constraint")
+            committed.append(seqs)
+
+        return commit
+
+    for i in range(30):
+        await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
+    task = await _run(worker)
+    try:
+        await eventually(lambda: len(handled) >= 2, what="second batch handled")
+        # the first commit waits: the second batch was handled meanwhile, no third one,
+        # nothing committed, nothing acked
+        assert len(handled) == 2
+        assert committed == []
+        assert (await js.consumer_info(stream, worker_name)).ack_floor.stream_seq == 0
+        gate.set()
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert committed == handled  # each batch committed once it succeeded, in batch order
+    assert [seq for seqs in committed for seq in seqs] == list(range(1, 31))
+    assert tries[committed[1][0]] == 2  # the TransientError was retried in place
+    letters = await _dead_letters(js, dlq_stream)
+    assert [(d.reason, d.stream_seq) for d in letters] == [("db_refused", 15)]
+    info = await js.consumer_info(stream, worker_name)
+    assert info.num_redelivered == 0
+    ok = worker.metrics.registry.get_sample_value(
+        "tickwire_messages_in_total", {"worker": worker_name, "outcome": "ok"}
+    )
+    assert ok == 29
 
 
 async def _dead_letters_if(js: JetStreamContext, stream: str, n: int) -> list[DeadLetter] | None:

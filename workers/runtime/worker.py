@@ -430,8 +430,10 @@ class Worker(Generic[T]):
             await self._hand_back(ctx, msgs)
             return None
         except Exception as exc:
-            if before is not None:
-                await before
+            # one by one commits as it goes: only after the batch before is done
+            if before is not None and not await before:
+                await self._hand_back(ctx, msgs)
+                return None
             if len(items) == 1 and isinstance(exc, Rejected):
                 dead.append(DeadItem(items[0].msg, items[0].info, exc.reason, exc.detail))
             elif len(items) == 1:
