@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
-from contracts import messages
+from contracts import messages, models
 
 SCHEMA_DIR: Final = Path(__file__).with_name("schemas")
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -28,9 +28,10 @@ def _file_stem(name: str) -> str:
 
 
 def schemas() -> dict[str, dict[str, Any]]:
-    """File name -> JSON Schema, for every message and for what a TICKS subject accepts."""
+    """File name -> JSON Schema: every message, what a TICKS subject accepts, registry records."""
     types: list[tuple[str, Any]] = [(_file_stem(t.__name__), t) for t in messages.ALL_MESSAGES]
     types.append(("tick_input", messages.TickInput))
+    types += [(_file_stem(t.__name__), t) for t in (models.ModelCard, models.ActiveModel)]
     out: dict[str, dict[str, Any]] = {}
     for stem, tp in types:
         schema = msgspec.json.schema(tp)

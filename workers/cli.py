@@ -113,6 +113,19 @@ def _status(args: argparse.Namespace) -> int:
     return main()
 
 
+def _models(args: argparse.Namespace) -> int:
+    from workers.registry.cli import run
+
+    return run(args)
+
+
+def _gain(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import main
 
@@ -164,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="every consumer's lag behind its stream, as a table")
     status.set_defaults(func=_status)
+
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
+    msub = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    mlist = msub.add_parser("list", help="stored models as a table")
+    for flag in ("--feed", "--symbol", "--tf"):
+        mlist.add_argument(flag)
+    msub.add_parser("show", help="one model's card").add_argument("version")
+    promote = msub.add_parser("promote", help="make a model active if it beats the active one")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="skip the promotion gate")
+    promote.add_argument("--metric", default="auc", help="metric the gate compares")
+    promote.add_argument("--min-gain", type=_gain, default=0.0, help="gain needed to promote")
+    rollback = msub.add_parser("rollback", help="make the previously active model active again")
+    for flag in ("--feed", "--symbol", "--tf"):
+        rollback.add_argument(flag, required=True)
+    models.set_defaults(func=_models)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")

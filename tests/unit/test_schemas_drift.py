@@ -28,13 +28,15 @@ def test_committed_schemas_match_the_messages(tmp_path: Path) -> None:
     )
 
 
-def test_there_is_one_schema_per_message_and_one_for_tick_input(tmp_path: Path) -> None:
+def test_there_is_one_schema_per_message_tick_input_and_registry_record(tmp_path: Path) -> None:
     names = sorted(p.name for p in schemas.export(tmp_path))
     assert names == [
+        "active_model.json",
         "bar.json",
         "candle.json",
         "dead_letter.json",
         "feature_vector.json",
+        "model_card.json",
         "score.json",
         "signal.json",
         "tick.json",
