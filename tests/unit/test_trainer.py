@@ -1,0 +1,139 @@
+"""The trainer's pure parts on a deterministic synthetic market, against independent
+computations written here (pandas for labels, pairwise counting for AUC)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.trainer_market import market
+from tests.unit.test_features import PeekNext
+from workers.features import DEFAULT, FeatureSet
+from workers.trainer import dataset, evaluate, labels, split
+from workers.trainer.train import Params, train
+
+H = 3
+PARAMS = Params(folds=4, rounds=100)
+
+
+@pytest.fixture(scope="module")
+def patterned() -> dataset.Dataset:
+    return dataset.build(market(3000, seed=1, pattern=True), DEFAULT, H)
+
+
+def test_labels_match_pandas() -> None:
+    c = market(500, seed=3)
+    spread = c.spread_mean * np.linspace(0.5, 40, len(c))  # a spread that makes FLATs
+    df = pd.DataFrame({"close": c.close, "spread": spread})
+    future = df["close"].shift(-H)
+    up = (future - df["close"] - df["spread"]) / df["close"]
+    down = (df["close"] - future - df["spread"]) / df["close"]
+    expected = np.select([up > 0, down > 0], [1.0, -1.0], 0.0)
+    expected[future.isna().to_numpy()] = np.nan
+
+    got = labels.classes(c.close, spread, H)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[-H:]).all()
+    assert np.isfinite(got[:-H]).all()
+    assert {-1.0, 0.0, 1.0} <= set(got[:-H])
+    np.testing.assert_allclose(labels.long_net_return(c.close, spread, H)[:-H], up[:-H], rtol=1e-12)
+
+
+def test_dataset_drops_warmup_and_unlabelled_candles(patterned: dataset.Dataset) -> None:
+    c = market(3000, seed=1, pattern=True)
+    assert len(patterned) == len(c) - (DEFAULT.warmup - 1) - H
+    assert patterned.open_time_ms[0] == c.open_time_ms[DEFAULT.warmup - 1]
+    assert patterned.open_time_ms[-1] == c.open_time_ms[-H - 1]
+    assert np.isfinite(patterned.features).all()
+
+
+@pytest.mark.parametrize(("n", "folds", "horizon"), [(3000, 4, 3), (1000, 2, 12), (5000, 6, 1)])
+def test_no_training_label_window_overlaps_its_test_fold(n: int, folds: int, horizon: int) -> None:
+    out = split.walk_forward(n, folds=folds, horizon=horizon)
+    assert len(out) == folds
+    assert out[-1].test[-1] == n - 1  # the last fold is the latest holdout
+    for a, b in itertools.pairwise(out):
+        assert a.test[-1] + 1 == b.test[0]
+    for f in out:
+        test = set(range(int(f.test[0]), int(f.test[-1]) + 1))
+        valid = set(f.valid.tolist())
+        for i in f.fit.tolist():  # label of row i reads candles i .. i + horizon
+            assert not test & set(range(i, i + horizon + 1))
+            assert not valid & set(range(i, i + horizon + 1))
+        for i in f.valid.tolist():
+            assert not test & set(range(i, i + horizon + 1))
+        assert f.fit[-1] + horizon + 1 == f.valid[0]  # no more rows purged than needed
+        assert f.valid[-1] + horizon + 1 == f.test[0]
+
+
+def test_too_few_rows_for_the_folds_is_refused() -> None:
+    with pytest.raises(split.SplitError, match="too few"):
+        split.walk_forward(300, folds=4, horizon=3)
+
+
+def pairwise_auc(y: np.ndarray, p: np.ndarray) -> float:
+    pos, neg = p[y == 1], p[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def test_auc_and_logloss_match_independent_computations() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 700).astype(np.int64)
+    p = np.round(rng.uniform(0, 1, 700) * 0.6 + 0.3 * y, 2)  # rounded: many ties
+    assert evaluate.auc(y, p) == pytest.approx(pairwise_auc(y, p), abs=1e-12)
+    expected = -np.mean([np.log(q) if t else np.log(1 - q) for t, q in zip(y, p, strict=True)])
+    assert evaluate.logloss(y, p) == pytest.approx(expected, rel=1e-12)
+
+
+def test_backtest_matches_a_trade_by_trade_reference() -> None:
+    rng = np.random.default_rng(9)
+    p = rng.uniform(0, 1, 400)
+    r = rng.normal(0, 1e-3, 400)
+    t = np.arange(400, dtype=np.int64) * 300_000
+    got = evaluate.backtest(p, r, t, horizon=4, threshold=0.6)
+    trades, busy_until = [], -1
+    for i in range(400):
+        if i >= busy_until and p[i] >= 0.6:
+            trades.append(r[i])
+            busy_until = i + 4
+    eq = pd.Series(trades).cumsum()
+    assert got["trades"] == len(trades)
+    assert got["hit_rate"] == pytest.approx(np.mean(np.array(trades) > 0))
+    assert got["total_return"] == pytest.approx(eq.iloc[-1])
+    assert got["max_drawdown"] == pytest.approx((eq.cummax().clip(lower=0) - eq).max())
+
+
+def test_shuffled_labels_give_walk_forward_auc_near_half(patterned: dataset.Dataset) -> None:
+    rng = np.random.default_rng(11)
+    shuffled = dataclasses.replace(patterned, target=rng.permutation(patterned.target))
+    rep = evaluate.report(shuffled, train(shuffled, PARAMS, progress=False))
+    assert rep["walk_forward"]["auc"] == pytest.approx(0.5, abs=0.06)
+
+
+def test_planted_pattern_gives_walk_forward_auc_clearly_above_half(
+    patterned: dataset.Dataset,
+) -> None:
+    training = train(patterned, PARAMS, progress=False)
+    rep = evaluate.report(patterned, training)
+    assert rep["walk_forward"]["auc"] > 0.6
+    assert all(f["auc"] > 0.6 for f in rep["folds"])
+    # the report's fold AUC is the AUC of the fold's own predictions, recomputed here
+    last = training.holdout
+    assert rep["holdout"]["auc"] == pytest.approx(
+        pairwise_auc(patterned.target[last.fold.test], last.predictions), abs=1e-12
+    )
+
+
+def test_a_feature_that_peeks_is_caught_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("features were computed for training")
+
+    peeking = FeatureSet((*DEFAULT.features, PeekNext()))
+    monkeypatch.setattr(FeatureSet, "batch", no_training)  # the check uses each Feature's
+    with pytest.raises(dataset.LookaheadError, match="next_ret"):
+        dataset.build(market(800, seed=2), peeking, H)
