@@ -119,6 +119,12 @@ def _models(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from workers.trainer.cli import run
+
+    return run(args)
+
+
 def _gain(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -193,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--feed", "--symbol", "--tf"):
         rollback.add_argument(flag, required=True)
     models.set_defaults(func=_models)
+
+    train = sub.add_parser(
+        "train", help="walk-forward LightGBM on stored candles; the model into the registry"
+    )
+    train.add_argument("--feed", required=True)
+    train.add_argument("--symbol", required=True)
+    train.add_argument("--tf", required=True, help="timeframe: M1, M5 .. D1")
+    train.add_argument("--from", dest="start", required=True, help="ISO time, UTC if naive")
+    train.add_argument("--to", dest="end", required=True, help="ISO time, end exclusive")
+    train.add_argument("--horizon", type=int, default=12, help="label horizon in bars")
+    train.add_argument("--folds", type=int, default=4, help="walk-forward folds")
+    train.add_argument("--out", type=Path, default=Path("train-report"), help="report dir")
+    train.add_argument("--promote", action="store_true", help="promote if it beats the active")
+    train.set_defaults(func=_train)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")

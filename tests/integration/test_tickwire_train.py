@@ -1,0 +1,223 @@
+"""``tickwire train`` end to end: candles in a real PostgreSQL, the model into the registry on
+a real NATS server, each test in its own database and registry namespace.
+
+What the card says is checked against values computed here: the holdout AUC is recomputed
+from the stored model, labels made with pandas and pairwise counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pandas as pd
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from contracts.models import ActiveModel, ModelStatus
+from db.migrate import migrate
+from tests.trainer_market import M5_MS, market
+from workers.features import DEFAULT, Candles
+from workers.registry import Registry, RegistryError, bucket_name
+
+pytestmark = pytest.mark.integration
+
+FEED, SYMBOL, TF, H = "demo", "EURUSD", "M5", 3
+N = 2400
+CANDLES = market(N, seed=4, pattern=True)
+
+
+def iso(i: int) -> str:
+    """Open time of candle ``i`` (``i == N``: the end of the last one)."""
+    ms = int(CANDLES.open_time_ms[0]) + i * M5_MS
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+@pytest.fixture
+async def candles_db(pg_dsn: str) -> str:
+    await migrate(pg_dsn)
+    c = CANDLES
+    t = [datetime.fromtimestamp(ms / 1000, UTC) for ms in c.open_time_ms.tolist()]
+    rows = [
+        (FEED, SYMBOL, TF, t[i], datetime.fromtimestamp((int(c.open_time_ms[i]) + M5_MS) / 1000, UTC),
+         float(c.open[i]), float(c.high[i]), float(c.low[i]), float(c.close[i]),
+         int(c.tick_volume[i]), 0.0, float(c.spread_mean[i]), float(c.spread_mean[i]),
+         int(c.open_time_ms[i]), int(c.open_time_ms[i]) + M5_MS - 1, 0, 1)
+        for i in range(N)
+    ]  # fmt: skip
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.copy_records_to_table("candles", schema_name="market", records=rows)
+    finally:
+        await conn.close()
+    return pg_dsn
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    yield unique
+    for delete in (js.delete_object_store, js.delete_key_value):
+        with contextlib.suppress(NotFoundError):  # a bad input never made the buckets
+            await delete(bucket_name(unique))
+
+
+async def tickwire_train(
+    nats_url: str, dsn: str, namespace: str, out: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "TICKWIRE_NATS_URL": nats_url,
+        "TICKWIRE_POSTGRES_DSN": dsn,
+        "TICKWIRE_NAMESPACE": namespace,
+    }
+    argv = [sys.executable, "-m", "workers.cli", "train", "--feed", FEED, "--tf", TF]
+    argv += ["--horizon", str(H), "--out", str(out), *args]
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+async def train_and_promote(
+    nats_url: str, dsn: str, namespace: str, js: JetStreamContext, out: Path
+) -> tuple[Registry, ActiveModel]:
+    """Train on every candle and promote: with no active model the gate lets it through."""
+    proc = await tickwire_train(
+        nats_url, dsn, namespace, out, "--symbol", SYMBOL,
+        "--from", iso(0), "--to", iso(N), "--promote",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "promoted" in proc.stdout
+    registry = await Registry.open(js, namespace=namespace, create=False)
+    active = await registry.active(FEED, SYMBOL, TF)
+    assert active is not None
+    return registry, active
+
+
+def pairwise_auc(y: np.ndarray, p: np.ndarray) -> float:
+    pos, neg = p[y == 1], p[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+async def test_train_stores_a_candidate_whose_card_holds_up(
+    candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    proc = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path, "--symbol", SYMBOL,
+        "--from", iso(0), "--to", iso(N),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "walk-forward" in proc.stdout
+    assert "walk-forward folds" in proc.stderr  # the progress bar
+
+    registry = await Registry.open(js, namespace=namespace, create=False)
+    [card] = await registry.list()
+    assert card.status is ModelStatus.CANDIDATE
+    assert await registry.active(FEED, SYMBOL, TF) is None
+    assert card.version in proc.stdout
+    assert card.feature_set_id == DEFAULT.id
+    assert card.feature_names == list(DEFAULT.names)
+    assert card.train_from_ms == CANDLES.open_time_ms[0]
+    assert card.train_to_ms == CANDLES.open_time_ms[-1] + M5_MS
+    assert len(card.data_hash) == 64
+    assert set(card.library_versions) >= {"lightgbm", "numpy", "tickwire"}
+
+    # the holdout AUC, recomputed from the stored model and labels made here
+    _, booster = await registry.get(card.version)
+    df = pd.DataFrame({"t": CANDLES.open_time_ms, "close": CANDLES.close})
+    future = df["close"].shift(-H)
+    up = (future - df["close"] - CANDLES.spread_mean) / df["close"] > 0
+    x = DEFAULT.batch(Candles(**{k: getattr(CANDLES, k) for k in Candles.__dataclass_fields__}))
+    rows = (df["t"] >= card.metrics["holdout_from_ms"]) & future.notna()
+    assert rows.sum() == card.metrics["holdout_rows"]
+    p = booster.predict(x[rows.to_numpy()])
+    auc = pairwise_auc(up[rows].to_numpy().astype(int), p)
+    assert card.metrics["auc"] == pytest.approx(auc, abs=1e-9)
+    assert auc > 0.6
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["folds"]) == 4
+    assert report["holdout"]["auc"] == pytest.approx(auc, abs=1e-9)
+    for png in ("equity.png", "thresholds.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+
+
+async def test_promote_is_gated_on_the_same_latest_holdout(
+    candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    registry, active = await train_and_promote(nats_url, candles_db, namespace, js, tmp_path / "a")
+
+    # a model trained on the last third only; its holdout is data the active model was
+    # trained on, so the active model scores better there and the gate refuses
+    second = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path / "b", "--symbol", SYMBOL,
+        "--from", iso(N - 800), "--to", iso(N), "--folds", "2", "--promote",
+    )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    assert "stays a candidate" in second.stdout
+    assert "same holdout" in second.stdout
+    cards = await registry.list()
+    assert len(cards) == 2
+    assert (await registry.active(FEED, SYMBOL, TF)) == active
+    [candidate] = [c for c in cards if c.version != active.version]
+    assert candidate.status is ModelStatus.CANDIDATE
+
+
+@pytest.mark.parametrize(
+    ("symbol", "start", "end", "says"),
+    [
+        (SYMBOL, 0, 150, "too few"),
+        ("GBPUSD", 0, N, "no candles for demo GBPUSD M5"),
+        (SYMBOL, 5, 5, "is not before --to"),
+    ],
+)
+async def test_bad_input_is_one_line_and_leaves_the_registry_alone(
+    candles_db: str,
+    nats_url: str,
+    namespace: str,
+    js: JetStreamContext,
+    tmp_path: Path,
+    symbol: str,
+    start: int,
+    end: int,
+    says: str,
+) -> None:
+    proc = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path, "--symbol", symbol,
+        "--from", iso(start), "--to", iso(end), "--promote",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tickwire")]
+    assert len(lines) == 1, proc.stderr
+    assert says in lines[0]
+    assert proc.stdout == ""
+    with pytest.raises(RegistryError, match="does not exist"):
+        await Registry.open(js, namespace=namespace, create=False)
+
+
+async def test_a_corrupt_active_model_stops_promotion_and_changes_nothing(
+    candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    registry, active = await train_and_promote(nats_url, candles_db, namespace, js, tmp_path / "a")
+    objects = await js.object_store(bucket_name(namespace))
+    await objects.put(f"{active.version}.model", b"tree\nnot a model\n")
+
+    second = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path / "b", "--symbol", SYMBOL,
+        "--from", iso(N - 800), "--to", iso(N), "--folds", "2", "--promote",
+    )  # fmt: skip
+    assert second.returncode == 2
+    lines = [line for line in second.stderr.splitlines() if line.startswith("tickwire")]
+    assert len(lines) == 1, second.stderr
+    assert active.version in lines[0]
+    assert [c.version for c in await registry.list()] == [active.version]
+    assert await registry.active(FEED, SYMBOL, TF) == active

@@ -1,0 +1,227 @@
+"""``tickwire train``: candles from PostgreSQL -> walk-forward LightGBM -> report -> registry.
+
+Every check of the input (arguments, candles, look-ahead, folds) runs before the registry
+is touched, and so does reading the active model with ``--promote``: bad input gives one
+line and exit code 2 and leaves the registry as it was. The new model is stored as a
+candidate; with ``--promote`` it replaces the active model only if it beats it on the same
+latest holdout, otherwise the reason is printed and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import logging
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import lightgbm
+import numpy as np
+from pydantic import SecretStr
+
+from contracts.messages import Timeframe
+from contracts.models import ModelCard
+from workers.cli import fail
+from workers.features import DEFAULT, LIBRARY_VERSION, FeatureSet
+from workers.registry import Registry, RegistryError, active_key, should_promote
+from workers.runtime.connection import connect
+from workers.runtime.settings import RuntimeSettings, load
+from workers.trainer import evaluate
+from workers.trainer.dataset import Dataset, DatasetError, build, load_candles
+from workers.trainer.split import SplitError
+from workers.trainer.train import Params, Training, model_bytes, train
+
+log = logging.getLogger(__name__)
+
+METRIC: Final = "auc"
+"""The metric the promotion gate compares on the latest holdout."""
+
+
+class Settings(RuntimeSettings):
+    postgres_dsn: SecretStr | None = None
+    """DSN of a role that can read ``market.candles`` (hidden in repr and logs)."""
+
+
+def _time(text: str, flag: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"{flag}: not an ISO date or time: {text!r}")
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    version: str
+    promoted: bool | None
+    """None without ``--promote``."""
+    reason: str
+
+
+def card_for(
+    args: argparse.Namespace, ds: Dataset, rep: dict[str, Any], start_ms: int, end_ms: int
+) -> ModelCard:
+    holdout, wf, bt = rep["holdout"], rep["walk_forward"], rep["backtest"]
+    metrics = {
+        "auc": holdout["auc"],
+        "logloss": holdout["logloss"],
+        "holdout_from_ms": float(holdout["test_from_ms"]),
+        "holdout_rows": float(holdout["test_rows"]),
+        "walk_forward_auc": wf["auc"],
+        "walk_forward_logloss": wf["logloss"],
+        "sharpe": bt["sharpe"],
+        "hit_rate": bt["hit_rate"],
+        "max_drawdown": bt["max_drawdown"],
+        "horizon": float(ds.horizon),
+    }
+    return ModelCard(
+        feed=args.feed,
+        symbol=args.symbol,
+        tf=Timeframe(args.tf),
+        feature_set_id=ds.feature_set_id,
+        feature_names=list(ds.names),
+        train_from_ms=start_ms,
+        train_to_ms=end_ms,
+        data_hash=ds.data_hash,
+        metrics={k: float(v) for k, v in metrics.items()},
+        library_versions={
+            "lightgbm": lightgbm.__version__,
+            "numpy": np.__version__,
+            "features": LIBRARY_VERSION,
+            "tickwire": importlib.metadata.version("tickwire"),
+        },
+        created_at_ms=time.time_ns() // 1_000_000,
+    )
+
+
+async def store(
+    registry: Registry,
+    artifact: bytes,
+    card: ModelCard,
+    ds: Dataset,
+    training: Training,
+    *,
+    promote: bool,
+) -> Outcome:
+    """Put the candidate; with ``promote``, gate it against the active model on the same
+    latest holdout. The active model is read (and verified) before anything is written."""
+    active_metrics: dict[str, float] | None = None
+    note = ""
+    if promote:
+        pointer = await registry.active(card.feed, card.symbol, card.tf)
+        if pointer is not None:
+            active_card, booster = await registry.get(pointer.version)
+            if active_card.feature_names == card.feature_names:
+                test = training.holdout.fold.test
+                p = np.asarray(booster.predict(ds.features[test]), dtype=np.float64)
+                active_metrics = evaluate.holdout_metrics(ds.target[test], p)
+                note = f" (active {pointer.version} scored on the same holdout)"
+            else:
+                active_metrics = active_card.metrics
+                note = f" (active {pointer.version} reads other features: its stored metrics)"
+    version = await registry.put(artifact, card)
+    if not promote:
+        return Outcome(version, None, "stored as a candidate")
+    prepared = await registry.prepare_promotion(version, force=True)
+    if not prepared.promote:  # already active
+        return Outcome(version, False, prepared.reason)
+    ok, reason = should_promote(card.metrics, active_metrics, metric=METRIC)
+    reason += note
+    if ok:
+        await registry.commit(dataclasses.replace(prepared, reason=reason))
+    return Outcome(version, ok, reason)
+
+
+def summary(rep: dict[str, Any], outcome: Outcome, paths: list[Path]) -> str:
+    rows = [("part", "rows", "auc", "logloss", "best iter")]
+    for f in rep["folds"]:
+        rows.append(
+            (
+                f"fold {f['fold']}",
+                str(f["test_rows"]),
+                f"{f['auc']:.4f}",
+                f"{f['logloss']:.4f}",
+                str(f["best_iteration"]),
+            )
+        )
+    wf = rep["walk_forward"]
+    rows.append(
+        (
+            "walk-forward",
+            str(sum(f["test_rows"] for f in rep["folds"])),
+            f"{wf['auc']:.4f}",
+            f"{wf['logloss']:.4f}",
+            "",
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    bt = rep["backtest"]
+    lines.append(
+        f"backtest (long when P(up) >= {bt['threshold']:g}, spread paid): {bt['trades']} trades,"
+        f" hit rate {bt['hit_rate']:.3f}, total {bt['total_return']:+.5f},"
+        f" Sharpe {bt['sharpe']:.2f}, max drawdown {bt['max_drawdown']:.5f}"
+    )
+    lines.append(f"report: {', '.join(str(p) for p in paths)}")
+    if outcome.promoted is None:
+        lines.append(f"model {outcome.version}: {outcome.reason}")
+    elif outcome.promoted:
+        lines.append(f"promoted {outcome.version}: {outcome.reason}")
+    else:
+        lines.append(f"not promoted, {outcome.version} stays a candidate: {outcome.reason}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
+    settings = load(Settings)
+    try:
+        active_key(args.feed, args.symbol, args.tf)
+    except RegistryError as exc:
+        fail(str(exc))
+    start, end = _time(args.start, "--from"), _time(args.end, "--to")
+    if start >= end:
+        fail(f"--from {start.isoformat()} is not before --to {end.isoformat()}")
+    if args.horizon < 1:
+        fail(f"--horizon must be at least 1 bar, not {args.horizon}")
+    if settings.postgres_dsn is None:
+        fail("no PostgreSQL DSN: set TICKWIRE_POSTGRES_DSN")
+    dsn = settings.postgres_dsn.get_secret_value()
+    series = f"{args.feed} {args.symbol} {args.tf}"
+
+    candles = asyncio.run(load_candles(dsn, args.feed, args.symbol, args.tf, start, end))
+    if len(candles) == 0:
+        fail(f"no candles for {series} in [{start.isoformat()}, {end.isoformat()})")
+    log.info("%d candles of %s", len(candles), series)
+    try:
+        ds = build(candles, fs, args.horizon)
+        training = train(ds, Params(folds=args.folds))
+    except (DatasetError, SplitError) as exc:
+        fail(f"{series}: {exc}")
+    rep = evaluate.report(ds, training)
+    paths = evaluate.save(rep, args.out)
+    start_ms = int(candles.open_time_ms[0])
+    end_ms = int(candles.open_time_ms[-1]) + Timeframe(args.tf).ms
+    card = card_for(args, ds, rep, start_ms, end_ms)
+    artifact = model_bytes(training.holdout)
+
+    async def go() -> Outcome:
+        nc = await connect(settings, name="tickwire-train")
+        try:
+            registry = await Registry.open(nc.jetstream(), namespace=settings.namespace)
+            return await store(registry, artifact, card, ds, training, promote=args.promote)
+        finally:
+            await nc.close()
+
+    try:
+        outcome = asyncio.run(go())
+    except RegistryError as exc:
+        fail(str(exc))
+    print(summary(rep, outcome, paths))
+    if outcome.promoted is False:
+        log.info("model %s not promoted: %s", outcome.version, outcome.reason)
+        return 1
+    return 0
