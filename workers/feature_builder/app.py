@@ -25,6 +25,7 @@ from typing import Annotated, Final
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 from tqdm import tqdm
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 NAME: Final = FEATURE_BUILDER
 REMEMBERED_REFUSALS: Final = 100_000
+WARM_UP_SUFFIX: Final = "-warmup"
 
 
 class Settings(RuntimeSettings):
@@ -206,9 +208,15 @@ class Features:
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
         js, nc = self.ctx.js, self.ctx.nc
+        # named, so that its NATS user may read this consumer and no other: a crashed
+        # process may have left one behind (it expires after 60 s idle)
+        name = self.settings.durable + WARM_UP_SUFFIX
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, name)
         info = await js.add_consumer(
             stream,
             ConsumerConfig(
+                name=name,
                 ack_policy=AckPolicy.NONE,
                 deliver_policy=DeliverPolicy.ALL,
                 filter_subjects=list(_spec(self.settings).filter_subjects),

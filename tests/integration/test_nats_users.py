@@ -1,0 +1,477 @@
+"""Every worker under its own NATS user from the real ``infra/nats/accounts.conf``.
+
+A nats-server of this module's own includes the deployed accounts file itself (not a copy),
+with a fresh password per user. ``ops`` creates the streams and consumers, the ``ea`` user
+publishes ticks, and candle-ingest, feature-builder and timescale-replicator each run under
+their own user: candles, vectors, QuestDB and PostgreSQL rows must come out as an
+unrestricted run makes them, through a restart of candle-ingest and feature-builder that
+rebuilds their state. Then each user is refused what it must not do, with the server's
+permissions violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from contracts import streams, subjects
+from contracts.messages import Candle, DeadLetter, Timeframe
+from db.migrate import migrate
+from db.questdb import query, wait_for_wal
+from infra.stack import NatsServer as LocalNats
+from infra.stack import QuestDBUrls
+from tests import reference
+from tests.integration.test_candle_ingest import consumed, stream_messages
+from tests.integration.test_feature_builder import close_enough, expected
+from tests.waiting import eventually
+from workers import candle_ingest, feature_builder, timescale_replicator
+from workers.candle_ingest.app import build as build_ingest
+from workers.feature_builder.app import build as build_features
+from workers.timescale_replicator.app import Replicator
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+ACCOUNTS = REPO / "infra" / "nats" / "accounts.conf"
+# `{ user: ea, password: $NATS_EA_PASSWORD ...`, on one line or several
+USER = re.compile(r"user:\s*([\w-]+)[\s,]+password:\s*\$(NATS_\w+_PASSWORD)")
+START_MS = 1_741_039_200_000  # 2025-03-03 22:00 UTC
+SYMBOL = "US500.cash"
+
+
+class SecuredNats(LocalNats):
+    """nats-server with JetStream whose users and permissions are the deployed ones."""
+
+    def __init__(self, root: Path, passwords: Mapping[str, str]) -> None:
+        # the account may use 100G of disk (a limit, nothing is reserved): the server must
+        # allow at least as much or it refuses the account
+        super().__init__(root, max_file_store="100G")
+        self.passwords = dict(passwords)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        # include resolves its path against the including file's directory
+        accounts = os.path.relpath(ACCOUNTS, self.config_path.parent)
+        with self.config_path.open("a") as conf:
+            conf.write(f"include {accounts}\n")
+
+    def _env(self) -> Mapping[str, str]:
+        return {**os.environ, **self.passwords}
+
+
+@dataclass(frozen=True)
+class Secured:
+    url: str
+    passwords: dict[str, str]
+    """Password of each user of accounts.conf."""
+    log: Path
+
+    async def connect(self, user: str, errors: list[Exception] | None = None) -> Client:
+        """A connection as ``user``; asynchronous server errors are appended to ``errors``."""
+
+        async def on_error(exc: Exception) -> None:
+            if errors is not None:
+                errors.append(exc)
+
+        return await nats.connect(
+            self.url,
+            user=user,
+            password=self.passwords[user],
+            connect_timeout=5,
+            max_reconnect_attempts=0,
+            error_cb=on_error,
+        )
+
+    def settings(self, user: str) -> dict[str, Any]:
+        return {"nats_url": self.url, "nats_user": user, "nats_password": self.passwords[user]}
+
+
+def users_of_accounts_file() -> dict[str, str]:
+    """{user: password variable} as the deployed accounts file declares them."""
+    return dict(USER.findall(ACCOUNTS.read_text()))
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    users = users_of_accounts_file()
+    passwords = {var: secrets.token_hex(12) for var in users.values()}
+    server = SecuredNats(tmp_path, passwords)
+    server.start()
+    try:
+        yield Secured(server.url, {u: passwords[v] for u, v in users.items()}, server.log_path)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def ops(secured: Secured) -> AsyncIterator[JetStreamContext]:
+    """``ops`` with every live stream and consumer ensured, as `tickwire streams ensure`."""
+    nc = await secured.connect("ops")
+    js = nc.jetstream()
+    await streams.ensure(js, streams.stream_specs(), streams.consumer_specs())
+    yield js
+    await nc.close()
+
+
+# --- the pipeline -------------------------------------------------------------------------
+
+
+def make_ticks(feed: str, count: int, seed: int) -> list[dict[str, Any]]:
+    """One symbol's ticks, in time order, about 10 s apart: some 70 minutes of M1 candles."""
+    rng = random.Random(seed)
+    t, mid = START_MS, 5000.0
+    out = []
+    for seq in range(1, count + 1):
+        t += rng.randint(1_000, 19_000)
+        mid = round(mid * (1 + rng.gauss(0, 3e-4)), 2)
+        out.append(
+            {
+                "type": "tick",
+                "v": 1,
+                "feed": feed,
+                "symbol": SYMBOL,
+                "time_ms": t,
+                "bid": mid,
+                "ask": round(mid + rng.choice((0.25, 0.5)), 2),
+                "volume": round(rng.uniform(0.1, 5.0), 2),
+                "seq": seq,
+            }
+        )
+    return out
+
+
+async def publish_ticks(js: JetStreamContext, ticks: list[dict[str, Any]]) -> None:
+    futures = []
+    for t in ticks:
+        subject = subjects.ticks(t["feed"], t["symbol"])
+        msg_id = f"{t['feed']}|{t['symbol']}|{t['time_ms']}|{t['seq']}"
+        futures.append(
+            await js.publish_async(subject, msgspec.json.encode(t), headers={"Nats-Msg-Id": msg_id})
+        )
+    await asyncio.gather(*futures)
+
+
+async def started(worker: Any) -> tuple[Any, asyncio.Task[None]]:
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: worker.started.is_set() or task.done(), what=f"{worker.name} start")
+    if task.done():
+        task.result()
+    return worker, task
+
+
+async def stop_all(running: list[tuple[Any, asyncio.Task[None]]]) -> None:
+    """Stop cleanly, as SIGTERM does: each worker drains and saves its state."""
+    for worker, _ in running:
+        worker.stop()
+    for _, task in running:
+        await asyncio.wait_for(task, 30)
+
+
+def as_candles(payloads: list[bytes]) -> list[Candle]:
+    return [msgspec.json.decode(p, type=Candle) for p in payloads]
+
+
+def fields(c: Candle) -> dict[str, Any]:
+    return msgspec.structs.asdict(c)
+
+
+async def at_least(probe: Callable[[], Awaitable[list[T]]], count: int, what: str) -> list[T]:
+    """The probe's list once it holds ``count`` items."""
+    box: list[list[T]] = []
+
+    async def enough() -> bool:
+        box[:] = [await probe()]
+        return len(box[0]) >= count
+
+    await eventually(enough, timeout=30, what=what)
+    return box[0]
+
+
+async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
+    secured: Secured,
+    ops: JetStreamContext,
+    questdb: QuestDBUrls,
+    pg_dsn: str,
+    unique: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers")
+    feed = unique
+    ticks = make_ticks(feed, 420, seed=5)
+    first, second = ticks[:200], ticks[200:]
+    bad = {**second[50], "bid": second[50]["ask"] + 1.0, "seq": None}
+    await migrate(pg_dsn)
+
+    ingest = candle_ingest.app.Settings(
+        **secured.settings("candle-ingest"),
+        questdb_ilp=questdb.ilp_conf,
+        questdb_http=questdb.http,
+        idle_close=False,
+        snapshot_interval_s=3600.0,  # a snapshot only at a clean stop
+        pull_expires_s=1,
+    )
+    features = feature_builder.app.Settings(**secured.settings("feature-builder"), pull_expires_s=1)
+    replicator = Replicator(
+        timescale_replicator.app.Settings(
+            **secured.settings("timescale-replicator"),
+            postgres_dsn=pg_dsn,
+            pull_expires_s=1,
+            lag_interval_s=0.2,
+        )
+    )
+    ea_nc = await secured.connect("ea")
+    ea = ea_nc.jetstream()
+    running: list[tuple[Any, asyncio.Task[None]]] = []
+    replicating = asyncio.create_task(replicator.run())
+    try:
+        await eventually(
+            lambda: all(w.started.is_set() for w in replicator.workers) or replicating.done(),
+            what="replicator start",
+        )
+        assert not replicating.done(), replicating.result()
+
+        # first run: half of the ticks
+        running = [await started(build_ingest(ingest)), await started(build_features(features))]
+        await publish_ticks(ea, first)
+        await eventually(lambda: consumed(ops, "TICKS", "candle-ingest"), what="first ticks")
+        await eventually(lambda: consumed(ops, "CANDLES", "feature-builder"), what="candles")
+        await stop_all(running)
+        state = await ops.object_store("candle-ingest-state")
+        assert (await state.get("candle-ingest")).data, "candle-ingest saved no snapshot"
+
+        # the rest, and a bad tick, while both are down; a process is given five ticks and
+        # dies before acking them: the next one must rebuild its state past them
+        await publish_ticks(ea, [*second[:50], bad, *second[50:]])
+        given = await ops.pull_subscribe_bind("candle-ingest", stream="TICKS")
+        for msg in await given.fetch(5, timeout=5):
+            await msg.nak()
+        await given.unsubscribe()
+
+        # second run: restored from the snapshot and the stream; idle symbols are closed by
+        # a Watermark candle-ingest publishes itself on the tick subject
+        # (publish_timeout_s: the refused delete of the replay consumer waits that long)
+        again = {"idle_close": True, "idle_grace_s": 0.5, "publish_timeout_s": 3.0}
+        running = [
+            await started(build_ingest(ingest.model_copy(update=again))),
+            await started(build_features(features)),
+        ]
+        want = reference.candles(ticks)
+        await at_least(lambda: stream_messages(ops, "CANDLES"), len(want), "every candle")
+        await eventually(lambda: consumed(ops, "TICKS", "candle-ingest"), what="all ticks")
+        await eventually(lambda: consumed(ops, "CANDLES", "feature-builder"), what="all candles")
+        await stop_all(running)
+    finally:
+        await stop_all(running)
+        replicator.stop()
+        await asyncio.wait_for(replicating, 30)
+        await ea_nc.close()
+
+    logged = caplog.text
+    assert "candle-ingest: state rebuilt from seq 201" in logged
+    assert re.search(r"feature-builder: \d+ series rebuilt from \d+ candles", logged)
+
+    # CANDLES: every candle once, equal to the pandas reference
+    published = as_candles(await stream_messages(ops, "CANDLES"))
+    keys = Counter((c.feed, c.symbol, c.tf.value, c.open_time_ms) for c in published)
+    assert max(keys.values()) == 1, "a candle was published twice"
+    got = {(c.feed, c.symbol, c.tf.value, c.open_time_ms): fields(c) for c in published}
+    assert reference.differences(got, want) == []
+
+    # FEATURES: one vector per candle, equal to the feature library's batch form
+    vectors = await stream_messages(ops, "FEATURES")
+    assert close_enough(vectors, expected(published)) == []
+
+    # the bad tick is a dead letter of candle-ingest, with its reason
+    letters = [msgspec.json.decode(p, type=DeadLetter) for p in await stream_messages(ops, "DLQ")]
+    assert [(d.worker, d.reason) for d in letters] == [("candle-ingest", "bid_above_ask")]
+    assert msgspec.json.decode(letters[0].payload)["bid"] == bad["bid"]
+
+    # QuestDB: the same candles
+    await asyncio.to_thread(wait_for_wal, questdb.http, "candles", timeout=60)
+    rows = await asyncio.to_thread(query, questdb.http, "SELECT * FROM candles")
+    mine = {
+        (r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): r for r in rows if r["feed"] == feed
+    }
+    assert len(mine) == len(want)
+    for key, c in want.items():
+        row = mine[key[0], key[1], key[2], c["first_tick_ms"]]
+        assert (row["open"], row["high"], row["low"], row["close"]) == (
+            c["open"],
+            c["high"],
+            c["low"],
+            c["close"],
+        )
+
+    # PostgreSQL: every candle and vector replicated
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+
+        async def replicated() -> bool:
+            n_candles = await conn.fetchval("SELECT count(*) FROM market.candles")
+            n_vectors = await conn.fetchval("SELECT count(*) FROM market.features")
+            return (n_candles, n_vectors) == (len(want), len(vectors))
+
+        await eventually(replicated, what="rows in PostgreSQL")
+        closes = {
+            (r["tf"], r["close"]) for r in await conn.fetch("SELECT tf, close FROM market.candles")
+        }
+        assert closes == {(k[2], c["close"]) for k, c in want.items()}
+    finally:
+        await conn.close()
+    # the one refusal: candle-ingest may not delete consumers on TICKS; its replay consumer
+    # expires by itself
+    violations = re.findall(r'user:([\w-]+)" - (\w+) Violation - Subject "([^"]+)"', log(secured))
+    assert [(u, kind, s.rsplit(".", 1)[0]) for u, kind, s in violations] == [
+        ("candle-ingest", "Publish", "$JS.API.CONSUMER.DELETE.TICKS")
+    ]
+
+
+def log(secured: Secured) -> str:
+    return secured.log.read_text()
+
+
+# --- what each user is refused ------------------------------------------------------------
+
+F, S, TF = "feed-x", "EURUSD", Timeframe.M1
+CANDLES = subjects.candles(F, S, TF)
+FEATURES = subjects.features(F, S, TF)
+SCORES = subjects.scores(F, S, TF)
+SIGNALS = subjects.signals(F, S, TF)
+TICKS = subjects.ticks(F, S)
+
+REFUSED = {
+    "candle-ingest": [
+        FEATURES,
+        SCORES,
+        SIGNALS,
+        "dlq.feature-builder",
+        "$JS.API.STREAM.CREATE.TICKS",
+        "$JS.API.STREAM.UPDATE.CANDLES",
+        "$JS.API.CONSUMER.CREATE.CANDLES",
+        "$JS.API.CONSUMER.MSG.NEXT.CANDLES.feature-builder",
+        "$JS.API.CONSUMER.DELETE.TICKS.candle-ingest",
+    ],
+    "feature-builder": [
+        TICKS,
+        CANDLES,
+        SCORES,
+        SIGNALS,
+        "dlq.candle-ingest",
+        "$JS.API.STREAM.CREATE.CANDLES",
+        "$JS.API.CONSUMER.CREATE.CANDLES",
+        "$JS.API.CONSUMER.MSG.NEXT.TICKS.candle-ingest",
+        "$JS.API.CONSUMER.DELETE.CANDLES.feature-builder",
+    ],
+    "timescale-replicator": [
+        TICKS,
+        CANDLES,
+        FEATURES,
+        SCORES,
+        SIGNALS,
+        "$JS.API.CONSUMER.MSG.NEXT.TICKS.candle-ingest",
+        "$JS.API.STREAM.PURGE.CANDLES",
+    ],
+    "ea": [
+        CANDLES,
+        FEATURES,
+        SIGNALS,
+        "dlq.candle-ingest",
+        "$JS.API.CONSUMER.CREATE.TICKS",
+        "$JS.API.CONSUMER.MSG.NEXT.TICKS.candle-ingest",
+        "$JS.API.CONSUMER.MSG.NEXT.SIGNALS.example",
+        "$JS.API.STREAM.MSG.GET.TICKS",
+    ],
+}
+
+
+def violation(kind: str, subject: str) -> str:
+    """The error nats-py hands to the error callback (it lower-cases the server's line)."""
+    return f'nats: permissions violation for {kind} to "{subject}"'.lower()
+
+
+@pytest.mark.parametrize("user", sorted(REFUSED))
+async def test_each_user_is_refused_what_it_must_not_publish(
+    secured: Secured, ops: JetStreamContext, user: str
+) -> None:
+    errors: list[Exception] = []
+    nc = await secured.connect(user, errors)
+    try:
+        for subject in REFUSED[user]:
+            await nc.publish(subject, b"{}", reply=nc.new_inbox())
+        await nc.flush()
+        await eventually(lambda: len(errors) >= len(REFUSED[user]), what="the refusals")
+        assert [str(e) for e in errors] == [violation("publish", s) for s in REFUSED[user]]
+        assert nc.is_connected, "a refusal must not cost the connection"
+    finally:
+        await nc.close()
+    # nothing refused reached a stream
+    for name in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS", "DLQ"):
+        assert (await ops.stream_info(name)).state.messages == 0, name
+
+
+async def test_the_ea_may_consume_nothing(secured: Secured, ops: JetStreamContext) -> None:
+    errors: list[Exception] = []
+    nc = await secured.connect("ea", errors)
+    try:
+        for subject in ("ticks.>", CANDLES, SIGNALS, "_INBOX_example.>"):
+            await nc.subscribe(subject)
+        await nc.flush()
+        await eventually(lambda: len(errors) >= 4, what="the refusals")
+        assert [str(e) for e in errors] == [
+            violation("subscription", s) for s in ("ticks.>", CANDLES, SIGNALS, "_INBOX_example.>")
+        ]
+    finally:
+        await nc.close()
+
+
+async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamContext) -> None:
+    errors: list[Exception] = []
+    clients = {u: await secured.connect(u, errors) for u in REFUSED}
+    try:
+        ea = clients["ea"].jetstream()
+        tick = {"type": "tick", "v": 1, "feed": F, "symbol": S, "time_ms": START_MS}
+        ack = await ea.publish(TICKS, msgspec.json.encode({**tick, "bid": 1.1, "ask": 1.2}))
+        assert (ack.stream, ack.seq) == ("TICKS", 1)
+
+        ingest = clients["candle-ingest"].jetstream()
+        mark = {"type": "watermark", "v": 1, "feed": F, "symbol": S, "time_ms": START_MS}
+        assert (await ingest.publish(TICKS, msgspec.json.encode(mark))).seq == 2
+        assert (await ingest.publish(CANDLES, b"{}")).stream == "CANDLES"
+        assert (await ingest.publish("dlq.candle-ingest", b"{}")).stream == "DLQ"
+        pulled = await ingest.pull_subscribe_bind("candle-ingest", stream="TICKS")
+        got = await pulled.fetch(2, timeout=5)
+        assert [m.metadata.sequence.stream for m in got] == [1, 2]
+        for m in got:
+            await m.ack()
+
+        builder = clients["feature-builder"].jetstream()
+        assert (await builder.publish(FEATURES, b"{}")).stream == "FEATURES"
+        assert (await builder.consumer_info("CANDLES", "feature-builder")).num_pending == 1
+
+        replicator = clients["timescale-replicator"].jetstream()
+        for stream in ("CANDLES", "FEATURES"):
+            info = await replicator.consumer_info(stream, "timescale-replicator")
+            assert info.num_pending == 1
+        assert (await replicator.stream_info("SIGNALS")).state.messages == 0
+    finally:
+        for nc in clients.values():
+            await nc.close()
+    assert errors == []
+    await eventually(lambda: consumed(ops, "TICKS", "candle-ingest"), what="acks")
