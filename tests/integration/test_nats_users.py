@@ -266,8 +266,7 @@ async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
 
         # second run: restored from the snapshot and the stream; idle symbols are closed by
         # a Watermark candle-ingest publishes itself on the tick subject
-        # (publish_timeout_s: the refused delete of the replay consumer waits that long)
-        again = {"idle_close": True, "idle_grace_s": 0.5, "publish_timeout_s": 3.0}
+        again = {"idle_close": True, "idle_grace_s": 0.5}
         running = [
             await started(build_ingest(ingest.model_copy(update=again))),
             await started(build_features(features)),
@@ -335,12 +334,9 @@ async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
         assert closes == {(k[2], c["close"]) for k, c in want.items()}
     finally:
         await conn.close()
-    # the one refusal: candle-ingest may not delete consumers on TICKS; its replay consumer
-    # expires by itself
+    # every worker had what it needed: not one refusal
     violations = re.findall(r'user:([\w-]+)" - (\w+) Violation - Subject "([^"]+)"', log(secured))
-    assert [(u, kind, s.rsplit(".", 1)[0]) for u, kind, s in violations] == [
-        ("candle-ingest", "Publish", "$JS.API.CONSUMER.DELETE.TICKS")
-    ]
+    assert violations == []
 
 
 def log(secured: Secured) -> str:

@@ -73,6 +73,7 @@ from workers.runtime.worker import (
 log = logging.getLogger(__name__)
 
 NAME: Final = CANDLE_INGEST
+REPLAY_SUFFIX: Final = "-replay"
 
 
 class Settings(RuntimeSettings):
@@ -373,9 +374,15 @@ class Ingest:
     async def _replay(self, stream: str, first: int, last: int, *, live_from: int) -> int:
         js, nc = self.ctx.js, self.ctx.nc
         spec = _spec(self.settings)
+        # named, so that its NATS user may read this consumer and no other: a crashed
+        # process may have left one behind (it expires after 60 s idle)
+        name = self.settings.durable + REPLAY_SUFFIX
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, name)
         info = await js.add_consumer(
             stream,
             ConsumerConfig(
+                name=name,
                 ack_policy=AckPolicy.NONE,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=first,
