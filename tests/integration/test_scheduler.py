@@ -7,14 +7,18 @@ the scheduler's own run log, so a run done twice or not at all shows in the file
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +77,12 @@ def spawn(
         )
     procs.append(proc)
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def recorded(path: Path) -> list[tuple[int, int]]:
@@ -172,6 +182,7 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
         TICKWIRE_TRAIN_WINDOW_DAYS="36500",  # every stored candle
         TICKWIRE_TRAIN_HORIZON="3",
         TICKWIRE_TRAIN_OUT=str(tmp_path / "reports"),
+        TICKWIRE_METRICS_PORT=str(port := free_port()),
     )
     log = tmp_path / "scheduler.log"
 
@@ -182,12 +193,18 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
     with schedulers(tmp_path) as procs:
         proc = spawn(procs, env, log)
         first, *_ = await eventually(finished, timeout=120, what="a finished training run")
+        url = f"http://127.0.0.1:{port}/metrics"
+        metrics = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)).read()
         proc.terminate()
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
 
     assert (first["outcome"], first["detail"]) == ("ok", "promoted"), dict(first)
     fire: dt.datetime = first["fire_time"]
     assert fire.timestamp() % 5 == 0
+    assert b"tickwire_scheduler_leader 1.0" in metrics
+    ok = re.search(rb'tickwire_scheduler_runs_total\{outcome="ok"\} (\S+)', metrics)
+    assert ok is not None
+    assert float(ok[1]) >= 1
     registry = await Registry.open(js, namespace=namespace, create=False)
     active = await registry.active(FEED, SYMBOL, TF)
     assert active is not None

@@ -44,6 +44,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.util import ref_to_obj
+from prometheus_client import Counter, Gauge
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 from sqlalchemy import Engine, create_engine, make_url, text
@@ -51,6 +52,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from contracts.messages import Timeframe
 from db.queries import query
 from workers.cli import fail
+from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.settings import RuntimeSettings, load
 
 log = logging.getLogger(__name__)
@@ -163,14 +165,32 @@ def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
         code = run(args)
     except SystemExit as exc:  # bad input: the trainer printed its one line
         raise RuntimeError(f"tickwire train exited with {exc.code}") from None
-    return "promoted" if code == 0 and settings.train_promote else f"tickwire train exit {code}"
+    if code == 1:
+        return "not promoted: stays a candidate"
+    return "promoted" if settings.train_promote else "stored as a candidate"
+
+
+class SchedulerMetrics(WorkerMetrics):
+    def __init__(self) -> None:
+        super().__init__("scheduler")
+        self.runs = Counter(
+            "tickwire_scheduler_runs",
+            "Scheduled runs by outcome: ok, failed, missed",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "tickwire_scheduler_leader",
+            "1 while this scheduler is the active one",
+            registry=self.registry,
+        )
 
 
 class RunLog:
     """``scheduler.runs``: one claim per job and fire time (synchronous, like the job store)."""
 
-    def __init__(self, engine: Engine, name: str) -> None:
-        self.engine, self.name = engine, name
+    def __init__(self, engine: Engine, name: str, metrics: SchedulerMetrics) -> None:
+        self.engine, self.name, self.metrics = engine, name, metrics
 
     def claim(self, job_id: str, fire_time: dt.datetime) -> bool:
         with self.engine.begin() as conn:
@@ -191,6 +211,7 @@ class RunLog:
                     "detail": detail,
                 },
             )
+        self.metrics.runs.labels("missed").inc()
 
     def finish(self, job_id: str, fire_time: dt.datetime, outcome: str, detail: str) -> None:
         with self.engine.begin() as conn:
@@ -198,6 +219,7 @@ class RunLog:
                 text(query("scheduler_finish_run")),
                 {"job_id": job_id, "fire_time": fire_time, "outcome": outcome, "detail": detail},
             )
+        self.metrics.runs.labels(outcome).inc()
 
     def reclaim(self) -> list[tuple[str, dt.datetime]]:
         with self.engine.begin() as conn:
@@ -351,6 +373,9 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     """Wait for leadership, then schedule until ``stop``; 1 if the leader lock was lost."""
     assert settings.postgres_dsn is not None
     dsn = settings.postgres_dsn.get_secret_value()
+    metrics = SchedulerMetrics()
+    server = MetricsServer(metrics, lambda: True, settings.metrics_host, settings.metrics_port)
+    await server.start()
     lock = await asyncpg.connect(dsn)
     try:
         if not await lock.fetchval(query("scheduler_tables_exist")):
@@ -364,15 +389,20 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
             if await _wait(stop, settings.scheduler_leader_retry_s):
                 return 0
         log.info("%s: active scheduler", name)
-        return await _lead(settings, stop, name, lock)
+        metrics.leader.set(1)
+        return await _lead(settings, stop, name, lock, metrics)
     finally:
+        metrics.leader.set(0)
         await lock.close()
+        await server.stop()
 
 
-async def _lead(settings: Settings, stop: asyncio.Event, name: str, lock: Any) -> int:
+async def _lead(
+    settings: Settings, stop: asyncio.Event, name: str, lock: Any, metrics: SchedulerMetrics
+) -> int:
     assert settings.postgres_dsn is not None
     engine = create_engine(sqlalchemy_url(settings.postgres_dsn.get_secret_value()))
-    runs = RunLog(engine, name)
+    runs = RunLog(engine, name, metrics)
     executor = ClaimingExecutor(runs)
     scheduler = AsyncIOScheduler(
         jobstores={
