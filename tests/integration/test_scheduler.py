@@ -171,6 +171,49 @@ async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_do
     assert first_c == max(f for f, pid in calls if pid == b.pid) + 1
 
 
+async def test_a_fire_time_that_cannot_be_claimed_is_run_after_the_restart(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The run log fails under a running scheduler: it stops, keeping the job's stored next
+    fire time, and the next scheduler runs that fire time and every later one, once."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record",
+        TICKWIRE_SCHEDULER_COALESCE="false",
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(runs),
+    )
+    logs = {n: tmp_path / f"{n}.log" for n in "ab"}
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = spawn(procs, env, logs["a"])
+            await eventually(lambda: len(recorded(runs)) >= 2, timeout=30, what="a runs jobs")
+            await conn.execute("ALTER TABLE scheduler.runs RENAME TO runs_away")
+            await eventually(lambda: a.poll() is not None, timeout=30, what="a stops")
+            assert a.returncode == 1
+            assert "could not claim train:demo/EURUSD/M5" in logs["a"].read_text()
+            last_a = max(f for f, _ in recorded(runs))
+            await conn.execute("ALTER TABLE scheduler.runs_away RENAME TO runs")
+            b = spawn(procs, env, logs["b"])
+            await eventually(
+                lambda: sum(pid == b.pid for _, pid in recorded(runs)) >= 3, what="b runs"
+            )
+            b.terminate()
+            assert b.wait(timeout=30) == 0, logs["b"].read_text()[-2000:]
+    finally:
+        await conn.close()
+
+    calls = recorded(runs)
+    fires = Counter(f for f, _ in calls)
+    assert set(fires.values()) == {1}
+    assert sorted(fires) == list(range(min(fires), max(fires) + 1))
+    assert min(f for f, pid in calls if pid == b.pid) == last_a + 1
+    assert {int(r["fire_time"].timestamp()) for r in await run_log(pg_dsn)} == set(fires)
+
+
 async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
     candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
 ) -> None:

@@ -238,12 +238,27 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
         super().__init__()
         self.runs = runs
         self.tasks: set[asyncio.Task[None]] = set()
+        self.unclaimed: set[str] = set()
+        """Jobs whose fire times could not be claimed: their stored next fire time stays."""
+        self.broken: Exception | None = None
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
         self._loop: asyncio.AbstractEventLoop = scheduler._eventloop
 
     def _do_submit_job(self, job: Job, run_times: list[dt.datetime]) -> None:
+        try:
+            self._claim_and_run(job, run_times)
+        except Exception as exc:
+            # No claim, no run: keep the job's stored next fire time (see StoreKeepingUnclaimed)
+            # and stop scheduling, so that the next scheduler submits these fire times again.
+            log.error("could not claim %s at %s: %s", job.id, run_times, exc)
+            self.unclaimed.add(job.id)
+            self.broken = exc
+            self._scheduler.pause()
+            raise
+
+    def _claim_and_run(self, job: Job, run_times: list[dt.datetime]) -> None:
         events: list[JobExecutionEvent] = []
         claimed: list[dt.datetime] = []
         now = dt.datetime.now(dt.UTC)
@@ -309,6 +324,19 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
         if self.tasks:
             log.info("waiting up to %gs for %d running job(s)", limit_s, len(self.tasks))
             await asyncio.wait(set(self.tasks), timeout=limit_s)
+
+
+class StoreKeepingUnclaimed(SQLAlchemyJobStore):  # type: ignore[misc]
+    """The job store, except that a job whose fire times were not claimed keeps its stored
+    next fire time (APScheduler moves it on even when submitting the job failed)."""
+
+    def __init__(self, executor: ClaimingExecutor, engine: Engine) -> None:
+        super().__init__(engine=engine, tablename="apscheduler_jobs", tableschema="scheduler")
+        self.executor = executor
+
+    def update_job(self, job: Job) -> None:
+        if job.id not in self.executor.unclaimed:
+            super().update_job(job)
 
 
 def sqlalchemy_url(dsn: str) -> str:
@@ -405,11 +433,7 @@ async def _lead(
     runs = RunLog(engine, name, metrics)
     executor = ClaimingExecutor(runs)
     scheduler = AsyncIOScheduler(
-        jobstores={
-            "default": SQLAlchemyJobStore(
-                engine=engine, tablename="apscheduler_jobs", tableschema="scheduler"
-            )
-        },
+        jobstores={"default": StoreKeepingUnclaimed(executor, engine)},
         executors={"default": executor},
         timezone=dt.UTC,
     )
@@ -430,6 +454,10 @@ async def _lead(
                 executor.rerun(job, [fire_time])
         scheduler.resume()
         while not await _wait(stop, settings.scheduler_leader_retry_s):
+            if executor.broken is not None:
+                log.error("%s: stopping, a restart runs the unclaimed fire times", name)
+                code = 1
+                break
             try:
                 await lock.fetchval("SELECT 1")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
