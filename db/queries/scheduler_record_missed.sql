@@ -1,0 +1,4 @@
+-- A fire time past the misfire grace: recorded, not run.
+INSERT INTO scheduler.runs (job_id, fire_time, scheduler, finished_at, outcome, detail)
+VALUES (:job_id, :fire_time, :scheduler, now(), 'missed', :detail)
+ON CONFLICT (job_id, fire_time) DO NOTHING

@@ -1,0 +1,2 @@
+-- Session-level: held while this connection lives, released by PostgreSQL when it dies.
+SELECT pg_try_advisory_lock(hashtext($1))

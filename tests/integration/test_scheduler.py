@@ -1,0 +1,267 @@
+"""``tickwire run scheduler`` against a real PostgreSQL (and, for the real job, NATS).
+
+Schedulers run as subprocesses of the console script, each test in its own database. The
+trivial job of ``tests.scheduler_job`` appends a line per call to a file, independently of
+the scheduler's own run log, so a run done twice or not at all shows in the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from nats.js import JetStreamContext
+
+from db.migrate import migrate
+from tests.integration.test_tickwire_train import FEED, SYMBOL, TF, candles_db, namespace
+from tests.trainer_market import M5_MS
+from tests.waiting import eventually
+from workers.registry import Registry
+
+pytestmark = pytest.mark.integration
+__all__ = ["candles_db", "namespace"]  # fixtures shared with the trainer's tests
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = "train:demo/EURUSD/M5"
+
+
+def scheduler_env(dsn: str, **extra: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_POSTGRES_DSN": dsn,
+        "TICKWIRE_TRAIN_SCHEDULE": f"{FEED}/{SYMBOL}/{TF}@* * * * * *",  # every second
+        "TICKWIRE_SCHEDULER_LEADER_RETRY_S": "0.2",
+        "TICKWIRE_LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def schedulers(log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Started schedulers; whatever is still running at the end is killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def spawn(
+    procs: list[subprocess.Popen[bytes]], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "run", "scheduler"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    procs.append(proc)
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def recorded(path: Path) -> list[tuple[int, int]]:
+    """(fire time in epoch seconds, pid) of every call of the trivial job."""
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    assert all(r[0] == f"{FEED}/{SYMBOL}/{TF}" for r in rows)
+    return [(int(r[1]), int(r[2])) for r in rows]
+
+
+async def run_log(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT * FROM scheduler.runs ORDER BY fire_time")
+    finally:
+        await conn.close()
+
+
+def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
+    if proc.poll() is not None:
+        raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
+
+
+async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_doubles(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record",
+        TICKWIRE_SCHEDULER_COALESCE="false",  # every missed fire time must run, once
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(runs),
+    )
+    logs = {n: tmp_path / f"{n}.log" for n in "abc"}
+
+    def ran_by(proc: subprocess.Popen[bytes], log: Path) -> int:
+        alive(proc, log)
+        return sum(pid == proc.pid for _, pid in recorded(runs))
+
+    with schedulers(tmp_path) as procs:
+        a = spawn(procs, env, logs["a"])
+        await eventually(lambda: ran_by(a, logs["a"]) >= 2, timeout=30, what="a runs jobs")
+        b = spawn(procs, env, logs["b"])
+        await eventually(
+            lambda: "another scheduler is active" in logs["b"].read_text(), what="b waits"
+        )
+        seen = ran_by(a, logs["a"])
+        await eventually(lambda: ran_by(a, logs["a"]) >= seen + 3, what="a goes on")
+        assert ran_by(b, logs["b"]) == 0  # two started, one active
+
+        a.kill()  # the leader dies at an arbitrary moment; its lock dies with its connection
+        a.wait()
+        await eventually(lambda: ran_by(b, logs["b"]) >= 3, timeout=30, what="b takes over")
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=30) == 0, logs["b"].read_text()[-2000:]
+        stopped = time.time()
+        # fire times pass while no scheduler runs: the next one must still run each of them
+        await eventually(lambda: time.time() >= stopped + 3, what="three fire times missed")
+        c = spawn(procs, env, logs["c"])
+        await eventually(lambda: ran_by(c, logs["c"]) >= 6, timeout=30, what="c catches up")
+        c.terminate()
+        assert c.wait(timeout=30) == 0, logs["c"].read_text()[-2000:]
+
+    calls = recorded(runs)
+    fires = Counter(fire for fire, _ in calls)
+    log_rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
+    # nothing lost: one fire time each second from the first to the last, all finished
+    assert sorted(fires) == list(range(min(fires), max(fires) + 1))
+    assert sorted(log_rows) == sorted(fires)
+    assert {(r["job_id"], r["outcome"]) for r in log_rows.values()} == {(JOB, "ok")}
+    # nothing doubled, except a run the killed leader was inside: run again, and logged so
+    for fire, n in fires.items():
+        assert n == log_rows[fire]["attempts"], (fire, n, dict(log_rows[fire]))
+        assert n == 1 or next(pid for f, pid in calls if f == fire) == a.pid
+    assert sum(fires.values()) - len(fires) <= 1
+    # one active scheduler at a time: a's runs, then b's, then c's, never interleaved
+    owners = [pid for _, pid in sorted(calls)]
+    blocks = [pid for i, pid in enumerate(owners) if i == 0 or owners[i - 1] != pid]
+    assert blocks == [a.pid, b.pid, c.pid]
+    # c ran the fire times that passed while none was running
+    first_c = min(f for f, pid in calls if pid == c.pid)
+    assert first_c < stopped + 3
+    assert first_c == max(f for f, pid in calls if pid == b.pid) + 1
+
+
+async def test_a_fire_time_that_cannot_be_claimed_is_run_after_the_restart(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The run log fails under a running scheduler: it stops, keeping the job's stored next
+    fire time, and the next scheduler runs that fire time and every later one, once."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record",
+        TICKWIRE_SCHEDULER_COALESCE="false",
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(runs),
+    )
+    logs = {n: tmp_path / f"{n}.log" for n in "ab"}
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = spawn(procs, env, logs["a"])
+            await eventually(lambda: len(recorded(runs)) >= 2, timeout=30, what="a runs jobs")
+            await conn.execute("ALTER TABLE scheduler.runs RENAME TO runs_away")
+            await eventually(lambda: a.poll() is not None, timeout=30, what="a stops")
+            assert a.returncode == 1
+            assert "could not claim train:demo/EURUSD/M5" in logs["a"].read_text()
+            last_a = max(f for f, _ in recorded(runs))
+            await conn.execute("ALTER TABLE scheduler.runs_away RENAME TO runs")
+            b = spawn(procs, env, logs["b"])
+            await eventually(
+                lambda: sum(pid == b.pid for _, pid in recorded(runs)) >= 3, what="b runs"
+            )
+            b.terminate()
+            assert b.wait(timeout=30) == 0, logs["b"].read_text()[-2000:]
+    finally:
+        await conn.close()
+
+    calls = recorded(runs)
+    fires = Counter(f for f, _ in calls)
+    assert set(fires.values()) == {1}
+    assert sorted(fires) == list(range(min(fires), max(fires) + 1))
+    assert min(f for f, pid in calls if pid == b.pid) == last_a + 1
+    assert {int(r["fire_time"].timestamp()) for r in await run_log(pg_dsn)} == set(fires)
+
+
+async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
+    candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    env = scheduler_env(
+        candles_db,
+        TICKWIRE_TRAIN_SCHEDULE=f"{FEED}/{SYMBOL}/{TF}@*/5 * * * * *",
+        TICKWIRE_NATS_URL=nats_url,
+        TICKWIRE_NAMESPACE=namespace,
+        TICKWIRE_TRAIN_WINDOW_DAYS="36500",  # every stored candle
+        TICKWIRE_TRAIN_HORIZON="3",
+        TICKWIRE_TRAIN_OUT=str(tmp_path / "reports"),
+        TICKWIRE_METRICS_PORT=str(port := free_port()),
+    )
+    log = tmp_path / "scheduler.log"
+
+    async def finished() -> list[asyncpg.Record]:
+        alive(proc, log)
+        return [r for r in await run_log(candles_db) if r["finished_at"] is not None]
+
+    with schedulers(tmp_path) as procs:
+        proc = spawn(procs, env, log)
+        first, *_ = await eventually(finished, timeout=120, what="a finished training run")
+        url = f"http://127.0.0.1:{port}/metrics"
+        metrics = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)).read()
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+    assert (first["outcome"], first["detail"]) == ("ok", "promoted"), dict(first)
+    fire: dt.datetime = first["fire_time"]
+    assert fire.timestamp() % 5 == 0
+    assert b"tickwire_scheduler_leader 1.0" in metrics
+    ok = re.search(rb'tickwire_scheduler_runs_total\{outcome="ok"\} (\S+)', metrics)
+    assert ok is not None
+    assert float(ok[1]) >= 1
+    registry = await Registry.open(js, namespace=namespace, create=False)
+    active = await registry.active(FEED, SYMBOL, TF)
+    assert active is not None
+    card, _ = await registry.get(active.version)
+    # the window ends at the fire time and so covers every stored candle
+    conn = await asyncpg.connect(candles_db)
+    try:
+        lo, hi = await conn.fetchrow("SELECT min(open_time), max(open_time) FROM market.candles")
+    finally:
+        await conn.close()
+    assert card.train_from_ms == int(lo.timestamp() * 1000)
+    assert card.train_to_ms == int(hi.timestamp() * 1000) + M5_MS
+    stamp = fire.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    report = json.loads(
+        (tmp_path / "reports" / f"{FEED}_{SYMBOL}_{TF}" / stamp / "report.json").read_text()
+    )
+    assert report["holdout"]["auc"] == pytest.approx(card.metrics["auc"], abs=1e-12)

@@ -1,0 +1,88 @@
+"""``tickwire run scheduler`` settings: the schedule is checked at start, one line if bad."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+
+from workers.trainer.scheduler import Entry, Settings, cron_trigger, parse_entry
+
+
+def test_entries_are_parsed_into_series_and_cron() -> None:
+    settings = Settings(
+        train_schedule="demo/EURUSD/M5@0 3 * * mon-fri; demo/US500.cash/H1 @ 30 */4 * * *"  # type: ignore[arg-type]
+    )
+    assert settings.train_schedule == (
+        Entry("demo", "EURUSD", "M5", "0 3 * * mon-fri"),
+        Entry("demo", "US500.cash", "H1", "30 */4 * * *"),
+    )
+    assert settings.train_schedule[1].job_id == "train:demo/US500.cash/H1"
+
+
+def test_five_fields_are_crontab_and_six_fields_start_with_seconds() -> None:
+    start = dt.datetime(2026, 3, 2, 2, 59, 59, tzinfo=dt.UTC)  # a Monday
+    five = cron_trigger("0 3 * * mon-fri").get_next_fire_time(None, start)
+    assert five == dt.datetime(2026, 3, 2, 3, 0, tzinfo=dt.UTC)
+    six = cron_trigger("*/20 * * * * *").get_next_fire_time(None, start)
+    assert six == dt.datetime(2026, 3, 2, 3, 0, 0, tzinfo=dt.UTC)
+    saturday = dt.datetime(2026, 3, 7, 0, 0, tzinfo=dt.UTC)
+    monday = cron_trigger("0 3 * * mon-fri").get_next_fire_time(None, saturday)
+    assert monday == dt.datetime(2026, 3, 9, 3, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("demo/EURUSD@0 3 * * *", "is not feed/symbol/tf@cron"),
+        ("demo/EURUSD/M5", "is not feed/symbol/tf@cron"),
+        ("demo/EURUSD/M7@0 3 * * *", "M7"),
+        ("demo/EURUSD/M5@0 3 * *", "has 4 fields"),
+        ("demo/EURUSD/M5@0 25 * * *", "25"),
+        ("de.mo/EURUSD/M5@0 3 * * *", "feed must match"),
+    ],
+)
+def test_a_bad_entry_is_refused_with_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=r"\S") as info:
+        parse_entry(text)
+    assert says in str(info.value)
+
+
+def run_scheduler(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "run", "scheduler"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "", **env},
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({}, "no PostgreSQL DSN"),
+        ({"TICKWIRE_POSTGRES_DSN": "postgresql://x/y"}, "nothing to schedule"),
+        (
+            {"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *; demo/EURUSD/M5@0 4 * * *"},
+            "bad setting TICKWIRE_TRAIN_SCHEDULE: Value error, scheduled twice: train:demo/EURUSD/M5",
+        ),
+        ({"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@every day"}, "has 2 fields"),
+        ({"TICKWIRE_TRAIN_WINDOW_DAYS": "0"}, "bad setting TICKWIRE_TRAIN_WINDOW_DAYS"),
+        (
+            {
+                "TICKWIRE_POSTGRES_DSN": "postgresql://x/y",
+                "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *",
+                "TICKWIRE_SCHEDULER_JOB": "workers.trainer.scheduler:no_such_job",
+            },
+            "TICKWIRE_SCHEDULER_JOB",
+        ),
+    ],
+)
+def test_bad_settings_stop_the_scheduler_with_one_line(env: dict[str, str], says: str) -> None:
+    proc = run_scheduler(env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr

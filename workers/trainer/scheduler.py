@@ -1,0 +1,496 @@
+"""``tickwire run scheduler``: retraining on a cron schedule, one active scheduler at a time.
+
+``TICKWIRE_TRAIN_SCHEDULE`` lists ``feed/symbol/tf@cron`` entries; each becomes an
+APScheduler job kept in PostgreSQL (``scheduler.apscheduler_jobs``), so a restarted or newly
+elected scheduler carries on where the last one stopped: fire times missed while none was
+running are run if still within the misfire grace (coalesced into one by default).
+
+Only the holder of a session-level advisory lock schedules anything; every other instance
+waits and retries, and takes over when the holder's connection dies with it.
+
+A fire time is claimed in ``scheduler.runs`` (unique per job and fire time) before the job
+starts and before APScheduler moves the job's next fire time on, so a fire replayed after a
+crash finds its claim and does not run twice; a claimed run that never finished (its
+scheduler died) is run again by the next leader. The job itself, by default, is one
+``tickwire train`` of the window ending at the scheduled fire time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import asyncpg
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+    JobSubmissionEvent,
+)
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.job import Job
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.util import ref_to_obj
+from prometheus_client import Counter, Gauge
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
+from sqlalchemy import Engine, create_engine, make_url, text
+
+from contracts.messages import Timeframe
+from db.queries import query
+from workers.cli import fail
+from workers.runtime.metrics import MetricsServer, WorkerMetrics
+from workers.runtime.settings import RuntimeSettings, load
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME: Final = "tickwire:scheduler"
+"""Advisory lock of the active scheduler: ``hashtext(LOCK_NAME)`` in its database."""
+JOB_PREFIX: Final = "train:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One line of the schedule: train ``feed/symbol/tf`` at every fire time of ``cron``."""
+
+    feed: str
+    symbol: str
+    tf: str
+    cron: str
+
+    @property
+    def job_id(self) -> str:
+        return f"{JOB_PREFIX}{self.feed}/{self.symbol}/{self.tf}"
+
+    def trigger(self) -> CronTrigger:
+        return cron_trigger(self.cron)
+
+
+def cron_trigger(cron: str) -> CronTrigger:
+    """Five crontab fields (minute hour day month day-of-week), or six with seconds first."""
+    fields = cron.split()
+    if len(fields) == 5:
+        return CronTrigger.from_crontab(cron, timezone=dt.UTC)
+    if len(fields) == 6:
+        second, minute, hour, day, month, dow = fields
+        return CronTrigger(
+            second=second,
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=dow,
+            timezone=dt.UTC,
+        )
+    raise ValueError(f"cron {cron!r} has {len(fields)} fields, not 5 (or 6 with seconds)")
+
+
+def parse_entry(text: str) -> Entry:
+    from workers.registry import RegistryError, active_key
+
+    series, at, cron = text.strip().partition("@")
+    parts = series.strip().split("/")
+    if not at or len(parts) != 3 or not all(parts):
+        raise ValueError(f"{text.strip()!r} is not feed/symbol/tf@cron")
+    feed, symbol, tf = parts
+    try:
+        Timeframe(tf)
+        active_key(feed, symbol, tf)
+        cron_trigger(cron)
+    except (ValueError, RegistryError) as exc:
+        raise ValueError(f"{text.strip()!r}: {exc}") from None
+    return Entry(feed, symbol, tf, " ".join(cron.split()))
+
+
+class Settings(RuntimeSettings):
+    postgres_dsn: SecretStr | None = None
+    """PostgreSQL of the job store, the run log and the leader lock (hidden in logs)."""
+    train_schedule: Annotated[tuple[Entry, ...], NoDecode] = ()
+    """``feed/symbol/tf@cron`` entries separated by ``;``."""
+    train_window_days: Annotated[float, Field(gt=0)] = 90.0
+    train_horizon: Annotated[int, Field(ge=1)] = 12
+    train_folds: Annotated[int, Field(ge=1)] = 4
+    train_promote: bool = True
+    train_out: Path = Path("train-report")
+    scheduler_job: str = "workers.trainer.scheduler:train_job"
+    """``module:function`` each fire calls with feed, symbol, tf and fire_time."""
+    scheduler_misfire_grace_s: Annotated[int, Field(ge=1)] = 3600
+    scheduler_coalesce: bool = True
+    scheduler_leader_retry_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("train_schedule", mode="before")
+    @classmethod
+    def _entries(cls, value: object) -> object:
+        if isinstance(value, str):
+            entries = [parse_entry(part) for part in value.split(";") if part.strip()]
+            ids = [e.job_id for e in entries]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                raise ValueError(f"scheduled twice: {', '.join(twice)}")
+            return tuple(entries)
+        return value
+
+
+def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
+    """One ``tickwire train`` of the window ending at the scheduled fire time."""
+    from workers.trainer.cli import run
+
+    settings = load(Settings)
+    stamp = fire_time.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    args = argparse.Namespace(
+        feed=feed,
+        symbol=symbol,
+        tf=tf,
+        start=(fire_time - dt.timedelta(days=settings.train_window_days)).isoformat(),
+        end=fire_time.isoformat(),
+        horizon=settings.train_horizon,
+        folds=settings.train_folds,
+        out=settings.train_out / f"{feed}_{symbol}_{tf}" / stamp,
+        promote=settings.train_promote,
+    )
+    try:
+        code = run(args)
+    except SystemExit as exc:  # bad input: the trainer printed its one line
+        raise RuntimeError(f"tickwire train exited with {exc.code}") from None
+    if code == 1:
+        return "not promoted: stays a candidate"
+    return "promoted" if settings.train_promote else "stored as a candidate"
+
+
+class SchedulerMetrics(WorkerMetrics):
+    def __init__(self) -> None:
+        super().__init__("scheduler")
+        self.runs = Counter(
+            "tickwire_scheduler_runs",
+            "Scheduled runs by outcome: ok, failed, missed",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "tickwire_scheduler_leader",
+            "1 while this scheduler is the active one",
+            registry=self.registry,
+        )
+
+
+class RunLog:
+    """``scheduler.runs``: one claim per job and fire time (synchronous, like the job store)."""
+
+    def __init__(self, engine: Engine, name: str, metrics: SchedulerMetrics) -> None:
+        self.engine, self.name, self.metrics = engine, name, metrics
+
+    def claim(self, job_id: str, fire_time: dt.datetime) -> bool:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(query("scheduler_claim_run")),
+                {"job_id": job_id, "fire_time": fire_time, "scheduler": self.name},
+            ).first()
+        return row is not None
+
+    def missed(self, job_id: str, fire_time: dt.datetime, detail: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(query("scheduler_record_missed")),
+                {
+                    "job_id": job_id,
+                    "fire_time": fire_time,
+                    "scheduler": self.name,
+                    "detail": detail,
+                },
+            )
+        self.metrics.runs.labels("missed").inc()
+
+    def finish(self, job_id: str, fire_time: dt.datetime, outcome: str, detail: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(query("scheduler_finish_run")),
+                {"job_id": job_id, "fire_time": fire_time, "outcome": outcome, "detail": detail},
+            )
+        self.metrics.runs.labels(outcome).inc()
+
+    def reclaim(self) -> list[tuple[str, dt.datetime]]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                text(query("scheduler_reclaim_unfinished")), {"scheduler": self.name}
+            )
+            return sorted((str(r.job_id), r.fire_time) for r in rows)
+
+
+class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
+    """Runs a job only for fire times it claims in the run log, each in a worker thread with
+    its fire time as ``fire_time``. The claim is written while APScheduler submits the job,
+    before it stores the job's next fire time."""
+
+    def __init__(self, runs: RunLog) -> None:
+        super().__init__()
+        self.runs = runs
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.unclaimed: set[str] = set()
+        """Jobs whose fire times could not be claimed: their stored next fire time stays."""
+        self.broken: Exception | None = None
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._loop: asyncio.AbstractEventLoop = scheduler._eventloop
+
+    def _do_submit_job(self, job: Job, run_times: list[dt.datetime]) -> None:
+        try:
+            self._claim_and_run(job, run_times)
+        except Exception as exc:
+            # No claim, no run: keep the job's stored next fire time (see StoreKeepingUnclaimed)
+            # and stop scheduling, so that the next scheduler submits these fire times again.
+            log.error("could not claim %s at %s: %s", job.id, run_times, exc)
+            self.unclaimed.add(job.id)
+            self.broken = exc
+            self._scheduler.pause()
+            raise
+
+    def _claim_and_run(self, job: Job, run_times: list[dt.datetime]) -> None:
+        events: list[JobExecutionEvent] = []
+        claimed: list[dt.datetime] = []
+        now = dt.datetime.now(dt.UTC)
+        for fire_time in run_times:
+            late = now - fire_time
+            if job.misfire_grace_time is not None and late.total_seconds() > job.misfire_grace_time:
+                self.runs.missed(job.id, fire_time, f"late by {late}, past the misfire grace")
+                events.append(JobExecutionEvent(EVENT_JOB_MISSED, job.id, "default", fire_time))
+                log.warning("%s at %s missed by %s", job.id, fire_time, late)
+            elif self.runs.claim(job.id, fire_time):
+                claimed.append(fire_time)
+            else:
+                log.info("%s at %s is already claimed: not run again", job.id, fire_time)
+        if not claimed:
+            self._run_job_success(job.id, events)
+            return
+
+        def done(task: asyncio.Task[list[JobExecutionEvent]]) -> None:
+            if task.cancelled():
+                self._run_job_success(job.id, events)
+            elif (exc := task.exception()) is not None:
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, events + task.result())
+
+        task = self._loop.create_task(self.run(job, claimed))
+        self._keep(task, done)
+
+    def rerun(self, job: Job, fire_times: list[dt.datetime]) -> None:
+        """Run claims a dead scheduler left unfinished (already reclaimed by this one)."""
+        self._keep(self._loop.create_task(self.run(job, fire_times)), None)
+
+    def _keep(self, task: asyncio.Task[Any], done: Callable[[Any], None] | None) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if done is not None:
+            task.add_done_callback(done)
+
+    async def run(self, job: Job, fire_times: Iterable[dt.datetime]) -> list[JobExecutionEvent]:
+        events = []
+        for fire_time in fire_times:
+            log.info("running %s for %s", job.id, fire_time.isoformat())
+            try:
+                detail = await asyncio.to_thread(
+                    job.func, *job.args, **(job.kwargs | {"fire_time": fire_time})
+                )
+            except Exception as exc:
+                log.exception("%s for %s failed", job.id, fire_time.isoformat())
+                await asyncio.to_thread(
+                    self.runs.finish, job.id, fire_time, "failed", f"{type(exc).__name__}: {exc}"
+                )
+                events.append(
+                    JobExecutionEvent(EVENT_JOB_ERROR, job.id, "default", fire_time, exception=exc)
+                )
+            else:
+                await asyncio.to_thread(self.runs.finish, job.id, fire_time, "ok", str(detail))
+                events.append(
+                    JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", fire_time, detail)
+                )
+        return events
+
+    async def drain(self, limit_s: float) -> None:
+        if self.tasks:
+            log.info("waiting up to %gs for %d running job(s)", limit_s, len(self.tasks))
+            await asyncio.wait(set(self.tasks), timeout=limit_s)
+
+
+class StoreKeepingUnclaimed(SQLAlchemyJobStore):  # type: ignore[misc]
+    """The job store, except that a job whose fire times were not claimed keeps its stored
+    next fire time (APScheduler moves it on even when submitting the job failed)."""
+
+    def __init__(self, executor: ClaimingExecutor, engine: Engine) -> None:
+        super().__init__(engine=engine, tablename="apscheduler_jobs", tableschema="scheduler")
+        self.executor = executor
+
+    def update_job(self, job: Job) -> None:
+        if job.id not in self.executor.unclaimed:
+            super().update_job(job)
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    return make_url(dsn).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def sync_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
+    """Make the stored jobs match the schedule. An unchanged job keeps its stored next fire
+    time (so fires missed while no scheduler ran are still run); a changed one starts anew."""
+    wanted = {e.job_id: e for e in settings.train_schedule}
+    for job in scheduler.get_jobs():
+        if job.id.startswith(JOB_PREFIX) and job.id not in wanted:
+            log.info("%s is no longer scheduled: removed", job.id)
+            job.remove()
+    for job_id, entry in wanted.items():
+        trigger = entry.trigger()
+        # fire_time is filled in by the executor with each scheduled fire time
+        kwargs = {"feed": entry.feed, "symbol": entry.symbol, "tf": entry.tf, "fire_time": None}
+        job = scheduler.get_job(job_id)
+        if (
+            job is not None
+            and repr(job.trigger) == repr(trigger)
+            and str(job.trigger.timezone) == str(trigger.timezone)
+            and job.func_ref == settings.scheduler_job
+            and job.kwargs == kwargs
+            and job.coalesce == settings.scheduler_coalesce
+            and job.misfire_grace_time == settings.scheduler_misfire_grace_s
+        ):
+            continue
+        scheduler.add_job(
+            settings.scheduler_job,
+            trigger,
+            id=job_id,
+            name=job_id,
+            kwargs=kwargs,
+            coalesce=settings.scheduler_coalesce,
+            misfire_grace_time=settings.scheduler_misfire_grace_s,
+            max_instances=1,
+            replace_existing=True,
+        )
+        log.info("%s scheduled: %s", job_id, entry.cron)
+
+
+def _record_skipped(runs: RunLog) -> Callable[[JobSubmissionEvent], None]:
+    def listener(event: JobSubmissionEvent) -> None:
+        for fire_time in event.scheduled_run_times:
+            runs.missed(event.job_id, fire_time, "the previous run was still running")
+
+    return listener
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``stop`` at most ``seconds``; True if it is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
+    """Wait for leadership, then schedule until ``stop``; 1 if the leader lock was lost."""
+    assert settings.postgres_dsn is not None
+    dsn = settings.postgres_dsn.get_secret_value()
+    metrics = SchedulerMetrics()
+    server = MetricsServer(metrics, lambda: True, settings.metrics_host, settings.metrics_port)
+    await server.start()
+    lock = await asyncpg.connect(dsn)
+    try:
+        if not await lock.fetchval(query("scheduler_tables_exist")):
+            fail("no scheduler tables in this database: run tickwire db migrate")
+        waiting_logged = False
+        while not await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
+            if not waiting_logged:
+                log.info("%s: another scheduler is active; retrying every %gs", name,
+                         settings.scheduler_leader_retry_s)  # fmt: skip
+                waiting_logged = True
+            if await _wait(stop, settings.scheduler_leader_retry_s):
+                return 0
+        log.info("%s: active scheduler", name)
+        metrics.leader.set(1)
+        return await _lead(settings, stop, name, lock, metrics)
+    finally:
+        metrics.leader.set(0)
+        await lock.close()
+        await server.stop()
+
+
+async def _lead(
+    settings: Settings, stop: asyncio.Event, name: str, lock: Any, metrics: SchedulerMetrics
+) -> int:
+    assert settings.postgres_dsn is not None
+    engine = create_engine(sqlalchemy_url(settings.postgres_dsn.get_secret_value()))
+    runs = RunLog(engine, name, metrics)
+    executor = ClaimingExecutor(runs)
+    scheduler = AsyncIOScheduler(
+        jobstores={"default": StoreKeepingUnclaimed(executor, engine)},
+        executors={"default": executor},
+        timezone=dt.UTC,
+    )
+    scheduler.add_listener(_record_skipped(runs), EVENT_JOB_MAX_INSTANCES)
+    code = 0
+    try:
+        scheduler.start(paused=True)
+        sync_jobs(scheduler, settings)
+        left = await asyncio.to_thread(runs.reclaim)
+        for job_id, fire_time in left:
+            job = scheduler.get_job(job_id)
+            if job is None:
+                await asyncio.to_thread(
+                    runs.finish, job_id, fire_time, "failed", "no longer scheduled"
+                )
+            else:
+                log.info("%s for %s was left unfinished: running it again", job_id, fire_time)
+                executor.rerun(job, [fire_time])
+        scheduler.resume()
+        while not await _wait(stop, settings.scheduler_leader_retry_s):
+            if executor.broken is not None:
+                log.error("%s: stopping, a restart runs the unclaimed fire times", name)
+                code = 1
+                break
+            try:
+                await lock.fetchval("SELECT 1")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.error("%s: lost the leader lock's connection (%s): stopping", name, exc)
+                code = 1
+                break
+    finally:
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+        await executor.drain(settings.drain_timeout_s)
+        engine.dispose()
+    return code
+
+
+def main() -> int:
+    settings = load(Settings)
+    if settings.postgres_dsn is None:
+        fail("no PostgreSQL DSN: set TICKWIRE_POSTGRES_DSN")
+    if not settings.train_schedule:
+        fail("nothing to schedule: set TICKWIRE_TRAIN_SCHEDULE to feed/symbol/tf@cron entries")
+    try:
+        func = ref_to_obj(settings.scheduler_job)
+    except (ValueError, LookupError, TypeError) as exc:
+        fail(f"TICKWIRE_SCHEDULER_JOB: {exc}")
+    if not callable(func):
+        fail(f"TICKWIRE_SCHEDULER_JOB: {settings.scheduler_job} is not callable")
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(settings, stop, name)
+
+    return asyncio.run(go())
