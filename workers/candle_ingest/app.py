@@ -19,9 +19,8 @@ import collections
 import contextlib
 import logging
 import time
-import zlib
-from collections.abc import Callable, Sequence
-from typing import Annotated, Final, Protocol
+from collections.abc import Sequence
+from typing import Annotated, ClassVar, Final, Protocol
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -44,8 +43,6 @@ from contracts.messages import (
 from contracts.streams import (
     CANDLE_INGEST,
     TICKS,
-    ConsumerSpec,
-    consumer_specs,
     ensure,
     stream_name,
     stream_specs,
@@ -58,9 +55,10 @@ from workers.candle_ingest.aggregate import (
 )
 from workers.candle_ingest.sink import QuestDBSink
 from workers.runtime.errors import TransientError
+from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import PullSource
-from workers.runtime.settings import RuntimeSettings, load
+from workers.runtime.settings import load
 from workers.runtime.worker import (
     Batch,
     Commit,
@@ -76,7 +74,9 @@ NAME: Final = CANDLE_INGEST
 REPLAY_SUFFIX: Final = "-replay"
 
 
-class Settings(RuntimeSettings):
+class Settings(PartitionedSettings):
+    worker: ClassVar[str] = NAME
+
     questdb_ilp: str = "http::addr=127.0.0.1:9000;"
     questdb_http: str = "http://127.0.0.1:9000"
     price: PriceSource = PriceSource.BID
@@ -89,8 +89,6 @@ class Settings(RuntimeSettings):
     idle_grace_s: Annotated[float, Field(gt=0)] = 5.0
     max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
     max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
-    partitions: Annotated[int, Field(ge=1, le=64)] = 1
-    partition: Annotated[int, Field(ge=0)] = 0
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
     def aggregator_config(self) -> AggregatorConfig:
@@ -101,17 +99,10 @@ class Settings(RuntimeSettings):
             close_delay_ms=round(self.close_delay_s * 1000),
         )
 
-    @property
-    def durable(self) -> str:
-        if self.partitions == 1:
-            return NAME
-        return f"{NAME}-{self.partition}of{self.partitions}"
 
-
-def partition_of(subject: str, partitions: int) -> int:
-    """Stable partition of a tick subject by its feed and symbol tokens (never Python hash)."""
-    feed_symbol = subject.rsplit(".", 2)
-    return zlib.crc32(f"{feed_symbol[-2]}.{feed_symbol[-1]}".encode()) % partitions
+def feed_symbol(subject: str) -> str:
+    """``<feed>.<symbol token>`` of a tick subject: what partitions are made of."""
+    return ".".join(subject.rsplit(".", 2)[-2:])
 
 
 class Metrics:
@@ -373,7 +364,7 @@ class Ingest:
 
     async def _replay(self, stream: str, first: int, last: int, *, live_from: int) -> int:
         js, nc = self.ctx.js, self.ctx.nc
-        spec = _spec(self.settings)
+        spec = self.settings.consumer_spec()
         # named, so that its NATS user may read this consumer and no other: a crashed
         # process may have left one behind (it expires after 60 s idle)
         name = self.settings.durable + REPLAY_SUFFIX
@@ -393,7 +384,7 @@ class Ingest:
         )
         source = PullSource(nc, stream, info.name, batch=1000)
         codec: Codec[TickInput] = Codec(TickInput, max_bytes=self.settings.max_payload_bytes)
-        accept = _acceptor(self.settings)
+        accept = self.settings.acceptor(feed_symbol)
         done = 0
         await source.start()
         try:
@@ -509,23 +500,7 @@ def _subject_problem(subject: str, m: TickInput) -> tuple[str, str] | None:
     return None
 
 
-def _spec(settings: Settings) -> ConsumerSpec:
-    base = next(
-        c for c in consumer_specs(namespace=settings.namespace) if c.durable == CANDLE_INGEST
-    )
-    return msgspec.structs.replace(base, durable=settings.durable)
-
-
-def _acceptor(settings: Settings) -> Callable[[str], bool] | None:
-    n, k = settings.partitions, settings.partition
-    if n == 1:
-        return None
-    return lambda subject: partition_of(subject, n) == k
-
-
 def build(settings: Settings) -> Worker[TickInput]:
-    if settings.partition >= settings.partitions:
-        raise SystemExit("tickwire: TICKWIRE_PARTITION must be below TICKWIRE_PARTITIONS")
     stream = stream_name(TICKS, namespace=settings.namespace)
     worker: Worker[TickInput] = Worker(
         NAME,
@@ -533,13 +508,13 @@ def build(settings: Settings) -> Worker[TickInput]:
         durable=settings.durable,
         codec=Codec(TickInput, max_bytes=settings.max_payload_bytes),
         settings=settings,
-        accept=_acceptor(settings),
+        accept=settings.acceptor(feed_symbol),
     )
     idle_task: list[asyncio.Task[None]] = []
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [_spec(settings)])
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
         sink = QuestDBSink(
             settings.questdb_ilp, settings.questdb_http, table_prefix=_table_prefix(settings)
         )

@@ -19,11 +19,8 @@ import collections
 import contextlib
 import logging
 import time
-import zlib
-from collections.abc import Callable
-from typing import Annotated, Final
+from typing import Annotated, ClassVar, Final
 
-import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
@@ -36,8 +33,6 @@ from contracts.messages import Candle, Timeframe
 from contracts.streams import (
     CANDLES,
     FEATURE_BUILDER,
-    ConsumerSpec,
-    consumer_specs,
     ensure,
     stream_name,
     stream_specs,
@@ -45,9 +40,10 @@ from contracts.streams import (
 from workers.feature_builder.state import Builder, Refusal, message_id
 from workers.features import DEFAULT
 from workers.runtime.errors import TransientError
+from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import PullSource
-from workers.runtime.settings import RuntimeSettings, load
+from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 
 log = logging.getLogger(__name__)
@@ -57,25 +53,18 @@ REMEMBERED_REFUSALS: Final = 100_000
 WARM_UP_SUFFIX: Final = "-warmup"
 
 
-class Settings(RuntimeSettings):
+class Settings(PartitionedSettings):
+    worker: ClassVar[str] = NAME
+
     revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
     """At least this many of a series' latest candles can be revised (at most twice that)."""
     max_payload_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
-    partitions: Annotated[int, Field(ge=1, le=64)] = 1
-    partition: Annotated[int, Field(ge=0)] = 0
-
-    @property
-    def durable(self) -> str:
-        if self.partitions == 1:
-            return NAME
-        return f"{NAME}-{self.partition}of{self.partitions}"
 
 
-def partition_of(subject: str, partitions: int) -> int:
-    """Stable partition of a candle subject by its feed and symbol tokens: every timeframe of
-    a symbol goes to the same instance."""
-    tokens = subject.rsplit(".", 3)
-    return zlib.crc32(f"{tokens[-3]}.{tokens[-2]}".encode()) % partitions
+def feed_symbol(subject: str) -> str:
+    """``<feed>.<symbol token>`` of a candle subject: every timeframe of a symbol goes to the
+    same partition."""
+    return ".".join(subject.rsplit(".", 3)[-3:-1])
 
 
 class Metrics:
@@ -219,14 +208,14 @@ class Features:
                 name=name,
                 ack_policy=AckPolicy.NONE,
                 deliver_policy=DeliverPolicy.ALL,
-                filter_subjects=list(_spec(self.settings).filter_subjects),
+                filter_subjects=list(self.settings.consumer_spec().filter_subjects),
                 inactive_threshold=60.0,
                 mem_storage=True,
             ),
         )
         source = PullSource(nc, stream, info.name, batch=1000)
         codec: Codec[Candle] = Codec(Candle, max_bytes=self.settings.max_payload_bytes)
-        accept = _acceptor(self.settings)
+        accept = self.settings.acceptor(feed_symbol)
         read = 0
         await source.start()
         progress = tqdm(total=last, desc=f"{NAME} warm-up", unit="seq", disable=None)
@@ -258,23 +247,7 @@ class Features:
         return read
 
 
-def _spec(settings: Settings) -> ConsumerSpec:
-    base = next(
-        c for c in consumer_specs(namespace=settings.namespace) if c.durable == FEATURE_BUILDER
-    )
-    return msgspec.structs.replace(base, durable=settings.durable)
-
-
-def _acceptor(settings: Settings) -> Callable[[str], bool] | None:
-    n, k = settings.partitions, settings.partition
-    if n == 1:
-        return None
-    return lambda subject: partition_of(subject, n) == k
-
-
 def build(settings: Settings) -> Worker[Candle]:
-    if settings.partition >= settings.partitions:
-        raise SystemExit("tickwire: TICKWIRE_PARTITION must be below TICKWIRE_PARTITIONS")
     stream = stream_name(CANDLES, namespace=settings.namespace)
     worker: Worker[Candle] = Worker(
         NAME,
@@ -282,12 +255,12 @@ def build(settings: Settings) -> Worker[Candle]:
         durable=settings.durable,
         codec=Codec(Candle, max_bytes=settings.max_payload_bytes),
         settings=settings,
-        accept=_acceptor(settings),
+        accept=settings.acceptor(feed_symbol),
     )
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [_spec(settings)])
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
         features = Features(settings, ctx)
         await features.restore(stream)
         ctx.state["features"] = features

@@ -1,0 +1,59 @@
+"""Scaling a stateful worker out by feed and symbol (design invariant 3).
+
+``TICKWIRE_PARTITIONS`` instances each own a stable share of the feed+symbol pairs: every
+message of one pair goes to the same instance, which consumes on a durable of its own
+(``<worker>-<k>of<n>``) and acks the others' messages unread.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Annotated, ClassVar
+
+import msgspec
+from pydantic import Field, ValidationInfo, field_validator
+
+from contracts.streams import ConsumerSpec, consumer_specs
+from workers.runtime.settings import RuntimeSettings
+
+
+def partition_of(feed_symbol: str, partitions: int) -> int:
+    """Stable partition of ``"<feed>.<symbol token>"`` (crc32, never Python's hash)."""
+    return zlib.crc32(feed_symbol.encode()) % partitions
+
+
+class PartitionedSettings(RuntimeSettings):
+    """Settings of a worker that may run as several partitions."""
+
+    worker: ClassVar[str]
+    """The worker's name: its durable consumer when it runs alone."""
+
+    partitions: Annotated[int, Field(ge=1, le=64)] = 1
+    partition: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("partition")
+    @classmethod
+    def _below_partitions(cls, value: int, info: ValidationInfo) -> int:
+        partitions = info.data.get("partitions", 1)
+        if value >= partitions:
+            raise ValueError(f"must be below TICKWIRE_PARTITIONS ({partitions})")
+        return value
+
+    @property
+    def durable(self) -> str:
+        if self.partitions == 1:
+            return self.worker
+        return f"{self.worker}-{self.partition}of{self.partitions}"
+
+    def consumer_spec(self) -> ConsumerSpec:
+        """The worker's consumer from ``contracts.streams``, on this partition's durable."""
+        base = next(c for c in consumer_specs(namespace=self.namespace) if c.durable == self.worker)
+        return msgspec.structs.replace(base, durable=self.durable)
+
+    def acceptor(self, feed_symbol: Callable[[str], str]) -> Callable[[str], bool] | None:
+        """``accept(subject)`` for the runtime's ``Worker``: None when running alone."""
+        n, k = self.partitions, self.partition
+        if n == 1:
+            return None
+        return lambda subject: partition_of(feed_symbol(subject), n) == k
