@@ -186,6 +186,12 @@ class FeatureVector(_Message, tag="features", tag_field="type", frozen=True, kw_
     tf: Timeframe
     open_time_ms: EpochMs
     candle_revision: Annotated[int, msgspec.Meta(ge=0)]
+    close: Price
+    """The candle's close: the reference price a signal on this candle quotes."""
+    close_time_ms: EpochMs
+    """End of the candle's period, exclusive."""
+    last_tick_ms: EpochMs
+    """Event time of the candle's last tick, the start of tick-to-signal latency."""
     feature_set_id: str
     values: list[float]
     """In the order of the feature set's names."""
@@ -201,6 +207,10 @@ class Score(_Message, tag="score", tag_field="type", frozen=True, kw_only=True):
     tf: Timeframe
     open_time_ms: EpochMs
     candle_revision: Annotated[int, msgspec.Meta(ge=0)]
+    close: Price
+    """Carried from the feature vector: the candle's close."""
+    close_time_ms: EpochMs
+    last_tick_ms: EpochMs
     feature_set_id: str
     model_version: str
     probabilities: list[float]

@@ -129,7 +129,8 @@ CANDLE = Candle(
 
 FEATURES_JSON = (
     b'{"type":"features","v":1,"feed":"icm-live","symbol":"EURUSD","tf":"M1",'
-    b'"open_time_ms":1767225600000,"candle_revision":0,"feature_set_id":"fs-2026.1",'
+    b'"open_time_ms":1767225600000,"candle_revision":0,"close":1.2345,'
+    b'"close_time_ms":1767225660000,"last_tick_ms":1767225659873,"feature_set_id":"fs-2026.1",'
     b'"values":[0.30000000000000004,-1e-8,123456.789,0.0],"warming_up":false}'
 )
 FEATURES = FeatureVector(
@@ -138,13 +139,17 @@ FEATURES = FeatureVector(
     tf=Timeframe.M1,
     open_time_ms=1767225600000,
     candle_revision=0,
+    close=1.2345,
+    close_time_ms=1767225660000,
+    last_tick_ms=1767225659873,
     feature_set_id="fs-2026.1",
     values=[0.30000000000000004, -1e-8, 123456.789, 0.0],
 )
 
 SCORE_JSON = (
     b'{"type":"score","v":1,"feed":"icm-live","symbol":"EURUSD","tf":"M1",'
-    b'"open_time_ms":1767225600000,"candle_revision":0,"feature_set_id":"fs-2026.1",'
+    b'"open_time_ms":1767225600000,"candle_revision":0,"close":1.2345,'
+    b'"close_time_ms":1767225660000,"last_tick_ms":1767225659873,"feature_set_id":"fs-2026.1",'
     b'"model_version":"lgbm-20260101-01","probabilities":[0.125,0.5,0.375],"score":0.25}'
 )
 SCORE = Score(
@@ -153,6 +158,9 @@ SCORE = Score(
     tf=Timeframe.M1,
     open_time_ms=1767225600000,
     candle_revision=0,
+    close=1.2345,
+    close_time_ms=1767225660000,
+    last_tick_ms=1767225659873,
     feature_set_id="fs-2026.1",
     model_version="lgbm-20260101-01",
     probabilities=[0.125, 0.5, 0.375],

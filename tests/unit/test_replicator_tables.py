@@ -29,11 +29,11 @@ CANDLE = Candle(
 )  # fmt: skip
 FEATURES = FeatureVector(
     feed="feed-a", symbol="US500.cash", tf=Timeframe.M5, open_time_ms=T0, candle_revision=1,
-    feature_set_id="fs-1", values=[0.5, -1.25],
+    close=5001.0, close_time_ms=T0 + 300_000, last_tick_ms=T0 + 299_000, feature_set_id="fs-1", values=[0.5, -1.25],
 )  # fmt: skip
 SCORE = Score(
     feed="feed-a", symbol="US500.cash", tf=Timeframe.M5, open_time_ms=T0, candle_revision=1,
-    feature_set_id="fs-1", model_version="m-7", probabilities=[0.2, 0.3, 0.5], score=0.3,
+    close=5001.0, close_time_ms=T0 + 300_000, last_tick_ms=T0 + 299_000, feature_set_id="fs-1", model_version="m-7", probabilities=[0.2, 0.3, 0.5], score=0.3,
 )  # fmt: skip
 SIGNAL = Signal(
     signal_id="feed-a|US500.cash|M5|1741038600000|m-7", feed="feed-a", symbol="US500.cash",
