@@ -23,7 +23,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from bench import bare
+from bench import bare, partitioned
 from bench.report import Figure
 from contracts import streams, subjects
 from contracts.messages import Tick, TickBatch, TickRow
@@ -127,16 +127,23 @@ async def _cleanup(js: nats.js.JetStreamContext, ns: str) -> None:
         await js.delete_object_store(f"ns-{ns}-candle-ingest-state")
 
 
+def _env(urls: StackUrls, ns: str) -> dict[str, str]:
+    """A worker process's settings, as for ``_settings``."""
+    return {
+        "TICKWIRE_NAMESPACE": ns,
+        "TICKWIRE_QUESTDB_ILP": str(urls.questdb_ilp_conf),
+        "TICKWIRE_QUESTDB_HTTP": str(urls.questdb_http),
+        "TICKWIRE_IDLE_CLOSE": "false",
+    }
+
+
 def _peak_rss(urls: StackUrls, ns: str, messages: int) -> float:
     """MB high-water mark of a worker process that consumed ``messages`` ticks."""
     env = {
         "PATH": os.environ.get("PATH", ""),
         "TICKWIRE_NATS_URL": str(urls.nats_url),
-        "TICKWIRE_NAMESPACE": ns,
-        "TICKWIRE_QUESTDB_ILP": str(urls.questdb_ilp_conf),
-        "TICKWIRE_QUESTDB_HTTP": str(urls.questdb_http),
-        "TICKWIRE_IDLE_CLOSE": "false",
         "TICKWIRE_LOG_LEVEL": "WARNING",
+        **_env(urls, ns),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "run", "candle-ingest"],
@@ -170,25 +177,37 @@ def _peak_rss(urls: StackUrls, ns: str, messages: int) -> float:
 
 async def _throughput(
     urls: StackUrls, ns: str, per_message: int, messages: int, symbols: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
+    """Ticks/s of one worker, of two partitions (one process each), and of the bare
+    consumer, on the same ticks."""
     nc = await nats.connect(str(urls.nats_url))
     js = nc.jetstream()
+    split = f"{ns}p"
     try:
         items = _batches(symbols, per_message, messages)
         await _publish(js, ns, items)
+        await _publish(js, split, items)
         bare = max([await _bare(nc, ns, messages, per_message) for _ in range(2)])
         rate = await _worker(urls, ns, messages * per_message)
-        return rate, bare
+        stream = streams.stream_name(streams.TICKS, namespace=split)
+        env = _env(urls, split)
+        scaled = await partitioned.drain_rate(
+            str(urls.nats_url), "candle-ingest", env, stream, messages
+        )
+        return rate, scaled * per_message, bare
     finally:
         await _cleanup(js, ns)
+        await _cleanup(js, split)
         await nc.close()
 
 
 def measure(urls: StackUrls) -> list[Figure]:
     print("candle-ingest: 100-tick batches ...", flush=True)
-    batch_rate, batch_bare = asyncio.run(_throughput(urls, "benchb", 100, 20_000, 20))
+    batch_rate, batch_split, batch_bare = asyncio.run(_throughput(urls, "benchb", 100, 40_000, 20))
     print("candle-ingest: single-tick messages ...", flush=True)
-    single_rate, single_bare = asyncio.run(_throughput(urls, "benchs", 1, 200_000, 20))
+    single_rate, single_split, single_bare = asyncio.run(
+        _throughput(urls, "benchs", 1, 200_000, 20)
+    )
     print("candle-ingest: 1,000 symbols x 7 timeframes open, peak RSS ...", flush=True)
 
     async def fill() -> None:
@@ -216,10 +235,27 @@ def measure(urls: StackUrls) -> list[Figure]:
             400_000,
         ),
         Figure(
+            "candle-ingest, 100-tick batches, 2 partitions",
+            batch_split,
+            "ticks/s",
+            "bare decode-only (1 process)",
+            batch_bare,
+            0.4,
+            400_000,
+        ),
+        Figure(
             "candle-ingest, single-tick messages",
             single_rate,
             "ticks/s",
             "bare decode-only",
+            single_bare,
+            0.5,
+        ),
+        Figure(
+            "candle-ingest, single-tick messages, 2 partitions",
+            single_split,
+            "ticks/s",
+            "bare decode-only (1 process)",
             single_bare,
             0.5,
         ),

@@ -20,7 +20,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from bench import bare
+from bench import bare, partitioned
 from bench.report import Figure
 from contracts import streams, subjects
 from contracts.messages import Candle, Timeframe
@@ -111,20 +111,31 @@ async def _worker(urls: StackUrls, ns: str, messages: int) -> float:
     return messages / elapsed
 
 
-async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[float, float]:
-    ns = "benchfb"
+async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[float, float, float]:
+    """Candles/s of one worker, of two partitions (one process each), and of the bare
+    consumer, on the same candles."""
+    ns, split = "benchfb", "benchfbp"
     nc = await nats.connect(str(urls.nats_url))
     js = nc.jetstream()
     try:
         candles = _candles(symbols, per_symbol)
         await _publish(js, ns, candles)
+        await _publish(js, split, candles)
         baseline = max([await _bare(nc, ns, len(candles)) for _ in range(2)])
         rate = await _worker(urls, ns, len(candles))
-        return rate, baseline
+        scaled = await partitioned.drain_rate(
+            str(urls.nats_url),
+            "feature-builder",
+            {"TICKWIRE_NAMESPACE": split},
+            streams.stream_name(streams.CANDLES, namespace=split),
+            len(candles),
+        )
+        return rate, scaled, baseline
     finally:
-        for spec in streams.stream_specs(namespace=ns):
-            with contextlib.suppress(Exception):
-                await js.delete_stream(spec.name)
+        for name in (ns, split):
+            for spec in streams.stream_specs(namespace=name):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(spec.name)
         await nc.close()
 
 
@@ -146,7 +157,7 @@ def _library(n: int, repeats: int = 3) -> tuple[float, float]:
 
 def measure(urls: StackUrls) -> list[Figure]:
     print("feature-builder: 100,000 candles of 50 symbols, end to end ...", flush=True)
-    rate, baseline = asyncio.run(_end_to_end(urls, 50, 2_000))
+    rate, scaled, baseline = asyncio.run(_end_to_end(urls, 50, 2_000))
     print("feature library: 50,000 candles, incremental and batch ...", flush=True)
     step_ns, batch_ns = _library(50_000)
     return [
@@ -155,6 +166,15 @@ def measure(urls: StackUrls) -> list[Figure]:
             rate,
             "candles/s",
             "bare decode-only",
+            baseline,
+            None,
+            20_000,
+        ),
+        Figure(
+            "feature-builder, candles to vectors, 2 partitions",
+            scaled,
+            "candles/s",
+            "bare decode-only (1 process)",
             baseline,
             None,
             20_000,
