@@ -125,6 +125,12 @@ def _train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from workers.replay import run
+
+    return run(args)
+
+
 def _gain(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -213,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("train-report"), help="report dir")
     train.add_argument("--promote", action="store_true", help="promote if it beats the active")
     train.set_defaults(func=_train)
+
+    replay = sub.add_parser("replay", help="copy a range of a live stream into a namespace")
+    rsub = replay.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = rsub.add_parser("create", help="copy a time range into namespace NAME")
+    create.add_argument("name")
+    create.add_argument("--stream", required=True, help="TICKS, CANDLES, FEATURES, ...")
+    create.add_argument("--from", dest="start", required=True, help="ISO time, UTC if naive")
+    create.add_argument("--to", dest="end", required=True, help="ISO time, end exclusive")
+    create.add_argument("--feed", help="only this feed")
+    create.add_argument("--symbols", nargs="+", help="only these symbols of --feed")
+    rsub.add_parser("list", help="every replay namespace")
+    rsub.add_parser("delete", help="remove every trace of a replay").add_argument("name")
+    replay.set_defaults(func=_replay)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")
