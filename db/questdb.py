@@ -68,6 +68,25 @@ def apply_ddl(http_url: str, *, table_prefix: str = "", timeout: float = 10.0) -
         _exec(http_url, statement, timeout=timeout)
 
 
+def namespace_prefix(namespace: str | None) -> str:
+    """The table prefix of a replay namespace's tables; none for live."""
+    return "" if namespace is None else f"ns_{namespace.replace('-', '_')}_"
+
+
+def drop_tables(http_url: str, *, table_prefix: str, timeout: float = 10.0) -> list[str]:
+    """Drop every table of the DDL files under `table_prefix` (a replay's); returns their
+    names. Tables without a prefix are live and never dropped here."""
+    if not table_prefix:
+        raise ValueError("drop_tables needs a table prefix: live tables are not dropped")
+    names = []
+    for path in sorted(DDL_DIR.glob("*.sql")):
+        for base in _PREFIXED_TABLE.findall(path.read_text(encoding="utf-8")):
+            name = table_name(base, table_prefix=table_prefix)
+            _exec(http_url, f"DROP TABLE IF EXISTS {name}", timeout=timeout)
+            names.append(name)
+    return names
+
+
 def query(
     http_url: str, sql: str, *, table_prefix: str = "", timeout: float = 10.0
 ) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from contracts import subjects
 from contracts.streams import ensure, stream_name, stream_specs
+from db import questdb
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +250,23 @@ async def _cut_after(js: JetStreamContext, target: str, last: int) -> None:
         seq -= 1
 
 
-async def delete(js: JetStreamContext, name: str) -> list[str]:
-    """Remove every stream, consumer, object store and bucket of namespace ``name``."""
+async def delete(js: JetStreamContext, name: str, *, questdb_http: str | None = None) -> list[str]:
+    """Remove every stream, consumer, object store and bucket of namespace ``name``, and
+    its QuestDB tables when ``questdb_http`` is given."""
     subjects.check_name(name, "replay name")
     names = await streams_of(js, name)
     if not names:
         raise ReplayError(f"no replay named {name!r}")
     for stream in names:
         await js.delete_stream(stream)
+    if questdb_http is not None:
+        try:
+            tables = await asyncio.to_thread(
+                questdb.drop_tables, questdb_http, table_prefix=questdb.namespace_prefix(name)
+            )
+        except questdb.QuestDBError as exc:
+            raise ReplayError(f"streams deleted, QuestDB tables not: {exc}") from exc
+        names += [f"QuestDB {t}" for t in tables]
     return names
 
 
@@ -309,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
                 for name in await names(js):
                     print(name)
             else:
-                for stream in await delete(js, args.name):
+                qdb = os.environ.get("TICKWIRE_QUESTDB_HTTP")
+                for stream in await delete(js, args.name, questdb_http=qdb):
                     print(f"deleted {stream}")
             return 0
         finally:

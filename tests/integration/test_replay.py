@@ -16,6 +16,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from contracts import streams, subjects
+from db import questdb as qdb
+from infra.stack import QuestDBUrls
 from workers import replay
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +150,9 @@ async def test_feed_and_symbol_filter(live: JetStreamContext, unique: str) -> No
     await replay.delete(js, unique)
 
 
-async def test_delete_removes_every_trace(live: JetStreamContext, unique: str) -> None:
+async def test_delete_removes_every_trace(
+    live: JetStreamContext, unique: str, questdb: QuestDBUrls
+) -> None:
     js = live
     seqs = await publish(js, unique, 10)
     start = (await stored(js, streams.TICKS, seqs[0]))[2]
@@ -160,9 +164,13 @@ async def test_delete_removes_every_trace(live: JetStreamContext, unique: str) -
     await js.add_consumer(target, ConsumerConfig(durable_name="candle-ingest"))
     await js.create_object_store(f"ns-{unique}-candle-ingest-state")
     await js.create_key_value(bucket=f"ns-{unique}-models")
+    prefix = qdb.namespace_prefix(unique)
+    other = qdb.namespace_prefix(unique + "x")
+    for p in (prefix, other):
+        await asyncio.to_thread(qdb.apply_ddl, questdb.http, table_prefix=p)
     state = await live_state(js)
 
-    deleted = await replay.delete(js, unique)
+    deleted = await replay.delete(js, unique, questdb_http=questdb.http)
 
     assert f"OBJ_ns-{unique}-candle-ingest-state" in deleted
     assert f"KV_ns-{unique}-models" in deleted
@@ -170,6 +178,11 @@ async def test_delete_removes_every_trace(live: JetStreamContext, unique: str) -
     assert left == []
     assert unique not in await replay.names(js)
     assert await live_state(js) == state
+    tables = await asyncio.to_thread(qdb.query, questdb.http, "SELECT table_name FROM tables()")
+    names = {t["table_name"] for t in tables}
+    assert f"QuestDB {prefix}candles" in deleted
+    assert not any(n.startswith(prefix) for n in names)
+    assert f"{other}candles" in names  # another namespace's table stays
 
 
 def cli(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:

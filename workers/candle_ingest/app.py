@@ -47,6 +47,7 @@ from contracts.streams import (
     stream_name,
     stream_specs,
 )
+from db.questdb import namespace_prefix
 from workers.candle_ingest.aggregate import (
     Aggregator,
     AggregatorConfig,
@@ -516,7 +517,9 @@ def build(settings: Settings) -> Worker[TickInput]:
     async def start(ctx: Context) -> None:
         await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
         sink = QuestDBSink(
-            settings.questdb_ilp, settings.questdb_http, table_prefix=_table_prefix(settings)
+            settings.questdb_ilp,
+            settings.questdb_http,
+            table_prefix=namespace_prefix(settings.namespace),
         )
         await sink.start()
         ingest = Ingest(settings, ctx, sink)
@@ -557,10 +560,6 @@ async def _idle_loop(worker: Worker[TickInput], ingest: Ingest) -> None:
             await ingest.close_idle()
         except Exception as exc:
             log.warning("%s: idle close failed: %r", worker.name, exc)
-
-
-def _table_prefix(settings: Settings) -> str:
-    return "" if settings.namespace is None else f"ns_{settings.namespace.replace('-', '_')}_"
 
 
 def main() -> int:
