@@ -256,6 +256,14 @@ async def test_publishes_as_the_ea_user_and_nothing_it_may_not(
         assert "300 ticks in" in out
         stored_ticks = tick_dicts([p for _, p, _ in await stored(ops_nc.jetstream(), "TICKS")])
         assert len(stored_ticks) == 300
+        assert {t["symbol"] for t in stored_ticks} == {"EURUSD", "US500.cash"}
+
+        # the credentials may come in the URL instead
+        in_url = secured.url.replace("nats://", f"nats://ea:{password}@")
+        code, out, err = await ea_sim(*base, "--seed", "2", TICKWIRE_NATS_URL=in_url)
+        assert code == 0, err
+        assert "300 ticks in" in out
+        assert " new, 0 duplicate)" in out
 
         code, _, err = await ea_sim(*base, "--user", "ea", "--password", "wrong", **env)
         assert code == 1
