@@ -107,6 +107,12 @@ def _import(args: argparse.Namespace) -> int:
     return main([args.kind, *args.rest])
 
 
+def _ea_sim(args: argparse.Namespace) -> int:
+    from workers.ea_sim.app import main
+
+    return main(args.rest)
+
+
 def _status(args: argparse.Namespace) -> int:
     from workers.status import main
 
@@ -187,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("rest", nargs="*")
     imp.set_defaults(func=_import)
 
+    # its options are taken whole by main(), in order, for its own parser
+    ea_sim = sub.add_parser(
+        "ea-sim", add_help=False, help="publish ticks as MT5 EAs would: simulated or a CSV replay"
+    )
+    ea_sim.set_defaults(func=_ea_sim, rest=[])
+
     status = sub.add_parser("status", help="every consumer's lag behind its stream, as a table")
     status.set_defaults(func=_status)
 
@@ -241,8 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    # `import` hands its options to the importer's own parser
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first word that is not --log-level or its value
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    at = next((i for i in words if i == 0 or argv[i - 1] != "--log-level"), None)
+    extra: list[str] = []
+    if at is not None and argv[at] == "ea-sim":  # all after it, in order, even "-5", "--help"
+        args = parser.parse_args(argv[: at + 1])
+        args.rest = argv[at + 1 :]
+    else:
+        # `import` hands its options to the importer's own parser
+        args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "rest"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
