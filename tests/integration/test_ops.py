@@ -316,6 +316,34 @@ async def test_dead_letters_list_show_requeue_purge(
             (CI, "invalid_value"): 1,
         }
 
+        # --limit: only the oldest one, refused again by candle-ingest's runtime
+        ci_old = sorted(s for s, d in now.items() if (d.worker, d.reason) == (CI, "malformed_json"))
+        await run_ok(
+            stack,
+            "dlq",
+            "requeue",
+            "--worker",
+            CI,
+            "--reason",
+            "malformed_json",
+            "--limit",
+            "1",
+            *ns,
+        )
+
+        async def ci_refused_again() -> bool:
+            mine = {
+                s for s, d in (await letters(js, namespace)).items() if d.worker == CI
+            } - now.keys()
+            return len(mine) == 1
+
+        await eventually(ci_refused_again, what="requeued tick dead-lettered again")
+        later = await letters(js, namespace)
+        assert ci_old[0] not in later
+        assert ci_old[1] in later
+        assert counts(later) == counts(now)
+        now = later
+
         # purge one reason: only that reason goes
         await run_ok(
             stack, "dlq", "purge", "--worker", FB, "--reason", "high_below_low", "--yes", *ns
