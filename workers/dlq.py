@@ -343,6 +343,8 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one ``tickwire dlq`` action; refusals become one line and exit code 2."""
     settings = load(RuntimeSettings)
+    if args.namespace is None:
+        args.namespace = settings.namespace  # TICKWIRE_NAMESPACE, as for every command
 
     async def go() -> str:
         try:

@@ -215,7 +215,11 @@ async def test_dead_letters_list_show_requeue_purge(
             assert " ".join(row[3:5]) == ms_text(min(times))
             assert " ".join(row[5:7]) == ms_text(max(times))
         only = table_rows(
-            await run_ok(stack, "dlq", "list", "--worker", FB, "--reason", "high_below_low", *ns)
+            await run_ok(
+                stack,
+                *("dlq", "list", "--worker", FB, "--reason", "high_below_low"),
+                env={"TICKWIRE_NAMESPACE": namespace},  # instead of --namespace
+            )
         )
         assert [(r[0], r[1], r[2]) for r in only] == [(FB, "high_below_low", "2")]
 
