@@ -119,6 +119,22 @@ def _status(args: argparse.Namespace) -> int:
     return main()
 
 
+def _dlq(args: argparse.Namespace) -> int:
+    from workers.dlq import run
+
+    return run(args)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
+    return value
+
+
 def _models(args: argparse.Namespace) -> int:
     from workers.registry.cli import run
 
@@ -199,8 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ea_sim.set_defaults(func=_ea_sim, rest=[])
 
-    status = sub.add_parser("status", help="every consumer's lag behind its stream, as a table")
+    status = sub.add_parser(
+        "status", help="streams, consumers and their lag, worker health, active models"
+    )
     status.set_defaults(func=_status)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, requeue, purge")
+    dsub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dlist = dsub.add_parser("list", help="dead letters counted per worker and reason")
+    dshow = dsub.add_parser("show", help="one dead letter, payload pretty-printed")
+    dshow.add_argument("seq", type=_positive, help="its sequence in the DLQ stream")
+    requeue = dsub.add_parser(
+        "requeue", help="publish back to the original subject, then delete the dead letter"
+    )
+    requeue.add_argument("seq", type=_positive, nargs="?", help="one dead letter")
+    requeue.add_argument("--payload-file", type=Path, help="the fixed payload to send instead")
+    requeue.add_argument("--limit", type=_positive, help="at most this many (with --worker)")
+    purge = dsub.add_parser("purge", help="delete a worker's dead letters (of one reason)")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    for action, worker_required in ((dlist, False), (requeue, False), (purge, True)):
+        action.add_argument("--worker", required=worker_required)
+        action.add_argument("--reason")
+    for action in (dlist, dshow, requeue, purge):
+        action.add_argument("--namespace", help="a replay namespace's dead letters")
+    dlq.set_defaults(func=_dlq)
 
     models = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
     msub = models.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -639,7 +639,7 @@ async def test_status_prints_every_consumer_with_its_lag(
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = proc.stdout.split("== consumers ==\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert lines[0].split()[:2] == ["stream", "consumer"]
     ours = {line.split()[0]: line.split() for line in lines if f"NS_{namespace}_" in line}
     assert set(ours) == {streams.stream_name(b, namespace=namespace) for b in BASE.values()}

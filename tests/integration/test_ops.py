@@ -1,0 +1,422 @@
+"""``tickwire dlq`` and ``tickwire status`` on the real NATS, with real workers.
+
+Dead letters come from the runtime's own dead-letter path: feature-builder refusing bad
+candles, and a runtime worker named candle-ingest refusing undecodable ticks. Every
+command runs as the console script does, in a subprocess; what it reports is checked
+against the streams read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from contracts import streams, subjects
+from contracts.codec import Codec
+from contracts.messages import DeadLetter, TickInput, Timeframe
+from infra.stack import StackUrls
+from tests.candles import series
+from tests.integration.test_feature_builder import close_enough, expected, run_worker
+from tests.integration.test_registry import card, train
+from tests.waiting import eventually
+from workers.feature_builder.app import Settings, build
+from workers.registry import Registry, bucket_name
+from workers.runtime.settings import RuntimeSettings
+from workers.runtime.worker import Batch, Context, Worker
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+FB = "feature-builder"
+CI = "candle-ingest"
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    yield unique
+    for spec in streams.stream_specs(namespace=unique):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+    with contextlib.suppress(APIError):
+        await js.delete_object_store(bucket_name(unique))
+    with contextlib.suppress(APIError):
+        await js.delete_key_value(bucket_name(unique))
+
+
+def tickwire(
+    stack: StackUrls, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(stack.nats_url),
+        "TICKWIRE_NATS_CONNECT_TIMEOUT_S": "2",
+        "TICKWIRE_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=base | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def run(stack: StackUrls, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(tickwire, stack, *args, **kw)
+
+
+async def run_ok(stack: StackUrls, *args: str, **kw: Any) -> str:
+    proc = await run(stack, *args, **kw)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def tick_refuser(stack: StackUrls, namespace: str) -> Worker[Any]:
+    """The runtime with candle-ingest's name and stream: undecodable ticks are its dead
+    letters, exactly as for the real worker (which also needs QuestDB)."""
+    settings = RuntimeSettings(nats_url=stack.nats_url, namespace=namespace, pull_expires_s=1)
+    spec = next(c for c in streams.consumer_specs(namespace=namespace) if c.durable == CI)
+    worker: Worker[Any] = Worker(
+        CI, stream=spec.stream, durable=CI, codec=Codec(TickInput), settings=settings
+    )
+
+    @worker.on_startup
+    async def ensure(ctx: Context) -> None:
+        await streams.ensure(ctx.js, streams.stream_specs(namespace=namespace), [spec])
+
+    @worker.handler
+    async def accept(batch: Batch[Any], ctx: Context) -> None:
+        return None
+
+    return worker
+
+
+async def letters(js: JetStreamContext, namespace: str) -> dict[int, DeadLetter]:
+    """Every dead letter in the namespace's DLQ stream by sequence, read directly."""
+    name = streams.stream_name(streams.DLQ, namespace=namespace)
+    state = (await js.stream_info(name)).state
+    out = {}
+    for seq in range(state.first_seq, state.last_seq + 1):
+        try:
+            msg = await js.get_msg(name, seq)
+        except NotFoundError:
+            continue
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            out[seq] = msgspec.json.decode(msg.data or b"", type=DeadLetter)
+    return out
+
+
+def counts(found: dict[int, DeadLetter]) -> Counter[tuple[str, str]]:
+    return Counter((d.worker, d.reason) for d in found.values())
+
+
+async def consumed(js: JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def state(js: JetStreamContext, *names: str) -> list[tuple[int, int, int, int]]:
+    out = []
+    for name in names:
+        s = (await js.stream_info(name)).state
+        out.append((s.messages, s.bytes, s.first_seq, s.last_seq))
+    return out
+
+
+def table_rows(text: str, title: str | None = None) -> list[list[str]]:
+    """Rows under the dashed line of a table (of one ``== title ==`` section)."""
+    if title is not None:
+        text = text.split(f"== {title} ==\n", 1)[1].split("\n\n", 1)[0]
+    lines = text.splitlines()
+    dashes = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "})
+    return [line.split() for line in lines[dashes + 1 :]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ms_text(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+async def test_dead_letters_list_show_requeue_purge(
+    stack: StackUrls, js: JetStreamContext, namespace: str, tmp_path: Path
+) -> None:
+    ns = ("--namespace", namespace)
+    good = series(51, seed=41)
+    last = good[50]
+    enc = msgspec.json.encode
+    candles_subject = subjects.candles("feed-a", "EURUSD", Timeframe.M1, namespace=namespace)
+    ticks_subject = subjects.ticks("feed-a", "EURUSD", namespace=namespace)
+    malformed = [b'{"type":"candle","feed":', b"not json at all"]
+    below = [
+        enc(msgspec.structs.replace(last, high=last.low - 0.001)),
+        enc(msgspec.structs.replace(last, high=last.low - 0.002)),
+    ]
+    broken = enc(msgspec.structs.replace(last, open=-1.0))  # the one to fix
+    bad_ticks = [b"{", b"[1,2", b'{"type":"tick"']
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+
+    fb = build(Settings(nats_url=stack.nats_url, namespace=namespace, pull_expires_s=1))
+    ci = tick_refuser(stack, namespace)
+    tasks = [await run_worker(fb), await run_worker(ci)]
+    candles = streams.stream_name(streams.CANDLES, namespace=namespace)
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    dlq = streams.stream_name(streams.DLQ, namespace=namespace)
+    try:
+        for i, c in enumerate(good[:50]):
+            await js.publish(candles_subject, enc(c), headers={"Nats-Msg-Id": f"c{i}"})
+        for n, payload in enumerate([*malformed, *below]):
+            await js.publish(candles_subject, payload, headers={"Nats-Msg-Id": f"bad{n}"})
+        original_id = "c50|broken"
+        await js.publish(
+            candles_subject, broken, headers={"Nats-Msg-Id": original_id, "X-Trace": "ea-7"}
+        )
+        for n, payload in enumerate(bad_ticks):
+            await js.publish(ticks_subject, payload, headers={"Nats-Msg-Id": f"t{n}"})
+        # someone else's message on a dlq subject: not a dead letter
+        junk = await js.publish(subjects.dlq("timescale-replicator", namespace=namespace), b"junk")
+        await eventually(lambda: consumed(js, candles, FB), what="candles consumed")
+        await eventually(lambda: consumed(js, ticks, CI), what="ticks consumed")
+        found = await letters(js, namespace)
+        assert counts(found) == {
+            (FB, "malformed_json"): 2,
+            (FB, "high_below_low"): 2,
+            (FB, "bad_price"): 1,
+            (CI, "malformed_json"): 2,
+            (CI, "invalid_value"): 1,
+        }
+
+        # list: counts per worker and reason, first and last refusal time
+        rows = table_rows(await run_ok(stack, "dlq", "list", *ns))
+        by_key = {(r[0], r[1]): r for r in rows}
+        assert {k: int(r[2]) for k, r in by_key.items()} == counts(found)
+        for key, row in by_key.items():
+            times = [d.failed_at_ms for d in found.values() if (d.worker, d.reason) == key]
+            assert " ".join(row[3:5]) == ms_text(min(times))
+            assert " ".join(row[5:7]) == ms_text(max(times))
+        only = table_rows(
+            await run_ok(
+                stack,
+                *("dlq", "list", "--worker", FB, "--reason", "high_below_low"),
+                env={"TICKWIRE_NAMESPACE": namespace},  # instead of --namespace
+            )
+        )
+        assert [(r[0], r[1], r[2]) for r in only] == [(FB, "high_below_low", "2")]
+
+        # show: everything about one dead letter, the JSON payload pretty-printed
+        seq = next(s for s, d in found.items() if d.reason == "bad_price")
+        shown = await run_ok(stack, "dlq", "show", str(seq), *ns)
+        assert "reason:      bad_price" in shown
+        assert f"subject:     {candles_subject}" in shown
+        assert f"Nats-Msg-Id: {original_id}" in shown
+        assert "X-Trace: ea-7" in shown
+        assert '"open": -1.0' in shown
+        assert f"deliveries:  {found[seq].deliveries}" in shown
+
+        # bad arguments: one line, exit 2, no stream changed
+        not_valid = tmp_path / "missing-field.json"
+        fields = msgspec.to_builtins(last)
+        not_valid.write_bytes(enc({k: v for k, v in fields.items() if k != "close"}))
+        other_series = tmp_path / "other-symbol.json"
+        other_series.write_bytes(enc(msgspec.structs.replace(last, symbol="GBPUSD")))
+        before = await state(js, dlq, candles, ticks)
+        refusals = [
+            ("dlq", "list", "--worker", "nosuch", *ns),
+            ("dlq", "show", "99999", *ns),
+            ("dlq", "show", str(junk.seq), *ns),
+            ("dlq", "show", "0", *ns),
+            ("dlq", "requeue", str(seq), "--payload-file", str(not_valid), *ns),
+            ("dlq", "requeue", str(seq), "--payload-file", str(other_series), *ns),
+            ("dlq", "requeue", str(seq), "--payload-file", str(tmp_path / "none.json"), *ns),
+            ("dlq", "requeue", "--worker", FB, *ns),
+            ("dlq", "requeue", str(seq), "--worker", FB, *ns),
+            ("dlq", "purge", "--worker", FB, "--reason", "high_below_low", *ns),
+            ("dlq", "purge", "--worker", FB, "--reason", "nosuch", "--yes", *ns),
+            ("dlq", "list", "--namespace", "bad.name"),
+        ]
+        for args in refusals:
+            proc = await run(stack, *args)
+            assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        closed = f"nats://127.0.0.1:{free_port()}"
+        proc = await run(stack, "dlq", "requeue", str(seq), *ns, env={"TICKWIRE_NATS_URL": closed})
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"tickwire: dlq: NATS at {closed} did not answer: TimeoutError()"
+        ]
+        assert await state(js, dlq, candles, ticks) == before
+        assert await letters(js, namespace) == found
+
+        # requeue with a fixed payload: it flows through the worker, the dead letter goes
+        fixed = tmp_path / "fixed.json"
+        fixed.write_bytes(enc(last))
+        out = await run_ok(stack, "dlq", "requeue", str(seq), "--payload-file", str(fixed), *ns)
+        assert out.startswith(f"requeued {seq} to {candles_subject}")
+        await eventually(lambda: consumed(js, candles, FB), what="fixed candle consumed")
+        assert seq not in await letters(js, namespace)
+        requeued = await js.get_last_msg(candles, candles_subject)
+        assert requeued.data == enc(last)
+        assert requeued.headers is not None
+        assert requeued.headers["Nats-Msg-Id"] == f"requeue|{dlq}|{seq}"
+        assert requeued.headers["Tickwire-Original-Msg-Id"] == original_id
+        assert requeued.headers["X-Trace"] == "ea-7"
+        features = streams.stream_name(streams.FEATURES, namespace=namespace)
+        got = [
+            (await js.get_msg(features, s)).data or b""
+            for s in range(1, (await js.stream_info(features)).state.last_seq + 1)
+        ]
+        assert close_enough(got, expected(good)) == []  # the 51st vector, once
+        assert len(got) == len(good)
+        again = await run(stack, "dlq", "requeue", str(seq), "--payload-file", str(fixed), *ns)
+        assert again.returncode == 2
+
+        # requeue without a fix: a still-bad message is a dead letter again, not lost
+        old = {s for s, d in found.items() if (d.worker, d.reason) == (FB, "malformed_json")}
+        out = await run_ok(
+            stack, "dlq", "requeue", "--worker", FB, "--reason", "malformed_json", *ns
+        )
+        assert out.strip().endswith(f"requeued 2 dead letters of {FB} (malformed_json)")
+
+        async def refused_again() -> dict[int, DeadLetter]:
+            now = await letters(js, namespace)
+            fresh = {
+                s: d
+                for s, d in now.items()
+                if (d.worker, d.reason) == (FB, "malformed_json") and s not in old
+            }
+            return fresh if len(fresh) == 2 else {}
+
+        fresh = await eventually(refused_again, what="requeued bad candles dead-lettered again")
+        assert sorted(d.payload for d in fresh.values()) == sorted(malformed)
+        assert all(
+            d.headers["Tickwire-Requeued-From"].startswith(f"{dlq}:") for d in fresh.values()
+        )
+        now = await letters(js, namespace)
+        assert not old & now.keys()
+        assert counts(now) == {
+            (FB, "malformed_json"): 2,
+            (FB, "high_below_low"): 2,
+            (CI, "malformed_json"): 2,
+            (CI, "invalid_value"): 1,
+        }
+
+        # --limit: only the oldest one, refused again by candle-ingest's runtime
+        ci_old = sorted(s for s, d in now.items() if (d.worker, d.reason) == (CI, "malformed_json"))
+        await run_ok(
+            stack,
+            "dlq",
+            "requeue",
+            "--worker",
+            CI,
+            "--reason",
+            "malformed_json",
+            "--limit",
+            "1",
+            *ns,
+        )
+
+        async def ci_refused_again() -> bool:
+            mine = {
+                s for s, d in (await letters(js, namespace)).items() if d.worker == CI
+            } - now.keys()
+            return len(mine) == 1
+
+        await eventually(ci_refused_again, what="requeued tick dead-lettered again")
+        later = await letters(js, namespace)
+        assert ci_old[0] not in later
+        assert ci_old[1] in later
+        assert counts(later) == counts(now)
+        now = later
+
+        # purge one reason: only that reason goes
+        await run_ok(
+            stack, "dlq", "purge", "--worker", FB, "--reason", "high_below_low", "--yes", *ns
+        )
+        after = await letters(js, namespace)
+        assert after == {s: d for s, d in now.items() if d.reason != "high_below_low"}
+        # purge a whole worker: only that worker's go
+        await run_ok(stack, "dlq", "purge", "--worker", CI, "--yes", *ns)
+        assert await letters(js, namespace) == {s: d for s, d in after.items() if d.worker != CI}
+        assert (await js.get_msg(dlq, junk.seq)).data == b"junk"
+    finally:
+        for worker in (fb, ci):
+            worker.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def test_status_shows_streams_consumers_workers_and_models(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    good = series(30, seed=43)
+    subject = subjects.candles("feed-a", "EURUSD", Timeframe.M1, namespace=namespace)
+    candles = streams.stream_name(streams.CANDLES, namespace=namespace)
+    fb = build(Settings(nats_url=stack.nats_url, namespace=namespace, pull_expires_s=1))
+    task = await run_worker(fb)
+    assert fb.metrics_server is not None
+    health = f"{FB}=127.0.0.1:{fb.metrics_server.port},{CI}=127.0.0.1:{free_port()}"
+    env = {"TICKWIRE_HEALTH": health, "TICKWIRE_NAMESPACE": namespace}
+    try:
+        for c in good:
+            await js.publish(subject, msgspec.json.encode(c))
+        await eventually(lambda: consumed(js, candles, FB), what="candles consumed")
+        running = await run_ok(stack, "status", env=env)
+    finally:
+        fb.stop()
+        await asyncio.wait_for(task, 60)
+
+    # streams: as the server counts them, first and last message time
+    info = (await js.stream_info(candles)).state
+    first = (await js.get_msg(candles, info.first_seq)).time
+    last = (await js.get_msg(candles, info.last_seq)).time
+    assert first is not None
+    assert last is not None
+    rows = {r[0]: r for r in table_rows(running, "streams")}
+    row = rows[candles]
+    assert (int(row[1]), int(row[2])) == (len(good), info.bytes)
+    assert " ".join(row[3:5]) == first.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert " ".join(row[5:7]) == last.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    features = streams.stream_name(streams.FEATURES, namespace=namespace)
+    assert int(rows[features][1]) == len(good)
+    # consumers: caught up
+    consumer = {(r[0], r[1]): r for r in table_rows(running, "consumers")}[candles, FB]
+    # last seq, ack floor, not delivered, ack pending, lag msgs, lag s
+    assert consumer[2:] == [str(len(good)), str(len(good)), "0", "0", "0", "0.0"]
+    # workers: the running one up, the one that is not running down
+    workers = {r[0]: r for r in table_rows(running, "workers")}
+    assert workers[FB][2] == "up"
+    assert workers[CI][2] == "down"
+    # no registry in this namespace yet: said in its section
+    assert f"model registry {bucket_name(namespace)!r} does not exist" in running
+
+    # with the worker stopped and a promoted model
+    artifact, _ = train(seed=5)
+    registry = await Registry.open(js, namespace=namespace)
+    version = await registry.put(artifact, card(0.61))
+    other = await registry.put(train(seed=6)[0], card(0.55, symbol="EURUSD"))
+    assert (await registry.promote(version, force=True))[0]
+    stopped = await run_ok(stack, "status", env=env)
+    workers = {r[0]: r for r in table_rows(stopped, "workers")}
+    assert workers[FB][2] == "down"
+    models = table_rows(stopped, "active models")
+    assert models == [["demo", "US500.cash", "M5", version, "fs-0123456789abcdef", "0.6100"]]
+    assert other not in stopped  # a candidate is not active
