@@ -339,3 +339,42 @@ async def test_the_subscribers_commands_and_their_refusals(
     gone = tickwire(stack, namespace, "subscribers", "remove", "ea-1")
     assert gone.returncode == 0, gone.stderr
     assert await delivery.listing(js, namespace=namespace) == []
+
+
+async def test_tickwire_subscribe_prints_and_acks_and_marks_expired_signals(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "printer", namespace)
+    stale = make_signal(1, expires_ms=now_ms() - 1)
+    live = make_signal(2)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "subscribe",
+        "printer",
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "TICKWIRE_NATS_URL": str(stack.nats_url),
+            "TICKWIRE_NAMESPACE": namespace,
+        },
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"waiting for signals" in ready
+        await publish(js, [stale, live], namespace)
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(2)]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    assert lines[0].startswith(f"EXPIRED not actionable {stale.signal_id} ")
+    assert lines[1].startswith(f"SIGNAL {live.signal_id} SELL strength=0.7 ")
+    assert proc.returncode == 0
+    info = await consumer(js, "printer", namespace)
+    assert info.num_ack_pending == 0  # type: ignore[attr-defined]
+    assert info.ack_floor.stream_seq == 2  # type: ignore[attr-defined]
