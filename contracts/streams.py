@@ -319,18 +319,27 @@ def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
 
 
 def signal_subscriber(
-    name: str, *, feed: str | None = None, namespace: str | None = None
+    name: str,
+    *,
+    feed: str | None = None,
+    namespace: str | None = None,
+    filter_subject: str | None = None,
 ) -> ConsumerSpec:
-    """A downstream subscriber's own durable consumer on SIGNALS (optionally one feed).
+    """A downstream subscriber's own durable consumer on SIGNALS (optionally one feed, or
+    the signals matching ``filter_subject``, e.g. ``signals.*.EURUSD.M5``).
 
     It starts with signals published after its creation (older ones are stale for a
     trader) and is redelivered quickly: a signal is worth little after a few minutes.
     """
+    if filter_subject is None:
+        filter_subject = subjects.wildcard(subjects.SIGNALS, feed=feed, namespace=namespace)
+    else:
+        subjects.check_filter(subjects.SIGNALS, filter_subject, namespace=namespace)
     return ConsumerSpec(
         stream=stream_name(SIGNALS, namespace=namespace),
         durable=subjects.check_name(name, "subscriber"),
         description=f"Signal subscriber {name}",
-        filter_subjects=(subjects.wildcard(subjects.SIGNALS, feed=feed, namespace=namespace),),
+        filter_subjects=(filter_subject,),
         deliver_policy=DeliverPolicy.NEW,
         ack_wait=10.0,
         backoff=(10.0, 30.0, 60.0, 120.0),

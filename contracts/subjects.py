@@ -150,6 +150,30 @@ def wildcard(domain: str, *, feed: str | None = None, namespace: str | None = No
     return f"{_prefix(namespace)}{domain}.{feed_token}{tail}"
 
 
+def check_filter(domain: str, pattern: str, *, namespace: str | None = None) -> str:
+    """A consumer filter within one per-timeframe domain: ``<domain>.<feed>.<symbol>.<tf>``
+    where each token may be ``*`` and the last given one ``>``."""
+    if domain not in _PER_TF:
+        raise SubjectError(f"unknown domain: {domain!r}")
+    head = f"{_prefix(namespace)}{domain}."
+    if not pattern.startswith(head):
+        raise SubjectError(f"filter must start with {head!r}: {pattern!r}")
+    tokens = pattern[len(head) :].split(".")
+    if tokens[-1] == ">" and len(tokens) <= 3:
+        tokens = tokens[:-1]
+    elif len(tokens) != 3:
+        raise SubjectError(f"filter must be {head}<feed>.<symbol>.<tf>: {pattern!r}")
+    checks = (lambda t: check_name(t, "feed"), unescape, Timeframe)
+    for token, check in zip(tokens, checks, strict=False):
+        if token == "*":
+            continue
+        try:
+            check(token)
+        except ValueError:
+            raise SubjectError(f"bad token {token!r} in filter {pattern!r}") from None
+    return pattern
+
+
 def parse(subject: str) -> Parsed:
     """Inverse of the builders for ticks, candles, features, scores and signals."""
     tokens = subject.split(".")

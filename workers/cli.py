@@ -153,6 +153,18 @@ def _replay(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _subscribers(args: argparse.Namespace) -> int:
+    from workers.signal_publisher.cli import run
+
+    return run(args)
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    from workers.signal_publisher.cli import subscribe
+
+    return subscribe(args)
+
+
 def _gain(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -282,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("list", help="every replay namespace")
     rsub.add_parser("delete", help="remove every trace of a replay").add_argument("name")
     replay.set_defaults(func=_replay)
+
+    subs = sub.add_parser("subscribers", help="signal subscribers' durable consumers")
+    ssub = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sadd = ssub.add_parser("add", help="a durable consumer on SIGNALS for a new subscriber")
+    sadd.add_argument("name")
+    sadd.add_argument("--filter", help="signals subject filter, e.g. signals.*.EURUSD.M5")
+    ssub.add_parser("list", help="subscribers with what they have not acked yet")
+    ssub.add_parser("remove", help="delete a subscriber's consumer").add_argument("name")
+    rewind = ssub.add_parser("rewind", help="deliver one subscriber's signals again from a time")
+    rewind.add_argument("name")
+    rewind.add_argument("--from", dest="start", required=True, help="ISO time or epoch ms")
+    subs.set_defaults(func=_subscribers)
+
+    subscribe = sub.add_parser("subscribe", help="reference subscriber: print and ack signals")
+    subscribe.add_argument("name")
+    subscribe.set_defaults(func=_subscribe)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")

@@ -70,6 +70,8 @@ class Letter:
     seq: int
     """Sequence in the DLQ stream: how a dead letter is named."""
     letter: DeadLetter
+    subject: str = ""
+    """Its subject in the DLQ stream: ``dlq.<worker>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +144,18 @@ def when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+SUBSCRIBERS: Final = "subscribers"
+"""Signals a subscriber never acked (``workers.signal_publisher.delivery``): listed, shown
+and purged here, never requeued (that would send them to every subscriber again; use
+``tickwire subscribers rewind`` for one)."""
+
+
 def known_worker(worker: str) -> str:
     from workers.cli import WORKERS
 
-    if worker not in WORKERS:
-        raise DlqError(f"unknown worker {worker!r}: one of {', '.join(sorted(WORKERS))}")
+    if worker not in WORKERS and worker != SUBSCRIBERS:
+        known = ", ".join(sorted([*WORKERS, SUBSCRIBERS]))
+        raise DlqError(f"unknown worker {worker!r}: one of {known}")
     return worker
 
 
@@ -187,7 +196,7 @@ class DeadLetters:
                 except ContractError:
                     continue  # not a dead letter: someone else's message on dlq.*
                 if reason is None or letter.reason == reason:
-                    out.append(Letter(msg.seq, letter))
+                    out.append(Letter(msg.seq, letter, msg.subject or ""))
         return out
 
     async def get(self, seq: int) -> Letter:
@@ -196,13 +205,18 @@ class DeadLetters:
         except NotFoundError:
             raise DlqError(f"no message {seq} in {self.stream}") from None
         try:
-            return Letter(seq, _letters.decode(msg.data or b""))
+            return Letter(seq, _letters.decode(msg.data or b""), msg.subject or "")
         except ContractError as exc:
             raise DlqError(f"message {seq} of {self.stream} is not a dead letter: {exc}") from None
 
     async def requeue(self, item: Letter, payload: bytes | None = None) -> PubAck:
         """Publish to the original subject; delete the dead letter once that is acked."""
         d = item.letter
+        if item.subject == subjects.dlq(SUBSCRIBERS, namespace=self.namespace):
+            raise DlqError(
+                f"dead letter {item.seq} is a signal a subscriber did not ack: requeueing it "
+                "would send it to every subscriber; use tickwire subscribers rewind"
+            )
         ack = await self.js.publish(
             d.subject,
             d.payload if payload is None else payload,

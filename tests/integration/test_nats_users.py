@@ -471,3 +471,41 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
             await nc.close()
     assert errors == []
     await eventually(lambda: consumed(ops, "TICKS", "candle-ingest"), what="acks")
+
+
+async def test_signal_publisher_runs_under_its_own_user(
+    secured: Secured, ops: JetStreamContext
+) -> None:
+    """Its policy bucket, warm-up, signals, and a subscriber's exhausted delivery turned
+    into a dead letter, all with the deployed permissions."""
+    from contextlib import suppress
+
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from tests.integration.test_signal_publisher import make_score
+    from workers.signal_publisher.app import Settings as SignalSettings
+    from workers.signal_publisher.app import build as build_signals
+
+    deaf = msgspec.structs.replace(
+        streams.signal_subscriber("deaf"), ack_wait=1.0, backoff=(1.0,), max_deliver=2
+    )
+    await streams.ensure(ops, [], [deaf])
+    worker = build_signals(SignalSettings(**secured.settings("signal-publisher"), pull_expires_s=1))
+    running = [await started(worker)]
+    try:
+        score = msgspec.structs.replace(make_score(S, 0, 0.9), feed=F)
+        await ops.publish(subjects.scores(F, S, TF), msgspec.json.encode(score))
+        await eventually(lambda: consumed(ops, "SCORES", "signal-publisher"), what="the score")
+        assert (await ops.stream_info("SIGNALS")).state.messages == 1
+        pulled = await ops.pull_subscribe_bind("deaf", stream="SIGNALS")
+
+        async def dead_lettered() -> bool:
+            with suppress(NatsTimeout):
+                await pulled.fetch(1, timeout=0.5)  # and never acked
+            return (await ops.stream_info("DLQ")).state.messages == 1
+
+        await eventually(dead_lettered, timeout=30, what="the subscriber's dead letter")
+    finally:
+        await stop_all(running)
+    letter = msgspec.json.decode((await ops.get_msg("DLQ", 1)).data, type=DeadLetter)
+    assert (letter.reason, letter.worker) == ("max_deliveries", "deaf")

@@ -1,0 +1,392 @@
+"""Delivery of signals to subscribers on the real NATS: redelivery after a crash before the
+ack and never after it, every subscriber gets every signal, a slow one does not hold up
+another, an expired signal is never acted on, exhausted deliveries become dead letters,
+a rewind replays to one subscriber only, and the CLI refuses bad arguments.
+
+Test consumers use ack waits of a second instead of the production ten, so that the
+redeliveries the tests wait for come quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from contracts import streams, subjects
+from contracts.messages import DeadLetter, Side, Signal, Timeframe
+from infra.stack import StackUrls
+from tests.waiting import eventually
+from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.publish import Publisher
+from workers.signal_publisher import delivery
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    await streams.ensure(js, streams.stream_specs(namespace=unique))
+    yield unique
+    for spec in streams.stream_specs(namespace=unique):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def make_signal(n: int, *, expires_ms: int | None = None, symbol: str = "EURUSD") -> Signal:
+    open_ms = 1_767_225_600_000 + n * 60_000
+    return Signal(
+        signal_id=f"fx|{symbol}|M1|{open_ms}|m-1",
+        feed="fx",
+        symbol=symbol,
+        tf=Timeframe.M1,
+        open_time_ms=open_ms,
+        candle_revision=0,
+        side=Side.BUY if n % 2 else Side.SELL,
+        strength=0.7,
+        ref_price=1.1,
+        expires_ms=now_ms() + 600_000 if expires_ms is None else expires_ms,
+        model_version="m-1",
+        feature_set_id="fs-test",
+    )
+
+
+async def publish(js: JetStreamContext, signals: list[Signal], namespace: str) -> None:
+    for s in signals:
+        subject = subjects.signals(s.feed, s.symbol, s.tf, namespace=namespace)
+        await js.publish(subject, msgspec.json.encode(s), headers={"Nats-Msg-Id": s.signal_id})
+
+
+async def fast(
+    js: JetStreamContext, name: str, namespace: str, *, wait: float = 1.0, max_deliver: int = 5
+) -> None:
+    """A subscriber's consumer as in production, with a short ack wait and backoff."""
+    spec = msgspec.structs.replace(
+        streams.signal_subscriber(name, namespace=namespace),
+        ack_wait=wait,
+        backoff=(wait, wait),
+        max_deliver=max_deliver,
+    )
+    await streams.ensure(js, [], [spec])
+
+
+class Running:
+    """One reference subscriber running in a task, recording what it acted on."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        name: str,
+        namespace: str,
+        act: Callable[[Signal], Awaitable[None]] | None = None,
+    ) -> None:
+        self.acted: list[Signal] = []
+        self.expired: list[Signal] = []
+        self.stop = asyncio.Event()
+
+        async def record(s: Signal) -> None:
+            self.acted.append(s)
+
+        async def too_late(s: Signal) -> None:
+            self.expired.append(s)
+
+        self.task = asyncio.ensure_future(
+            delivery.subscribe(
+                js,
+                name,
+                act=act or record,
+                expired=too_late,
+                stop=self.stop,
+                namespace=namespace,
+            )
+        )
+
+    async def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 10)
+
+    def ids(self) -> list[str]:
+        return [s.signal_id for s in self.acted]
+
+
+async def consumer(js: JetStreamContext, name: str, namespace: str) -> object:
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    return await js.consumer_info(stream, name)
+
+
+async def test_a_crash_before_the_ack_redelivers_and_an_acked_signal_never_comes_again(
+    js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "a", namespace)
+    first, second = make_signal(1), make_signal(2)
+    await publish(js, [first], namespace)
+
+    async def crash(s: Signal) -> None:
+        raise RuntimeError("the subscriber died before it could ack")
+
+    crashing = Running(js, "a", namespace, act=crash)
+    with pytest.raises(RuntimeError, match="died"):
+        await asyncio.wait_for(crashing.task, 20)
+
+    again = Running(js, "a", namespace)
+    try:
+        await eventually(lambda: again.ids() == [first.signal_id], what="the redelivery")
+    finally:
+        await again.close()
+    info = await consumer(js, "a", namespace)
+    assert info.ack_floor.stream_seq == 1  # type: ignore[attr-defined]
+
+    later = Running(js, "a", namespace)
+    try:
+        await publish(js, [second], namespace)
+        await eventually(lambda: later.acted, what="the next signal")
+        # an acked signal would come before the next one: it does not
+        assert later.ids() == [second.signal_id]
+    finally:
+        await later.close()
+
+
+async def test_every_subscriber_gets_every_signal_and_a_slow_one_holds_up_no_other(
+    js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "slow", namespace, wait=30.0)
+    await fast(js, "quick", namespace)
+    release = asyncio.Event()
+
+    async def stuck(s: Signal) -> None:
+        await release.wait()
+        slow.acted.append(s)
+
+    slow = Running(js, "slow", namespace, act=stuck)
+    quick = Running(js, "quick", namespace)
+    sent = [make_signal(n) for n in range(20)]
+    try:
+        await publish(js, sent, namespace)
+        want = [s.signal_id for s in sent]
+        await eventually(lambda: quick.ids() == want, what="the quick subscriber")
+        assert slow.acted == []  # still on its first signal
+        release.set()
+        await eventually(lambda: slow.ids() == want, what="the slow subscriber")
+    finally:
+        release.set()
+        await slow.close()
+        await quick.close()
+    assert quick.acted == sent
+
+
+async def test_a_subscriber_down_past_the_expiry_does_not_act_on_the_signal(
+    js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "a", namespace)
+    short = make_signal(1, expires_ms=now_ms() + 1500)
+    lasting = make_signal(2)
+    await publish(js, [short, lasting], namespace)
+    # the subscriber is down until the first signal has expired
+    await eventually(lambda: now_ms() > short.expires_ms, what="the expiry")
+    up = Running(js, "a", namespace)
+    try:
+        await eventually(lambda: up.acted and up.expired, what="both signals")
+    finally:
+        await up.close()
+    assert up.acted == [lasting]
+    assert up.expired == [short]
+    info = await consumer(js, "a", namespace)
+    assert info.num_ack_pending == 0  # type: ignore[attr-defined]
+    assert info.num_pending == 0  # type: ignore[attr-defined]
+
+
+async def test_exhausted_deliveries_end_in_the_dead_letters(
+    nc: Client, js: JetStreamContext, namespace: str, stack: StackUrls
+) -> None:
+    await fast(js, "deaf", namespace, max_deliver=3)
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(nc, js, Publisher(js, metrics, 10.0), metrics, namespace)
+    await exhausted.start()
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    sub = await js.pull_subscribe_bind(durable="deaf", stream=stream)
+    signal = make_signal(1)
+    try:
+        await publish(js, [signal], namespace)
+        deliveries = 0
+
+        async def take_and_ignore() -> bool:
+            nonlocal deliveries
+            with contextlib.suppress(NatsTimeout):
+                deliveries += len(await sub.fetch(1, timeout=0.5))
+            return deliveries >= 3
+
+        await eventually(take_and_ignore, timeout=30, what="three deliveries, never acked")
+        dlq = streams.stream_name(streams.DLQ, namespace=namespace)
+
+        async def letters() -> int:
+            # the server gives up when it would deliver once more: keep asking
+            await take_and_ignore()
+            return int((await js.stream_info(dlq)).state.messages)
+
+        await eventually(letters, timeout=20, what="the dead letter")
+    finally:
+        await exhausted.stop()
+        await sub.unsubscribe()
+    raw = await js.get_msg(dlq, 1)
+    letter = msgspec.json.decode(raw.data, type=DeadLetter)
+    assert raw.subject == subjects.dlq("subscribers", namespace=namespace)
+    assert (letter.reason, letter.worker, letter.deliveries) == ("max_deliveries", "deaf", 3)
+    assert letter.payload == msgspec.json.encode(signal)
+    assert letter.stream_seq == 1
+    labels = {"worker": "signal-publisher", "reason": "max_deliveries"}
+    assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
+    # ops see it, and cannot requeue it: that would send it to every subscriber again
+    listed = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "list", "--worker",
+                                     "subscribers")  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "max_deliveries" in listed.stdout
+    signals_before = (await js.stream_info(stream)).state.messages
+    refused = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "requeue", "1")
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "subscribers rewind" in refused.stderr
+    assert (await js.stream_info(stream)).state.messages == signals_before
+    assert (await js.stream_info(dlq)).state.messages == 1
+
+
+async def test_a_rewind_delivers_again_to_that_subscriber_only(
+    js: JetStreamContext, namespace: str
+) -> None:
+    only_fx = f"ns.{namespace}.signals.fx.>"
+    await delivery.add(js, "a", filter_subject=only_fx, namespace=namespace)
+    await delivery.add(js, "b", filter_subject=None, namespace=namespace)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    first = [make_signal(n) for n in range(3)]
+    await publish(js, first, namespace)
+    for name in ("a", "b"):
+        r = Running(js, name, namespace)
+        await eventually(lambda r=r: len(r.acted) == 3, what=f"{name} took the signals")
+        await r.close()
+
+    info = await delivery.rewind(js, "a", start, namespace=namespace)
+    assert info.config.filter_subjects == [only_fx] or info.config.filter_subject == only_fx
+    assert info.config.max_deliver == 5
+    marker = make_signal(9)
+    await publish(js, [marker], namespace)
+    a, b = Running(js, "a", namespace), Running(js, "b", namespace)
+    try:
+        await eventually(lambda: len(a.acted) == 4 and b.acted, what="a again, b the marker")
+    finally:
+        await a.close()
+        await b.close()
+    assert a.acted == [*first, marker]
+    assert b.acted == [marker]
+    assert [i.name for i in await delivery.listing(js, namespace=namespace)] == ["a", "b"]
+
+
+def tickwire(stack: StackUrls, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(stack.nats_url),
+        "TICKWIRE_NAMESPACE": namespace,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_subscribers_commands_and_their_refusals(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    ok = tickwire(
+        stack,
+        namespace,
+        "subscribers",
+        "add",
+        "ea-1",
+        "--filter",
+        f"ns.{namespace}.signals.*.EURUSD.M5",
+    )
+    assert ok.returncode == 0, ok.stderr
+    before = await consumer(js, "ea-1", namespace)
+    refusals = [
+        ("subscribers", "add", "bad name!"),
+        ("subscribers", "add", "ea-2", "--filter", "candles.>"),
+        ("subscribers", "add", "ea-2", "--filter", f"ns.{namespace}.signals.fx.EURUSD.M7"),
+        ("subscribers", "add", "ea-1"),
+        ("subscribers", "remove", "nobody"),
+        ("subscribers", "rewind", "ea-1", "--from", "yesterday"),
+        ("subscribers", "rewind", "nobody", "--from", "2026-01-01T00:00:00"),
+    ]
+    for args in refusals:
+        out = tickwire(stack, namespace, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+    after = await consumer(js, "ea-1", namespace)
+    assert after.config == before.config  # type: ignore[attr-defined]
+    assert [i.name for i in await delivery.listing(js, namespace=namespace)] == ["ea-1"]
+    listed = tickwire(stack, namespace, "subscribers", "list")
+    assert "ea-1" in listed.stdout
+    assert f"ns.{namespace}.signals.*.EURUSD.M5" in listed.stdout
+    gone = tickwire(stack, namespace, "subscribers", "remove", "ea-1")
+    assert gone.returncode == 0, gone.stderr
+    assert await delivery.listing(js, namespace=namespace) == []
+
+
+async def test_tickwire_subscribe_prints_and_acks_and_marks_expired_signals(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "printer", namespace)
+    stale = make_signal(1, expires_ms=now_ms() - 1)
+    live = make_signal(2)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "subscribe",
+        "printer",
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "TICKWIRE_NATS_URL": str(stack.nats_url),
+            "TICKWIRE_NAMESPACE": namespace,
+        },
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"waiting for signals" in ready
+        await publish(js, [stale, live], namespace)
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(2)]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    assert lines[0].startswith(f"EXPIRED not actionable {stale.signal_id} ")
+    assert lines[1].startswith(f"SIGNAL {live.signal_id} SELL strength=0.7 ")
+    assert proc.returncode == 0
+    info = await consumer(js, "printer", namespace)
+    assert info.num_ack_pending == 0  # type: ignore[attr-defined]
+    assert info.ack_floor.stream_seq == 2  # type: ignore[attr-defined]

@@ -1,0 +1,213 @@
+"""The signal policy against tables worked out by hand from its definition (thresholds,
+hysteresis, cooldown, limit per period, only-on-change, expiry), policy files and updates,
+and revisions that correct earlier signals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from contracts.messages import Score, Side, Timeframe
+from workers.signal_publisher.policy import (
+    Override,
+    Policy,
+    PolicyError,
+    Rule,
+    State,
+    decide,
+    parse_policy,
+    read_policy,
+)
+from workers.signal_publisher.state import Book, Refusal
+
+M = 60_000
+SUBJECT = "scores.fx.EURUSD.M1"
+
+
+def score(bar: int, value: float, *, revision: int = 0, close: float = 1.1) -> Score:
+    return Score(
+        feed="fx",
+        symbol="EURUSD",
+        tf=Timeframe.M1,
+        open_time_ms=bar * M,
+        candle_revision=revision,
+        close=close,
+        close_time_ms=(bar + 1) * M,
+        last_tick_ms=(bar + 1) * M - 1,
+        feature_set_id="fs1",
+        model_version="m1",
+        probabilities=[(1 - value) / 2, 0.0, (1 + value) / 2],
+        score=value,
+    )
+
+
+def sides(rule: Rule, values: list[float]) -> list[str | None]:
+    state = State()
+    out: list[str | None] = []
+    for bar, v in enumerate(values):
+        state, signal = decide(state, score(bar, v), rule)
+        out.append(None if signal is None else signal.side.value)
+    return out
+
+
+B, S, F, _ = "BUY", "SELL", "FLAT", None
+
+
+@pytest.mark.parametrize(
+    ("rule", "values", "expected"),
+    [
+        # entry 0.6 / exit 0.2 long, -0.6 / -0.2 short: in between nothing changes
+        (
+            Rule(),
+            [0.5, 0.6, 0.7, 0.3, 0.2, 0.5, -0.6, -0.3, -0.2, 0.9, -0.9],
+            [_, B, _, _, F, _, S, _, F, B, S],
+        ),
+        # three bars after any signal before an entry; the exit itself is not held back
+        (Rule(cooldown_bars=3), [0.7, 0.1, 0.8, 0.8, 0.8], [B, F, _, _, B]),
+        # two entries per five minutes of candle close times (closes at 1, 3 and 5 min
+        # make three within 5 min; at 6 min the first has left the window)
+        (
+            Rule(max_signals=2, period_s=300),
+            [0.7, 0.0, 0.7, 0.0, 0.7, 0.7],
+            [B, F, B, F, _, B],
+        ),
+        # not only on change: the side is restated while held
+        (Rule(only_on_change=False), [0.7, 0.65, 0.3, 0.1, 0.1], [B, B, B, F, _]),
+        # two minutes since the last signal: a blocked reversal still exits
+        (Rule(cooldown_s=120), [0.7, -0.7, -0.7, -0.7], [B, F, _, S]),
+    ],
+)
+def test_decisions_follow_the_hand_worked_table(
+    rule: Rule, values: list[float], expected: list[str | None]
+) -> None:
+    assert sides(rule, values) == expected
+
+
+def test_a_signal_quotes_the_candle_and_expires_after_its_close() -> None:
+    _, signal = decide(State(), score(7, -0.75, close=1.25), Rule(expiry_s=90))
+    assert signal is not None
+    assert signal.signal_id == f"fx|EURUSD|M1|{7 * M}|m1"
+    assert (signal.side, signal.strength, signal.ref_price) == (Side.SELL, 0.75, 1.25)
+    assert signal.expires_ms == 8 * M + 90_000
+    assert (signal.model_version, signal.feature_set_id, signal.corrects) == ("m1", "fs1", None)
+
+
+def test_the_most_specific_override_wins_over_the_defaults() -> None:
+    policy = Policy(
+        defaults=Rule(entry_long=0.5, exit_long=0.1),
+        overrides=(
+            Override(feed="fx", exit_long=0.3),
+            Override(feed="fx", symbol="EURUSD", tf=Timeframe.M1, entry_long=0.9),
+            Override(symbol="EURUSD", entry_long=0.7),
+        ),
+    ).check()
+    assert policy.rule("fx", "EURUSD", Timeframe.M1) == Rule(entry_long=0.9, exit_long=0.1)
+    assert policy.rule("fx", "EURUSD", Timeframe.M5) == Rule(entry_long=0.5, exit_long=0.3)
+    assert policy.rule("other", "EURUSD", Timeframe.M5) == Rule(entry_long=0.7, exit_long=0.1)
+    assert policy.rule("other", "GBPUSD", Timeframe.H1) == Rule(entry_long=0.5, exit_long=0.1)
+
+
+def test_policy_files_in_toml_and_json(tmp_path: Path) -> None:
+    toml = tmp_path / "policy.toml"
+    toml.write_text(
+        "[defaults]\nentry_long = 0.7\nexpiry_s = 60.0\n\n"
+        '[[overrides]]\nsymbol = "US500.cash"\ncooldown_bars = 2\n'
+    )
+    policy = read_policy(toml)
+    assert policy.rule("fx", "US500.cash", Timeframe.M5) == Rule(
+        entry_long=0.7, expiry_s=60.0, cooldown_bars=2
+    )
+    js = tmp_path / "policy.json"
+    js.write_bytes(msgspec.json.encode(policy))
+    assert read_policy(js) == policy
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b'{"defaults": {"entry_long": 0.2, "exit_long": 0.3}}', "exit_long"),
+        (b'{"defaults": {"entry_short": -0.1, "exit_short": -0.5}}', "exit_short"),
+        (b'{"overrides": [{"feed": "fx", "exit_long": 0.9}]}', "override 1"),
+        (b'{"defaults": {"entry_long": 1.5}}', "<= 1.0"),
+        (b'{"defaults": {"expiry_s": 0}}', "> 0.0"),
+        (b'{"defaults": {"entry_lung": 0.5}}', "entry_lung"),
+        (b'{"defaults": {"max_signals": 3, "period_s": 0}}', "period_s"),
+        (b"{not json", "malformed"),
+    ],
+)
+def test_a_bad_policy_is_refused_with_the_reason(data: bytes, says: str) -> None:
+    with pytest.raises(PolicyError, match=says):
+        parse_policy(data)
+
+
+def test_a_missing_policy_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read"):
+        read_policy(tmp_path / "none.toml")
+
+
+# --- the book: checks, order, revisions ------------------------------------------------
+
+
+def reason_of(result: object) -> str | None:
+    return result.reason if isinstance(result, Refusal) else None
+
+
+def test_bad_scores_are_refused_with_reasons() -> None:
+    book = Book(Policy())
+    nan = msgspec.structs.replace(score(1, 0.5), score=float("nan"))
+    cases = [
+        (msgspec.structs.replace(score(1, 0.5), score=1.5), "bad_score"),
+        (nan, "bad_score"),
+        (score(1, 0.5, close=0.0), "bad_price"),
+        (score(1, 0.5, close=-2.0), "bad_price"),
+    ]
+    for s, reason in cases:
+        assert reason_of(book.apply(s, SUBJECT)) == reason
+    wrong = book.apply(score(1, 0.5), "scores.fx.GBPUSD.M1")
+    assert reason_of(wrong) == "subject_mismatch"
+    assert book.apply(score(5, 0.1), SUBJECT) == []
+    late = book.apply(score(4, 0.9), SUBJECT)
+    assert reason_of(late) == "out_of_order"
+    again = book.apply(score(5, 0.9), SUBJECT)
+    assert reason_of(again) == "stale_revision"
+
+
+def test_a_revision_that_changes_the_decision_corrects_the_signal() -> None:
+    book = Book(Policy())
+    [buy] = book.apply(score(0, 0.7), SUBJECT)
+    [fix] = book.apply(score(0, 0.5, revision=1), SUBJECT)
+    # below the entry now: the BUY was wrong, the series stays flat
+    assert (fix.side, fix.corrects, fix.candle_revision) == (Side.FLAT, buy.signal_id, 1)
+    assert fix.signal_id == f"{buy.signal_id}|r1"
+    [again] = book.apply(score(0, 0.8, revision=2), SUBJECT)
+    assert (again.side, again.corrects) == (Side.BUY, fix.signal_id)
+
+
+def test_a_revision_that_keeps_the_decision_publishes_nothing() -> None:
+    book = Book(Policy())
+    assert [s.side for s in book.apply(score(0, 0.7), SUBJECT)] == [Side.BUY]
+    assert book.apply(score(0, 0.95, revision=1), SUBJECT) == []
+
+
+def test_a_revision_further_back_decides_the_later_candles_again() -> None:
+    """BUY at bar 0, held at bar 1, FLAT at bar 2. Bar 0 revised below the entry: no BUY
+    there (FLAT correction), so bar 1 (0.7) is now the entry, and bar 2 exits as before."""
+    book = Book(Policy())
+    [buy] = book.apply(score(0, 0.7), SUBJECT)
+    assert book.apply(score(1, 0.7), SUBJECT) == []
+    [flat] = book.apply(score(2, 0.1), SUBJECT)
+    out = book.apply(score(0, 0.5, revision=1), SUBJECT)
+    assert [(s.open_time_ms, s.side, s.corrects) for s in out] == [
+        (0, Side.FLAT, buy.signal_id),
+        (M, Side.BUY, None),
+    ]
+    assert out[1].signal_id == f"fx|EURUSD|M1|{M}|m1|r1@0"
+    assert book.series["fx", "EURUSD", Timeframe.M1].state.side is Side.FLAT
+    assert flat.side is Side.FLAT
+    too_old = Book(Policy(), depth=2)
+    for bar in range(4):
+        too_old.apply(score(bar, 0.0), SUBJECT)
+    result = too_old.apply(score(0, 0.9, revision=1), SUBJECT)
+    assert reason_of(result) == "revision_too_old"

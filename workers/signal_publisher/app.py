@@ -1,0 +1,345 @@
+"""signal-publisher: scores -> trading signals, by a declarative policy.
+
+consume SCORES (Score) -> ``Book`` (per feed/symbol/timeframe state, ``policy.decide``) ->
+Signal published to SIGNALS with ``Nats-Msg-Id`` = its deterministic id, before the scores
+are acked.
+
+The policy comes from the file in ``TICKWIRE_SIGNAL_POLICY_FILE`` (or the defaults) and is
+replaced by the KV entry ``policy`` of bucket ``signal-policy`` whenever that changes; a
+policy that does not validate is refused with one log line and a metric, and the one in
+force stays.
+
+State comes from history, as in feature-builder: on start SCORES is read again from its
+first message up to the last one the durable consumer delivered, through the same
+decisions; after the ack floor the signals are published again, identically, and
+de-duplicated by id.
+
+The same process turns a subscriber's exhausted deliveries into dead letters
+(``workers.signal_publisher.delivery``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, ClassVar, Final
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge
+from pydantic import Field, field_validator
+from tqdm import tqdm
+
+from contracts import subjects
+from contracts.codec import Codec, ContractError, encode
+from contracts.messages import Score, Side, Signal
+from contracts.streams import SCORES, SIGNAL_PUBLISHER, ensure, stream_name, stream_specs
+from workers.runtime.errors import TransientError
+from workers.runtime.partition import PartitionedSettings
+from workers.runtime.publish import Outgoing
+from workers.runtime.pull import PullSource
+from workers.runtime.settings import load
+from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
+from workers.signal_publisher.delivery import Exhausted
+from workers.signal_publisher.policy import Policy, PolicyError, parse_policy, read_policy
+from workers.signal_publisher.state import Book, Refusal
+
+log = logging.getLogger(__name__)
+
+NAME: Final = SIGNAL_PUBLISHER
+POLICY_KEY: Final = "policy"
+REMEMBERED_REFUSALS: Final = 100_000
+WARM_UP_SUFFIX: Final = "-warmup"
+
+
+class Settings(PartitionedSettings):
+    worker: ClassVar[str] = NAME
+
+    signal_policy_file: Path | None = None
+    """TOML or JSON policy; the defaults of ``policy.Rule`` when unset."""
+    signal_policy_bucket: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "signal-policy"
+    """KV bucket whose ``policy`` entry replaces the file's policy at run time."""
+    revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
+    """Candles of a series a revision may still correct."""
+    max_payload_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
+
+    @field_validator("signal_policy_file")
+    @classmethod
+    def _readable_policy(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                read_policy(value)
+            except PolicyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def policy(self) -> Policy:
+        return Policy() if self.signal_policy_file is None else read_policy(self.signal_policy_file)
+
+    @property
+    def bucket(self) -> str:
+        """The policy bucket; a replay namespace has its own."""
+        ns = self.namespace
+        return self.signal_policy_bucket if ns is None else f"{self.signal_policy_bucket}-{ns}"
+
+
+def feed_symbol(subject: str) -> str:
+    """``<feed>.<symbol token>`` of a score subject: a symbol's timeframes stay together."""
+    return ".".join(subject.rsplit(".", 3)[-3:-1])
+
+
+class Metrics:
+    def __init__(self, ctx: Context) -> None:
+        r, w = ctx.metrics.registry, ctx.worker
+        self.signals = Counter(
+            "tickwire_signals_out",
+            "Signals published, by side and whether they correct an earlier one",
+            ["worker", "side", "correction"],
+            registry=r,
+        )
+        self.policy_updates = Counter(
+            "tickwire_signal_policy_updates",
+            "Policy updates from the KV entry, by outcome: applied, refused",
+            ["worker", "outcome"],
+            registry=r,
+        )
+        self.series = Gauge(
+            "tickwire_signal_series",
+            "Series (feed, symbol, timeframe) held",
+            ["worker"],
+            registry=r,
+        )
+        self.warmup = Counter(
+            "tickwire_signal_warmup_scores",
+            "Scores read from the stream at start to rebuild state",
+            ["worker"],
+            registry=r,
+        )
+        self.tick_latency = ctx.metrics.latency.labels(w, "tick_to_signal")
+        self.close_latency = ctx.metrics.latency.labels(w, "close_to_signal")
+        self.by_side = {
+            (side, fix): self.signals.labels(w, side.value, str(fix).lower())
+            for side in Side
+            for fix in (False, True)
+        }
+        self.applied = self.policy_updates.labels(w, "applied")
+        self.refused = self.policy_updates.labels(w, "refused")
+        self.series_w = self.series.labels(w)
+        self.warmup_w = self.warmup.labels(w)
+
+
+class Signals:
+    """The book plus what it owes: signals decided but not yet published."""
+
+    def __init__(self, settings: Settings, ctx: Context, policy: Policy) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.book = Book(policy, settings.revision_depth)
+        self.metrics = Metrics(ctx)
+        self.applied_seq = 0
+        self.pending: list[Outgoing] = []
+        self.pending_meta: list[tuple[Signal, Score]] = []
+        self.refused: collections.OrderedDict[int, Refusal] = collections.OrderedDict()
+        """Refusals by stream seq, for the score coming again."""
+
+    def apply(self, batch: Batch[Score] | None, d: Delivery[Score], *, output: bool) -> None:
+        seq = d.info.stream_seq
+        if seq <= self.applied_seq:  # in the state already
+            refusal = self.refused.get(seq)
+            if refusal is not None and batch is not None:
+                batch.reject(d, *refusal)
+            return
+        score = d.value
+        result = self.book.apply(score, d.msg.subject)
+        self.applied_seq = seq
+        if isinstance(result, Refusal):
+            if output:
+                self.refused[seq] = result
+                if len(self.refused) > REMEMBERED_REFUSALS:
+                    self.refused.popitem(last=False)
+                if batch is not None:
+                    batch.reject(d, *result)
+            return
+        if not output:
+            return
+        ns = self.settings.namespace
+        for signal in result:
+            subject = subjects.signals(signal.feed, signal.symbol, signal.tf, namespace=ns)
+            self.pending.append(Outgoing(subject, encode(signal), signal.signal_id))
+            self.pending_meta.append((signal, score))
+
+    def seal(self, *, live: bool = True) -> Commit:
+        """The signals pending now, as the commit that publishes them."""
+        pending, meta = self.pending, self.pending_meta
+        self.pending, self.pending_meta = [], []
+        self.metrics.series_w.set(len(self.book.series))
+
+        async def commit() -> None:
+            if not pending:
+                return
+            await self.ctx.publisher.publish(pending)
+            now_ms = time.time_ns() // 1_000_000
+            m = self.metrics
+            for signal, score in meta:
+                m.by_side[signal.side, signal.corrects is not None].inc()
+                if live:
+                    m.tick_latency.observe(max(0, now_ms - score.last_tick_ms) / 1000)
+                    m.close_latency.observe(max(0, now_ms - score.close_time_ms) / 1000)
+
+        return commit
+
+    def use(self, data: bytes) -> None:
+        """A policy update from the KV entry: applied, or refused with the old one kept."""
+        try:
+            policy = parse_policy(data)
+        except PolicyError as exc:
+            self.metrics.refused.inc()
+            log.error("%s: policy update refused, keeping the one in force: %s", NAME, exc)
+            return
+        self.book.policy = policy
+        self.metrics.applied.inc()
+        log.info("%s: policy updated", NAME)
+
+    async def restore(self, stream: str) -> None:
+        """Rebuild every series from the stream, publishing again what was not acked."""
+        info = await self.ctx.js.consumer_info(stream, self.settings.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        if delivered == 0:
+            return
+        read = await self._replay(stream, delivered, live_from=floor + 1)
+        self.metrics.warmup_w.inc(read)
+        log.info("%s: state rebuilt from %d scores up to seq %d", NAME, read, delivered)
+        await self.seal(live=False)()
+        self.applied_seq = max(self.applied_seq, delivered)
+
+    async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
+        js = self.ctx.js
+        name = self.settings.durable + WARM_UP_SUFFIX
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, name)
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                name=name,
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                filter_subjects=list(self.settings.consumer_spec().filter_subjects),
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        source = PullSource(self.ctx.nc, stream, name, batch=1000)
+        codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)
+        accept = self.settings.acceptor(feed_symbol)
+        read = 0
+        await source.start()
+        progress = tqdm(total=last, desc=f"{NAME} warm-up", unit="seq", disable=None)
+        try:
+            while self.applied_seq < last:
+                msgs = await source.take(1000, 5.0)
+                if not msgs:
+                    if (await js.consumer_info(stream, name)).num_pending == 0:
+                        break
+                    raise TransientError(f"warm-up stalled at seq {self.applied_seq}")
+                for msg in msgs:
+                    d: Delivery[Score] = Delivery(msg, None)  # type: ignore[arg-type]
+                    seq = d.info.stream_seq
+                    if seq > last:
+                        break
+                    if accept is None or accept(msg.subject):
+                        with contextlib.suppress(ContractError):
+                            d.value = codec.decode(msg.data)
+                            self.apply(None, d, output=seq >= live_from)
+                            read += 1
+                    self.applied_seq = seq
+                progress.update(self.applied_seq - progress.n)
+        finally:
+            progress.close()
+            await source.stop()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(stream, name)
+        return read
+
+
+async def _policy_kv(ctx: Context, bucket: str) -> KeyValue:
+    try:
+        return await ctx.js.key_value(bucket)
+    except BucketNotFoundError:
+        return await ctx.js.create_key_value(bucket=bucket, history=5)
+
+
+async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
+    async for entry in watcher:
+        if entry is not None and entry.value:
+            signals.use(entry.value)
+
+
+def build(settings: Settings) -> Worker[Score]:
+    stream = stream_name(SCORES, namespace=settings.namespace)
+    worker: Worker[Score] = Worker(
+        NAME,
+        stream=stream,
+        durable=settings.durable,
+        codec=Codec(Score, max_bytes=settings.max_payload_bytes),
+        settings=settings,
+        accept=settings.acceptor(feed_symbol),
+    )
+
+    @worker.on_startup
+    async def start(ctx: Context) -> None:
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
+        signals = Signals(settings, ctx, settings.policy())
+        kv = await _policy_kv(ctx, settings.bucket)
+        watcher = await kv.watch(POLICY_KEY)
+        # the entry as it stands comes first, then a marker: in force before any score
+        while (entry := await watcher.updates(settings.publish_timeout_s)) is not None:  # type: ignore[no-untyped-call]
+            if entry.value:
+                signals.use(entry.value)
+        watching = asyncio.ensure_future(_watch_policy(watcher, signals))
+        watching.add_done_callback(lambda t: _stopped(t, worker))
+        await signals.restore(stream)
+        exhausted = Exhausted(ctx.nc, ctx.js, ctx.publisher, ctx.metrics, settings.namespace)
+        await exhausted.start()
+        ctx.state.update(signals=signals, watcher=watcher, watching=watching, exhausted=exhausted)
+
+    @worker.on_shutdown
+    async def stop(ctx: Context) -> None:
+        if "signals" not in ctx.state:
+            return
+        await ctx.state["exhausted"].stop()
+        watching: asyncio.Future[None] = ctx.state["watching"]
+        watching.cancel()
+        with contextlib.suppress(BaseException):
+            await watching
+        with contextlib.suppress(Exception):
+            await ctx.state["watcher"].stop()
+
+    @worker.handler
+    async def on_scores(batch: Batch[Score], ctx: Context) -> Commit:
+        signals: Signals = ctx.state["signals"]
+        for i, d in enumerate(batch.items, 1):
+            signals.apply(batch, d, output=True)
+            if not i % 64:
+                await asyncio.sleep(0)
+        return signals.seal()
+
+    return worker
+
+
+def _stopped(task: asyncio.Future[None], worker: Worker[Score]) -> None:
+    """The policy watch ended on its own: without it the policy could go stale, so stop."""
+    if task.cancelled():
+        return
+    log.error("%s: policy watch ended (%r); stopping", NAME, task.exception())
+    worker.stop()
+
+
+def main() -> int:
+    run_until_signalled(build(load(Settings)))
+    return 0

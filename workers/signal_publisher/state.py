@@ -1,0 +1,145 @@
+"""Per-series decisions, score checks and candle revisions: the pure part of signal-publisher.
+
+A series (feed, symbol, timeframe) keeps its latest ``depth`` candles: each one's score, the
+state before it and the signal in force for it (none, the one published, or a correction).
+A revised candle is decided again from the state before it, and so is every later candle
+kept; where the decision (a side, or no signal) differs from the one made before, a
+correcting signal is published: the new side, or when there is now no signal, the side the
+series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
+id adds the revision that caused it. A revision that changes no decision publishes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+import msgspec
+
+from contracts import subjects
+from contracts.messages import Score, Side, Signal, Timeframe
+from workers.signal_publisher.policy import Policy, State, decide, make_signal, signal_id
+
+BAD_SCORE: Final = "bad_score"
+BAD_PRICE: Final = "bad_price"
+SUBJECT_MISMATCH: Final = "subject_mismatch"
+OUT_OF_ORDER: Final = "out_of_order"
+STALE_REVISION: Final = "stale_revision"
+REVISION_TOO_OLD: Final = "revision_too_old"
+
+Key = tuple[str, str, Timeframe]
+
+
+class Refusal(NamedTuple):
+    reason: str
+    detail: str
+
+
+def check_score(s: Score, subject: str) -> Refusal | None:
+    """A score a decision can be made on, published where it belongs."""
+    name = f"{s.feed} {s.symbol} {s.tf.value} {s.open_time_ms} r{s.candle_revision}"
+    try:
+        token = subjects.escape(s.symbol)
+    except subjects.SubjectError as exc:
+        return Refusal(SUBJECT_MISMATCH, str(exc))
+    if subject.rsplit(".", 3)[-3:] != [s.feed, token, s.tf.value]:
+        return Refusal(SUBJECT_MISMATCH, f"{name} published on {subject}")
+    if not (math.isfinite(s.score) and -1.0 <= s.score <= 1.0):
+        return Refusal(BAD_SCORE, f"{name} score={s.score}")
+    if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in s.probabilities):
+        return Refusal(BAD_SCORE, f"{name} probabilities={s.probabilities}")
+    if not (math.isfinite(s.close) and s.close > 0.0):
+        return Refusal(BAD_PRICE, f"{name} close={s.close}")
+    if s.close_time_ms - s.open_time_ms != s.tf.ms or s.last_tick_ms > s.close_time_ms:
+        return Refusal(BAD_SCORE, f"{name} times {s.open_time_ms}..{s.close_time_ms}")
+    return None
+
+
+@dataclass(slots=True)
+class Decided:
+    score: Score
+    before: State
+    signal: Signal | None
+    """The signal in force for this candle."""
+    decided: Side | None
+    """The side the policy gave on this candle (None: no signal): a revision that gives
+    another is corrected."""
+
+
+@dataclass(slots=True)
+class Series:
+    state: State = field(default_factory=State)
+    recent: list[Decided] = field(default_factory=list)
+
+
+class Book:
+    """Every series' decisions; ``apply`` returns the signals a score gives, or a refusal."""
+
+    def __init__(self, policy: Policy, depth: int = 8) -> None:
+        self.policy = policy
+        self.depth = depth
+        self.series: dict[Key, Series] = {}
+
+    def apply(self, score: Score, subject: str) -> list[Signal] | Refusal:
+        refusal = check_score(score, subject)
+        if refusal is not None:
+            return refusal
+        key = (score.feed, score.symbol, score.tf)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series()
+        recent = series.recent
+        if not recent or score.open_time_ms > recent[-1].score.open_time_ms:
+            rule = self.policy.rule(*key)
+            before = series.state
+            series.state, signal = decide(before, score, rule)
+            recent.append(Decided(score, before, signal, None if signal is None else signal.side))
+            if len(recent) > self.depth:
+                del recent[0]
+            return [] if signal is None else [signal]
+        for i, d in enumerate(recent):
+            if d.score.open_time_ms == score.open_time_ms:
+                if score.candle_revision <= d.score.candle_revision:
+                    return Refusal(
+                        STALE_REVISION,
+                        f"{signal_id(score)} r{score.candle_revision} after "
+                        f"r{d.score.candle_revision}",
+                    )
+                return self._revise(series, i, score)
+        if score.candle_revision and score.open_time_ms < recent[0].score.open_time_ms:
+            return Refusal(REVISION_TOO_OLD, f"{signal_id(score)} before the last {self.depth}")
+        return Refusal(OUT_OF_ORDER, f"{signal_id(score)} after {recent[-1].score.open_time_ms}")
+
+    def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
+        rule = self.policy.rule(revised.feed, revised.symbol, revised.tf)
+        recent = series.recent
+        state = recent[i].before
+        cause = f"r{revised.candle_revision}"
+        if i + 1 < len(recent):
+            cause = f"{cause}@{revised.open_time_ms}"
+        out: list[Signal] = []
+        for j in range(i, len(recent)):
+            d = recent[j]
+            score = revised if j == i else d.score
+            d.before = state
+            state, signal = decide(state, score, rule)
+            if j == i:
+                d.score = revised
+            decided = None if signal is None else signal.side
+            if decided is d.decided:
+                continue
+            d.decided = decided
+            if signal is None:
+                # the decision now is to keep the side held before: say so
+                signal = make_signal(score, state.side, rule)
+            old = d.signal
+            fix = msgspec.structs.replace(
+                signal,
+                signal_id=f"{signal_id(score)}|{cause}",
+                corrects=None if old is None else old.signal_id,
+            )
+            d.signal = fix
+            out.append(fix)
+        series.state = state
+        return out
