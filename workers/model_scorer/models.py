@@ -60,7 +60,9 @@ class ActiveModels:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._watch())
         waiting = asyncio.ensure_future(self._ready.wait())
-        done, _ = await asyncio.wait({waiting, self._task}, timeout=timeout_s)
+        done, _ = await asyncio.wait(
+            {waiting, self._task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if waiting not in done:
             waiting.cancel()
             raise TransientError("the registry's active pointers could not be read in time")
