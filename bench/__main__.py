@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from bench import candle_ingest, feature_builder, runtime, timescale_replicator
+from bench import candle_ingest, feature_builder, model_scorer, runtime, timescale_replicator
 from bench.report import RESULTS, Figure, save, table
 from infra.stack import LocalStack
 
@@ -17,7 +17,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--only",
-        choices=["runtime", "candle-ingest", "feature-builder", "timescale-replicator"],
+        choices=[
+            "runtime",
+            "candle-ingest",
+            "feature-builder",
+            "model-scorer",
+            "timescale-replicator",
+        ],
         help="one benchmark",
     )
     args = parser.parse_args()
@@ -34,6 +40,8 @@ def main() -> int:
             figures += candle_ingest.measure(urls)
         if args.only in (None, "feature-builder"):
             figures += feature_builder.measure(urls)
+        if args.only in (None, "model-scorer"):
+            figures += model_scorer.measure(urls)
         if args.only in (None, "timescale-replicator"):
             figures += timescale_replicator.measure(stack)
     print()

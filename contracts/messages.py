@@ -216,7 +216,8 @@ class Score(_Message, tag="score", tag_field="type", frozen=True, kw_only=True):
     probabilities: list[float]
     """Class probabilities in the model's class order (down, flat, up or negative, positive)."""
     score: float
-    """Signed conviction in [-1, 1]: P(up) - P(down)."""
+    """Signed conviction in [-1, 1]: P(last class) - P(first class), i.e. P(up) - P(down)
+    for a three-class model and P(positive) - P(negative) = 2 P(up) - 1 for a binary one."""
 
 
 class Signal(_Message, tag="signal", tag_field="type", frozen=True, kw_only=True):

@@ -12,6 +12,7 @@ from workers.registry.store import (
     active_key,
     bucket_name,
     load_booster,
+    pointer_of,
     version_of,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "active_key",
     "bucket_name",
     "load_booster",
+    "pointer_of",
     "should_promote",
     "version_of",
 ]

@@ -328,6 +328,12 @@ class Registry:
         await self._write_active(key, pointer, revision)
         return pointer
 
+    async def watch_active(self) -> KeyValue.KeyWatcher:
+        """A watch of every active pointer: each key's current entry, then ``None`` once all
+        are delivered, then each promotion, rollback or deletion as it is written. Read the
+        entries with ``pointer_of``; ``stop()`` the watcher when done."""
+        return await self._pointers.watch(f"{ACTIVE_PREFIX}.>")
+
     # --- storage -------------------------------------------------------------------------
 
     async def _card_or_none(self, version: str) -> ModelCard | None:
@@ -366,6 +372,16 @@ class Registry:
             raise RegistryConflict(
                 f"{key} changed since it was read (revision {revision}); nothing was changed"
             ) from None
+
+
+def pointer_of(entry: KeyValue.Entry) -> ActiveModel | None:
+    """The active pointer an entry of ``watch_active`` holds; None when it was deleted."""
+    if entry.operation is not None or not entry.value:
+        return None
+    try:
+        return _active_decoder.decode(entry.value)
+    except msgspec.DecodeError as exc:
+        raise RegistryError(f"unreadable active pointer {entry.key}: {exc}") from None
 
 
 def _looks_like_version(version: str) -> bool:

@@ -1,0 +1,399 @@
+"""model-scorer on the real NATS: scores are the boosters' own predictions, a promotion or a
+rollback takes effect mid-stream without a restart, refused vectors are dead letters with
+their reason while the rest of the batch is scored, and kill -9 changes no byte of SCORES.
+
+Each test runs in its own namespace: its own streams and its own model registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import lightgbm
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from contracts import streams, subjects
+from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
+from infra.stack import StackUrls
+from tests.integration.test_feature_builder import run_worker, stream_messages
+from tests.scorer_models import card_for, expected_probabilities, train, vectors
+from tests.waiting import eventually
+from workers.model_scorer.app import Settings, build
+from workers.registry import Registry, bucket_name
+
+pytestmark = pytest.mark.integration
+
+DURABLE = "model-scorer"
+FEED = "demo"
+EURUSD = ("EURUSD", Timeframe.M5)
+US500 = ("US500.cash", Timeframe.M1)
+
+
+async def drop(js: JetStreamContext, namespace: str) -> None:
+    for spec in streams.stream_specs(namespace=namespace):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(bucket_name(namespace))
+    with contextlib.suppress(Exception):
+        await js.delete_key_value(bucket_name(namespace))
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    yield unique
+    await drop(js, unique)
+
+
+@pytest.fixture
+async def namespace_b(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    yield f"{unique}b"
+    await drop(js, f"{unique}b")
+
+
+def settings(stack: StackUrls, namespace: str, **kw: Any) -> Settings:
+    return Settings(nats_url=stack.nats_url, namespace=namespace, pull_expires_s=1, **kw)
+
+
+async def put(registry: Registry, booster: lightgbm.Booster, series: tuple[str, Timeframe]) -> str:
+    card = card_for(booster, FEED, *series)
+    return await registry.put(booster.model_to_string().encode(), card)
+
+
+async def publish(
+    js: JetStreamContext, namespace: str, items: list[FeatureVector | tuple[str, bytes]]
+) -> None:
+    """Vectors on their own subjects (or raw payloads on a given subject), in order."""
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    futures = []
+    for item in items:
+        if isinstance(item, tuple):
+            subject, payload = item
+            futures.append(await js.publish_async(subject, payload))
+            continue
+        v = item
+        subject = subjects.features(v.feed, v.symbol, v.tf, namespace=namespace)
+        msg_id = f"{v.feed}|{v.symbol}|{v.tf.value}|{v.open_time_ms}|{v.candle_revision}"
+        futures.append(
+            await js.publish_async(subject, msgspec.json.encode(v), headers={"Nats-Msg-Id": msg_id})
+        )
+    await asyncio.gather(*futures)
+
+
+async def scores_of(js: JetStreamContext, namespace: str) -> list[Score]:
+    decode = msgspec.json.Decoder(Score).decode
+    return [decode(m) for m in await stream_messages(js, streams.SCORES, namespace)]
+
+
+async def consumed(js: JetStreamContext, namespace: str) -> bool:
+    stream = streams.stream_name(streams.FEATURES, namespace=namespace)
+    try:
+        info = await js.consumer_info(stream, DURABLE)
+    except APIError:
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+def active_version(worker: Any, series: tuple[str, Timeframe]) -> str | None:
+    """The version the worker's gauge says it scores ``series`` by now."""
+    key = f"active.{FEED}.{subjects.escape(series[0])}.{series[1].value}"
+    for metric in worker.metrics.registry.collect():
+        if metric.name != "tickwire_scorer_active_model":
+            continue
+        for sample in metric.samples:
+            if sample.labels["key"] == key and sample.value == 1:
+                return str(sample.labels["version"])
+    return None
+
+
+def check_scores(
+    got: list[Score],
+    sent: list[FeatureVector],
+    boosters: dict[str, lightgbm.Booster],
+    version_of: dict[tuple[str, int], str],
+) -> list[str]:
+    """Each vector scored once, by the expected version, with that booster's predictions."""
+    problems = []
+    by_key = {(v.symbol, v.open_time_ms): v for v in sent}
+    seen = Counter((s.symbol, s.open_time_ms) for s in got)
+    problems += [f"doubled {k}" for k, n in seen.items() if n > 1]
+    problems += [f"missing {k}" for k in by_key.keys() - seen.keys()]
+    for s in got:
+        key = (s.symbol, s.open_time_ms)
+        v = by_key[key]
+        if s.model_version != version_of[key]:
+            problems.append(f"{key}: scored by {s.model_version}, not {version_of[key]}")
+            continue
+        want = expected_probabilities(boosters[s.model_version], v)
+        if s.probabilities != want or s.score != want[-1] - want[0]:
+            problems.append(f"{key}: {s.probabilities} != {want}")
+        if (s.close, s.close_time_ms, s.last_tick_ms, s.candle_revision) != (
+            v.close,
+            v.close_time_ms,
+            v.last_tick_ms,
+            v.candle_revision,
+        ):
+            problems.append(f"{key}: candle fields differ")
+    return problems[:10]
+
+
+async def test_promotion_and_rollback_take_effect_mid_stream(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    registry = await Registry.open(js, namespace=namespace)
+    first = train(1)
+    # the second model reads the features in another order than the vectors carry them
+    second = train(2, objective="multiclass", columns=list(first.feature_name())[::-1])
+    other = train(3)
+    boosters = {}
+    for b in (first, second):
+        boosters[await put(registry, b, EURUSD)] = b
+    a, b = list(boosters)
+    c = await put(registry, other, US500)
+    boosters[c] = other
+    assert (await registry.promote(a))[0]
+    assert (await registry.promote(c))[0]
+
+    eur = vectors(FEED, *EURUSD, 240, seed=11)
+    us = vectors(FEED, *US500, 240, seed=12)
+    phases = [(a, slice(0, 80)), (b, slice(80, 160)), (a, slice(160, 240))]
+    version_of: dict[tuple[str, int], str] = {}
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        assert active_version(worker, EURUSD) == a
+        for n, (version, part) in enumerate(phases):
+            if n == 1:
+                assert (await registry.promote(b, force=True))[0]
+            if n == 2:
+                assert (await registry.rollback(FEED, *EURUSD)).version == a
+            await eventually(
+                lambda version=version: active_version(worker, EURUSD) == version,
+                what=f"{version} active in the worker",
+            )
+            sent = [x for pair in zip(eur[part], us[part], strict=True) for x in pair]
+            await publish(js, namespace, list(sent))
+            for v in sent:
+                version_of[v.symbol, v.open_time_ms] = version if v.symbol == "EURUSD" else c
+            total = len(version_of)
+            await eventually(
+                lambda total=total: _count_at_least(js, namespace, total),
+                what=f"{total} scores",
+            )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    got = await scores_of(js, namespace)
+    assert len(got) == len(eur) + len(us)
+    assert check_scores(got, eur + us, boosters, version_of) == []
+    assert {s.model_version for s in got if s.symbol == "EURUSD"} == {a, b}
+    assert all(len(s.probabilities) == 3 for s in got if s.model_version == b)
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("tickwire_scorer_vectors_total", {"worker": DURABLE, "outcome": "scored"}) == 480
+    rows = sample("tickwire_scorer_predict_rows_sum", {"worker": DURABLE})
+    calls = sample("tickwire_scorer_predict_rows_count", {"worker": DURABLE})
+    assert rows == 480
+    assert calls is not None
+    assert calls < 480  # micro-batches, not one by one
+    latency = {"worker": DURABLE, "stage": "feature_to_score"}
+    assert sample("tickwire_e2e_latency_seconds_count", latency) == 480
+
+
+async def _count_at_least(js: JetStreamContext, namespace: str, n: int) -> bool:
+    info = await js.stream_info(streams.stream_name(streams.SCORES, namespace=namespace))
+    return info.state.messages >= n
+
+
+async def test_refused_vectors_are_dead_letters_and_the_rest_of_the_batch_is_scored(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    registry = await Registry.open(js, namespace=namespace)
+    booster = train(1)
+    version = await put(registry, booster, EURUSD)
+    assert (await registry.promote(version))[0]
+    broken = ("BROKEN", Timeframe.M1)
+    regression = await put(registry, train(4, objective="regression"), broken)
+    assert (await registry.promote(regression))[0]
+
+    good = vectors(FEED, *EURUSD, 60, seed=21, warming=10)
+    subject = subjects.features(FEED, "EURUSD", Timeframe.M5, namespace=namespace)
+    enc = msgspec.json.encode
+    v = vectors(FEED, *EURUSD, 1, seed=22, start=100)[0]
+    text = enc(v).decode()
+    first = repr(v.values[0])
+
+    def raw(payload: str | bytes) -> tuple[str, bytes]:
+        return subject, payload.encode() if isinstance(payload, str) else payload
+
+    nobody = vectors(FEED, "GBPUSD", Timeframe.M5, 1, seed=23)[0]
+    cases: list[tuple[str, FeatureVector | tuple[str, bytes]]] = [
+        ("feature_set_mismatch", msgspec.structs.replace(v, feature_set_id="fs-ffffffffffffffff")),
+        ("no_model", nobody),
+        ("bad_values", raw(text.replace(first, "null", 1))),
+        ("bad_values", raw(text.replace(first, "NaN", 1))),
+        ("bad_values", msgspec.structs.replace(v, open_time_ms=1, values=v.values[:-1])),
+        ("bad_values", msgspec.structs.replace(v, open_time_ms=2, values=[*v.values, 1.0])),
+        ("model_unusable", vectors(FEED, *broken, 1, seed=24)[0]),
+        ("subject_mismatch", raw(enc(msgspec.structs.replace(v, symbol="GBPUSD")))),
+        ("malformed_json", raw(b'{"type":"features","feed":')),
+        ("unknown_schema_version", raw(text.replace('"v":1', '"v":7'))),
+        ("missing_field", raw(text.replace(',"close":', ',"closed":'))),
+    ]
+    items: list[FeatureVector | tuple[str, bytes]] = list(good[:30])
+    items += [payload for _, payload in cases]
+    items += good[30:]
+    # all on the stream before the worker starts: they come in one batch
+    await publish(js, namespace, items)
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await eventually(lambda: consumed(js, namespace), what="all consumed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+    letters = [
+        msgspec.json.decode(m, type=DeadLetter)
+        for m in await stream_messages(js, streams.DLQ, namespace)
+    ]
+    assert sorted(d.reason for d in letters) == sorted(reason for reason, _ in cases)
+    assert all(d.worker == DURABLE for d in letters)
+    sent = {p[1] if isinstance(p, tuple) else enc(p) for _, p in cases}
+    assert {d.payload for d in letters} == sent
+    got = await scores_of(js, namespace)
+    warm = [g for g in good if not g.warming_up]
+    assert len(got) == len(warm) == 50
+    assert (
+        check_scores(
+            got,
+            warm,
+            {version: booster},
+            dict.fromkeys(((g.symbol, g.open_time_ms) for g in warm), version),
+        )
+        == []
+    )
+    sample = worker.metrics.registry.get_sample_value
+
+    def outcome(name: str) -> float | None:
+        return sample("tickwire_scorer_vectors_total", {"worker": DURABLE, "outcome": name})
+
+    assert outcome("warming_up") == 10
+    assert outcome("scored") == 50
+    assert outcome("bad_values") == 4
+    assert outcome("no_model") == outcome("feature_set_mismatch") == 1
+    assert sample("tickwire_dead_letters_total", {"worker": DURABLE, "reason": "no_model"}) == 1
+    assert sample("tickwire_messages_in_total", {"worker": DURABLE, "outcome": "ok"}) == 60
+
+
+def worker_env(stack: StackUrls, namespace: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": str(stack.nats_url),
+        "TICKWIRE_NAMESPACE": namespace,
+        "TICKWIRE_PULL_EXPIRES_S": "1",
+        # small batches: a kill lands between publishes and acks more often
+        "TICKWIRE_HANDLER_BATCH": "40",
+        "TICKWIRE_FETCH_BATCH": "40",
+        "TICKWIRE_LOG_LEVEL": "WARNING",
+    }
+
+
+def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "run", "model-scorer"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+
+
+async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
+    stream = streams.stream_name(streams.FEATURES, namespace=namespace)
+    try:
+        info = await js.consumer_info(stream, DURABLE)
+    except APIError:
+        return False
+    return info.delivered.stream_seq >= point
+
+
+async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
+    stack: StackUrls, js: JetStreamContext, namespace: str, namespace_b: str, tmp_path: Path
+) -> None:
+    """The same vectors (some warming up, one bad) through an uninterrupted worker and
+    through worker processes killed with SIGKILL mid-stream: SCORES end up byte-identical,
+    nothing missing, nothing doubled."""
+    chaos, calm = namespace, namespace_b
+    eur = vectors(FEED, *EURUSD, 1000, seed=31, warming=20)
+    us = vectors(FEED, *US500, 1000, seed=32, warming=20)
+    bad = msgspec.structs.replace(eur[500], open_time_ms=1, values=eur[500].values[:3])
+    payloads: list[FeatureVector | tuple[str, bytes]] = [
+        x for pair in zip(eur, us, strict=True) for x in pair
+    ]
+    payloads.insert(900, bad)
+    for ns in (calm, chaos):
+        registry = await Registry.open(js, namespace=ns)
+        for booster, series in ((train(1), EURUSD), (train(2, objective="multiclass"), US500)):
+            assert (await registry.promote(await put(registry, booster, series)))[0]
+
+    await publish(js, calm, payloads)
+    calm_worker = build(settings(stack, calm))
+    task = await run_worker(calm_worker)
+    await eventually(lambda: consumed(js, calm), timeout=120, what="the calm run")
+    calm_worker.stop()
+    await asyncio.wait_for(task, 60)
+
+    env = worker_env(stack, chaos)
+    log = tmp_path / "model-scorer.log"
+    total, chunk = len(payloads), 400
+    kills = 0
+    left: list[int] = []
+    for start in range(0, total, chunk):
+        await publish(js, chaos, payloads[start : start + chunk])
+        proc = spawn(env, log)
+        point = min(start + chunk // 2, total)
+        await eventually(
+            lambda point=point, proc=proc: (
+                proc.poll() is None and delivered_at_least(js, chaos, point)
+            ),
+            timeout=120,
+            what=f"progress to seq {point}",
+        )
+        proc.kill()
+        proc.wait()
+        kills += 1
+        info = await js.consumer_info(
+            streams.stream_name(streams.FEATURES, namespace=chaos), DURABLE
+        )
+        left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
+    proc = spawn(env, log)
+    try:
+        await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert kills >= 5
+    assert any(left), left
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+    calm_out = await stream_messages(js, streams.SCORES, calm)
+    chaos_out = await stream_messages(js, streams.SCORES, chaos)
+    assert len(calm_out) == 2 * (1000 - 20)
+    assert Counter(chaos_out) == Counter(calm_out)  # byte for byte, none missing or doubled
+    dead = [
+        msgspec.json.decode(m, type=DeadLetter)
+        for m in await stream_messages(js, streams.DLQ, chaos)
+    ]
+    assert [(d.reason, d.payload) for d in dead] == [("bad_values", msgspec.json.encode(bad))]
