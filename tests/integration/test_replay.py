@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,15 @@ def live_to(name: str, subject: str) -> str:
 
 
 @pytest.fixture
-async def live(js: JetStreamContext) -> JetStreamContext:
+async def live(js: JetStreamContext) -> AsyncIterator[JetStreamContext]:
+    """The live streams, for this test only: left behind, the live DLQ (``dlq.*``) would
+    overlap the streams other tests make for their workers' dead letters."""
+    before = {i.config.name for i in await js.streams_info()}
     await streams.ensure(js, streams.stream_specs())
-    return js
+    yield js
+    for spec in streams.stream_specs():
+        if spec.name not in before:
+            await js.delete_stream(spec.name)
 
 
 async def live_state(js: JetStreamContext) -> tuple[object, ...]:
