@@ -21,11 +21,8 @@ import logging
 import time
 from typing import Annotated, ClassVar, Final
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
 from pydantic import Field
-from tqdm import tqdm
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -39,10 +36,9 @@ from contracts.streams import (
 )
 from workers.feature_builder.state import Builder, Refusal, message_id
 from workers.features import DEFAULT
-from workers.runtime.errors import TransientError
+from workers.runtime.history import read_stream
 from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
-from workers.runtime.pull import PullSource
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 
@@ -196,54 +192,26 @@ class Features:
         self.applied_seq = max(self.applied_seq, delivered)
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
-        js, nc = self.ctx.js, self.ctx.nc
-        # named, so that its NATS user may read this consumer and no other: a crashed
-        # process may have left one behind (it expires after 60 s idle)
-        name = self.settings.durable + WARM_UP_SUFFIX
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(stream, name)
-        info = await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=name,
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subjects=list(self.settings.consumer_spec().filter_subjects),
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        source = PullSource(nc, stream, info.name, batch=1000)
         codec: Codec[Candle] = Codec(Candle, max_bytes=self.settings.max_payload_bytes)
         accept = self.settings.acceptor(feed_symbol)
         read = 0
-        await source.start()
-        progress = tqdm(total=last, desc=f"{NAME} warm-up", unit="seq", disable=None)
-        try:
-            while self.applied_seq < last:
-                msgs = await source.take(1000, 5.0)
-                if not msgs:
-                    if (await js.consumer_info(stream, info.name)).num_pending == 0:
-                        break  # the rest up to `last` is gone from the stream
-                    raise TransientError(f"warm-up stalled at seq {self.applied_seq}")
-                for msg in msgs:
-                    d: Delivery[Candle] = Delivery(msg, None)  # type: ignore[arg-type]
-                    seq = d.info.stream_seq
-                    if seq > last:
-                        break
-                    if accept is None or accept(msg.subject):
-                        # undecodable: the runtime dead-letters it when it comes again
-                        with contextlib.suppress(ContractError):
-                            d.value = codec.decode(msg.data)
-                            self.apply(None, d, output=seq >= live_from)
-                            read += 1
-                    self.applied_seq = seq
-                progress.update(self.applied_seq - progress.n)
-        finally:
-            progress.close()
-            await source.stop()
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(stream, info.name)
+        batches = read_stream(
+            self.ctx,
+            stream,
+            consumer=self.settings.durable + WARM_UP_SUFFIX,
+            filter_subjects=self.settings.consumer_spec().filter_subjects,
+            last=last,
+            desc=f"{NAME} warm-up",
+        )
+        async for batch in batches:
+            for info, msg in batch:
+                if accept is None or accept(msg.subject):
+                    # undecodable: the runtime dead-letters it when it comes again
+                    with contextlib.suppress(ContractError):
+                        d = Delivery(msg, codec.decode(msg.data), info)
+                        self.apply(None, d, output=info.stream_seq >= live_from)
+                        read += 1
+                self.applied_seq = info.stream_seq
         return read
 
 

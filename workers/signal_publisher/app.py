@@ -28,21 +28,18 @@ import time
 from pathlib import Path
 from typing import Annotated, ClassVar, Final
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
-from tqdm import tqdm
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
 from contracts.messages import Score, Side, Signal
 from contracts.streams import SCORES, SIGNAL_PUBLISHER, ensure, stream_name, stream_specs
-from workers.runtime.errors import TransientError
+from workers.runtime.history import read_stream
 from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
-from workers.runtime.pull import PullSource
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 from workers.signal_publisher.delivery import Exhausted
@@ -219,51 +216,26 @@ class Signals:
         self.applied_seq = max(self.applied_seq, delivered)
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
-        js = self.ctx.js
-        name = self.settings.durable + WARM_UP_SUFFIX
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(stream, name)
-        await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=name,
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subjects=list(self.settings.consumer_spec().filter_subjects),
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        source = PullSource(self.ctx.nc, stream, name, batch=1000)
         codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)
         accept = self.settings.acceptor(feed_symbol)
         read = 0
-        await source.start()
-        progress = tqdm(total=last, desc=f"{NAME} warm-up", unit="seq", disable=None)
-        try:
-            while self.applied_seq < last:
-                msgs = await source.take(1000, 5.0)
-                if not msgs:
-                    if (await js.consumer_info(stream, name)).num_pending == 0:
-                        break
-                    raise TransientError(f"warm-up stalled at seq {self.applied_seq}")
-                for msg in msgs:
-                    d: Delivery[Score] = Delivery(msg, None)  # type: ignore[arg-type]
-                    seq = d.info.stream_seq
-                    if seq > last:
-                        break
-                    if accept is None or accept(msg.subject):
-                        with contextlib.suppress(ContractError):
-                            d.value = codec.decode(msg.data)
-                            self.apply(None, d, output=seq >= live_from)
-                            read += 1
-                    self.applied_seq = seq
-                progress.update(self.applied_seq - progress.n)
-        finally:
-            progress.close()
-            await source.stop()
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(stream, name)
+        batches = read_stream(
+            self.ctx,
+            stream,
+            consumer=self.settings.durable + WARM_UP_SUFFIX,
+            filter_subjects=self.settings.consumer_spec().filter_subjects,
+            last=last,
+            desc=f"{NAME} warm-up",
+        )
+        async for batch in batches:
+            for info, msg in batch:
+                if accept is None or accept(msg.subject):
+                    # undecodable: the runtime dead-letters it when it comes again
+                    with contextlib.suppress(ContractError):
+                        d = Delivery(msg, codec.decode(msg.data), info)
+                        self.apply(None, d, output=info.stream_seq >= live_from)
+                        read += 1
+                self.applied_seq = info.stream_seq
         return read
 
 
