@@ -305,13 +305,21 @@ def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
+async def delivered_at_least(
+    js: JetStreamContext, namespace: str, point: int, *, in_flight_before: int | None = None
+) -> bool:
+    """Delivered up to ``point``; and, until ``in_flight_before`` is delivered, with some of
+    it not acked yet (a kill then interrupts work)."""
     stream = streams.stream_name(streams.SCORES, namespace=namespace)
     try:
         info = await js.consumer_info(stream, DURABLE)
     except APIError:
         return False
-    return bool(info.delivered) and info.delivered.stream_seq >= point
+    if not info.delivered or info.delivered.stream_seq < point:
+        return False
+    if in_flight_before is None or info.delivered.stream_seq >= in_flight_before:
+        return True
+    return info.delivered.stream_seq > (info.ack_floor.stream_seq if info.ack_floor else 0)
 
 
 def with_revisions(scores: list[Score]) -> list[Score]:
@@ -349,10 +357,10 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
     for start in range(0, len(body), chunk):
         await publish(js, body[start : start + chunk], chaos)
         proc = spawn(env, log)
-        point = min(start + chunk // 2, len(body))
+        point, end = min(start + chunk // 2, len(body)), min(start + chunk, len(body))
         await eventually(
-            lambda point=point, proc=proc: (
-                proc.poll() is None and delivered_at_least(js, chaos, point)
+            lambda point=point, end=end, proc=proc: (
+                proc.poll() is None and delivered_at_least(js, chaos, point, in_flight_before=end)
             ),
             timeout=120,
             what=f"progress to seq {point}",
