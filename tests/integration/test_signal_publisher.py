@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -305,21 +306,30 @@ def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def delivered_at_least(
-    js: JetStreamContext, namespace: str, point: int, *, in_flight_before: int | None = None
-) -> bool:
-    """Delivered up to ``point``; and, until ``in_flight_before`` is delivered, with some of
-    it not acked yet (a kill then interrupts work)."""
+async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
     stream = streams.stream_name(streams.SCORES, namespace=namespace)
     try:
         info = await js.consumer_info(stream, DURABLE)
     except APIError:
         return False
-    if not info.delivered or info.delivered.stream_seq < point:
-        return False
-    if in_flight_before is None or info.delivered.stream_seq >= in_flight_before:
-        return True
-    return info.delivered.stream_seq > (info.ack_floor.stream_seq if info.ack_floor else 0)
+    return bool(info.delivered) and info.delivered.stream_seq >= point
+
+
+async def delivered(js: JetStreamContext, namespace: str) -> int:
+    info = await js.consumer_info(streams.stream_name(streams.SCORES, namespace=namespace), DURABLE)
+    return info.delivered.stream_seq if info.delivered else 0
+
+
+async def delivered_beyond(js: JetStreamContext, namespace: str, seq: int, seconds: float) -> int:
+    """How many scores past ``seq`` were delivered within ``seconds`` (0 if none)."""
+
+    async def beyond() -> int:
+        return max(0, await delivered(js, namespace) - seq)
+
+    try:
+        return await eventually(beyond, timeout=seconds, what="a delivery")
+    except AssertionError:
+        return 0
 
 
 def with_revisions(scores: list[Score]) -> list[Score]:
@@ -351,25 +361,29 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
 
     env, log = worker_env(stack, chaos), tmp_path / "signal-publisher.log"
     chunk, kills = 150, 0
-    left: list[int] = []  # delivered but not acked when killed: published again on restart
+    frozen_with: list[int] = []  # delivered to a frozen worker: never acked by it, sent again
     # the last scores go out once the last process runs: it must have work to finish
     body, tail = payloads[:-30], payloads[-30:]
     for start in range(0, len(body), chunk):
-        await publish(js, body[start : start + chunk], chaos)
+        head, rest = body[start : start + chunk - 50], body[start + chunk - 50 : start + chunk]
+        await publish(js, head, chaos)
         proc = spawn(env, log)
-        point, end = min(start + chunk // 2, len(body)), min(start + chunk, len(body))
+        point = start + len(head) // 2
         await eventually(
-            lambda point=point, end=end, proc=proc: (
-                proc.poll() is None and delivered_at_least(js, chaos, point, in_flight_before=end)
+            lambda point=point, proc=proc: (
+                proc.poll() is None and delivered_at_least(js, chaos, point)
             ),
             timeout=120,
             what=f"progress to seq {point}",
         )
+        # frozen wherever it is; what it has asked for meanwhile arrives and is never acked
+        proc.send_signal(signal.SIGSTOP)
+        seen = await delivered(js, chaos)
+        await publish(js, rest, chaos)
+        frozen_with.append(await delivered_beyond(js, chaos, seen, 5.0))
         proc.kill()
         proc.wait()
         kills += 1
-        info = await js.consumer_info(streams.stream_name(streams.SCORES, namespace=chaos), DURABLE)
-        left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
     proc = spawn(env, log)
     try:
         await publish(js, tail, chaos)
@@ -378,7 +392,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
         proc.terminate()
         proc.wait(timeout=60)
     assert kills >= 8
-    assert any(left), left
+    assert any(frozen_with), frozen_with
     assert proc.returncode == 0, log.read_text()[-3000:]
 
     calm_out = await stream_messages(js, streams.SIGNALS, calm)
