@@ -5,8 +5,9 @@ with a fresh password per user. ``ops`` creates the streams and consumers, the `
 publishes ticks, and candle-ingest, feature-builder and timescale-replicator each run under
 their own user: candles, vectors, QuestDB and PostgreSQL rows must come out as an
 unrestricted run makes them, through a restart of candle-ingest and feature-builder that
-rebuilds their state. Then each user is refused what it must not do, with the server's
-permissions violation.
+rebuilds their state. model-scorer, signal-publisher and a signal subscriber (through
+``tickwire subscribe``, on its own inbox prefix) run under theirs too. Then each user is
+refused what it must not do, with the server's permissions violation.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from contracts import streams, subjects
-from contracts.messages import Candle, DeadLetter, Timeframe
+from contracts.messages import Candle, DeadLetter, Score, Timeframe
 from db.migrate import migrate
 from db.questdb import query, wait_for_wal
 from infra.stack import NatsServer as LocalNats
@@ -509,3 +511,104 @@ async def test_signal_publisher_runs_under_its_own_user(
         await stop_all(running)
     letter = msgspec.json.decode((await ops.get_msg("DLQ", 1)).data, type=DeadLetter)
     assert (letter.reason, letter.worker) == ("max_deliveries", "deaf")
+
+
+async def test_model_scorer_runs_under_its_own_user(
+    secured: Secured, ops: JetStreamContext
+) -> None:
+    """The registry read, the hot-reload watch, scores and a dead letter, all with the
+    deployed permissions; each score is the booster's own prediction."""
+    from tests.scorer_models import card_for, expected_probabilities, train, vectors
+    from workers.model_scorer.app import Settings as ScorerSettings
+    from workers.model_scorer.app import build as build_scorer
+    from workers.registry import Registry
+
+    registry = await Registry.open(ops)
+    booster = train(7)
+    version = await registry.put(booster.model_to_string().encode(), card_for(booster, F, S, TF))
+    assert (await registry.promote(version))[0]
+    sent = vectors(F, S, TF, 40, seed=8)
+    worker = build_scorer(ScorerSettings(**secured.settings("model-scorer"), pull_expires_s=1))
+    running = [await started(worker)]
+    try:
+        for v in sent:
+            await ops.publish(subjects.features(v.feed, v.symbol, v.tf), msgspec.json.encode(v))
+        await ops.publish(subjects.features(F, S, TF), b"{not json")
+        await eventually(lambda: consumed(ops, "FEATURES", "model-scorer"), what="the vectors")
+    finally:
+        await stop_all(running)
+    info = await ops.stream_info("SCORES")
+    got = [
+        msgspec.json.decode((await ops.get_msg("SCORES", seq)).data, type=Score)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    want = {v.open_time_ms: expected_probabilities(booster, v) for v in sent}
+    assert {s.open_time_ms: s.probabilities for s in got} == want
+    assert {s.model_version for s in got} == {version}
+    letter = msgspec.json.decode((await ops.get_msg("DLQ", 1)).data, type=DeadLetter)
+    assert letter.worker == "model-scorer"
+
+
+async def test_a_subscriber_reads_its_own_consumer_with_its_own_inbox(
+    secured: Secured, ops: JetStreamContext
+) -> None:
+    """``tickwire subscribe example`` as the deployed subscriber user: the signal is printed
+    and acked; the same user with the default inbox is refused."""
+    import sys
+
+    from contracts.messages import Side, Signal
+
+    await streams.ensure(ops, [], [streams.signal_subscriber("example")])
+    signal = Signal(
+        signal_id=f"{F}|{S}|M1|{START_MS}|m-1",
+        feed=F,
+        symbol=S,
+        tf=TF,
+        open_time_ms=START_MS,
+        candle_revision=0,
+        side=Side.BUY,
+        strength=0.8,
+        ref_price=1.1,
+        expires_ms=4_102_444_800_000,  # 2100: actionable
+        model_version="m-1",
+        feature_set_id="fs",
+    )
+    await ops.publish(subjects.signals(F, S, TF), msgspec.json.encode(signal))
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": secured.url,
+        "TICKWIRE_NATS_USER": "subscriber-example",
+        "TICKWIRE_NATS_PASSWORD": secured.passwords["subscriber-example"],
+        "TICKWIRE_NATS_INBOX_PREFIX": "_INBOX_example",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "subscribe",
+        "example",
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.decode().startswith(f"SIGNAL {signal.signal_id} BUY")
+        await eventually(lambda: consumed(ops, "SIGNALS", "example"), what="the ack")
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+    errors: list[Exception] = []
+    nc = await secured.connect("subscriber-example", errors)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.jetstream().consumer_info("SIGNALS", "example", timeout=2)
+        await eventually(
+            lambda: any('subscription to "_inbox.' in str(e).lower() for e in errors),
+            what="the refusal of the default inbox",
+        )
+    finally:
+        await nc.close()

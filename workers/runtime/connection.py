@@ -41,6 +41,7 @@ async def connect(settings: RuntimeSettings, *, name: str) -> Client:
         "reconnected_cb": on_reconnected,
         # a worker that keeps a few MB in flight should not be cut off as a slow consumer
         "pending_size": 64 * 1024 * 1024,
+        "inbox_prefix": settings.nats_inbox_prefix,
     }
     if settings.nats_user is not None:
         options["user"] = settings.nats_user

@@ -36,6 +36,9 @@ class RuntimeSettings(BaseSettings):
     nats_tls_ca: str | None = None
     """CA bundle; set it to require TLS to NATS."""
     nats_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    nats_inbox_prefix: str = "_INBOX"
+    """Where replies come back; a user that may only read its own inbox (a signal
+    subscriber in infra/nats/accounts.conf) connects with that inbox's prefix."""
 
     namespace: str | None = None
     """Replay namespace: subjects, streams and tables of that namespace only."""
