@@ -353,8 +353,15 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         ("oversized", tick(pad="x" * 70_000), subject),  # the stream alone allows 1 MiB
         ("illegal_symbol", tick(symbol="EUR\x00USD"), subject),
         ("subject_mismatch", tick(feed="feed-b"), subject),
+        (
+            "unknown_symbol",
+            tick(symbol="GBPUSD"),
+            subjects.ticks(feed, "GBPUSD", namespace=namespace),
+        ),
     ]
-    worker = build(settings(stack, questdb, namespace, max_payload_bytes=64 * 1024))
+    worker = build(
+        settings(stack, questdb, namespace, max_payload_bytes=64 * 1024, symbols="EURUSD")
+    )
     task = await run_worker(worker)
     try:
         await streams.ensure(js, streams.stream_specs(namespace=namespace))
@@ -370,9 +377,10 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         await asyncio.wait_for(task, 60)
     letters = await on_stream(js, streams.DLQ, namespace, DeadLetter)
     assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
+    subject_of = {payload: subj for _, payload, subj in bad}
     for letter in letters:
         assert letter.worker == "candle-ingest"
-        assert letter.subject == subject
+        assert letter.subject == subject_of.get(letter.payload, subject)
     by_payload = {d.payload for d in letters}
     assert {payload for _, payload, _ in bad} <= by_payload
     accepted = worker.metrics.registry.get_sample_value(

@@ -47,3 +47,14 @@ def test_a_bad_variable_stops_the_process_with_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("tickwire: bad setting TICKWIRE_FETCH_BATCH:")
+
+
+def test_candle_ingest_symbols_are_symbols_or_feed_slash_symbol() -> None:
+    from workers.candle_ingest.app import Settings
+
+    allowed = Settings(symbols=" EURUSD, icm/US500.cash ,").allowed_symbols()
+    assert allowed == {"EURUSD", "icm/US500.cash"}
+    assert Settings().allowed_symbols() is None
+    for bad in ("a.b/EURUSD", "EUR\x00USD", "X" * 65):
+        with pytest.raises(ValidationError):
+            Settings(symbols=bad)

@@ -26,7 +26,7 @@ import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 NAME: Final = CANDLE_INGEST
 REPLAY_SUFFIX: Final = "-replay"
+UNKNOWN_SYMBOL: Final = "unknown_symbol"
 
 
 class Settings(PartitionedSettings):
@@ -91,6 +92,25 @@ class Settings(PartitionedSettings):
     max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
     max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    symbols: str = ""
+    """Comma-separated symbols the EAs may send, ``SYMBOL`` for every feed or
+    ``feed/SYMBOL`` for one; empty: any legal symbol. Others are dead letters
+    ``unknown_symbol``, so that a misconfigured EA cannot open thousands of series."""
+
+    @field_validator("symbols")
+    @classmethod
+    def _legal_symbols(cls, value: str) -> str:
+        for item in filter(None, (x.strip() for x in value.split(","))):
+            feed, _, symbol = item.rpartition("/")
+            if feed:
+                subjects.check_name(feed, "feed")
+            subjects.escape(symbol)
+        return value
+
+    def allowed_symbols(self) -> frozenset[str] | None:
+        """``SYMBOL`` and ``feed/SYMBOL`` entries, or None when every symbol is allowed."""
+        items = frozenset(filter(None, (x.strip() for x in self.symbols.split(","))))
+        return items or None
 
     def aggregator_config(self) -> AggregatorConfig:
         return AggregatorConfig(
@@ -155,6 +175,7 @@ class Ingest:
         self.counts: collections.Counter[str] = collections.Counter()
         """Tick outcomes since the last flush, added to the metrics there."""
         self._skew_ms = round(settings.max_future_skew_s * 1000)
+        self._allowed = settings.allowed_symbols()
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
@@ -163,6 +184,12 @@ class Ingest:
         """Commits sealed but not (yet) durable: no snapshot of the live state meanwhile."""
 
     # --- applying input ---------------------------------------------------------------
+
+    def _unknown(self, m: TickInput) -> tuple[str, str] | None:
+        allowed = self._allowed
+        if allowed is None or m.symbol in allowed or f"{m.feed}/{m.symbol}" in allowed:
+            return None
+        return UNKNOWN_SYMBOL, f"{m.feed}/{m.symbol} is not in TICKWIRE_SYMBOLS"
 
     def apply(self, batch: Refuser | None, d: Delivery[TickInput]) -> None:
         """Fold one message into the state; ``batch`` None: refusals are already recorded."""
@@ -176,7 +203,7 @@ class Ingest:
                 recorded.replay_onto(batch, d)
             return
         m = d.value
-        problem = _subject_problem(d.msg.subject, m)
+        problem = _subject_problem(d.msg.subject, m) or self._unknown(m)
         if problem is not None:
             if batch is not None:
                 batch.reject(d, *problem)
