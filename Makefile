@@ -60,8 +60,8 @@ stack: setup
 bench: setup
 	$(BIN)/python -m bench
 
-chaos: setup
-	@echo "no chaos suite yet"
+chaos: setup setup-tls
+	$(BIN)/python -m pytest -m chaos -s tests/chaos
 
 schemas: setup
 	$(BIN)/tickwire contracts export
