@@ -172,10 +172,23 @@ def _gain(text: str) -> float:
     return value
 
 
+def _up(args: argparse.Namespace) -> int:
+    from workers.up import run
+
+    return run(args)
+
+
+def _worker_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in WORKERS for n in names):
+        raise argparse.ArgumentTypeError(f"want some of {','.join(WORKERS)}: {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import main
 
-    return main(keep=args.keep)
+    return main(keep=args.keep, base_port=args.base_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,8 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("name")
     subscribe.set_defaults(func=_subscribe)
 
+    up = sub.add_parser("up", help="every worker as a child process, until Ctrl-C or SIGTERM")
+    up.add_argument("--namespace", help="run in this replay namespace (see tickwire replay list)")
+    up.add_argument("--workers", type=_worker_names, help="a comma-separated subset")
+    up.add_argument("--base-port", type=int, default=9101, help="first metrics port (9101)")
+    up.add_argument("--log-dir", type=Path, default=Path(".stack/logs"), help="worker logs")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to become healthy")
+    up.set_defaults(func=_up)
+
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")
     demo.add_argument("--keep", action="store_true", help="keep the stack running afterwards")
+    demo.add_argument("--base-port", type=int, default=9101, help="first metrics port (9101)")
     demo.set_defaults(func=_demo)
     return p
 
