@@ -157,13 +157,9 @@ async def test_every_worker_serves_metrics_that_move(
     for expr in re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', DASHBOARD.read_text()):
         queried |= set(re.findall(r"\btickwire_[a-z0-9_]+", expr))
     assert queried, "the dashboard queries no tickwire metric"
-    # the model panel reads tickwire_model_info, which no worker exports (model-scorer has
-    # tickwire_scorer_active_model): a known gap of the dashboard, named here so that no other
-    # can appear unnoticed
-    assert sorted(queried - families) == sorted(DASHBOARD_GAPS)
+    assert sorted(queried - families) == []
 
 
-DASHBOARD_GAPS = {"tickwire_model_info"}
 DASHBOARD = REPO / "infra" / "grafana" / "dashboards" / "tickwire.json"
 
 

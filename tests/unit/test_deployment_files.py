@@ -53,8 +53,8 @@ SECRETS = {
 }
 
 # Metrics a panel may use that no WorkerMetrics defines: Prometheus' own scrape health, and
-# the scorer's model gauge (label ``version``), exported by the model scorer itself.
-EXTRA_METRICS = {"up", "tickwire_model_info"}
+# the scorer's model gauge (labels ``key``, ``version``), exported by the model scorer itself.
+EXTRA_METRICS = {"up", "tickwire_scorer_active_model"}
 # What the dashboard must show (design: Ops).
 REQUIRED_METRICS = {
     "tickwire_messages_in_total",
@@ -65,7 +65,7 @@ REQUIRED_METRICS = {
     "tickwire_dead_letters_total",
     "tickwire_batch_size_bucket",
     "tickwire_up",
-    "tickwire_model_info",
+    "tickwire_scorer_active_model",
 }
 
 
