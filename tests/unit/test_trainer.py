@@ -137,3 +137,27 @@ def test_a_feature_that_peeks_is_caught_before_training(monkeypatch: pytest.Monk
     monkeypatch.setattr(FeatureSet, "batch", no_training)  # the check uses each Feature's
     with pytest.raises(dataset.LookaheadError, match="next_ret"):
         dataset.build(market(800, seed=2), peeking, H)
+
+
+def test_a_figure_that_could_not_be_computed_is_left_off_the_model_card() -> None:
+    """A backtest without a trade has no hit rate: the card stays valid without it."""
+    import argparse
+    import math
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from workers.trainer.cli import card_for
+
+    args = argparse.Namespace(feed="demo", symbol="EURUSD", tf="M1")
+    ds = SimpleNamespace(feature_set_id=DEFAULT.id, names=DEFAULT.names, data_hash="h", horizon=5)
+    rep = {
+        "holdout": {"auc": 0.61, "logloss": 0.68, "test_from_ms": 1_000, "test_rows": 400},
+        "walk_forward": {"auc": 0.58, "logloss": 0.69},
+        "backtest": {"sharpe": 0.0, "hit_rate": math.nan, "max_drawdown": 0.0},
+    }
+    card = card_for(args, ds, rep, 0, 1_000)  # type: ignore[arg-type]
+    assert "hit_rate" not in card.metrics
+    assert card.metrics["auc"] == 0.61
+    assert all(math.isfinite(v) for v in card.metrics.values())
+    assert b"null" not in msgspec.json.encode(card.metrics)  # NaN would be stored as null

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import importlib.metadata
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -87,7 +88,9 @@ def card_for(
         train_from_ms=start_ms,
         train_to_ms=end_ms,
         data_hash=ds.data_hash,
-        metrics={k: float(v) for k, v in metrics.items()},
+        # a figure that could not be computed (no trade in the backtest: no hit rate; one class
+        # in the holdout: no AUC) is left out, never stored as NaN: the gate treats it as absent
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
         library_versions={
             "lightgbm": lightgbm.__version__,
             "numpy": np.__version__,
