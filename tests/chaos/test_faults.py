@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 import pytest
 from nats.js import JetStreamContext
 
 from contracts import streams
-from contracts.messages import Candle
 from db.questdb import query, wait_for_wal
 from infra.stack import LocalStack, QuestDBUrls, StackUrls
-from tests import market, reference
+from tests import market
 from tests.integration.test_candle_ingest import (
-    DAY_START_MS,
+    candles_equal_the_reference,
     consumed,
     latest,
     namespace,  # noqa: F401 - the fixture
-    on_stream,
     publish,
     run_worker,
     settings,
@@ -83,11 +80,7 @@ async def test_questdb_down_for_30_s_holds_the_acks_and_loses_nothing(
         worker.stop()
         await asyncio.wait_for(task, 60)
 
-    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
-    published = await on_stream(js, streams.CANDLES, namespace, Candle)
-    keys = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
-    assert max(keys.values()) == 1, "a candle revision was published twice"
-    assert reference.differences(latest(published), want) == []
+    want, published = await candles_equal_the_reference(js, namespace, sc)
 
     prefix = f"ns_{namespace}_"
     await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=120)

@@ -109,6 +109,19 @@ def latest(candles: list[Candle]) -> dict[tuple, dict[str, Any]]:
     return {k: msgspec.structs.asdict(c) for k, c in best.items()}
 
 
+async def candles_equal_the_reference(
+    js: JetStreamContext, namespace: str, sc: market.Scenario
+) -> tuple[dict[tuple, dict[str, Any]], list[Candle]]:
+    """The reference candles of the scenario's accepted ticks, and what CANDLES holds: each
+    revision once, the latest of each candle equal to the reference."""
+    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
+    keys = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
+    assert max(keys.values()) == 1, "a candle revision was published twice"
+    assert reference.differences(latest(published), want) == []
+    return want, published
+
+
 async def consumed(js: JetStreamContext, stream: str, durable: str) -> bool:
     info = await js.consumer_info(stream, durable)
     return info.num_pending == 0 and info.num_ack_pending == 0
@@ -131,12 +144,8 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
         worker.stop()
         await asyncio.wait_for(task, 60)
 
-    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
-    published = await on_stream(js, streams.CANDLES, namespace, Candle)
-    keys = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
-    assert max(keys.values()) == 1, "a candle revision was published twice"
+    want, published = await candles_equal_the_reference(js, namespace, sc)
     got = latest(published)
-    assert reference.differences(got, want) == []
     assert any(c.revision > 0 for c in published), "late ticks should have revised candles"
     d1 = [k for k in want if k[2] == "D1"]
     assert all(open_ms % 86_400_000 == DAY_START_MS for *_, open_ms in d1)
