@@ -60,6 +60,11 @@ stack: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# the end-to-end run alone: EAs -> five worker processes -> signals, ~2 minutes
+.PHONY: bench-e2e
+bench-e2e: setup
+	$(BIN)/python -m bench --only e2e
+
 chaos: setup setup-tls
 	$(BIN)/python -m pytest -m chaos -s tests/chaos
 

@@ -6,7 +6,14 @@ import argparse
 import asyncio
 import logging
 
-from bench import candle_ingest, feature_builder, model_scorer, runtime, timescale_replicator
+from bench import (
+    candle_ingest,
+    e2e,
+    feature_builder,
+    model_scorer,
+    runtime,
+    timescale_replicator,
+)
 from bench.report import RESULTS, Figure, save, table
 from infra.stack import LocalStack
 
@@ -23,12 +30,13 @@ def main() -> int:
             "feature-builder",
             "model-scorer",
             "timescale-replicator",
+            "e2e",
         ],
         help="one benchmark",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    with LocalStack(postgres=args.only in (None, "timescale-replicator")) as stack:
+    with LocalStack(postgres=args.only in (None, "timescale-replicator", "e2e")) as stack:
         urls = stack.urls
         assert urls.nats_url is not None
         figures: list[Figure] = []
@@ -44,6 +52,8 @@ def main() -> int:
             figures += model_scorer.measure(urls)
         if args.only in (None, "timescale-replicator"):
             figures += timescale_replicator.measure(stack)
+        if args.only in (None, "e2e"):
+            figures += e2e.measure(stack)
     print()
     print(table(figures))
     save(figures)

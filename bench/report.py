@@ -27,6 +27,9 @@ class Figure:
     target_value: float | None = None
     lower_is_better: bool = False
     """The baseline is then a limit: met when the value stays at or below it."""
+    limit: float | None = None
+    """Met only when the value stays at or below it, whatever the baseline (a latency
+    target beside a measured floor)."""
 
     @property
     def ratio(self) -> float:
@@ -41,6 +44,8 @@ class Figure:
             checks.append(self.ratio >= self.target_ratio)
         if self.target_value is not None:
             checks.append(self.value >= self.target_value)
+        if self.limit is not None:
+            checks.append(self.value <= self.limit)
         return all(checks) if checks else None
 
     def target(self) -> str:
@@ -51,6 +56,8 @@ class Figure:
             parts.append(f">= {self.target_ratio:g}x")
         if self.target_value is not None:
             parts.append(f">= {self.target_value:,.0f} {self.unit}")
+        if self.limit is not None:
+            parts.append(f"<= {self.limit:,.0f} {self.unit}")
         return " and ".join(parts) or "-"
 
 
