@@ -74,7 +74,6 @@ from workers.registry.store import (
     MODEL_SUFFIX,
     bucket_name,
 )
-from workers.runtime.pull import PullSource
 from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, policy_bucket
 
 log = logging.getLogger(__name__)
@@ -97,6 +96,7 @@ COMPARED: Final = (CANDLES, FEATURES, SCORES, SIGNALS)
 SHOWN: Final = 5
 """Differing keys printed per stream."""
 READ_BATCH: Final = 1000
+"""Messages fetched at once by ``diff``."""
 
 
 class ReplayError(Exception):
@@ -609,21 +609,24 @@ async def _read(
     info = await js.add_consumer(stream, config)
     total = info.num_pending or 0
     out: list[tuple[str, bytes]] = []
-    source = PullSource(nc, stream, consumer, batch=READ_BATCH)
     progress = tqdm(total=total, desc=desc, unit="msg", disable=None, leave=False)
     try:
-        await source.start()
-        while len(out) < total:
-            msgs = await source.take(READ_BATCH, 5.0)
-            if not msgs:
-                if not (await js.consumer_info(stream, consumer)).num_pending:
-                    break  # the rest is gone from the stream (its age limit)
-                continue
-            out.extend((m.subject, m.data) for m in msgs)
-            progress.update(len(msgs))
+        if total:
+            sub = await js.pull_subscribe_bind(consumer, stream)
+            try:
+                while len(out) < total:
+                    try:
+                        msgs = await sub.fetch(min(READ_BATCH, total - len(out)), timeout=5)
+                    except TimeoutError:
+                        if not (await js.consumer_info(stream, consumer)).num_pending:
+                            break  # the rest is gone from the stream (its age limit)
+                        continue
+                    out.extend((m.subject, m.data) for m in msgs)
+                    progress.update(len(msgs))
+            finally:
+                await sub.unsubscribe()
     finally:
         progress.close()
-        await source.stop()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, consumer)
     return out[:total]

@@ -244,6 +244,8 @@ async def test_cli_creates_and_refuses_bad_arguments_without_a_change(
         "symbols without feed": ("create", "x" + unique, "--stream", "TICKS", "--from",
                                  "2026-01-01", "--to", "2026-01-02", "--symbols", "EURUSD"),
         "unknown replay": ("delete", "x" + unique),
+        "unknown replay to diff": ("diff", "x" + unique),
+        "bad name to diff": ("diff", "no.dots"),
     }  # fmt: skip
     for what, args in refused.items():
         out = await asyncio.to_thread(cli, *args, nats_url=nats_url)
