@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--symbols", nargs="+", help="only these symbols of --feed")
     rsub.add_parser("list", help="every replay namespace")
     rsub.add_parser("delete", help="remove every trace of a replay").add_argument("name")
+    rsub.add_parser(
+        "diff", help="compare a replay's candles, features, scores, signals with live"
+    ).add_argument("name")
     replay.set_defaults(func=_replay)
 
     subs = sub.add_parser("subscribers", help="signal subscribers' durable consumers")

@@ -9,30 +9,72 @@ is removed, and what it copied beyond that sequence is deleted again, so the nam
 holds exactly the range. Nothing is written to, or read from, a live consumer.
 
 The pipeline then runs in the namespace (``TICKWIRE_NAMESPACE``): its consumers, streams,
-subjects, object stores and key-value buckets all carry the name. ``delete`` removes every
-one of them.
+subjects, object stores and key-value buckets all carry the name. So that it computes what
+live computed, ``create`` also copies what live decides with: the active models of the
+range's series (artifacts, cards and pointers, byte for byte) into the namespace's model
+registry and the signal policy's run-time entry into the namespace's policy bucket. The
+range and filter are recorded in the namespace stream's metadata, for ``diff``.
+
+``diff`` compares what the namespace produced with what live produced for the same range:
+the candles, feature vectors, scores and signals of the recorded feed and symbols whose
+period overlaps the event time of the replayed messages, read from the JetStream streams
+and keyed by their natural key; payloads are compared byte for byte. ``delete`` removes
+every stream, bucket and object store of the namespace, its QuestDB tables and its
+PostgreSQL schema.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import json
 import logging
 import os
+import secrets
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TextIO
 
+import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig, StreamSource, SubjectTransform
-from nats.js.errors import NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StreamConfig,
+    StreamSource,
+    SubjectTransform,
+)
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 from tqdm import tqdm
 
 from contracts import subjects
-from contracts.streams import ensure, stream_name, stream_specs
+from contracts.codec import Codec, ContractError
+from contracts.messages import Bar, Tick, TickBatch, TickInput, Timeframe, Watermark
+from contracts.streams import (
+    CANDLES,
+    FEATURES,
+    SCORES,
+    SIGNALS,
+    TICKS,
+    ensure,
+    stream_name,
+    stream_specs,
+)
 from db import questdb
+from db.queries import query
+from workers.registry.store import (
+    ACTIVE_PREFIX,
+    CARD_SUFFIX,
+    KV_HISTORY,
+    MODEL_SUFFIX,
+    bucket_name,
+)
+from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, policy_bucket
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +89,14 @@ DOMAINS: Final = {
 """Live streams a replay can start from, and their subject domain."""
 POLL_S: Final = 0.1
 CLI_TIMEOUT_S: Final = 900.0
+META: Final = "tickwire.replay."
+"""Prefix of the metadata keys that record a replay on its namespace's stream."""
+COMPARED: Final = (CANDLES, FEATURES, SCORES, SIGNALS)
+"""Streams ``diff`` compares: those of them that come after the replayed one."""
+SHOWN: Final = 5
+"""Differing keys printed per stream."""
+READ_BATCH: Final = 1000
+"""Messages fetched at once by ``diff``."""
 
 
 class ReplayError(Exception):
@@ -63,6 +113,48 @@ class Replay:
     """The live stream's sequences of the range, both included."""
     copied: int
     """Messages in the namespace's stream (after the feed and symbol filter)."""
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    feed: str | None = None
+    symbols: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    """Active model versions copied from the live registry."""
+    policy: bool = False
+    """Whether a live run-time signal policy was copied."""
+
+    def metadata(self) -> dict[str, str]:
+        assert self.start is not None
+        assert self.end is not None
+        return {
+            META + "stream": self.stream,
+            META + "from": self.start.isoformat(),
+            META + "to": self.end.isoformat(),
+            META + "feed": self.feed or "",
+            META + "symbols": json.dumps(list(self.symbols)),
+            META + "first_seq": str(self.first_seq),
+            META + "last_seq": str(self.last_seq),
+            META + "models": json.dumps(list(self.models)),
+        }
+
+    @classmethod
+    def from_metadata(cls, name: str, copied: int, meta: dict[str, str]) -> Replay:
+        try:
+            return cls(
+                name,
+                meta[META + "stream"],
+                int(meta[META + "first_seq"]),
+                int(meta[META + "last_seq"]),
+                copied,
+                dt.datetime.fromisoformat(meta[META + "from"]),
+                dt.datetime.fromisoformat(meta[META + "to"]),
+                meta[META + "feed"] or None,
+                tuple(json.loads(meta[META + "symbols"])),
+                tuple(json.loads(meta.get(META + "models", "[]"))),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ReplayError(
+                f"replay {name!r} has no readable record of its range: {exc}"
+            ) from None
 
 
 def _stream_prefixes(name: str) -> tuple[str, ...]:
@@ -187,15 +279,90 @@ async def create(
     except BaseException:
         await delete(js, name)
         raise
-    await js.update_stream(_without_sources(sourced))
-    await _cut_after(js, target, last)
-    copied = (await js.stream_info(target)).state.messages
+    try:
+        unsourced = _without_sources(sourced)
+        await js.update_stream(unsourced)
+        await _cut_after(js, target, last)
+        copied = (await js.stream_info(target)).state.messages
+        models = await copy_models(js, name, feed, symbols)
+        policy = await copy_policy(js, name)
+        r = Replay(
+            name, stream, first, last, copied, start, end, feed, tuple(symbols), models, policy
+        )
+        await js.update_stream(
+            unsourced.evolve(metadata={**(unsourced.metadata or {}), **r.metadata()})
+        )
+    except BaseException:
+        await delete(js, name)
+        raise
     log.info("replay %s: %s seq %d..%d, %d messages", name, stream, first, last, copied)
-    return Replay(name, stream, first, last, copied)
+    return r
 
 
 def _without_sources(config: StreamConfig) -> StreamConfig:
     return config.evolve(sources=None)
+
+
+def _series_wanted(key: str, feed: str | None, symbols: Sequence[str]) -> bool:
+    """Whether an active-model key (``active.<feed>.<symbol token>.<tf>``) is in the filter."""
+    tokens = key.split(".")
+    if len(tokens) != 4 or tokens[0] != ACTIVE_PREFIX:
+        return False
+    if feed is not None and tokens[1] != feed:
+        return False
+    return not symbols or tokens[2] in {subjects.escape(s) for s in symbols}
+
+
+async def copy_models(
+    js: JetStreamContext, name: str, feed: str | None, symbols: Sequence[str]
+) -> tuple[str, ...]:
+    """The live registry's active models of the filter's series, into the namespace's
+    registry as they are (artifact, card, pointer): the replay scores with the models live
+    scores with now. Returns the versions copied; none when live has no registry."""
+    live = bucket_name()
+    try:
+        live_objects = await js.object_store(live)
+        live_pointers = await js.key_value(live)
+    except BucketNotFoundError:
+        return ()
+    try:
+        keys = [k for k in await live_pointers.keys() if _series_wanted(k, feed, symbols)]
+    except NoKeysError:
+        keys = []
+    ns = bucket_name(name)
+    objects = await js.create_object_store(ns, description="tickwire model files")
+    pointers = await js.create_key_value(
+        bucket=ns, history=KV_HISTORY, description="tickwire active models"
+    )
+    versions: list[str] = []
+    for key in keys:
+        try:
+            entry = await live_pointers.get(key)
+        except KeyNotFoundError:
+            continue  # deleted since listed
+        if not entry.value:
+            continue
+        version = msgspec.json.decode(entry.value)["version"]
+        if version not in versions:
+            for suffix in (MODEL_SUFFIX, CARD_SUFFIX):  # the card last, as the registry does
+                got = await live_objects.get(version + suffix)
+                await objects.put(version + suffix, bytes(got.data or b""))
+            versions.append(version)
+        await pointers.put(key, entry.value)
+    return tuple(versions)
+
+
+async def copy_policy(js: JetStreamContext, name: str, base: str = POLICY_BUCKET) -> bool:
+    """The live run-time signal policy (its KV entry), into the namespace's policy bucket."""
+    try:
+        entry = await (await js.key_value(base)).get(POLICY_KEY)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return False
+    if not entry.value:
+        return False
+    kv = await js.create_key_value(bucket=policy_bucket(base, name), history=5)
+    await kv.put(POLICY_KEY, entry.value)
+    return True
 
 
 async def _wait_copied(
@@ -250,9 +417,16 @@ async def _cut_after(js: JetStreamContext, target: str, last: int) -> None:
         seq -= 1
 
 
-async def delete(js: JetStreamContext, name: str, *, questdb_http: str | None = None) -> list[str]:
-    """Remove every stream, consumer, object store and bucket of namespace ``name``, and
-    its QuestDB tables when ``questdb_http`` is given."""
+async def delete(
+    js: JetStreamContext,
+    name: str,
+    *,
+    questdb_http: str | None = None,
+    postgres_dsn: str | None = None,
+) -> list[str]:
+    """Remove every stream, consumer, object store and bucket of namespace ``name``, its
+    QuestDB tables when ``questdb_http`` is given, and its PostgreSQL schema when
+    ``postgres_dsn`` (an admin's: the schema's owner) is given."""
     subjects.check_name(name, "replay name")
     names = await streams_of(js, name)
     if not names:
@@ -267,7 +441,28 @@ async def delete(js: JetStreamContext, name: str, *, questdb_http: str | None = 
         except questdb.QuestDBError as exc:
             raise ReplayError(f"streams deleted, QuestDB tables not: {exc}") from exc
         names += [f"QuestDB {t}" for t in tables]
+    if postgres_dsn is not None:
+        try:
+            schema = await drop_schema(postgres_dsn, name)
+        except Exception as exc:
+            raise ReplayError(f"streams deleted, PostgreSQL schema not: {exc}") from exc
+        if schema is not None:
+            names.append(f"PostgreSQL schema {schema}")
     return names
+
+
+async def drop_schema(dsn: str, name: str) -> str | None:
+    """Drop the namespace's schema (``ns_<name>``); its name, or None when there was none."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        async with conn.transaction():
+            schema: str = await conn.fetchval(query("replay_namespace_schema"), name)
+            dropped = await conn.fetchval(query("replay_drop_namespace"), name)
+    finally:
+        await conn.close()
+    return schema if dropped else None
 
 
 async def names(js: JetStreamContext) -> list[str]:
@@ -277,6 +472,264 @@ async def names(js: JetStreamContext) -> list[str]:
         if s.config.name and s.config.name.startswith("NS_"):
             out.add(s.config.name[3:].rsplit("_", 1)[0])
     return sorted(out)
+
+
+# --- diff ------------------------------------------------------------------------------
+
+
+async def recorded(js: JetStreamContext, name: str) -> Replay:
+    """The replay ``name`` as ``create`` recorded it on its namespace's stream."""
+    subjects.check_name(name, "replay name")
+    for base in DOMAINS:
+        try:
+            info = await js.stream_info(stream_name(base, namespace=name))
+        except NotFoundError:
+            continue
+        meta = info.config.metadata or {}
+        if META + "stream" in meta:
+            return Replay.from_metadata(name, info.state.messages, meta)
+    if await streams_of(js, name):
+        raise ReplayError(f"namespace {name!r} was not made by `tickwire replay create`")
+    raise ReplayError(f"no replay named {name!r}")
+
+
+class _Key(msgspec.Struct):
+    """The natural-key fields of a candle, feature vector, score or signal."""
+
+    feed: str
+    symbol: str
+    tf: Timeframe
+    open_time_ms: int
+    revision: int | None = None
+    candle_revision: int | None = None
+    feature_set_id: str | None = None
+    model_version: str | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        revision = self.revision if self.revision is not None else self.candle_revision
+        out: tuple[Any, ...] = (self.feed, self.symbol, self.tf.value, self.open_time_ms)
+        out += (revision,)
+        if self.feature_set_id is not None and self.model_version is None:
+            out += (self.feature_set_id,)  # feature vectors: one per feature set
+        if self.model_version is not None:
+            out += (self.model_version,)
+        return out
+
+
+_key_decoder: Final = msgspec.json.Decoder(_Key)
+
+
+def label(key: tuple[Any, ...]) -> str:
+    """``feed|symbol|tf|open time (UTC)|revision[|feature set or model version]``."""
+    opened = dt.datetime.fromtimestamp(key[3] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return "|".join(str(k) for k in (*key[:3], opened, *key[4:]))
+
+
+@dataclass
+class StreamDiff:
+    """One stream's comparison: payloads by natural key, live and replayed."""
+
+    stream: str
+    live: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
+    replay: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
+
+    @property
+    def equal(self) -> list[tuple[Any, ...]]:
+        return sorted(k for k, v in self.replay.items() if self.live.get(k) == v)
+
+    @property
+    def differing(self) -> list[tuple[Any, ...]]:
+        return sorted(k for k, v in self.replay.items() if k in self.live and self.live[k] != v)
+
+    @property
+    def only_live(self) -> list[tuple[Any, ...]]:
+        return sorted(self.live.keys() - self.replay.keys())
+
+    @property
+    def only_replay(self) -> list[tuple[Any, ...]]:
+        return sorted(self.replay.keys() - self.live.keys())
+
+    @property
+    def identical(self) -> bool:
+        return self.live == self.replay
+
+    def fields(self, key: tuple[Any, ...]) -> list[tuple[str, Any, Any]]:
+        """``(field, live value, replayed value)`` of each field that differs."""
+        a = json.loads(self.live[key])
+        b = json.loads(self.replay[key])
+        names = list(dict.fromkeys([*a, *b]))
+        return [(n, a.get(n), b.get(n)) for n in names if a.get(n) != b.get(n)]
+
+
+@dataclass
+class Diff:
+    replay: Replay
+    window_ms: tuple[int, int] | None
+    """Event time of the replayed messages, first and last; None when there were none."""
+    streams: list[StreamDiff]
+
+    @property
+    def identical(self) -> bool:
+        return all(s.identical for s in self.streams)
+
+
+def _event_times(m: Any) -> Iterable[int]:
+    if isinstance(m, Tick | Watermark):
+        yield m.time_ms
+    elif isinstance(m, TickBatch):
+        yield from (t.time_ms for t in m.ticks)
+    elif isinstance(m, Bar):
+        yield m.open_time_ms
+        yield m.open_time_ms + m.tf.ms - 1
+    else:
+        yield m.open_time_ms
+
+
+async def _read(
+    nc: Client,
+    stream: str,
+    filters: Sequence[str],
+    *,
+    start: dt.datetime | None,
+    desc: str,
+) -> list[tuple[str, bytes]]:
+    """``(subject, payload)`` of every message of ``stream`` on ``filters`` (from stream
+    time ``start``), in stream order, through a consumer of its own that acks nothing."""
+    js = nc.jetstream()
+    consumer = f"replay-diff-{secrets.token_hex(4)}"
+    config = ConsumerConfig(
+        name=consumer,
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL if start is None else DeliverPolicy.BY_START_TIME,
+        opt_start_time=start,
+        filter_subjects=list(filters),
+        inactive_threshold=60.0,
+        mem_storage=True,
+    )
+    info = await js.add_consumer(stream, config)
+    total = info.num_pending or 0
+    out: list[tuple[str, bytes]] = []
+    progress = tqdm(total=total, desc=desc, unit="msg", disable=None, leave=False)
+    try:
+        if total:
+            sub = await js.pull_subscribe_bind(consumer, stream)
+            try:
+                while len(out) < total:
+                    try:
+                        msgs = await sub.fetch(min(READ_BATCH, total - len(out)), timeout=5)
+                    except TimeoutError:
+                        if not (await js.consumer_info(stream, consumer)).num_pending:
+                            break  # the rest is gone from the stream (its age limit)
+                        continue
+                    out.extend((m.subject, m.data) for m in msgs)
+                    progress.update(len(msgs))
+            finally:
+                await sub.unsubscribe()
+    finally:
+        progress.close()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, consumer)
+    return out[:total]
+
+
+def _filters(domain: str, r: Replay, namespace: str | None) -> list[str]:
+    """The subjects of the replay's feed and symbols in ``domain``."""
+    prefix = "" if namespace is None else f"{subjects.NAMESPACE}.{namespace}."
+    feed = "*" if r.feed is None else r.feed
+    symbols = [subjects.escape(s) for s in r.symbols] or ["*"]
+    tail = ".*" if domain != subjects.TICKS else ""
+    return [f"{prefix}{domain}.{feed}.{s}{tail}" for s in symbols]
+
+
+def _keyed(messages: Iterable[tuple[str, bytes]], what: str) -> dict[tuple[Any, ...], bytes]:
+    out: dict[tuple[Any, ...], bytes] = {}
+    for subject, payload in messages:
+        try:
+            k = _key_decoder.decode(payload).key()
+        except (msgspec.DecodeError, ValueError):
+            log.warning("%s: not a %s payload on %s, left out", what, what, subject)
+            continue
+        out[k] = payload  # a later message of the same key is what a reader sees last
+    return out
+
+
+async def diff(nc: Client, name: str) -> Diff:
+    """What the namespace produced against what live produced for the replay's range."""
+    js = nc.jetstream()
+    r = await recorded(js, name)
+    source = stream_name(r.stream, namespace=name)
+    codec: Codec[Any] = Codec(TickInput) if r.stream == TICKS else Codec(_Key)
+    times: list[int] = []
+    for _, payload in await _read(nc, source, [">"], start=None, desc=f"reading {source}"):
+        with contextlib.suppress(ContractError):
+            times.extend(_event_times(codec.decode(payload)))
+    window = (min(times), max(times)) if times else None
+    compared = list(COMPARED[COMPARED.index(r.stream) + 1 :] if r.stream in COMPARED else COMPARED)
+    out = []
+    for base in compared:
+        domain = DOMAINS[base]
+        d = StreamDiff(base)
+        replayed = await _read(
+            nc,
+            stream_name(base, namespace=name),
+            _filters(domain, r, name),
+            start=None,
+            desc=f"reading {stream_name(base, namespace=name)}",
+        )
+        d.replay = _keyed(replayed, base)
+        if window is not None:
+            lo, hi = window
+            live = _keyed(
+                await _read(
+                    nc, base, _filters(domain, r, None), start=r.start, desc=f"reading {base}"
+                ),
+                base,
+            )
+            # a period overlapping the replayed event time: [open, open + tf) meets [lo, hi]
+            d.live = {
+                k: v for k, v in live.items() if k[3] <= hi and k[3] + Timeframe(k[2]).ms > lo
+            }
+        out.append(d)
+    return Diff(r, window, out)
+
+
+def report(d: Diff, out: TextIO) -> None:
+    """The comparison as a table, then the first differing keys of each stream."""
+    r = d.replay
+    scope = f"feed {r.feed}" if r.feed else "every feed"
+    if r.symbols:
+        scope += f", symbols {' '.join(r.symbols)}"
+    out.write(f"replay {r.name}: {r.stream} seq {r.first_seq}..{r.last_seq}, {scope}\n")
+    if d.window_ms is not None:
+        lo, hi = (dt.datetime.fromtimestamp(t / 1000, dt.UTC).isoformat() for t in d.window_ms)
+        out.write(f"event time {lo} .. {hi}\n")
+    head = ("stream", "live", "replay", "equal", "differing", "only-live", "only-replay")
+    rows = [head] + [
+        (
+            s.stream,
+            *(str(n) for n in (len(s.live), len(s.replay), len(s.equal), len(s.differing))),
+            str(len(s.only_live)),
+            str(len(s.only_replay)),
+        )
+        for s in d.streams
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for row in rows:
+        out.write(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            + "\n"
+        )
+    for s in d.streams:
+        for key in s.differing[:SHOWN]:
+            changes = "; ".join(f"{f} live={a!r} replay={b!r}" for f, a, b in s.fields(key))
+            out.write(f"{s.stream} differs at {label(key)}: {changes}\n")
+        for what, keys in (("only live", s.only_live), ("only replay", s.only_replay)):
+            for key in keys[:SHOWN]:
+                out.write(f"{s.stream} {what}: {label(key)}\n")
+    out.write("identical\n" if d.identical else "differ\n")
 
 
 # --- tickwire replay create | list | delete --------------------------------------------
@@ -315,13 +768,20 @@ def run(args: argparse.Namespace) -> int:
                     f"replay {r.name}: {r.copied} messages of {r.stream} "
                     f"(seq {r.first_seq}..{r.last_seq}) in {stream_name(r.stream, namespace=r.name)}"
                 )
+                print(f"active models copied: {', '.join(r.models) or 'none'}")
+                print(f"signal policy entry copied: {'yes' if r.policy else 'none live'}")
                 print(f"run the pipeline on it with TICKWIRE_NAMESPACE={r.name}")
             elif args.action == "list":
                 for name in await names(js):
                     print(name)
+            elif args.action == "diff":
+                result = await diff(nc, args.name)
+                report(result, sys.stdout)
+                return 0 if result.identical else 1
             else:
                 qdb = os.environ.get("TICKWIRE_QUESTDB_HTTP")
-                for stream in await delete(js, args.name, questdb_http=qdb):
+                pg = os.environ.get("TICKWIRE_POSTGRES_DSN")
+                for stream in await delete(js, args.name, questdb_http=qdb, postgres_dsn=pg):
                     print(f"deleted {stream}")
             return 0
         finally:

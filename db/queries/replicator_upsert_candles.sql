@@ -1,6 +1,7 @@
--- Staged candles into market.candles. A row is replaced only by the same or a later
+-- Staged candles into the candles table. A row is replaced only by the same or a later
 -- revision: a redelivered older revision never overwrites a newer one.
-INSERT INTO market.candles AS t (
+-- Unqualified: the connection's search_path says market, or a replay namespace's schema.
+INSERT INTO candles AS t (
     feed, symbol, tf, open_time, close_time, open, high, low, close, tick_volume,
     real_volume, spread_mean, spread_max, first_tick_ms, last_tick_ms, revision, v
 )

@@ -1,5 +1,6 @@
--- Staged feature vectors into market.features; the same or a later candle revision wins.
-INSERT INTO market.features AS t (
+-- Staged feature vectors into the features table; the same or a later candle revision wins.
+-- Unqualified: the connection's search_path says market, or a replay namespace's schema.
+INSERT INTO features AS t (
     feed, symbol, tf, open_time, feature_set_id, candle_revision, "values", warming_up, v
 )
 SELECT feed, symbol, tf,

@@ -1,5 +1,6 @@
--- Staged scores into market.scores; the same or a later candle revision wins.
-INSERT INTO market.scores AS t (
+-- Staged scores into the scores table; the same or a later candle revision wins.
+-- Unqualified: the connection's search_path says market, or a replay namespace's schema.
+INSERT INTO scores AS t (
     feed, symbol, tf, open_time, model_version, candle_revision, feature_set_id,
     probabilities, score, v
 )

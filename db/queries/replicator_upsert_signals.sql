@@ -1,5 +1,6 @@
--- Staged signals into market.signals; the same or a later candle revision wins.
-INSERT INTO market.signals AS t (
+-- Staged signals into the signals table; the same or a later candle revision wins.
+-- Unqualified: the connection's search_path says market, or a replay namespace's schema.
+INSERT INTO signals AS t (
     feed, symbol, tf, open_time, model_version, candle_revision, signal_id, side, strength,
     ref_price, expires_at, feature_set_id, corrects, v
 )

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -18,6 +19,7 @@ from nats.js.errors import NotFoundError
 
 from contracts import streams, subjects
 from db import questdb as qdb
+from db.migrate import migrate
 from infra.stack import QuestDBUrls
 from workers import replay
 
@@ -157,8 +159,16 @@ async def test_feed_and_symbol_filter(live: JetStreamContext, unique: str) -> No
     await replay.delete(js, unique)
 
 
+async def schemas(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["nspname"] for r in await conn.fetch("SELECT nspname FROM pg_namespace")}
+    finally:
+        await conn.close()
+
+
 async def test_delete_removes_every_trace(
-    live: JetStreamContext, unique: str, questdb: QuestDBUrls
+    live: JetStreamContext, unique: str, questdb: QuestDBUrls, pg_dsn: str
 ) -> None:
     js = live
     seqs = await publish(js, unique, 10)
@@ -175,9 +185,17 @@ async def test_delete_removes_every_trace(
     other = qdb.namespace_prefix(unique + "x")
     for p in (prefix, other):
         await asyncio.to_thread(qdb.apply_ddl, questdb.http, table_prefix=p)
+    # and the schemas a namespaced timescale-replicator makes
+    await migrate(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for name in (unique, unique + "x"):
+            await conn.fetchval("SELECT market.open_namespace($1)", name)
+    finally:
+        await conn.close()
     state = await live_state(js)
 
-    deleted = await replay.delete(js, unique, questdb_http=questdb.http)
+    deleted = await replay.delete(js, unique, questdb_http=questdb.http, postgres_dsn=pg_dsn)
 
     assert f"OBJ_ns-{unique}-candle-ingest-state" in deleted
     assert f"KV_ns-{unique}-models" in deleted
@@ -190,6 +208,10 @@ async def test_delete_removes_every_trace(
     assert f"QuestDB {prefix}candles" in deleted
     assert not any(n.startswith(prefix) for n in names)
     assert f"{other}candles" in names  # another namespace's table stays
+    assert f"PostgreSQL schema ns_{unique}" in deleted
+    left_schemas = await schemas(pg_dsn)
+    assert f"ns_{unique}" not in left_schemas
+    assert {"market", f"ns_{unique}x"} <= left_schemas
 
 
 def cli(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
@@ -244,6 +266,8 @@ async def test_cli_creates_and_refuses_bad_arguments_without_a_change(
         "symbols without feed": ("create", "x" + unique, "--stream", "TICKS", "--from",
                                  "2026-01-01", "--to", "2026-01-02", "--symbols", "EURUSD"),
         "unknown replay": ("delete", "x" + unique),
+        "unknown replay to diff": ("diff", "x" + unique),
+        "bad name to diff": ("diff", "no.dots"),
     }  # fmt: skip
     for what, args in refused.items():
         out = await asyncio.to_thread(cli, *args, nats_url=nats_url)

@@ -55,7 +55,7 @@ async def drop(js: JetStreamContext, namespace: str) -> None:
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
     with contextlib.suppress(Exception):
-        await js.delete_key_value(f"signal-policy-{namespace}")
+        await js.delete_key_value(f"ns-{namespace}-signal-policy")
 
 
 def settings(stack: StackUrls, namespace: str, **kw: Any) -> Settings:
@@ -260,7 +260,7 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
         await publish(js, [make_score("EURUSD", 0, 0.5), make_score("EURUSD", 1, 0.5)], namespace)
         await eventually(lambda: consumed(js, namespace), what="first scores")
         assert await signals_of(js, namespace) == []
-        kv = await js.key_value(f"signal-policy-{namespace}")
+        kv = await js.key_value(f"ns-{namespace}-signal-policy")
         sample = worker.metrics.registry.get_sample_value
 
         def updates(outcome: str) -> float:

@@ -45,12 +45,13 @@ DURABLE = streams.TIMESCALE_REPLICATOR
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
 
-# What each table holds, as the messages name it (times back to epoch milliseconds).
+# What each table holds, as the messages name it (times back to epoch milliseconds); in the
+# schema of the connection's search_path (a namespace's own, or market).
 SELECT = {
-    "candles": "SELECT * FROM market.candles",
-    "features": "SELECT * FROM market.features",
-    "scores": "SELECT * FROM market.scores",
-    "signals": "SELECT * FROM market.signals",
+    "candles": "SELECT * FROM candles",
+    "features": "SELECT * FROM features",
+    "scores": "SELECT * FROM scores",
+    "signals": "SELECT * FROM signals",
 }
 TIMES = {"open_time": "open_time_ms", "close_time": "close_time_ms", "expires_at": "expires_ms"}
 
@@ -144,8 +145,14 @@ async def replicated(js: JetStreamContext, namespace: str) -> bool:
     return True
 
 
-async def tables(dsn: str) -> dict[str, list[dict[str, Any]]]:
-    conn = await asyncpg.connect(dsn)
+async def connect(dsn: str, namespace: str | None) -> asyncpg.Connection:
+    """A connection whose unqualified table names are the namespace's tables (or market's)."""
+    schema = "market" if namespace is None else f"ns_{namespace}"
+    return await asyncpg.connect(dsn, server_settings={"search_path": f'"{schema}"'})
+
+
+async def tables(dsn: str, namespace: str | None) -> dict[str, list[dict[str, Any]]]:
+    conn = await connect(dsn, namespace)
     try:
         out = {}
         for table, sql in SELECT.items():
@@ -163,10 +170,10 @@ async def tables(dsn: str) -> dict[str, list[dict[str, Any]]]:
         await conn.close()
 
 
-async def state(dsn: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
+async def state(dsn: str, namespace: str | None) -> dict[str, int]:
+    conn = await connect(dsn, namespace)
     try:
-        rows = await conn.fetch("SELECT stream, consumer, last_seq FROM market.replication_state")
+        rows = await conn.fetch("SELECT stream, consumer, last_seq FROM replication_state")
     finally:
         await conn.close()
     return {r["stream"]: r["last_seq"] for r in rows if r["consumer"] == DURABLE}
@@ -251,6 +258,59 @@ async def _roles(pg_dsn: str, writer_dsn: str, reader_dsn: str) -> None:
         await admin.close()
 
 
+async def test_a_namespace_has_its_own_schema_with_the_replicators_rights_only(
+    local_stack: LocalStack, pg_dsn: str, writer_dsn: str, unique: str
+) -> None:
+    """The same rows through a live store and a namespace's store land in market and in
+    ns_<name> respectively; in ns_<name> the role may do what it may in market, no more."""
+    messages = replication.published(seed=6, candles_per_series=2, namespace="x", troubles=False)
+    candles = [m.message for m in messages if isinstance(m.message, Candle)]
+    rows = [(seq, CANDLE_TABLE.row(c)) for seq, c in enumerate(candles, start=1)]
+    live = Store(writer_dsn, CANDLE_TABLE, stream="CANDLES", consumer=DURABLE)
+    replay = Store(writer_dsn, CANDLE_TABLE, stream="CANDLES", consumer=DURABLE, namespace=unique)
+    try:
+        await replay.write(rows[:3], 3)
+        await live.write(rows, len(rows))
+        assert (live.schema, replay.schema) == ("market", f"ns_{unique}")
+    finally:
+        await live.close()
+        await replay.close()
+    keys = [r[:4] for _, r in rows]  # revisions of a candle share its key
+    assert len((await tables(pg_dsn, None))["candles"]) == len(set(keys))
+    assert len((await tables(pg_dsn, unique))["candles"]) == len(set(keys[:3]))
+    assert await state(pg_dsn, None) == {"CANDLES": len(rows)}
+    assert await state(pg_dsn, unique) == {"CANDLES": 3}
+
+    writer = await connect(writer_dsn, unique)
+    reader_role = f"{unique}_reader"
+    try:
+        assert (
+            await writer.execute("UPDATE candles SET revision = 1")
+            == f"UPDATE {len(set(keys[:3]))}"
+        )
+        refused_to_writer = [
+            "DELETE FROM candles",
+            "TRUNCATE candles",
+            "DROP TABLE candles",
+            "ALTER TABLE candles ADD COLUMN x int",
+            "CREATE TABLE mine (x int)",
+            "SELECT market.drop_namespace('" + unique + "')",
+        ]
+        for sql in refused_to_writer:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute(sql)
+        with login_role(local_stack, reader_role, "tickwire_reader"):
+            reader = await connect(as_role(pg_dsn, reader_role), unique)
+            try:
+                assert await reader.fetchval("SELECT count(*) FROM candles") == len(set(keys[:3]))
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await reader.execute("UPDATE candles SET revision = 2")
+            finally:
+                await reader.close()
+    finally:
+        await writer.close()
+
+
 async def test_hourly_and_daily_views_aggregate_the_m1_candles(pg_dsn: str) -> None:
     """The H1/D1 views (continuous aggregates under TimescaleDB) against pandas resampling."""
     import pandas as pd
@@ -333,11 +393,14 @@ async def test_tables_equal_the_streams_latest_revision_wins(
         await stop(replicator, task)
 
     want = replication.expected(messages)
-    got = await tables(pg_dsn)
+    got = await tables(pg_dsn, namespace)
     for table in replication.KEYS:
         assert got[table] == want[table], table
     assert any(r["revision"] > 0 for r in got["candles"])
-    assert await state(pg_dsn) == await last_seqs(js, namespace)
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
+    # the namespace's run left the live tables as they were: empty
+    assert await tables(pg_dsn, None) == {table: [] for table in replication.KEYS}
+    assert await state(pg_dsn, None) == {}
     published = Counter(m.table for m in messages)
     upserted = sum(
         sample(replicator, "tickwire_replicated_rows_total", worker=DURABLE, stream=b, outcome=o)
@@ -357,8 +420,8 @@ async def test_restart_skips_what_the_database_has(
     task = await start(first)
     await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
     await stop(first, task)
-    conn = await asyncpg.connect(pg_dsn)
-    versions = "SELECT xmin::text, ctid::text FROM market.candles ORDER BY 1, 2"
+    conn = await connect(pg_dsn, namespace)
+    versions = "SELECT xmin::text, ctid::text FROM candles ORDER BY 1, 2"
     before = await conn.fetch(versions)
 
     for spec in replicator_consumers(namespace):
@@ -377,7 +440,7 @@ async def test_restart_skips_what_the_database_has(
         for b in BASE.values()
     )
     assert skipped == len(messages)
-    assert await tables(pg_dsn) == replication.expected(messages)
+    assert await tables(pg_dsn, namespace) == replication.expected(messages)
 
 
 async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored(
@@ -439,7 +502,7 @@ async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored
     assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
     assert {d.payload for d in letters} == {payload for _, _, payload in bad}
     assert all(d.worker == DURABLE and d.subject.startswith(f"ns.{namespace}.") for d in letters)
-    assert await tables(pg_dsn) == replication.expected(good)
+    assert await tables(pg_dsn, namespace) == replication.expected(good)
     by_reason = Counter(reason for reason, _, _ in bad)
     for reason, count in by_reason.items():
         got = sample(replicator, "tickwire_dead_letters_total", worker=DURABLE, reason=reason)
@@ -470,7 +533,7 @@ async def test_a_batch_the_database_refuses_is_stored_row_by_row(
     finally:
         await store.close()
     want = replication.expected([m for m in messages if m.message is not candles[3]])
-    assert (await tables(pg_dsn))["candles"] == want["candles"]
+    assert (await tables(pg_dsn, None))["candles"] == want["candles"]
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -521,8 +584,8 @@ async def test_postgres_stopped_and_restarted_mid_run(
         await eventually(lambda: replicated(js, namespace), timeout=90, what="after restart")
     finally:
         await stop(replicator, task)
-    assert await tables(pg_dsn) == replication.expected(messages)
-    assert await state(pg_dsn) == await last_seqs(js, namespace)
+    assert await tables(pg_dsn, namespace) == replication.expected(messages)
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
 
 
 async def ack_floors(js: JetStreamContext, namespace: str) -> dict[str, int]:
@@ -601,8 +664,8 @@ async def test_kill_9_mid_batch_changes_nothing(
         proc.terminate()
         proc.wait(timeout=60)
     assert proc.returncode == 0, log.read_text()[-3000:]
-    assert await tables(pg_dsn) == replication.expected(messages)
-    assert await state(pg_dsn) == await last_seqs(js, namespace)
+    assert await tables(pg_dsn, namespace) == replication.expected(messages)
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
     assert await dead_letters(js, namespace) == []
     assert "caught up from seq" in log.read_text(), "no kill landed between delivery and ack"
 

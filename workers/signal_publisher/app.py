@@ -43,13 +43,20 @@ from workers.runtime.publish import Outgoing
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 from workers.signal_publisher.delivery import Exhausted
-from workers.signal_publisher.policy import Policy, PolicyError, parse_policy, read_policy
+from workers.signal_publisher.policy import (
+    POLICY_BUCKET,
+    POLICY_KEY,
+    Policy,
+    PolicyError,
+    parse_policy,
+    policy_bucket,
+    read_policy,
+)
 from workers.signal_publisher.state import Book, Refusal
 
 log = logging.getLogger(__name__)
 
 NAME: Final = SIGNAL_PUBLISHER
-POLICY_KEY: Final = "policy"
 REMEMBERED_REFUSALS: Final = 100_000
 WARM_UP_SUFFIX: Final = "-warmup"
 
@@ -59,7 +66,7 @@ class Settings(PartitionedSettings):
 
     signal_policy_file: Path | None = None
     """TOML or JSON policy; the defaults of ``policy.Rule`` when unset."""
-    signal_policy_bucket: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "signal-policy"
+    signal_policy_bucket: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = POLICY_BUCKET
     """KV bucket whose ``policy`` entry replaces the file's policy at run time."""
     revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
     """Candles of a series a revision may still correct."""
@@ -81,8 +88,7 @@ class Settings(PartitionedSettings):
     @property
     def bucket(self) -> str:
         """The policy bucket; a replay namespace has its own."""
-        ns = self.namespace
-        return self.signal_policy_bucket if ns is None else f"{self.signal_policy_bucket}-{ns}"
+        return policy_bucket(self.signal_policy_bucket, self.namespace)
 
 
 def feed_symbol(subject: str) -> str:

@@ -125,6 +125,17 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 _json_policy: Final = msgspec.json.Decoder(Policy)
 
 
+POLICY_BUCKET: Final = "signal-policy"
+POLICY_KEY: Final = "policy"
+
+
+def policy_bucket(base: str = POLICY_BUCKET, namespace: str | None = None) -> str:
+    """The KV bucket of the run-time policy; a replay namespace's is ``ns-<name>-<base>``,
+    named like every other bucket of the namespace so that ``tickwire replay delete`` finds
+    it."""
+    return base if namespace is None else f"ns-{namespace}-{base}"
+
+
 def parse_policy(data: bytes, *, toml: bool = False) -> Policy:
     """A checked policy from JSON (or TOML) bytes; ``PolicyError`` says what is wrong."""
     try:

@@ -11,6 +11,9 @@ consumer's last delivered), reading it on a short-lived consumer, before consumi
 Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
 is skipped is checked again, so a refusal whose dead letter was never published is not lost.
 
+In a replay namespace (``TICKWIRE_NAMESPACE``) the rows go to that namespace's own schema
+``ns_<name>`` (made on first start, the same tables as ``market``), never to ``market``.
+
 One process runs one runtime ``Worker`` per stream, all sharing one set of metrics; the
 first serves /metrics and /healthz on ``TICKWIRE_METRICS_PORT`` (healthy when every stream
 is), the others on free loopback ports of their own. Run one process per set of streams:
@@ -122,6 +125,7 @@ class Replica:
             table,
             stream=self.stream,
             consumer=self.durable,
+            namespace=settings.namespace,
             connect_timeout_s=settings.postgres_connect_timeout_s,
             command_timeout_s=settings.postgres_command_timeout_s,
         )

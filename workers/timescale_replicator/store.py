@@ -9,6 +9,11 @@ A database that cannot be reached, restarts, or times out raises ``TransientErro
 runtime holds the batch and tries again with backoff; the connection is made again). A
 batch the database refuses for its values raises ``Refused``; ``write_each`` then stores
 the rows one by one and returns those refused, so one bad row never holds back the others.
+
+Live, the tables are those of schema ``market``. In a replay namespace they are those of the
+namespace's own schema (``ns_<name>``, made on first connect by ``market.open_namespace``):
+the queries name tables without a schema and each connection's ``search_path`` holds only
+the one schema it writes, so a namespaced run cannot reach a ``market`` table.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 
@@ -25,6 +30,8 @@ from workers.runtime.errors import TransientError
 from workers.timescale_replicator.tables import Row, Table, latest
 
 log = logging.getLogger(__name__)
+
+LIVE_SCHEMA: Final = "market"
 
 # What the database says of the values themselves (SQLSTATE classes 22 and 23), and what
 # the client says when a value cannot be encoded for COPY.
@@ -57,6 +64,7 @@ class Store:
         *,
         stream: str,
         consumer: str,
+        namespace: str | None = None,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 60.0,
     ) -> None:
@@ -64,6 +72,9 @@ class Store:
         self.table = table
         self.stream = stream
         self.consumer = consumer
+        self.namespace = namespace
+        self.schema: str | None = None
+        """The schema written, known once connected."""
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._conn: asyncpg.Connection | None = None
@@ -86,6 +97,11 @@ class Store:
         except Exception as exc:
             raise TransientError(f"PostgreSQL not reachable: {_describe(exc)}") from exc
         try:
+            schema = LIVE_SCHEMA
+            if self.namespace is not None:
+                schema = await conn.fetchval(query("replicator_open_namespace"), self.namespace)
+            await conn.fetchval(query("replicator_use_schema"), schema)
+            self.schema = schema
             await conn.execute(query("replicator_staging"))
             await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
         except Exception as exc:
