@@ -70,7 +70,7 @@ STAGES = {
 async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     yield unique
     await drop_namespace(js, unique)
-    for bucket in (bucket_name(unique), f"signal-policy-{unique}"):
+    for bucket in (bucket_name(unique), f"ns-{unique}-signal-policy"):
         with contextlib.suppress(Exception):
             await js.delete_object_store(bucket)
         with contextlib.suppress(Exception):
@@ -185,10 +185,11 @@ async def settled(js: JetStreamContext, ns: str) -> bool:
     return True
 
 
-async def pg_rows(dsn: str, table: str) -> list[asyncpg.Record]:
+async def pg_rows(dsn: str, ns: str, table: str) -> list[asyncpg.Record]:
+    """The rows of a namespace's table (the replicator keeps them in schema ns_<name>)."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows: list[asyncpg.Record] = await conn.fetch(f"SELECT feed, symbol FROM market.{table}")
+        rows: list[asyncpg.Record] = await conn.fetch(f"SELECT feed, symbol FROM ns_{ns}.{table}")
         return rows
     finally:
         await conn.close()
@@ -323,7 +324,7 @@ async def test_every_bad_message_is_a_dead_letter_and_every_good_one_is_processe
     bad_rows = {"QuestDB": sum(r["n"] for r in quest if r["symbol"] not in good_symbols)}
     assert {r["symbol"] for r in quest} == good_symbols
     assert sum(r["n"] for r in quest) == len(want)
-    stored = {t: await pg_rows(pg_dsn, t) for t in ("candles", "features", "scores", "signals")}
+    stored = {t: await pg_rows(pg_dsn, ns, t) for t in ("candles", "features", "scores", "signals")}
     assert len(stored["candles"]) == len(want)
     assert len(stored["features"]) == len(keys(vectors))
     assert len(stored["scores"]) == len({score_key(s) for s in scores})

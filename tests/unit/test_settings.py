@@ -58,3 +58,15 @@ def test_candle_ingest_symbols_are_symbols_or_feed_slash_symbol() -> None:
     for bad in ("a.b/EURUSD", "EUR\x00USD", "X" * 65):
         with pytest.raises(ValidationError):
             Settings(symbols=bad)
+
+
+def test_candle_ingest_closes_idle_symbols_by_the_clock_live_not_in_a_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers.candle_ingest.app import Settings
+
+    assert Settings().idle_close is True
+    assert Settings(namespace="r1").idle_close is False
+    assert Settings(namespace="r1", idle_close=True).idle_close is True
+    monkeypatch.setenv("TICKWIRE_IDLE_CLOSE", "true")
+    assert Settings(namespace="r1").idle_close is True

@@ -26,7 +26,7 @@ import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -87,7 +87,8 @@ class Settings(PartitionedSettings):
     allowed_lateness_s: Annotated[float, Field(ge=0)] = 60.0
     close_delay_s: Annotated[float, Field(ge=0)] = 0.0
     idle_close: bool = True
-    """Close an idle symbol's candles by publishing a Watermark (off in replays)."""
+    """Close an idle symbol's candles by publishing a Watermark (in a replay namespace off
+    unless set)."""
     idle_grace_s: Annotated[float, Field(gt=0)] = 5.0
     max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
     max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
@@ -106,6 +107,14 @@ class Settings(PartitionedSettings):
                 subjects.check_name(feed, "feed")
             subjects.escape(symbol)
         return value
+
+    @model_validator(mode="after")
+    def _replays_close_by_their_watermarks(self) -> Settings:
+        """In a replay namespace the copied range carries live's watermarks; a wall-clock
+        timer there would close candles mid-replay. Off unless set explicitly."""
+        if self.namespace is not None and "idle_close" not in self.model_fields_set:
+            object.__setattr__(self, "idle_close", False)
+        return self
 
     def allowed_symbols(self) -> frozenset[str] | None:
         """``SYMBOL`` and ``feed/SYMBOL`` entries, or None when every symbol is allowed."""
