@@ -197,6 +197,11 @@ class FeatureVector(_Message, tag="features", tag_field="type", frozen=True, kw_
     """In the order of the feature set's names."""
     warming_up: bool = False
     """True until every feature has enough history; such vectors are never scored."""
+    rebuild: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 as the pipeline made it; n > 0 when ``tickwire rebuild`` replaced it for the n-th
+    time: its ``Nats-Msg-Id`` then ends in ``|rebuild-<n>``. Sinks and subscribers take it
+    like any other; model-scorer and signal-publisher leave it to the rebuild, which makes
+    what follows from it itself."""
 
 
 class Score(_Message, tag="score", tag_field="type", frozen=True, kw_only=True):
@@ -218,6 +223,11 @@ class Score(_Message, tag="score", tag_field="type", frozen=True, kw_only=True):
     score: float
     """Signed conviction in [-1, 1]: P(last class) - P(first class), i.e. P(up) - P(down)
     for a three-class model and P(positive) - P(negative) = 2 P(up) - 1 for a binary one."""
+    rebuild: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 as the pipeline made it; n > 0 when ``tickwire rebuild`` replaced it for the n-th
+    time: its ``Nats-Msg-Id`` then ends in ``|rebuild-<n>``. Sinks and subscribers take it
+    like any other; model-scorer and signal-publisher leave it to the rebuild, which makes
+    what follows from it itself."""
 
 
 class Signal(_Message, tag="signal", tag_field="type", frozen=True, kw_only=True):
@@ -239,6 +249,11 @@ class Signal(_Message, tag="signal", tag_field="type", frozen=True, kw_only=True
     feature_set_id: str
     corrects: str | None = None
     """Id of the signal this one replaces after a candle revision changed the decision."""
+    rebuild: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 as the pipeline made it; n > 0 when ``tickwire rebuild`` replaced it for the n-th
+    time: its ``Nats-Msg-Id`` then ends in ``|rebuild-<n>``. Sinks and subscribers take it
+    like any other; model-scorer and signal-publisher leave it to the rebuild, which makes
+    what follows from it itself."""
 
 
 class DeadLetter(_Message, tag="dead_letter", tag_field="type", frozen=True, kw_only=True):

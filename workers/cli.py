@@ -153,6 +153,12 @@ def _replay(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _rebuild(args: argparse.Namespace) -> int:
+    from workers.rebuild.app import run
+
+    return run(args)
+
+
 def _subscribers(args: argparse.Namespace) -> int:
     from workers.signal_publisher.cli import run
 
@@ -310,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
         "diff", help="compare a replay's candles, features, scores, signals with live"
     ).add_argument("name")
     replay.set_defaults(func=_replay)
+
+    rebuild = sub.add_parser(
+        "rebuild", help="reprocess stored features, scores, signals of a range, in place"
+    )
+    rebuild.add_argument("--from", dest="start", required=True, help="ISO time or epoch ms")
+    rebuild.add_argument("--to", dest="end", help="ISO time or epoch ms, end exclusive")
+    rebuild.add_argument(
+        "--stages", required=True, help="features,scores,signals or a contiguous part of it"
+    )
+    rebuild.add_argument("--feed", help="only this feed")
+    rebuild.add_argument("--symbols", nargs="+", help="only these symbols")
+    rebuild.add_argument("--namespace", help="a replay namespace's streams instead of live ones")
+    rebuild.set_defaults(func=_rebuild)
 
     subs = sub.add_parser("subscribers", help="signal subscribers' durable consumers")
     ssub = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -131,7 +131,8 @@ FEATURES_JSON = (
     b'{"type":"features","v":1,"feed":"icm-live","symbol":"EURUSD","tf":"M1",'
     b'"open_time_ms":1767225600000,"candle_revision":0,"close":1.2345,'
     b'"close_time_ms":1767225660000,"last_tick_ms":1767225659873,"feature_set_id":"fs-2026.1",'
-    b'"values":[0.30000000000000004,-1e-8,123456.789,0.0],"warming_up":false}'
+    b'"values":[0.30000000000000004,-1e-8,123456.789,0.0],"warming_up":false,'
+    b'"rebuild":0}'
 )
 FEATURES = FeatureVector(
     feed="icm-live",
@@ -150,7 +151,8 @@ SCORE_JSON = (
     b'{"type":"score","v":1,"feed":"icm-live","symbol":"EURUSD","tf":"M1",'
     b'"open_time_ms":1767225600000,"candle_revision":0,"close":1.2345,'
     b'"close_time_ms":1767225660000,"last_tick_ms":1767225659873,"feature_set_id":"fs-2026.1",'
-    b'"model_version":"lgbm-20260101-01","probabilities":[0.125,0.5,0.375],"score":0.25}'
+    b'"model_version":"lgbm-20260101-01","probabilities":[0.125,0.5,0.375],"score":0.25,'
+    b'"rebuild":0}'
 )
 SCORE = Score(
     feed="icm-live",
@@ -172,7 +174,7 @@ SIGNAL_JSON = (
     b'"feed":"icm-live","symbol":"EURUSD","tf":"M1","open_time_ms":1767225600000,'
     b'"candle_revision":0,"side":"BUY","strength":0.75,"ref_price":1.23456,'
     b'"expires_ms":1767225720000,"model_version":"lgbm-20260101-01",'
-    b'"feature_set_id":"fs-2026.1","corrects":null}'
+    b'"feature_set_id":"fs-2026.1","corrects":null,"rebuild":0}'
 )
 SIGNAL = Signal(
     signal_id="icm-live|EURUSD|M1|1767225600000|lgbm-20260101-01",

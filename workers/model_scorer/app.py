@@ -7,7 +7,8 @@ model version, before the vectors are acked.
 
 The active model comes from the registry and follows promotions and rollbacks as they are
 written (``workers.model_scorer.models``). A vector still warming up is acked and not
-scored; a vector no model may score (no active model, another feature set, NaN values...)
+scored, and so is a vector ``tickwire rebuild`` published (it scores those itself); a
+vector no model may score (no active model, another feature set, NaN values...)
 is a dead letter with the reason, so ops can requeue it once the cause is fixed.
 """
 
@@ -32,6 +33,7 @@ from workers.model_scorer.scoring import (
     BAD_VALUES,
     MODEL_UNUSABLE,
     NO_MODEL,
+    REBUILT,
     SCORED,
     SUBJECT_MISMATCH,
     WARMING_UP,
@@ -52,6 +54,7 @@ NAME: Final = MODEL_SCORER
 OUTCOMES: Final = (
     SCORED,
     WARMING_UP,
+    REBUILT,
     scoring.FEATURE_SET_MISMATCH,
     NO_MODEL,
     BAD_VALUES,
@@ -160,7 +163,7 @@ class Scorer:
     async def handle(self, batch: Batch[FeatureVector]) -> Commit:
         m = self.metrics
         groups: dict[Series, list[Delivery[FeatureVector]]] = {}
-        warming = 0
+        warming = rebuilt = 0
         for d in batch.items:
             v = d.value
             series = (v.feed, v.symbol, v.tf)
@@ -168,10 +171,14 @@ class Scorer:
                 self.reject(batch, d, SUBJECT_MISMATCH, f"a vector of {series} on {d.msg.subject}")
             elif v.warming_up:
                 warming += 1
+            elif v.rebuild:
+                rebuilt += 1
             else:
                 groups.setdefault(series, []).append(d)
         if warming:
             m.by_outcome[WARMING_UP].inc(warming)
+        if rebuilt:
+            m.by_outcome[REBUILT].inc(rebuilt)
         out: list[tuple[int, Outgoing, FeatureVector, int]] = []
         for series, group in groups.items():
             out += await self.score(batch, series, group)

@@ -41,6 +41,8 @@ SUBJECT_MISMATCH: Final = "subject_mismatch"
 # Outcomes that are not refusals.
 SCORED: Final = "scored"
 WARMING_UP: Final = "warming_up"
+REBUILT: Final = "rebuilt"
+"""A vector ``tickwire rebuild`` published: it scores it itself."""
 
 BINARY: Final = "binary"
 MULTICLASS: Final = "multiclass"

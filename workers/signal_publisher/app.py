@@ -14,6 +14,9 @@ first message up to the last one the durable consumer delivered, through the sam
 decisions; after the ack floor the signals are published again, identically, and
 de-duplicated by id.
 
+A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
+state: the rebuild makes the signals that follow from it itself.
+
 The same process turns a subscriber's exhausted deliveries into dead letters
 (``workers.signal_publisher.delivery``).
 """
@@ -158,8 +161,10 @@ class Signals:
                 batch.reject(d, *refusal)
             return
         score = d.value
-        result = self.book.apply(score, d.msg.subject)
         self.applied_seq = seq
+        if score.rebuild:  # ``tickwire rebuild`` decides on its scores itself
+            return
+        result = self.book.apply(score, d.msg.subject)
         if isinstance(result, Refusal):
             if output:
                 self.refused[seq] = result

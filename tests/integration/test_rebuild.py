@@ -1,0 +1,309 @@
+"""tickwire rebuild on the real servers, beside the live model-scorer and signal-publisher.
+
+The live pipeline's feature vectors were made by a builder with a bug (the three returns
+in basis points, with the wrong sign); scores and signals followed from them. After the fix, a rebuild of a
+range must leave in the streams, and after the replicator in the tables, the values an
+independent computation gives: the batch form of the features, the booster's own
+predictions, and the positions a plain hysteresis over those scores holds. Outside the
+range nothing changes, the live workers make nothing of the rebuilt messages, and a second
+rebuild publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from contracts import streams, subjects
+from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
+from infra.stack import StackUrls
+from tests.candles import series
+from tests.integration.test_feature_builder import run_worker, stream_messages
+from tests.integration.test_model_scorer import put
+from tests.integration.test_timescale_replicator import (
+    replicated,
+    replicator_consumers,
+    start,
+    stop,
+    tables,
+    writer_dsn,  # noqa: F401  (a fixture)
+)
+from tests.integration.test_timescale_replicator import settings as replicator_settings
+from tests.scorer_models import expected_probabilities, train
+from tests.waiting import eventually
+from workers import cli
+from workers.features import DEFAULT, Candles
+from workers.model_scorer import app as scorer_app
+from workers.rebuild.app import Settings, rebuild
+from workers.rebuild.plan import request
+from workers.registry import Registry, bucket_name
+from workers.signal_publisher import app as publisher_app
+from workers.timescale_replicator.app import Replicator
+
+pytestmark = pytest.mark.integration
+
+FEED = "demo"
+SYMBOLS = ("EURUSD", "US500.cash")
+N = 150
+FIRST, END = 60, 110
+"""The range rebuilt, as candle indexes: [FIRST, END)."""
+RETURNS = 3
+"""ret_1, ret_5, ret_20: the values the bug got wrong (-1e4 times the right ones)."""
+
+
+@pytest.fixture
+async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
+    await streams.ensure(js, streams.stream_specs(namespace=unique), replicator_consumers(unique))
+    yield unique
+    for spec in streams.stream_specs(namespace=unique):
+        with contextlib.suppress(APIError):
+            await js.delete_stream(spec.name)
+    for bucket in (bucket_name(unique), f"signal-policy-{unique}"):
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(bucket)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(bucket_name(unique))
+
+
+def market() -> dict[str, list[Candle]]:
+    return {
+        s: series(N, seed=31 + i, feed=FEED, symbol=s, price=1.1 + 4000 * i)
+        for i, s in enumerate(SYMBOLS)
+    }
+
+
+def vectors(candles: list[Candle], *, buggy: bool) -> list[FeatureVector]:
+    """The batch form of the features (independent of the stepper the rebuild runs)."""
+    values = DEFAULT.batch(Candles.from_bars(candles))
+    if buggy:
+        values[:, :RETURNS] *= -1e4
+    return [
+        FeatureVector(
+            feed=c.feed,
+            symbol=c.symbol,
+            tf=c.tf,
+            open_time_ms=c.open_time_ms,
+            candle_revision=c.revision,
+            close=c.close,
+            close_time_ms=c.close_time_ms,
+            last_tick_ms=c.last_tick_ms,
+            feature_set_id=DEFAULT.id,
+            values=[0.0 if np.isnan(x) else float(x) for x in row],
+            warming_up=i + 1 < DEFAULT.warmup,
+        )
+        for i, (c, row) in enumerate(zip(candles, values, strict=True))
+    ]
+
+
+async def publish(
+    js: JetStreamContext, namespace: str, items: list[Candle | FeatureVector]
+) -> None:
+    futures = []
+    for m in items:
+        make = subjects.candles if isinstance(m, Candle) else subjects.features
+        revision = m.revision if isinstance(m, Candle) else m.candle_revision
+        msg_id = f"{m.feed}|{m.symbol}|{m.tf.value}|{m.open_time_ms}|{revision}"
+        if isinstance(m, FeatureVector):
+            msg_id += f"|{m.feature_set_id}"
+        subject = make(m.feed, m.symbol, m.tf, namespace=namespace)
+        futures.append(
+            await js.publish_async(subject, msgspec.json.encode(m), headers={"Nats-Msg-Id": msg_id})
+        )
+    await asyncio.gather(*futures)
+
+
+def in_force(messages: list[bytes], tp: type) -> dict[tuple[str, int], object]:
+    """Per (symbol, open time) the last message in the stream (one revision per candle here)."""
+    decode = msgspec.json.Decoder(tp).decode
+    out: dict[tuple[str, int], object] = {}
+    for data in messages:
+        m = decode(data)
+        out[m.symbol, m.open_time_ms] = m
+    return out
+
+
+def hysteresis(scores: list[float], el: float, xl: float, es: float, xs: float) -> list[Side]:
+    pos, out = Side.FLAT, []
+    for s in scores:
+        if pos is Side.BUY:
+            pos = Side.SELL if s <= es else Side.FLAT if s <= xl else Side.BUY
+        elif pos is Side.SELL:
+            pos = Side.BUY if s >= el else Side.FLAT if s >= xs else Side.SELL
+        else:
+            pos = Side.BUY if s >= el else Side.SELL if s <= es else Side.FLAT
+        out.append(pos)
+    return out
+
+
+def held(sides: dict[int, Side], times: list[int]) -> list[Side]:
+    """The side held after each candle, from the signals in force."""
+    pos, out = Side.FLAT, []
+    for t in times:
+        pos = sides.get(t, pos)
+        out.append(pos)
+    return out
+
+
+async def idle(js: JetStreamContext, namespace: str) -> bool:
+    for base, durable in ((streams.FEATURES, "model-scorer"), (streams.SCORES, "signal-publisher")):
+        info = await js.consumer_info(streams.stream_name(base, namespace=namespace), durable)
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
+async def last_seqs(js: JetStreamContext, namespace: str) -> list[int]:
+    return [
+        (await js.stream_info(streams.stream_name(b, namespace=namespace))).state.last_seq
+        for b in (streams.FEATURES, streams.SCORES, streams.SIGNALS)
+    ]
+
+
+async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_changes_nothing(
+    stack: StackUrls,
+    nc: NATS,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,  # noqa: F811
+    pg_dsn: str,
+) -> None:
+    candles = market()
+    good = {s: vectors(c, buggy=False) for s, c in candles.items()}
+    bad = {s: vectors(c, buggy=True) for s, c in candles.items()}
+    boosters = {s: train(7 + i) for i, s in enumerate(SYMBOLS)}
+
+    def probabilities(vs: list[FeatureVector]) -> list[list[float]]:
+        return [expected_probabilities(boosters[v.symbol], v) for v in vs]
+
+    # thresholds where the live (buggy) scores cross them often
+    live = [p[-1] - p[0] for s in SYMBOLS for p in probabilities(bad[s][DEFAULT.warmup - 1 :])]
+    el, xl, es, xs = (float(np.quantile(live, q)) for q in (0.75, 0.5, 0.25, 0.45))
+    policy = {"defaults": {"entry_long": el, "exit_long": xl, "entry_short": es, "exit_short": xs}}
+    kv = await js.create_key_value(bucket=f"signal-policy-{namespace}", history=5)
+    await kv.put("policy", msgspec.json.encode(policy))
+    registry = await Registry.open(js, namespace=namespace)
+    for s in SYMBOLS:
+        version = await put(registry, boosters[s], (s, Timeframe.M1))
+        assert (await registry.promote(version, force=True))[0]
+
+    await publish(js, namespace, [m for s in SYMBOLS for m in (*candles[s], *bad[s])])
+    kw = {"nats_url": stack.nats_url, "namespace": namespace, "pull_expires_s": 1}
+    scorer = scorer_app.build(scorer_app.Settings(**kw))
+    publisher = publisher_app.build(publisher_app.Settings(**kw))
+    tasks = [await run_worker(scorer), await run_worker(publisher)]
+    try:
+        await eventually(lambda: idle(js, namespace), timeout=60, what="live pipeline idle")
+        before = {
+            b: await stream_messages(js, b, namespace)
+            for b in (streams.FEATURES, streams.SCORES, streams.SIGNALS)
+        }
+        times = [c.open_time_ms for c in candles[SYMBOLS[0]]]
+        req = request(
+            start=str(times[FIRST]), end=str(times[END]), stages="features,scores,signals"
+        )
+        settings = Settings(**kw)
+        report = await rebuild(nc, settings, req)
+        # the live workers take the rebuilt messages and make nothing of them
+        await eventually(lambda: idle(js, namespace), timeout=60, what="live pipeline idle")
+        after = {b: await stream_messages(js, b, namespace) for b in before}
+        seqs = await last_seqs(js, namespace)
+        again = await rebuild(nc, settings, req)
+        assert await last_seqs(js, namespace) == seqs
+    finally:
+        scorer.stop()
+        publisher.stop()
+        await asyncio.gather(*tasks)
+    assert sum(again.published.values()) == 0, again.lines()
+    assert report.published["features"] == len(SYMBOLS) * (END - FIRST), report.lines()
+
+    # nothing published before is gone or changed; what is new is the rebuild's alone
+    for b, old in before.items():
+        assert after[b][: len(old)] == old
+        assert all(msgspec.json.decode(m)["rebuild"] == 1 for m in after[b][len(old) :]), b
+
+    vs = in_force(after[streams.FEATURES], FeatureVector)
+    ss = in_force(after[streams.SCORES], Score)
+    sigs = in_force(after[streams.SIGNALS], Signal)
+    corrected = 0
+    for s in SYMBOLS:
+        # what each candle holds now: fixed in the range, the old values outside
+        want = [good[s][i] if FIRST <= i < END else bad[s][i] for i in range(N)]
+        for i, w in enumerate(want):
+            got = vs[s, w.open_time_ms]
+            assert isinstance(got, FeatureVector)
+            np.testing.assert_allclose(got.values, w.values, rtol=0, atol=1e-9, err_msg=f"{s} {i}")
+            assert got.rebuild == (1 if FIRST <= i < END else 0)
+        scored = want[DEFAULT.warmup - 1 :]
+        for v, p in zip(scored, probabilities(scored), strict=True):
+            got = ss[s, v.open_time_ms]
+            assert isinstance(got, Score)
+            np.testing.assert_allclose(got.probabilities, p, rtol=0, atol=1e-12)
+        # the side subscribers hold after each candle is what the policy gives now
+        ts = [v.open_time_ms for v in scored]
+        sides = {t: sig.side for (sym, t), sig in sigs.items() if sym == s}  # type: ignore[attr-defined]
+        convictions = [p[-1] - p[0] for p in probabilities(scored)]
+        reference = hysteresis(convictions, el, xl, es, xs)
+        upto = END - (DEFAULT.warmup - 1)
+        assert held(sides, ts)[:upto] == reference[:upto], s
+        for (sym, t), sig in sigs.items():
+            assert isinstance(sig, Signal)
+            if sym == s and sig.rebuild:
+                assert times[FIRST] <= t < times[END]
+                corrected += sig.corrects is not None
+    assert corrected > 0, report.lines()  # the bug changed decisions, and they were corrected
+
+    # the replicated tables end with the rebuilt values
+    replicator = Replicator(replicator_settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    got = await tables(pg_dsn)
+    rows = {(r["symbol"], r["open_time_ms"]): r for r in got["features"]}
+    assert len(rows) == len(SYMBOLS) * N
+    for (sym, t), v in vs.items():
+        assert rows[sym, t]["values"] == v.values  # type: ignore[attr-defined]
+    rows = {(r["symbol"], r["open_time_ms"]): r for r in got["scores"]}
+    for (sym, t), sc in ss.items():
+        assert rows[sym, t]["probabilities"] == sc.probabilities  # type: ignore[attr-defined]
+    rows = {(r["symbol"], r["open_time_ms"]): r for r in got["signals"]}
+    assert {k: r["side"] for k, r in rows.items()} == {
+        k: sig.side.value  # type: ignore[attr-defined]
+        for k, sig in sigs.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--from", "2025-03-03", "--stages", "features,prices"], "unknown stage 'prices'"),
+        (["--from", "2025-03-03", "--to", "2025-03-02", "--stages", "scores"], "not after"),
+        (["--from", "2025-03-03", "--stages", "features,signals"], "skips scores"),
+        (["--from", "2025-03-03", "--stages", "signals,scores"], "pipeline order"),
+        (["--from", "yesterday", "--stages", "scores"], "--from: not an ISO time"),
+        (["--from", "2025-03-03", "--stages", "scores", "--feed", "a.b"], "feed must match"),
+    ],
+)
+async def test_bad_arguments_say_why_in_one_line_exit_2_and_change_nothing(
+    js: JetStreamContext,
+    namespace: str,
+    argv: list[str],
+    says: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seqs = await last_seqs(js, namespace)
+    code = await asyncio.to_thread(cli.main, ["rebuild", "--namespace", namespace, *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err, err
+    assert err.count("\n") == 1, err
+    assert await last_seqs(js, namespace) == seqs
