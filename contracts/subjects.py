@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from contracts.messages import Timeframe
@@ -163,7 +164,11 @@ def check_filter(domain: str, pattern: str, *, namespace: str | None = None) -> 
         tokens = tokens[:-1]
     elif len(tokens) != 3:
         raise SubjectError(f"filter must be {head}<feed>.<symbol>.<tf>: {pattern!r}")
-    checks = (lambda t: check_name(t, "feed"), unescape, Timeframe)
+    checks: tuple[Callable[[str], object], ...] = (
+        lambda t: check_name(t, "feed"),
+        unescape,
+        Timeframe,
+    )
     for token, check in zip(tokens, checks, strict=False):
         if token == "*":
             continue

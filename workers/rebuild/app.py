@@ -45,8 +45,8 @@ from workers.runtime.history import read_stream
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.worker import Context
-from workers.signal_publisher.app import POLICY_KEY, Settings
-from workers.signal_publisher.policy import Policy, PolicyError, parse_policy
+from workers.signal_publisher.app import Settings
+from workers.signal_publisher.policy import POLICY_KEY, Policy, PolicyError, parse_policy
 
 log = logging.getLogger(__name__)
 
