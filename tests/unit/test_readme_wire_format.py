@@ -16,6 +16,7 @@ from contracts import subjects
 from contracts.codec import Codec
 from contracts.messages import Tick, TickBatch, TickInput, TickRow
 from workers.candle_ingest import aggregate, validate
+from workers.candle_ingest import app as candle_ingest_app
 from workers.ea_sim import market
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -115,5 +116,6 @@ def test_the_reason_table_lists_every_refusal_of_a_tick() -> None:
         aggregate.TOO_LATE,
         aggregate.NO_LAST_PRICE,
         "subject_mismatch",
+        candle_ingest_app.UNKNOWN_SYMBOL,
     }
     assert documented == tick_reasons
