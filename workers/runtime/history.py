@@ -10,18 +10,25 @@ after 60 s idle), which is deleted first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Final, TypeVar
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from tqdm import tqdm
 
+from contracts.codec import Codec, ContractError
 from workers.runtime.errors import TransientError
+from workers.runtime.partition import PartitionedSettings
 from workers.runtime.pull import AckInfo, PullSource, parse_reply
-from workers.runtime.worker import Context
+from workers.runtime.worker import Context, Delivery
 
 BATCH = 1000
+WARM_UP_SUFFIX: Final = "-warmup"
+"""The warm-up consumer is the worker's durable with this suffix."""
+
+T = TypeVar("T")
 
 
 async def read_stream(
@@ -78,3 +85,34 @@ async def read_stream(
         await source.stop()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, consumer)
+
+
+async def warm_up(
+    ctx: Context,
+    stream: str,
+    codec: Codec[T],
+    settings: PartitionedSettings,
+    *,
+    feed_symbol: Callable[[str], str],
+    last: int,
+    desc: str,
+) -> AsyncIterator[tuple[int, Delivery[T] | None]]:
+    """``(stream seq, delivery)`` of each message of the worker's own input up to ``last``;
+    the delivery is None for a message of another partition or one that does not decode
+    (the runtime dead-letters that one when it comes again)."""
+    accept = settings.acceptor(feed_symbol)
+    batches = read_stream(
+        ctx,
+        stream,
+        consumer=settings.durable + WARM_UP_SUFFIX,
+        filter_subjects=settings.consumer_spec().filter_subjects,
+        last=last,
+        desc=desc,
+    )
+    async for batch in batches:
+        for info, msg in batch:
+            d: Delivery[T] | None = None
+            if accept is None or accept(msg.subject):
+                with contextlib.suppress(ContractError):
+                    d = Delivery(msg, codec.decode(msg.data), info)
+            yield info.stream_seq, d

@@ -37,10 +37,10 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
 
 from contracts import subjects
-from contracts.codec import Codec, ContractError, encode
+from contracts.codec import Codec, encode
 from contracts.messages import Score, Side, Signal
 from contracts.streams import SCORES, SIGNAL_PUBLISHER, ensure, stream_name, stream_specs
-from workers.runtime.history import read_stream
+from workers.runtime.history import warm_up
 from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
 from workers.runtime.settings import load
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 NAME: Final = SIGNAL_PUBLISHER
 REMEMBERED_REFUSALS: Final = 100_000
-WARM_UP_SUFFIX: Final = "-warmup"
 
 
 class Settings(PartitionedSettings):
@@ -228,25 +227,21 @@ class Signals:
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
         codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)
-        accept = self.settings.acceptor(feed_symbol)
         read = 0
-        batches = read_stream(
+        deliveries = warm_up(
             self.ctx,
             stream,
-            consumer=self.settings.durable + WARM_UP_SUFFIX,
-            filter_subjects=self.settings.consumer_spec().filter_subjects,
+            codec,
+            self.settings,
+            feed_symbol=feed_symbol,
             last=last,
             desc=f"{NAME} warm-up",
         )
-        async for batch in batches:
-            for info, msg in batch:
-                if accept is None or accept(msg.subject):
-                    # undecodable: the runtime dead-letters it when it comes again
-                    with contextlib.suppress(ContractError):
-                        d = Delivery(msg, codec.decode(msg.data), info)
-                        self.apply(None, d, output=info.stream_seq >= live_from)
-                        read += 1
-                self.applied_seq = info.stream_seq
+        async for seq, d in deliveries:
+            if d is not None:
+                self.apply(None, d, output=seq >= live_from)
+                read += 1
+            self.applied_seq = seq
         return read
 
 
