@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +27,7 @@ from contracts.messages import Candle, DeadLetter
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
+from tests.processes import spawn, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
@@ -187,32 +186,6 @@ async def namespace_b(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     await drop_namespace(js, name)
 
 
-def worker_env(stack: StackUrls, questdb: QuestDBUrls, namespace: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TICKWIRE_NATS_URL": str(stack.nats_url),
-        "TICKWIRE_NAMESPACE": namespace,
-        "TICKWIRE_QUESTDB_ILP": questdb.ilp_conf,
-        "TICKWIRE_QUESTDB_HTTP": questdb.http,
-        "TICKWIRE_DAY_START_MINUTES": str(DAY_START_MS // 60_000),
-        "TICKWIRE_IDLE_CLOSE": "false",
-        "TICKWIRE_PULL_EXPIRES_S": "1",
-        "TICKWIRE_SNAPSHOT_INTERVAL_S": "0.3",
-        "TICKWIRE_LOG_LEVEL": "WARNING",
-    }
-
-
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "candle-ingest"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
 async def questdb_rows(questdb: QuestDBUrls, namespace: str) -> list[dict[str, Any]]:
     prefix = f"ns_{namespace}_"
     await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=60)
@@ -252,7 +225,15 @@ async def test_kill_9_at_random_moments_changes_nothing(
 
     # the same stream, published while the worker is killed at random points of its progress
     # (the publisher stays a little ahead, so every kill lands in the middle of work)
-    env = worker_env(stack, questdb, chaos)
+    env = worker_env(
+        stack,
+        chaos,
+        questdb_ilp=questdb.ilp_conf,
+        questdb_http=questdb.http,
+        day_start_minutes=str(DAY_START_MS // 60_000),
+        idle_close="false",
+        snapshot_interval_s="0.3",
+    )
     log = tmp_path / "candle-ingest.log"
 
     async def progress() -> int:
@@ -275,12 +256,12 @@ async def test_kill_9_at_random_moments_changes_nothing(
     publisher = asyncio.create_task(feed())
     rng = random.Random(2024)
     kill_points = sorted(rng.sample(range(total // 20, total * 19 // 20), 6))
-    proc = spawn(env, log)
+    proc = spawn("candle-ingest", env, log)
     proc.kill()  # before it even connected
     proc.wait()
     kills = 1
     for point in kill_points:
-        proc = spawn(env, log)
+        proc = spawn("candle-ingest", env, log)
         await eventually(
             lambda point=point, proc=proc: _at_least(progress, point, proc),
             timeout=180,
@@ -289,7 +270,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
         proc.kill()
         proc.wait()
         kills += 1
-    proc = spawn(env, log)
+    proc = spawn("candle-ingest", env, log)
     try:
         await asyncio.wait_for(publisher, 300)
         await eventually(

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
+from tests.processes import spawn, worker_env
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.features import DEFAULT, Candles
@@ -285,30 +283,6 @@ async def test_bad_candles_are_dead_lettered_with_reasons_and_the_worker_goes_on
     assert sample("tickwire_messages_in_total", {"worker": DURABLE, "outcome": "ok"}) == len(good)
 
 
-def worker_env(stack: StackUrls, namespace: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TICKWIRE_NATS_URL": str(stack.nats_url),
-        "TICKWIRE_NAMESPACE": namespace,
-        "TICKWIRE_PULL_EXPIRES_S": "1",
-        # small batches: a kill lands between publishes and acks more often
-        "TICKWIRE_HANDLER_BATCH": "50",
-        "TICKWIRE_FETCH_BATCH": "50",
-        "TICKWIRE_LOG_LEVEL": "WARNING",
-    }
-
-
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "feature-builder"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
 async def delivered(js: JetStreamContext, namespace: str) -> int:
     stream = streams.stream_name(streams.CANDLES, namespace=namespace)
     try:
@@ -338,7 +312,8 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
     calm_worker.stop()
     await asyncio.wait_for(task, 60)
 
-    env = worker_env(stack, chaos)
+    # small batches: a kill lands between publishes and acks more often
+    env = worker_env(stack, chaos, handler_batch="50", fetch_batch="50")
     log = tmp_path / "feature-builder.log"
     total = len(payloads)
     chunk = 400
@@ -346,7 +321,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
     left: list[int] = []  # delivered but not acked when killed: published again on restart
     for start in range(0, total, chunk):
         await publish(js, payloads[start : start + chunk], chaos)
-        proc = spawn(env, log)
+        proc = spawn(DURABLE, env, log)
         point = min(start + chunk // 2, total)
         await eventually(
             lambda point=point, proc=proc: (
@@ -362,7 +337,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
             streams.stream_name(streams.CANDLES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = spawn(env, log)
+    proc = spawn(DURABLE, env, log)
     try:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
     finally:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
 from infra.stack import StackUrls
 from tests.integration.test_feature_builder import run_worker, stream_messages
+from tests.processes import spawn, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer.app import Settings, build
@@ -296,30 +294,6 @@ async def test_refused_vectors_are_dead_letters_and_the_rest_of_the_batch_is_sco
     assert sample("tickwire_messages_in_total", {"worker": DURABLE, "outcome": "ok"}) == 60
 
 
-def worker_env(stack: StackUrls, namespace: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TICKWIRE_NATS_URL": str(stack.nats_url),
-        "TICKWIRE_NAMESPACE": namespace,
-        "TICKWIRE_PULL_EXPIRES_S": "1",
-        # small batches: a kill lands between publishes and acks more often
-        "TICKWIRE_HANDLER_BATCH": "40",
-        "TICKWIRE_FETCH_BATCH": "40",
-        "TICKWIRE_LOG_LEVEL": "WARNING",
-    }
-
-
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "model-scorer"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
 async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
     stream = streams.stream_name(streams.FEATURES, namespace=namespace)
     try:
@@ -355,14 +329,15 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
     calm_worker.stop()
     await asyncio.wait_for(task, 60)
 
-    env = worker_env(stack, chaos)
+    # small batches: a kill lands between publishes and acks more often
+    env = worker_env(stack, chaos, handler_batch="40", fetch_batch="40")
     log = tmp_path / "model-scorer.log"
     total, chunk = len(payloads), 400
     kills = 0
     left: list[int] = []
     for start in range(0, total, chunk):
         await publish(js, chaos, payloads[start : start + chunk])
-        proc = spawn(env, log)
+        proc = spawn(DURABLE, env, log)
         point = min(start + chunk // 2, total)
         await eventually(
             lambda point=point, proc=proc: (
@@ -378,7 +353,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
             streams.stream_name(streams.FEATURES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = spawn(env, log)
+    proc = spawn(DURABLE, env, log)
     try:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
     finally:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +25,7 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, Score, Signal, Timeframe
 from infra.stack import StackUrls
+from tests.processes import spawn, worker_env
 from tests.waiting import eventually
 from workers.signal_publisher.app import Settings, build
 
@@ -283,29 +281,6 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
     assert [(s.open_time_ms, s.side.value) for s in got] == [(T0 + 3 * M1, "BUY")]
 
 
-def worker_env(stack: StackUrls, namespace: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TICKWIRE_NATS_URL": str(stack.nats_url),
-        "TICKWIRE_NAMESPACE": namespace,
-        "TICKWIRE_PULL_EXPIRES_S": "1",
-        "TICKWIRE_HANDLER_BATCH": "20",
-        "TICKWIRE_FETCH_BATCH": "20",
-        "TICKWIRE_LOG_LEVEL": "WARNING",
-    }
-
-
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "signal-publisher"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
 async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
     stream = streams.stream_name(streams.SCORES, namespace=namespace)
     try:
@@ -359,7 +334,8 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
     finally:
         await stop_worker(calm_worker, task)
 
-    env, log = worker_env(stack, chaos), tmp_path / "signal-publisher.log"
+    env = worker_env(stack, chaos, handler_batch="20", fetch_batch="20")
+    log = tmp_path / "signal-publisher.log"
     chunk, kills = 150, 0
     frozen_with: list[int] = []  # delivered to a frozen worker: never acked by it, sent again
     # the last scores go out once the last process runs: it must have work to finish
@@ -367,7 +343,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
     for start in range(0, len(body), chunk):
         head, rest = body[start : start + chunk - 50], body[start + chunk - 50 : start + chunk]
         await publish(js, head, chaos)
-        proc = spawn(env, log)
+        proc = spawn(DURABLE, env, log)
         point = start + len(head) // 2
         await eventually(
             lambda point=point, proc=proc: (
@@ -384,7 +360,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
         proc.kill()
         proc.wait()
         kills += 1
-    proc = spawn(env, log)
+    proc = spawn(DURABLE, env, log)
     try:
         await publish(js, tail, chaos)
         await eventually(lambda: consumed(js, chaos), timeout=120, what="the end")

@@ -32,6 +32,7 @@ from contracts.messages import Candle, DeadLetter, Score, Signal
 from db.migrate import migrate
 from infra.stack import LocalStack, StackUrls
 from tests import replication
+from tests.processes import spawn
 from tests.replication import BASE, Published
 from tests.waiting import eventually
 from workers.timescale_replicator.app import Replicator, Settings
@@ -596,17 +597,6 @@ async def ack_floors(js: JetStreamContext, namespace: str) -> dict[str, int]:
     return out
 
 
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "timescale-replicator"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-
-
 async def test_kill_9_mid_batch_changes_nothing(
     stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str,
     tmp_path: Path,
@@ -648,7 +638,7 @@ async def test_kill_9_mid_batch_changes_nothing(
     rng = random.Random(99)
     points = sorted(rng.sample(range(total // 10, total * 9 // 10), 5))
     for point in points:
-        proc = spawn(env, log)
+        proc = spawn("timescale-replicator", env, log)
         await eventually(
             lambda point=point, proc=proc: _above(delivered, point, proc),
             timeout=120,
@@ -656,7 +646,7 @@ async def test_kill_9_mid_batch_changes_nothing(
         )
         proc.kill()
         proc.wait()
-    proc = spawn(env, log)
+    proc = spawn("timescale-replicator", env, log)
     try:
         await asyncio.wait_for(publisher, 120)
         await eventually(lambda: replicated(js, namespace), timeout=120, what="the end")
