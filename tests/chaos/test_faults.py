@@ -61,15 +61,20 @@ async def test_questdb_down_for_30_s_holds_the_acks_and_loses_nothing(
         down_at = time.monotonic()
         await publish(js, second, namespace)  # the rest, and the watermarks that close all
         last_seq = (await js.stream_info(ticks)).state.last_seq
-        held, redelivered, floor = 0, 0, floor_before
-        while time.monotonic() - down_at < OUTAGE_S:  # the outage itself, watched throughout
+        seen = {"held": 0, "redelivered": 0, "floor": floor_before}
+
+        async def outage_over() -> bool:
+            """Watches the worker through the outage; true once it has lasted OUTAGE_S."""
             info = await js.consumer_info(ticks, "candle-ingest")
-            held = max(held, info.num_ack_pending)
-            redelivered = max(redelivered, info.num_redelivered)
-            floor = max(floor, info.ack_floor.stream_seq)
+            seen["held"] = max(seen["held"], info.num_ack_pending)
+            seen["redelivered"] = max(seen["redelivered"], info.num_redelivered)
+            seen["floor"] = max(seen["floor"], info.ack_floor.stream_seq)
             assert info.ack_floor.stream_seq < last_seq, "acked what QuestDB never stored"
             assert task.done() is False, "the worker gave up"
-            await asyncio.sleep(0.5)
+            return time.monotonic() - down_at >= OUTAGE_S
+
+        await eventually(outage_over, timeout=OUTAGE_S + 30, interval=0.5, what="the outage")
+        held, redelivered, floor = seen["held"], seen["redelivered"], seen["floor"]
         server.start()
         up_at = time.monotonic()
         await eventually(
