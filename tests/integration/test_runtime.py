@@ -23,7 +23,9 @@ from workers.runtime.worker import Batch, Commit, Context, Worker
 pytestmark = pytest.mark.integration
 
 
-async def _make_streams(js: JetStreamContext, unique: str) -> tuple[str, str, str]:
+async def _make_streams(
+    js: JetStreamContext, unique: str, ack_wait: float = 30
+) -> tuple[str, str, str]:
     """An input stream with one durable consumer, and a dead-letter stream for the worker."""
     worker = f"rt-{unique}"
     stream = f"RT_{unique}"
@@ -31,7 +33,7 @@ async def _make_streams(js: JetStreamContext, unique: str) -> tuple[str, str, st
     await js.add_stream(StreamConfig(name=f"DLQ_{unique}", subjects=[subjects.dlq(worker)]))
     await js.add_consumer(
         stream,
-        ConsumerConfig(durable_name=worker, ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+        ConsumerConfig(durable_name=worker, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait),
     )
     return worker, stream, f"DLQ_{unique}"
 
@@ -53,14 +55,13 @@ async def _dead_letters(js: JetStreamContext, stream: str) -> list[DeadLetter]:
 
 
 def _settings(nats_url: str, **kw: object) -> RuntimeSettings:
-    return RuntimeSettings(
-        nats_url=nats_url,
-        pull_expires_s=1,
-        retry_backoff_s=0.05,
-        poison_deliveries=3,
-        fetch_batch=64,
-        **kw,
-    )
+    values: dict[str, object] = {
+        "pull_expires_s": 1,
+        "retry_backoff_s": 0.05,
+        "poison_deliveries": 3,
+        "fetch_batch": 64,
+    }
+    return RuntimeSettings(nats_url=nats_url, **(values | kw))  # type: ignore[arg-type]
 
 
 def _worker(
@@ -202,6 +203,64 @@ async def test_transient_failure_holds_the_batch_without_redelivery(
     assert retries == 3
     info = await js.consumer_info(stream, worker_name)
     assert info.num_redelivered == 0
+
+
+ACK_WAIT = 2.0
+"""Much shorter than the hold-ups the tests below make."""
+
+
+@pytest.mark.parametrize("hold_up", ["outage", "slow_handler"])
+async def test_held_up_longer_than_the_ack_wait_nothing_is_redelivered(
+    stack, js: JetStreamContext, unique: str, hold_up: str
+) -> None:
+    """A dependency down for several ack waits (backoff steps longer than the ack wait), or a
+    handler slower than the ack wait: the batch in hand, the one queued behind it and what
+    the pull source has buffered are all kept alive. Every message is handled once, in
+    order, and the server redelivers none."""
+    worker_name, stream, _ = await _make_streams(js, unique, ack_wait=ACK_WAIT)
+    settings = _settings(
+        stack.nats_url, handler_batch=10, retry_backoff_s=0.25, retry_backoff_max_s=3 * ACK_WAIT
+    )
+    worker = _worker(worker_name, stream, settings)
+    handled: list[tuple[int, int]] = []
+    failures = 0
+
+    def retries() -> float:
+        value = worker.metrics.registry.get_sample_value(
+            "tickwire_transient_retries_total", {"worker": worker_name}
+        )
+        return value or 0.0
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        nonlocal failures
+        if hold_up == "outage" and failures < 6:
+            # 0.25 + 0.5 + 1 + 2 + 4 + 6 s of backoff: about 7 ack waits
+            failures += 1
+            raise TransientError("database is restarting")
+        if hold_up == "slow_handler" and not handled:
+            await asyncio.sleep(3.5 * ACK_WAIT)  # the slow work itself, not a wait on it
+        handled.extend((d.info.stream_seq, d.info.deliveries) for d in batch)
+
+    for i in range(200):
+        await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
+    task = await _run(worker)
+    try:
+        await eventually(lambda: len(handled) == 200, timeout=60, what="all handled")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert handled == [(seq, 1) for seq in range(1, 201)]
+    info = await js.consumer_info(stream, worker_name)
+    assert info.num_redelivered == 0
+    assert info.delivered.stream_seq == 200
+    assert retries() == (6 if hold_up == "outage" else 0)
+    keepalives = worker.metrics.registry.get_sample_value(
+        "tickwire_keepalives_total", {"worker": worker_name}
+    )
+    assert keepalives is not None
+    assert keepalives >= 3
 
 
 async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(

@@ -83,6 +83,12 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+        self.keepalives = Counter(
+            "tickwire_keepalives",
+            "Rounds of in-progress acks sent while held up (slow batch or dependency down)",
+            ["worker"],
+            registry=r,
+        )
         self.up = Gauge("tickwire_up", "1 while connected and consuming", ["worker"], registry=r)
         # label children made once: hot paths call .inc() without a dict lookup per message
         self.in_ok = self.messages_in.labels(worker, "ok")

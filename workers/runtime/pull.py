@@ -194,6 +194,18 @@ class PullSource:
         self._last_heard = time.monotonic()
         await self._nc.publish(self._subject, _encode(body), reply=self._inbox)
 
+    async def keep_alive(self) -> int:
+        """Tell the server the messages received and not yet taken are being worked on.
+
+        They were delivered and count against the ack wait like those being handled: while
+        the worker is held up (a dependency down, a slow batch) they would otherwise be
+        redelivered, all of them, every ack wait.
+        """
+        publish = self._nc.publish
+        for msg in self._buffer:
+            await publish(msg.reply, IN_PROGRESS)
+        return len(self._buffer)
+
     async def take(self, max_n: int, timeout_s: float) -> list[Msg]:
         """Up to ``max_n`` messages; waits at most ``timeout_s`` for the first one."""
         if not self._buffer:

@@ -216,6 +216,7 @@ class Worker(Generic[T]):
         self._ctx: Context | None = None
         self._alive_at = 0.0
         self._poison_limit = settings.poison_deliveries
+        self._ack_wait = 30.0
         self._queued: Sequence[Msg] = ()
         """A handled batch waiting for the commit before it: kept alive while that holds."""
         self._failed: BaseException | None = None
@@ -292,6 +293,7 @@ class Worker(Generic[T]):
                 return
             info = await js.consumer_info(self.stream, self.durable)
             ack_wait = float(info.config.ack_wait or 30.0)
+            self._ack_wait = ack_wait
             max_deliver = info.config.max_deliver or -1
             if max_deliver > 0:
                 self._poison_limit = min(self._poison_limit, max_deliver)
@@ -544,13 +546,28 @@ class Worker(Generic[T]):
                     tries,
                     delay,
                 )
-                nc = self.context.nc
-                for d in items:
-                    await nc.publish(d.msg.reply, IN_PROGRESS)
-                for msg in self._queued:
-                    await nc.publish(msg.reply, IN_PROGRESS)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                # wait in slices shorter than the ack wait, keeping everything delivered
+                # to this worker alive: an outage costs no redelivery
+                until = time.monotonic() + delay
+                while not self._stop.is_set():
+                    await self._touch(items)
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), min(left, self._ack_wait / 3))
+
+    async def _touch(self, items: Sequence[Delivery[Any]]) -> None:
+        """In-progress acks for ``items``, a handled batch queued behind them and what the
+        pull source holds: everything this worker was given and has not acked yet."""
+        nc = self.context.nc
+        for d in items:
+            await nc.publish(d.msg.reply, IN_PROGRESS)
+        for msg in self._queued:
+            await nc.publish(msg.reply, IN_PROGRESS)
+        if self._source is not None:
+            await self._source.keep_alive()
+        self.metrics.keepalives.labels(self.name).inc()
 
     async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> Commit | None:
         """Run the handler."""
@@ -567,9 +584,7 @@ class Worker(Generic[T]):
                 done, _ = await asyncio.wait({task}, timeout=ack_wait / 3)
                 if done:
                     return task.result()
-                nc = self.context.nc
-                for d in items:
-                    await nc.publish(d.msg.reply, IN_PROGRESS)
+                await self._touch(items)
         finally:
             if not task.done():
                 task.cancel()
