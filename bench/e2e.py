@@ -381,6 +381,76 @@ def _stop(procs: Iterable[Process]) -> None:
             p.proc.wait()
 
 
+class CpuMeter:
+    """CPU seconds (user + system) each named process tree spent, from ``/proc``.
+
+    Sampled while the run goes, so that a process that has exited keeps its last reading;
+    a tree is a process and its live descendants (PostgreSQL's backends, for one) that are
+    not trees of their own.
+    """
+
+    def __init__(self) -> None:
+        self.roots: dict[str, int] = {}
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.started: float | None = None
+        self.ended = 0.0
+
+    def watch(self, name: str, pid: int | None) -> None:
+        if pid is not None:
+            self.roots[name] = pid
+
+    def sample(self) -> None:
+        own: dict[int, float] = {}
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        tick = os.sysconf("SC_CLK_TCK")
+        self.ended = time.monotonic()
+        if self.started is None:
+            self.started = self.ended
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                pid = int(entry.name)
+                # after the command: state ppid ... utime(12th) stime(13th)
+                children[int(fields[1])].append(pid)
+                own[pid] = (int(fields[11]) + int(fields[12])) / tick
+        roots = set(self.roots.values())
+        for name, root in self.roots.items():
+            if root not in own:
+                continue
+            total, todo = 0.0, [root]
+            while todo:
+                pid = todo.pop()
+                total += own.get(pid, 0.0)
+                todo.extend(c for c in children.get(pid, ()) if c not in roots)
+            self.first.setdefault(name, total)
+            self.last[name] = total
+
+    def spent(self) -> dict[str, float]:
+        return {name: self.last[name] - self.first[name] for name in self.last}
+
+    def lines(self) -> list[str]:
+        """Each tree's CPU seconds and share of one core over the sampled time, the busiest
+        first, and the machine's share in all."""
+        wall = self.ended - (self.started or self.ended)
+        if wall <= 0:
+            return []
+        spent = self.spent()
+        cores = os.cpu_count() or 1
+        out = [
+            f"  {name:24} {cpu:8.1f} s  {cpu / wall:6.0%} of a core"
+            for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1])
+        ]
+        total = sum(spent.values())
+        out.append(
+            f"  {'all of the above':24} {total:8.1f} s  {total / (wall * cores):6.0%} of "
+            f"{cores} cores over {wall:.0f} s"
+        )
+        return out
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -404,6 +474,7 @@ async def _load(
     procs: dict[str, Process],
     logs: Path,
     probe: HopProbe,
+    cpu: CpuMeter,
 ) -> tuple[int, list[float]]:
     """The EAs at ``RATE`` ticks/s in all for ``SECONDS`` s; (worst exit code, hops meanwhile)."""
     env = {
@@ -422,6 +493,8 @@ async def _load(
             *("--rate", f"{rate:g}", "--ticks", str(ticks), "--namespace", NS, "--no-progress"),
         ]
         sims.append(_spawn(f"ea-sim-{k}", argv, env, logs))
+        cpu.watch(f"ea-sim-{k}", sims[-1].proc.pid)
+    cpu.sample()
     hops: list[float] = []
     stop = asyncio.Event()
     probing = asyncio.create_task(probe.under_load(hops, stop))
@@ -432,6 +505,7 @@ async def _load(
                 _check_alive(procs.values())
                 bar.update(await _last_seq(js, streams.TICKS) - bar.n)
                 bar.set_postfix(signals=await _last_seq(js, streams.SIGNALS) - signals0)
+                cpu.sample()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the EAs did not finish in {SECONDS * 4} s")
                 await asyncio.sleep(POLL_S)  # sampling progress of a run
@@ -699,6 +773,7 @@ class Result:
     sim_exit: int
     scrapes: Scrapes
     signals: int
+    cpu: CpuMeter
 
 
 async def _run(stack: LocalStack, dsn: str, logs: Path) -> Result:
@@ -732,8 +807,15 @@ async def _run(stack: LocalStack, dsn: str, logs: Path) -> Result:
             )
         }
         before = await _scrape(procs)
-        sim_exit, floor = await _load(js, stack, procs, logs, probe)
+        cpu = CpuMeter()
+        for name, proc in procs.items():
+            cpu.watch(name, proc.proc.pid)
+        for server in stack.servers:
+            cpu.watch(server.name, server.pid)
+        cpu.watch("bench (this process)", os.getpid())
+        sim_exit, floor = await _load(js, stack, procs, logs, probe, cpu)
         await _drain(js, procs, "draining the pipeline")
+        cpu.sample()
         after = await _scrape(procs)
         _stop(procs.values())
         raw = {b: await _read(nc, b, first) for b, first in firsts.items()}
@@ -759,6 +841,7 @@ async def _run(stack: LocalStack, dsn: str, logs: Path) -> Result:
         sim_exit=sim_exit,
         scrapes=scrapes,
         signals=len(raw[streams.SIGNALS]),
+        cpu=cpu,
     )
 
 
@@ -780,6 +863,9 @@ def _print(r: Result) -> None:
             f"  {stage:22} {what:40} p50 {_pct(xs, 50):>9,.0f}  p99 {_pct(xs, 99):>9,.0f}  "
             f"max {_pct(xs, 100):>9,.0f}"
         )
+    print("e2e: CPU spent from the EAs' start to the pipeline drained, per process:")
+    for line in r.cpu.lines():
+        print(line)
     print("e2e: the workers' own histograms (seconds; bucket bounds):")
     for line in _worker_view(r.scrapes):
         print(line)
