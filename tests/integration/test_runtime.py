@@ -263,14 +263,17 @@ async def test_held_up_longer_than_the_ack_wait_nothing_is_redelivered(
     assert keepalives >= 3
 
 
+@pytest.mark.parametrize("depth", [2, 4])
 async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
-    stack, js: JetStreamContext, unique: str
+    stack, js: JetStreamContext, unique: str, depth: int
 ) -> None:
-    """A handler that returns a commit: the next batch is handled while it runs, nothing is
-    acked before its own commit, commits run in batch order, a commit's TransientError is
-    retried in place, and a message the commit refuses is dead-lettered."""
+    """A handler that returns a commit: the next batches (up to ``commit_depth`` in all) are
+    handled while it runs, nothing is acked before its own commit, commits run in batch
+    order, a commit's TransientError is retried in place, and a message the commit refuses
+    is dead-lettered."""
     worker_name, stream, dlq_stream = await _make_streams(js, unique)
-    worker = _worker(worker_name, stream, _settings(stack.nats_url, handler_batch=10))
+    settings = _settings(stack.nats_url, handler_batch=10, commit_depth=depth)
+    worker = _worker(worker_name, stream, settings)
     handled: list[list[int]] = []
     committed: list[list[int]] = []
     tries: defaultdict[int, int] = defaultdict(int)
@@ -294,14 +297,14 @@ async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
 
         return commit
 
-    for i in range(30):
+    for i in range(60):
         await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
     task = await _run(worker)
     try:
-        await eventually(lambda: len(handled) >= 2, what="second batch handled")
-        # the first commit waits: the second batch was handled meanwhile, no third one,
+        await eventually(lambda: len(handled) >= depth, what="batches handled meanwhile")
+        # the first commit waits: depth - 1 batches were handled meanwhile, no more,
         # nothing committed, nothing acked
-        assert len(handled) == 2
+        assert len(handled) == depth
         assert committed == []
         assert (await js.consumer_info(stream, worker_name)).ack_floor.stream_seq == 0
         gate.set()
@@ -310,7 +313,7 @@ async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
         worker.stop()
         await asyncio.wait_for(task, 30)
     assert committed == handled  # each batch committed once it succeeded, in batch order
-    assert [seq for seqs in committed for seq in seqs] == list(range(1, 31))
+    assert [seq for seqs in committed for seq in seqs] == list(range(1, 61))
     assert tries[committed[1][0]] == 2  # the TransientError was retried in place
     letters = await _dead_letters(js, dlq_stream)
     assert [(d.reason, d.stream_seq) for d in letters] == [("db_refused", 15)]
@@ -319,7 +322,7 @@ async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
     ok = worker.metrics.registry.get_sample_value(
         "tickwire_messages_in_total", {"worker": worker_name, "outcome": "ok"}
     )
-    assert ok == 29
+    assert ok == 59
 
 
 async def _dead_letters_if(js: JetStreamContext, stream: str, n: int) -> list[DeadLetter] | None:

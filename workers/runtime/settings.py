@@ -47,6 +47,11 @@ class RuntimeSettings(BaseSettings):
     """Messages asked for in one pull request."""
     handler_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
     """Most messages handed to the handler at once."""
+    commit_depth: Annotated[int, Field(ge=1, le=64)] = 2
+    """Handled batches that may be on their way to their ack at once: 2 handles the next
+    batch while one commits; more lets a worker whose commits are slow (QuestDB, PostgreSQL)
+    keep handling and publishing while they catch up. Each holds up to ``handler_batch``
+    unacked messages."""
     pull_expires_s: Annotated[float, Field(ge=1)] = 5.0
     retry_backoff_s: Annotated[float, Field(gt=0)] = 0.5
     retry_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0

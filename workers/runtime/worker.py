@@ -31,6 +31,7 @@ A worker module only declares what it consumes, how to decode it, and a handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
@@ -217,8 +218,8 @@ class Worker(Generic[T]):
         self._alive_at = 0.0
         self._poison_limit = settings.poison_deliveries
         self._ack_wait = 30.0
-        self._queued: Sequence[Msg] = ()
-        """A handled batch waiting for the commit before it: kept alive while that holds."""
+        self._queued: dict[int, Sequence[Msg]] = {}
+        """Handled batches waiting for the commit before them: kept alive while that holds."""
         self._failed: BaseException | None = None
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
@@ -331,35 +332,48 @@ class Worker(Generic[T]):
                     await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _loop(self, ctx: Context, source: PullSource, ack_wait: float) -> None:
-        """Take and handle batch N+1 while batch N's commit runs; finish batches in order."""
+        """Take and handle the next batches while earlier ones commit; finish them in order.
+
+        At most ``commit_depth`` handled batches are on their way to their ack: when that
+        many are, the loop waits for the oldest before it takes more.
+        """
         take_timeout = 0.25
         max_n = self.settings.handler_batch
-        finishing: asyncio.Future[bool] | None = None
+        depth = self.settings.commit_depth
+        finishing: collections.deque[asyncio.Future[bool]] = collections.deque()
         try:
             while not self._stop.is_set():
                 self._alive_at = time.monotonic()
+                if not await _settle(finishing, depth):
+                    break
                 msgs = await source.take(max_n, take_timeout)
                 if not msgs:
                     continue
-                staged = await self._prepare(ctx, msgs, ack_wait, before=finishing)
-                if staged is None:
-                    continue
-                if finishing is not None:
-                    self._queued = staged.msgs
-                    try:
-                        finished = await finishing
-                    finally:
-                        self._queued = ()
-                    finishing = None
-                    if not finished:
-                        await self._hand_back(ctx, staged.msgs)
-                        break
-                finishing = asyncio.ensure_future(self._finish(ctx, staged))
+                before = finishing[-1] if finishing else None
+                staged = await self._prepare(ctx, msgs, ack_wait, before=before)
+                if staged is not None:
+                    finishing.append(asyncio.ensure_future(self._finish_after(ctx, staged, before)))
         finally:
-            if finishing is not None:
-                await finishing
+            for done in finishing:
+                await done
         if self._failed is not None:
             raise CommitFailed(f"{self.name}: commit failed: {self._failed!r}") from self._failed
+
+    async def _finish_after(
+        self, ctx: Context, staged: _Staged[T], before: asyncio.Future[bool] | None
+    ) -> bool:
+        """Finish ``staged`` once the batch before it is finished; hand it back if that one
+        was handed back. Meanwhile its messages are kept alive with the held ones."""
+        if before is not None:
+            self._queued[id(staged)] = staged.msgs
+            try:
+                finished = await before
+            finally:
+                del self._queued[id(staged)]
+            if not finished:
+                await self._hand_back(ctx, staged.msgs)
+                return False
+        return await self._finish(ctx, staged)
 
     async def _drain(self, ctx: Context) -> None:
         if self._source is not None:
@@ -563,8 +577,9 @@ class Worker(Generic[T]):
         nc = self.context.nc
         for d in items:
             await nc.publish(d.msg.reply, IN_PROGRESS)
-        for msg in self._queued:
-            await nc.publish(msg.reply, IN_PROGRESS)
+        for msgs in self._queued.values():
+            for msg in msgs:
+                await nc.publish(msg.reply, IN_PROGRESS)
         if self._source is not None:
             await self._source.keep_alive()
         self.metrics.keepalives.labels(self.name).inc()
@@ -658,6 +673,15 @@ class Worker(Generic[T]):
                 item.info.stream_seq,
                 item.detail,
             )
+
+
+async def _settle(finishing: collections.deque[asyncio.Future[bool]], depth: int) -> bool:
+    """Drop finished batches from the front; wait for the oldest while ``depth`` are on
+    their way. False: one was handed back (stopping, or its commit failed)."""
+    while finishing and (finishing[0].done() or len(finishing) >= depth):
+        if not await finishing.popleft():
+            return False
+    return True
 
 
 def _part_items(batch: Batch[Any]) -> list[DeadItem]:
