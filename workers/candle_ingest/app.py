@@ -79,6 +79,9 @@ UNKNOWN_SYMBOL: Final = "unknown_symbol"
 class Settings(PartitionedSettings):
     worker: ClassVar[str] = NAME
 
+    commit_depth: Annotated[int, Field(ge=1, le=64)] = 4
+    """Batches on their way to QuestDB at once: candles are published as each batch is
+    handled, and QuestDB writes grow rather than queue when it is slow."""
     questdb_ilp: str = "http::addr=127.0.0.1:9000;"
     questdb_http: str = "http://127.0.0.1:9000"
     price: PriceSource = PriceSource.BID
@@ -191,6 +194,14 @@ class Ingest:
         self._key = settings.durable
         self.unsettled = 0
         """Commits sealed but not (yet) durable: no snapshot of the live state meanwhile."""
+        self._sealed = 0
+        self._written = 0
+        """Seals whose candles are all in QuestDB, by number."""
+        self._unwritten: list[Candle] = []
+        self._unwritten_upto = 0
+        self._published: asyncio.Future[None] = _done()
+        """Set once the candles of the last seal are on CANDLES."""
+        self._publishing: set[asyncio.Future[None]] = set()
 
     # --- applying input ---------------------------------------------------------------
 
@@ -274,9 +285,18 @@ class Ingest:
         """What the messages applied so far owe, as a commit the runtime runs in order.
 
         The candles pending now (and the state now, when a snapshot is due) are taken out
-        of the ingest, so the next batch can be applied while this commit runs. The commit
-        publishes and stores them, then saves the snapshot: a snapshot is saved only once
-        every candle of the state it holds is durable (earlier commits finished first).
+        of the ingest, so the next batch can be applied while this commit runs.
+
+        - Publishing starts at once, in seal order: each seal's candles go to CANDLES as
+          soon as those of the seal before are there, without waiting for QuestDB. A
+          publish that fails is done again by its commit; later seals wait for it.
+        - QuestDB gets, in one transaction per commit, every candle sealed and not yet
+          written, its own and those of batches sealed since: when QuestDB is slow, its
+          writes grow instead of queueing. Written in seal order, so the latest revision
+          of a candle is the row left.
+        - The commit returns once its candles are on CANDLES and in QuestDB; then the
+          snapshot, if one was taken: a snapshot is saved only once every candle of the
+          state it holds is durable (earlier commits finished first).
         """
         pending, triggers = self.pending, self.trigger_ms
         self.pending, self.trigger_ms = [], []
@@ -297,12 +317,32 @@ class Ingest:
             state = self.agg.snapshot()
             self._snapshot_at = time.monotonic()
         self.unsettled += 1
+        self._sealed += 1
+        number = self._sealed
+        self._unwritten.extend(pending)
+        self._unwritten_upto = number
+        out = self._outgoing(pending)
+        before, published = self._published, asyncio.get_running_loop().create_future()
+        self._published = published
+        early = asyncio.ensure_future(
+            self._publish_after(before, published, out, pending, triggers)
+        )
+        self._publishing.add(early)
+        early.add_done_callback(self._publishing.discard)
         settled = False
 
         async def commit() -> None:
             nonlocal settled
             if not settled:
-                await self._write(pending, triggers)
+                if not published.done():
+                    # the early publish failed; every seal before this one is published
+                    # (their commits finished), so publishing now keeps the order
+                    await asyncio.wait({early})
+                    if not published.done():
+                        await self._publish(out, pending, triggers)
+                        published.set_result(None)
+                if self._written < number:
+                    await self._write()
                 settled = True
                 self.unsettled -= 1
             if state is not None:
@@ -314,12 +354,9 @@ class Ingest:
         """Seal and commit at once (start-up)."""
         await self.seal()()
 
-    async def _write(self, pending: list[Candle], triggers: list[int]) -> None:
-        """Publish and store; raises TransientError (the commit is tried again)."""
-        if not pending:
-            return
+    def _outgoing(self, pending: list[Candle]) -> list[Outgoing]:
         ns = self.namespace
-        out = [
+        return [
             Outgoing(
                 subjects.candles(c.feed, c.symbol, c.tf, namespace=ns),
                 encode(c),
@@ -327,13 +364,31 @@ class Ingest:
             )
             for c in pending
         ]
-        # at once, both to the end; both idempotent: a retry after a failure does both again
-        done = await asyncio.gather(
-            self.sink.write(pending), self.ctx.publisher.publish(out), return_exceptions=True
-        )
-        for result in done:
-            if isinstance(result, BaseException):
-                raise result
+
+    async def _publish_after(
+        self,
+        before: asyncio.Future[None],
+        published: asyncio.Future[None],
+        out: list[Outgoing],
+        pending: list[Candle],
+        triggers: list[int],
+    ) -> None:
+        """Publish once the seal before is published; a failure is left to the commit."""
+        await before
+        try:
+            await self._publish(out, pending, triggers)
+        except TransientError as exc:
+            log.info("%s: early publish failed (%s); the commit publishes again", NAME, exc)
+        else:
+            published.set_result(None)
+
+    async def _publish(
+        self, out: list[Outgoing], pending: list[Candle], triggers: list[int]
+    ) -> None:
+        """To CANDLES; raises TransientError (idempotent by message id: tried again)."""
+        if not out:
+            return
+        await self.ctx.publisher.publish(out)
         now_ms = time.time_ns() // 1_000_000
         m = self.metrics
         for c, trigger in zip(pending, triggers, strict=True):
@@ -341,6 +396,20 @@ class Ingest:
             if c.revision:
                 m.revisions_w.inc()
             m.latency.observe(max(0, now_ms - trigger) / 1000)
+
+    async def _write(self) -> None:
+        """Every candle sealed and not yet in QuestDB, in one transaction; raises
+        TransientError (the commit is tried again and writes them again)."""
+        candles, upto = list(self._unwritten), self._unwritten_upto
+        if candles:
+            await self.sink.write(candles)
+        del self._unwritten[: len(candles)]
+        self._written = upto
+
+    def cancel_publishing(self) -> None:
+        """Stopping: early publishes still waiting for a seal that will not be published."""
+        for task in list(self._publishing):
+            task.cancel()
 
     async def snapshot(self) -> None:
         """Save the state now; only when every candle it emitted is durable."""
@@ -521,6 +590,12 @@ class Recorded:
                 batch.reject_part(d, index, payload, reason, detail)
 
 
+def _done() -> asyncio.Future[None]:
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
 def _bucket_name(namespace: str | None) -> str:
     return "candle-ingest-state" if namespace is None else f"ns-{namespace}-candle-ingest-state"
 
@@ -581,6 +656,7 @@ def build(settings: Settings) -> Worker[TickInput]:
                 await task
         ingest: Ingest | None = ctx.state.get("ingest")
         if ingest is not None:
+            ingest.cancel_publishing()
             if not ingest.pending and not ingest.recovered and not ingest.unsettled:
                 await ingest.snapshot()
             ingest.sink.close()
