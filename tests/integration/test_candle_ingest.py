@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import subprocess
 import time
@@ -67,10 +68,16 @@ def settings(stack: StackUrls, questdb: QuestDBUrls, namespace: str, **kw: Any) 
 
 
 async def publish(
-    js: JetStreamContext, sc: market.Scenario, namespace: str, *, close: bool = True
+    js: JetStreamContext,
+    sc: market.Scenario,
+    namespace: str,
+    *,
+    close: bool = True,
+    ensure: bool = True,
 ) -> None:
     """The scenario's messages in order, then a watermark per symbol that closes everything."""
-    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    if ensure:
+        await streams.ensure(js, streams.stream_specs(namespace=namespace))
     futures = []
     for feed, symbol, payload, msg_id in sc.messages:
         subject = subjects.ticks(feed, symbol, namespace=namespace)
@@ -126,6 +133,11 @@ async def consumed(js: JetStreamContext, stream: str, durable: str) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def all_ticks_consumed(js: JetStreamContext, namespace: str) -> None:
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    await eventually(lambda: consumed(js, ticks, "candle-ingest"), timeout=120, what="all ticks")
+
+
 async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
 ) -> None:
@@ -135,10 +147,7 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     await eventually(lambda: worker.started.is_set() or task.done(), what="worker start")
     try:
         await publish(js, sc, namespace)
-        ticks = streams.stream_name(streams.TICKS, namespace=namespace)
-        await eventually(
-            lambda: consumed(js, ticks, "candle-ingest"), timeout=120, what="all ticks"
-        )
+        await all_ticks_consumed(js, namespace)
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
@@ -177,6 +186,63 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     assert sample(
         "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
     ) == len(sc.accepted)
+
+
+async def test_candles_refused_by_jetstream_for_a_while_are_published_again_in_order(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """CANDLES stops taking publishes (its subjects moved away: every publish gets no
+    responder) while ticks keep coming, then takes them again. Candles are published as
+    batches are handled and QuestDB writes are shared between commits; through the outage
+    each revision reaches CANDLES once, in order, and QuestDB holds the reference."""
+    sc = market.scenario(seed=23, ticks=6_000)
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    candles_stream = streams.stream_name(streams.CANDLES, namespace=namespace)
+    config = (await js.stream_info(candles_stream)).config
+    worker = build(
+        settings(
+            stack, questdb, namespace, handler_batch=200, retry_backoff_s=0.1, publish_timeout_s=1
+        )
+    )
+    sample = worker.metrics.registry.get_sample_value
+
+    def publish_failures() -> float:
+        return sample("tickwire_publish_failures_total", {"worker": "candle-ingest"}) or 0.0
+
+    task = await run_worker(worker)
+    try:
+        away = dataclasses.replace(config, subjects=[f"{namespace}.nowhere.>"])
+        await js.update_stream(away)
+        await publish(js, sc, namespace, ensure=False)
+        await eventually(lambda: publish_failures() >= 3, what="publishes refused")
+        await js.update_stream(config)
+        await all_ticks_consumed(js, namespace)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+    want, published = await candles_equal_the_reference(js, namespace, sc)
+    revisions: dict[tuple[Any, ...], list[int]] = {}
+    for c in published:
+        revisions.setdefault((c.feed, c.symbol, c.tf, c.open_time_ms), []).append(c.revision)
+    assert all(r == list(range(len(r))) for r in revisions.values()), "revisions out of order"
+    assert any(len(r) > 1 for r in revisions.values())
+    table = f"ns_{namespace}_candles"
+    wait_for_wal(questdb.http, table, timeout=60)
+    rows = query(questdb.http, "SELECT * FROM {prefix}candles", table_prefix=f"ns_{namespace}_")
+    stored = {
+        (r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): (r["close"], r["revision"])
+        for r in rows
+    }
+    assert len(rows) == len(want)
+    assert stored == {
+        (c["feed"], c["symbol"], c["tf"].value, c["first_tick_ms"]): (c["close"], c["revision"])
+        for c in latest(published).values()
+    }
+    info = await js.consumer_info(
+        streams.stream_name(streams.TICKS, namespace=namespace), "candle-ingest"
+    )
+    assert info.num_redelivered == 0
 
 
 @pytest.fixture
