@@ -1,20 +1,24 @@
 """A NATS node killed and a stream leader stalled under the running pipeline (``make chaos``).
 
 A 3-node JetStream cluster on loopback (``infra.stack.NatsCluster``, every write fsynced),
-every stream R3. candle-ingest runs as its own process with ``TICKWIRE_NATS_URL`` listing
-the three nodes; QuestDB is the session's. The EAs publish the simulated market
+every stream R3. The NATS side of the pipeline, candle-ingest, feature-builder, model-scorer
+(a promoted model per series and timeframe, in an R3 registry) and signal-publisher (a
+policy that restates the side on every candle), runs as processes whose
+``TICKWIRE_NATS_URL`` lists the three nodes; 40 candles of history per series and timeframe
+are on CANDLES first, so every candle of the run is scored. QuestDB is the session's. The
+EAs publish the simulated market
 (``workers.ea_sim.market``), one lane per feed/symbol paced to a tick rate, each message
 published with its deterministic ``Nats-Msg-Id`` and retried until JetStream acknowledges
 it, as an EA does: a tick is *acknowledged* once a PubAck came back for it. In one run:
 
 1. kill -9 the node leading TICKS; wait until ticks are stored and candles published again;
-   restart it and wait until every stream and the consumer have it current again and
-   candle-ingest has processed everything stored before the restart;
+   restart it and wait until every stream and consumer has it current again and every
+   worker has processed what its stream held when the node came back;
 2. SIGSTOP the node then leading TICKS for 5 s, SIGCONT it, and wait the same way.
 
 Then every acknowledged tick must be on TICKS exactly once, and the candles on CANDLES and
-in QuestDB equal a pandas resample of the acknowledged ticks, none missing, none doubled.
-Recovery times are taken from the servers' stored timestamps of the first tick and candle
+in QuestDB equal a pandas resample of the acknowledged ticks, none missing, none doubled;
+no feature vector, score or signal is on its stream twice. Recovery times are taken from the servers' stored timestamps of the first tick and candle
 after each fault. The figures are printed as a table (``-s``).
 """
 
@@ -37,19 +41,25 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, ObjectStoreConfig
+from tqdm import tqdm
 
 from contracts import streams, subjects
-from contracts.messages import Candle
+from contracts.codec import encode
+from contracts.messages import Candle, Timeframe
 from db.questdb import query, wait_for_wal
 from infra.stack import NatsCluster, NatsNode, QuestDBUrls, StackUrls
 from tests import market as scenario
 from tests import reference
+from tests.candles import series as history_series
 from tests.integration.test_candle_ingest import latest
 from tests.processes import spawn, worker_env
+from tests.scorer_models import card_for, train
 from tests.waiting import eventually
 from workers.ea_sim import market
 from workers.ea_sim.market import Outgoing
+from workers.registry import Registry, bucket_name
+from workers.registry.store import KV_HISTORY
 from workers.runtime.publish import MSG_ID
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -70,6 +80,25 @@ WARM_TICKS = 2_000
 AFTER_TICKS = 2_000
 """Acknowledged after the last fault recovered, before the EAs stop."""
 RECOVERY_TIMEOUT_S = 120.0
+HISTORY = 40
+"""Candles per series and timeframe on CANDLES before the run (the feature set needs 34)."""
+POLICY = {
+    "defaults": {
+        "entry_long": -0.99,
+        "exit_long": -1.0,
+        "entry_short": -1.0,
+        "exit_short": -0.995,
+        "only_on_change": False,
+    }
+}
+"""BUY at the first scored candle of a series, then BUY restated on every candle."""
+CONSUMERS = {
+    streams.TICKS: streams.CANDLE_INGEST,
+    streams.CANDLES: streams.FEATURE_BUILDER,
+    streams.FEATURES: streams.MODEL_SCORER,
+    streams.SCORES: streams.SIGNAL_PUBLISHER,
+}
+"""Each stream of the pipeline and the worker consuming it."""
 
 
 # --- the EAs ----------------------------------------------------------------------------
@@ -133,6 +162,61 @@ def lanes() -> Iterator[list[Outgoing]]:
     yield from by_series.values()
 
 
+# --- models and history ----------------------------------------------------------------
+
+
+async def promote_models(js: JetStreamContext, namespace: str) -> None:
+    """A promoted model of its own for every series and timeframe, in an R3 registry."""
+    name = bucket_name(namespace)
+    await js.create_object_store(
+        name, config=ObjectStoreConfig(description="tickwire model files", replicas=3)
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=name, history=KV_HISTORY, description="tickwire active models", replicas=3
+        )
+    )
+    registry = await Registry.open(js, namespace=namespace, create=False)
+    keys = [(f, s, tf) for f in FEEDS for s in SYMBOLS for tf in Timeframe]
+    for k, (feed, symbol, tf) in enumerate(tqdm(keys, desc="models", unit="model", leave=False)):
+        booster = train(k + 1, rounds=8)
+        version = await registry.put(
+            booster.model_to_string().encode(), card_for(booster, feed, symbol, tf)
+        )
+        await registry.promote(version, force=True)
+
+
+def history() -> list[Candle]:
+    """``HISTORY`` candles per series and timeframe, the last one closing where the run's
+    first candle of that timeframe opens."""
+    out = []
+    for k, (feed, symbol) in enumerate((f, s) for f in FEEDS for s in SYMBOLS):
+        spec = market.SYMBOLS[symbol]
+        for i, tf in enumerate(Timeframe):
+            first = START_MS - START_MS % tf.ms
+            made = history_series(
+                HISTORY,
+                seed=k * 10 + i,
+                price=spec.price,
+                digits=spec.digits,
+                feed=feed,
+                symbol=symbol,
+                tf=tf,
+                start_ms=first - HISTORY * tf.ms,
+            )
+            out += [c for c in made if c.close_time_ms <= first]
+    return out
+
+
+async def publish_history(js: JetStreamContext, namespace: str, candles: list[Candle]) -> None:
+    pending = []
+    for c in candles:
+        subject = subjects.candles(c.feed, c.symbol, c.tf, namespace=namespace)
+        key = f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}"
+        pending.append(await js.publish_async(subject, encode(c), headers={MSG_ID: key}))
+    await asyncio.gather(*pending)
+
+
 # --- watching the cluster ---------------------------------------------------------------
 
 
@@ -149,10 +233,12 @@ async def leader(js: JetStreamContext, stream: str) -> str | None:
     return info.cluster.leader if info is not None and info.cluster is not None else None
 
 
-async def all_current(js: JetStreamContext, names: list[str], ticks: str) -> bool:
-    """Every stream and candle-ingest's consumer: a leader and both followers current."""
+async def all_current(js: JetStreamContext, names: list[str], namespace: str) -> bool:
+    """Every stream and every worker's consumer: a leader and both followers current."""
     infos = [await answered(js.stream_info(name)) for name in names]
-    infos.append(await answered(js.consumer_info(ticks, streams.CANDLE_INGEST)))
+    for base, durable in CONSUMERS.items():
+        stream = streams.stream_name(base, namespace=namespace)
+        infos.append(await answered(js.consumer_info(stream, durable)))
     for info in infos:
         if info is None or info.cluster is None or not info.cluster.leader:
             return False
@@ -162,9 +248,42 @@ async def all_current(js: JetStreamContext, names: list[str], ticks: str) -> boo
     return True
 
 
-async def processed_up_to(js: JetStreamContext, ticks: str, seq: int) -> bool:
-    info = await answered(js.consumer_info(ticks, streams.CANDLE_INGEST))
-    return info is not None and info.ack_floor.stream_seq >= seq
+async def last_seqs(js: JetStreamContext, namespace: str) -> dict[str, int] | None:
+    """Each pipeline stream's last sequence, or None while the cluster does not answer."""
+    out = {}
+    for base in CONSUMERS:
+        info = await answered(js.stream_info(streams.stream_name(base, namespace=namespace)))
+        if info is None:
+            return None
+        out[base] = info.state.last_seq
+    return out
+
+
+async def processed_up_to(js: JetStreamContext, namespace: str, seqs: dict[str, int]) -> bool:
+    """Every worker has acked its stream up to ``seqs``."""
+    for base, durable in CONSUMERS.items():
+        stream = streams.stream_name(base, namespace=namespace)
+        info = await answered(js.consumer_info(stream, durable))
+        if info is None or info.ack_floor.stream_seq < seqs[base]:
+            return False
+    return True
+
+
+async def consumed(js: JetStreamContext, namespace: str) -> bool:
+    """Every worker has acked everything on its stream."""
+    for base, durable in CONSUMERS.items():
+        stream = streams.stream_name(base, namespace=namespace)
+        info = await answered(js.consumer_info(stream, durable))
+        if info is None or info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
+def check_alive(procs: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{tail}")
 
 
 @dataclass
@@ -179,17 +298,24 @@ class Fault:
 
 
 async def recovered(
-    js: JetStreamContext, names: list[str], ticks: str, fault: Fault, proc: Any
+    js: JetStreamContext,
+    names: list[str],
+    namespace: str,
+    fault: Fault,
+    procs: dict[str, subprocess.Popen[bytes]],
+    logs: Path,
 ) -> None:
-    """Wait until every replica is current and candle-ingest processed what TICKS held."""
-    last = await eventually(
-        lambda: answered(js.stream_info(ticks)), timeout=RECOVERY_TIMEOUT_S, what="TICKS"
+    """Wait until every replica is current and every worker processed what its stream held
+    when the node came back."""
+    target = await eventually(
+        lambda: last_seqs(js, namespace), timeout=RECOVERY_TIMEOUT_S, what="the streams"
     )
-    target = last.state.last_seq
 
     async def caught_up() -> bool:
-        assert proc.poll() is None, "candle-ingest died"
-        return await all_current(js, names, ticks) and await processed_up_to(js, ticks, target)
+        check_alive(procs, logs)
+        return await all_current(js, names, namespace) and await processed_up_to(
+            js, namespace, target
+        )
 
     await eventually(caught_up, timeout=RECOVERY_TIMEOUT_S, interval=0.2, what="caught up")
     fault.caught_up_mono = time.monotonic()
@@ -277,30 +403,38 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     js = cnc.jetstream(timeout=PUBLISH_TIMEOUT_S)
     specs = streams.stream_specs(namespace=ns, replicas=3)
     names = [s.name for s in specs]
-    ticks, candles, dlq = (
-        streams.stream_name(b, namespace=ns) for b in ("TICKS", "CANDLES", "DLQ")
-    )
+    name = {b: streams.stream_name(b, namespace=ns) for b in (*CONSUMERS, "SIGNALS", "DLQ")}
     await streams.ensure(js, specs, rescale=True)
+    await promote_models(js, ns)
+    past = history()
+    await publish_history(js, ns, past)
+    past_keys = {(c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in past}
 
-    env = worker_env(
-        stack,
-        ns,
-        nats_url=cluster.url,
-        questdb_ilp=str(questdb.ilp_conf),
-        questdb_http=str(questdb.http),
-        idle_close="false",
-    )
-    log = tmp_path / "candle-ingest.log"
-    proc = spawn(streams.CANDLE_INGEST, env, log)
+    policy = tmp_path / "policy.json"
+    policy.write_text(msgspec.json.encode(POLICY).decode())
+    env = worker_env(stack, ns, nats_url=cluster.url)
+    own = {
+        streams.CANDLE_INGEST: {
+            "TICKWIRE_QUESTDB_ILP": str(questdb.ilp_conf),
+            "TICKWIRE_QUESTDB_HTTP": str(questdb.http),
+            "TICKWIRE_IDLE_CLOSE": "false",
+        },
+        streams.SIGNAL_PUBLISHER: {"TICKWIRE_SIGNAL_POLICY_FILE": str(policy)},
+    }
+    procs = {w: spawn(w, env | own.get(w, {}), tmp_path / f"{w}.log") for w in CONSUMERS.values()}
     eas = Eas(js, ns)
     tasks: list[asyncio.Task[None]] = []
     faults: list[Fault] = []
     try:
-        await eventually(
-            lambda: answered(js.consumer_info(ticks, streams.CANDLE_INGEST)),
-            timeout=60,
-            what="candle-ingest's consumer",
-        )
+
+        async def started() -> bool:
+            check_alive(procs, tmp_path)
+            for base, durable in CONSUMERS.items():
+                if await answered(js.consumer_info(name[base], durable)) is None:
+                    return False
+            return True
+
+        await eventually(started, timeout=120, what="every worker's consumer")
         series = list(lanes())
         tasks = [asyncio.create_task(eas.lane(m, RATE / len(series))) for m in series]
 
@@ -311,7 +445,7 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
         await eventually(lambda: acked(WARM_TICKS), timeout=60, what="warm-up ticks")
 
         # 1. kill -9 the node leading TICKS, then restart it
-        node = cluster.node(str(await leader(js, ticks)))
+        node = cluster.node(str(await leader(js, name[streams.TICKS])))
         kill = Fault(f"kill -9 {node.server_name} (TICKS leader)", time.time(), time.monotonic())
         faults.append(kill)
         node.kill()
@@ -319,10 +453,10 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
         await eventually(lambda: acked(n + 100), timeout=RECOVERY_TIMEOUT_S, what="ticks again")
         await asyncio.to_thread(node.start)
         kill.over_mono = time.monotonic()
-        await recovered(js, names, ticks, kill, proc)
+        await recovered(js, names, ns, kill, procs, tmp_path)
 
         # 2. SIGSTOP the node leading TICKS now for STALL_S, then SIGCONT
-        stalled: NatsNode = cluster.node(str(await leader(js, ticks)))
+        stalled: NatsNode = cluster.node(str(await leader(js, name[streams.TICKS])))
         stall = Fault(
             f"SIGSTOP {stalled.server_name} (TICKS leader) {STALL_S:g} s",
             time.time(),
@@ -335,7 +469,7 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
         finally:
             stalled.resume()
         stall.over_mono = time.monotonic()
-        await recovered(js, names, ticks, stall, proc)
+        await recovered(js, names, ns, stall, procs, tmp_path)
 
         n = len(eas.acked)
         await eventually(lambda: acked(n + AFTER_TICKS), timeout=120, what="ticks after")
@@ -345,42 +479,49 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
 
     try:
         # every candle closed: a watermark per series far past the last tick
+        end = max(m.ticks[-1].time_ms for m in eas.acked.values()) + 3 * 86_400_000
         for feed in FEEDS:
             for symbol in SYMBOLS:
-                end = (
-                    START_MS + 3 * 86_400_000 + max(m.ticks[-1].time_ms for m in eas.acked.values())
-                )
                 await eas.send(
                     subjects.ticks(feed, symbol, namespace=ns),
                     scenario.watermark(feed, symbol, end),
                     f"watermark|{feed}|{symbol}",
                 )
 
-        async def consumed() -> bool:
-            assert proc.poll() is None, "candle-ingest died"
-            info = await answered(js.consumer_info(ticks, streams.CANDLE_INGEST))
-            return info is not None and info.num_pending == 0 and info.num_ack_pending == 0
+        async def settled() -> bool:
+            check_alive(procs, tmp_path)
+            # twice, a moment apart: a worker may publish after the one before it acked
+            return await consumed(js, ns) and await consumed(js, ns)
 
-        await eventually(consumed, timeout=180, interval=0.2, what="every tick consumed")
+        await eventually(settled, timeout=240, interval=0.5, what="every stage consumed")
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     # --- what is stored
-    replicas = {name: (await js.stream_info(name)).config.num_replicas for name in names}
-    on_ticks = await read_all(js, ticks)
+    replicas = {n: (await js.stream_info(n)).config.num_replicas for n in names}
+    on_ticks = await read_all(js, name[streams.TICKS])
     ids = Counter(s.msg_id for s in on_ticks if s.msg_id and not s.msg_id.startswith("watermark|"))
     acked_ticks = sum(len(m.ticks) for m in eas.acked.values())
     lost = [i for i in eas.acked if i not in ids]
     doubled_ticks = sum(c - 1 for c in ids.values())
     unknown = [i for i in ids if i not in eas.acked]
 
-    on_candles = await read_all(js, candles)
-    published = [msgspec.json.decode(s.data, type=Candle) for s in on_candles]
+    on_candles = await read_all(js, name[streams.CANDLES])
+    run_candles = [
+        (s, c)
+        for s in on_candles
+        if (c := msgspec.json.decode(s.data, type=Candle))
+        and (c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) not in past_keys
+    ]
+    made = [s for s, _ in run_candles]
+    published = [c for _, c in run_candles]
     revisions = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
     doubled_candles = sum(c - 1 for c in revisions.values())
     want = reference.candles(eas.ticks())
@@ -388,7 +529,14 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     diffs = reference.differences(got, want)
-    dead = (await js.stream_info(dlq)).state.messages
+
+    downstream = {}
+    for base in (streams.FEATURES, streams.SCORES, streams.SIGNALS):
+        stored = await read_all(js, name[base])
+        counts = Counter(s.msg_id for s in stored)
+        downstream[base] = (stored, len(counts), sum(c - 1 for c in counts.values()))
+    signals = downstream[streams.SIGNALS][0]
+    dead = (await js.stream_info(name["DLQ"])).state.messages
 
     prefix = f"ns_{ns}_"
     await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=120)
@@ -420,17 +568,20 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
         ),
         ("candle revisions doubled on CANDLES", str(doubled_candles)),
         ("candles in QuestDB (rows / wrong)", f"{len(rows)} / {len(questdb_wrong)}"),
-        ("dead letters", str(dead)),
     ]
+    for base, (_, distinct, doubled) in downstream.items():
+        table.append((f"{base.lower()} (distinct / doubled)", f"{distinct} / {doubled}"))
+    table.append(("dead letters", str(dead)))
     for f in faults:
         table += [
             (f"{f.name}: first tick stored", secs(first_after(on_ticks, f.at))),
-            (f"{f.name}: first candle stored", secs(first_after(on_candles, f.at))),
+            (f"{f.name}: first candle stored", secs(first_after(made, f.at))),
+            (f"{f.name}: first signal stored", secs(first_after(signals, f.at))),
             (f"{f.name}: node back -> caught up", secs(f.caught_up_mono - f.over_mono)),
             (f"{f.name}: fault -> caught up", secs(f.caught_up_mono - f.at_mono)),
         ]
     width = max(len(k) for k, _ in table)
-    print("\nNATS cluster failover under candle-ingest")
+    print("\nNATS cluster failover under the pipeline (EAs -> candle-ingest -> ... -> signals)")
     for k, v in table:
         print(f"  {k:<{width}}  {v}")
 
@@ -442,4 +593,6 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     assert diffs == [], diffs
     assert len(rows) == len(want)
     assert questdb_wrong == []
+    assert {base: d[2] for base, d in downstream.items()} == dict.fromkeys(downstream, 0)
+    assert downstream[streams.SIGNALS][1] > 0, "no signal at all: the scorer never scored"
     assert dead == 0
