@@ -422,6 +422,8 @@ async def ensure(
     js: JetStreamManager,
     streams: Iterable[StreamSpec],
     consumers: Iterable[ConsumerSpec] = (),
+    *,
+    rescale: bool = False,
 ) -> dict[str, str]:
     """Create what is missing and update what differs; idempotent.
 
@@ -429,16 +431,20 @@ async def ensure(
     ``"created"``, ``"updated"`` or ``"unchanged"``. A change the server cannot apply in
     place (storage, retention, deliver policy) raises the server's error; nothing is
     deleted to force it.
+
+    A stream that exists keeps its replica count unless ``rescale``: the count belongs to
+    the deployment (``tickwire streams ensure --replicas 3`` on a cluster), and a worker
+    ensuring its streams at start-up with the R1 default must not scale an R3 stream down.
     """
     report: dict[str, str] = {}
     for stream in streams:
-        report[stream.name] = await _ensure_stream(js, stream)
+        report[stream.name] = await _ensure_stream(js, stream, rescale=rescale)
     for consumer in consumers:
         report[consumer.label] = await _ensure_consumer(js, consumer)
     return report
 
 
-async def _ensure_stream(js: JetStreamManager, spec: StreamSpec) -> str:
+async def _ensure_stream(js: JetStreamManager, spec: StreamSpec, *, rescale: bool) -> str:
     try:
         info = await js.stream_info(spec.name)
     except NotFoundError:
@@ -451,6 +457,8 @@ async def _ensure_stream(js: JetStreamManager, spec: StreamSpec) -> str:
             info = await js.stream_info(spec.name)
         else:
             return CREATED
+    if not rescale:
+        spec = msgspec.structs.replace(spec, replicas=info.config.num_replicas or 1)
     if not stream_diff(spec, info.config):
         return UNCHANGED
     await js.update_stream(info.config.evolve(**_stream_fields(spec)))

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -424,12 +424,171 @@ class NatsServer(Server):
                 )
 
     def _command(self) -> list[str]:
-        client, monitor = self.ports
+        client, monitor = self.ports[:2]
         return [str(nats_server_binary()), "-c", str(self.config_path),
                 "-a", HOST, "-p", str(client), "-m", str(monitor)]  # fmt: skip
 
     def _is_ready(self) -> bool:
         return _http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true", b"ok")
+
+
+class NatsNode(NatsServer):
+    """One node of a `NatsCluster`: its own name, store and route port, fsync on every write.
+
+    Besides kill/stop/start it can be frozen (`pause`, SIGSTOP) and thawed (`resume`), as a
+    node stalled by a long GC pause, a full disk or a hung VM would be.
+    """
+
+    port_count = 3  # client, HTTP monitoring, cluster route
+
+    def __init__(self, root: Path | str, *, server_name: str, cluster: NatsCluster) -> None:
+        super().__init__(root)
+        self.server_name = server_name
+        self.cluster = cluster
+        self.paused = False
+
+    @property
+    def route_url(self) -> str:
+        return f"nats-route://{HOST}:{self.ports[2]}"
+
+    def _prepare(self) -> None:
+        routes = [n.route_url for n in self.cluster.nodes if n is not self]
+        self.config_path.write_text(
+            f"server_name: {self.server_name}\n"
+            f"max_payload: {self.limits['max_payload']}\n"
+            "jetstream {\n"
+            f"  store_dir: {json.dumps(str(self.store_dir))}\n"
+            f"  max_memory_store: {self.limits['max_memory_store']}\n"
+            f"  max_file_store: {self.limits['max_file_store']}\n"
+            # an acknowledged message is on disk, not only in the page cache
+            "  sync_interval: always\n"
+            "}\n"
+            "cluster {\n"
+            f"  name: {self.cluster.name}\n"
+            f"  listen: {HOST}:{self.ports[2]}\n"
+            f"  routes: [{', '.join(routes)}]\n"
+            "}\n"
+        )
+
+    def pause(self) -> None:
+        """SIGSTOP the node: it holds its connections but answers nothing."""
+        if self.pid is None:
+            raise StackError(f"{self.server_name} is not running")
+        os.killpg(self.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused node."""
+        if self.pid is not None and self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGCONT)
+        self.paused = False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.resume()  # a stopped process would not hear SIGTERM
+        super().stop(timeout)
+
+    def kill(self) -> None:
+        super().kill()
+        self.paused = False
+
+    def jsz(self) -> dict[str, Any]:
+        """The node's /jsz (JetStream state, meta leader); empty if it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/jsz", timeout=2) as response:
+                return dict(json.load(response))
+        except (OSError, urllib.error.URLError, ValueError):
+            return {}
+
+
+class NatsCluster:
+    """A JetStream cluster of `size` `NatsNode`s routed to each other on loopback.
+
+    Each node lives in `<root>/nats-<i>` as `n<i>`. Ready once every node answers
+    /healthz?js-enabled-only=true and all running nodes agree on an elected meta leader.
+    Clients connect to `url`, every node's URL comma-separated, as workers take
+    TICKWIRE_NATS_URL.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        size: int = 3,
+        name: str = "tickwire-local",
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.start_timeout = start_timeout
+        root = Path(root).resolve()
+        self.nodes = [
+            NatsNode(root / f"nats-{i}", server_name=f"n{i}", cluster=self)
+            for i in range(1, size + 1)
+        ]
+
+    def __repr__(self) -> str:
+        return f"<NatsCluster {self.name} {self.nodes}>"
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def node(self, server_name: str) -> NatsNode:
+        for n in self.nodes:
+            if n.server_name == server_name:
+                return n
+        raise KeyError(f"no node named {server_name!r} in {self.name}")
+
+    def start(self) -> None:
+        # every node's routes name the others' ports: all are chosen before any starts
+        ports = free_ports(sum(n.port_count for n in self.nodes))
+        for i, n in enumerate(self.nodes):
+            if not n.ports:
+                n.ports = ports[i * n.port_count : (i + 1) * n.port_count]
+        try:
+            for n in self.nodes:
+                n.spawn()
+            for n in self.nodes:
+                n.wait_ready(self.start_timeout)
+            self.wait_meta_leader(self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop(timeout=10)
+
+    def meta_leader(self) -> str | None:
+        """The meta leader all running, unpaused nodes agree on, or None."""
+        seen = {
+            n.jsz().get("meta_cluster", {}).get("leader")
+            for n in self.nodes
+            if n.running and not n.paused
+        }
+        leader = seen.pop() if len(seen) == 1 else None
+        return leader or None
+
+    def wait_meta_leader(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (leader := self.meta_leader()) is None:
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"{n.server_name}: {n.log_tail(10)}" for n in self.nodes)
+                raise StackError(f"{self.name}: no meta leader after {timeout:.0f}s\n{tails}")
+            time.sleep(0.2)
+        return leader
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------------------

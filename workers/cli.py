@@ -90,8 +90,9 @@ def _streams(args: argparse.Namespace) -> int:
         try:
             return await ensure(
                 nc.jetstream(),
-                stream_specs(namespace=args.namespace, replicas=args.replicas),
+                stream_specs(namespace=args.namespace, replicas=args.replicas or 1),
                 consumer_specs(namespace=args.namespace),
+                rescale=args.replicas is not None,
             )
         finally:
             await nc.close()
@@ -232,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     streams = sub.add_parser("streams", help="create or update JetStream streams and consumers")
     streams.add_argument("action", choices=["ensure"])
     streams.add_argument("--namespace", default=None)
-    streams.add_argument("--replicas", type=int, default=1, choices=[1, 3, 5])
+    streams.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        choices=[1, 3, 5],
+        help="set every stream to this many replicas (default: new streams R1, others kept)",
+    )
     streams.set_defaults(func=_streams)
 
     imp = sub.add_parser("import", help="backfill from MT5 CSV exports (bars or ticks)")

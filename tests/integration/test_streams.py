@@ -129,6 +129,22 @@ async def test_a_changed_spec_updates_only_what_changed(
     assert set(again.values()) == {"unchanged"}
 
 
+async def test_the_replica_count_of_an_existing_stream_is_left_alone_unless_rescaled(
+    js: JetStreamContext, namespace: str
+) -> None:
+    stream_specs = streams.stream_specs(namespace=namespace)
+    await streams.ensure(js, stream_specs)
+    r3 = streams.stream_specs(namespace=namespace, replicas=3)
+
+    report = await streams.ensure(js, r3)
+
+    assert set(report.values()) == {"unchanged"}
+    assert {(await js.stream_info(s.name)).config.num_replicas for s in r3} == {1}
+    # asked to rescale, it does try: a single server refuses R3
+    with pytest.raises(APIError, match="replicas"):
+        await streams.ensure(js, r3[:1], rescale=True)
+
+
 async def test_the_same_msg_id_twice_is_stored_once(js: JetStreamContext, namespace: str) -> None:
     await streams.ensure(js, streams.stream_specs(namespace=namespace))
     subject = subjects.ticks("icm-live", "US500.cash", namespace=namespace)
