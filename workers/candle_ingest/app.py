@@ -24,7 +24,7 @@ from typing import Annotated, ClassVar, Final, Protocol
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator, model_validator
 
@@ -435,7 +435,10 @@ class Ingest:
         server would redeliver them only after their ack wait, behind newer ones.
         """
         js = self.ctx.js
-        store = await js.create_object_store(self._bucket)
+        try:  # made by ops (R3 on a cluster), or here with the defaults
+            store = await js.object_store(self._bucket)
+        except BucketNotFoundError:
+            store = await js.create_object_store(self._bucket)
         config = self.settings.aggregator_config()
         try:
             data = (await store.get(self._key)).data
