@@ -325,6 +325,42 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     assert (await js.stream_info(dlq)).state.messages == 1
 
 
+async def test_an_advisory_whose_dead_letter_was_not_stored_comes_again(
+    nc: Client, js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "deaf", namespace)
+    signal = make_signal(1)
+    await publish(js, [signal], namespace)
+    dlq = next(s for s in streams.stream_specs(namespace=namespace) if s.name.endswith("_DLQ"))
+    await js.delete_stream(dlq.name)  # nowhere to store a dead letter
+    # signal-publisher's durable, coming again after a second instead of half a minute
+    spec = msgspec.structs.replace(
+        streams.exhausted_deliveries(namespace=namespace), ack_wait=1.0, backoff=(1.0,)
+    )
+    await streams.ensure(js, [], [spec])
+    subject, body = advisory(namespace, "deaf", 1, 5)
+    await js.publish(subject, body)
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(js, metrics, 2.0), metrics, namespace, expires_s=1.0
+    )
+    await exhausted.start()
+    try:
+        await eventually(lambda: outcomes(metrics)["retry"] >= 2, what="two failed attempts")
+        await streams.ensure(js, [dlq])
+        await eventually(
+            lambda: outcomes(metrics)["dead_lettered"] == 1, what="the dead letter at last"
+        )
+    finally:
+        await exhausted.stop()
+    letter = msgspec.json.decode((await js.get_msg(dlq.name, 1)).data, type=DeadLetter)
+    assert (letter.worker, letter.deliveries, letter.stream_seq) == ("deaf", 5, 1)
+    assert letter.payload == msgspec.json.encode(signal)
+    assert (await js.stream_info(dlq.name)).state.messages == 1
+    info = await js.consumer_info(spec.stream, spec.durable)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
 async def test_a_signal_exhausted_while_signal_publisher_is_down_is_dead_lettered_once(
     js: JetStreamContext, namespace: str, stack: StackUrls
 ) -> None:

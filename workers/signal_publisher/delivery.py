@@ -45,7 +45,7 @@ from contracts.streams import (
 from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
-from workers.runtime.pull import ACK, PullSource, nak_payload, parse_reply
+from workers.runtime.pull import ACK, PullSource
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Exhausted:
     deterministic, so an advisory delivered again (a crash before the ack) stores nothing
     new. An advisory about a pipeline consumer on SIGNALS is acked and left to that worker's
     own dead-letter handling; one that does not parse is acked, logged and counted. When
-    the dead letter cannot be stored, the advisory comes again after a delay.
+    the dead letter cannot be stored, the advisory stays unacked and comes again.
     """
 
     def __init__(
@@ -276,28 +276,18 @@ class Exhausted:
         try:
             outcome = await self.handle(adv)
         except Exception as exc:
-            delay = self._delay(msg.reply)
+            # left unacked: the server delivers it again after the consumer's backoff step
+            # (a nak's own delay would be offset by that step once backoff is set)
             log.warning(
-                "subscriber %s: seq %d not dead-lettered yet, again in %.0f s: %r",
+                "subscriber %s: seq %d not dead-lettered yet, comes again: %r",
                 adv.consumer,
                 adv.stream_seq,
-                delay,
                 exc,
             )
             self.outcomes[RETRY].inc()
-            await self.nc.publish(msg.reply, nak_payload(delay))
             return
         self.outcomes[outcome].inc()
         await self.nc.publish(msg.reply, ACK)
-
-    def _delay(self, reply: str) -> float:
-        """The consumer's backoff step for this delivery of the advisory."""
-        steps = self.spec.backoff
-        try:
-            deliveries = parse_reply(reply).deliveries
-        except ValueError:
-            return steps[0]
-        return steps[min(deliveries, len(steps)) - 1]
 
     async def _subscriber(self, consumer: str) -> bool:
         known = self._subscribers.get(consumer)
