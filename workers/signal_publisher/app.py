@@ -17,8 +17,8 @@ de-duplicated by id.
 A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
 state: the rebuild makes the signals that follow from it itself.
 
-The same process turns a subscriber's exhausted deliveries into dead letters
-(``workers.signal_publisher.delivery``).
+The same process turns a subscriber's exhausted deliveries into dead letters, from its
+durable on ADVISORIES (``workers.signal_publisher.delivery``).
 """
 
 from __future__ import annotations
