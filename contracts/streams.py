@@ -17,6 +17,11 @@ like production and never touches live data.
 
 ``ensure`` manages only the fields described here: fields set by someone else (sources of a
 replay stream, metadata) are left as they are.
+
+``ADVISORIES`` keeps what the server says once and never again: the advisory that a
+subscriber's consumer on SIGNALS gave up on a signal (its delivery limit). signal-publisher
+turns each into a dead letter through a durable consumer, so one published while it is down
+or disconnected waits for it instead of being lost.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ FEATURES: Final = "FEATURES"
 SCORES: Final = "SCORES"
 SIGNALS: Final = "SIGNALS"
 DLQ: Final = "DLQ"
+ADVISORIES: Final = "ADVISORIES"
 
 # Durable consumer names, one per worker (the replicator uses the same name on each stream).
 CANDLE_INGEST: Final = "candle-ingest"
@@ -230,6 +236,19 @@ def stream_specs(*, namespace: str | None = None, replicas: int = 1) -> list[Str
             # tick batch must fit. Needs the server's max_payload raised to match.
             max_msg_size=2 * MiB,
         ),
+        StreamSpec(
+            name=stream_name(ADVISORIES, namespace=namespace),
+            # the server publishes them under the stream's name: SIGNALS, or NS_<ns>_SIGNALS
+            subjects=(subjects.max_deliveries(stream_name(SIGNALS, namespace=namespace)),),
+            description="Signals a subscriber never acked (the server's delivery-limit "
+            "advisories), until signal-publisher has dead-lettered them",
+            replicas=replicas,
+            # a week covers signal-publisher down over a long weekend; the dead letters
+            # themselves stay 30 days in DLQ
+            max_age=7 * DAY,
+            duplicate_window=dedup,
+            max_msg_size=64 * KiB,  # an advisory is ~300 bytes of JSON
+        ),
     ]
 
 
@@ -315,7 +334,25 @@ def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
                 (SIGNALS, subjects.SIGNALS),
             )
         ),
+        # after its SCORES consumer: ``PartitionedSettings.consumer_spec`` takes the first
+        exhausted_deliveries(namespace=namespace),
     ]
+
+
+def exhausted_deliveries(*, namespace: str | None = None) -> ConsumerSpec:
+    """signal-publisher's durable on ADVISORIES: the subscribers' exhausted deliveries it
+    dead-letters. One durable whatever the partitions, so each advisory is handled once."""
+    signals = stream_name(SIGNALS, namespace=namespace)
+    return ConsumerSpec(
+        stream=stream_name(ADVISORIES, namespace=namespace),
+        durable=SIGNAL_PUBLISHER,
+        description="Subscribers' exhausted deliveries to dead letters",
+        filter_subjects=(subjects.max_deliveries(signals),),
+        ack_wait=_RETRY[0],
+        backoff=_RETRY,
+        max_deliver=_MAX_DELIVER,
+        max_ack_pending=100,
+    )
 
 
 def signal_subscriber(

@@ -151,6 +151,20 @@ def wildcard(domain: str, *, feed: str | None = None, namespace: str | None = No
     return f"{_prefix(namespace)}{domain}.{feed_token}{tail}"
 
 
+MAX_DELIVERIES: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+"""The server's advisory that a consumer gave up on a message (delivery limit reached)."""
+
+
+def max_deliveries(stream: str, consumer: str = "*") -> str:
+    """``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>``: the advisories of
+    one stream's consumers (every consumer by default), as the server publishes them."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", stream):
+        raise SubjectError(f"not a stream name: {stream!r}")
+    if consumer != "*":
+        check_name(consumer, "consumer")
+    return f"{MAX_DELIVERIES}.{stream}.{consumer}"
+
+
 def check_filter(domain: str, pattern: str, *, namespace: str | None = None) -> str:
     """A consumer filter within one per-timeframe domain: ``<domain>.<feed>.<symbol>.<tf>``
     where each token may be ``*`` and the last given one ``>``."""

@@ -353,6 +353,9 @@ FEATURES = subjects.features(F, S, TF)
 SCORES = subjects.scores(F, S, TF)
 SIGNALS = subjects.signals(F, S, TF)
 TICKS = subjects.ticks(F, S)
+# what the server says when a subscriber's consumer gives up on a signal: only the server
+# may say it (a forged one would dead-letter a signal the subscriber did get)
+EXAMPLE_EXHAUSTED = subjects.max_deliveries("SIGNALS", "example")
 
 REFUSED = {
     "candle-ingest": [
@@ -396,6 +399,23 @@ REFUSED = {
         "$JS.API.CONSUMER.MSG.NEXT.SIGNALS.example",
         "$JS.API.STREAM.MSG.GET.TICKS",
     ],
+    "signal-publisher": [
+        EXAMPLE_EXHAUSTED,
+        "$JS.API.CONSUMER.CREATE.ADVISORIES",
+        "$JS.API.CONSUMER.DELETE.ADVISORIES.signal-publisher",
+        "$JS.API.STREAM.PURGE.ADVISORIES",
+        "$JS.API.CONSUMER.MSG.NEXT.SIGNALS.example",
+    ],
+    # the subscriber template may not take or settle signal-publisher's advisories, nor
+    # dead-letter anything itself
+    "subscriber-example": [
+        EXAMPLE_EXHAUSTED,
+        "$JS.API.CONSUMER.MSG.NEXT.ADVISORIES.signal-publisher",
+        "$JS.API.CONSUMER.INFO.ADVISORIES.signal-publisher",
+        "$JS.ACK.ADVISORIES.signal-publisher.1.1.1.1.0",
+        "$JS.API.STREAM.INFO.ADVISORIES",
+        "dlq.subscribers",
+    ],
 }
 
 
@@ -420,7 +440,7 @@ async def test_each_user_is_refused_what_it_must_not_publish(
     finally:
         await nc.close()
     # nothing refused reached a stream
-    for name in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS", "DLQ"):
+    for name in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS", "DLQ", "ADVISORIES"):
         assert (await ops.stream_info(name)).state.messages == 0, name
 
 
@@ -434,6 +454,25 @@ async def test_the_ea_may_consume_nothing(secured: Secured, ops: JetStreamContex
         await eventually(lambda: len(errors) >= 4, what="the refusals")
         assert [str(e) for e in errors] == [
             violation("subscription", s) for s in ("ticks.>", CANDLES, SIGNALS, "_INBOX_example.>")
+        ]
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("user", ["signal-publisher", "subscriber-example"])
+async def test_advisories_are_read_from_their_stream_only(
+    secured: Secured, ops: JetStreamContext, user: str
+) -> None:
+    """Listening to the advisories themselves is refused: signal-publisher reads them
+    from its durable on ADVISORIES, and a subscriber not at all."""
+    errors: list[Exception] = []
+    nc = await secured.connect(user, errors)
+    try:
+        await nc.subscribe(subjects.max_deliveries("SIGNALS"))
+        await nc.flush()
+        await eventually(lambda: errors, what="the refusal")
+        assert [str(e) for e in errors] == [
+            violation("subscription", subjects.max_deliveries("SIGNALS"))
         ]
     finally:
         await nc.close()
@@ -468,11 +507,23 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
             info = await replicator.consumer_info(stream, "timescale-replicator")
             assert info.num_pending == 1
         assert (await replicator.stream_info("SIGNALS")).state.messages == 0
+
+        # signal-publisher takes and acks the advisories ADVISORIES kept for it (the one
+        # here published as the server would, by ops)
+        publisher = clients["signal-publisher"].jetstream()
+        await ops.publish(EXAMPLE_EXHAUSTED, b"{}")
+        assert (await publisher.stream_info("ADVISORIES")).state.messages == 1
+        assert (await publisher.consumer_info("ADVISORIES", "signal-publisher")).num_pending == 1
+        advisories = await publisher.pull_subscribe_bind("signal-publisher", stream="ADVISORIES")
+        (taken,) = await advisories.fetch(1, timeout=5)
+        assert taken.subject == EXAMPLE_EXHAUSTED
+        await taken.ack_sync()
     finally:
         for nc in clients.values():
             await nc.close()
     assert errors == []
     await eventually(lambda: consumed(ops, "TICKS", "candle-ingest"), what="acks")
+    await eventually(lambda: consumed(ops, "ADVISORIES", "signal-publisher"), what="the ack")
 
 
 async def test_signal_publisher_runs_under_its_own_user(
@@ -507,10 +558,15 @@ async def test_signal_publisher_runs_under_its_own_user(
             return (await ops.stream_info("DLQ")).state.messages == 1
 
         await eventually(dead_lettered, timeout=30, what="the subscriber's dead letter")
+        await eventually(
+            lambda: consumed(ops, "ADVISORIES", "signal-publisher"), what="the advisory acked"
+        )
     finally:
         await stop_all(running)
     letter = msgspec.json.decode((await ops.get_msg("DLQ", 1)).data, type=DeadLetter)
     assert (letter.reason, letter.worker) == ("max_deliveries", "deaf")
+    violations = re.findall(r'user:([\w-]+)" - (\w+) Violation - Subject "([^"]+)"', log(secured))
+    assert violations == []
 
 
 async def test_model_scorer_runs_under_its_own_user(

@@ -199,6 +199,8 @@ async def test_delete_removes_every_trace(
 
     assert f"OBJ_ns-{unique}-candle-ingest-state" in deleted
     assert f"KV_ns-{unique}-models" in deleted
+    # the namespace's own advisories of its SIGNALS, as its signal-publisher reads them
+    assert streams.stream_name(streams.ADVISORIES, namespace=unique) in deleted
     left = [i.config.name for i in await js.streams_info() if unique in (i.config.name or "")]
     assert left == []
     assert unique not in await replay.names(js)

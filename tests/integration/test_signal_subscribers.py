@@ -46,6 +46,8 @@ async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     for spec in streams.stream_specs(namespace=unique):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
+    with contextlib.suppress(Exception):  # made by signal-publisher when it ran
+        await js.delete_key_value(f"ns-{unique}-signal-policy")
 
 
 def now_ms() -> int:
@@ -215,35 +217,88 @@ async def test_a_subscriber_down_past_the_expiry_does_not_act_on_the_signal(
     assert info.num_pending == 0  # type: ignore[attr-defined]
 
 
+async def never_acked(sub: JetStreamContext.PullSubscription, until: Callable[[], Awaitable[bool]],
+                     what: str) -> int:  # fmt: skip
+    """Take the subscriber's deliveries and never ack them, until ``until()``; the count.
+    The server gives up on a message when it would deliver it once more: keep asking."""
+    deliveries = 0
+
+    async def taken() -> bool:
+        nonlocal deliveries
+        with contextlib.suppress(NatsTimeout):
+            deliveries += len(await sub.fetch(1, timeout=0.5))
+        return await until()
+
+    await eventually(taken, timeout=30, what=what)
+    return deliveries
+
+
+async def messages(js: JetStreamContext, base: str, namespace: str) -> int:
+    info = await js.stream_info(streams.stream_name(base, namespace=namespace))
+    return int(info.state.messages)
+
+
+def advisory(namespace: str, consumer: str, seq: int, deliveries: int) -> tuple[str, bytes]:
+    """A delivery-limit advisory as the server publishes it (subject, JSON)."""
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    body = {
+        "type": "io.nats.jetstream.advisory.v1.max_deliver",
+        "id": f"adv-{consumer}-{seq}",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "stream": stream,
+        "consumer": consumer,
+        "stream_seq": seq,
+        "deliveries": deliveries,
+    }
+    return subjects.max_deliveries(stream, consumer), msgspec.json.encode(body)
+
+
+def outcomes(metrics: WorkerMetrics) -> dict[str, float]:
+    return {
+        o: metrics.registry.get_sample_value(
+            "tickwire_exhausted_advisories_total", {"worker": metrics.worker, "outcome": o}
+        )
+        or 0.0
+        for o in ("dead_lettered", "pipeline", "unreadable", "retry")
+    }
+
+
 async def test_exhausted_deliveries_end_in_the_dead_letters(
     nc: Client, js: JetStreamContext, namespace: str, stack: StackUrls
 ) -> None:
     await fast(js, "deaf", namespace, max_deliver=3)
+    # a pipeline consumer on SIGNALS: its own worker dead-letters what it cannot take
+    await streams.ensure(js, [], streams.consumer_specs(namespace=namespace))
+    # before the real one: an advisory that does not parse and one of the pipeline consumer
+    # (sent as the server would); neither may hold up the subscriber's
+    for subject, body in (
+        (advisory(namespace, "bogus", 1, 3)[0], b"{not json"),
+        advisory(namespace, "timescale-replicator", 1, 10),
+    ):
+        await js.publish(subject, body)
     metrics = WorkerMetrics("signal-publisher")
-    exhausted = delivery.Exhausted(nc, js, Publisher(js, metrics, 10.0), metrics, namespace)
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(js, metrics, 10.0), metrics, namespace, expires_s=1.0
+    )
     await exhausted.start()
     stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
     sub = await js.pull_subscribe_bind(durable="deaf", stream=stream)
     signal = make_signal(1)
     try:
         await publish(js, [signal], namespace)
-        deliveries = 0
-
-        async def take_and_ignore() -> bool:
-            nonlocal deliveries
-            with contextlib.suppress(NatsTimeout):
-                deliveries += len(await sub.fetch(1, timeout=0.5))
-            return deliveries >= 3
-
-        await eventually(take_and_ignore, timeout=30, what="three deliveries, never acked")
         dlq = streams.stream_name(streams.DLQ, namespace=namespace)
 
-        async def letters() -> int:
-            # the server gives up when it would deliver once more: keep asking
-            await take_and_ignore()
-            return int((await js.stream_info(dlq)).state.messages)
+        async def letters() -> bool:
+            return await messages(js, streams.DLQ, namespace) >= 1
 
-        await eventually(letters, timeout=20, what="the dead letter")
+        assert await never_acked(sub, letters, "the dead letter") == 3
+
+        async def all_acked() -> bool:
+            spec = streams.exhausted_deliveries(namespace=namespace)
+            info = await js.consumer_info(spec.stream, spec.durable)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(all_acked, what="every advisory acked")
     finally:
         await exhausted.stop()
         await sub.unsubscribe()
@@ -255,6 +310,7 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     assert letter.stream_seq == 1
     labels = {"worker": "signal-publisher", "reason": "max_deliveries"}
     assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
+    assert outcomes(metrics) == {"dead_lettered": 1, "pipeline": 1, "unreadable": 1, "retry": 0}
     # ops see it, and cannot requeue it: that would send it to every subscriber again
     listed = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "list", "--worker",
                                      "subscribers")  # fmt: skip
@@ -267,6 +323,105 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     assert "subscribers rewind" in refused.stderr
     assert (await js.stream_info(stream)).state.messages == signals_before
     assert (await js.stream_info(dlq)).state.messages == 1
+
+
+async def test_an_advisory_whose_dead_letter_was_not_stored_comes_again(
+    nc: Client, js: JetStreamContext, namespace: str
+) -> None:
+    await fast(js, "deaf", namespace)
+    signal = make_signal(1)
+    await publish(js, [signal], namespace)
+    dlq = next(s for s in streams.stream_specs(namespace=namespace) if s.name.endswith("_DLQ"))
+    await js.delete_stream(dlq.name)  # nowhere to store a dead letter
+    # signal-publisher's durable, coming again after a second instead of half a minute
+    spec = msgspec.structs.replace(
+        streams.exhausted_deliveries(namespace=namespace), ack_wait=1.0, backoff=(1.0,)
+    )
+    await streams.ensure(js, [], [spec])
+    subject, body = advisory(namespace, "deaf", 1, 5)
+    await js.publish(subject, body)
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(js, metrics, 2.0), metrics, namespace, expires_s=1.0
+    )
+    await exhausted.start()
+    try:
+        await eventually(lambda: outcomes(metrics)["retry"] >= 2, what="two failed attempts")
+        await streams.ensure(js, [dlq])
+        await eventually(
+            lambda: outcomes(metrics)["dead_lettered"] == 1, what="the dead letter at last"
+        )
+    finally:
+        await exhausted.stop()
+    letter = msgspec.json.decode((await js.get_msg(dlq.name, 1)).data, type=DeadLetter)
+    assert (letter.worker, letter.deliveries, letter.stream_seq) == ("deaf", 5, 1)
+    assert letter.payload == msgspec.json.encode(signal)
+    assert (await js.stream_info(dlq.name)).state.messages == 1
+    info = await js.consumer_info(spec.stream, spec.durable)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+async def test_a_signal_exhausted_while_signal_publisher_is_down_is_dead_lettered_once(
+    js: JetStreamContext, namespace: str, stack: StackUrls
+) -> None:
+    from workers.signal_publisher.app import Settings, build
+
+    await fast(js, "deaf", namespace, max_deliver=3)
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    sub = await js.pull_subscribe_bind(durable="deaf", stream=stream)
+    signal = make_signal(1)
+    await publish(js, [signal], namespace)
+    # signal-publisher has not run in this namespace: not even its consumer exists
+    try:
+
+        async def advised() -> bool:
+            return await messages(js, streams.ADVISORIES, namespace) == 1
+
+        assert await never_acked(sub, advised, "the advisory kept") == 3
+    finally:
+        await sub.unsubscribe()
+    assert await messages(js, streams.DLQ, namespace) == 0
+    spec = streams.exhausted_deliveries(namespace=namespace)
+
+    async def handled() -> bool:
+        info = await js.consumer_info(spec.stream, spec.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        return floor == 1 and info.num_pending == 0 and info.num_ack_pending == 0
+
+    settings = Settings(nats_url=stack.nats_url, namespace=namespace, pull_expires_s=1)
+    first = build(settings)
+    task = asyncio.create_task(first.run())
+    try:
+        await eventually(lambda: first.started.is_set() or task.done(), what="start")
+        await eventually(handled, what="the advisory acked")
+    finally:
+        first.stop()
+        await asyncio.wait_for(task, 60)
+    assert await messages(js, streams.DLQ, namespace) == 1
+    raw = await js.get_msg(streams.stream_name(streams.DLQ, namespace=namespace), 1)
+    letter = msgspec.json.decode(raw.data, type=DeadLetter)
+    assert raw.subject == subjects.dlq("subscribers", namespace=namespace)
+    assert (letter.worker, letter.reason, letter.deliveries) == ("deaf", "max_deliveries", 3)
+    assert (letter.stream, letter.stream_seq) == (stream, 1)
+    assert letter.payload == msgspec.json.encode(signal)
+    assert letter.subject == subjects.signals("fx", "EURUSD", Timeframe.M1, namespace=namespace)
+
+    # the advisory comes again, as after a crash between the dead letter and its ack: the
+    # durable made anew delivers it from the start of ADVISORIES
+    await js.delete_consumer(spec.stream, spec.durable)
+    await streams.ensure(js, [], [spec])
+    assert (await js.consumer_info(spec.stream, spec.durable)).num_pending == 1
+    again = build(settings)
+    task = asyncio.create_task(again.run())
+    try:
+        await eventually(lambda: again.started.is_set() or task.done(), what="restart")
+        await eventually(handled, what="the advisory acked again")
+        handled_again = outcomes(again.context.metrics)
+    finally:
+        again.stop()
+        await asyncio.wait_for(task, 60)
+    assert handled_again["dead_lettered"] == 1  # published again, with the same id
+    assert await messages(js, streams.DLQ, namespace) == 1  # and stored once
 
 
 async def test_a_rewind_delivers_again_to_that_subscriber_only(

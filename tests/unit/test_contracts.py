@@ -452,6 +452,7 @@ def test_live_streams_and_their_values() -> None:
         "SCORES": ("scores.*.*.*",),
         "SIGNALS": ("signals.*.*.*",),
         "DLQ": ("dlq.*",),
+        "ADVISORIES": ("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SIGNALS.*",),
     }
     assert {name: s.max_age for name, s in specs.items()} == {
         "TICKS": 7 * DAY,
@@ -460,6 +461,7 @@ def test_live_streams_and_their_values() -> None:
         "SCORES": 14 * DAY,
         "SIGNALS": 30 * DAY,
         "DLQ": 30 * DAY,
+        "ADVISORIES": 7 * DAY,
     }
     assert specs["TICKS"].max_msg_size == 1_048_576
     assert specs["DLQ"].max_msg_size == 2_097_152
@@ -487,6 +489,13 @@ def test_every_built_subject_lands_in_exactly_one_stream() -> None:
         assert len([s for s in live if _matches(s.subjects, subject)]) == 1
         assert not [s for s in replay if _matches(s.subjects, subject)]
         assert len([s for s in replay if _matches(s.subjects, f"ns.r1.{subject}")]) == 1
+    # the server names a stream's advisories by the stream: live and replay apart
+    exhausted = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.ea-1"
+    for specs, signals in ((live, "SIGNALS"), (replay, "NS_r1_SIGNALS")):
+        held = [s.name for s in specs if _matches(s.subjects, exhausted.format(signals))]
+        assert held == [specs[-1].name]
+    assert not [s for s in live if _matches(s.subjects, exhausted.format("NS_r1_SIGNALS"))]
+    assert not [s for s in live if _matches(s.subjects, exhausted.format("SCORES"))]
 
 
 def test_a_namespace_gets_its_own_stream_names_and_subjects() -> None:
@@ -498,9 +507,13 @@ def test_a_namespace_gets_its_own_stream_names_and_subjects() -> None:
         "NS_replay-7_SCORES",
         "NS_replay-7_SIGNALS",
         "NS_replay-7_DLQ",
+        "NS_replay-7_ADVISORIES",
     ]
     assert specs[0].subjects == ("ns.replay-7.ticks.*.*",)
-    assert specs[-1].subjects == ("ns.replay-7.dlq.*",)
+    assert specs[-2].subjects == ("ns.replay-7.dlq.*",)
+    assert specs[-1].subjects == (
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.NS_replay-7_SIGNALS.*",
+    )
     assert {s.replicas for s in specs} == {3}
     with pytest.raises(subjects.SubjectError):
         streams.stream_specs(namespace="bad name")
@@ -518,6 +531,7 @@ def test_pipeline_consumers() -> None:
             "FEATURES/timescale-replicator",
             "SCORES/timescale-replicator",
             "SIGNALS/timescale-replicator",
+            "ADVISORIES/signal-publisher",
         ]
     )
     stream_subjects = {s.name: s.subjects for s in streams.stream_specs()}
@@ -534,6 +548,23 @@ def test_pipeline_consumers() -> None:
     assert by_label["SIGNALS/timescale-replicator"].max_ack_pending == 20_000
 
 
+def test_signal_publisher_has_a_durable_on_the_advisories_besides_its_scores() -> None:
+    from workers.signal_publisher.app import Settings
+
+    for ns in (None, "r1"):
+        scores = Settings(namespace=ns, partitions=2, partition=1).consumer_spec()
+        assert (scores.stream, scores.durable) == (
+            streams.stream_name("SCORES", namespace=ns),
+            "signal-publisher-1of2",
+        )
+        advisories = streams.exhausted_deliveries(namespace=ns)
+        assert advisories in streams.consumer_specs(namespace=ns)
+        assert advisories.durable == "signal-publisher"  # one for every partition
+        assert advisories.stream == streams.stream_name("ADVISORIES", namespace=ns)
+        assert advisories.ack_policy is streams.AckPolicy.EXPLICIT
+        assert advisories.deliver_policy is streams.DeliverPolicy.ALL
+
+
 def test_namespaced_consumers_bind_namespaced_streams() -> None:
     specs = streams.consumer_specs(namespace="r1")
     assert {c.stream for c in specs} == {
@@ -542,8 +573,13 @@ def test_namespaced_consumers_bind_namespaced_streams() -> None:
         "NS_r1_FEATURES",
         "NS_r1_SCORES",
         "NS_r1_SIGNALS",
+        "NS_r1_ADVISORIES",
     }
-    assert all(f.startswith("ns.r1.") for c in specs for f in c.filter_subjects)
+    assert all(
+        f.startswith("ns.r1.") or f.endswith(".NS_r1_SIGNALS.*")
+        for c in specs
+        for f in c.filter_subjects
+    )
 
 
 def test_signal_subscriber_starts_at_new_signals_of_its_feed() -> None:

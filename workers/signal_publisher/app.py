@@ -17,8 +17,8 @@ de-duplicated by id.
 A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
 state: the rebuild makes the signals that follow from it itself.
 
-The same process turns a subscriber's exhausted deliveries into dead letters
-(``workers.signal_publisher.delivery``).
+The same process turns a subscriber's exhausted deliveries into dead letters, from its
+durable on ADVISORIES (``workers.signal_publisher.delivery``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,14 @@ from pydantic import Field, field_validator
 from contracts import subjects
 from contracts.codec import Codec, encode
 from contracts.messages import Score, Side, Signal
-from contracts.streams import SCORES, SIGNAL_PUBLISHER, ensure, stream_name, stream_specs
+from contracts.streams import (
+    SCORES,
+    SIGNAL_PUBLISHER,
+    ensure,
+    exhausted_deliveries,
+    stream_name,
+    stream_specs,
+)
 from workers.runtime.history import warm_up
 from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
@@ -271,7 +278,9 @@ def build(settings: Settings) -> Worker[Score]:
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
+        ns = settings.namespace
+        consumers = [settings.consumer_spec(), exhausted_deliveries(namespace=ns)]
+        await ensure(ctx.js, stream_specs(namespace=ns), consumers)
         signals = Signals(settings, ctx, settings.policy())
         kv = await _policy_kv(ctx, settings.bucket)
         watcher = await kv.watch(POLICY_KEY)
@@ -280,10 +289,16 @@ def build(settings: Settings) -> Worker[Score]:
             if entry.value:
                 signals.use(entry.value)
         watching = asyncio.ensure_future(_watch_policy(watcher, signals))
-        watching.add_done_callback(lambda t: _stopped(t, worker))
+        watching.add_done_callback(lambda t: _stopped(t, worker, "policy watch"))
         await signals.restore(stream)
-        exhausted = Exhausted(ctx.nc, ctx.js, ctx.publisher, ctx.metrics, settings.namespace)
+        exhausted = Exhausted(
+            ctx.nc, ctx.js, ctx.publisher, ctx.metrics, ns, expires_s=settings.pull_expires_s
+        )
         await exhausted.start()
+        assert exhausted.task is not None
+        exhausted.task.add_done_callback(
+            lambda t: None if exhausted.stopping else _stopped(t, worker, "dead-lettering")
+        )
         ctx.state.update(signals=signals, watcher=watcher, watching=watching, exhausted=exhausted)
 
     @worker.on_shutdown
@@ -310,11 +325,12 @@ def build(settings: Settings) -> Worker[Score]:
     return worker
 
 
-def _stopped(task: asyncio.Future[None], worker: Worker[Score]) -> None:
-    """The policy watch ended on its own: without it the policy could go stale, so stop."""
+def _stopped(task: asyncio.Future[None], worker: Worker[Score], what: str) -> None:
+    """A side task ended on its own: the policy watch (without it the policy could go
+    stale) or the dead-lettering of exhausted deliveries. Stop, to be restarted whole."""
     if task.cancelled():
         return
-    log.error("%s: policy watch ended (%r); stopping", NAME, task.exception())
+    log.error("%s: %s ended (%r); stopping", NAME, what, task.exception())
     worker.stop()
 
 

@@ -7,8 +7,9 @@
 - ``subscribe``: the reference subscriber. It acts on a signal, then acks it; a signal past
   its ``expires_ms`` is reported as expired and terminated, never acted on.
 - ``Exhausted``: the server gives up on a message after the delivery limit and says so in
-  an advisory; the message is then dead-lettered to ``dlq.subscribers`` with the subscriber's
-  name and delivery count.
+  an advisory, which the stream ADVISORIES keeps; signal-publisher consumes it on a durable
+  of its own and dead-letters the message to ``dlq.subscribers`` with the subscriber's name
+  and delivery count, also when the advisory came while it was down.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Final
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -36,6 +37,7 @@ from contracts.messages import DeadLetter, Signal
 from contracts.streams import (
     SIGNALS,
     ensure,
+    exhausted_deliveries,
     signal_subscriber,
     stream_name,
     to_consumer_config,
@@ -43,13 +45,13 @@ from contracts.streams import (
 from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
+from workers.runtime.pull import ACK, PullSource
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBER_DESCRIPTION: Final = "Signal subscriber "
 DLQ_NAME: Final = "subscribers"
 MAX_DELIVERIES: Final = "max_deliveries"
-_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 
 class SubscriberError(TickwireError):
@@ -191,10 +193,22 @@ class _Advisory(msgspec.Struct):
 
 _advisory = msgspec.json.Decoder(_Advisory)
 
+DEAD_LETTERED: Final = "dead_lettered"
+PIPELINE: Final = "pipeline"
+UNREADABLE: Final = "unreadable"
+RETRY: Final = "retry"
+
 
 class Exhausted:
-    """Listens to the delivery-limit advisories of SIGNALS; dead-letters what a subscriber
-    never acked. Pipeline consumers on SIGNALS are left to their own dead-letter handling."""
+    """Dead-letters what a subscriber never acked, from the delivery-limit advisories of
+    SIGNALS that the stream ADVISORIES keeps (``contracts.streams.exhausted_deliveries``).
+
+    Each advisory is acked after its dead letter is stored; the dead letter's id is
+    deterministic, so an advisory delivered again (a crash before the ack) stores nothing
+    new. An advisory about a pipeline consumer on SIGNALS is acked and left to that worker's
+    own dead-letter handling; one that does not parse is acked, logged and counted. When
+    the dead letter cannot be stored, the advisory stays unacked and comes again.
+    """
 
     def __init__(
         self,
@@ -203,6 +217,9 @@ class Exhausted:
         publisher: Publisher,
         metrics: WorkerMetrics,
         namespace: str | None,
+        *,
+        expires_s: float = 5.0,
+        batch: int = 100,
     ) -> None:
         self.nc = nc
         self.js = js
@@ -210,22 +227,67 @@ class Exhausted:
         self.metrics = metrics
         self.stream = stream_name(SIGNALS, namespace=namespace)
         self.dlq = subjects.dlq(DLQ_NAME, namespace=namespace)
-        self._sub: Subscription | None = None
+        self.spec = exhausted_deliveries(namespace=namespace)
+        self.batch = batch
+        self.source = PullSource(
+            nc, self.spec.stream, self.spec.durable, batch=batch, expires_s=expires_s
+        )
+        self.task: asyncio.Future[None] | None = None
+        self.stopping = False
         self._subscribers: dict[str, bool] = {}
+        counter = Counter(
+            "tickwire_exhausted_advisories",
+            "Delivery-limit advisories of SIGNALS by outcome: dead_lettered, pipeline "
+            "(a pipeline consumer's, ignored), unreadable, retry",
+            ["worker", "outcome"],
+            registry=metrics.registry,
+        )
+        self.outcomes = {
+            o: counter.labels(metrics.worker, o)
+            for o in (DEAD_LETTERED, PIPELINE, UNREADABLE, RETRY)
+        }
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{_ADVISORY}.{self.stream}.*", cb=self._on_advisory)
+        """Start consuming; ``task`` ends only by ``stop`` or by an error to supervise."""
+        await self.source.start()
+        self.task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        self.stopping = True
+        if self.task is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await asyncio.wait_for(self.task, 10)
+        with contextlib.suppress(Exception):
+            await self.source.stop()
 
-    async def _on_advisory(self, msg: Msg) -> None:
+    async def _run(self) -> None:
+        while not self.stopping:
+            for msg in await self.source.take(self.batch, timeout_s=1.0):
+                await self._one(msg)
+
+    async def _one(self, msg: Msg) -> None:
         try:
-            await self.handle(_advisory.decode(msg.data))
-        except Exception:
-            log.exception("max-deliveries advisory not handled: %.300r", msg.data)
+            adv = _advisory.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("unreadable max-deliveries advisory acked (%s): %.300r", exc, msg.data)
+            self.outcomes[UNREADABLE].inc()
+            await self.nc.publish(msg.reply, ACK)
+            return
+        try:
+            outcome = await self.handle(adv)
+        except Exception as exc:
+            # left unacked: the server delivers it again after the consumer's backoff step
+            # (a nak's own delay would be offset by that step once backoff is set)
+            log.warning(
+                "subscriber %s: seq %d not dead-lettered yet, comes again: %r",
+                adv.consumer,
+                adv.stream_seq,
+                exc,
+            )
+            self.outcomes[RETRY].inc()
+            return
+        self.outcomes[outcome].inc()
+        await self.nc.publish(msg.reply, ACK)
 
     async def _subscriber(self, consumer: str) -> bool:
         known = self._subscribers.get(consumer)
@@ -233,21 +295,33 @@ class Exhausted:
             try:
                 known = _is_subscriber(await self.js.consumer_info(self.stream, consumer))
             except NotFoundError:
+                log.warning(
+                    "consumer %s of %s is gone: its advisory is ignored", consumer, self.stream
+                )
                 return False
             self._subscribers[consumer] = known
         return known
 
-    async def handle(self, adv: _Advisory) -> None:
+    async def handle(self, adv: _Advisory) -> str:
+        """Dead-letter the subscriber's message; the outcome, for the metric."""
         if adv.stream != self.stream or not await self._subscriber(adv.consumer):
-            return
-        raw = await self.js.get_msg(self.stream, adv.stream_seq)
+            return PIPELINE
+        detail = f"subscriber {adv.consumer} did not ack after {adv.deliveries} deliveries"
+        try:
+            raw = await self.js.get_msg(self.stream, adv.stream_seq)
+            subject, payload, headers = raw.subject or "", raw.data or b"", dict(raw.headers or {})
+        except NotFoundError:
+            # past the stream's age limit or deleted: the record that it was never acked
+            # still matters more than the payload
+            subject, payload, headers = "", b"", {}
+            detail += f"; seq {adv.stream_seq} is no longer in {self.stream}"
         letter = DeadLetter(
             worker=adv.consumer,
             reason=MAX_DELIVERIES,
-            detail=f"subscriber {adv.consumer} did not ack after {adv.deliveries} deliveries",
-            subject=raw.subject or "",
-            payload=raw.data or b"",
-            headers=dict(raw.headers or {}),
+            detail=detail,
+            subject=subject,
+            payload=payload,
+            headers=headers,
             stream=self.stream,
             stream_seq=adv.stream_seq,
             deliveries=adv.deliveries,
@@ -257,3 +331,4 @@ class Exhausted:
         await self.publisher.publish([Outgoing(self.dlq, encode(letter), msg_id)])
         self.metrics.dead_letters.labels(self.metrics.worker, MAX_DELIVERIES).inc()
         log.warning("subscriber %s: seq %d dead-lettered", adv.consumer, adv.stream_seq)
+        return DEAD_LETTERED
