@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import subprocess
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +39,18 @@ class IngestProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    async def ready(self) -> bool:
+        """Connected and consuming (``tickwire_up``); fails at once if the process died."""
+        assert self.alive(), self.log.read_text()[-3000:]
+        with contextlib.suppress(OSError):
+            return await self.metric("tickwire_up") == 1
+        return False
+
+    async def alive_and(self, condition: Awaitable[bool]) -> bool:
+        """``condition``, awaited, while the process runs; fails at once if it died."""
+        assert self.alive(), self.log.read_text()[-3000:]
+        return await condition
 
     def lines(self, *needles: str) -> list[str]:
         """Lines of its log that contain every needle."""

@@ -13,7 +13,6 @@ lost, none doubled. A restart of the server finally reads back the same streams.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -126,9 +125,9 @@ async def test_a_full_store_refuses_loudly_and_everything_recovers_once_there_is
         # candle-ingest comes up behind the EA (as after a deploy): its candles are refused
         # on CANDLES and it holds the batch they came from
         ingest = start_ingest(server.url, questdb, ns, tmp_path / "candle-ingest.log")
-        await eventually(lambda: ingest_ready(ingest), timeout=60, what="candle-ingest up")
+        await eventually(ingest.ready, timeout=60, what="candle-ingest up")
         await eventually(
-            lambda: ingest_metric_above(ingest, "tickwire_transient_retries_total", 0),
+            lambda: ingest.alive_and(retried(ingest)),
             timeout=90,
             what="candle-ingest to be refused",
         )
@@ -267,18 +266,10 @@ async def test_a_full_store_refuses_loudly_and_everything_recovers_once_there_is
     )
 
 
-async def ingest_ready(ingest: IngestProcess) -> bool:
-    assert ingest.alive(), ingest.log.read_text()[-3000:]
-    with contextlib.suppress(OSError):
-        return await ingest.metric("tickwire_up") == 1
-    return False
-
-
-async def ingest_metric_above(ingest: IngestProcess, name: str, value: float) -> bool:
-    assert ingest.alive(), ingest.log.read_text()[-3000:]
-    return await ingest.metric(name) > value
-
-
 async def consumed_all(js: JetStreamContext, stream: str) -> bool:
     info = await js.consumer_info(stream, "candle-ingest")
     return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def retried(ingest: IngestProcess) -> bool:
+    return await ingest.metric("tickwire_transient_retries_total") > 0
