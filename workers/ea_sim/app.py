@@ -14,6 +14,10 @@ Pacing: ``--speed X`` publishes a message when X times the wall-clock time since
 has passed in event time (``max``: at once); ``--rate N`` publishes N ticks per second
 whatever their event times. Exit codes: 0 done, 1 NATS unreachable or a publish failed,
 2 bad arguments.
+
+A full JetStream store (the server's or the account's file limit) is not a failure: the
+EA says so in one line, publishes the same message again with growing pauses until the
+server has room, says when it has, and goes on in order. Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import logging
 import math
 import re
 import sys
@@ -34,6 +39,7 @@ from typing import Final, NoReturn
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import APIError
 from tqdm import tqdm
 
 from contracts import subjects
@@ -54,6 +60,12 @@ MAX_REPORTED: Final = 20
 """Malformed CSV lines printed one by one; the rest are only counted."""
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+STORE_FULL: Final = frozenset({10002, 10023, 10047})
+"""JetStream error codes of a refusal for want of storage: the account's limit, the server's
+(``insufficient resources``), a reservation. Waited out, never a reason to stop."""
+FULL_RETRY_S: Final = (0.1, 5.0)
+"""First and longest pause between two publishes of a message the full store refused."""
+STILL_FULL_EVERY_S: Final = 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,6 +309,8 @@ class Counts:
     ticks: int = 0
     new: int = 0
     duplicate: int = 0
+    refused: int = 0
+    """Publishes the full store refused (each published again until stored)."""
 
 
 def replayed(
@@ -364,34 +378,55 @@ async def publish_paced(
 ) -> None:
     """Publish in order, paced, with at most ``window`` unacknowledged; stop at a failure.
 
-    A refusal by the server (no stream for the subject, a permission) leaves nats-py's
-    ``publish_async`` future pending (nats-io/nats.py#985): when an ack does not come in
-    time, that message is published once more synchronously, with the same id, to report
-    the server's reason.
+    A refusal by the server (a full store, no stream for the subject, a permission) leaves
+    nats-py's ``publish_async`` future pending (nats-io/nats.py#985): when an ack does not
+    come in time, that message is published once more synchronously, with the same id, for
+    the server's answer; so is every message behind it still unanswered, at once. A full
+    store is waited out (``confirm``); any other refusal stops the EA with its reason.
     """
     inflight: collections.deque[tuple[asyncio.Future[PubAck], str, Outgoing]] = collections.deque()
+    full = _FullStore()
+
+    async def confirm(subject: str, m: Outgoing) -> PubAck:
+        """Publish ``m`` again with its id, until the server stores it (or had it)."""
+        pause = FULL_RETRY_S[0]
+        while True:
+            try:
+                ack = await js.publish(
+                    subject, m.payload, timeout=timeout_s, headers={MSG_ID: m.msg_id}
+                )
+            except APIError as exc:
+                if exc.err_code not in STORE_FULL:
+                    raise _failed(subject, exc) from None
+                counts.refused += 1
+                full.refused(subject, exc)
+                await asyncio.sleep(pause)  # a backoff while the store is full
+                pause = min(pause * 2, FULL_RETRY_S[1])
+                continue
+            except Exception as exc:
+                raise _failed(subject, exc) from None
+            full.stored()
+            return ack
 
     async def settle(keep: int) -> None:
-        while len(inflight) > keep:
+        # an ack went missing: the unanswered ones behind it are asked at once, and all of
+        # them before anything new is sent, so that the server stores them in order
+        stalled = False
+        while len(inflight) > (0 if stalled else keep):
             future, subject, m = inflight[0]
-            try:
-                if not future.done():
-                    await asyncio.wait_for(asyncio.shield(future), timeout_s)
-                ack = future.result()
-            except TimeoutError:
+            ack: PubAck | None = None
+            if future.done() or not stalled:
                 try:
-                    await js.publish(
-                        subject, m.payload, timeout=timeout_s, headers={MSG_ID: m.msg_id}
-                    )
+                    if not future.done():
+                        await asyncio.wait_for(asyncio.shield(future), timeout_s)
+                    ack = future.result()
+                except TimeoutError:
+                    stalled = True
                 except Exception as exc:
-                    raise SimFailed(
-                        f"publish to {subject} failed: {type(exc).__name__}: {exc}"
-                    ) from None
-                raise SimFailed(f"no publish acknowledgement within {timeout_s:g} s") from None
-            except Exception as exc:
-                raise SimFailed(
-                    f"publish to {subject} failed: {type(exc).__name__}: {exc}"
-                ) from None
+                    raise _failed(subject, exc) from None
+            if ack is None:
+                ack = await confirm(subject, m)
+                future.cancel()  # frees its slot of the window
             inflight.popleft()
             counts.messages += 1
             counts.ticks += len(m.ticks)
@@ -420,6 +455,56 @@ async def publish_paced(
             future.cancel()
 
 
+def _failed(subject: str, exc: Exception) -> SimFailed:
+    return SimFailed(f"publish to {subject} failed: {type(exc).__name__}: {exc}")
+
+
+class _FullStore:
+    """One line when the store starts refusing, one every ``STILL_FULL_EVERY_S`` while it
+    does, and one when it stores again."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.attempts = 0
+        self._said_at = 0.0
+
+    def refused(self, subject: str, exc: APIError) -> None:
+        now = time.monotonic()
+        self.attempts += 1
+        if self.since is None:
+            self.since = self._said_at = now
+            _say(
+                f"JetStream store full: publish to {subject} refused: {exc.description} "
+                f"(err_code {exc.err_code}); publishing it again until there is room, "
+                "nothing is dropped"
+            )
+        elif now - self._said_at >= STILL_FULL_EVERY_S:
+            self._said_at = now
+            _say(f"JetStream store still full after {now - self.since:.0f} s")
+
+    def stored(self) -> None:
+        if self.since is not None:
+            _say(
+                f"JetStream store has room again after {time.monotonic() - self.since:.1f} s "
+                f"and {self.attempts} refused publishes; going on"
+            )
+            self.since, self.attempts = None, 0
+
+
+def _say(line: str) -> None:
+    tqdm.write(f"{PROG}: {line}", file=sys.stderr)
+
+
+class _QuietStoreFull(logging.Filter):
+    """The connection's log of a refused asynchronous publish: the EA reports a full store
+    itself, once, instead of once per message in flight."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(
+            isinstance(a, APIError) and a.err_code in STORE_FULL for a in record.args or ()
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides: dict[str, object] = {}
@@ -430,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.password is not None:
         overrides["nats_password"] = args.password
     settings = load(RuntimeSettings, **overrides)
+    logging.getLogger("workers.runtime.connection").addFilter(_QuietStoreFull())
     try:
         if settings.namespace is not None:
             subjects.check_name(settings.namespace, "namespace")
@@ -506,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{what}: {counts.ticks} ticks in {counts.messages} messages published "
         f"({counts.new} new, {counts.duplicate} duplicate){malformed}"
+        + (f", {counts.refused} refusals of a full store waited out" if counts.refused else "")
         + (" (stopped)" if failure else "")
     )
     if failure is not None:
