@@ -792,6 +792,22 @@ def java_binary() -> Path:
     return Path(found)
 
 
+_QUESTDB_POOLS = (
+    "SHARED", "HTTP", "PG", "WAL_APPLY", "LINE_TCP_IO", "LINE_TCP_WRITER",
+    "MAT_VIEW_REFRESH", "VIEW_COMPILER", "LIVE_VIEW_REFRESH", "EXPORT",
+)  # fmt: skip
+_QUESTDB_QUIET = {
+    # Each pool's threads spin this many empty polls before they sleep (10,000 by
+    # default, and no pool inherits another's): under a trickle of small transactions,
+    # a candle-ingest commit every few tens of milliseconds, they never slept and took
+    # most of a core of this two-core machine; at 100 about a seventh of that.
+    **{f"QDB_{pool}_WORKER_SLEEP_THRESHOLD": "100" for pool in _QUESTDB_POOLS},
+    # INFO narrates every WAL commit: lines the log file does not need, at a CPU cost.
+    "QDB_LOG_W_STDOUT_LEVEL": "ERROR",
+}
+"""Settings of the local QuestDB for a small machine shared with the whole pipeline."""
+
+
 class QuestDBServer(Server):
     name = "questdb"
     port_count = 4  # HTTP (SQL, ILP), HTTP min (health), PG wire, ILP TCP
@@ -840,6 +856,7 @@ class QuestDBServer(Server):
             "QDB_LINE_TCP_NET_BIND_TO": ilp_tcp,
             "QDB_LINE_UDP_ENABLED": "false",
             "QDB_TELEMETRY_ENABLED": "false",
+            **_QUESTDB_QUIET,
         }
 
     def _is_ready(self) -> bool:
