@@ -19,8 +19,10 @@ The ack policy is decided here, once:
 
 A handler may split its work in two: it updates its state and returns a *commit*, the
 awaitable that makes the batch's effect durable (publishes, writes). The loop then takes
-and handles the next batch while the commit runs; commits run one at a time, in batch
-order, and a batch is acked only after its commit. A commit may still reject messages of
+and handles the next batches while the commit runs (up to ``commit_depth`` handled batches
+on their way at once); commits run one at a time, in batch order, and a batch is acked
+only after its commit. Whatever waits is kept alive with in-progress acks, so a hold-up
+longer than the ack wait redelivers nothing. A commit may still reject messages of
 its batch (a database refusing a row): they are dead-lettered after it. A commit's
 ``TransientError`` holds the batch as above; any other exception stops the worker (its
 state may be ahead of what is durable, so it must start again from what is).
