@@ -322,19 +322,22 @@ class Ingest:
         self._unwritten.extend(pending)
         self._unwritten_upto = number
         out = self._outgoing(pending)
-        before, published = self._published, asyncio.get_running_loop().create_future()
-        self._published = published
-        early = asyncio.ensure_future(
-            self._publish_after(before, published, out, pending, triggers)
-        )
-        self._publishing.add(early)
-        early.add_done_callback(self._publishing.discard)
+        early: asyncio.Future[None] | None = None
+        published = self._published
+        if out:
+            before, published = published, asyncio.get_running_loop().create_future()
+            self._published = published
+            early = asyncio.ensure_future(
+                self._publish_after(before, published, out, pending, triggers)
+            )
+            self._publishing.add(early)
+            early.add_done_callback(self._publishing.discard)
         settled = False
 
         async def commit() -> None:
             nonlocal settled
             if not settled:
-                if not published.done():
+                if early is not None and not published.done():
                     # the early publish failed; every seal before this one is published
                     # (their commits finished), so publishing now keeps the order
                     await asyncio.wait({early})
