@@ -154,6 +154,8 @@ async def test_a_full_store_refuses_loudly_and_everything_recovers_once_there_is
             for line in ingest.lines("nats:", "err_code")[:1] + ingest.lines("holding")[:1]
         ]
         assert len(ingest_said) == 2, "candle-ingest logged no refusal"
+        # the held batch names the server's reason, not a bare timeout
+        assert "insufficient resources" in ingest_said[1], ingest_said[1]
         retries_full = await ingest.metric("tickwire_transient_retries_total")
 
         # room again: the operator purges what filled the store

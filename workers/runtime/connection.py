@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+import time
+from typing import Any, Final
 
 import nats
 from nats.aio.client import Client
@@ -13,12 +14,26 @@ from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
+ERROR_LOG_EVERY_S: Final = 30.0
+
 
 async def connect(settings: RuntimeSettings, *, name: str) -> Client:
     """Connect with endless reconnects; a worker rides out server restarts and failovers."""
 
+    said: dict[str, tuple[float, int]] = {}
+
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        # the same error for every message of a batch (a full store refusing each publish)
+        # is said once, then once every ERROR_LOG_EVERY_S with how many were not said
+        key = f"{type(exc).__name__}{getattr(exc, 'err_code', '')}"
+        now = time.monotonic()
+        at, held = said.get(key, (-ERROR_LOG_EVERY_S, 0))
+        if now - at < ERROR_LOG_EVERY_S:
+            said[key] = (at, held + 1)
+            return
+        said[key] = (now, 0)
+        more = f" ({held} more like it not logged)" if held else ""
+        log.warning("nats: %s%s", exc, more)
 
     async def on_disconnected() -> None:
         if nc.is_closed or nc.is_draining:

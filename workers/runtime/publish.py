@@ -15,6 +15,7 @@ from typing import Final, NamedTuple
 
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import APIError
 
 from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
@@ -44,9 +45,11 @@ class Publisher:
     async def publish(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         """Publish all, wait for every ack. Returns the acks in order."""
         futures: list[asyncio.Future[PubAck]] = []
+        sent: list[Outgoing] = []
         try:
             js = self._js
             for m in messages:
+                sent.append(m)
                 headers = {MSG_ID: m.msg_id}
                 if m.headers:
                     headers.update(m.headers)
@@ -60,10 +63,39 @@ class Publisher:
                 return []
             acks = await asyncio.wait_for(asyncio.gather(*futures), self._timeout_s)
         except Exception as exc:
+            # the timeout cancelled the gather and with it every future still waiting
+            unanswered = [
+                m for f, m in zip(futures, sent, strict=False) if not f.done() or f.cancelled()
+            ]
             for f in futures:
                 f.cancel()
             self._metrics.publish_failures.labels(self._metrics.worker).inc()
-            raise PublishError(f"publish of {len(futures)} messages failed: {exc!r}") from exc
+            why = repr(exc)
+            if isinstance(exc, TimeoutError) and unanswered:
+                why = await self._why(unanswered[0], len(unanswered))
+            raise PublishError(f"publish of {len(futures)} messages failed: {why}") from exc
         for stream, n in Counter(ack.stream for ack in acks).items():
             self._metrics.messages_out.labels(self._metrics.worker, stream).inc(n)
         return acks
+
+    async def _why(self, first: Outgoing, unanswered: int) -> str:
+        """The server's answer for an unanswered publish.
+
+        A publish JetStream refuses (a full store, for one) leaves nats-py's ``publish_async``
+        future pending, so a refusal looks like a timeout. Publishing the first unanswered
+        message again, with its id and a plain request, gets the reason; stored now, it is
+        stored once (the id) and the batch is tried again anyway.
+        """
+        headers = {MSG_ID: first.msg_id, **(first.headers or {})}
+        try:
+            await self._js.publish(
+                first.subject, first.payload, timeout=self._timeout_s, headers=headers
+            )
+        except APIError as exc:
+            return (
+                f"{unanswered} unanswered; JetStream refused {first.subject}: "
+                f"{exc.description} (err_code {exc.err_code})"
+            )
+        except Exception as exc:
+            return f"{unanswered} unanswered; publishing {first.subject} again: {exc!r}"
+        return f"{unanswered} not acknowledged within {self._timeout_s:g} s"
