@@ -72,14 +72,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bench.report import Figure
-from contracts import streams, subjects
+from contracts import streams
 from contracts.codec import Codec, encode
 from contracts.messages import Candle, FeatureVector, Score, Signal, Tick, TickInput, Timeframe
 from db.migrate import migrate
 from infra.stack import LocalStack
-from tests.candles import series
-from tests.scorer_models import card_for, train
-from workers.ea_sim.market import SYMBOLS as SIM_SYMBOLS
+from tests.candles import history_before
+from tests.candles import publish as publish_candles
+from tests.scorer_models import promote_each
 from workers.registry import Registry, bucket_name
 from workers.runtime.pull import ACK, PullSource, parse_reply
 from workers.signal_publisher.app import Settings as PublisherSettings
@@ -149,49 +149,8 @@ def _series() -> Iterator[tuple[str, str]]:
 
 
 async def _models(js: JetStreamContext) -> None:
-    """A promoted model of its own for every series and timeframe (own bytes, own version)."""
     registry = await Registry.open(js, namespace=NS)
-    keys = [(f, s, tf) for f, s in _series() for tf in Timeframe]
-    for k, (feed, symbol, tf) in enumerate(tqdm(keys, desc="models", unit="model", leave=False)):
-        booster = train(k + 1, rounds=8)
-        version = await registry.put(
-            booster.model_to_string().encode(), card_for(booster, feed, symbol, tf)
-        )
-        await registry.promote(version, force=True)
-
-
-def _history(start_ms: int) -> list[Candle]:
-    """``HISTORY`` candles per series and timeframe, the last one ending where the run's
-    first candle of that timeframe opens."""
-    out = []
-    for k, (feed, symbol) in enumerate(_series()):
-        spec = SIM_SYMBOLS[symbol]
-        for tf in Timeframe:
-            first = start_ms - start_ms % tf.ms  # the run's first candle (day start 00:00 UTC)
-            made = series(
-                HISTORY,
-                seed=k * 10 + list(Timeframe).index(tf),
-                price=spec.price,
-                digits=spec.digits,
-                feed=feed,
-                symbol=symbol,
-                tf=tf,
-                start_ms=first - HISTORY * tf.ms,
-            )
-            out += [c for c in made if c.close_time_ms <= first]
-    return out
-
-
-async def _publish(js: JetStreamContext, candles: list[Candle]) -> None:
-    pending = []
-    for c in tqdm(candles, desc="history candles", unit="candle", leave=False):
-        subject = subjects.candles(c.feed, c.symbol, c.tf, namespace=NS)
-        key = f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}"
-        pending.append(await js.publish_async(subject, encode(c), headers={"Nats-Msg-Id": key}))
-        if len(pending) >= 1000:
-            await asyncio.gather(*pending)
-            pending.clear()
-    await asyncio.gather(*pending)
+    await promote_each(registry, ((f, s, tf) for f, s in _series() for tf in Timeframe))
 
 
 # --- the floor: one bare JetStream hop ----------------------------------------------------
@@ -792,7 +751,9 @@ async def _run(stack: LocalStack, dsn: str, logs: Path) -> Result:
         idle = await probe.idle(300)
         await _models(js)
         start_ms = round(datetime.fromisoformat(START).replace(tzinfo=UTC).timestamp() * 1000)
-        await _publish(js, _history(start_ms))
+        await publish_candles(
+            js, history_before(start_ms, _series(), HISTORY), namespace=NS, progress=True
+        )
         procs = _start_workers(stack, dsn, logs)
         await _healthy(procs)
         await _drain(js, procs, "history through the pipeline")

@@ -3,9 +3,18 @@ stretches, session gaps, prices rounded to the symbol's digits, and flat candles
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+from collections.abc import Iterable
 
+import numpy as np
+from nats.js import JetStreamContext
+from tqdm import tqdm
+
+from contracts import subjects
+from contracts.codec import encode
 from contracts.messages import Candle, Timeframe
+from workers.ea_sim.market import SYMBOLS as SIM_SYMBOLS
+from workers.runtime.publish import MSG_ID
 
 START_MS = 1_735_000_200_000  # 2024-12-24 00:30 UTC, a Tuesday
 
@@ -66,3 +75,42 @@ def series(
             )
         )
     return out
+
+
+def history_before(start_ms: int, pairs: Iterable[tuple[str, str]], n: int) -> list[Candle]:
+    """``n`` candles per feed/symbol and timeframe at the simulator's prices, the last one
+    closing where the first candle of that timeframe at ``start_ms`` opens."""
+    out = []
+    for k, (feed, symbol) in enumerate(pairs):
+        spec = SIM_SYMBOLS[symbol]
+        for i, tf in enumerate(Timeframe):
+            first = start_ms - start_ms % tf.ms  # day start 00:00 UTC
+            made = series(
+                n,
+                seed=k * 10 + i,
+                price=spec.price,
+                digits=spec.digits,
+                feed=feed,
+                symbol=symbol,
+                tf=tf,
+                start_ms=first - n * tf.ms,
+            )
+            out += [c for c in made if c.close_time_ms <= first]
+    return out
+
+
+async def publish(
+    js: JetStreamContext, candles: list[Candle], *, namespace: str, progress: bool = False
+) -> None:
+    """Onto CANDLES with candle-ingest's message ids, acks awaited."""
+    pending = []
+    for c in tqdm(
+        candles, desc="history candles", unit="candle", leave=False, disable=not progress
+    ):
+        subject = subjects.candles(c.feed, c.symbol, c.tf, namespace=namespace)
+        key = f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}"
+        pending.append(await js.publish_async(subject, encode(c), headers={MSG_ID: key}))
+        if len(pending) >= 1000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)

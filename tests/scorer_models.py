@@ -7,13 +7,17 @@ whose card and booster read the features in that order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import lightgbm
 import numpy as np
 from numpy.typing import NDArray
+from tqdm import tqdm
 
 from contracts.messages import FeatureVector, Timeframe
 from contracts.models import ModelCard
 from workers.features import DEFAULT
+from workers.registry import Registry
 
 NAMES = list(DEFAULT.names)
 START_MS = 1_741_039_200_000
@@ -107,3 +111,14 @@ def expected_probabilities(booster: lightgbm.Booster, v: FeatureVector) -> list[
     if p.ndim == 1:
         return [1.0 - float(p[0]), float(p[0])]
     return [float(x) for x in p[0]]
+
+
+async def promote_each(registry: Registry, keys: Iterable[tuple[str, str, Timeframe]]) -> None:
+    """A promoted model of its own (own bytes, own version) for every feed/symbol/timeframe."""
+    keys = list(keys)
+    for k, (feed, symbol, tf) in enumerate(tqdm(keys, desc="models", unit="model", leave=False)):
+        booster = train(k + 1, rounds=8)
+        version = await registry.put(
+            booster.model_to_string().encode(), card_for(booster, feed, symbol, tf)
+        )
+        await registry.promote(version, force=True)

@@ -42,19 +42,18 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, ObjectStoreConfig
-from tqdm import tqdm
 
 from contracts import streams, subjects
-from contracts.codec import encode
 from contracts.messages import Candle, Timeframe
 from db.questdb import query, wait_for_wal
 from infra.stack import NatsCluster, NatsNode, QuestDBUrls, StackUrls
 from tests import market as scenario
 from tests import reference
-from tests.candles import series as history_series
+from tests.candles import history_before
+from tests.candles import publish as publish_candles
 from tests.integration.test_candle_ingest import latest
 from tests.processes import spawn, worker_env
-from tests.scorer_models import card_for, train
+from tests.scorer_models import promote_each
 from tests.waiting import eventually
 from workers.ea_sim import market
 from workers.ea_sim.market import Outgoing
@@ -177,44 +176,7 @@ async def promote_models(js: JetStreamContext, namespace: str) -> None:
         )
     )
     registry = await Registry.open(js, namespace=namespace, create=False)
-    keys = [(f, s, tf) for f in FEEDS for s in SYMBOLS for tf in Timeframe]
-    for k, (feed, symbol, tf) in enumerate(tqdm(keys, desc="models", unit="model", leave=False)):
-        booster = train(k + 1, rounds=8)
-        version = await registry.put(
-            booster.model_to_string().encode(), card_for(booster, feed, symbol, tf)
-        )
-        await registry.promote(version, force=True)
-
-
-def history() -> list[Candle]:
-    """``HISTORY`` candles per series and timeframe, the last one closing where the run's
-    first candle of that timeframe opens."""
-    out = []
-    for k, (feed, symbol) in enumerate((f, s) for f in FEEDS for s in SYMBOLS):
-        spec = market.SYMBOLS[symbol]
-        for i, tf in enumerate(Timeframe):
-            first = START_MS - START_MS % tf.ms
-            made = history_series(
-                HISTORY,
-                seed=k * 10 + i,
-                price=spec.price,
-                digits=spec.digits,
-                feed=feed,
-                symbol=symbol,
-                tf=tf,
-                start_ms=first - HISTORY * tf.ms,
-            )
-            out += [c for c in made if c.close_time_ms <= first]
-    return out
-
-
-async def publish_history(js: JetStreamContext, namespace: str, candles: list[Candle]) -> None:
-    pending = []
-    for c in candles:
-        subject = subjects.candles(c.feed, c.symbol, c.tf, namespace=namespace)
-        key = f"{c.feed}|{c.symbol}|{c.tf.value}|{c.open_time_ms}|{c.revision}"
-        pending.append(await js.publish_async(subject, encode(c), headers={MSG_ID: key}))
-    await asyncio.gather(*pending)
+    await promote_each(registry, ((f, s, tf) for f in FEEDS for s in SYMBOLS for tf in Timeframe))
 
 
 # --- watching the cluster ---------------------------------------------------------------
@@ -406,8 +368,8 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     name = {b: streams.stream_name(b, namespace=ns) for b in (*CONSUMERS, "SIGNALS", "DLQ")}
     await streams.ensure(js, specs, rescale=True)
     await promote_models(js, ns)
-    past = history()
-    await publish_history(js, ns, past)
+    past = history_before(START_MS, ((f, s) for f in FEEDS for s in SYMBOLS), HISTORY)
+    await publish_candles(js, past, namespace=ns)
     past_keys = {(c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in past}
 
     policy = tmp_path / "policy.json"
