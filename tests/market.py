@@ -33,6 +33,14 @@ class Scenario:
     symbols: list[tuple[str, str]] = field(default_factory=list)
     last_ms: int = 0
 
+    def halves(self) -> tuple[Scenario, Scenario]:
+        """Its messages in two parts to publish one after the other; the second closes."""
+        first, second = Scenario(), Scenario()
+        half = len(self.messages) // 2
+        first.messages, second.messages = self.messages[:half], self.messages[half:]
+        second.symbols, second.last_ms = self.symbols, self.last_ms
+        return first, second
+
 
 def _row(t: dict[str, Any]) -> dict[str, Any]:
     return {k: t[k] for k in ("time_ms", "bid", "ask", "last", "volume", "seq")}

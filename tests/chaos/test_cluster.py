@@ -45,13 +45,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 
 from contracts import streams, subjects
 from contracts.messages import Candle, Timeframe
-from db.questdb import query, wait_for_wal
 from infra.stack import NatsCluster, NatsNode, QuestDBUrls, StackUrls
 from tests import market as scenario
 from tests import reference
 from tests.candles import history_before
 from tests.candles import publish as publish_candles
-from tests.integration.test_candle_ingest import latest
+from tests.integration.test_candle_ingest import latest, questdb_rows
 from tests.processes import spawn, worker_env
 from tests.scorer_models import promote_each
 from tests.waiting import eventually
@@ -500,11 +499,7 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     signals = downstream[streams.SIGNALS][0]
     dead = (await js.stream_info(name["DLQ"])).state.messages
 
-    prefix = f"ns_{ns}_"
-    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=120)
-    rows = await asyncio.to_thread(
-        query, questdb.http, "SELECT * FROM {prefix}candles", table_prefix=prefix
-    )
+    rows = await questdb_rows(questdb, ns, wal_wait_s=120)
     in_questdb = Counter((r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]) for r in rows)
     questdb_wrong = [
         key for key, c in got.items() if in_questdb[key[0], key[1], key[2], c["first_tick_ms"]] != 1

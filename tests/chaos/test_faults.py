@@ -14,7 +14,6 @@ import pytest
 from nats.js import JetStreamContext
 
 from contracts import streams
-from db.questdb import query, wait_for_wal
 from infra.stack import LocalStack, QuestDBUrls, StackUrls
 from tests import market
 from tests.integration.test_candle_ingest import (
@@ -23,6 +22,7 @@ from tests.integration.test_candle_ingest import (
     latest,
     namespace,  # noqa: F401 - the fixture
     publish,
+    questdb_rows,
     run_worker,
     settings,
 )
@@ -44,10 +44,7 @@ async def test_questdb_down_for_30_s_holds_the_acks_and_loses_nothing(
     server = local_stack.questdb
     assert server is not None
     sc = market.scenario(seed=31, ticks=12_000, troubles=True)
-    first, second = market.Scenario(), market.Scenario()
-    half = len(sc.messages) // 2
-    first.messages, second.messages = sc.messages[:half], sc.messages[half:]
-    second.symbols, second.last_ms = sc.symbols, sc.last_ms
+    first, second = sc.halves()
     ticks = streams.stream_name(streams.TICKS, namespace=namespace)
 
     worker = build(settings(stack, questdb, namespace))
@@ -87,11 +84,7 @@ async def test_questdb_down_for_30_s_holds_the_acks_and_loses_nothing(
 
     want, published = await candles_equal_the_reference(js, namespace, sc)
 
-    prefix = f"ns_{namespace}_"
-    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=120)
-    rows = await asyncio.to_thread(
-        query, questdb.http, "SELECT * FROM {prefix}candles", table_prefix=prefix
-    )
+    rows = await questdb_rows(questdb, namespace, wal_wait_s=120)
     stored = {(r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): r for r in rows}
     assert len(rows) == len(want)
     for key, c in latest(published).items():

@@ -23,7 +23,6 @@ from nats.js import JetStreamContext
 
 from contracts import streams
 from contracts.messages import DeadLetter
-from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBServer, QuestDBUrls, StackUrls
 from tests import market
 from tests.chaos.ingest_process import start_ingest
@@ -34,6 +33,7 @@ from tests.integration.test_candle_ingest import (
     latest,
     namespace,  # noqa: F401 - the fixture
     publish,
+    questdb_rows,
     stream_messages,
 )
 from tests.waiting import eventually
@@ -65,10 +65,7 @@ async def test_a_commit_slower_than_the_ack_wait_redelivers_nothing(
     assert server.pid is not None
     qdb = QuestDBUrls(server.http_url, server.ilp_conf, server.pg_dsn)
     sc = market.scenario(seed=43, ticks=12_000, troubles=True)
-    first, second = market.Scenario(), market.Scenario()
-    half = len(sc.messages) // 2
-    first.messages, second.messages = sc.messages[:half], sc.messages[half:]
-    second.symbols, second.last_ms = sc.symbols, sc.last_ms
+    first, second = sc.halves()
     ticks = streams.stream_name(streams.TICKS, namespace=namespace)
 
     assert stack.nats_url is not None
@@ -125,11 +122,7 @@ async def test_a_commit_slower_than_the_ack_wait_redelivers_nothing(
 
     want, published = await candles_equal_the_reference(js, namespace, sc)  # none doubled
     got = latest(published)
-    prefix = f"ns_{namespace}_"
-    await asyncio.to_thread(wait_for_wal, qdb.http, f"{prefix}candles", timeout=120)
-    rows = await asyncio.to_thread(
-        query, qdb.http, "SELECT * FROM {prefix}candles", table_prefix=prefix
-    )
+    rows = await questdb_rows(qdb, namespace, wal_wait_s=120)
     stored = {(r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): r for r in rows}
     missing = [k for k, c in got.items() if (*k[:3], c["first_tick_ms"]) not in stored]
     for key, c in got.items():

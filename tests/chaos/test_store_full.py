@@ -32,12 +32,11 @@ from nats.js.api import StreamConfig
 
 from contracts import streams, subjects
 from contracts.messages import Candle
-from db.questdb import query, wait_for_wal
 from infra.stack import NatsServer, QuestDBUrls
 from tests import market as scenario
 from tests import reference
 from tests.chaos.ingest_process import IngestProcess, start_ingest
-from tests.integration.test_candle_ingest import latest, on_stream, stream_messages
+from tests.integration.test_candle_ingest import latest, on_stream, questdb_rows, stream_messages
 from tests.integration.test_ea_sim import FEEDS, START, START_MS, SYMBOLS, stored, tick_dicts
 from tests.waiting import eventually
 from workers.ea_sim import market
@@ -217,11 +216,7 @@ async def test_a_full_store_refuses_loudly_and_everything_recovers_once_there_is
     assert reference.differences(got, want) == []
     assert await stream_messages(js, streams.stream_name(streams.DLQ, namespace=ns)) == []
 
-    prefix = f"ns_{ns}_"
-    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=120)
-    rows = await asyncio.to_thread(
-        query, questdb.http, "SELECT * FROM {prefix}candles", table_prefix=prefix
-    )
+    rows = await questdb_rows(questdb, ns, wal_wait_s=120)
     by_key = {(r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): r for r in rows}
     assert len(rows) == len(want)
     for key, c in got.items():

@@ -159,9 +159,7 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     assert all(open_ms % 86_400_000 == DAY_START_MS for *_, open_ms in d1)
 
     # QuestDB holds exactly the latest revision of every candle
-    table = f"ns_{namespace}_candles"
-    wait_for_wal(questdb.http, table, timeout=60)
-    rows = query(questdb.http, "SELECT * FROM {prefix}candles", table_prefix=f"ns_{namespace}_")
+    rows = await questdb_rows(questdb, namespace)
     assert len(rows) == len(want)
     by_key = {(r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): r for r in rows}
     for key, c in got.items():
@@ -227,9 +225,7 @@ async def test_candles_refused_by_jetstream_for_a_while_are_published_again_in_o
         revisions.setdefault((c.feed, c.symbol, c.tf, c.open_time_ms), []).append(c.revision)
     assert all(r == list(range(len(r))) for r in revisions.values()), "revisions out of order"
     assert any(len(r) > 1 for r in revisions.values())
-    table = f"ns_{namespace}_candles"
-    wait_for_wal(questdb.http, table, timeout=60)
-    rows = query(questdb.http, "SELECT * FROM {prefix}candles", table_prefix=f"ns_{namespace}_")
+    rows = await questdb_rows(questdb, namespace)
     stored = {
         (r["feed"], r["symbol"], r["tf"], r["first_tick_ms"]): (r["close"], r["revision"])
         for r in rows
@@ -252,9 +248,12 @@ async def namespace_b(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     await drop_namespace(js, name)
 
 
-async def questdb_rows(questdb: QuestDBUrls, namespace: str) -> list[dict[str, Any]]:
+async def questdb_rows(
+    questdb: QuestDBUrls, namespace: str, *, wal_wait_s: float = 60
+) -> list[dict[str, Any]]:
+    """Every row of the namespace's QuestDB candles, once its WAL is applied."""
     prefix = f"ns_{namespace}_"
-    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=60)
+    await asyncio.to_thread(wait_for_wal, questdb.http, f"{prefix}candles", timeout=wal_wait_s)
     return await asyncio.to_thread(
         query,
         questdb.http,
