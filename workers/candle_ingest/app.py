@@ -389,8 +389,6 @@ class Ingest:
         self, out: list[Outgoing], pending: list[Candle], triggers: list[int]
     ) -> None:
         """To CANDLES; raises TransientError (idempotent by message id: tried again)."""
-        if not out:
-            return
         await self.ctx.publisher.publish(out)
         now_ms = time.time_ns() // 1_000_000
         m = self.metrics

@@ -194,7 +194,7 @@ class PullSource:
         self._last_heard = time.monotonic()
         await self._nc.publish(self._subject, _encode(body), reply=self._inbox)
 
-    async def keep_alive(self) -> int:
+    async def keep_alive(self) -> None:
         """Tell the server the messages received and not yet taken are being worked on.
 
         They were delivered and count against the ack wait like those being handled: while
@@ -204,7 +204,6 @@ class PullSource:
         publish = self._nc.publish
         for msg in self._buffer:
             await publish(msg.reply, IN_PROGRESS)
-        return len(self._buffer)
 
     async def take(self, max_n: int, timeout_s: float) -> list[Msg]:
         """Up to ``max_n`` messages; waits at most ``timeout_s`` for the first one."""
