@@ -148,13 +148,10 @@ async def test_a_full_store_refuses_loudly_and_everything_recovers_once_there_is
 
         await eventually(full_for_a_while, timeout=HOLD_S + 30, interval=0.5, what="the hold")
         acked_when_full = (await js.stream_info(ticks_stream)).state.last_seq
-        ingest_said = [
-            line.partition(" WARNING ")[2]
-            for line in ingest.lines("nats:", "err_code")[:1] + ingest.lines("holding")[:1]
-        ]
-        assert len(ingest_said) == 2, "candle-ingest logged no refusal"
+        ingest_said = [line.partition(" WARNING ")[2] for line in ingest.lines("holding")[:1]]
+        assert ingest_said, "candle-ingest logged no refusal"
         # the held batch names the server's reason, not a bare timeout
-        assert "insufficient resources" in ingest_said[1], ingest_said[1]
+        assert "insufficient resources" in ingest_said[0], ingest_said[0]
         retries_full = await ingest.metric("tickwire_transient_retries_total")
 
         # room again: the operator purges what filled the store

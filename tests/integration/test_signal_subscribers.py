@@ -278,7 +278,7 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
         await js.publish(subject, body)
     metrics = WorkerMetrics("signal-publisher")
     exhausted = delivery.Exhausted(
-        nc, js, Publisher(js, metrics, 10.0), metrics, namespace, expires_s=1.0
+        nc, js, Publisher(nc, metrics, 10.0), metrics, namespace, expires_s=1.0
     )
     await exhausted.start()
     stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
@@ -342,7 +342,7 @@ async def test_an_advisory_whose_dead_letter_was_not_stored_comes_again(
     await js.publish(subject, body)
     metrics = WorkerMetrics("signal-publisher")
     exhausted = delivery.Exhausted(
-        nc, js, Publisher(js, metrics, 2.0), metrics, namespace, expires_s=1.0
+        nc, js, Publisher(nc, metrics, 2.0), metrics, namespace, expires_s=1.0
     )
     await exhausted.start()
     try:

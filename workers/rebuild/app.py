@@ -264,7 +264,7 @@ async def rebuild(nc: Client, settings: Settings, req: Request) -> Report:
         settings=settings,
         nc=nc,
         js=js,
-        publisher=Publisher(js, metrics, settings.publish_timeout_s),
+        publisher=Publisher(nc, metrics, settings.publish_timeout_s),
         metrics=metrics,
         state={},
     )

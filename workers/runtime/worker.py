@@ -52,7 +52,7 @@ from contracts.messages import DeadLetter
 from workers.runtime.connection import connect
 from workers.runtime.errors import Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
-from workers.runtime.publish import MAX_PENDING, Outgoing, Publisher
+from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import (
     ACK,
     IN_PROGRESS,
@@ -275,13 +275,13 @@ class Worker(Generic[T]):
             log.info("%s stopped before it could connect", self.name)
             return
         nc = connecting.result()
-        js = nc.jetstream(timeout=s.publish_timeout_s, publish_async_max_pending=MAX_PENDING)
+        js = nc.jetstream(timeout=s.publish_timeout_s)
         ctx = Context(
             worker=self.name,
             settings=s,
             nc=nc,
             js=js,
-            publisher=Publisher(js, self.metrics, s.publish_timeout_s),
+            publisher=Publisher(nc, self.metrics, s.publish_timeout_s),
             metrics=self.metrics,
             state={},
         )
