@@ -114,6 +114,8 @@ class Features:
         self.pending: list[Outgoing] = []
         self.pending_meta: list[tuple[Timeframe, bool, int, bool]] = []
         """(tf, warming up, candle close ms, revised) of each pending vector."""
+        self.subjects: dict[tuple[str, str, Timeframe], str] = {}
+        """FEATURES subject of each series."""
         self.refused: collections.OrderedDict[int, Refusal] = collections.OrderedDict()
         """Refusals by stream seq, for the candle coming again (a retried batch, or a
         redelivery after a restart whose replay refused it)."""
@@ -139,7 +141,11 @@ class Features:
             return
         if not output:
             return
-        subject = subjects.features(c.feed, c.symbol, c.tf, namespace=self.settings.namespace)
+        key = (c.feed, c.symbol, c.tf)
+        subject = self.subjects.get(key)
+        if subject is None:
+            ns = self.settings.namespace
+            subject = self.subjects[key] = subjects.features(*key, namespace=ns)
         self.pending.append(Outgoing(subject, encode(result), message_id(result)))
         revised = self.builder.revisions != revisions
         self.pending_meta.append((c.tf, result.warming_up, c.close_time_ms, revised))

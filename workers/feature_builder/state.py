@@ -11,6 +11,7 @@ they were computed from, and their ids are taken.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Final, NamedTuple
 
@@ -39,13 +40,18 @@ Key = tuple[str, str, Timeframe]
 
 def check_candle(c: Candle, subject: str) -> Refusal | None:
     """A candle features can be computed from, published where it belongs."""
-    tokens = subject.rsplit(".", 3)
-    try:
-        token = subjects.escape(c.symbol)
-    except subjects.SubjectError as exc:
-        return Refusal(SUBJECT_MISMATCH, str(exc))
-    if tokens[-3:] != [c.feed, token, c.tf.value]:
-        return Refusal(SUBJECT_MISMATCH, f"{c.feed}/{c.symbol}/{c.tf} published on {subject}")
+    refusal = _check_subject(c.feed, c.symbol, c.tf, subject)
+    if refusal is not None:
+        return refusal
+    # the usual case at once: every price positive and finite (a NaN fails each comparison)
+    lo, hi = c.low, c.high
+    if (
+        0.0 < lo <= c.open <= hi < math.inf
+        and lo <= c.close <= hi
+        and c.close_time_ms - c.open_time_ms == c.tf.ms
+        and math.isfinite(c.spread_mean)
+    ):
+        return None
     prices = (c.open, c.high, c.low, c.close)
     if not all(math.isfinite(p) and p > 0.0 for p in prices):
         return Refusal(BAD_PRICE, f"{_name(c)} o={c.open} h={c.high} l={c.low} c={c.close}")
@@ -57,6 +63,18 @@ def check_candle(c: Candle, subject: str) -> Refusal | None:
         )
     if c.close_time_ms - c.open_time_ms != c.tf.ms or not math.isfinite(c.spread_mean):
         return Refusal(BAD_PERIOD, f"{_name(c)} {c.open_time_ms}..{c.close_time_ms}")
+    return None
+
+
+@functools.lru_cache(maxsize=65_536)
+def _check_subject(feed: str, symbol: str, tf: Timeframe, subject: str) -> Refusal | None:
+    tokens = subject.rsplit(".", 3)
+    try:
+        token = subjects.escape(symbol)
+    except subjects.SubjectError as exc:
+        return Refusal(SUBJECT_MISMATCH, str(exc))
+    if tokens[-3:] != [feed, token, tf.value]:
+        return Refusal(SUBJECT_MISMATCH, f"{feed}/{symbol}/{tf} published on {subject}")
     return None
 
 
