@@ -300,7 +300,7 @@ def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
             subjects.CANDLES,
             FEATURE_BUILDER,
             description="Candles to feature vectors",
-            max_ack_pending=2_000,
+            max_ack_pending=10_000,  # commit_depth batches on their way and the next fetch
             **pipeline,
         ),
         spec(
@@ -308,7 +308,7 @@ def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
             subjects.FEATURES,
             MODEL_SCORER,
             description="Feature vectors to model scores, in micro-batches",
-            max_ack_pending=2_000,
+            max_ack_pending=10_000,
             **pipeline,
         ),
         spec(

@@ -67,6 +67,9 @@ Series = tuple[str, str, Timeframe]
 class Settings(PartitionedSettings):
     worker: ClassVar[str] = NAME
 
+    commit_depth: Annotated[int, Field(ge=1, le=64)] = 4
+    """Batches on their way at once: JetStream acks a batch of publishes a round trip
+    after its last one, and the next batches are handled meanwhile."""
     max_payload_bytes: Annotated[int, Field(gt=0)] = 256 * 1024
     """As FEATURES' ``max_msg_size``."""
     predict_threads: Annotated[int, Field(gt=0)] = 1
