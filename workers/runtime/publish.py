@@ -129,6 +129,10 @@ class Publisher:
             if isinstance(exc, TimeoutError) and unanswered:
                 why = await self._why(unanswered[0], len(unanswered))
             raise PublishError(f"publish of {len(r.sent)} messages failed: {why}") from exc
+        except BaseException:
+            # cancelled: replies that never come must not hold room for later batches
+            self._forget(r)
+            raise
         out = self._metrics.messages_out
         for stream, n in r.by_stream.items():
             out.labels(self._metrics.worker, stream).inc(n)
