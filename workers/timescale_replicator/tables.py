@@ -140,9 +140,23 @@ def _common(
 
 
 def check_candle(c: Candle, subject: str, ns: str | None) -> Problem | None:
+    problem = _common(c, subject, ns)
+    if problem is None and (
+        # the common case in one expression: every value in range; else say what is not
+        c.open_time_ms < c.close_time_ms <= MAX_TIME_MS
+        and c.first_tick_ms <= MAX_INT8
+        and c.last_tick_ms <= MAX_INT8
+        and c.tick_volume <= MAX_INT8
+        and c.revision <= MAX_INT4
+        and 0 < c.low <= min(c.open, c.close) <= max(c.open, c.close) <= c.high
+    ):
+        return None
+    return problem or _candle_problem(c)
+
+
+def _candle_problem(c: Candle) -> Problem | None:
     problem = (
-        _common(c, subject, ns)
-        or _time("close_time_ms", c.close_time_ms)
+        _time("close_time_ms", c.close_time_ms)
         or _int("first_tick_ms", c.first_tick_ms, MAX_INT8)
         or _int("last_tick_ms", c.last_tick_ms, MAX_INT8)
         or _int("tick_volume", c.tick_volume, MAX_INT8)
