@@ -4,10 +4,13 @@ consume each stream on its own durable (``timescale-replicator``) -> check every
 (``tables``) -> COPY + upsert + last stream sequence in one transaction (``store``) -> ack.
 
 Exactly once: a message is acked only after its transaction committed; a redelivered one
-at or below the stored last sequence is already in and is skipped. Because later messages
-may be delivered before a dead process's unacked ones come back, start-up first catches up
-with what the previous process was given (stream sequences above the stored one up to the
-consumer's last delivered), reading it on a short-lived consumer, before consuming anew.
+at or below the stored last sequence is already in and is skipped. A batch's transaction
+starts as soon as the batch before it is stored, while the runtime still acks that one and
+handles the next; batches are stored strictly in order (a batch's sequence marks all before
+it as stored). Because later messages may be delivered before a dead process's unacked ones
+come back, start-up first catches up with what the previous process was given (stream
+sequences above the stored one up to the consumer's last delivered), reading it on a
+short-lived consumer, before consuming anew.
 Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
 is skipped is checked again, so a refusal whose dead letter was never published is not lost.
 
@@ -40,7 +43,7 @@ from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import PullSource, parse_reply
 from workers.runtime.settings import RuntimeSettings, load
-from workers.runtime.worker import Batch, Commit, Context, Worker
+from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker
 from workers.status import consumer_lag
 from workers.timescale_replicator.store import Refused, Store
 from workers.timescale_replicator.tables import TABLES, Row, Table
@@ -136,12 +139,15 @@ class Replica:
         self._last_seq = metrics.last_seq.labels(NAME, name)
         self.lag_messages = metrics.lag_messages.labels(NAME, name)
         self.lag_seconds = metrics.lag_seconds.labels(NAME, name)
+        self._stored: asyncio.Future[None] | None = None
+        """Done once the last batch handled is in the database, whichever way it got there."""
+        self._early: set[asyncio.Task[bool]] = set()
 
     # --- a batch -----------------------------------------------------------------------
 
     async def handle(self, batch: Batch[Any], ctx: Context) -> Commit:
-        """Check and shape the rows; the transaction is the commit, overlapping the next
-        batch's checks."""
+        """Check and shape the rows, and store them as soon as the batch before is stored;
+        the commit waits for that, or stores them itself when that try failed."""
         check, row, ns = self.table.check, self.table.row, self.namespace
         rows: list[tuple[int, Row]] = []
         kept = []
@@ -158,26 +164,70 @@ class Replica:
                 rows.append((seq, row(d.value)))
                 kept.append(d)
 
+        after, stored = self._stored, asyncio.get_running_loop().create_future()
+        self._stored = stored
+        early = asyncio.create_task(self._store_early(after, stored, rows, top, kept, batch))
+        self._early.add(early)
+        early.add_done_callback(self._early.discard)
+
         async def commit() -> None:
-            try:
-                written = await self.store.write(rows, top)
-            except Refused as exc:
-                log.warning(
-                    "%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc
-                )
-                for i, why in await self.store.write_each(rows, top):
-                    batch.reject(kept[i], DB_REFUSED, why)
-                self._last_seq.set(top)
-                return
-            self._upserted.inc(written.rows)
-            if written.skipped:
-                self._skipped.inc(written.skipped)
-            superseded = len(rows) - written.skipped - written.rows
-            if superseded:
-                self._superseded.inc(superseded)
-            self._last_seq.set(written.last_seq)
+            # called once the batch before is finished, so stored: if the early try
+            # failed, this batch may be stored now
+            if not await early:
+                await self._store(rows, top, kept, batch)
+                stored.set_result(None)
 
         return commit
+
+    async def _store_early(
+        self,
+        after: asyncio.Future[None] | None,
+        stored: asyncio.Future[None],
+        rows: list[tuple[int, Row]],
+        top: int,
+        kept: list[Delivery[Any]],
+        batch: Batch[Any],
+    ) -> bool:
+        """Store a batch right after the one before it, without waiting for that one's acks
+        or the runtime's turn: a batch's rows are never stored before the earlier batches'
+        (its sequence would mark theirs as stored). False: this try failed, the commit
+        stores the batch."""
+        if after is not None:
+            await asyncio.shield(after)
+        try:
+            await self._store(rows, top, kept, batch)
+        except Exception as exc:  # the commit tries again, and reports what stays wrong
+            log.debug("%s: %s batch not stored early: %r", NAME, self.stream, exc)
+            return False
+        stored.set_result(None)
+        return True
+
+    async def _store(
+        self, rows: list[tuple[int, Row]], top: int, kept: list[Delivery[Any]], batch: Batch[Any]
+    ) -> None:
+        """One transaction for the batch; the rows the database refuses are rejected."""
+        try:
+            written = await self.store.write(rows, top)
+        except Refused as exc:
+            log.warning("%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc)
+            for i, why in await self.store.write_each(rows, top):
+                batch.reject(kept[i], DB_REFUSED, why)
+            self._last_seq.set(top)
+            return
+        self._upserted.inc(written.rows)
+        if written.skipped:
+            self._skipped.inc(written.skipped)
+        superseded = len(rows) - written.skipped - written.rows
+        if superseded:
+            self._superseded.inc(superseded)
+        self._last_seq.set(written.last_seq)
+
+    async def close(self) -> None:
+        """Stop what waits to be stored (batches handed back, stopping) and disconnect."""
+        for task in list(self._early):
+            task.cancel()
+        await asyncio.gather(*self._early, return_exceptions=True)
+        await self.store.close()
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -370,7 +420,7 @@ def stream_seq(reply: str) -> int:
 
 def _closer(replica: Replica) -> Any:
     async def close(_: Context) -> None:
-        await replica.store.close()
+        await replica.close()
 
     return close
 
