@@ -152,7 +152,6 @@ class Replica:
         the commit waits for that, or stores them itself when that try failed."""
         check, row, ns = self.table.check, self.table.row, self.namespace
         rows: list[tuple[int, Row]] = []
-        kept = []
         top = 0
         for d in batch.items:
             msg = d.msg
@@ -164,7 +163,7 @@ class Replica:
                 batch.reject(d, *problem)
             else:
                 rows.append((seq, row(d.value)))
-                kept.append(d)
+        kept = list(batch)  # the deliveries of ``rows``, in the same order
 
         after, stored = self._stored, asyncio.get_running_loop().create_future()
         self._stored = stored

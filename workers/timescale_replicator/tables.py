@@ -136,7 +136,7 @@ def _common(
         return ILLEGAL_SYMBOL, str(exc)
     if subject != expected:
         return SUBJECT_MISMATCH, f"{m.feed}/{m.symbol}/{m.tf.value} published on {subject}"
-    return _time("open_time_ms", m.open_time_ms)
+    return None if m.open_time_ms <= MAX_TIME_MS else _time("open_time_ms", m.open_time_ms)
 
 
 def check_candle(c: Candle, subject: str, ns: str | None) -> Problem | None:
@@ -215,11 +215,13 @@ def check_signal(s: Signal, subject: str, ns: str | None) -> Problem | None:
 
 
 # --- rows --------------------------------------------------------------------------------
+# A timeframe or side is a StrEnum, a str already: written as it is (``.value`` is a
+# property lookup per message).
 
 
 def candle_row(c: Candle) -> Row:
     return (
-        c.feed, c.symbol, c.tf.value, c.open_time_ms, c.close_time_ms, c.open, c.high, c.low,
+        c.feed, c.symbol, c.tf, c.open_time_ms, c.close_time_ms, c.open, c.high, c.low,
         c.close, c.tick_volume, c.real_volume, c.spread_mean, c.spread_max, c.first_tick_ms,
         c.last_tick_ms, c.revision, c.v,
     )  # fmt: skip
@@ -227,22 +229,22 @@ def candle_row(c: Candle) -> Row:
 
 def features_row(f: FeatureVector) -> Row:
     return (
-        f.feed, f.symbol, f.tf.value, f.open_time_ms, f.feature_set_id, f.candle_revision,
+        f.feed, f.symbol, f.tf, f.open_time_ms, f.feature_set_id, f.candle_revision,
         f.values, f.warming_up, f.v,
     )  # fmt: skip
 
 
 def score_row(s: Score) -> Row:
     return (
-        s.feed, s.symbol, s.tf.value, s.open_time_ms, s.model_version, s.candle_revision,
+        s.feed, s.symbol, s.tf, s.open_time_ms, s.model_version, s.candle_revision,
         s.feature_set_id, s.probabilities, s.score, s.v,
     )  # fmt: skip
 
 
 def signal_row(s: Signal) -> Row:
     return (
-        s.feed, s.symbol, s.tf.value, s.open_time_ms, s.model_version, s.candle_revision,
-        s.signal_id, s.side.value, s.strength, s.ref_price, s.expires_ms, s.feature_set_id,
+        s.feed, s.symbol, s.tf, s.open_time_ms, s.model_version, s.candle_revision,
+        s.signal_id, s.side, s.strength, s.ref_price, s.expires_ms, s.feature_set_id,
         s.corrects, s.v,
     )  # fmt: skip
 
