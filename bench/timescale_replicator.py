@@ -6,16 +6,28 @@ own: what writing these rows into that table costs with nothing around it. The w
 figure runs from the moment it consumes until its last batch is committed, and includes
 pulling, decoding, checks, the COPY into staging, the upsert on the natural key, the stored
 sequence and the acks.
+
+The worker runs as ops run it, a process of its own (``python -m workers.cli run
+timescale-replicator``): what it costs is its own, not that of the candles this process
+holds or of the benchmarks it imported, and its ``main()`` sets the process up as it does
+in production. It consumes from the moment /healthz answers (connected, caught up,
+subscribed); the last batch is committed when the stored sequence, read from PostgreSQL,
+reaches the stream's last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import socket
 import statistics
+import sys
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import nats
@@ -27,9 +39,11 @@ from contracts.codec import encode
 from contracts.messages import Candle, Timeframe
 from db.migrate import migrate
 from infra.stack import LocalStack
-from workers.timescale_replicator.app import Replicator, Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "benchrepl"
+SCHEMA = f"ns_{NAMESPACE}"  # market.open_namespace's schema of the namespace
+STORED = "SELECT coalesce(max(last_seq), 0) FROM replication_state"
 START_MS = 1_741_038_600_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
@@ -104,24 +118,63 @@ async def _copy(dsn: str, rows: list[tuple[object, ...]]) -> float:
 
 
 async def _replicate(url: str, dsn: str, n: int) -> float:
-    """Rows/s of the worker draining the stream into an empty market.candles."""
+    """Rows/s of the worker process draining the stream into an empty market.candles."""
     await migrate(dsn)
-    replicator = Replicator(
-        Settings(nats_url=url, namespace=NAMESPACE, postgres_dsn=dsn, replicate="CANDLES")
-    )
-    task = asyncio.create_task(replicator.run())
-    await replicator.lead.started.wait()
-    t0 = time.perf_counter()
-    registry = replicator.metrics.registry
-    labels = {"worker": streams.TIMESCALE_REPLICATOR, "stream": streams.CANDLES}
-    while True:
-        if (registry.get_sample_value("tickwire_replicated_last_seq", labels) or 0) >= n:
-            break
-        await asyncio.sleep(0.01)  # polling a gauge to time a run, not synchronising a test
-    elapsed = time.perf_counter() - t0
-    replicator.stop()
-    await task
+    port = _free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_NATS_URL": url,
+        "TICKWIRE_NAMESPACE": NAMESPACE,
+        "TICKWIRE_POSTGRES_DSN": dsn,
+        "TICKWIRE_REPLICATE": streams.CANDLES,
+        "TICKWIRE_METRICS_PORT": str(port),
+        "TICKWIRE_LOG_LEVEL": "WARNING",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "workers.cli", "run", streams.TIMESCALE_REPLICATOR,
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": SCHEMA})
+        try:
+            while not await asyncio.to_thread(_healthy, port):
+                _alive(proc)
+                await asyncio.sleep(0.005)  # waiting for a process to start, in a benchmark
+            t0 = time.perf_counter()
+            while await conn.fetchval(STORED) < n:
+                _alive(proc)
+                await asyncio.sleep(0.01)  # sampling progress to time a run
+            elapsed = time.perf_counter() - t0
+        finally:
+            await conn.close()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
     return n / elapsed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:  # not listening yet, or 503 while it starts
+        return False
+
+
+def _alive(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        raise RuntimeError(f"timescale-replicator exited with {proc.returncode}")
 
 
 async def _cleanup(url: str) -> None:

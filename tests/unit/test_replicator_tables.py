@@ -11,7 +11,8 @@ import pytest
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
-from workers.timescale_replicator.app import Settings
+from workers.runtime.pull import parse_reply
+from workers.timescale_replicator.app import Settings, stream_seq
 from workers.timescale_replicator.tables import (
     CANDLE_TABLE,
     FEATURE_TABLE,
@@ -94,6 +95,46 @@ def test_values_the_database_would_refuse_are_refused_first(
     assert says in problem[1]
 
 
+@pytest.mark.parametrize(
+    ("field", "highest"),
+    [
+        ("close_time_ms", 4_102_444_800_000),  # 2100-01-01 UTC
+        ("first_tick_ms", 2**63 - 1),  # bigint
+        ("last_tick_ms", 2**63 - 1),
+        ("tick_volume", 2**63 - 1),
+        ("revision", 2**31 - 1),  # integer
+    ],
+)
+def test_a_candle_is_refused_just_past_each_limit_and_not_at_it(field: str, highest: int) -> None:
+    at = msgspec.structs.replace(CANDLE, **{field: highest})
+    assert CANDLE_TABLE.check(at, subject_of(at), None) is None
+    past = msgspec.structs.replace(CANDLE, **{field: highest + 1})
+    problem = CANDLE_TABLE.check(past, subject_of(past), None)
+    assert problem is not None
+    assert problem[0] == "out_of_range"
+    assert field in problem[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        ({"low": 5000.5}, False),  # low == open: a bar
+        ({"high": 5001.0}, False),  # high == close
+        ({"low": 5000.5, "high": 5000.5, "close": 5000.5}, False),  # one price
+        ({"low": 0.0, "open": 0.0}, True),  # prices are positive
+        ({"close_time_ms": T0 + 1}, False),
+        ({"close_time_ms": T0}, True),
+    ],
+)
+def test_a_candle_at_the_edges_of_a_bar(change: dict[str, Any], refused: bool) -> None:
+    candle = msgspec.structs.replace(CANDLE, **change)
+    problem = CANDLE_TABLE.check(candle, subject_of(candle), None)
+    assert (problem is not None) == refused, problem
+    if refused:
+        assert problem is not None
+        assert problem[0] == "out_of_range"
+
+
 def test_a_message_must_come_on_its_own_subject() -> None:
     other_tf = subjects.candles(CANDLE.feed, CANDLE.symbol, Timeframe.H1)
     assert CANDLE_TABLE.check(CANDLE, other_tf, None)[0] == "subject_mismatch"
@@ -113,6 +154,23 @@ def test_latest_keeps_the_highest_revision_and_the_later_of_equals() -> None:
         want.append(max(group, key=lambda r: (r[2], r[3])))
         assert k == want[-1][:2]
     assert sorted(got) == sorted(want)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.CANDLES.timescale-replicator.3.1048577.1048000.1741038600000000000.42",
+        "$JS.ACK.hub.ACCHASH.CANDLES.timescale-replicator.3.1048577.1048000.1741038600000000000.42",
+        "$JS.ACK.hub.ACCHASH.CANDLES.timescale-replicator.3.1048577.1048000.1741038600000000000.42.x7",
+    ],
+)
+def test_the_stream_sequence_is_read_from_either_form_of_ack_subject(reply: str) -> None:
+    assert stream_seq(reply) == parse_reply(reply).stream_seq == 1048577
+
+
+def test_a_subject_that_is_no_ack_subject_has_no_stream_sequence() -> None:
+    with pytest.raises(ValueError, match="not a JetStream ack subject"):
+        stream_seq("ns.x.candles.feed-a.EURUSD.M1")
 
 
 def test_settings_choose_streams_and_refuse_unknown_ones() -> None:

@@ -10,6 +10,11 @@ runtime holds the batch and tries again with backoff; the connection is made aga
 batch the database refuses for its values raises ``Refused``; ``write_each`` then stores
 the rows one by one and returns those refused, so one bad row never holds back the others.
 
+The connection lives on a thread of its own, with its own event loop (``_Thread``): the
+worker's loop runs long stretches without yielding (decoding, checking and acking thousands
+of messages), and a transaction's round trips answered there waited for each stretch to
+end, one after the other; on their own thread they wait for the interpreter lock at most.
+
 Live, the tables are those of schema ``market``. In a replay namespace they are those of the
 namespace's own schema (``ns_<name>``, made on first connect by ``market.open_namespace``):
 the queries name tables without a schema and each connection's ``search_path`` holds only
@@ -18,10 +23,12 @@ the one schema it writes, so a namespaced run cannot reach a ``market`` table.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any, Final, NamedTuple
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -29,6 +36,7 @@ from db.queries import query
 from workers.runtime.errors import TransientError
 from workers.timescale_replicator.tables import Row, Table, latest
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LIVE_SCHEMA: Final = "market"
@@ -56,6 +64,48 @@ class Written(NamedTuple):
     last_seq: int
 
 
+class _Thread:
+    """An event loop on a thread of its own: what runs there is not held up by the loop
+    of the caller, which awaits it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work``'s result, run on the thread (started on first use); cancelling the
+        caller cancels it there."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
+
+    async def stop(self) -> None:
+        """Cancel what still runs there, then end the thread."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Store:
     def __init__(
         self,
@@ -80,8 +130,36 @@ class Store:
         self._conn: asyncpg.Connection | None = None
         self._upsert = query(table.upsert_query)
         self._columns = table.column_names
+        self._thread = _Thread(f"{stream} to PostgreSQL")
 
-    async def connect(self) -> asyncpg.Connection:
+    async def connect(self) -> None:
+        """Connect (and make the staging tables) now rather than at the first write."""
+        await self._thread.run(self._connect())
+
+    async def close(self) -> None:
+        if not self._thread.running:
+            return
+        try:
+            await self._thread.run(self._close())
+        finally:
+            await self._thread.stop()
+
+    async def last_seq(self) -> int:
+        return await self._thread.run(self._last_seq())
+
+    async def write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
+        """Store ``(stream_seq, row)`` pairs and ``through_seq`` as the last sequence."""
+        return await self._thread.run(self._write(rows, through_seq))
+
+    async def write_each(
+        self, rows: Sequence[tuple[int, Row]], through_seq: int
+    ) -> list[tuple[int, str]]:
+        """Like ``write``, a row at a time; returns ``(index in rows, why)`` of those refused."""
+        return await self._thread.run(self._write_each(rows, through_seq))
+
+    # --- on the thread ------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
         """The open connection, made (with its staging tables) when there is none."""
         conn = self._conn
         if conn is not None and not conn.is_closed():
@@ -111,7 +189,7 @@ class Store:
         self._conn = conn
         return conn
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -119,17 +197,16 @@ class Store:
             except Exception:
                 conn.terminate()
 
-    async def last_seq(self) -> int:
-        conn = await self.connect()
+    async def _last_seq(self) -> int:
+        conn = await self._connect()
         try:
             value = await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
         except Exception as exc:
             raise await self._lost(exc) from exc
         return int(value or 0)
 
-    async def write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
-        """Store ``(stream_seq, row)`` pairs and ``through_seq`` as the last sequence."""
-        conn = await self.connect()
+    async def _write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
+        conn = await self._connect()
         try:
             async with conn.transaction():
                 last = await self._locked_last_seq(conn)
@@ -151,11 +228,10 @@ class Store:
             raise await self._lost(exc) from exc
         return Written(len(unique), len(rows) - len(fresh), max(last, through_seq))
 
-    async def write_each(
+    async def _write_each(
         self, rows: Sequence[tuple[int, Row]], through_seq: int
     ) -> list[tuple[int, str]]:
-        """Like ``write``, a row at a time; returns ``(index in rows, why)`` of those refused."""
-        conn = await self.connect()
+        conn = await self._connect()
         refused: list[tuple[int, str]] = []
         try:
             async with conn.transaction():

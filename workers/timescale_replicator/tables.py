@@ -136,13 +136,27 @@ def _common(
         return ILLEGAL_SYMBOL, str(exc)
     if subject != expected:
         return SUBJECT_MISMATCH, f"{m.feed}/{m.symbol}/{m.tf.value} published on {subject}"
-    return _time("open_time_ms", m.open_time_ms)
+    return None if m.open_time_ms <= MAX_TIME_MS else _time("open_time_ms", m.open_time_ms)
 
 
 def check_candle(c: Candle, subject: str, ns: str | None) -> Problem | None:
+    problem = _common(c, subject, ns)
+    if problem is None and (
+        # the common case in one expression: every value in range; else say what is not
+        c.open_time_ms < c.close_time_ms <= MAX_TIME_MS
+        and c.first_tick_ms <= MAX_INT8
+        and c.last_tick_ms <= MAX_INT8
+        and c.tick_volume <= MAX_INT8
+        and c.revision <= MAX_INT4
+        and 0 < c.low <= min(c.open, c.close) <= max(c.open, c.close) <= c.high
+    ):
+        return None
+    return problem or _candle_problem(c)
+
+
+def _candle_problem(c: Candle) -> Problem | None:
     problem = (
-        _common(c, subject, ns)
-        or _time("close_time_ms", c.close_time_ms)
+        _time("close_time_ms", c.close_time_ms)
         or _int("first_tick_ms", c.first_tick_ms, MAX_INT8)
         or _int("last_tick_ms", c.last_tick_ms, MAX_INT8)
         or _int("tick_volume", c.tick_volume, MAX_INT8)
@@ -201,11 +215,13 @@ def check_signal(s: Signal, subject: str, ns: str | None) -> Problem | None:
 
 
 # --- rows --------------------------------------------------------------------------------
+# A timeframe or side is a StrEnum, a str already: written as it is (``.value`` is a
+# property lookup per message).
 
 
 def candle_row(c: Candle) -> Row:
     return (
-        c.feed, c.symbol, c.tf.value, c.open_time_ms, c.close_time_ms, c.open, c.high, c.low,
+        c.feed, c.symbol, c.tf, c.open_time_ms, c.close_time_ms, c.open, c.high, c.low,
         c.close, c.tick_volume, c.real_volume, c.spread_mean, c.spread_max, c.first_tick_ms,
         c.last_tick_ms, c.revision, c.v,
     )  # fmt: skip
@@ -213,22 +229,22 @@ def candle_row(c: Candle) -> Row:
 
 def features_row(f: FeatureVector) -> Row:
     return (
-        f.feed, f.symbol, f.tf.value, f.open_time_ms, f.feature_set_id, f.candle_revision,
+        f.feed, f.symbol, f.tf, f.open_time_ms, f.feature_set_id, f.candle_revision,
         f.values, f.warming_up, f.v,
     )  # fmt: skip
 
 
 def score_row(s: Score) -> Row:
     return (
-        s.feed, s.symbol, s.tf.value, s.open_time_ms, s.model_version, s.candle_revision,
+        s.feed, s.symbol, s.tf, s.open_time_ms, s.model_version, s.candle_revision,
         s.feature_set_id, s.probabilities, s.score, s.v,
     )  # fmt: skip
 
 
 def signal_row(s: Signal) -> Row:
     return (
-        s.feed, s.symbol, s.tf.value, s.open_time_ms, s.model_version, s.candle_revision,
-        s.signal_id, s.side.value, s.strength, s.ref_price, s.expires_ms, s.feature_set_id,
+        s.feed, s.symbol, s.tf, s.open_time_ms, s.model_version, s.candle_revision,
+        s.signal_id, s.side, s.strength, s.ref_price, s.expires_ms, s.feature_set_id,
         s.corrects, s.v,
     )  # fmt: skip
 
