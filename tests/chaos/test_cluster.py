@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -311,9 +312,18 @@ async def read_all(js: JetStreamContext, stream: str) -> list[Stored]:
         ),
     )
     out: list[Stored] = []
+    give_up = time.monotonic() + 60
     try:
         while len(out) < total:
-            for msg in await sub.fetch(min(1000, total - len(out)), timeout=10):
+            try:
+                msgs = await sub.fetch(min(1000, total - len(out)), timeout=10)
+            except nats.js.errors.ServiceUnavailableError:
+                # the consumer just made is not answering on this cluster yet: ask again
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.5)  # between tries of a consumer not ready yet
+                continue
+            for msg in msgs:
                 headers = msg.headers or {}
                 stamp = msg.metadata.timestamp.timestamp()
                 out.append(Stored(msg.data, headers.get(MSG_ID), stamp))
