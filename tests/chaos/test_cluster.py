@@ -41,6 +41,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, ObjectStoreConfig
 
@@ -312,17 +313,16 @@ async def read_all(js: JetStreamContext, stream: str) -> list[Stored]:
         ),
     )
     out: list[Stored] = []
-    give_up = time.monotonic() + 60
+
+    async def fetched() -> list[Msg] | None:
+        try:
+            return await sub.fetch(min(1000, total - len(out)), timeout=10)
+        except nats.js.errors.ServiceUnavailableError:
+            return None  # the consumer just made is not answering on this cluster yet
+
     try:
         while len(out) < total:
-            try:
-                msgs = await sub.fetch(min(1000, total - len(out)), timeout=10)
-            except nats.js.errors.ServiceUnavailableError:
-                # the consumer just made is not answering on this cluster yet: ask again
-                if time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(0.5)  # between tries of a consumer not ready yet
-                continue
+            msgs = await eventually(fetched, timeout=60, interval=0.5, what=f"{stream} read")
             for msg in msgs:
                 headers = msg.headers or {}
                 stamp = msg.metadata.timestamp.timestamp()

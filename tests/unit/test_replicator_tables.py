@@ -11,8 +11,8 @@ import pytest
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
-from workers.runtime.pull import parse_reply
-from workers.timescale_replicator.app import Settings, stream_seq
+from workers.runtime.pull import parse_reply, stream_seq
+from workers.timescale_replicator.app import Settings
 from workers.timescale_replicator.tables import (
     CANDLE_TABLE,
     FEATURE_TABLE,

@@ -130,7 +130,10 @@ class Batch(Generic[T]):
         self.parts[id(delivery), index] = (delivery, index, payload, Rejected(reason, detail))
 
     def rejections(self) -> list[tuple[Delivery[T], Rejected]]:
-        return [(d, self._rejected[id(d)]) for d in self.items if id(d) in self._rejected]
+        rejected = self._rejected
+        if not rejected:
+            return []
+        return [(d, rejected[id(d)]) for d in self.items if id(d) in rejected]
 
 
 @dataclass(frozen=True, slots=True)

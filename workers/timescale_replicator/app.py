@@ -43,7 +43,7 @@ from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
 from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
-from workers.runtime.pull import PullSource, parse_reply
+from workers.runtime.pull import PullSource, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker
 from workers.status import consumer_lag
@@ -298,7 +298,7 @@ class Replica:
                         break  # the rest of the range is gone from the stream
                     continue
                 rows = self._rows(msgs, last)
-                reached = max(reached, min(last, parse_reply(msgs[-1].reply).stream_seq))
+                reached = max(reached, min(last, stream_seq(msgs[-1].reply)))
                 await self._write_holding(rows, reached)
                 done += len(msgs)
         finally:
@@ -310,7 +310,7 @@ class Replica:
     def _rows(self, msgs: list[Msg], last: int) -> list[tuple[int, Row]]:
         out = []
         for msg in msgs:
-            seq = parse_reply(msg.reply).stream_seq
+            seq = stream_seq(msg.reply)
             if seq > last:
                 break
             try:
@@ -406,17 +406,6 @@ class Replicator:
                     log.debug("%s: lag of %s not read: %r", NAME, replica.stream, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
-
-
-def stream_seq(reply: str) -> int:
-    """The stream sequence in a delivered message's ack subject: ``parse_reply(reply)
-    .stream_seq`` without building the rest, which a batch of thousands would pay for."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5])
-    if len(tokens) >= 11:  # with domain and account hash (and a trailing token)
-        return int(tokens[7])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
 
 
 def _closer(replica: Replica) -> Any:
