@@ -16,6 +16,7 @@ from bench import (
 )
 from bench.report import RESULTS, Figure, save, table
 from infra.stack import LocalStack
+from workers.runtime.worker import tune_interpreter
 
 
 def main() -> int:
@@ -36,6 +37,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # workers timed in this process run on the interpreter settings of a worker process;
+    # the baselines run on the same
+    tune_interpreter()
     with LocalStack(postgres=args.only in (None, "timescale-replicator", "e2e")) as stack:
         urls = stack.urls
         assert urls.nats_url is not None

@@ -35,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -696,13 +698,41 @@ def _part_items(batch: Batch[Any]) -> list[DeadItem]:
     ]
 
 
+def tune_interpreter() -> None:
+    """The process's interpreter, set for thousands of messages a second once start-up is
+    done.
+
+    Each message brings a few objects that live for a batch or more (in the pull buffer,
+    then on their way to the ack). At the collector's default threshold (700 allocations)
+    every young collection promotes them all, and the full collections that follow scan
+    everything in flight, and all the state a worker keeps, again and again: a tenth to a
+    fifth of a worker's CPU. What start-up made (modules, settings, restored state) is
+    frozen out of the collector's way and the young generation is collected every 50,000
+    allocations; garbage cycles are rare here and wait a little longer. A worker whose
+    database connection runs on a thread of its own (timescale-replicator) has that
+    thread's round trips wait for the interpreter lock at most 1 ms instead of 5.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    sys.setswitchinterval(0.001)
+
+
 def run_until_signalled(worker: Worker[Any]) -> None:
-    """Run a worker in this process; SIGTERM and SIGINT drain it and exit."""
+    """Run a worker in this process, its interpreter tuned once it has started; SIGTERM
+    and SIGINT drain it and exit."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        running = asyncio.ensure_future(worker.run())
+        started = asyncio.ensure_future(worker.started.wait())
+        await asyncio.wait({running, started}, return_when=asyncio.FIRST_COMPLETED)
+        if started.done():
+            tune_interpreter()
+        else:
+            started.cancel()
+        await running
 
     asyncio.run(main())

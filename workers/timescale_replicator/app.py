@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
-import sys
 from typing import Annotated, Any, Final
 
 from nats.aio.msg import Msg
@@ -45,7 +43,7 @@ from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import PullSource, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
-from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker
+from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, tune_interpreter
 from workers.status import consumer_lag
 from workers.timescale_replicator.store import Refused, Store
 from workers.timescale_replicator.tables import TABLES, Row, Table
@@ -413,25 +411,6 @@ def _closer(replica: Replica) -> Any:
         await replica.close()
 
     return close
-
-
-def tune_interpreter() -> None:
-    """The process's interpreter, set for thousands of messages a second once start-up is
-    done.
-
-    Each message brings a few objects that live for a batch or more (in the pull buffer,
-    then on their way to the ack). At the collector's default threshold (700 allocations)
-    every young collection promotes them all, and the full collections that follow scan
-    everything in flight again and again: a tenth of the worker's CPU. What start-up made
-    (modules, settings) is frozen out of the collector's way and the young generation is
-    collected every 50,000 allocations; garbage cycles are rare here and wait a little
-    longer. The database connections run on threads of their own: a transaction's round
-    trip waits for the interpreter lock at most the switch interval, 1 ms instead of 5.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    sys.setswitchinterval(0.001)
 
 
 def main() -> int:
