@@ -105,3 +105,24 @@ async def test_a_refused_publish_fails_at_once_with_the_servers_reason(
             )
     finally:
         await js.delete_stream(name)
+
+
+async def test_a_message_is_stored_with_its_id_and_its_own_headers(
+    nc: Client, js: JetStreamContext, two_streams: tuple[str, str]
+) -> None:
+    a, _ = two_streams
+    publisher = Publisher(nc, WorkerMetrics("publish-test"), 10.0)
+    plain = Outgoing(f"{a.lower()}.plain", b"p", "id-plain")
+    traced = Outgoing(f"{a.lower()}.traced", b"t", "id-traced", {"X-Trace": "abc-1"})
+    await publisher.publish([plain, traced])
+    await publisher.publish([traced])  # the id again: not stored twice
+
+    sub = await js.subscribe(f"{a.lower()}.>", ordered_consumer=True)
+    try:
+        got = [await sub.next_msg(timeout=10) for _ in range(2)]
+    finally:
+        await sub.unsubscribe()
+    assert (await js.stream_info(a)).state.messages == 2
+    assert [(m.subject, m.data) for m in got] == [(plain.subject, b"p"), (traced.subject, b"t")]
+    assert got[0].headers == {"Nats-Msg-Id": "id-plain"}
+    assert got[1].headers == {"Nats-Msg-Id": "id-traced", "X-Trace": "abc-1"}

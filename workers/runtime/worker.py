@@ -51,6 +51,7 @@ from nats.js import JetStreamContext
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
 from contracts.messages import DeadLetter
+from workers.runtime import wire
 from workers.runtime.connection import connect
 from workers.runtime.errors import Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
@@ -428,8 +429,7 @@ class Worker(Generic[T]):
             accept = self.accept
             skipped = [m for m in msgs if not accept(m.subject)]
             if skipped:
-                for msg in skipped:
-                    await ctx.nc.publish(msg.reply, ACK)
+                await wire.send(ctx.nc, wire.acks([m.reply for m in skipped], ACK))
                 self.metrics.in_skipped.inc(len(skipped))
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
@@ -512,14 +512,13 @@ class Worker(Generic[T]):
             self.stop()
             await self._hand_back(ctx, msgs)
             return False
-        nc = ctx.nc
         acked = staged.acked
-        for d in acked:
-            await nc.publish(d.msg.reply, ACK)
-        for item in dead:
-            await nc.publish(item.msg.reply, ACK)
+        frames = [wire.acks([d.msg.reply for d in acked], ACK)]
+        if dead:
+            frames.append(wire.acks([item.msg.reply for item in dead], ACK))
         for d, _ in retry:
-            await nc.publish(d.msg.reply, nak_payload(self._backoff(d.info.deliveries)))
+            frames.append(wire.acks([d.msg.reply], nak_payload(self._backoff(d.info.deliveries))))
+        await wire.send(ctx.nc, frames)
 
         m = self.metrics
         m.in_ok.inc(len(acked))
@@ -534,8 +533,7 @@ class Worker(Generic[T]):
 
     async def _hand_back(self, ctx: Context, msgs: Sequence[Msg]) -> None:
         """Nak for redelivery: what a stopping worker could not make durable."""
-        for msg in msgs:
-            await ctx.nc.publish(msg.reply, NAK)
+        await wire.send(ctx.nc, wire.acks([m.reply for m in msgs], NAK))
         self.metrics.in_retry.inc(len(msgs))
 
     async def _holding(
