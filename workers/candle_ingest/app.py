@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 NAME: Final = CANDLE_INGEST
 REPLAY_SUFFIX: Final = "-replay"
 UNKNOWN_SYMBOL: Final = "unknown_symbol"
+OPEN_COUNT_EVERY_S: Final = 1.0
+"""How often the open-candles gauge is counted again."""
 
 
 class Settings(PartitionedSettings):
@@ -184,6 +186,7 @@ class Ingest:
         self.metrics = Metrics(ctx)
         self.namespace = settings.namespace
         self._snapshot_at = time.monotonic()
+        self._counted_open_at = -OPEN_COUNT_EVERY_S
         self.counts: collections.Counter[str] = collections.Counter()
         """Tick outcomes since the last flush, added to the metrics there."""
         self._skew_ms = round(settings.max_future_skew_s * 1000)
@@ -308,7 +311,11 @@ class Ingest:
             m.rejected.inc(counts["rejected"])
             m.gaps_w.inc(counts["gap"])
             counts.clear()
-        m.open_w.set(self.agg.open_candles())
+        now = time.monotonic()
+        if now - self._counted_open_at >= OPEN_COUNT_EVERY_S:
+            # a walk over every series: once a second, not once a batch of one tick
+            m.open_w.set(self.agg.open_candles())
+            self._counted_open_at = now
         state = None
         # a snapshot must not cover refusals that are not dead letters yet
         if not self.recovered and (
