@@ -63,7 +63,10 @@ async def drain_rate(
         )
         for k in range(partitions)
     ]
-    durables = [f"{worker}-{k}of{partitions}" for k in range(partitions)]
+    # one instance alone consumes on the worker's own durable (PartitionedSettings.durable)
+    durables = (
+        [worker] if partitions == 1 else [f"{worker}-{k}of{partitions}" for k in range(partitions)]
+    )
     low, high = messages // 10, messages - messages // 10
     nc = await nats.connect(nats_url)
     js = nc.jetstream()

@@ -27,7 +27,8 @@ def candles(ticks: list[dict[str, Any]], *, day_start_ms: int = 0) -> dict[tuple
     df["arrival"] = range(len(df))
     df = df.sort_values(["time_ms", "arrival"], kind="stable")
     df["spread"] = df["ask"] - df["bid"]
-    df["volume"] = df["volume"].fillna(0.0) if "volume" in df else 0.0
+    # None where a tick has no real volume: a column of objects until made numeric
+    df["volume"] = df["volume"].astype("float64").fillna(0.0) if "volume" in df else 0.0
     out: dict[tuple, dict[str, Any]] = {}
     for tf, length in TIMEFRAMES.items():
         df["open_time_ms"] = (df["time_ms"] - day_start_ms) // length * length + day_start_ms
