@@ -25,8 +25,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from workers.runtime import wire
-
 log = logging.getLogger(__name__)
 
 ACK: Final = b"+ACK"
@@ -126,8 +124,6 @@ class PullSource:
         self._buffer: deque[Msg] = deque()
         self._buffered_bytes = 0
         self._ready = asyncio.Event()
-        self._waiter: asyncio.Future[None] | None = None
-        """What ``take`` waits on for the next message."""
         self._outstanding = 0
         self._last_heard = time.monotonic()
         self._closed = False
@@ -146,7 +142,8 @@ class PullSource:
         unacked until its ack wait runs out.
         """
         self._closed = True
-        await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], NAK))
+        for msg in self._buffer:
+            await self._nc.publish(msg.reply, NAK)
         self._buffer.clear()
         self._buffered_bytes = 0
         deadline = time.monotonic() + self._expires_s + 1.0
@@ -177,7 +174,7 @@ class PullSource:
             if status not in ("404", "408", "409"):
                 log.info("pull request ended: %s %s", status, headers.get("Description", ""))
             await self._request()  # keep the server busy while the handler works
-            self._wake()
+            self._ready.set()
             return
         self._outstanding -= 1
         if self._closed:
@@ -187,29 +184,7 @@ class PullSource:
         self._buffered_bytes += len(msg.data)
         if self._outstanding <= self._batch // 2:
             await self._request()
-        self._wake()
-
-    def _wake(self) -> None:
         self._ready.set()
-        if self._waiter is not None:
-            _resolve(self._waiter)
-
-    async def _arrival(self, timeout_s: float) -> None:
-        """Until a message (or the end of a request) arrives, ``timeout_s`` at most.
-
-        A future and a timer: ``asyncio.wait_for`` wraps the wait in a task, one more turn
-        of the event loop for every batch, and batches are single messages when ticks come
-        at an EA's pace.
-        """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        timer = loop.call_later(timeout_s, _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
 
     async def _request(self) -> None:
         if self._closed or not self._nc.is_connected:
@@ -237,7 +212,9 @@ class PullSource:
         the worker is held up (a dependency down, a slow batch) they would otherwise be
         redelivered, all of them, every ack wait.
         """
-        await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], IN_PROGRESS))
+        publish = self._nc.publish
+        for msg in self._buffer:
+            await publish(msg.reply, IN_PROGRESS)
 
     async def take(self, max_n: int, timeout_s: float) -> list[Msg]:
         """Up to ``max_n`` messages; waits at most ``timeout_s`` for the first one."""
@@ -248,16 +225,13 @@ class PullSource:
                 # neither messages nor heartbeats: the server lost our requests
                 self._outstanding = 0
             await self._request()
+            self._ready.clear()
             if not self._buffer and not self._closed:
-                await self._arrival(timeout_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), timeout_s)
         buf = self._buffer
         n = min(max_n, len(buf))
         out = [buf.popleft() for _ in range(n)]
         self._buffered_bytes -= sum(len(m.data) for m in out)
         await self._request()
         return out
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

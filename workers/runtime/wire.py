@@ -16,7 +16,6 @@ no line break, payloads must fit the server's limit.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
@@ -36,8 +35,6 @@ _LINE_BREAK: Final = re.compile(r"[\r\n]")
 _HEADER_KEY: Final = re.compile(r"[!-9;-~]+")
 """A header name: printable ASCII without ':' (RFC 7230 token characters and more)."""
 _HEADER_LINE: Final = "NATS/1.0\r\n"
-ACK_LINGER_S: Final = 0.005
-"""Longest an ack waits for a write to go with."""
 
 
 def check_subjects(subjects: Sequence[str]) -> None:
@@ -97,63 +94,19 @@ def acks(replies: Iterable[str], body: bytes) -> bytes:
 async def send(nc: Client, frames: bytes | Sequence[bytes]) -> None:
     """Queue ``frames`` on the connection as ``publish`` queues one message, and let the
     flusher write them."""
-    if await _queue(nc, frames):
-        flush = nc._flush_queue
-        if flush is not None and flush.empty():
-            await nc._flush_pending()
-
-
-async def _queue(nc: Client, frames: bytes | Sequence[bytes]) -> bool:
     if nc.is_closed:
         raise ConnectionClosedError
     if nc.is_draining_pubs:
         raise ConnectionDrainingError
     data = frames if isinstance(frames, bytes) else b"".join(frames)
     if not data:
-        return False
+        return
     if not nc.is_connected:
         limit = nc._max_pending_size
         if limit <= 0 or len(data) + nc._pending_data_size > limit:
             # reconnecting, and what is buffered for after it would overflow
             raise OutboundBufferLimitError
     await nc._send_command(data)
-    return True
-
-
-class Lingering:
-    """Frames nothing downstream waits for (acks): queued now, written with the
-    connection's next write, or ``delay_s`` later at the latest.
-
-    At a few thousand messages a second a worker's batches hold one or two messages, and
-    each batch's acks were a write of their own: a system call that, with the server on
-    the same machine, also runs the server's side of TCP. It was the largest part of
-    candle-ingest's CPU under an EA's load; lingering, the acks of several batches share
-    a write, most often the one that carries a publish or a pull request. A stopping
-    worker loses nothing by it: draining the connection writes what is queued.
-    """
-
-    def __init__(self, nc: Client, delay_s: float = ACK_LINGER_S) -> None:
-        self.nc = nc
-        self._delay_s = delay_s
-        self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Future[None] | None = None
-
-    async def send(self, frames: bytes | Sequence[bytes]) -> None:
-        if await _queue(self.nc, frames) and self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._delay_s, self._flush)
-
-    async def flush(self) -> None:
-        """Write what lingers now (a worker about to stop)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.nc.is_connected and self.nc._pending_data_size:
-            await self.nc._flush_pending()
-
-    def _flush(self) -> None:
-        self._timer = None
-        nc = self.nc
-        flush = nc._flush_queue
-        if nc._pending_data_size and flush is not None and flush.empty():
-            self._flushing = asyncio.ensure_future(nc._flush_pending())
+    flush = nc._flush_queue
+    if flush is not None and flush.empty():
+        await nc._flush_pending()

@@ -229,7 +229,6 @@ class Worker(Generic[T]):
         self._queued: dict[int, Sequence[Msg]] = {}
         """Handled batches waiting for the commit before them: kept alive while that holds."""
         self._failed: BaseException | None = None
-        self._acks: wire.Lingering | None = None
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
         self.started = asyncio.Event()
@@ -385,9 +384,6 @@ class Worker(Generic[T]):
         return await self._finish(ctx, staged)
 
     async def _drain(self, ctx: Context) -> None:
-        if self._acks is not None:
-            with contextlib.suppress(Exception):  # the connection may be gone: redelivered
-                await self._acks.flush()
         if self._source is not None:
             await self._source.stop()
         for hook in reversed(self._shutdown):
@@ -433,7 +429,7 @@ class Worker(Generic[T]):
             accept = self.accept
             skipped = [m for m in msgs if not accept(m.subject)]
             if skipped:
-                await self._lingering(ctx).send(wire.acks([m.reply for m in skipped], ACK))
+                await wire.send(ctx.nc, wire.acks([m.reply for m in skipped], ACK))
                 self.metrics.in_skipped.inc(len(skipped))
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
@@ -522,7 +518,7 @@ class Worker(Generic[T]):
             frames.append(wire.acks([item.msg.reply for item in dead], ACK))
         for d, _ in retry:
             frames.append(wire.acks([d.msg.reply], nak_payload(self._backoff(d.info.deliveries))))
-        await self._lingering(ctx).send(frames)
+        await wire.send(ctx.nc, frames)
 
         m = self.metrics
         m.in_ok.inc(len(acked))
@@ -534,12 +530,6 @@ class Worker(Generic[T]):
         m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
         m.processing_w.observe(time.perf_counter() - staged.started)
         return True
-
-    def _lingering(self, ctx: Context) -> wire.Lingering:
-        """Where acks are queued: written with the connection's next write, or soon."""
-        if self._acks is None or self._acks.nc is not ctx.nc:
-            self._acks = wire.Lingering(ctx.nc)
-        return self._acks
 
     async def _hand_back(self, ctx: Context, msgs: Sequence[Msg]) -> None:
         """Nak for redelivery: what a stopping worker could not make durable."""
@@ -589,10 +579,12 @@ class Worker(Generic[T]):
     async def _touch(self, items: Sequence[Delivery[Any]]) -> None:
         """In-progress acks for ``items``, a handled batch queued behind them and what the
         pull source holds: everything this worker was given and has not acked yet."""
-        replies = [d.msg.reply for d in items]
+        nc = self.context.nc
+        for d in items:
+            await nc.publish(d.msg.reply, IN_PROGRESS)
         for msgs in self._queued.values():
-            replies += [m.reply for m in msgs]
-        await wire.send(self.context.nc, wire.acks(replies, IN_PROGRESS))
+            for msg in msgs:
+                await nc.publish(msg.reply, IN_PROGRESS)
         if self._source is not None:
             await self._source.keep_alive()
         self.metrics.keepalives.labels(self.name).inc()
@@ -605,35 +597,19 @@ class Worker(Generic[T]):
     async def _keepalive(
         self, work: Awaitable[R], items: Sequence[Delivery[Any]], ack_wait: float
     ) -> R:
-        """Await ``work``; tell the server we are still working on ``items`` if it takes long.
-
-        A timer, not a task: most work is done in a millisecond, and a task with a timed
-        wait around it cost two turns of the event loop per batch.
-        """
-        loop = asyncio.get_running_loop()
-        period = ack_wait / 3
-        touching: set[asyncio.Task[None]] = set()
-        timer: asyncio.TimerHandle | None = None
-
-        def touch() -> None:
-            nonlocal timer
-            task = asyncio.ensure_future(self._touch(items))
-            touching.add(task)
-            task.add_done_callback(self._touched)
-            task.add_done_callback(touching.discard)
-            timer = loop.call_later(period, touch)
-
-        timer = loop.call_later(period, touch)
+        """Await ``work``; tell the server we are still working on ``items`` if it takes long."""
+        task = asyncio.ensure_future(work)
         try:
-            return await work
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=ack_wait / 3)
+                if done:
+                    return task.result()
+                await self._touch(items)
         finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _touched(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # the connection is down: the server redelivers what it could not keep alive
-            log.warning("%s: in-progress acks not sent: %r", self.name, task.exception())
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def _call_and_commit(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
         commit = await self._call(ctx, batch, ack_wait)
