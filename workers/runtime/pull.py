@@ -25,6 +25,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from workers.runtime import wire
+
 log = logging.getLogger(__name__)
 
 ACK: Final = b"+ACK"
@@ -142,8 +144,7 @@ class PullSource:
         unacked until its ack wait runs out.
         """
         self._closed = True
-        for msg in self._buffer:
-            await self._nc.publish(msg.reply, NAK)
+        await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], NAK))
         self._buffer.clear()
         self._buffered_bytes = 0
         deadline = time.monotonic() + self._expires_s + 1.0
@@ -212,9 +213,7 @@ class PullSource:
         the worker is held up (a dependency down, a slow batch) they would otherwise be
         redelivered, all of them, every ack wait.
         """
-        publish = self._nc.publish
-        for msg in self._buffer:
-            await publish(msg.reply, IN_PROGRESS)
+        await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], IN_PROGRESS))
 
     async def take(self, max_n: int, timeout_s: float) -> list[Msg]:
         """Up to ``max_n`` messages; waits at most ``timeout_s`` for the first one."""

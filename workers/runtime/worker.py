@@ -513,9 +513,8 @@ class Worker(Generic[T]):
             await self._hand_back(ctx, msgs)
             return False
         acked = staged.acked
-        frames = [wire.acks([d.msg.reply for d in acked], ACK)]
-        if dead:
-            frames.append(wire.acks([item.msg.reply for item in dead], ACK))
+        replies = [d.msg.reply for d in acked] + [item.msg.reply for item in dead]
+        frames = [wire.acks(replies, ACK)]
         for d, _ in retry:
             frames.append(wire.acks([d.msg.reply], nak_payload(self._backoff(d.info.deliveries))))
         await wire.send(ctx.nc, frames)
@@ -579,12 +578,10 @@ class Worker(Generic[T]):
     async def _touch(self, items: Sequence[Delivery[Any]]) -> None:
         """In-progress acks for ``items``, a handled batch queued behind them and what the
         pull source holds: everything this worker was given and has not acked yet."""
-        nc = self.context.nc
-        for d in items:
-            await nc.publish(d.msg.reply, IN_PROGRESS)
+        replies = [d.msg.reply for d in items]
         for msgs in self._queued.values():
-            for msg in msgs:
-                await nc.publish(msg.reply, IN_PROGRESS)
+            replies += [m.reply for m in msgs]
+        await wire.send(self.context.nc, wire.acks(replies, IN_PROGRESS))
         if self._source is not None:
             await self._source.keep_alive()
         self.metrics.keepalives.labels(self.name).inc()
