@@ -28,10 +28,12 @@ from contracts.messages import Candle, DeadLetter
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
+from tests.faults import losing_source
 from tests.processes import spawn, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
+from workers.runtime import worker as worker_module
 
 pytestmark = pytest.mark.integration
 
@@ -184,6 +186,43 @@ async def test_candles_equal_a_pandas_reference_in_stream_and_questdb(
     assert sample(
         "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
     ) == len(sc.accepted)
+
+
+async def test_ticks_whose_delivery_is_lost_on_the_way_still_count(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deliveries that never arrive (a failover with messages in flight) are read back from
+    TICKS in stream order: every candle as the reference, long before the server sends them
+    again, and not one tick taken for a redelivery of what was applied."""
+    sc = market.scenario(seed=12, ticks=20_000)
+    lose = {50, 51, 52, 700, 1_500}
+    lost: list[int] = []
+    monkeypatch.setattr(worker_module, "PullSource", losing_source(lose, lost))
+    worker = build(settings(stack, questdb, namespace))
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: worker.started.is_set() or task.done(), what="worker start")
+    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
+
+    async def as_the_reference() -> bool:
+        published = await on_stream(js, streams.CANDLES, namespace, Candle)
+        return reference.differences(latest(published), want) == []
+
+    try:
+        await publish(js, sc, namespace)
+        # the lost ticks' own redelivery comes only after the consumer's ack wait (30 s)
+        await eventually(as_the_reference, timeout=60, what="every candle as the reference")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    assert sorted(lost) == sorted(lose)
+    await candles_equal_the_reference(js, namespace, sc)
+    registry = worker.metrics.registry
+    read_back = registry.get_sample_value("tickwire_read_back_total", {"worker": "candle-ingest"})
+    assert read_back == len(lose)
 
 
 async def test_candles_refused_by_jetstream_for_a_while_are_published_again_in_order(

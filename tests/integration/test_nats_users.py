@@ -45,6 +45,8 @@ from tests.waiting import eventually
 from workers import candle_ingest, feature_builder, timescale_replicator
 from workers.candle_ingest.app import build as build_ingest
 from workers.feature_builder.app import build as build_features
+from workers.runtime.pull import read_stream
+from workers.runtime.worker import READ_BACK_SUFFIX
 from workers.timescale_replicator.app import Replicator
 
 pytestmark = pytest.mark.integration
@@ -518,6 +520,32 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
         (taken,) = await advisories.fetch(1, timeout=5)
         assert taken.subject == EXAMPLE_EXHAUSTED
         await taken.ack_sync()
+
+        # deliveries lost on the way are read back through each stateful worker's own
+        # short-lived consumer, with its durable's filter
+        await ops.publish(SCORES, b"{}")
+        specs = {(c.stream, c.durable): c for c in streams.consumer_specs()}
+        for user, stream in (
+            ("candle-ingest", "TICKS"),
+            ("feature-builder", "CANDLES"),
+            ("signal-publisher", "SCORES"),
+            ("timescale-replicator", "CANDLES"),
+            ("timescale-replicator", "FEATURES"),
+            ("timescale-replicator", "SCORES"),
+        ):
+            nc = clients[user]
+            read = read_stream(
+                nc,
+                nc.jetstream(),
+                stream,
+                consumer=user + READ_BACK_SUFFIX,
+                filter_subjects=specs[stream, user].filter_subjects,
+                first=1,
+                last=1,
+                desc="read back",
+                progress=False,
+            )
+            assert [info.stream_seq async for batch in read for info, _ in batch] == [1], user
     finally:
         for nc in clients.values():
             await nc.close()

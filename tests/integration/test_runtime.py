@@ -15,7 +15,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from contracts import subjects
 from contracts.codec import Codec
 from contracts.messages import DeadLetter, Tick, TickBatch, TickInput
+from tests.faults import losing_source
 from tests.waiting import eventually
+from workers.runtime import worker as worker_module
 from workers.runtime.errors import TransientError
 from workers.runtime.settings import RuntimeSettings
 from workers.runtime.worker import Batch, Commit, Context, Worker
@@ -422,6 +424,73 @@ async def test_stop_then_restart_handles_each_message_once(
         w2.stop()
         await asyncio.wait_for(task, 30)
     assert sorted(first + second) == list(range(1, 201))
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+async def test_lost_deliveries_are_read_back_and_applied_in_stream_order(
+    stack, js: JetStreamContext, unique: str, monkeypatch: pytest.MonkeyPatch, filtered: bool
+) -> None:
+    """A stateful handler sees every message once, in stream order, although some
+    deliveries never arrive; when they come again they find themselves applied."""
+    name, stream = f"rt-{unique}", f"RT_{unique}"
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"rt.{unique}.>"]))
+    await js.add_stream(StreamConfig(name=f"DLQ_{unique}", subjects=[subjects.dlq(name)]))
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=2,  # the lost deliveries come again within the test
+            filter_subject=f"rt.{unique}.a" if filtered else None,
+        ),
+    )
+    # with a filter, every other message is another subject's: stream seqs 1, 3, 5...
+    for i in range(400):
+        await js.publish(f"rt.{unique}.{'ab'[i % 2] if filtered else 'a'}", _tick("EURUSD", i))
+    wanted = list(range(1, 401, 2 if filtered else 1))
+    lose = {wanted[40], wanted[41], wanted[150]}
+    lost: list[int] = []
+    monkeypatch.setattr(worker_module, "PullSource", losing_source(lose, lost))
+
+    applied: list[int] = []
+    again: list[tuple[int, int]] = []  # (stream seq, deliveries) of messages seen again
+    worker: Worker[TickInput] = Worker(
+        name,
+        stream=stream,
+        durable=name,
+        codec=Codec(TickInput),
+        settings=_settings(stack.nats_url, handler_batch=20),
+        in_order=True,
+    )
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        for d in batch:  # what every stateful worker does: at or below the last, applied
+            seq = d.info.stream_seq
+            if applied and seq <= applied[-1]:
+                again.append((seq, d.info.deliveries))
+            else:
+                applied.append(seq)
+
+    task = await _run(worker)
+    try:
+        await eventually(lambda: len(applied) >= len(wanted), what="every message applied")
+        # the lost deliveries come again after their ack wait and are acked as applied
+        await eventually(
+            lambda: {s for s, n in again if n > 1} >= lose, what=f"redelivery of {lose}"
+        )
+        await eventually(lambda: _all_acked(js, stream, name), what="every message acked")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert sorted(lost) == sorted(lose)
+    assert applied == wanted
+    read_back = worker.metrics.registry.get_sample_value(
+        "tickwire_read_back_total", {"worker": name}
+    )
+    assert read_back == len(lose)
+    # the short-lived reader is gone
+    assert [c.name for c in await js.consumers_info(stream)] == [name]
 
 
 def test_batch_type_is_what_ticks_decode_into() -> None:

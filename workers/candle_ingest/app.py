@@ -219,8 +219,9 @@ class Ingest:
         seq = d.info.stream_seq
         agg = self.agg
         if seq <= agg.last_stream_seq:
-            # already in the state (a redelivery after a restart); what recovery refused
-            # is dead-lettered now, with the message it belongs to
+            # already in the state: a redelivery after a restart, or of a delivery lost on
+            # the way and read back (the runtime hands messages over in stream order); what
+            # recovery refused is dead-lettered now, with the message it belongs to
             recorded = self.recovered.pop(seq, None)
             if recorded is not None and batch is not None:
                 recorded.replay_onto(batch, d)
@@ -632,6 +633,7 @@ def build(settings: Settings) -> Worker[TickInput]:
         codec=Codec(TickInput, max_bytes=settings.max_payload_bytes),
         settings=settings,
         accept=settings.acceptor(feed_symbol),
+        in_order=True,
     )
     idle_task: list[asyncio.Task[None]] = []
 

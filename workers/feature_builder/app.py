@@ -227,6 +227,7 @@ def build(settings: Settings) -> Worker[Candle]:
         codec=Codec(Candle, max_bytes=settings.max_payload_bytes),
         settings=settings,
         accept=settings.acceptor(feed_symbol),
+        in_order=True,
     )
 
     @worker.on_startup

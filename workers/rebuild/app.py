@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ from workers.model_scorer.scoring import Model, ModelError
 from workers.rebuild import plan
 from workers.rebuild.plan import FEATURES, SCORES, SIGNALS, RebuildError, Request
 from workers.registry import Registry, RegistryError
-from workers.runtime.history import read_stream
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
+from workers.runtime.pull import read_stream
 from workers.runtime.worker import Context
 from workers.signal_publisher.app import Settings
 from workers.signal_publisher.policy import POLICY_KEY, Policy, PolicyError, parse_policy
@@ -98,7 +99,8 @@ class Rebuild:
         if last == 0:
             return
         batches = read_stream(
-            self.ctx,
+            self.ctx.nc,
+            self.ctx.js,
             stream,
             consumer=READER,
             filter_subjects=self.req.filters(domain, self.ns),
@@ -114,13 +116,14 @@ class Rebuild:
 
     async def _acked(self, base: str, worker: str) -> int | None:
         """Stream sequence up to which every live consumer of ``worker`` has acked; None
-        when the worker has no consumer on the stream."""
+        when the worker has no consumer on the stream. Its durable, or its partitions'
+        (``<worker>-<k>of<n>``); not the short-lived readers of warm-up or read-back."""
         stream = streams.stream_name(base, namespace=self.ns)
+        durable = re.compile(rf"{re.escape(worker)}(-\d+of\d+)?")
         floors = [
             c.ack_floor.stream_seq if c.ack_floor else 0
             for c in await self.ctx.js.consumers_info(stream)
-            if c.name == worker
-            or (c.name.startswith(f"{worker}-") and not c.name.endswith("-warmup"))
+            if durable.fullmatch(c.name)
         ]
         return min(floors) if floors else None
 

@@ -89,6 +89,12 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+        self.read_back = Counter(
+            "tickwire_read_back",
+            "Messages read back from the stream because their delivery was lost on the way",
+            ["worker"],
+            registry=r,
+        )
         self.up = Gauge("tickwire_up", "1 while connected and consuming", ["worker"], registry=r)
         # label children made once: hot paths call .inc() without a dict lookup per message
         self.in_ok = self.messages_in.labels(worker, "ok")

@@ -18,14 +18,20 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from tqdm import tqdm
 
 from workers.runtime import wire
+from workers.runtime.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,14 @@ def stream_seq(reply: str) -> int:
     thousands would pay for."""
     t = reply.split(".")
     return int(t[_offset(t, reply) + 3])
+
+
+def ack_numbers(reply: str) -> tuple[int, int, int]:
+    """``(deliveries, stream seq, consumer seq)`` of an ack subject, for every message of
+    every batch (``parse_reply`` builds the whole ``AckInfo``)."""
+    t = reply.split(".")
+    o = _offset(t, reply)
+    return int(t[o + 2]), int(t[o + 3]), int(t[o + 4])
 
 
 def _offset(tokens: list[str], reply: str) -> int:
@@ -234,3 +248,68 @@ class PullSource:
         self._buffered_bytes -= sum(len(m.data) for m in out)
         await self._request()
         return out
+
+
+READ_BATCH: Final = 1000
+
+
+async def read_stream(
+    nc: Client,
+    js: JetStreamContext,
+    stream: str,
+    *,
+    consumer: str,
+    filter_subjects: Sequence[str],
+    last: int,
+    desc: str,
+    first: int = 1,
+    progress: bool = True,
+) -> AsyncIterator[list[tuple[AckInfo, Msg]]]:
+    """Batches of ``(ack info, message)`` of the stream from seq ``first`` up to ``last``
+    (fewer if the rest is gone from the stream), read through a short-lived consumer without
+    acks named ``consumer`` (one a crashed process left behind is deleted first). A progress
+    bar unless ``progress`` is False; a stall while messages are still pending raises
+    ``TransientError``."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(stream, consumer)
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            name=consumer,
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if first > 1 else DeliverPolicy.ALL,
+            opt_start_seq=first if first > 1 else None,
+            filter_subjects=list(filter_subjects),
+            inactive_threshold=60.0,
+            mem_storage=True,
+        ),
+    )
+    source = PullSource(nc, stream, consumer, batch=max(1, min(READ_BATCH, last - first + 1)))
+    await source.start()
+    bar = tqdm(total=last, initial=first - 1, desc=desc, unit="seq", disable=not progress or None)
+    seq = first - 1
+    try:
+        while seq < last:
+            msgs = await source.take(READ_BATCH, 5.0)
+            if not msgs:
+                if (await js.consumer_info(stream, consumer)).num_pending == 0:
+                    return  # the rest up to `last` is gone from the stream
+                raise TransientError(f"{desc} stalled at seq {seq}")
+            batch = []
+            for msg in msgs:
+                info = parse_reply(msg.reply)
+                if info.stream_seq > last:
+                    break
+                batch.append((info, msg))
+            if batch:
+                seq = batch[-1][0].stream_seq
+                yield batch
+            if len(batch) < len(msgs):
+                return
+            bar.update(seq - bar.n)
+    finally:
+        bar.close()
+        # deleted first: the server then ends the pull request still open at once
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, consumer)
+        await source.stop()

@@ -27,6 +27,11 @@ its batch (a database refusing a row): they are dead-lettered after it. A commit
 ``TransientError`` holds the batch as above; any other exception stops the worker (its
 state may be ahead of what is durable, so it must start again from what is).
 
+A stateful worker (``in_order``) applies every message in stream order and takes one at or
+below the last it applied as a redelivery. Deliveries lost on the way would break that; the
+loop finds them by the consumer's delivery sequence and reads what they carried back from
+the stream, ahead of the later messages (``workers.runtime.order``).
+
 A worker module only declares what it consumes, how to decode it, and a handler.
 """
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -44,6 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -55,6 +62,7 @@ from workers.runtime import wire
 from workers.runtime.connection import connect
 from workers.runtime.errors import Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
+from workers.runtime.order import DeliveryOrder, Hole
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import (
     ACK,
@@ -64,6 +72,7 @@ from workers.runtime.pull import (
     PullSource,
     nak_payload,
     parse_reply,
+    read_stream,
 )
 from workers.runtime.settings import RuntimeSettings
 
@@ -72,6 +81,8 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 HANDLER_ERROR = "handler_error"
+READ_BACK_SUFFIX = "-readback"
+"""Lost deliveries are read back through the durable's name with this suffix."""
 
 
 class DeadItem(NamedTuple):
@@ -207,11 +218,16 @@ class Worker(Generic[T]):
         settings: RuntimeSettings,
         handler: Handler[T] | None = None,
         accept: Callable[[str], bool] | None = None,
+        in_order: bool = False,
     ) -> None:
         """``accept(subject)`` False: the message belongs to another instance's partition
-        and is acked unread."""
+        and is acked unread. ``in_order``: the handler is given every message in stream
+        order, what lost deliveries carried read back from the stream."""
         self.name = subjects.check_name(name, "worker")
         self.accept = accept
+        self.in_order = in_order
+        self._order: DeliveryOrder | None = None
+        self._filters: list[str] = []
         self.stream = stream
         self.durable = durable
         self.codec = codec
@@ -304,6 +320,16 @@ class Worker(Generic[T]):
             ack_wait = float(info.config.ack_wait or 30.0)
             self._ack_wait = ack_wait
             max_deliver = info.config.max_deliver or -1
+            if self.in_order:
+                delivered = info.delivered
+                self._order = DeliveryOrder(
+                    (delivered.stream_seq or 0) if delivered else 0,
+                    (delivered.consumer_seq or 0) if delivered else 0,
+                )
+                config = info.config
+                self._filters = list(config.filter_subjects or []) or (
+                    [config.filter_subject] if config.filter_subject else []
+                )
             if max_deliver > 0:
                 self._poison_limit = min(self._poison_limit, max_deliver)
             self._source = PullSource(
@@ -357,6 +383,10 @@ class Worker(Generic[T]):
                 msgs = await source.take(max_n, take_timeout)
                 if not msgs:
                     continue
+                if self._order is not None:
+                    msgs = await self._in_order(ctx, msgs)
+                    if not msgs:
+                        continue
                 before = finishing[-1] if finishing else None
                 staged = await self._prepare(ctx, msgs, ack_wait, before=before)
                 if staged is not None:
@@ -399,6 +429,63 @@ class Worker(Generic[T]):
             log.warning("%s: drain did not finish cleanly: %r", self.name, exc)
             await ctx.nc.close()
         log.info("%s stopped", self.name)
+
+    # --- lost deliveries ---------------------------------------------------------------
+
+    async def _in_order(self, ctx: Context, msgs: list[Msg]) -> list[Msg]:
+        """``msgs`` with what lost deliveries carried read back in front of them, in stream
+        order; empty when the worker stopped meanwhile (``msgs`` handed back)."""
+        assert self._order is not None
+        holes = self._order.holes([m.reply for m in msgs])
+        if not holes:
+            return msgs
+        held = [Delivery(m, None) for m in msgs]
+        out: list[Msg] = []
+        start = 0
+        for hole in holes:
+            try:
+                _, found = await self._holding(held, functools.partial(self._read_back, ctx, hole))
+            except TransientError:
+                await self._hand_back(ctx, msgs)
+                return []
+            out += msgs[start : hole.at]
+            out += found
+            start = hole.at
+        out += msgs[start:]
+        return out
+
+    async def _read_back(self, ctx: Context, hole: Hole, _: Batch[Any]) -> list[Msg]:
+        """The messages of ``hole`` that pass the durable's filter, read from the stream."""
+        last = hole.before - 1
+        found: list[Msg] = []
+        try:
+            async for batch in read_stream(
+                ctx.nc,
+                ctx.js,
+                self.stream,
+                consumer=self.durable + READ_BACK_SUFFIX,
+                filter_subjects=self._filters,
+                first=hole.first,
+                last=last,
+                desc=f"reading back {self.stream} {hole.first}..{last}",
+                progress=False,
+            ):
+                found += [msg for _, msg in batch]
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TransientError(f"reading back seqs {hole.first}..{last}: {exc!r}") from exc
+        if found:
+            self.metrics.read_back.labels(self.name).inc(len(found))
+            log.warning(
+                "%s: %d messages of seqs %d..%d were delivered but never received;"
+                " read back from %s ahead of seq %d",
+                self.name,
+                len(found),
+                hole.first,
+                last,
+                self.stream,
+                hole.before,
+            )
+        return found
 
     # --- one batch -------------------------------------------------------------------
 

@@ -274,6 +274,7 @@ def build(settings: Settings) -> Worker[Score]:
         codec=Codec(Score, max_bytes=settings.max_payload_bytes),
         settings=settings,
         accept=settings.acceptor(feed_symbol),
+        in_order=True,
     )
 
     @worker.on_startup

@@ -361,6 +361,7 @@ class Replicator:
                 codec=replica.codec,
                 settings=s,
                 handler=replica.handle,
+                in_order=True,
             )
             worker.metrics = self.metrics
             worker.on_startup(replica.start)
