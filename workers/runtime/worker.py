@@ -42,6 +42,7 @@ import collections
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import signal
 import sys
@@ -180,7 +181,6 @@ class _Staged(Generic[T]):
 
     msgs: Sequence[Msg]
     started: float
-    ack_wait: float
     acked: list[Delivery[T]]
     retry: list[tuple[Delivery[T], str]]
     dead: list[DeadItem]
@@ -244,6 +244,10 @@ class Worker(Generic[T]):
         self._ack_wait = 30.0
         self._queued: dict[int, Sequence[Msg]] = {}
         """Handled batches waiting for the commit before them: kept alive while that holds."""
+        self._working: dict[int, Sequence[Delivery[Any]]] = {}
+        """Messages whose handler or commit is running: kept alive if it takes long."""
+        self._toucher: asyncio.Task[None] | None = None
+        self._keys = itertools.count()
         self._failed: BaseException | None = None
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
@@ -346,8 +350,13 @@ class Worker(Generic[T]):
             self._alive_at = time.monotonic()
             self.started.set()
             log.info("%s consuming %s/%s", self.name, self.stream, self.durable)
-            await self._loop(ctx, self._source, ack_wait)
+            self._toucher = asyncio.ensure_future(self._touching(ack_wait / 3))
+            await self._loop(ctx, self._source)
         finally:
+            if self._toucher is not None:
+                self._toucher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._toucher
             self.metrics.up.labels(self.name).set(0)
             await self._drain(ctx)
 
@@ -365,7 +374,7 @@ class Worker(Generic[T]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
 
-    async def _loop(self, ctx: Context, source: PullSource, ack_wait: float) -> None:
+    async def _loop(self, ctx: Context, source: PullSource) -> None:
         """Take and handle the next batches while earlier ones commit; finish them in order.
 
         At most ``commit_depth`` handled batches are on their way to their ack: when that
@@ -388,9 +397,13 @@ class Worker(Generic[T]):
                     if not msgs:
                         continue
                 before = finishing[-1] if finishing else None
-                staged = await self._prepare(ctx, msgs, ack_wait, before=before)
+                staged = await self._prepare(ctx, msgs, before=before)
                 if staged is not None:
                     finishing.append(asyncio.ensure_future(self._finish_after(ctx, staged, before)))
+                    # a turn for the commits on their way: with messages waiting, nothing
+                    # above needs to suspend, and their publishes would wait for the
+                    # loop to fill ``commit_depth``
+                    await asyncio.sleep(0)
         finally:
             for done in finishing:
                 await done
@@ -489,17 +502,10 @@ class Worker(Generic[T]):
 
     # --- one batch -------------------------------------------------------------------
 
-    async def process(self, ctx: Context, msgs: Sequence[Msg], ack_wait: float = 30.0) -> None:
-        """Handle, commit and ack one batch (the loop overlaps these across batches)."""
-        staged = await self._prepare(ctx, msgs, ack_wait)
-        if staged is not None:
-            await self._finish(ctx, staged)
-
     async def _prepare(
         self,
         ctx: Context,
         msgs: Sequence[Msg],
-        ack_wait: float,
         *,
         before: asyncio.Future[bool] | None = None,
     ) -> _Staged[T] | None:
@@ -532,9 +538,9 @@ class Worker(Generic[T]):
         commit: Commit | None = None
         batch: Batch[T] | None = None
         if not items:
-            return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, None)
+            return _Staged(msgs, started, acked, retry, dead, parts, None)
         try:
-            batch, commit = await self._holding(items, lambda b: self._call(ctx, b, ack_wait))
+            batch, commit = await self._holding(items, lambda b: self._call(ctx, b))
         except TransientError:
             # stopping while a dependency is down: hand everything back for redelivery
             await self._hand_back(ctx, msgs)
@@ -552,7 +558,7 @@ class Worker(Generic[T]):
             else:
                 log.warning("%s: batch failed (%r); retrying one by one", self.name, exc)
                 try:
-                    await self._isolate(ctx, items, ack_wait, acked, retry, dead, parts)
+                    await self._isolate(ctx, items, acked, retry, dead, parts)
                 except TransientError:
                     await self._hand_back(ctx, msgs)
                     return None
@@ -561,7 +567,7 @@ class Worker(Generic[T]):
                 dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
             parts.extend(_part_items(batch))
             acked.extend(batch)
-        return _Staged(msgs, started, ack_wait, acked, retry, dead, parts, commit, batch)
+        return _Staged(msgs, started, acked, retry, dead, parts, commit, batch)
 
     async def _finish(self, ctx: Context, staged: _Staged[T]) -> bool:
         """Dead-letter, commit, ack. False: the batch was handed back (stopping or failed)."""
@@ -581,9 +587,7 @@ class Worker(Generic[T]):
             commit = staged.commit
             if commit is not None:
                 every = [Delivery(m, None) for m in msgs]
-                await self._holding(
-                    every, lambda b: self._keepalive(commit(), b.items, staged.ack_wait)
-                )
+                await self._holding(every, lambda b: self._keepalive(commit(), b.items))
                 late = staged.late_rejections()
                 if late:
                     # refused by the commit itself (e.g. by the database): acked as dead
@@ -673,38 +677,47 @@ class Worker(Generic[T]):
             await self._source.keep_alive()
         self.metrics.keepalives.labels(self.name).inc()
 
-    async def _call(self, ctx: Context, batch: Batch[T], ack_wait: float) -> Commit | None:
+    async def _call(self, ctx: Context, batch: Batch[T]) -> Commit | None:
         """Run the handler."""
         assert self._handler is not None
-        return await self._keepalive(self._handler(batch, ctx), batch.items, ack_wait)
+        return await self._keepalive(self._handler(batch, ctx), batch.items)
 
-    async def _keepalive(
-        self, work: Awaitable[R], items: Sequence[Delivery[Any]], ack_wait: float
-    ) -> R:
-        """Await ``work``; tell the server we are still working on ``items`` if it takes long."""
-        task = asyncio.ensure_future(work)
+    async def _keepalive(self, work: Awaitable[R], items: Sequence[Delivery[Any]]) -> R:
+        """Await ``work``; tell the server we are still working on ``items`` if it takes long.
+
+        The worker's one toucher does the telling (``_touching``): most work is done in a
+        millisecond, and a task and a timed wait around each handler call and commit cost
+        more than the work at an EA's pace.
+        """
+        key = next(self._keys)
+        self._working[key] = items
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=ack_wait / 3)
-                if done:
-                    return task.result()
-                await self._touch(items)
+            return await work
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            del self._working[key]
 
-    async def _call_and_commit(self, ctx: Context, batch: Batch[T], ack_wait: float) -> None:
-        commit = await self._call(ctx, batch, ack_wait)
+    async def _touching(self, period: float) -> None:
+        """Every ``period`` (a third of the ack wait), in-progress acks for whatever work is
+        running then: no message is left a whole ack wait without one."""
+        while True:
+            await asyncio.sleep(period)
+            if not self._working:
+                continue
+            items = [d for working in self._working.values() for d in working]
+            try:
+                await self._touch(items)
+            except Exception as exc:  # connection down: the server redelivers, in order
+                log.warning("%s: in-progress acks not sent: %r", self.name, exc)
+
+    async def _call_and_commit(self, ctx: Context, batch: Batch[T]) -> None:
+        commit = await self._call(ctx, batch)
         if commit is not None:
-            await self._keepalive(commit(), batch.items, ack_wait)
+            await self._keepalive(commit(), batch.items)
 
     async def _isolate(
         self,
         ctx: Context,
         items: list[Delivery[T]],
-        ack_wait: float,
         acked: list[Delivery[T]],
         retry: list[tuple[Delivery[T], str]],
         dead: list[DeadItem],
@@ -712,9 +725,7 @@ class Worker(Generic[T]):
     ) -> None:
         for d in items:
             try:
-                single, _ = await self._holding(
-                    [d], lambda b: self._call_and_commit(ctx, b, ack_wait)
-                )
+                single, _ = await self._holding([d], lambda b: self._call_and_commit(ctx, b))
             except TransientError:
                 raise
             except Rejected as exc:
