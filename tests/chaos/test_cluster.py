@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import time
 from collections import Counter
@@ -99,6 +100,7 @@ CONSUMERS = {
     streams.SCORES: streams.SIGNAL_PUBLISHER,
 }
 """Each stream of the pipeline and the worker consuming it."""
+READ_BACK = re.compile(r": (\d+) messages of seqs \d+\.\.\d+ were delivered but never received")
 
 
 # --- the EAs ----------------------------------------------------------------------------
@@ -539,6 +541,14 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     for base, (_, distinct, doubled) in downstream.items():
         table.append((f"{base.lower()} (distinct / doubled)", f"{distinct} / {doubled}"))
     table.append(("dead letters", str(dead)))
+    # what each worker's runtime logged when it read back deliveries lost in a failover
+    read_back = {
+        w: sum(
+            int(n) for n in READ_BACK.findall((tmp_path / f"{w}.log").read_text("utf-8", "replace"))
+        )
+        for w in CONSUMERS.values()
+    }
+    table.append(("lost deliveries read back", ", ".join(f"{w} {n}" for w, n in read_back.items())))
     for f in faults:
         table += [
             (f"{f.name}: first tick stored", secs(first_after(on_ticks, f.at))),
