@@ -9,10 +9,11 @@ behind the later ones the worker has applied meanwhile; taken for a redelivery, 
 be acked without ever being applied.
 
 Every delivery carries the consumer's delivery sequence, one more than the delivery
-before (a redelivery takes a number of its own too). A jump says deliveries were lost; the next message whose stream sequence leaves a
-hole after the last one received then has that hole read back from the stream (the
-worker's filter, a short-lived consumer without acks) and handled first, in stream order.
-When the lost message itself comes again, it finds itself applied.
+before (a redelivery takes a number of its own too). A jump says deliveries were lost;
+the next message whose stream sequence leaves a hole after the last one received then has
+that hole read back from the stream (the worker's filter, a short-lived consumer without
+acks) and handled first, in stream order. When the lost message itself comes again, it
+finds itself applied.
 """
 
 from __future__ import annotations
