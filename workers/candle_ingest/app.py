@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Annotated, ClassVar, Final, Protocol
 
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator, model_validator
@@ -58,7 +57,7 @@ from workers.candle_ingest.sink import QuestDBSink
 from workers.runtime.errors import TransientError
 from workers.runtime.partition import PartitionedSettings
 from workers.runtime.publish import Outgoing
-from workers.runtime.pull import PullSource
+from workers.runtime.pull import read_stream
 from workers.runtime.settings import load
 from workers.runtime.worker import (
     Batch,
@@ -481,55 +480,34 @@ class Ingest:
         return self.recovered.setdefault(seq, Recorded())
 
     async def _replay(self, stream: str, first: int, last: int, *, live_from: int) -> int:
-        js, nc = self.ctx.js, self.ctx.nc
-        spec = self.settings.consumer_spec()
-        # named, so that its NATS user may read this consumer and no other: a crashed
-        # process may have left one behind (it expires after 60 s idle)
-        name = self.settings.durable + REPLAY_SUFFIX
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(stream, name)
-        info = await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=name,
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=first,
-                filter_subjects=list(spec.filter_subjects),
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        source = PullSource(nc, stream, info.name, batch=1000)
         codec: Codec[TickInput] = Codec(TickInput, max_bytes=self.settings.max_payload_bytes)
         accept = self.settings.acceptor(feed_symbol)
         done = 0
-        await source.start()
-        try:
-            while self.agg.last_stream_seq < last:
-                msgs = await source.take(1000, 5.0)
-                if not msgs:
-                    raise TransientError(f"replay stalled at seq {self.agg.last_stream_seq}")
-                for msg in msgs:
-                    d: Delivery[TickInput] = Delivery(msg, None)  # type: ignore[arg-type]
-                    seq = d.info.stream_seq
-                    if seq > last:
-                        break
-                    live = seq >= live_from
-                    if not live:  # its candles are durable already
-                        self.pending.clear()
-                        self.trigger_ms.clear()
-                    if accept is None or accept(msg.subject):
-                        # undecodable: the runtime dead-letters it when it comes again
-                        with contextlib.suppress(ContractError):
-                            d.value = codec.decode(msg.data)
-                            self.apply(self._recorder(seq) if live else None, d)
-                    self.agg.last_stream_seq = seq
-                    done += 1
-        finally:
-            await source.stop()
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(stream, info.name)
+        # its own consumer, so that its NATS user may read that one and no other
+        batches = read_stream(
+            self.ctx.nc,
+            self.ctx.js,
+            stream,
+            consumer=self.settings.durable + REPLAY_SUFFIX,
+            filter_subjects=self.settings.consumer_spec().filter_subjects,
+            first=first,
+            last=last,
+            desc=f"{NAME}: replaying {stream}",
+        )
+        async for batch in batches:
+            for info, msg in batch:
+                seq = info.stream_seq
+                live = seq >= live_from
+                if not live:  # its candles are durable already
+                    self.pending.clear()
+                    self.trigger_ms.clear()
+                if accept is None or accept(msg.subject):
+                    # undecodable: the runtime dead-letters it when it comes again
+                    with contextlib.suppress(ContractError):
+                        d = Delivery(msg, codec.decode(msg.data), info)
+                        self.apply(self._recorder(seq) if live else None, d)
+                self.agg.last_stream_seq = seq
+                done += 1
         self.recovered = {seq: r for seq, r in self.recovered.items() if r.calls}
         return done
 

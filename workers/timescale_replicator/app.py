@@ -32,7 +32,6 @@ import signal
 from typing import Annotated, Any, Final
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
 from pydantic import Field, SecretStr, field_validator
@@ -41,7 +40,7 @@ from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
 from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
-from workers.runtime.pull import PullSource, stream_seq
+from workers.runtime.pull import AckInfo, read_stream, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, tune_interpreter
 from workers.status import consumer_lag
@@ -269,54 +268,31 @@ class Replica:
 
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
         """Store the valid messages of ``first..last``; refusals come with the redelivery."""
-        js = ctx.js
-        name = self.durable + CATCH_UP_SUFFIX
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(self.stream, name)
-        await js.add_consumer(
-            self.stream,
-            ConsumerConfig(
-                name=name,
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=first,
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        source = PullSource(ctx.nc, self.stream, name, batch=1000, expires_s=1.0)
         done = 0
-        await source.start()
-        try:
-            reached = first - 1
-            while reached < last:
-                msgs = await source.take(1000, 2.0)
-                if not msgs:
-                    if not (await js.consumer_info(self.stream, name)).num_pending:
-                        break  # the rest of the range is gone from the stream
-                    continue
-                rows = self._rows(msgs, last)
-                reached = max(reached, min(last, stream_seq(msgs[-1].reply)))
-                await self._write_holding(rows, reached)
-                done += len(msgs)
-        finally:
-            await source.stop()
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(self.stream, name)
+        batches = read_stream(
+            ctx.nc,
+            ctx.js,
+            self.stream,
+            consumer=self.durable + CATCH_UP_SUFFIX,
+            filter_subjects=(),
+            first=first,
+            last=last,
+            desc=f"{NAME}: catching up {self.stream}",
+        )
+        async for batch in batches:
+            await self._write_holding(self._rows(batch), batch[-1][0].stream_seq)
+            done += len(batch)
         return done
 
-    def _rows(self, msgs: list[Msg], last: int) -> list[tuple[int, Row]]:
+    def _rows(self, batch: list[tuple[AckInfo, Msg]]) -> list[tuple[int, Row]]:
         out = []
-        for msg in msgs:
-            seq = stream_seq(msg.reply)
-            if seq > last:
-                break
+        for info, msg in batch:
             try:
                 value = self.codec.decode(msg.data)
             except ContractError:
                 continue
             if self.table.check(value, msg.subject, self.namespace) is None:
-                out.append((seq, self.table.row(value)))
+                out.append((info.stream_seq, self.table.row(value)))
         return out
 
     async def _write_holding(self, rows: list[tuple[int, Row]], through: int) -> None:
