@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 QUESTDB_VERSION := 9.3.4
 QUESTDB_JAR     := .cache/questdb/questdb-$(QUESTDB_VERSION).jar
 export TICKWIRE_QUESTDB_JAR := $(abspath $(QUESTDB_JAR))
+PROMTOOL        := .cache/prometheus/usr/bin/promtool
 
 .PHONY: help setup setup-tls demo test test-unit lint stack bench chaos lock schemas clean
 
@@ -40,10 +41,21 @@ setup-tls:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends postgresql; }
 
+# promtool, for the tests that check infra/prometheus.yml and the dashboard's queries: taken
+# out of Debian's prometheus package, not installed (installing would start a Prometheus).
+$(PROMTOOL):
+	rm -rf .cache/prometheus && mkdir -p .cache/prometheus
+	cd .cache/prometheus && { apt-get download -qq prometheus || \
+		{ apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg-deb --fsys-tarfile .cache/prometheus/prometheus_*.deb | \
+		tar -x -C .cache/prometheus ./usr/bin/promtool
+	rm .cache/prometheus/prometheus_*.deb
+	test -x $@
+
 demo: setup
 	$(BIN)/tickwire demo
 
-test: setup setup-tls
+test: setup setup-tls $(PROMTOOL)
 	$(BIN)/python -m pytest
 
 test-unit: setup

@@ -2,7 +2,8 @@
 
 docker-compose.yml is read through ``docker compose config`` (skipped where the Docker CLI
 or its compose plugin is missing); the NATS configs are checked by the real nats-server;
-Prometheus files by ``promtool`` where Debian's ``prometheus`` package is installed.
+Prometheus files by ``promtool``, which ``make test`` takes out of Debian's ``prometheus``
+package.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PROMETHEUS = ROOT / "infra" / "prometheus.yml"
 GRAFANA = ROOT / "infra" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tickwire.json"
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
+PROMTOOL = ROOT / ".cache" / "prometheus" / "usr" / "bin" / "promtool"
 
 # Every secret docker-compose.yml takes from the environment, with a recognisable value.
 SECRETS = {
@@ -380,10 +382,11 @@ def test_prometheus_scrapes_every_worker() -> None:
 
 
 def _promtool() -> str:
-    promtool = shutil.which("promtool")
+    """What ``make test`` took out of Debian's prometheus package, else one on the PATH."""
+    promtool = PROMTOOL if PROMTOOL.exists() else shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
-    return promtool
+        pytest.skip(f"no promtool at {PROMTOOL} (`make test` fetches it) nor on the PATH")
+    return str(promtool)
 
 
 def test_prometheus_config_is_valid() -> None:
