@@ -5,8 +5,8 @@ from the moment the consumer asks for messages until every message is acked. The
 figure includes validation, aggregation into 7 timeframes, QuestDB writes and CANDLES
 publishes; the baseline only decodes and acks. Each runs twice, taking turns with the
 other, and gives its best run: one slow moment of a busy machine does not decide a ratio.
-Peak RSS is the worker process's high-water
-mark after holding 1,000 symbols x 7 timeframes open.
+Peak RSS is the worker process's high-water mark after holding 1,000 symbols x 7
+timeframes open.
 """
 
 from __future__ import annotations
