@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure
+from bench.report import Figure, print_runs
 from contracts import streams, subjects
 from contracts.messages import Tick, TickBatch, TickRow
 from infra.stack import StackUrls
@@ -202,11 +202,7 @@ async def _throughput(
         scaled = await partitioned.drain_rate(
             str(urls.nats_url), "candle-ingest", env, stream, messages
         )
-        print(
-            f"  runs, in turn: worker {', '.join(f'{r:,.0f}' for r in rates)}, bare "
-            f"{', '.join(f'{r:,.0f}' for r in bares)} ticks/s",
-            flush=True,
-        )
+        print_runs(rates, bares, "ticks/s")
         return max(rates), scaled * per_message, max(bares)
     finally:
         for name in (*runs, split):

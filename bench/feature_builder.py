@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure
+from bench.report import Figure, print_runs
 from contracts import streams, subjects
 from contracts.messages import Candle, Timeframe
 from infra.stack import StackUrls
@@ -135,11 +135,7 @@ async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[f
             streams.stream_name(streams.CANDLES, namespace=split),
             len(candles),
         )
-        print(
-            f"  runs, in turn: worker {', '.join(f'{r:,.0f}' for r in rates)}, bare "
-            f"{', '.join(f'{r:,.0f}' for r in baselines)} candles/s",
-            flush=True,
-        )
+        print_runs(rates, baselines, "candles/s")
         return max(rates), scaled, max(baselines)
     finally:
         for name in (*runs, split):

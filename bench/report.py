@@ -66,6 +66,12 @@ async def median_rate(n: int, run: Callable[[], Awaitable[float]], repeats: int)
     return statistics.median([n / await run() for _ in range(repeats)])
 
 
+def print_runs(worker: list[float], bare: list[float], unit: str) -> None:
+    """Every run of a worker and of its bare baseline, as they took turns."""
+    w, b = (", ".join(f"{r:,.0f}" for r in rates) for rates in (worker, bare))
+    print(f"  runs, in turn: worker {w}, bare {b} {unit}", flush=True)
+
+
 def table(figures: list[Figure]) -> str:
     head = ("figure", "value", "baseline (same run)", "ratio", "target", "")
     rows = [head]
