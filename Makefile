@@ -6,6 +6,8 @@ QUESTDB_VERSION := 9.3.4
 QUESTDB_JAR     := .cache/questdb/questdb-$(QUESTDB_VERSION).jar
 export TICKWIRE_QUESTDB_JAR := $(abspath $(QUESTDB_JAR))
 PROMTOOL        := .cache/prometheus/usr/bin/promtool
+# a download into the project, which apt's own _apt user may not be able to write into
+APT_DOWNLOAD    := apt-get download -qq -o APT::Sandbox::User=root
 
 .PHONY: help setup setup-tls demo test test-unit lint stack bench chaos lock schemas clean
 
@@ -45,8 +47,8 @@ setup-tls:
 # out of Debian's prometheus package, not installed (installing would start a Prometheus).
 $(PROMTOOL):
 	rm -rf .cache/prometheus && mkdir -p .cache/prometheus
-	cd .cache/prometheus && { apt-get download -qq prometheus || \
-		{ apt-get update -qq && apt-get download -qq prometheus; }; }
+	cd .cache/prometheus && { $(APT_DOWNLOAD) prometheus || \
+		{ apt-get update -qq && $(APT_DOWNLOAD) prometheus; }; }
 	dpkg-deb --fsys-tarfile .cache/prometheus/prometheus_*.deb | \
 		tar -x -C .cache/prometheus ./usr/bin/promtool
 	rm .cache/prometheus/prometheus_*.deb
