@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure, print_runs
+from bench.report import Figure, best_in_turn
 from contracts import streams, subjects
 from contracts.messages import Tick, TickBatch, TickRow
 from infra.stack import StackUrls
@@ -193,17 +193,18 @@ async def _throughput(
         items = _batches(symbols, per_message, messages)
         for name in (*runs, split):
             await _publish(js, name, items)
-        bares, rates = [], []
-        for name in runs:
-            bares.append(await _bare(nc, runs[0], messages, per_message))
-            rates.append(await _worker(urls, name, messages * per_message))
+        rate, bare_rate = await best_in_turn(
+            runs,
+            lambda name: _worker(urls, name, messages * per_message),
+            lambda: _bare(nc, runs[0], messages, per_message),
+            "ticks/s",
+        )
         stream = streams.stream_name(streams.TICKS, namespace=split)
         env = _env(urls, split)
         scaled = await partitioned.drain_rate(
             str(urls.nats_url), "candle-ingest", env, stream, messages
         )
-        print_runs(rates, bares, "ticks/s")
-        return max(rates), scaled * per_message, max(bares)
+        return rate, scaled * per_message, bare_rate
     finally:
         for name in (*runs, split):
             await _cleanup(js, name)

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure, print_runs
+from bench.report import Figure, best_in_turn
 from contracts import streams, subjects
 from contracts.messages import Candle, Timeframe
 from infra.stack import StackUrls
@@ -124,10 +124,12 @@ async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[f
         candles = _candles(symbols, per_symbol)
         for name in (*runs, split):
             await _publish(js, name, candles)
-        baselines, rates = [], []
-        for name in runs:
-            baselines.append(await _bare(nc, runs[0], len(candles)))
-            rates.append(await _worker(urls, name, len(candles)))
+        rate, baseline = await best_in_turn(
+            runs,
+            lambda name: _worker(urls, name, len(candles)),
+            lambda: _bare(nc, runs[0], len(candles)),
+            "candles/s",
+        )
         scaled = await partitioned.drain_rate(
             str(urls.nats_url),
             "feature-builder",
@@ -135,8 +137,7 @@ async def _end_to_end(urls: StackUrls, symbols: int, per_symbol: int) -> tuple[f
             streams.stream_name(streams.CANDLES, namespace=split),
             len(candles),
         )
-        print_runs(rates, baselines, "candles/s")
-        return max(rates), scaled, max(baselines)
+        return rate, scaled, baseline
     finally:
         for name in (*runs, split):
             for spec in streams.stream_specs(namespace=name):

@@ -66,10 +66,21 @@ async def median_rate(n: int, run: Callable[[], Awaitable[float]], repeats: int)
     return statistics.median([n / await run() for _ in range(repeats)])
 
 
-def print_runs(worker: list[float], bare: list[float], unit: str) -> None:
-    """Every run of a worker and of its bare baseline, as they took turns."""
-    w, b = (", ".join(f"{r:,.0f}" for r in rates) for rates in (worker, bare))
+async def best_in_turn(
+    runs: list[str],
+    worker: Callable[[str], Awaitable[float]],
+    bare: Callable[[], Awaitable[float]],
+    unit: str,
+) -> tuple[float, float]:
+    """The best rate of ``worker`` (one run on each of ``runs``) and of ``bare`` (as many
+    runs), taking turns; every run is printed."""
+    workers, bares = [], []
+    for name in runs:
+        bares.append(await bare())
+        workers.append(await worker(name))
+    w, b = (", ".join(f"{r:,.0f}" for r in rates) for rates in (workers, bares))
     print(f"  runs, in turn: worker {w}, bare {b} {unit}", flush=True)
+    return max(workers), max(bares)
 
 
 def table(figures: list[Figure]) -> str:
