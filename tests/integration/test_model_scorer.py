@@ -28,6 +28,7 @@ from tests.processes import spawn, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer.app import Settings, build
+from workers.model_scorer.models import ActiveModels
 from workers.registry import Registry, bucket_name
 
 pytestmark = pytest.mark.integration
@@ -372,3 +373,45 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
         for m in await stream_messages(js, streams.DLQ, chaos)
     ]
     assert [(d.reason, d.payload) for d in dead] == [("bad_values", msgspec.json.encode(bad))]
+
+
+class _EarlyMarker:
+    """A real registry watch whose "every pointer delivered" marker comes first, before the
+    pointers already on their way: what nats-py does when they are in flight at the start
+    of the watch (nats-io/nats.py#842)."""
+
+    def __init__(self, watcher: Any) -> None:
+        self._watcher = watcher
+        self._sub = watcher._sub
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        yield None
+        async for entry in self._watcher:
+            if entry is not None:
+                yield entry
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+
+
+async def test_scoring_starts_only_once_every_pointer_has_arrived(
+    js: JetStreamContext, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = await Registry.open(js, namespace=namespace)
+    booster = train(1)
+    version = await put(registry, booster, EURUSD)
+    assert (await registry.promote(version))[0]
+    watch = Registry.watch_active
+
+    async def early(self: Registry) -> _EarlyMarker:
+        return _EarlyMarker(await watch(self))
+
+    monkeypatch.setattr(Registry, "watch_active", early)
+    models = ActiveModels(registry)
+    try:
+        await models.start(timeout_s=30)
+        model = await models.model_for(models.key(FEED, *EURUSD))
+        assert model is not None
+        assert model.version == version
+    finally:
+        await models.stop()

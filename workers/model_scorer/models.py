@@ -96,18 +96,24 @@ class ActiveModels:
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         initial: dict[str, str] | None = {}
+        newest = 0  # the stream sequence of the latest entry received
+        until: int | None = None  # once the watch says all are delivered: up to which seq
         async for entry in watcher:
-            if entry is None:  # every pointer delivered once
-                if initial is not None:
+            if entry is not None:
+                newest = max(newest, entry.revision or 0)
+            elif initial is not None:
+                until = await _delivered_through(watcher)
+            if initial is not None:
+                if entry is not None and (version := _version(entry)) is not None:
+                    initial[entry.key] = version
+                if until is not None and newest >= until:  # every pointer received once
                     await self._replace(initial)
                     initial = None
                     self._ready.set()
                 continue
-            version = _version(entry)
-            if initial is not None:
-                if version is not None:
-                    initial[entry.key] = version
+            if entry is None:
                 continue
+            version = _version(entry)
             if version is not None:
                 # loaded before the switch; if the registry cannot be read now, the first
                 # vector of the series tries again
@@ -182,6 +188,20 @@ class ActiveModels:
             log.error("active model %s cannot score: %s", version, model)
         self._models[version] = model
         return model
+
+
+async def _delivered_through(watcher: KeyValue.KeyWatcher) -> int:
+    """The stream sequence of the last entry the watch's consumer has sent.
+
+    nats-py says every entry is delivered (``None``) when the server has none left to send,
+    which can be before those already sent have arrived (nats-io/nats.py#842): scoring would
+    start without their models and dead-letter vectors as having none.
+    """
+    sub = watcher._sub  # the watch's own subscription
+    if sub is None:
+        return 0
+    info = await sub.consumer_info()
+    return int(info.delivered.stream_seq or 0) if info.delivered else 0
 
 
 def _version(entry: KeyValue.Entry) -> str | None:
