@@ -81,9 +81,13 @@ def _contracts(args: argparse.Namespace) -> int:
 def _streams(args: argparse.Namespace) -> int:
     from contracts.streams import consumer_specs, ensure, stream_specs
     from workers.runtime.connection import connect
+    from workers.runtime.partition import partition_specs
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings, namespace=args.namespace)
+    consumers = consumer_specs(namespace=args.namespace)
+    for worker, n in args.partitions:
+        consumers += partition_specs(consumers, worker, n)
 
     async def go() -> dict[str, str]:
         nc = await connect(settings, name="tickwire-streams")
@@ -91,7 +95,7 @@ def _streams(args: argparse.Namespace) -> int:
             return await ensure(
                 nc.jetstream(),
                 stream_specs(namespace=args.namespace, replicas=args.replicas or 1),
-                consumer_specs(namespace=args.namespace),
+                consumers,
                 rescale=args.replicas is not None,
             )
         finally:
@@ -99,6 +103,37 @@ def _streams(args: argparse.Namespace) -> int:
 
     for name, outcome in asyncio.run(go()).items():
         print(f"{name:40} {outcome}")
+    return 0
+
+
+def _partitions(text: str) -> tuple[str, int]:
+    from workers.permissions import PARTITIONED
+
+    worker, _, count = text.partition("=")
+    if worker not in PARTITIONED:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected WORKER=N, WORKER one of {', '.join(PARTITIONED)}"
+        )
+    try:
+        return worker, _two_or_more(count)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: N {exc}") from None
+
+
+def _permissions(args: argparse.Namespace) -> int:
+    from workers.permissions import ACCOUNTS, PARTITIONED, PermissionsError, partitioned_block
+
+    if args.worker not in PARTITIONED:
+        fail(f"{args.worker!r} does not run as partitions: one of {', '.join(PARTITIONED)}")
+    path: Path = args.accounts or ACCOUNTS
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    try:
+        sys.stdout.write(partitioned_block(text, args.worker, args.partitions))
+    except PermissionsError as exc:
+        fail(f"{path}: {exc}")
     return 0
 
 
@@ -133,6 +168,13 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
+    return value
+
+
+def _two_or_more(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 2 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 2 to 64, not {text!r}")
     return value
 
 
@@ -240,7 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[1, 3, 5],
         help="set every stream to this many replicas (default: new streams R1, others kept)",
     )
+    streams.add_argument(
+        "--partitions",
+        type=_partitions,
+        action="append",
+        default=[],
+        metavar="WORKER=N",
+        help="also WORKER's durable of each of N partitions (WORKER-<k>ofN); repeatable",
+    )
     streams.set_defaults(func=_streams)
+
+    perms = sub.add_parser(
+        "nats-permissions",
+        help="a worker's NATS permissions block, allowing the consumers of N partitions",
+    )
+    perms.add_argument(
+        "worker", help="candle-ingest, feature-builder, model-scorer or signal-publisher"
+    )
+    perms.add_argument("--partitions", type=_two_or_more, required=True, help="N (2 to 64)")
+    perms.add_argument(
+        "--accounts", type=Path, help="accounts file to read (infra/nats/accounts.conf)"
+    )
+    perms.set_defaults(func=_permissions)
 
     imp = sub.add_parser("import", help="backfill from MT5 CSV exports (bars or ticks)")
     imp.add_argument("kind", choices=["mt5-bars", "mt5-ticks"])

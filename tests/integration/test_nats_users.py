@@ -18,6 +18,8 @@ import os
 import random
 import re
 import secrets
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,7 +46,9 @@ from tests.integration.test_feature_builder import close_enough, expected
 from tests.waiting import eventually
 from workers import candle_ingest, feature_builder, timescale_replicator
 from workers.candle_ingest.app import build as build_ingest
+from workers.candle_ingest.app import feed_symbol as ingest_key
 from workers.feature_builder.app import build as build_features
+from workers.runtime.partition import partition_of
 from workers.runtime.pull import read_stream
 from workers.runtime.worker import READ_BACK_SUFFIX
 from workers.timescale_replicator.app import Replicator
@@ -63,16 +67,17 @@ SYMBOL = "US500.cash"
 class SecuredNats(LocalNats):
     """nats-server with JetStream whose users and permissions are the deployed ones."""
 
-    def __init__(self, root: Path, passwords: Mapping[str, str]) -> None:
+    def __init__(self, root: Path, passwords: Mapping[str, str], accounts: Path = ACCOUNTS) -> None:
         # the account may use 100G of disk (a limit, nothing is reserved): the server must
         # allow at least as much or it refuses the account
         super().__init__(root, max_file_store="100G")
         self.passwords = dict(passwords)
+        self.accounts = accounts
 
     def _prepare(self) -> None:
         super()._prepare()
         # include resolves its path against the including file's directory
-        accounts = os.path.relpath(ACCOUNTS, self.config_path.parent)
+        accounts = os.path.relpath(self.accounts, self.config_path.parent)
         with self.config_path.open("a") as conf:
             conf.write(f"include {accounts}\n")
 
@@ -112,16 +117,20 @@ def users_of_accounts_file() -> dict[str, str]:
     return dict(USER.findall(ACCOUNTS.read_text()))
 
 
-@pytest.fixture
-def secured(tmp_path: Path) -> Iterator[Secured]:
+def serve(root: Path, accounts: Path = ACCOUNTS) -> Iterator[Secured]:
     users = users_of_accounts_file()
     passwords = {var: secrets.token_hex(12) for var in users.values()}
-    server = SecuredNats(tmp_path, passwords)
+    server = SecuredNats(root, passwords, accounts)
     server.start()
     try:
         yield Secured(server.url, {u: passwords[v] for u, v in users.items()}, server.log_path)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    yield from serve(tmp_path)
 
 
 @pytest.fixture
@@ -137,7 +146,7 @@ async def ops(secured: Secured) -> AsyncIterator[JetStreamContext]:
 # --- the pipeline -------------------------------------------------------------------------
 
 
-def make_ticks(feed: str, count: int, seed: int) -> list[dict[str, Any]]:
+def make_ticks(feed: str, count: int, seed: int, symbol: str = SYMBOL) -> list[dict[str, Any]]:
     """One symbol's ticks, in time order, about 10 s apart: some 70 minutes of M1 candles."""
     rng = random.Random(seed)
     t, mid = START_MS, 5000.0
@@ -150,7 +159,7 @@ def make_ticks(feed: str, count: int, seed: int) -> list[dict[str, Any]]:
                 "type": "tick",
                 "v": 1,
                 "feed": feed,
-                "symbol": SYMBOL,
+                "symbol": symbol,
                 "time_ms": t,
                 "bid": mid,
                 "ask": round(mid + rng.choice((0.25, 0.5)), 2),
@@ -194,6 +203,13 @@ def as_candles(payloads: list[bytes]) -> list[Candle]:
 
 def fields(c: Candle) -> dict[str, Any]:
     return msgspec.structs.asdict(c)
+
+
+def each_once(published: list[Candle]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """Candles by key, checking that none was published twice."""
+    keys = Counter((c.feed, c.symbol, c.tf.value, c.open_time_ms) for c in published)
+    assert max(keys.values()) == 1, "a candle was published twice"
+    return {(c.feed, c.symbol, c.tf.value, c.open_time_ms): fields(c) for c in published}
 
 
 async def at_least(probe: Callable[[], Awaitable[list[T]]], count: int, what: str) -> list[T]:
@@ -292,10 +308,7 @@ async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
 
     # CANDLES: every candle once, equal to the pandas reference
     published = as_candles(await stream_messages(ops, "CANDLES"))
-    keys = Counter((c.feed, c.symbol, c.tf.value, c.open_time_ms) for c in published)
-    assert max(keys.values()) == 1, "a candle was published twice"
-    got = {(c.feed, c.symbol, c.tf.value, c.open_time_ms): fields(c) for c in published}
-    assert reference.differences(got, want) == []
+    assert reference.differences(each_once(published), want) == []
 
     # FEATURES: one vector per candle, equal to the feature library's batch form
     vectors = await stream_messages(ops, "FEATURES")
@@ -696,3 +709,125 @@ async def test_a_subscriber_reads_its_own_consumer_with_its_own_inbox(
         )
     finally:
         await nc.close()
+
+
+# --- partitions ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def partitioned(tmp_path: Path) -> Iterator[Secured]:
+    """A server on the deployed accounts file with candle-ingest's block as
+    `tickwire nats-permissions candle-ingest --partitions 2` prints it."""
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "nats-permissions",
+            "candle-ingest",
+            "--partitions",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    lines = ACCOUNTS.read_text().splitlines()
+    first = lines.index("CANDLE_INGEST_PERMISSIONS: {")
+    last = lines.index("}", first)
+    accounts = tmp_path / "accounts.conf"
+    accounts.write_text("\n".join([*lines[:first], printed, *lines[last + 1 :]]) + "\n")
+    yield from serve(tmp_path / "server", accounts)
+
+
+async def test_partitions_run_under_the_permissions_printed_for_them(
+    partitioned: Secured, questdb: QuestDBUrls, unique: str
+) -> None:
+    """ops make every partition's consumer with `tickwire streams ensure --partitions`, and
+    two candle-ingest partitions run under candle-ingest's own user: together they make
+    every candle once. The deployed block alone does not allow a partition's consumer."""
+    env = {
+        **os.environ,
+        "TICKWIRE_NATS_URL": partitioned.url,
+        "TICKWIRE_NATS_USER": "ops",
+        "TICKWIRE_NATS_PASSWORD": partitioned.passwords["ops"],
+    }
+    ensured = await asyncio.to_thread(
+        subprocess.run,
+        [
+            *(sys.executable, "-m", "workers.cli", "streams", "ensure"),
+            *("--partitions", "candle-ingest=2", "--partitions", "feature-builder=2"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ensured.returncode == 0, ensured.stderr
+    for durable in ("candle-ingest-0of2", "candle-ingest-1of2", "feature-builder-1of2"):
+        assert durable in ensured.stdout
+
+    # symbols owned by each partition, as the workers split them
+    feed = unique
+    owner = {
+        s: partition_of(ingest_key(subjects.ticks(feed, s)), 2)
+        for s in ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "US500.cash", "GER40", "BTCUSD")
+    }
+    symbols = [next(s for s, k in owner.items() if k == p) for p in (0, 1)]
+    ticks = [t for i, s in enumerate(symbols) for t in make_ticks(feed, 150, seed=i, symbol=s)]
+    ea_nc = await partitioned.connect("ea")
+    ops_nc = await partitioned.connect("ops")
+    ops = ops_nc.jetstream()
+    running: list[tuple[Any, asyncio.Task[None]]] = []
+    try:
+        # every tick is on the stream before the first watermark closes what is idle
+        await publish_ticks(ea_nc.jetstream(), ticks)
+        for k in (0, 1):
+            settings = candle_ingest.app.Settings(
+                **partitioned.settings("candle-ingest"),
+                partitions=2,
+                partition=k,
+                questdb_ilp=questdb.ilp_conf,
+                questdb_http=questdb.http,
+                idle_close=True,
+                idle_grace_s=0.5,
+                pull_expires_s=1,
+            )
+            running.append(await started(build_ingest(settings)))
+        want = reference.candles(ticks)
+        await at_least(lambda: stream_messages(ops, "CANDLES"), len(want), "every candle")
+        for durable in ("candle-ingest-0of2", "candle-ingest-1of2"):
+            await eventually(lambda d=durable: consumed(ops, "TICKS", d), what=durable)
+        owned = [set(w.context.state["ingest"].agg.symbols()) for w, _ in running]
+        await stop_all(running)
+        running = []
+
+        # without the printed lines a partition's consumer is refused
+        errors: list[Exception] = []
+        builder = await partitioned.connect("feature-builder", errors)
+        try:
+            await builder.publish(
+                "$JS.API.CONSUMER.INFO.CANDLES.feature-builder-1of2", b"", reply=builder.new_inbox()
+            )
+            await builder.flush()
+            await eventually(lambda: errors, what="the refusal")
+        finally:
+            await builder.close()
+        assert [str(e) for e in errors] == [
+            violation("publish", "$JS.API.CONSUMER.INFO.CANDLES.feature-builder-1of2")
+        ]
+    finally:
+        await stop_all(running)
+        await ea_nc.close()
+
+    try:
+        assert owned == [{(feed, symbols[0])}, {(feed, symbols[1])}]
+        published = as_candles(await stream_messages(ops, "CANDLES"))
+        assert reference.differences(each_once(published), want) == []
+        letters = await stream_messages(ops, "DLQ")
+        assert letters == []
+    finally:
+        await ops_nc.close()

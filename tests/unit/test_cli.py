@@ -28,8 +28,15 @@ def tickwire(*args: str) -> subprocess.CompletedProcess[str]:
         (("streams", "ensure", "--replicas", "2"), "invalid choice: 2"),
         (("db", "drop"), "invalid choice: 'drop'"),
         (("db", "migrate"), "no PostgreSQL DSN"),
+        (("nats-permissions", "scheduler", "--partitions", "2"), "does not run as partitions"),
+        (("nats-permissions", "model-scorer", "--partitions", "1"), "from 2 to 64, not '1'"),
+        (("nats-permissions", "model-scorer"), "required: --partitions"),
+        (("nats-permissions", "model-scorer", "--partitions", "2", "--accounts", "/no/such"),
+         "cannot read /no/such"),
+        (("streams", "ensure", "--partitions", "candle-ingest"), "from 2 to 64, not ''"),
+        (("streams", "ensure", "--partitions", "scorer=2"), "expected WORKER=N"),
     ],
-)
+)  # fmt: skip
 def test_bad_arguments_give_one_line_and_exit_2(args: tuple[str, ...], says: str) -> None:
     proc = tickwire(*args)
     assert proc.returncode == 2

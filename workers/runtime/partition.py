@@ -23,6 +23,22 @@ def partition_of(feed_symbol: str, partitions: int) -> int:
     return zlib.crc32(feed_symbol.encode()) % partitions
 
 
+def durable_of(worker: str, partition: int, partitions: int) -> str:
+    """The durable consumer of one partition of ``worker``; the worker's name when alone."""
+    if partitions == 1:
+        return worker
+    return f"{worker}-{partition}of{partitions}"
+
+
+def partition_specs(specs: list[ConsumerSpec], worker: str, partitions: int) -> list[ConsumerSpec]:
+    """``worker``'s consumer in ``specs``, once on each partition's durable."""
+    base = next(c for c in specs if c.durable == worker)
+    return [
+        msgspec.structs.replace(base, durable=durable_of(worker, k, partitions))
+        for k in range(partitions)
+    ]
+
+
 class PartitionedSettings(RuntimeSettings):
     """Settings of a worker that may run as several partitions."""
 
@@ -42,14 +58,12 @@ class PartitionedSettings(RuntimeSettings):
 
     @property
     def durable(self) -> str:
-        if self.partitions == 1:
-            return self.worker
-        return f"{self.worker}-{self.partition}of{self.partitions}"
+        return durable_of(self.worker, self.partition, self.partitions)
 
     def consumer_spec(self) -> ConsumerSpec:
         """The worker's consumer from ``contracts.streams``, on this partition's durable."""
-        base = next(c for c in consumer_specs(namespace=self.namespace) if c.durable == self.worker)
-        return msgspec.structs.replace(base, durable=self.durable)
+        specs = consumer_specs(namespace=self.namespace)
+        return partition_specs(specs, self.worker, self.partitions)[self.partition]
 
     def acceptor(self, feed_symbol: Callable[[str], str]) -> Callable[[str], bool] | None:
         """``accept(subject)`` for the runtime's ``Worker``: None when running alone."""
