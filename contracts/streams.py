@@ -90,6 +90,7 @@ class DeliverPolicy(enum.StrEnum):
     NEW = "new"
     LAST = "last"
     LAST_PER_SUBJECT = "last_per_subject"
+    BY_START_SEQUENCE = "by_start_sequence"
 
 
 class AckPolicy(enum.StrEnum):
@@ -139,11 +140,17 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Delays between redeliveries after an ack timeout; the last one repeats."""
     max_ack_pending: int
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+    """Where a durable starts when it is created; one that exists keeps its start."""
+    start_seq: int | None = None
+    """Instead of ``deliver_policy``: the stream sequence a durable created now starts at
+    (a partition's durable picking up where the worker's earlier durables stopped)."""
     ack_policy: AckPolicy = AckPolicy.EXPLICIT
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.durable):
             raise ValueError(f"consumer name must match {_NAME.pattern}: {self.durable!r}")
+        if self.start_seq is not None and self.start_seq < 1:
+            raise ValueError(f"consumer {self.durable}: start_seq must be 1 or more")
         if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.max_deliver < 1:
             raise ValueError(f"consumer {self.durable}: ack_wait, max_* must be positive")
         if self.backoff:
@@ -415,9 +422,18 @@ def _consumer_fields(spec: ConsumerSpec) -> dict[str, Any]:
         "max_deliver": spec.max_deliver,
         "backoff": list(spec.backoff) or None,
         "max_ack_pending": spec.max_ack_pending,
-        "deliver_policy": api.DeliverPolicy(spec.deliver_policy.value),
         "ack_policy": api.AckPolicy(spec.ack_policy.value),
     }
+
+
+def _start_fields(spec: ConsumerSpec) -> dict[str, Any]:
+    """Where a durable starts: set when it is created, never changed after."""
+    if spec.start_seq is not None:
+        return {
+            "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+            "opt_start_seq": spec.start_seq,
+        }
+    return {"deliver_policy": api.DeliverPolicy(spec.deliver_policy.value)}
 
 
 def to_stream_config(spec: StreamSpec) -> api.StreamConfig:
@@ -425,7 +441,7 @@ def to_stream_config(spec: StreamSpec) -> api.StreamConfig:
 
 
 def to_consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
-    return api.ConsumerConfig(**_consumer_fields(spec))
+    return api.ConsumerConfig(**_consumer_fields(spec), **_start_fields(spec))
 
 
 def _plain(value: Any) -> Any:
@@ -443,7 +459,8 @@ def stream_diff(spec: StreamSpec, config: api.StreamConfig) -> list[str]:
 
 
 def consumer_diff(spec: ConsumerSpec, config: api.ConsumerConfig) -> list[str]:
-    """Names of the managed fields in which a server's consumer config differs from ``spec``."""
+    """Names of the managed fields in which a server's consumer config differs from ``spec``
+    (where the durable started is not one: the server cannot change it)."""
     wanted = _consumer_fields(spec)
     actual = {k: getattr(config, k) for k in wanted}
     # One filter may come back in either field, depending on the server version.
@@ -466,8 +483,8 @@ async def ensure(
 
     Returns, in order, each stream name and ``STREAM/consumer`` label with what was done:
     ``"created"``, ``"updated"`` or ``"unchanged"``. A change the server cannot apply in
-    place (storage, retention, deliver policy) raises the server's error; nothing is
-    deleted to force it.
+    place (storage, retention) raises the server's error; nothing is deleted to force it.
+    Where an existing durable started (its deliver policy) is left as it is.
 
     A stream that exists keeps its replica count unless ``rescale``: the count belongs to
     the deployment (``tickwire streams ensure --replicas 3`` on a cluster), and a worker

@@ -671,6 +671,19 @@ def test_diff_sees_only_managed_fields_that_differ() -> None:
     assert streams.consumer_diff(consumer, changed) == ["backoff", "max_ack_pending"]
 
 
+def test_where_a_durable_starts_is_set_once_when_it_is_made() -> None:
+    consumer = streams.consumer_specs()[0]
+    later = msgspec.structs.replace(consumer, start_seq=1234)
+    made = streams.to_consumer_config(later)
+    assert (made.deliver_policy, made.opt_start_seq) == ("by_start_sequence", 1234)
+    assert streams.to_consumer_config(consumer).opt_start_seq is None
+    # an existing durable keeps where it started: ensure neither updates nor refuses it
+    assert streams.consumer_diff(consumer, made) == []
+    assert streams.consumer_diff(later, streams.to_consumer_config(consumer)) == []
+    with pytest.raises(ValueError, match="start_seq must be 1 or more"):
+        msgspec.structs.replace(consumer, start_seq=0)
+
+
 def _matches(patterns: tuple[str, ...], subject: str) -> bool:
     """NATS subject matching with ``*`` (one token) and ``>`` (the rest)."""
 
