@@ -81,23 +81,25 @@ def _contracts(args: argparse.Namespace) -> int:
 def _streams(args: argparse.Namespace) -> int:
     from contracts.streams import consumer_specs, ensure, stream_specs
     from workers.runtime.connection import connect
-    from workers.runtime.partition import partition_specs
+    from workers.runtime.partition import scale_out
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings, namespace=args.namespace)
-    consumers = consumer_specs(namespace=args.namespace)
-    for worker, n in args.partitions:
-        consumers += partition_specs(consumers, worker, n)
 
     async def go() -> dict[str, str]:
         nc = await connect(settings, name="tickwire-streams")
+        js = nc.jetstream()
         try:
-            return await ensure(
-                nc.jetstream(),
+            specs = consumer_specs(namespace=args.namespace)
+            report = await ensure(
+                js,
                 stream_specs(namespace=args.namespace, replicas=args.replicas or 1),
-                consumers,
+                specs,
                 rescale=args.replicas is not None,
             )
+            for worker, n in args.partitions:
+                report |= await ensure(js, [], await scale_out(js, specs, worker, n))
+            return report
         finally:
             await nc.close()
 

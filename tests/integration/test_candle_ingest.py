@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import os
 import random
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -554,6 +557,72 @@ async def test_two_instances_split_the_symbols_and_together_make_every_candle(
     assert not owned[0] & owned[1], "a symbol's ticks were split between instances"
     assert owned[0] | owned[1] == set(sc.symbols)
     published = await on_stream(js, streams.CANDLES, namespace, Candle)
+    want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
+    assert reference.differences(latest(published), want) == []
+
+
+async def test_scaling_out_carries_on_where_the_single_instance_stopped(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One instance handles the first half of the stream and stops. `tickwire streams ensure
+    --partitions candle-ingest=2` makes the partitions' durables start after its ack floor:
+    each partition rebuilds its symbols' state from the stream up to there without output,
+    then is given only what came after. Together: every candle once, as the reference."""
+    caplog.set_level(logging.INFO, logger="workers")
+    sc = market.scenario(seed=9, ticks=8_000, troubles=False)
+    first, second = sc.halves()
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    single = build(settings(stack, questdb, namespace))
+    task = await run_worker(single)
+    try:
+        await publish(js, first, namespace, close=False)
+        await all_ticks_consumed(js, namespace)
+    finally:
+        single.stop()
+        await asyncio.wait_for(task, 60)
+    floor = (await js.consumer_info(ticks, "candle-ingest")).ack_floor.stream_seq
+    assert floor == len(first.messages)
+
+    ensured = await asyncio.to_thread(
+        subprocess.run,
+        [
+            *(sys.executable, "-m", "workers.cli", "streams", "ensure"),
+            *("--namespace", namespace, "--partitions", "candle-ingest=2"),
+        ],
+        env={**os.environ, "TICKWIRE_NATS_URL": str(stack.nats_url)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ensured.returncode == 0, ensured.stderr
+    durables = ("candle-ingest-0of2", "candle-ingest-1of2")
+    workers = [
+        build(settings(stack, questdb, namespace, partitions=2, partition=k)) for k in (0, 1)
+    ]
+    tasks = [await run_worker(w) for w in workers]
+    try:
+        await publish(js, second, namespace, ensure=False)
+        for durable in durables:
+            await eventually(lambda d=durable: consumed(js, ticks, d), timeout=120, what=durable)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*(asyncio.wait_for(t, 60) for t in tasks))
+
+    last = (await js.stream_info(ticks)).state.last_seq
+    for durable in durables:
+        info = await js.consumer_info(ticks, durable)
+        assert info.config.opt_start_seq == floor + 1
+        assert info.delivered.consumer_seq == last - floor, f"{durable} was given the first half"
+    rebuilt = f"state rebuilt from seq 1 to {floor}, output from {floor + 1}"
+    assert caplog.text.count(rebuilt) == 2
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
+    versions = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
+    assert max(versions.values()) == 1, "a candle was published twice"
     want = reference.candles(sc.accepted, day_start_ms=DAY_START_MS)
     assert reference.differences(latest(published), want) == []
 

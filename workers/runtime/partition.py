@@ -3,15 +3,24 @@
 ``TICKWIRE_PARTITIONS`` instances each own a stable share of the feed+symbol pairs: every
 message of one pair goes to the same instance, which consumes on a durable of its own
 (``<worker>-<k>of<n>``) and acks the others' messages unread.
+
+Scaling out a running deployment: stop the worker, make the partitions' durables with
+``tickwire streams ensure --partitions WORKER=N`` (``scale_out``), start the partitions.
+Each new durable starts right after the lowest ack floor of the worker's durables already
+on the stream (the single one, or those of an earlier partitioning), so nothing the worker
+has handled is handled and published again; a stateful partition rebuilds its state from
+the stream up to there without output, as it does after a crash.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from typing import Annotated, ClassVar
 
 import msgspec
+from nats.js import JetStreamContext
 from pydantic import Field, ValidationInfo, field_validator
 
 from contracts.streams import ConsumerSpec, consumer_specs
@@ -37,6 +46,23 @@ def partition_specs(specs: list[ConsumerSpec], worker: str, partitions: int) -> 
         msgspec.structs.replace(base, durable=durable_of(worker, k, partitions))
         for k in range(partitions)
     ]
+
+
+async def scale_out(
+    js: JetStreamContext, specs: list[ConsumerSpec], worker: str, partitions: int
+) -> list[ConsumerSpec]:
+    """``partition_specs``, each starting after the worker's durables already there."""
+    new = partition_specs(specs, worker, partitions)
+    stream, names = new[0].stream, {c.durable for c in new}
+    earlier = re.compile(rf"{re.escape(worker)}(-\d+of\d+)?")
+    floors = [
+        info.ack_floor.stream_seq if info.ack_floor else 0
+        for info in await js.consumers_info(stream)
+        if info.name not in names and earlier.fullmatch(info.name or "")
+    ]
+    if not floors:
+        return new
+    return [msgspec.structs.replace(c, start_seq=min(floors) + 1) for c in new]
 
 
 class PartitionedSettings(RuntimeSettings):
