@@ -81,10 +81,11 @@ def _contracts(args: argparse.Namespace) -> int:
 def _streams(args: argparse.Namespace) -> int:
     from contracts.streams import consumer_specs, ensure, stream_specs
     from workers.runtime.connection import connect
-    from workers.runtime.partition import scale_out
+    from workers.runtime.partition import PARTITIONED, partition_specs, placed
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings, namespace=args.namespace)
+    stale: dict[str, str] = {}
 
     async def go() -> dict[str, str]:
         nc = await connect(settings, name="tickwire-streams")
@@ -94,22 +95,31 @@ def _streams(args: argparse.Namespace) -> int:
             report = await ensure(
                 js,
                 stream_specs(namespace=args.namespace, replicas=args.replicas or 1),
-                specs,
                 rescale=args.replicas is not None,
             )
+            wanted = [(c, c.durable if c.durable in PARTITIONED else None) for c in specs]
             for worker, n in args.partitions:
-                report |= await ensure(js, [], await scale_out(js, specs, worker, n))
-            return report
+                wanted += [(c, worker) for c in partition_specs(specs, worker, n)]
+            consumers = []
+            for spec, worker in wanted:
+                if worker is not None:  # made after the worker's other layouts, if any
+                    spec, why = await placed(js, spec, worker)
+                    if why:
+                        stale[spec.label] = why
+                consumers.append(spec)
+            return report | await ensure(js, [], consumers)
         finally:
             await nc.close()
 
     for name, outcome in asyncio.run(go()).items():
         print(f"{name:40} {outcome}")
+    for name, why in stale.items():
+        print(f"{name:40} stale: {why}")
     return 0
 
 
 def _partitions(text: str) -> tuple[str, int]:
-    from workers.permissions import PARTITIONED
+    from workers.runtime.partition import PARTITIONED
 
     worker, _, count = text.partition("=")
     if worker not in PARTITIONED:
@@ -123,7 +133,8 @@ def _partitions(text: str) -> tuple[str, int]:
 
 
 def _permissions(args: argparse.Namespace) -> int:
-    from workers.permissions import ACCOUNTS, PARTITIONED, PermissionsError, partitioned_block
+    from workers.permissions import ACCOUNTS, PermissionsError, partitioned_block
+    from workers.runtime.partition import PARTITIONED
 
     if args.worker not in PARTITIONED:
         fail(f"{args.worker!r} does not run as partitions: one of {', '.join(PARTITIONED)}")

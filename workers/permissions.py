@@ -18,21 +18,13 @@ import re
 from pathlib import Path
 from typing import Final
 
-from contracts.streams import (
-    CANDLE_INGEST,
-    FEATURE_BUILDER,
-    MODEL_SCORER,
-    SIGNAL_PUBLISHER,
-    consumer_specs,
-)
+from contracts.streams import consumer_specs
 from workers.candle_ingest.app import REPLAY_SUFFIX
 from workers.runtime.history import WARM_UP_SUFFIX
-from workers.runtime.partition import durable_of
+from workers.runtime.partition import PARTITIONED, durable_of
 from workers.runtime.worker import READ_BACK_SUFFIX
 
 ACCOUNTS: Final = Path(__file__).resolve().parents[1] / "infra" / "nats" / "accounts.conf"
-PARTITIONED: Final = (CANDLE_INGEST, FEATURE_BUILDER, MODEL_SCORER, SIGNAL_PUBLISHER)
-"""The workers that may run as partitions."""
 SUFFIXES: Final = ("", REPLAY_SUFFIX, WARM_UP_SUFFIX, READ_BACK_SUFFIX)
 """A worker's consumers: its durable, and the short-lived ones named after it."""
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
 from workers.runtime import worker as worker_module
+from workers.runtime.partition import StaleDurable
 
 pytestmark = pytest.mark.integration
 
@@ -561,65 +563,92 @@ async def test_two_instances_split_the_symbols_and_together_make_every_candle(
     assert reference.differences(latest(published), want) == []
 
 
-async def test_scaling_out_carries_on_where_the_single_instance_stopped(
+async def test_scaling_out_and_back_in_handles_each_tick_once(
     stack: StackUrls,
     questdb: QuestDBUrls,
     js: JetStreamContext,
     namespace: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """One instance handles the first half of the stream and stops. `tickwire streams ensure
+    """One instance handles the first third of the stream and stops. `tickwire streams ensure
     --partitions candle-ingest=2` makes the partitions' durables start after its ack floor:
     each partition rebuilds its symbols' state from the stream up to there without output,
-    then is given only what came after. Together: every candle once, as the reference."""
+    then is given only the second third. The single instance, started again, refuses its
+    durable, now stale; deleted, the durable is made again after the partitions' floors and
+    the instance carries on with the last third. Together: every candle once, as the
+    reference."""
     caplog.set_level(logging.INFO, logger="workers")
-    sc = market.scenario(seed=9, ticks=8_000, troubles=False)
-    first, second = sc.halves()
+    sc = market.scenario(seed=9, ticks=9_000, troubles=False)
+    third = len(sc.messages) // 3
+    parts = [market.Scenario(messages=m) for m in (sc.messages[:third], sc.messages[third:-third])]
+    last_part = market.Scenario(messages=sc.messages[-third:], symbols=sc.symbols)
+    last_part.last_ms = sc.last_ms
     ticks = streams.stream_name(streams.TICKS, namespace=namespace)
-    single = build(settings(stack, questdb, namespace))
-    task = await run_worker(single)
-    try:
-        await publish(js, first, namespace, close=False)
-        await all_ticks_consumed(js, namespace)
-    finally:
-        single.stop()
-        await asyncio.wait_for(task, 60)
-    floor = (await js.consumer_info(ticks, "candle-ingest")).ack_floor.stream_seq
-    assert floor == len(first.messages)
 
-    ensured = await asyncio.to_thread(
-        subprocess.run,
-        [
-            *(sys.executable, "-m", "workers.cli", "streams", "ensure"),
-            *("--namespace", namespace, "--partitions", "candle-ingest=2"),
-        ],
-        env={**os.environ, "TICKWIRE_NATS_URL": str(stack.nats_url)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert ensured.returncode == 0, ensured.stderr
-    durables = ("candle-ingest-0of2", "candle-ingest-1of2")
-    workers = [
+    async def run_until_consumed(
+        workers: list[Any], part: market.Scenario, close: bool = False
+    ) -> None:
+        tasks = [await run_worker(w) for w in workers]
+        try:
+            await publish(js, part, namespace, close=close)
+            for w in workers:
+                durable = w.settings.durable
+                await eventually(
+                    lambda d=durable: consumed(js, ticks, d), timeout=120, what=durable
+                )
+        finally:
+            for w in workers:
+                w.stop()
+            await asyncio.gather(*(asyncio.wait_for(t, 60) for t in tasks))
+
+    async def given(durable: str) -> int:
+        return (await js.consumer_info(ticks, durable)).delivered.consumer_seq
+
+    # one instance, the first third
+    await run_until_consumed([build(settings(stack, questdb, namespace))], parts[0])
+    floor = (await js.consumer_info(ticks, "candle-ingest")).ack_floor.stream_seq
+    assert floor == third
+
+    async def ensure_partitions() -> str:
+        """`tickwire streams ensure` as ops run it; its report."""
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *(sys.executable, "-m", "workers.cli", "streams", "ensure"),
+                *("--namespace", namespace, "--partitions", "candle-ingest=2"),
+            ],
+            env={**os.environ, "TICKWIRE_NATS_URL": str(stack.nats_url)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    # two partitions, their durables made by ops; the second third
+    assert "stale" not in await ensure_partitions()
+    partitions = [
         build(settings(stack, questdb, namespace, partitions=2, partition=k)) for k in (0, 1)
     ]
-    tasks = [await run_worker(w) for w in workers]
-    try:
-        await publish(js, second, namespace, ensure=False)
-        for durable in durables:
-            await eventually(lambda d=durable: consumed(js, ticks, d), timeout=120, what=durable)
-    finally:
-        for w in workers:
-            w.stop()
-        await asyncio.gather(*(asyncio.wait_for(t, 60) for t in tasks))
-
-    last = (await js.stream_info(ticks)).state.last_seq
-    for durable in durables:
-        info = await js.consumer_info(ticks, durable)
-        assert info.config.opt_start_seq == floor + 1
-        assert info.delivered.consumer_seq == last - floor, f"{durable} was given the first half"
+    await run_until_consumed(partitions, parts[1])
+    seen = (await js.stream_info(ticks)).state.last_seq
+    for k in (0, 1):
+        assert await given(f"candle-ingest-{k}of2") == seen - floor, "given the first third"
     rebuilt = f"state rebuilt from seq 1 to {floor}, output from {floor + 1}"
     assert caplog.text.count(rebuilt) == 2
+
+    # back to one: its durable is stale until it is made again
+    report = await ensure_partitions()
+    assert re.search(rf"^{ticks}/candle-ingest +stale: .* is behind ", report, re.M), report
+    stale = build(settings(stack, questdb, namespace))
+    with pytest.raises(StaleDurable, match="is behind candle-ingest-0of2, candle-ingest-1of2"):
+        await asyncio.wait_for(stale.run(), 60)
+    await js.delete_consumer(ticks, "candle-ingest")
+    await run_until_consumed([build(settings(stack, questdb, namespace))], last_part, close=True)
+    assert await given("candle-ingest") == (await js.stream_info(ticks)).state.last_seq - seen
+    # from its own snapshot, taken at its clean stop after the first third
+    assert f"state rebuilt from seq {floor + 1} to {seen}, output from {seen + 1}" in caplog.text
+
     published = await on_stream(js, streams.CANDLES, namespace, Candle)
     versions = Counter((c.feed, c.symbol, c.tf, c.open_time_ms, c.revision) for c in published)
     assert max(versions.values()) == 1, "a candle was published twice"

@@ -55,7 +55,7 @@ from workers.candle_ingest.aggregate import (
 )
 from workers.candle_ingest.sink import QuestDBSink
 from workers.runtime.errors import TransientError
-from workers.runtime.partition import PartitionedSettings
+from workers.runtime.partition import PartitionedSettings, own_durable
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import read_stream
 from workers.runtime.settings import load
@@ -617,7 +617,8 @@ def build(settings: Settings) -> Worker[TickInput]:
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [settings.consumer_spec()])
+        consumer = await own_durable(ctx.js, settings)
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [consumer])
         sink = QuestDBSink(
             settings.questdb_ilp,
             settings.questdb_http,

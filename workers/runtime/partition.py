@@ -4,27 +4,42 @@
 message of one pair goes to the same instance, which consumes on a durable of its own
 (``<worker>-<k>of<n>``) and acks the others' messages unread.
 
-Scaling out a running deployment: stop the worker, make the partitions' durables with
-``tickwire streams ensure --partitions WORKER=N`` (``scale_out``), start the partitions.
-Each new durable starts right after the lowest ack floor of the worker's durables already
-on the stream (the single one, or those of an earlier partitioning), so nothing the worker
-has handled is handled and published again; a stateful partition rebuilds its state from
-the stream up to there without output, as it does after a crash.
+Changing the layout of a running deployment (one instance to n, n to m, n back to one):
+stop the worker, make the new layout's durables (``tickwire streams ensure --partitions
+WORKER=N``, or the instances themselves at start-up), start it. A durable made while
+durables of another layout are on the stream starts right after the lowest of their ack
+floors (``placed``), so nothing handled before is handled and published again; a stateful
+instance rebuilds its state from the stream up to there without output, as after a crash.
+A durable left behind by a layout that moved on is stale: an instance refuses to consume
+on it (``StaleDurable``) until it is deleted and made again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 from collections.abc import Callable
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Final
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
 from pydantic import Field, ValidationInfo, field_validator
 
-from contracts.streams import ConsumerSpec, consumer_specs
+from contracts.streams import (
+    CANDLE_INGEST,
+    FEATURE_BUILDER,
+    MODEL_SCORER,
+    SIGNAL_PUBLISHER,
+    ConsumerSpec,
+    consumer_specs,
+)
 from workers.runtime.settings import RuntimeSettings
+
+PARTITIONED: Final = (CANDLE_INGEST, FEATURE_BUILDER, MODEL_SCORER, SIGNAL_PUBLISHER)
+"""The workers that may run as partitions."""
 
 
 def partition_of(feed_symbol: str, partitions: int) -> int:
@@ -48,21 +63,59 @@ def partition_specs(specs: list[ConsumerSpec], worker: str, partitions: int) -> 
     ]
 
 
-async def scale_out(
-    js: JetStreamContext, specs: list[ConsumerSpec], worker: str, partitions: int
-) -> list[ConsumerSpec]:
-    """``partition_specs``, each starting after the worker's durables already there."""
-    new = partition_specs(specs, worker, partitions)
-    stream, names = new[0].stream, {c.durable for c in new}
-    earlier = re.compile(rf"{re.escape(worker)}(-\d+of\d+)?")
-    floors = [
-        info.ack_floor.stream_seq if info.ack_floor else 0
-        for info in await js.consumers_info(stream)
-        if info.name not in names and earlier.fullmatch(info.name or "")
-    ]
-    if not floors:
-        return new
-    return [msgspec.structs.replace(c, start_seq=min(floors) + 1) for c in new]
+class StaleDurable(Exception):
+    """The worker's durable is behind a durable of another of its layouts: consuming on it
+    would handle again what that layout handled."""
+
+
+def layout_of(durable: str, worker: str) -> int | None:
+    """The partition count a durable of ``worker`` belongs to (1: the worker alone); None
+    for a consumer that is not one of the worker's durables."""
+    if durable == worker:
+        return 1
+    m = re.fullmatch(rf"{re.escape(worker)}-\d+of(\d+)", durable)
+    return int(m.group(1)) if m else None
+
+
+async def placed(
+    js: JetStreamContext, spec: ConsumerSpec, worker: str
+) -> tuple[ConsumerSpec, str | None]:
+    """``spec``, a durable of ``worker``, placed after the worker's durables of its other
+    layouts on the stream (the single one, or those of other partition counts).
+
+    A durable not made yet starts right after the lowest of their ack floors, so nothing
+    they handled is handled and published again (``start_seq``; none there: ``spec`` as it
+    is). One that exists and is behind one of them comes with why it is stale.
+    """
+    mine = layout_of(spec.durable, worker)
+    infos: list[ConsumerInfo] = []
+    with contextlib.suppress(NotFoundError):  # no stream yet: no durables either
+        while page := await js.consumers_info(spec.stream, offset=len(infos) or None):
+            infos += page
+    floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
+    others = {n: f for n, f in floors.items() if layout_of(n, worker) not in (None, mine)}
+    if spec.durable not in floors:
+        if not others:
+            return spec, None
+        return msgspec.structs.replace(spec, start_seq=min(others.values()) + 1), None
+    floor = floors[spec.durable]
+    ahead = sorted(n for n, f in others.items() if f > floor)
+    if not ahead:
+        return spec, None
+    return spec, (
+        f"{spec.label} is behind {', '.join(ahead)} (acked to {floor}, they to "
+        f"{max(others[n] for n in ahead)}): run {worker} as that layout, or delete "
+        f"{spec.durable} and let it be made again after them"
+    )
+
+
+async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> ConsumerSpec:
+    """The durable the worker consumes on, placed for ``ensure`` at start-up; a stale one
+    stops the worker (``StaleDurable``) rather than handle again what another layout did."""
+    spec, stale = await placed(js, settings.consumer_spec(), settings.worker)
+    if stale:
+        raise StaleDurable(stale)
+    return spec
 
 
 class PartitionedSettings(RuntimeSettings):
