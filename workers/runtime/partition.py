@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Annotated, ClassVar, Final
 
 import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
@@ -36,6 +37,7 @@ from contracts.streams import (
     ConsumerSpec,
     consumer_specs,
 )
+from workers.runtime.errors import TransientError
 from workers.runtime.settings import RuntimeSettings
 
 PARTITIONED: Final = (CANDLE_INGEST, FEATURE_BUILDER, MODEL_SCORER, SIGNAL_PUBLISHER)
@@ -112,7 +114,11 @@ async def placed(
 async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> ConsumerSpec:
     """The durable the worker consumes on, placed for ``ensure`` at start-up; a stale one
     stops the worker (``StaleDurable``) rather than handle again what another layout did."""
-    spec, stale = await placed(js, settings.consumer_spec(), settings.worker)
+    spec = settings.consumer_spec()
+    try:
+        spec, stale = await placed(js, spec, settings.worker)
+    except (TimeoutError, nats.errors.Error) as exc:  # a failover, a restarting server...
+        raise TransientError(f"listing the durables of {spec.stream}: {exc!r}") from exc
     if stale:
         raise StaleDurable(stale)
     return spec
