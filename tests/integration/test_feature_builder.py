@@ -283,6 +283,49 @@ async def test_bad_candles_are_dead_lettered_with_reasons_and_the_worker_goes_on
     assert sample("tickwire_messages_in_total", {"worker": DURABLE, "outcome": "ok"}) == len(good)
 
 
+async def test_partitions_started_after_one_instance_carry_on_where_it_stopped(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """One instance builds the vectors of the first half of the candles and stops; two
+    partitions started next make their durables after its ack floor, warm up from the
+    stream, and are given only the second half. Their vectors are those of an
+    uninterrupted run: the batch form over each series."""
+    candles = stream_of_candles()
+    half = len(candles) // 2
+    stream = streams.stream_name(streams.CANDLES, namespace=namespace)
+    single = build(settings(stack, namespace))
+    task = await run_worker(single)
+    try:
+        await publish(js, candles[:half], namespace)
+        await eventually(lambda: consumed(js, namespace), timeout=120, what="first half")
+    finally:
+        single.stop()
+        await asyncio.wait_for(task, 60)
+
+    partitions = [build(settings(stack, namespace, partitions=2, partition=k)) for k in (0, 1)]
+    tasks = [await run_worker(w) for w in partitions]
+    try:
+        await publish(js, candles[half:], namespace)
+        for w in partitions:
+
+            async def done(durable: str = w.settings.durable) -> bool:
+                info = await js.consumer_info(stream, durable)
+                return info.num_pending == 0 and info.num_ack_pending == 0
+
+            await eventually(done, timeout=120, what=w.settings.durable)
+    finally:
+        for w in partitions:
+            w.stop()
+        await asyncio.gather(*(asyncio.wait_for(t, 60) for t in tasks))
+
+    for k in (0, 1):
+        info = await js.consumer_info(stream, f"{DURABLE}-{k}of2")
+        assert info.delivered.consumer_seq == len(candles) - half, "given the first half"
+    got = await stream_messages(js, streams.FEATURES, namespace)
+    assert len(got) == len(candles)
+    assert close_enough(got, expected(candles)) == []
+
+
 async def delivered(js: JetStreamContext, namespace: str) -> int:
     stream = streams.stream_name(streams.CANDLES, namespace=namespace)
     try:
