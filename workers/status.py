@@ -14,6 +14,7 @@ Lag of a consumer, from the server's view of it (also the replicator's lag):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
+from workers.runtime.partition import behind
 from workers.runtime.settings import RuntimeSettings
 
 
@@ -38,6 +40,8 @@ class Lag:
     ack_floor: int
     last_seq: int
     seconds: float
+    ahead: tuple[str, ...] = ()
+    """Durables of another layout of the same worker past this one: it is stale."""
 
     @property
     def messages(self) -> int:
@@ -83,13 +87,16 @@ async def every_lag(js: JetStreamContext) -> list[Lag]:
     out: list[Lag] = []
     for sinfo in sorted(await js.streams_info(), key=lambda s: s.config.name or ""):
         stream = sinfo.config.name or ""
-        for info in sorted(await js.consumers_info(stream), key=lambda c: c.name):
-            out.append(await consumer_lag(js, stream, info.name, info=info, stream_info=sinfo))
+        infos = sorted(await js.consumers_info(stream), key=lambda c: c.name)
+        floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos}
+        for info in infos:
+            lag = await consumer_lag(js, stream, info.name, info=info, stream_info=sinfo)
+            out.append(dataclasses.replace(lag, ahead=tuple(behind(info.name, floors))))
     return out
 
 
 HEADER = ("stream", "consumer", "last seq", "ack floor", "not delivered", "ack pending",
-          "lag msgs", "lag s")  # fmt: skip
+          "lag msgs", "lag s", "note")  # fmt: skip
 STREAM_HEADER = ("stream", "messages", "bytes", "first", "last")
 WORKER_HEADER = ("worker", "address", "health")
 MODEL_HEADER = ("feed", "symbol", "tf", "version", "feature set", "auc")
@@ -154,6 +161,7 @@ def table(lags: list[Lag]) -> str:
             str(lag.ack_pending),
             str(lag.messages),
             f"{lag.seconds:.1f}",
+            f"stale: behind {', '.join(lag.ahead)}" if lag.ahead else "",
         )
         for lag in lags
     ]

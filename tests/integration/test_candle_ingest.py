@@ -39,6 +39,8 @@ from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
 from workers.runtime import worker as worker_module
 from workers.runtime.partition import StaleDurable
+from workers.status import every_lag
+from workers.status import table as status_table
 
 pytestmark = pytest.mark.integration
 
@@ -640,6 +642,12 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     # back to one: its durable is stale until it is made again
     report = await ensure_partitions()
     assert re.search(rf"^{ticks}/candle-ingest +stale: .* is behind ", report, re.M), report
+    lags = {lag.consumer: lag for lag in await every_lag(js) if lag.stream == ticks}
+    assert lags["candle-ingest"].ahead == ("candle-ingest-0of2", "candle-ingest-1of2")
+    assert lags["candle-ingest-0of2"].ahead == lags["candle-ingest-1of2"].ahead == ()
+    assert "stale: behind candle-ingest-0of2, candle-ingest-1of2" in status_table(
+        list(lags.values())
+    )
     stale = build(settings(stack, questdb, namespace))
     with pytest.raises(StaleDurable, match="is behind candle-ingest-0of2, candle-ingest-1of2"):
         await asyncio.wait_for(stale.run(), 60)

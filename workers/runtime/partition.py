@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, ClassVar, Final
 
 import msgspec
@@ -95,19 +95,31 @@ async def placed(
         while page := await js.consumers_info(spec.stream, offset=len(infos) or None):
             infos += page
     floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
-    others = {n: f for n, f in floors.items() if layout_of(n, worker) not in (None, mine)}
     if spec.durable not in floors:
+        others = [f for n, f in floors.items() if layout_of(n, worker) not in (None, mine)]
         if not others:
             return spec, None
-        return msgspec.structs.replace(spec, start_seq=min(others.values()) + 1), None
-    floor = floors[spec.durable]
-    ahead = sorted(n for n, f in others.items() if f > floor)
+        return msgspec.structs.replace(spec, start_seq=min(others) + 1), None
+    ahead = behind(spec.durable, floors)
     if not ahead:
         return spec, None
     return spec, (
-        f"{spec.label} is behind {', '.join(ahead)} (acked to {floor}, they to "
-        f"{max(others[n] for n in ahead)}): run {worker} as that layout, or delete "
+        f"{spec.label} is behind {', '.join(ahead)} (acked to {floors[spec.durable]}, they to "
+        f"{max(floors[n] for n in ahead)}): run {worker} as that layout, or delete "
         f"{spec.durable} and let it be made again after them"
+    )
+
+
+def behind(durable: str, floors: Mapping[str, int]) -> list[str]:
+    """The durables of another layout of the same worker whose ack floor is past that of
+    ``durable``, among ``floors`` (every durable of a stream by name): [] unless it is stale.
+    """
+    worker = next((w for w in PARTITIONED if layout_of(durable, w) is not None), None)
+    if worker is None or durable not in floors:
+        return []
+    mine, floor = layout_of(durable, worker), floors[durable]
+    return sorted(
+        n for n, f in floors.items() if layout_of(n, worker) not in (None, mine) and f > floor
     )
 
 
