@@ -7,7 +7,9 @@ path, against ``Booster.predict`` on the same arrays in the same run.
 - end to end: vectors already on FEATURES when the worker starts; from its first pull until
   every one is acked, its Score published and acked by JetStream.
 - in process: decode, matrix, predict and encode of the same payloads in batches of the
-  worker's size, without NATS.
+  worker's size, without NATS; once with the small model the tests train (24 trees of 7
+  leaves, where predict costs next to nothing) and once with a model the size the trainer
+  makes at most (``workers.trainer.train.Params``: 300 rounds of 15 leaves).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from contracts import streams, subjects
 from contracts.codec import encode
 from contracts.messages import FeatureVector, Timeframe
 from infra.stack import StackUrls
-from tests.scorer_models import card_for, train, vectors
+from tests.scorer_models import NAMES, card_for, train, vectors
 from workers.model_scorer import scoring
 from workers.model_scorer.app import Settings, build
 from workers.registry import Registry, bucket_name
+from workers.trainer.train import Params
 
 NS = "benchms"
 FEED = "bench"
@@ -132,10 +135,23 @@ async def _measure(urls: StackUrls, symbols: int, per_symbol: int) -> dict[str, 
 
         payloads = [encode(v) for v in items]
         result["in_process"], result["predict"] = _in_process(booster, payloads)
+        big = _trainer_sized()
+        result["in_process_big"], result["predict_big"] = _in_process(big, payloads)
+        result["trees_big"] = big.num_trees()
     finally:
         await _cleanup(js)
         await nc.close()
     return result
+
+
+def _trainer_sized(seed: int = 1) -> lightgbm.Booster:
+    """A booster as large as the trainer makes: every round of ``Params``, no early stop."""
+    params = Params()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(20_000, len(NAMES)))
+    signal = x[:, 0] + 0.5 * x[:, 1] - 0.3 * x[:, 2] + rng.normal(scale=1.0, size=len(x))
+    data = lightgbm.Dataset(x, (signal > 0).astype(int), feature_name=NAMES)
+    return lightgbm.train(params.lightgbm(), data, num_boost_round=params.rounds)
 
 
 def _pct(xs: list[float], p: int) -> float:
@@ -217,6 +233,15 @@ def measure(urls: StackUrls) -> list[Figure]:
             "vectors/s",
             "Booster.predict, same arrays",
             r["predict"],
+            0.5,
+            50_000,
+        ),
+        Figure(
+            f"scoring path in process, trainer-size model ({r['trees_big']:.0f} trees)",
+            r["in_process_big"],
+            "vectors/s",
+            "Booster.predict, same arrays",
+            r["predict_big"],
             0.5,
             50_000,
         ),
