@@ -6,12 +6,13 @@ message of one pair goes to the same instance, which consumes on a durable of it
 
 Changing the layout of a running deployment (one instance to n, n to m, n back to one):
 stop the worker, make the new layout's durables (``tickwire streams ensure --partitions
-WORKER=N``, or the instances themselves at start-up), start it. A durable made while
-durables of another layout are on the stream starts right after the lowest of their ack
-floors (``placed``), so nothing handled before is handled and published again; a stateful
-instance rebuilds its state from the stream up to there without output, as after a crash.
-A durable left behind by a layout that moved on is stale: an instance refuses to consume
-on it (``StaleDurable``) until it is deleted and made again.
+WORKER=N``, or the instances themselves at start-up), start it. A durable made while the
+worker has durables on the stream starts right after the layout that got furthest (the
+lowest ack floor of its durables: ``start_of``), so nothing handled before is handled and
+published again; a stateful instance rebuilds its state from the stream up to there
+without output, as after a crash. A durable left behind by a layout that moved on is stale
+(``behind``): an instance refuses to consume on it (``StaleDurable``) until it is deleted
+and made again.
 """
 
 from __future__ import annotations
@@ -79,47 +80,62 @@ def layout_of(durable: str, worker: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def progress(floors: Mapping[str, int], worker: str) -> dict[int, int]:
+    """How far each layout of ``worker`` among ``floors`` (ack floor of every durable of a
+    stream, by name) has handled everything: the lowest ack floor of its durables."""
+    out: dict[int, int] = {}
+    for name, floor in floors.items():
+        n = layout_of(name, worker)
+        if n is not None:
+            out[n] = min(floor, out.get(n, floor))
+    return out
+
+
+def start_of(durable: str, worker: str, floors: Mapping[str, int]) -> int | None:
+    """Where a durable of ``worker`` made now starts: right after the layout that got
+    furthest (its lowest ack floor), so that nothing handled is handled again; None (the
+    spec's deliver policy) when the worker has no durable on the stream yet."""
+    done = progress({n: f for n, f in floors.items() if n != durable}, worker)
+    return max(done.values()) + 1 if done else None
+
+
+def behind(durable: str, floors: Mapping[str, int]) -> list[str]:
+    """The durables of each other layout of the same worker that has handled everything past
+    the ack floor of ``durable`` (``floors``: every durable of its stream): [] unless it is
+    stale, left behind by a layout that moved on."""
+    worker = next((w for w in PARTITIONED if layout_of(durable, w) is not None), None)
+    if worker is None or durable not in floors:
+        return []
+    mine, floor = layout_of(durable, worker), floors[durable]
+    ahead = {n for n, done in progress(floors, worker).items() if n != mine and done > floor}
+    return sorted(name for name in floors if layout_of(name, worker) in ahead)
+
+
 async def placed(
     js: JetStreamContext, spec: ConsumerSpec, worker: str
 ) -> tuple[ConsumerSpec, str | None]:
-    """``spec``, a durable of ``worker``, placed after the worker's durables of its other
-    layouts on the stream (the single one, or those of other partition counts).
-
-    A durable not made yet starts right after the lowest of their ack floors, so nothing
-    they handled is handled and published again (``start_seq``; none there: ``spec`` as it
-    is). One that exists and is behind one of them comes with why it is stale.
-    """
-    mine = layout_of(spec.durable, worker)
+    """``spec``, a durable of ``worker``, placed among the worker's durables on the stream
+    (the single one, those of partition counts): one not made yet with its ``start_seq``
+    (``start_of``), one that exists with why it is stale (``behind``), if it is."""
     infos: list[ConsumerInfo] = []
     with contextlib.suppress(NotFoundError):  # no stream yet: no durables either
         while page := await js.consumers_info(spec.stream, offset=len(infos) or None):
             infos += page
     floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
     if spec.durable not in floors:
-        others = [f for n, f in floors.items() if layout_of(n, worker) not in (None, mine)]
-        if not others:
-            return spec, None
-        return msgspec.structs.replace(spec, start_seq=min(others) + 1), None
+        start = start_of(spec.durable, worker, floors)
+        return (
+            (spec, None)
+            if start is None
+            else (msgspec.structs.replace(spec, start_seq=start), None)
+        )
     ahead = behind(spec.durable, floors)
     if not ahead:
         return spec, None
     return spec, (
-        f"{spec.label} is behind {', '.join(ahead)} (acked to {floors[spec.durable]}, they to "
-        f"{max(floors[n] for n in ahead)}): run {worker} as that layout, or delete "
-        f"{spec.durable} and let it be made again after them"
-    )
-
-
-def behind(durable: str, floors: Mapping[str, int]) -> list[str]:
-    """The durables of another layout of the same worker whose ack floor is past that of
-    ``durable``, among ``floors`` (every durable of a stream by name): [] unless it is stale.
-    """
-    worker = next((w for w in PARTITIONED if layout_of(durable, w) is not None), None)
-    if worker is None or durable not in floors:
-        return []
-    mine, floor = layout_of(durable, worker), floors[durable]
-    return sorted(
-        n for n, f in floors.items() if layout_of(n, worker) not in (None, mine) and f > floor
+        f"{spec.label} is behind {', '.join(ahead)} (acked to {floors[spec.durable]}, they "
+        f"to {min(floors[n] for n in ahead)} at least): run {worker} as that layout, or "
+        f"delete {spec.durable} and let it be made again after them"
     )
 
 
