@@ -79,13 +79,14 @@ def _contracts(args: argparse.Namespace) -> int:
 
 
 def _streams(args: argparse.Namespace) -> int:
-    from contracts.streams import consumer_specs, ensure, stream_specs
+    from contracts.streams import ConsumerSpec, consumer_specs, ensure, stream_specs
     from workers.runtime.connection import connect
     from workers.runtime.partition import PARTITIONED, partition_specs, placed
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings, namespace=args.namespace)
-    stale: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    told = dict(args.partitions)
 
     async def go() -> dict[str, str]:
         nc = await connect(settings, name="tickwire-streams")
@@ -97,15 +98,27 @@ def _streams(args: argparse.Namespace) -> int:
                 stream_specs(namespace=args.namespace, replicas=args.replicas or 1),
                 rescale=args.replicas is not None,
             )
-            wanted = [(c, c.durable if c.durable in PARTITIONED else None) for c in specs]
-            for worker, n in args.partitions:
-                wanted += [(c, worker) for c in partition_specs(specs, worker, n)]
+            # (spec, its worker if that may run as partitions, made only if it runs alone)
+            wanted: list[tuple[ConsumerSpec, str | None, bool]] = []
+            for c in specs:
+                if c.durable not in PARTITIONED:
+                    wanted.append((c, None, False))
+                elif c.durable not in told:
+                    wanted.append((c, c.durable, True))
+            for worker, n in told.items():
+                wanted += [(c, worker, False) for c in partition_specs(specs, worker, n)]
             consumers = []
-            for spec, worker in wanted:
-                if worker is not None:  # made after the worker's other layouts, if any
+            for spec, worker, alone in wanted:
+                if worker is not None:  # placed among the worker's durables of any layout
                     spec, why = await placed(js, spec, worker)
+                    if alone and spec.start_seq is not None:
+                        notes[spec.label] = (
+                            f"not made: {worker} runs as partitions "
+                            f"(--partitions {worker}=1 makes it again)"
+                        )
+                        continue
                     if why:
-                        stale[spec.label] = why
+                        notes[spec.label] = f"stale: {why}"
                 consumers.append(spec)
             return report | await ensure(js, [], consumers)
         finally:
@@ -113,8 +126,8 @@ def _streams(args: argparse.Namespace) -> int:
 
     for name, outcome in asyncio.run(go()).items():
         print(f"{name:40} {outcome}")
-    for name, why in stale.items():
-        print(f"{name:40} stale: {why}")
+    for name, note in notes.items():
+        print(f"{name:40} {note}")
     return 0
 
 
@@ -126,10 +139,10 @@ def _partitions(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected WORKER=N, WORKER one of {', '.join(PARTITIONED)}"
         )
-    try:
-        return worker, _two_or_more(count)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: N {exc}") from None
+    n = int(count) if count.isdigit() else 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: N must be a whole number from 1 to 64")
+    return worker, n
 
 
 def _permissions(args: argparse.Namespace) -> int:
@@ -301,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="WORKER=N",
-        help="also WORKER's durable of each of N partitions (WORKER-<k>ofN); repeatable",
+        help="WORKER runs as N partitions (durables WORKER-<k>ofN; 1: WORKER alone); repeatable",
     )
     streams.set_defaults(func=_streams)
 

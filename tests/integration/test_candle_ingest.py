@@ -611,13 +611,13 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     floor = (await js.consumer_info(ticks, "candle-ingest")).ack_floor.stream_seq
     assert floor == third
 
-    async def ensure_partitions() -> str:
+    async def ensure_streams(*partitions: str) -> str:
         """`tickwire streams ensure` as ops run it; its report."""
         done = await asyncio.to_thread(
             subprocess.run,
             [
                 *(sys.executable, "-m", "workers.cli", "streams", "ensure"),
-                *("--namespace", namespace, "--partitions", "candle-ingest=2"),
+                *("--namespace", namespace, *partitions),
             ],
             env={**os.environ, "TICKWIRE_NATS_URL": str(stack.nats_url)},
             capture_output=True,
@@ -628,7 +628,7 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
         return done.stdout
 
     # two partitions, their durables made by ops; the second third
-    assert "stale" not in await ensure_partitions()
+    assert "stale" not in await ensure_streams("--partitions", "candle-ingest=2")
     partitions = [
         build(settings(stack, questdb, namespace, partitions=2, partition=k)) for k in (0, 1)
     ]
@@ -640,7 +640,7 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     assert caplog.text.count(rebuilt) == 2
 
     # back to one: its durable is stale until it is made again
-    report = await ensure_partitions()
+    report = await ensure_streams()
     assert re.search(rf"^{ticks}/candle-ingest +stale: .* is behind ", report, re.M), report
     lags = {lag.consumer: lag for lag in await every_lag(js) if lag.stream == ticks}
     assert lags["candle-ingest"].ahead == ("candle-ingest-0of2", "candle-ingest-1of2")
@@ -652,6 +652,10 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     with pytest.raises(StaleDurable, match="is behind candle-ingest-0of2, candle-ingest-1of2"):
         await asyncio.wait_for(stale.run(), 60)
     await js.delete_consumer(ticks, "candle-ingest")
+    # not made again by ops unless told the worker runs alone: the instance does it
+    report = await ensure_streams()
+    assert re.search(rf"^{ticks}/candle-ingest +not made: ", report, re.M), report
+    assert "candle-ingest" not in {c.name for c in await js.consumers_info(ticks)}
     await run_until_consumed([build(settings(stack, questdb, namespace))], last_part, close=True)
     assert await given("candle-ingest") == (await js.stream_info(ticks)).state.last_seq - seen
     # from its own snapshot, taken at its clean stop after the first third

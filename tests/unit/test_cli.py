@@ -33,7 +33,8 @@ def tickwire(*args: str) -> subprocess.CompletedProcess[str]:
         (("nats-permissions", "model-scorer"), "required: --partitions"),
         (("nats-permissions", "model-scorer", "--partitions", "2", "--accounts", "/no/such"),
          "cannot read /no/such"),
-        (("streams", "ensure", "--partitions", "candle-ingest"), "from 2 to 64, not ''"),
+        (("streams", "ensure", "--partitions", "candle-ingest"), "from 1 to 64"),
+        (("streams", "ensure", "--partitions", "candle-ingest=0"), "from 1 to 64"),
         (("streams", "ensure", "--partitions", "scorer=2"), "expected WORKER=N"),
     ],
 )  # fmt: skip
