@@ -651,6 +651,21 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     stale = build(settings(stack, questdb, namespace))
     with pytest.raises(StaleDurable, match="is behind candle-ingest-0of2, candle-ingest-1of2"):
         await asyncio.wait_for(stale.run(), 60)
+    # as a process: one line and exit code 1
+    env = worker_env(stack, namespace, questdb_ilp=questdb.ilp_conf, questdb_http=questdb.http)
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "workers.cli", "run", "candle-ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "candle-ingest refuses to start: " in line
+    assert f"{ticks}/candle-ingest is behind candle-ingest-0of2, candle-ingest-1of2" in line
     await js.delete_consumer(ticks, "candle-ingest")
     # not made again by ops unless told the worker runs alone: the instance does it
     report = await ensure_streams()

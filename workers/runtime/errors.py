@@ -14,6 +14,10 @@ class TransientError(TickwireError):
     """A dependency is unavailable for now; the message is retried later with backoff."""
 
 
+class Misdeployed(TickwireError):
+    """The deployment keeps this worker from starting: ops must change it, retrying won't."""
+
+
 class Rejected(TickwireError):
     """The message is bad input: it goes to the dead letters with ``reason`` and is acked."""
 

@@ -38,7 +38,7 @@ from contracts.streams import (
     ConsumerSpec,
     consumer_specs,
 )
-from workers.runtime.errors import TransientError
+from workers.runtime.errors import Misdeployed, TransientError
 from workers.runtime.settings import RuntimeSettings
 
 PARTITIONED: Final = (CANDLE_INGEST, FEATURE_BUILDER, MODEL_SCORER, SIGNAL_PUBLISHER)
@@ -66,7 +66,7 @@ def partition_specs(specs: list[ConsumerSpec], worker: str, partitions: int) -> 
     ]
 
 
-class StaleDurable(Exception):
+class StaleDurable(Misdeployed):
     """The worker's durable is behind a durable of another of its layouts: consuming on it
     would handle again what that layout handled."""
 

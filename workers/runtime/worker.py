@@ -61,7 +61,7 @@ from contracts.codec import Codec, ContractError, encode
 from contracts.messages import DeadLetter
 from workers.runtime import wire
 from workers.runtime.connection import connect
-from workers.runtime.errors import Rejected, TransientError
+from workers.runtime.errors import Misdeployed, Rejected, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.order import DeliveryOrder, Hole
 from workers.runtime.publish import Outgoing, Publisher
@@ -813,7 +813,8 @@ def tune_interpreter() -> None:
 
 def run_until_signalled(worker: Worker[Any]) -> None:
     """Run a worker in this process, its interpreter tuned once it has started; SIGTERM
-    and SIGINT drain it and exit."""
+    and SIGINT drain it and exit. A deployment the worker refuses (``Misdeployed``) is
+    said in one log line, exit code 1."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -828,4 +829,8 @@ def run_until_signalled(worker: Worker[Any]) -> None:
             started.cancel()
         await running
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Misdeployed as exc:
+        log.error("%s refuses to start: %s", worker.name, exc)
+        raise SystemExit(1) from None
