@@ -27,7 +27,7 @@ from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
-from workers.runtime.partition import behind
+from workers.runtime.partition import behind, consumers_of
 from workers.runtime.settings import RuntimeSettings
 
 
@@ -87,7 +87,7 @@ async def every_lag(js: JetStreamContext) -> list[Lag]:
     out: list[Lag] = []
     for sinfo in sorted(await js.streams_info(), key=lambda s: s.config.name or ""):
         stream = sinfo.config.name or ""
-        infos = sorted(await js.consumers_info(stream), key=lambda c: c.name)
+        infos = sorted(await consumers_of(js, stream), key=lambda c: c.name)
         floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos}
         for info in infos:
             lag = await consumer_lag(js, stream, info.name, info=info, stream_info=sinfo)

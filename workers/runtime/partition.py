@@ -111,6 +111,14 @@ def behind(durable: str, floors: Mapping[str, int]) -> list[str]:
     return sorted(name for name in floors if layout_of(name, worker) in ahead)
 
 
+async def consumers_of(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every consumer of ``stream``, however many pages the server answers in."""
+    infos: list[ConsumerInfo] = []
+    while page := await js.consumers_info(stream, offset=len(infos) or None):
+        infos += page
+    return infos
+
+
 async def placed(
     js: JetStreamContext, spec: ConsumerSpec, worker: str
 ) -> tuple[ConsumerSpec, str | None]:
@@ -119,8 +127,7 @@ async def placed(
     (``start_of``), one that exists with why it is stale (``behind``), if it is."""
     infos: list[ConsumerInfo] = []
     with contextlib.suppress(NotFoundError):  # no stream yet: no durables either
-        while page := await js.consumers_info(spec.stream, offset=len(infos) or None):
-            infos += page
+        infos = await consumers_of(js, spec.stream)
     floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
     if spec.durable not in floors:
         start = start_of(spec.durable, worker, floors)
