@@ -26,11 +26,9 @@ import asyncio
 import contextlib
 import os
 import random
-import socket
 import statistics
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from contracts.codec import encode
 from contracts.messages import Candle, Timeframe
 from db.migrate import migrate
 from infra.stack import LocalStack
+from tests.processes import free_port, healthy
 from workers.timescale_replicator.app import Settings
 from workers.timescale_replicator.store import Store
 from workers.timescale_replicator.tables import TABLES
@@ -146,7 +145,7 @@ async def _store_only(dsn: str, candles: list[Candle]) -> float:
 async def _replicate(url: str, dsn: str, n: int) -> float:
     """Rows/s of the worker process draining the stream into an empty market.candles."""
     await migrate(dsn)
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "TICKWIRE_NATS_URL": url,
@@ -163,7 +162,7 @@ async def _replicate(url: str, dsn: str, n: int) -> float:
     try:
         conn = await asyncpg.connect(dsn, server_settings={"search_path": SCHEMA})
         try:
-            while not await asyncio.to_thread(_healthy, port):
+            while not await asyncio.to_thread(healthy, port):
                 _alive(proc)
                 await asyncio.sleep(0.005)  # waiting for a process to start, in a benchmark
             t0 = time.perf_counter()
@@ -182,20 +181,6 @@ async def _replicate(url: str, dsn: str, n: int) -> float:
             proc.kill()
             await proc.wait()
     return n / elapsed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return bool(r.status == 200)
-    except OSError:  # not listening yet, or 503 while it starts
-        return False
 
 
 def _alive(proc: asyncio.subprocess.Process) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from infra.stack import StackUrls
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +38,38 @@ def spawn(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def healthy(port: int) -> bool:
+    """GET /healthz of a worker on this host answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:  # not listening yet, or 503 while it starts
+        return False
+
+
+async def spawn_started(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``spawn``, returned once /healthz answers: the worker runs and SIGTERM drains it (a
+    SIGTERM before its handler is set ends the process, exit code -15)."""
+    port = free_port()
+    proc = spawn(worker, {**env, "TICKWIRE_METRICS_PORT": str(port)}, log)
+
+    async def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{worker} exited with {proc.returncode}; its log: {log}")
+        return await asyncio.to_thread(healthy, port)
+
+    try:
+        await eventually(up, timeout=300, what=f"{worker} started")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc

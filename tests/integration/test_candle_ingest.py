@@ -33,7 +33,7 @@ from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
 from tests.faults import losing_source
-from tests.processes import spawn, worker_env
+from tests.processes import spawn, spawn_started, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
@@ -381,7 +381,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
         proc.kill()
         proc.wait()
         kills += 1
-    proc = spawn("candle-ingest", env, log)
+    proc = await spawn_started("candle-ingest", env, log)
     try:
         await asyncio.wait_for(publisher, 300)
         await eventually(

@@ -24,7 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
-from tests.processes import spawn, worker_env
+from tests.processes import spawn, spawn_started, worker_env
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.features import DEFAULT, Candles
@@ -380,7 +380,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
             streams.stream_name(streams.CANDLES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = spawn(DURABLE, env, log)
+    proc = await spawn_started(DURABLE, env, log)
     try:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
     finally:

@@ -24,7 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
 from infra.stack import StackUrls
 from tests.integration.test_feature_builder import run_worker, stream_messages
-from tests.processes import spawn, worker_env
+from tests.processes import spawn, spawn_started, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer.app import Settings, build
@@ -354,7 +354,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
             streams.stream_name(streams.FEATURES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = spawn(DURABLE, env, log)
+    proc = await spawn_started(DURABLE, env, log)
     try:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
     finally:
