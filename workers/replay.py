@@ -49,7 +49,7 @@ from nats.js.api import (
     StreamSource,
     SubjectTransform,
 )
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from tqdm import tqdm
 
 from contracts import subjects
@@ -325,10 +325,7 @@ async def copy_models(
         live_pointers = await js.key_value(live)
     except BucketNotFoundError:
         return ()
-    try:
-        keys = [k for k in await live_pointers.keys() if _series_wanted(k, feed, symbols)]
-    except NoKeysError:
-        keys = []
+    keys = [k for k in await _kv_keys(js, live) if _series_wanted(k, feed, symbols)]
     ns = bucket_name(name)
     objects = await js.create_object_store(ns, description="tickwire model files")
     pointers = await js.create_key_value(
@@ -350,6 +347,17 @@ async def copy_models(
             versions.append(version)
         await pointers.put(key, entry.value)
     return tuple(versions)
+
+
+async def _kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """Every key a KV bucket holds an entry for (deleted ones too), as its stream lists them.
+
+    Not ``KeyValue.keys()``: its watch can say every entry was delivered before the last
+    ones arrive (nats-io/nats.py#842), and a copy would then miss models.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+    return sorted(s.removeprefix(prefix) for s in info.state.subjects or {})
 
 
 async def copy_policy(js: JetStreamContext, name: str, base: str = POLICY_BUCKET) -> bool:

@@ -25,7 +25,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
 
 from contracts import streams, subjects
 from contracts.codec import encode
@@ -381,5 +382,33 @@ async def test_diff_reports_what_differs_and_only_within_the_replayed_range(
         assert table == ["CANDLES", "6", "6", "4", "1", "1", "1"]
         assert f"CANDLES differs at {replay.label(key)}: close live=1.07 replay=1.08" in lines
         assert lines[-1] == "differ"
+    finally:
+        await replay.delete(js, unique)
+
+
+async def test_every_active_model_is_copied_whatever_a_kv_watch_says(
+    live: JetStreamContext, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay copies the live registry's pointers from the list its stream keeps.
+
+    nats-py's ``KeyValue.keys()`` reads a watch that can say every entry was delivered
+    before the entries arrive (nats-io/nats.py#842); here it says so before any, as
+    when the race is lost, and the copy must still hold every active model."""
+    js = live
+    feed = f"f{unique}"
+    versions = await promote_models(js, feed)
+
+    async def marker_first(self: KeyValue, **kwargs: Any) -> list[str]:
+        raise NoKeysError
+
+    monkeypatch.setattr(KeyValue, "keys", marker_first)
+    try:
+        copied = await replay.copy_models(js, unique, feed, SYMBOLS)
+        assert sorted(copied) == sorted(versions)
+        target = await Registry.open(js, namespace=unique, create=False)
+        for symbol in SYMBOLS:
+            active = await target.active(feed, symbol, Timeframe.M1)
+            assert active is not None
+            assert active.version in versions
     finally:
         await replay.delete(js, unique)
