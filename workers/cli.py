@@ -81,7 +81,7 @@ def _contracts(args: argparse.Namespace) -> int:
 def _streams(args: argparse.Namespace) -> int:
     from contracts.streams import ConsumerSpec, consumer_specs, ensure, stream_specs
     from workers.runtime.connection import connect
-    from workers.runtime.partition import PARTITIONED, partition_specs, placed
+    from workers.runtime.partition import PARTITIONED, floors_of, partition_specs, placed
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings, namespace=args.namespace)
@@ -108,9 +108,11 @@ def _streams(args: argparse.Namespace) -> int:
             for worker, n in told.items():
                 wanted += [(c, worker, False) for c in partition_specs(specs, worker, n)]
             consumers = []
+            inputs = {c.stream for c, worker, _ in wanted if worker is not None}
+            floors = {stream: await floors_of(js, stream) for stream in inputs}
             for spec, worker, alone in wanted:
                 if worker is not None:  # placed among the worker's durables of any layout
-                    spec, why = await placed(js, spec, worker)
+                    spec, why = placed(spec, worker, floors[spec.stream])
                     if alone and spec.start_seq is not None:
                         notes[spec.label] = (
                             f"not made: {worker} runs as partitions "

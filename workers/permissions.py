@@ -66,12 +66,12 @@ def _consumer_token(tokens: list[str]) -> int | None:
     return None
 
 
-def _partition_subjects(subject: str, worker: str, partitions: int) -> list[str]:
+def _partition_subjects(subject: str, worker: str, stream: str, partitions: int) -> list[str]:
     """The subject for each partition's consumer, or [] when it names none of the worker's
-    consumers on its input stream."""
+    consumers on ``stream``, its input."""
     tokens = subject.split(".")
     at = _consumer_token(tokens)
-    if at is None or tokens[at - 1] != input_stream(worker):
+    if at is None or tokens[at - 1] != stream:
         return []
     for suffix in SUFFIXES:
         if tokens[at] == worker + suffix:
@@ -101,14 +101,14 @@ def partitioned_block(accounts: str, worker: str, partitions: int) -> str:
         f"# {worker} as {partitions} partitions "
         f"(tickwire nats-permissions {worker} --partitions {partitions})",
     ]
-    added = 0
+    added, stream = 0, input_stream(worker)
     for line in lines[first : last + 1]:
         out.append(line)
         m = _SUBJECT.match(line)
         if m is None:
             continue
         indent, subject, rest = m.groups()
-        for s in _partition_subjects(subject, worker, partitions):
+        for s in _partition_subjects(subject, worker, stream, partitions):
             out.append(f'{indent}"{s}"{rest}')
             added += 1
     if not added:

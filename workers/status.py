@@ -27,7 +27,7 @@ from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
-from workers.runtime.partition import behind, consumers_of
+from workers.runtime.partition import ack_floors, behind, consumers_of
 from workers.runtime.settings import RuntimeSettings
 
 
@@ -88,7 +88,7 @@ async def every_lag(js: JetStreamContext) -> list[Lag]:
     for sinfo in sorted(await js.streams_info(), key=lambda s: s.config.name or ""):
         stream = sinfo.config.name or ""
         infos = sorted(await consumers_of(js, stream), key=lambda c: c.name)
-        floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos}
+        floors = ack_floors(infos)
         for info in infos:
             lag = await consumer_lag(js, stream, info.name, info=info, stream_info=sinfo)
             out.append(dataclasses.replace(lag, ahead=tuple(behind(info.name, floors))))

@@ -48,6 +48,7 @@ from workers import candle_ingest, feature_builder, timescale_replicator
 from workers.candle_ingest.app import build as build_ingest
 from workers.candle_ingest.app import feed_symbol as ingest_key
 from workers.feature_builder.app import build as build_features
+from workers.permissions import block_name
 from workers.runtime.partition import partition_of
 from workers.runtime.pull import read_stream
 from workers.runtime.worker import READ_BACK_SUFFIX
@@ -735,7 +736,7 @@ def partitioned(tmp_path: Path) -> Iterator[Secured]:
         timeout=60,
     ).stdout
     lines = ACCOUNTS.read_text().splitlines()
-    first = lines.index("CANDLE_INGEST_PERMISSIONS: {")
+    first = lines.index(f"{block_name('candle-ingest')}: {{")
     last = lines.index("}", first)
     accounts = tmp_path / "accounts.conf"
     accounts.write_text("\n".join([*lines[:first], printed, *lines[last + 1 :]]) + "\n")

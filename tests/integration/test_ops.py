@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -32,6 +31,7 @@ from infra.stack import StackUrls
 from tests.candles import series
 from tests.integration.test_feature_builder import close_enough, expected, run_worker
 from tests.integration.test_registry import card, train
+from tests.processes import free_port
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.registry import Registry, bucket_name
@@ -146,12 +146,6 @@ def table_rows(text: str, title: str | None = None) -> list[list[str]]:
     lines = text.splitlines()
     dashes = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "})
     return [line.split() for line in lines[dashes + 1 :]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ms_text(ms: int) -> str:

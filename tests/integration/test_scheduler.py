@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from nats.js import JetStreamContext
 
 from db.migrate import migrate
 from tests.integration.test_tickwire_train import FEED, SYMBOL, TF, candles_db, namespace
+from tests.processes import free_port
 from tests.trainer_market import M5_MS
 from tests.waiting import eventually
 from workers.registry import Registry
@@ -77,12 +77,6 @@ def spawn(
         )
     procs.append(proc)
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def recorded(path: Path) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ from workers.permissions import (
     ACCOUNTS,
     PARTITIONED,
     PermissionsError,
+    block_name,
     partitioned_block,
     with_partitions,
 )
@@ -32,8 +33,7 @@ def _subjects(block: str) -> list[str]:
 
 
 def _deployed_block(worker: str) -> str:
-    var = worker.upper().replace("-", "_") + "_PERMISSIONS"
-    match = re.search(rf"^{var}: \{{\n.*?^\}}$", ACCOUNTS.read_text(), re.M | re.S)
+    match = re.search(rf"^{block_name(worker)}: \{{\n.*?^\}}$", ACCOUNTS.read_text(), re.M | re.S)
     assert match is not None
     return match.group(0)
 

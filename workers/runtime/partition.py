@@ -119,16 +119,24 @@ async def consumers_of(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
     return infos
 
 
-async def placed(
-    js: JetStreamContext, spec: ConsumerSpec, worker: str
+def ack_floors(infos: list[ConsumerInfo]) -> dict[str, int]:
+    """The ack floor of each consumer, by name."""
+    return {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
+
+
+async def floors_of(js: JetStreamContext, stream: str) -> dict[str, int]:
+    """``ack_floors`` of every consumer of ``stream``; none while the stream does not exist."""
+    with contextlib.suppress(NotFoundError):
+        return ack_floors(await consumers_of(js, stream))
+    return {}
+
+
+def placed(
+    spec: ConsumerSpec, worker: str, floors: Mapping[str, int]
 ) -> tuple[ConsumerSpec, str | None]:
-    """``spec``, a durable of ``worker``, placed among the worker's durables on the stream
-    (the single one, those of partition counts): one not made yet with its ``start_seq``
-    (``start_of``), one that exists with why it is stale (``behind``), if it is."""
-    infos: list[ConsumerInfo] = []
-    with contextlib.suppress(NotFoundError):  # no stream yet: no durables either
-        infos = await consumers_of(js, spec.stream)
-    floors = {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos if i.name}
+    """``spec``, a durable of ``worker``, placed among the durables of its stream
+    (``floors``): one not made yet with its ``start_seq`` (``start_of``), one that exists
+    with why it is stale (``behind``), if it is."""
     if spec.durable not in floors:
         start = start_of(spec.durable, worker, floors)
         return (
@@ -151,7 +159,7 @@ async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> Co
     stops the worker (``StaleDurable``) rather than handle again what another layout did."""
     spec = settings.consumer_spec()
     try:
-        spec, stale = await placed(js, spec, settings.worker)
+        spec, stale = placed(spec, settings.worker, await floors_of(js, spec.stream))
     except (TimeoutError, nats.errors.Error) as exc:  # a failover, a restarting server...
         raise TransientError(f"listing the durables of {spec.stream}: {exc!r}") from exc
     if stale:
