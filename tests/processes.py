@@ -40,6 +40,11 @@ def spawn(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes
         )
 
 
+def tail(log: Path, chars: int = 3000) -> str:
+    """The end of a worker's log, for the message of a failed assertion."""
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"(no {log})"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +68,7 @@ async def spawn_started(worker: str, env: dict[str, str], log: Path) -> subproce
 
     async def up() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"{worker} exited with {proc.returncode}; its log: {log}")
+            raise AssertionError(f"{worker} exited with {proc.returncode}: {tail(log)}")
         return await asyncio.to_thread(healthy, port)
 
     try:

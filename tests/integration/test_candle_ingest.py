@@ -33,7 +33,7 @@ from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
 from tests.faults import losing_source
-from tests.processes import spawn, spawn_started, worker_env
+from tests.processes import spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.app import Settings, build
@@ -361,7 +361,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
         for start in range(0, len(sc.messages), chunk):
             part = market.Scenario(messages=sc.messages[start : start + chunk])
             await publish(js, part, chaos, close=False)
-            await eventually(lambda start=start: _at_least(progress, start, None), timeout=300)
+            await eventually(lambda start=start: _at_least(progress, start, None, log), timeout=300)
         await publish(js, market.Scenario(symbols=sc.symbols, last_ms=sc.last_ms), chaos)
 
     publisher = asyncio.create_task(feed())
@@ -374,7 +374,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
     for point in kill_points:
         proc = spawn("candle-ingest", env, log)
         await eventually(
-            lambda point=point, proc=proc: _at_least(progress, point, proc),
+            lambda point=point, proc=proc: _at_least(progress, point, proc, log),
             timeout=180,
             what=f"progress to seq {point}",
         )
@@ -391,7 +391,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
         proc.terminate()
         proc.wait(timeout=60)
     assert kills == 7
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert proc.returncode == 0, tail(log)
     assert (await js.stream_info(ticks_chaos)).state.last_seq == total
 
     calm_out = await stream_messages(js, streams.stream_name(streams.CANDLES, namespace=calm))
@@ -412,10 +412,13 @@ async def test_kill_9_at_random_moments_changes_nothing(
 
 
 async def _at_least(
-    probe: Callable[[], Awaitable[int]], point: int, proc: subprocess.Popen[bytes] | None
+    probe: Callable[[], Awaitable[int]],
+    point: int,
+    proc: subprocess.Popen[bytes] | None,
+    log: Path,
 ) -> bool:
     if proc is not None and proc.poll() is not None:
-        raise AssertionError(f"worker exited with {proc.returncode}")
+        raise AssertionError(f"worker exited with {proc.returncode}: {tail(log)}")
     return await probe() >= point
 
 
