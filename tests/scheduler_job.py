@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 
 
 def record(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
@@ -15,3 +16,10 @@ def record(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
     finally:
         os.close(fd)
     return "recorded"
+
+
+def record_slowly(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
+    """``record``, after ``SCHEDULER_TEST_JOB_S`` seconds of work: a job that outlasts the
+    interval between its fire times."""
+    time.sleep(float(os.environ["SCHEDULER_TEST_JOB_S"]))
+    return record(feed, symbol, tf, fire_time)

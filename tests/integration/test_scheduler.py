@@ -165,6 +165,52 @@ async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_do
     assert first_c == max(f for f, pid in calls if pid == b.pid) + 1
 
 
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_a_fire_time_that_comes_while_its_job_still_runs(
+    pg_dsn: str, tmp_path: Path, coalesce: bool
+) -> None:
+    """A job that takes longer than the interval between its fire times: without coalescing
+    each fire time waits its turn and runs once, in order; with it, one that came while the
+    last run was going is recorded as missed, not run."""
+    await migrate(pg_dsn)
+    runs, log = tmp_path / "runs.txt", tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_SCHEDULER_COALESCE=str(coalesce).lower(),
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(runs),
+        SCHEDULER_TEST_JOB_S="1.5",  # fire times every second
+    )
+
+    def three_ran() -> bool:
+        alive(proc, log)
+        return len(recorded(runs)) >= 3
+
+    with schedulers(tmp_path) as procs:
+        proc = spawn(procs, env, log)
+        await eventually(three_ran, timeout=60, what="three runs")
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+
+    fires = [fire for fire, _ in recorded(runs)]
+    rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
+    outcomes = {fire: r["outcome"] for fire, r in rows.items()}
+    missed = sorted(fire for fire, outcome in outcomes.items() if outcome == "missed")
+    assert fires == sorted(set(fires))  # one at a time, in order, none twice
+    assert sorted(rows) == list(range(fires[0], max(rows) + 1))  # each fire time has a row
+    if coalesce:
+        assert missed, "no fire time came while a run was going"
+        assert {rows[f]["detail"] for f in missed} == {"the previous run was still running"}
+        assert not set(missed) & set(fires)
+    else:
+        assert missed == []
+        assert fires == list(range(fires[0], fires[-1] + 1))  # every fire time, in turn
+        # what still waited when it stopped is claimed, left unfinished for the next leader
+        assert all(outcomes[f] == "ok" for f in fires[:-1])
+        assert all(outcomes[f] is None for f in rows if f > fires[-1])
+
+
 REFUSE_CLAIMS = """
 CREATE FUNCTION scheduler.refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -3,7 +3,10 @@
 ``TICKWIRE_TRAIN_SCHEDULE`` lists ``feed/symbol/tf@cron`` entries; each becomes an
 APScheduler job kept in PostgreSQL (``scheduler.apscheduler_jobs``), so a restarted or newly
 elected scheduler carries on where the last one stopped: fire times missed while none was
-running are run if still within the misfire grace (coalesced into one by default).
+running are run if still within the misfire grace (coalesced into one by default). A job
+runs one fire time at a time: with coalescing, a fire time that comes while the job's last
+run is still going is recorded as missed; without it (``TICKWIRE_SCHEDULER_COALESCE=false``),
+every fire time runs, once, each after the one before.
 
 Only the holder of a session-level advisory lock schedules anything; every other instance
 waits and retries, and takes over when the holder's connection dies with it.
@@ -241,6 +244,8 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
         self.unclaimed: set[str] = set()
         """Jobs whose fire times could not be claimed: their stored next fire time stays."""
         self.broken: Exception | None = None
+        self._turns: dict[str, asyncio.Lock] = {}
+        """Per job: its runs one after another, in the order they were submitted."""
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -298,6 +303,10 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
             task.add_done_callback(done)
 
     async def run(self, job: Job, fire_times: Iterable[dt.datetime]) -> list[JobExecutionEvent]:
+        async with self._turns.setdefault(job.id, asyncio.Lock()):
+            return await self._run(job, fire_times)
+
+    async def _run(self, job: Job, fire_times: Iterable[dt.datetime]) -> list[JobExecutionEvent]:
         events = []
         for fire_time in fire_times:
             log.info("running %s for %s", job.id, fire_time.isoformat())
@@ -343,10 +352,19 @@ def sqlalchemy_url(dsn: str) -> str:
     return make_url(dsn).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def max_instances(coalesce: bool) -> int:
+    """Runs of one job APScheduler lets wait or run at once (``ClaimingExecutor`` runs them
+    one after another): one when coalescing, where a fire time that comes while the last run
+    is still going is recorded as missed; without coalescing every fire time waits its turn
+    (APScheduler needs a bound: this many fire times is more than a day of one a minute)."""
+    return 1 if coalesce else 10_000
+
+
 def sync_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
     """Make the stored jobs match the schedule. An unchanged job keeps its stored next fire
     time (so fires missed while no scheduler ran are still run); a changed one starts anew."""
     wanted = {e.job_id: e for e in settings.train_schedule}
+    instances = max_instances(settings.scheduler_coalesce)
     for job in scheduler.get_jobs():
         if job.id.startswith(JOB_PREFIX) and job.id not in wanted:
             log.info("%s is no longer scheduled: removed", job.id)
@@ -364,6 +382,7 @@ def sync_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
             and job.kwargs == kwargs
             and job.coalesce == settings.scheduler_coalesce
             and job.misfire_grace_time == settings.scheduler_misfire_grace_s
+            and job.max_instances == instances
         ):
             continue
         scheduler.add_job(
@@ -374,7 +393,7 @@ def sync_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
             kwargs=kwargs,
             coalesce=settings.scheduler_coalesce,
             misfire_grace_time=settings.scheduler_misfire_grace_s,
-            max_instances=1,
+            max_instances=instances,
             replace_existing=True,
         )
         log.info("%s scheduled: %s", job_id, entry.cron)
