@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
@@ -565,8 +566,17 @@ async def test_partition_filter_and_dead_lettered_pieces(
     assert skipped == 2
 
 
+@pytest.mark.parametrize(
+    "down",
+    [
+        TransientError("database starting up"),
+        nats.errors.TimeoutError(),  # a JetStream request the busy server did not answer
+        nats.errors.NoRespondersError(),  # JetStream not there yet
+    ],
+    ids=repr,
+)
 async def test_a_start_up_hook_whose_dependency_is_down_is_retried(
-    stack, js: JetStreamContext, unique: str
+    stack, js: JetStreamContext, unique: str, down: Exception
 ) -> None:
     worker_name, stream, _ = await _make_streams(js, unique)
     worker = _worker(worker_name, stream, _settings(stack.nats_url))
@@ -576,7 +586,7 @@ async def test_a_start_up_hook_whose_dependency_is_down_is_retried(
     async def connect_database(ctx: Context) -> None:
         tries.append(len(tries))
         if len(tries) < 3:
-            raise TransientError("database starting up")
+            raise down
 
     @worker.handler
     async def handle(batch: Batch[TickInput], ctx: Context) -> None:
@@ -586,6 +596,25 @@ async def test_a_start_up_hook_whose_dependency_is_down_is_retried(
     worker.stop()
     await asyncio.wait_for(task, 30)
     assert tries == [0, 1, 2]
+
+
+async def test_a_start_up_hook_that_fails_otherwise_stops_the_worker(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    worker_name, stream, _ = await _make_streams(js, unique)
+    worker = _worker(worker_name, stream, _settings(stack.nats_url))
+
+    @worker.on_startup
+    async def misconfigured(ctx: Context) -> None:
+        raise ValueError("no such table")
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="no such table"):
+        await asyncio.wait_for(worker.run(), 30)
+    assert not worker.started.is_set()
 
 
 async def test_stop_while_nats_is_unreachable_returns_at_once(unique: str) -> None:

@@ -49,12 +49,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from nats.js.errors import ServiceUnavailableError
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -84,6 +86,13 @@ log = logging.getLogger(__name__)
 HANDLER_ERROR = "handler_error"
 READ_BACK_SUFFIX = "-readback"
 """Lost deliveries are read back through the durable's name with this suffix."""
+UNANSWERED: Final = (
+    TransientError,
+    TimeoutError,  # nats.errors.TimeoutError too
+    nats.errors.NoRespondersError,
+    ServiceUnavailableError,
+)
+"""What a start-up step that is tried again may raise: nothing is wrong but the moment."""
 
 
 class DeadItem(NamedTuple):
@@ -318,9 +327,15 @@ class Worker(Generic[T]):
         try:
             for hook in self._startup:
                 await self._until_ready(hook, ctx)
+            consumer: list[ConsumerInfo] = []
+
+            async def read_consumer(ctx: Context) -> None:
+                consumer.append(await js.consumer_info(self.stream, self.durable))
+
+            await self._until_ready(read_consumer, ctx)
             if self._stop.is_set():
                 return
-            info = await js.consumer_info(self.stream, self.durable)
+            info = consumer[0]
             ack_wait = float(info.config.ack_wait or 30.0)
             self._ack_wait = ack_wait
             max_deliver = info.config.max_deliver or -1
@@ -361,13 +376,14 @@ class Worker(Generic[T]):
             await self._drain(ctx)
 
     async def _until_ready(self, hook: Hook, ctx: Context) -> None:
-        """A start-up hook whose dependency is down is tried again with backoff."""
+        """A start-up hook whose dependency is down, or whose JetStream request went
+        unanswered (a busy or restarting server), is tried again with backoff."""
         tries = 0
         while not self._stop.is_set():
             try:
                 await hook(ctx)
                 return
-            except TransientError as exc:
+            except UNANSWERED as exc:
                 tries += 1
                 delay = self._backoff(tries)
                 log.warning("%s: not ready (%s); retry %d in %.1fs", self.name, exc, tries, delay)
