@@ -45,6 +45,13 @@ def tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else f"(no {log})"
 
 
+def running(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    """True while ``proc`` runs; once it has exited, an error with the end of its log."""
+    if proc.poll() is not None:
+        raise AssertionError(f"worker exited with {proc.returncode}: {tail(log)}")
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

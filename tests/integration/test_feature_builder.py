@@ -24,7 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
-from tests.processes import spawn, spawn_started, worker_env
+from tests.processes import running, spawn, spawn_started, worker_env
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.features import DEFAULT, Candles
@@ -368,7 +368,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
         point = min(start + chunk // 2, total)
         await eventually(
             lambda point=point, proc=proc: (
-                proc.poll() is None and _delivered_at_least(js, chaos, point)
+                running(proc, log) and _delivered_at_least(js, chaos, point)
             ),
             timeout=120,
             what=f"progress to seq {point}",

@@ -24,7 +24,7 @@ from contracts import streams, subjects
 from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
 from infra.stack import StackUrls
 from tests.integration.test_feature_builder import run_worker, stream_messages
-from tests.processes import spawn, spawn_started, worker_env
+from tests.processes import running, spawn, spawn_started, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer.app import Settings, build
@@ -342,7 +342,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
         point = min(start + chunk // 2, total)
         await eventually(
             lambda point=point, proc=proc: (
-                proc.poll() is None and delivered_at_least(js, chaos, point)
+                running(proc, log) and delivered_at_least(js, chaos, point)
             ),
             timeout=120,
             what=f"progress to seq {point}",

@@ -25,7 +25,7 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, Score, Signal, Timeframe
 from infra.stack import StackUrls
-from tests.processes import spawn, worker_env
+from tests.processes import running, spawn, worker_env
 from tests.waiting import eventually
 from workers.signal_publisher.app import Settings, build
 
@@ -347,7 +347,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
         point = start + len(head) // 2
         await eventually(
             lambda point=point, proc=proc: (
-                proc.poll() is None and delivered_at_least(js, chaos, point)
+                running(proc, log) and delivered_at_least(js, chaos, point)
             ),
             timeout=120,
             what=f"progress to seq {point}",
