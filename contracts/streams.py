@@ -531,3 +531,16 @@ async def _ensure_consumer(js: JetStreamManager, spec: ConsumerSpec) -> str:
         return UNCHANGED
     await js.add_consumer(spec.stream, info.config.evolve(**_consumer_fields(spec)))
     return UPDATED
+
+
+async def stored_subjects(js: JetStreamManager, stream: str, prefix: str) -> list[str]:
+    """What follows ``prefix`` in each subject of ``stream`` that holds a message, sorted, as
+    the stream's state lists them: a KV bucket's keys (``$KV.<bucket>.``), an object
+    store's encoded names (``$O.<bucket>.M.``).
+
+    Not ``KeyValue.keys()`` nor ``ObjectStore.list()``: their watch can say every entry was
+    delivered before the last ones arrive (nats-io/nats.py#842), and a listing would then
+    miss entries.
+    """
+    info = await js.stream_info(stream, subjects_filter=prefix + ">")
+    return sorted(s.removeprefix(prefix) for s in info.state.subjects or {})

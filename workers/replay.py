@@ -62,6 +62,7 @@ from contracts.streams import (
     SIGNALS,
     TICKS,
     ensure,
+    stored_subjects,
     stream_name,
     stream_specs,
 )
@@ -350,14 +351,8 @@ async def copy_models(
 
 
 async def _kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
-    """Every key a KV bucket holds an entry for (deleted ones too), as its stream lists them.
-
-    Not ``KeyValue.keys()``: its watch can say every entry was delivered before the last
-    ones arrive (nats-io/nats.py#842), and a copy would then miss models.
-    """
-    prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
-    return sorted(s.removeprefix(prefix) for s in info.state.subjects or {})
+    """Every key a KV bucket holds an entry for (deleted ones too)."""
+    return await stored_subjects(js, f"KV_{bucket}", f"$KV.{bucket}.")
 
 
 async def copy_policy(js: JetStreamContext, name: str, base: str = POLICY_BUCKET) -> bool:

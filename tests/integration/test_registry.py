@@ -19,6 +19,8 @@ import msgspec
 import numpy as np
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
 
 from contracts.messages import Timeframe
 from contracts.models import ActiveModel, ModelCard, ModelStatus
@@ -90,6 +92,23 @@ async def test_put_list_get_gives_back_the_same_model(registry: Registry) -> Non
     assert got_card.feature_names == FEATURES
     x = np.random.default_rng(99).normal(size=(200, len(FEATURES)))
     np.testing.assert_array_equal(booster.predict(x), original.predict(x))
+
+
+async def test_every_version_is_listed_whatever_an_object_store_watch_says(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry lists its versions from the stream's list of subjects.
+
+    nats-py's ``ObjectStore.list()`` reads a watch that can say every entry was delivered
+    before the entries arrive (nats-io/nats.py#842); here it says so before any, as when
+    the race is lost, and every stored version must still be listed."""
+    versions = [await registry.put(train(seed)[0], card(0.6)) for seed in (1, 2, 3)]
+
+    async def marker_first(self: ObjectStore, **kwargs: object) -> list[object]:
+        raise NotFoundError
+
+    monkeypatch.setattr(ObjectStore, "list", marker_first)
+    assert [c.version for c in await registry.list()] == sorted(versions)
 
 
 async def test_promote_and_rollback_move_the_escaped_key(

@@ -17,6 +17,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections.abc import Iterable
@@ -39,6 +40,7 @@ from nats.js.object_store import ObjectStore
 from contracts import subjects
 from contracts.messages import Timeframe
 from contracts.models import ActiveModel, ModelCard, ModelStatus
+from contracts.streams import stored_subjects
 from workers.registry.gate import should_promote
 
 BUCKET: Final = "models"
@@ -118,6 +120,17 @@ def _whole_model_text(text: str) -> bool:
     return text.rstrip("\n").rsplit("\n", 1)[-1].startswith("pandas_categorical:")
 
 
+async def _versions(js: JetStreamContext, bucket: str) -> list[str]:
+    """Every version with a card stored in ``bucket`` (a deleted one: its card is gone)."""
+    prefix = f"$O.{bucket}.M."
+    try:
+        encoded = await stored_subjects(js, f"OBJ_{bucket}", prefix)
+    except NotFoundError:
+        return []
+    names = (base64.urlsafe_b64decode(e).decode() for e in encoded)
+    return sorted(n.removesuffix(CARD_SUFFIX) for n in names if n.endswith(CARD_SUFFIX))
+
+
 @dataclass(frozen=True, slots=True)
 class Promotion:
     """What ``prepare_promotion`` decided, and the pointer revision it decided on."""
@@ -134,7 +147,10 @@ class Promotion:
 class Registry:
     """Model files, their cards and the active pointers, in JetStream."""
 
-    def __init__(self, objects: ObjectStore, pointers: KeyValue, bucket: str) -> None:
+    def __init__(
+        self, js: JetStreamContext, objects: ObjectStore, pointers: KeyValue, bucket: str
+    ) -> None:
+        self._js = js
         self._objects = objects
         self._pointers = pointers
         self.bucket = bucket
@@ -155,7 +171,7 @@ class Registry:
             pointers = await js.create_key_value(
                 bucket=name, history=KV_HISTORY, description="tickwire active models"
             )
-        return cls(objects, pointers, name)
+        return cls(js, objects, pointers, name)
 
     # --- models --------------------------------------------------------------------------
 
@@ -217,14 +233,9 @@ class Registry:
         """Cards of every stored version that matches, oldest first, with their status."""
         if feed is not None or symbol is not None or tf is not None:
             active_key(feed or "x", symbol or "x", tf or Timeframe.M1)  # refuse bad filters
-        try:
-            infos = await self._objects.list(ignore_deletes=True)
-        except NotFoundError:
-            return []
-        names = sorted(i.name for i in infos if i.name.endswith(CARD_SUFFIX))
         cards = []
-        for name in names:
-            card = await self._card_or_none(name.removesuffix(CARD_SUFFIX))
+        for version in await _versions(self._js, self.bucket):
+            card = await self._card_or_none(version)
             if card is None:
                 continue
             if feed is not None and card.feed != feed:
