@@ -7,8 +7,16 @@ import subprocess
 import sys
 
 import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from workers.trainer.scheduler import Entry, Settings, cron_trigger, parse_entry
+from workers.trainer.scheduler import (
+    Entry,
+    Settings,
+    cron_trigger,
+    max_instances,
+    parse_entry,
+    sync_jobs,
+)
 
 
 def test_entries_are_parsed_into_series_and_cron() -> None:
@@ -86,3 +94,35 @@ def test_bad_settings_stop_the_scheduler_with_one_line(env: dict[str, str], says
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert says in proc.stderr
+
+
+async def test_a_stored_job_keeps_its_next_fire_time_when_only_how_its_runs_wait_changes() -> None:
+    """A job stored by a scheduler that let one run of it at a time, now without coalescing:
+    its runs wait their turn from now on, and the fire time it was due at is still due."""
+    settings = Settings(
+        train_schedule="demo/EURUSD/M5@0 3 * * *",  # type: ignore[arg-type]
+        scheduler_coalesce=False,
+        scheduler_job="tests.scheduler_job:record",
+    )
+    entry = settings.train_schedule[0]
+    due = dt.datetime(2026, 1, 5, 3, 0, tzinfo=dt.UTC)  # missed while no scheduler ran
+    scheduler = AsyncIOScheduler(timezone=dt.UTC)
+    scheduler.start(paused=True)
+    try:
+        scheduler.add_job(
+            settings.scheduler_job,
+            entry.trigger(),
+            id=entry.job_id,
+            name=entry.job_id,
+            kwargs={"feed": "demo", "symbol": "EURUSD", "tf": "M5", "fire_time": None},
+            coalesce=False,
+            misfire_grace_time=settings.scheduler_misfire_grace_s,
+            max_instances=1,
+            next_run_time=due,
+        )
+        sync_jobs(scheduler, settings)
+        job = scheduler.get_job(entry.job_id)
+        assert job.max_instances == max_instances(coalesce=False) > 1
+        assert job.next_run_time == due
+    finally:
+        scheduler.shutdown(wait=False)

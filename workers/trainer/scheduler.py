@@ -356,7 +356,7 @@ def max_instances(coalesce: bool) -> int:
     """Runs of one job APScheduler lets wait or run at once (``ClaimingExecutor`` runs them
     one after another): one when coalescing, where a fire time that comes while the last run
     is still going is recorded as missed; without coalescing every fire time waits its turn
-    (APScheduler needs a bound: this many fire times is more than a day of one a minute)."""
+    (APScheduler needs a bound: this many is about a week of fire times one minute apart)."""
     return 1 if coalesce else 10_000
 
 
@@ -382,8 +382,9 @@ def sync_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
             and job.kwargs == kwargs
             and job.coalesce == settings.scheduler_coalesce
             and job.misfire_grace_time == settings.scheduler_misfire_grace_s
-            and job.max_instances == instances
         ):
+            if job.max_instances != instances:  # how overlapping runs wait: next fire time kept
+                job.modify(max_instances=instances)
             continue
         scheduler.add_job(
             settings.scheduler_job,
