@@ -74,9 +74,7 @@ async def spawn_started(worker: str, env: dict[str, str], log: Path) -> subproce
     proc = spawn(worker, {**env, "TICKWIRE_METRICS_PORT": str(port)}, log)
 
     async def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{worker} exited with {proc.returncode}: {tail(log)}")
-        return await asyncio.to_thread(healthy, port)
+        return running(proc, log) and await asyncio.to_thread(healthy, port)
 
     try:
         await eventually(up, timeout=300, what=f"{worker} started")

@@ -55,7 +55,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 from nats.js.errors import ServiceUnavailableError
 
 from contracts import subjects
@@ -327,15 +326,11 @@ class Worker(Generic[T]):
         try:
             for hook in self._startup:
                 await self._until_ready(hook, ctx)
-            consumer: list[ConsumerInfo] = []
-
-            async def read_consumer(ctx: Context) -> None:
-                consumer.append(await js.consumer_info(self.stream, self.durable))
-
-            await self._until_ready(read_consumer, ctx)
-            if self._stop.is_set():
+            info = await self._until_ready(
+                lambda _: js.consumer_info(self.stream, self.durable), ctx
+            )
+            if info is None:  # stopped meanwhile
                 return
-            info = consumer[0]
             ack_wait = float(info.config.ack_wait or 30.0)
             self._ack_wait = ack_wait
             max_deliver = info.config.max_deliver or -1
@@ -375,20 +370,21 @@ class Worker(Generic[T]):
             self.metrics.up.labels(self.name).set(0)
             await self._drain(ctx)
 
-    async def _until_ready(self, hook: Hook, ctx: Context) -> None:
-        """A start-up hook whose dependency is down, or whose JetStream request went
-        unanswered (a busy or restarting server), is tried again with backoff."""
+    async def _until_ready(self, step: Callable[[Context], Awaitable[R]], ctx: Context) -> R | None:
+        """A start-up step whose dependency is down, or whose JetStream request went
+        unanswered (a busy or restarting server), is tried again with backoff; its result,
+        or None once the worker is stopped."""
         tries = 0
         while not self._stop.is_set():
             try:
-                await hook(ctx)
-                return
+                return await step(ctx)
             except UNANSWERED as exc:
                 tries += 1
                 delay = self._backoff(tries)
                 log.warning("%s: not ready (%s); retry %d in %.1fs", self.name, exc, tries, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
+        return None
 
     async def _loop(self, ctx: Context, source: PullSource) -> None:
         """Take and handle the next batches while earlier ones commit; finish them in order.
