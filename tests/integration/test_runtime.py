@@ -72,6 +72,8 @@ def _worker(
     stream: str,
     settings: RuntimeSettings,
     accept: Callable[[str], bool] | None = None,
+    *,
+    in_order: bool = False,
 ) -> Worker[TickInput]:
     return Worker(
         name,
@@ -80,6 +82,7 @@ def _worker(
         codec=Codec(TickInput),
         settings=settings,
         accept=accept,
+        in_order=in_order,
     )
 
 
@@ -455,14 +458,7 @@ async def test_lost_deliveries_are_read_back_and_applied_in_stream_order(
 
     applied: list[int] = []
     again: list[tuple[int, int]] = []  # (stream seq, deliveries) of messages seen again
-    worker: Worker[TickInput] = Worker(
-        name,
-        stream=stream,
-        durable=name,
-        codec=Codec(TickInput),
-        settings=_settings(stack.nats_url, handler_batch=20),
-        in_order=True,
-    )
+    worker = _worker(name, stream, _settings(stack.nats_url, handler_batch=20), in_order=True)
 
     @worker.handler
     async def handle(batch: Batch[TickInput], ctx: Context) -> None:
@@ -615,6 +611,59 @@ async def test_a_start_up_hook_that_fails_otherwise_stops_the_worker(
     with pytest.raises(ValueError, match="no such table"):
         await asyncio.wait_for(worker.run(), 30)
     assert not worker.started.is_set()
+
+
+async def test_a_stateful_worker_waits_while_another_instance_consumes_on_its_durable(
+    stack, js: JetStreamContext, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two instances on one durable would split its messages between them, and neither
+    would see every message in order: a second one waits until the first has stopped, then
+    takes over where it left off."""
+    name, stream, _ = await _make_streams(js, unique)
+    subject = f"rt.{unique}.ticks"
+    applied: dict[str, list[int]] = {"first": [], "second": []}
+
+    def instance(label: str) -> Worker[TickInput]:
+        settings = _settings(stack.nats_url, retry_backoff_max_s=0.2)
+        worker = _worker(name, stream, settings, in_order=True)
+
+        @worker.handler
+        async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+            applied[label].extend(d.info.stream_seq for d in batch)
+
+        return worker
+
+    async def publish(first: int, last: int) -> None:
+        for i in range(first, last + 1):
+            await js.publish(subject, _tick("EURUSD", i))
+
+    first, second = instance("first"), instance("second")
+    await publish(1, 100)
+    first_task = await _run(first)
+    second_task: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: len(applied["first"]) >= 100, what="the first hundred")
+        second_task = asyncio.create_task(second.run())
+        await eventually(
+            lambda: f"another instance consumes on {stream}/{name}" in caplog.text,
+            what="the second instance waiting",
+        )
+        await publish(101, 200)
+        await eventually(lambda: len(applied["first"]) >= 200, what="the second hundred")
+        assert not second.started.is_set()
+        first.stop()
+        await asyncio.wait_for(first_task, 30)
+        await eventually(lambda: second.started.is_set(), what="the second instance consuming")
+        await publish(201, 300)
+        await eventually(lambda: len(applied["second"]) >= 100, what="the third hundred")
+        await eventually(lambda: _all_acked(js, stream, name), what="every message acked")
+    finally:
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(first_task, 30)
+        if second_task is not None:
+            await asyncio.wait_for(second_task, 30)
+    assert applied == {"first": list(range(1, 201)), "second": list(range(201, 301))}
 
 
 async def test_stop_while_nats_is_unreachable_returns_at_once(unique: str) -> None:

@@ -46,6 +46,10 @@ REQUEST_BYTES: Final = 8 << 20
 """Most payload bytes one pull request may bring: large messages cannot flood the client."""
 BUFFER_BYTES: Final = 32 << 20
 """No new request while this much is received and not yet taken."""
+LOOK_AGAIN_S: Final = 0.1
+"""A running consumer asks again within a round trip when its pull request ends, so none of
+its requests may wait at the server for that moment: whether one does is looked at twice,
+this far apart, before an instance is taken for stopped."""
 
 
 class _NextRequest(msgspec.Struct, omit_defaults=True):

@@ -30,7 +30,10 @@ state may be ahead of what is durable, so it must start again from what is).
 A stateful worker (``in_order``) applies every message in stream order and takes one at or
 below the last it applied as a redelivery. Deliveries lost on the way would break that; the
 loop finds them by the consumer's delivery sequence and reads what they carried back from
-the stream, ahead of the later messages (``workers.runtime.order``).
+the stream, ahead of the later messages (``workers.runtime.order``). Two instances on one
+durable would split its messages between them, so a stateful worker does not start while
+another consumes on its durable (its pull requests wait at the server): it waits, with
+backoff, until that one stops.
 
 A worker module only declares what it consumes, how to decode it, and a handler.
 """
@@ -55,7 +58,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from contracts import subjects
 from contracts.codec import Codec, ContractError, encode
@@ -69,6 +72,7 @@ from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import (
     ACK,
     IN_PROGRESS,
+    LOOK_AGAIN_S,
     NAK,
     AckInfo,
     PullSource,
@@ -324,6 +328,8 @@ class Worker(Generic[T]):
             self.metrics, self.healthy, s.metrics_host, s.metrics_port
         )
         try:
+            if self.in_order and not await self._until_ready(self._alone, ctx):
+                return  # stopped meanwhile
             for hook in self._startup:
                 await self._until_ready(hook, ctx)
             info = await self._until_ready(
@@ -369,6 +375,24 @@ class Worker(Generic[T]):
                     await self._toucher
             self.metrics.up.labels(self.name).set(0)
             await self._drain(ctx)
+
+    async def _alone(self, ctx: Context) -> bool:
+        """True once no other instance consumes on the durable; TransientError (wait and
+        look again) while one does: it has pull requests waiting at the server."""
+        for look in range(2):
+            if look:
+                await asyncio.sleep(LOOK_AGAIN_S)
+            try:
+                info = await ctx.js.consumer_info(self.stream, self.durable)
+            except NotFoundError:  # not made yet: nobody consumes on it
+                return True
+            if info.num_waiting:
+                raise TransientError(
+                    f"another instance consumes on {self.stream}/{self.durable}"
+                    f" ({info.num_waiting} pull requests waiting); it must stop first: one"
+                    " instance per durable keeps the stream's order"
+                )
+        return True
 
     async def _until_ready(self, step: Callable[[Context], Awaitable[R]], ctx: Context) -> R | None:
         """A start-up step whose dependency is down, or whose JetStream request went
