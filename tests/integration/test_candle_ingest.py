@@ -684,6 +684,50 @@ async def test_scaling_out_and_back_in_handles_each_tick_once(
     assert reference.differences(latest(published), want) == []
 
 
+async def test_an_instance_of_another_layout_waits_until_the_running_one_stopped(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A partition of two started while the single instance runs would consume the same
+    ticks beside it: it makes no durable and does not consume until the single instance has
+    stopped, then starts after everything that one handled."""
+    sc = market.scenario(seed=4, ticks=600, troubles=False)
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    quick = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}
+    alone = build(settings(stack, questdb, namespace, **quick))
+    alone_task = await run_worker(alone)
+    partition = build(settings(stack, questdb, namespace, partitions=2, partition=0, **quick))
+    partition_task = asyncio.create_task(partition.run())
+    try:
+        await eventually(
+            lambda: f"candle-ingest of another layout consume on {ticks}" in caplog.text,
+            what="the partition waiting",
+        )
+        await publish(js, sc, namespace, close=False)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="ticks consumed")
+        assert not partition.started.is_set()
+        assert {c.name for c in await js.consumers_info(ticks)} == {"candle-ingest"}
+        alone.stop()
+        await asyncio.wait_for(alone_task, 60)
+        await eventually(
+            lambda: partition.started.is_set() or partition_task.done(),
+            what="the partition consuming",
+        )
+        if partition_task.done():
+            partition_task.result()
+        floor = (await js.consumer_info(ticks, "candle-ingest")).ack_floor.stream_seq
+        mine = await js.consumer_info(ticks, "candle-ingest-0of2")
+        assert mine.config.opt_start_seq == floor + 1
+        assert mine.delivered.consumer_seq == 0, "given what the single instance handled"
+    finally:
+        alone.stop()
+        partition.stop()
+        await asyncio.wait_for(asyncio.gather(alone_task, partition_task), 60)
+
+
 async def test_backfilled_bars_become_candles(
     stack: StackUrls,
     questdb: QuestDBUrls,

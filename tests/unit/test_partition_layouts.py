@@ -6,9 +6,12 @@ alone, or ``candle-ingest-0of2`` and ``candle-ingest-1of2``. Floors are ack floo
 
 from __future__ import annotations
 
-import pytest
+from datetime import UTC, datetime
 
-from workers.runtime.partition import behind, layout_of, start_of
+import pytest
+from nats.js.api import ConsumerConfig, ConsumerInfo
+
+from workers.runtime.partition import behind, consuming, layout_of, start_of
 
 W = "candle-ingest"
 
@@ -64,3 +67,22 @@ def test_a_durable_passed_by_another_layout_is_stale() -> None:
     floors |= {"candle-ingest-0of3": 990, "candle-ingest-1of3": 950, "candle-ingest-2of3": 960}
     assert behind("candle-ingest-0of2", floors) == [f"candle-ingest-{k}of3" for k in range(3)]
     assert behind("other", floors) == []
+
+
+def test_a_layout_with_pull_requests_waiting_is_running() -> None:
+    def info(name: str, waiting: int) -> ConsumerInfo:
+        created = datetime(2026, 1, 5, tzinfo=UTC)
+        return ConsumerInfo(name, "TICKS", ConsumerConfig(), created, num_waiting=waiting)
+
+    infos = [
+        info(W, 1),
+        info("candle-ingest-0of2", 0),
+        info("candle-ingest-1of2", 2),
+        info("candle-ingest-replay", 1),  # a short-lived reader, not a layout
+        info("feature-builder", 1),  # another worker
+    ]
+    assert consuming(infos, W, 1) == ["candle-ingest-1of2"]
+    assert consuming(infos, W, 2) == [W]
+    assert consuming(infos, W, 3) == [W, "candle-ingest-1of2"]
+    # its own layout's partitions run beside each other, as they should
+    assert consuming([info("candle-ingest-1of2", 3)], W, 2) == []

@@ -12,11 +12,14 @@ lowest ack floor of its durables: ``start_of``), so nothing handled before is ha
 published again; a stateful instance rebuilds its state from the stream up to there
 without output, as after a crash. A durable left behind by a layout that moved on is stale
 (``behind``): an instance refuses to consume on it (``StaleDurable``) until it is deleted
-and made again.
+and made again. An instance does not start while a durable of another layout has pull
+requests waiting (an instance of that layout is running, ``consuming``): it waits until that
+layout stopped, so two layouts never consume beside each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import zlib
@@ -39,6 +42,7 @@ from contracts.streams import (
     consumer_specs,
 )
 from workers.runtime.errors import Misdeployed, TransientError
+from workers.runtime.pull import LOOK_AGAIN_S
 from workers.runtime.settings import RuntimeSettings
 
 PARTITIONED: Final = (CANDLE_INGEST, FEATURE_BUILDER, MODEL_SCORER, SIGNAL_PUBLISHER)
@@ -126,9 +130,23 @@ def ack_floors(infos: list[ConsumerInfo]) -> dict[str, int]:
 
 async def floors_of(js: JetStreamContext, stream: str) -> dict[str, int]:
     """``ack_floors`` of every consumer of ``stream``; none while the stream does not exist."""
+    return ack_floors(await _consumers(js, stream))
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
     with contextlib.suppress(NotFoundError):
-        return ack_floors(await consumers_of(js, stream))
-    return {}
+        return await consumers_of(js, stream)
+    return []
+
+
+def consuming(infos: list[ConsumerInfo], worker: str, partitions: int) -> list[str]:
+    """The durables of ``worker`` in another layout than ``partitions`` with pull requests
+    waiting at the server: an instance of that layout is running."""
+    return sorted(
+        i.name
+        for i in infos
+        if i.name and i.num_waiting and layout_of(i.name, worker) not in (None, partitions)
+    )
 
 
 def placed(
@@ -156,12 +174,23 @@ def placed(
 
 async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> ConsumerSpec:
     """The durable the worker consumes on, placed for ``ensure`` at start-up; a stale one
-    stops the worker (``StaleDurable``) rather than handle again what another layout did."""
+    stops the worker (``StaleDurable``) rather than handle again what another layout did,
+    and while another layout runs it waits (``TransientError``: tried again with backoff)."""
     spec = settings.consumer_spec()
-    try:
-        spec, stale = placed(spec, settings.worker, await floors_of(js, spec.stream))
-    except (TimeoutError, nats.errors.Error) as exc:  # a failover, a restarting server...
-        raise TransientError(f"listing the durables of {spec.stream}: {exc!r}") from exc
+    for look in range(2):
+        if look:
+            await asyncio.sleep(LOOK_AGAIN_S)
+        try:
+            infos = await _consumers(js, spec.stream)
+        except (TimeoutError, nats.errors.Error) as exc:  # a failover, a restarting server...
+            raise TransientError(f"listing the durables of {spec.stream}: {exc!r}") from exc
+        running = consuming(infos, settings.worker, settings.partitions)
+        if running:
+            raise TransientError(
+                f"{', '.join(running)} of another layout consume on {spec.stream}: stop that"
+                f" layout before {settings.worker} runs as {settings.partitions} partition(s)"
+            )
+    spec, stale = placed(spec, settings.worker, ack_floors(infos))
     if stale:
         raise StaleDurable(stale)
     return spec
