@@ -42,6 +42,8 @@ class Lag:
     seconds: float
     ahead: tuple[str, ...] = ()
     """Durables of another layout of the same worker past this one: it is stale."""
+    waiting: int = 0
+    """Pull requests waiting at the server: more than none while an instance consumes."""
 
     @property
     def messages(self) -> int:
@@ -79,7 +81,16 @@ async def consumer_lag(
         )
         if newest is not None and oldest is not None:
             seconds = max(0.0, (newest - oldest).total_seconds())
-    return Lag(stream, consumer, not_delivered, ack_pending, floor, state.last_seq, seconds)
+    return Lag(
+        stream,
+        consumer,
+        not_delivered,
+        ack_pending,
+        floor,
+        state.last_seq,
+        seconds,
+        waiting=info.num_waiting or 0,
+    )
 
 
 async def every_lag(js: JetStreamContext) -> list[Lag]:
@@ -96,7 +107,7 @@ async def every_lag(js: JetStreamContext) -> list[Lag]:
 
 
 HEADER = ("stream", "consumer", "last seq", "ack floor", "not delivered", "ack pending",
-          "lag msgs", "lag s", "note")  # fmt: skip
+          "lag msgs", "lag s", "pulls waiting", "note")  # fmt: skip
 STREAM_HEADER = ("stream", "messages", "bytes", "first", "last")
 WORKER_HEADER = ("worker", "address", "health")
 MODEL_HEADER = ("feed", "symbol", "tf", "version", "feature set", "auc")
@@ -161,6 +172,7 @@ def table(lags: list[Lag]) -> str:
             str(lag.ack_pending),
             str(lag.messages),
             f"{lag.seconds:.1f}",
+            str(lag.waiting),
             f"stale: behind {', '.join(lag.ahead)}" if lag.ahead else "",
         )
         for lag in lags

@@ -393,8 +393,10 @@ async def test_status_shows_streams_consumers_workers_and_models(
     assert int(rows[features][1]) == len(good)
     # consumers: caught up
     consumer = {(r[0], r[1]): r for r in table_rows(running, "consumers")}[candles, FB]
-    # last seq, ack floor, not delivered, ack pending, lag msgs, lag s
-    assert consumer[2:] == [str(len(good)), str(len(good)), "0", "0", "0", "0.0"]
+    # last seq, ack floor, not delivered, ack pending, lag msgs, lag s; pulls waiting: the
+    # running worker's
+    assert consumer[2:8] == [str(len(good)), str(len(good)), "0", "0", "0", "0.0"]
+    assert int(consumer[8]) >= 1
     # workers: the running one up, the one that is not running down
     workers = {r[0]: r for r in table_rows(running, "workers")}
     assert workers[FB][2] == "up"
@@ -411,6 +413,8 @@ async def test_status_shows_streams_consumers_workers_and_models(
     stopped = await run_ok(stack, "status", env=env)
     workers = {r[0]: r for r in table_rows(stopped, "workers")}
     assert workers[FB][2] == "down"
+    consumer = {(r[0], r[1]): r for r in table_rows(stopped, "consumers")}[candles, FB]
+    assert consumer[8] == "0", "no instance consumes on it"
     models = table_rows(stopped, "active models")
     assert models == [["demo", "US500.cash", "M5", version, "fs-0123456789abcdef", "0.6100"]]
     assert other not in stopped  # a candidate is not active
