@@ -15,7 +15,7 @@ import subprocess
 import sys
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -621,28 +621,44 @@ async def test_kill_9_mid_batch_changes_nothing(
              for c in replicator_consumers(namespace)]  # fmt: skip
     await streams.ensure(js, [], quick)
 
-    async def delivered() -> int:
+    async def delivered(at_least: int) -> bool:
         info = await js.consumer_info(candles, DURABLE)
-        return info.delivered.stream_seq
+        return info.delivered.stream_seq >= at_least
 
     async def feed() -> None:
         chunk = 2000
         for start_at in range(0, len(messages), chunk):
             # stay a little ahead of the worker, so every kill lands in the middle of work
             behind = sum(1 for m in messages[:start_at] if m.table == "candles")
-            await eventually(lambda behind=behind: _above(delivered, behind - 1, None), timeout=120)
+            await eventually(lambda behind=behind: delivered(behind), timeout=120)
             await publish(js, messages[start_at : start_at + chunk])
 
     publisher = asyncio.create_task(feed())
     total = sum(1 for m in messages if m.table == "candles")
     rng = random.Random(99)
     points = sorted(rng.sample(range(total // 10, total * 9 // 10), 5))
+
+    async def delivered_seq() -> int:
+        return (await js.consumer_info(candles, DURABLE)).delivered.stream_seq
+
+    async def mid_work(past: int, proc: subprocess.Popen[bytes]) -> bool:
+        """This instance got candles past ``past`` that the database does not hold yet: the
+        next instance has to catch up on them. Once all is published and delivered there is
+        nothing left to land in."""
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}")
+        seq = await delivered_seq()
+        if seq > past and seq > (await state(pg_dsn, namespace)).get(candles, 0):
+            return True
+        return publisher.done() and seq >= (await js.stream_info(candles)).state.last_seq
+
     for point in points:
+        past = max(point, await delivered_seq())
         proc = spawn("timescale-replicator", env, log)
         await eventually(
-            lambda point=point, proc=proc: _above(delivered, point, proc),
+            lambda past=past, proc=proc: mid_work(past, proc),
             timeout=120,
-            what=f"CANDLES delivered past seq {point}",
+            what=f"CANDLES delivered past seq {past} and not all stored",
         )
         proc.kill()
         proc.wait()
@@ -658,14 +674,6 @@ async def test_kill_9_mid_batch_changes_nothing(
     assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
     assert await dead_letters(js, namespace) == []
     assert "caught up from seq" in log.read_text(), "no kill landed between delivery and ack"
-
-
-async def _above(
-    probe: Callable[[], Awaitable[int]], point: int, proc: subprocess.Popen[bytes] | None
-) -> bool:
-    if proc is not None and proc.poll() is not None:
-        raise AssertionError(f"worker exited with {proc.returncode}")
-    return await probe() > point
 
 
 # --- tickwire status -----------------------------------------------------------------------

@@ -154,6 +154,10 @@ class PullSource:
         )
         await self._request()
 
+    def close(self) -> None:
+        """Ask for nothing more; ``stop`` then hands back what was received."""
+        self._closed = True
+
     async def stop(self) -> None:
         """Stop asking and hand back everything received but not taken.
 
@@ -183,6 +187,14 @@ class PullSource:
         if headers is not None and _STATUS in headers and not msg.reply:
             status = headers[_STATUS]
             if status == "100":  # idle heartbeat: the request is alive
+                return
+            if status == "503":
+                # no responders: the consumer is gone or JetStream is away; nothing of the
+                # request is left, and the next `take` asks again after its timeout
+                self._outstanding = 0
+                log.info("pull request ended: no responders on %s", self._subject)
+                if self._closed:
+                    self._ready.set()
                 return
             unfilled = headers.get(_PENDING_MSGS)
             if unfilled is not None:
@@ -313,7 +325,9 @@ async def read_stream(
             bar.update(seq - bar.n)
     finally:
         bar.close()
-        # deleted first: the server then ends the pull request still open at once
+        # asking for nothing more, then deleted: the server ends the pull request still
+        # open at once, and no new one goes to a consumer that is gone
+        source.close()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, consumer)
         await source.stop()
