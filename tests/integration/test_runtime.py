@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import nats.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.errors import NotFoundError
 
 from contracts import subjects
 from contracts.codec import Codec
@@ -24,6 +26,16 @@ from workers.runtime.settings import RuntimeSettings
 from workers.runtime.worker import Batch, Commit, Context, Worker
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+async def _streams_go_with_the_test(js: JetStreamContext, unique: str) -> AsyncIterator[None]:
+    """Left behind, a test's dead-letter stream (``dlq.rt-…``) would overlap the live one
+    (``dlq.*``) that tests of the whole pipeline make."""
+    yield
+    for name in (f"RT_{unique}", f"DLQ_{unique}"):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(name)
 
 
 async def _make_streams(
