@@ -16,6 +16,16 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from infra.stack import LocalStack, QuestDBUrls, StackUrls
+from tests.processes import kill_spawned
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """No worker process outlives its test: one a failed test left running would go on
+    consuming on the session's servers beside every later test, or hold the test's database
+    open when it is dropped. Killed right after the test, before its fixtures end."""
+    yield
+    kill_spawned()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 
+_spawned: list[subprocess.Popen[bytes]] = []
+"""Every process ``spawn`` started that may still run."""
+
 
 def worker_env(stack: StackUrls, namespace: str, **settings: str) -> dict[str, str]:
     """The environment of a worker in ``namespace`` on the test stack's NATS: pulls that
@@ -31,13 +34,27 @@ def worker_env(stack: StackUrls, namespace: str, **settings: str) -> dict[str, s
 def spawn(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``tickwire run WORKER`` with ``env``, its output appended to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "run", worker],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
+    _spawned[:] = [p for p in _spawned if p.poll() is None]
+    _spawned.append(proc)
+    return proc
+
+
+def kill_spawned() -> int:
+    """Kill every process ``spawn`` started that still runs (a test failed before it
+    stopped them); how many there were."""
+    left = [p for p in _spawned if p.poll() is None]
+    for proc in left:
+        proc.kill()
+        proc.wait()
+    _spawned.clear()
+    return len(left)
 
 
 def tail(log: Path, chars: int = 3000) -> str:
