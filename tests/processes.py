@@ -16,7 +16,7 @@ from tests.waiting import eventually
 REPO = Path(__file__).resolve().parents[1]
 
 _spawned: list[subprocess.Popen[bytes]] = []
-"""Every process ``spawn`` started that may still run."""
+"""Every process ``spawn`` started in the running test."""
 
 
 def worker_env(stack: StackUrls, namespace: str, **settings: str) -> dict[str, str]:
@@ -41,20 +41,18 @@ def spawn(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-    _spawned[:] = [p for p in _spawned if p.poll() is None]
     _spawned.append(proc)
     return proc
 
 
-def kill_spawned() -> int:
+def kill_spawned() -> None:
     """Kill every process ``spawn`` started that still runs (a test failed before it
-    stopped them); how many there were."""
-    left = [p for p in _spawned if p.poll() is None]
-    for proc in left:
-        proc.kill()
-        proc.wait()
+    stopped them)."""
+    for proc in _spawned:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     _spawned.clear()
-    return len(left)
 
 
 def tail(log: Path, chars: int = 3000) -> str:

@@ -32,7 +32,7 @@ from contracts.messages import Candle, DeadLetter, Score, Signal
 from db.migrate import migrate
 from infra.stack import LocalStack, StackUrls
 from tests import replication
-from tests.processes import spawn
+from tests.processes import running, spawn
 from tests.replication import BASE, Published
 from tests.waiting import eventually
 from workers.timescale_replicator.app import Replicator, Settings
@@ -621,9 +621,11 @@ async def test_kill_9_mid_batch_changes_nothing(
              for c in replicator_consumers(namespace)]  # fmt: skip
     await streams.ensure(js, [], quick)
 
+    async def delivered_seq() -> int:
+        return (await js.consumer_info(candles, DURABLE)).delivered.stream_seq
+
     async def delivered(at_least: int) -> bool:
-        info = await js.consumer_info(candles, DURABLE)
-        return info.delivered.stream_seq >= at_least
+        return await delivered_seq() >= at_least
 
     async def feed() -> None:
         chunk = 2000
@@ -638,15 +640,11 @@ async def test_kill_9_mid_batch_changes_nothing(
     rng = random.Random(99)
     points = sorted(rng.sample(range(total // 10, total * 9 // 10), 5))
 
-    async def delivered_seq() -> int:
-        return (await js.consumer_info(candles, DURABLE)).delivered.stream_seq
-
     async def mid_work(past: int, proc: subprocess.Popen[bytes]) -> bool:
         """This instance got candles past ``past`` that the database does not hold yet: the
         next instance has to catch up on them. Once all is published and delivered there is
         nothing left to land in."""
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}")
+        running(proc, log)
         seq = await delivered_seq()
         if seq > past and seq > (await state(pg_dsn, namespace)).get(candles, 0):
             return True
