@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from nats.aio.msg import Msg
 
 from workers.runtime.pull import PullSource, ack_numbers
@@ -23,3 +26,22 @@ def losing_source(lose: set[int], lost: list[int]) -> type[PullSource]:
             await super()._on_msg(msg)
 
     return LosingSource
+
+
+def fails_first(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str, error: Exception
+) -> list[int]:
+    """The coroutine method ``owner.name`` raises ``error`` on its first call (a dependency
+    not ready yet, a replay that stalled) and works from then on. Returns the list the calls
+    are numbered into."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    async def first_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls) + 1)
+        if len(calls) == 1:
+            raise error
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, first_fails)
+    return calls

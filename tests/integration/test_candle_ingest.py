@@ -32,12 +32,14 @@ from contracts.messages import Candle, DeadLetter
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
-from tests.faults import losing_source
+from tests.faults import fails_first, losing_source
 from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
-from workers.candle_ingest.app import Settings, build
+from workers.candle_ingest.app import Ingest, Settings, build
+from workers.candle_ingest.sink import QuestDBSink
 from workers.runtime import worker as worker_module
+from workers.runtime.errors import TransientError
 from workers.runtime.partition import StaleDurable
 from workers.status import every_lag
 from workers.status import table as status_table
@@ -230,6 +232,42 @@ async def test_ticks_whose_delivery_is_lost_on_the_way_still_count(
     registry = worker.metrics.registry
     read_back = registry.get_sample_value("tickwire_read_back_total", {"worker": "candle-ingest"})
     assert read_back == len(lose)
+
+
+async def test_a_start_whose_state_rebuild_fails_is_tried_again_whole(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rebuilding the open state fails at start (a replay of TICKS that stalled). The start
+    is tried again after its backoff, the QuestDB sender of the failed try closed, and the
+    worker then runs as ever: candles as the reference, every tick counted once."""
+    tries = fails_first(monkeypatch, Ingest, "restore", TransientError("replay stalled"))
+    closed: list[QuestDBSink] = []
+    close = QuestDBSink.close
+
+    def closing(sink: QuestDBSink) -> None:
+        closed.append(sink)
+        close(sink)
+
+    monkeypatch.setattr(QuestDBSink, "close", closing)
+    sc = market.scenario(seed=31, ticks=3_000)
+    worker = build(settings(stack, questdb, namespace))
+    task = await run_worker(worker)
+    try:
+        assert len(tries) == 2
+        assert len(closed) == 1  # the failed try's sender; the running one still open
+        await publish(js, sc, namespace)
+        await all_ticks_consumed(js, namespace)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    await candles_equal_the_reference(js, namespace, sc)
+    sample = worker.metrics.registry.get_sample_value
+    accepted = sample("tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"})
+    assert accepted == len(sc.accepted)
 
 
 async def test_candles_refused_by_jetstream_for_a_while_are_published_again_in_order(

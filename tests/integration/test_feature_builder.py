@@ -24,10 +24,12 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
+from tests.faults import fails_first
 from tests.processes import running, spawn, spawn_started, worker_env
 from tests.waiting import eventually
-from workers.feature_builder.app import Settings, build
+from workers.feature_builder.app import Features, Settings, build
 from workers.features import DEFAULT, Candles
+from workers.runtime.errors import TransientError
 
 pytestmark = pytest.mark.integration
 
@@ -229,6 +231,29 @@ async def test_vectors_equal_the_batch_features_of_the_published_candles(
         {"worker": DURABLE, "tf": "M1", "warming_up": "false"},
     )
     assert warm == sum(c.tf is Timeframe.M1 for c in candles) - 2 * (DEFAULT.warmup - 1)
+
+
+async def test_a_start_whose_warm_up_fails_is_tried_again_whole(
+    stack: StackUrls, js: JetStreamContext, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warming the state from CANDLES fails at start (a replay that stalled); the start is
+    tried again after its backoff and the worker then runs as ever."""
+    tries = fails_first(monkeypatch, Features, "restore", TransientError("replay stalled"))
+    candles = series(200, seed=24, symbol="EURUSD")
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        assert len(tries) == 2
+        await publish(js, candles, namespace)
+        await eventually(lambda: consumed(js, namespace), timeout=60, what="all candles")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    got = await stream_messages(js, streams.FEATURES, namespace)
+    assert close_enough(got, expected(candles)) == []
+    sample = worker.metrics.registry.get_sample_value
+    stage = {"worker": DURABLE, "stage": "candle_to_feature"}
+    assert sample("tickwire_e2e_latency_seconds_count", stage) == len(candles)
 
 
 async def test_bad_candles_are_dead_lettered_with_reasons_and_the_worker_goes_on(

@@ -25,9 +25,11 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, Score, Signal, Timeframe
 from infra.stack import StackUrls
+from tests.faults import fails_first
 from tests.processes import running, spawn, worker_env
 from tests.waiting import eventually
-from workers.signal_publisher.app import Settings, build
+from workers.runtime.errors import TransientError
+from workers.signal_publisher.app import Settings, Signals, build
 
 pytestmark = pytest.mark.integration
 
@@ -279,6 +281,35 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
         await stop_worker(worker, task)
     got = await signals_of(js, namespace)
     assert [(s.open_time_ms, s.side.value) for s in got] == [(T0 + 3 * M1, "BUY")]
+
+
+async def test_a_start_whose_restore_fails_is_tried_again_whole(
+    stack: StackUrls, js: JetStreamContext, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rebuilding the series fails at start (a replay that stalled). The start is tried
+    again after its backoff, the policy watch of the failed try ended: a policy put into KV
+    afterwards is applied once, by the running worker, and its signals follow it."""
+    tries = fails_first(monkeypatch, Signals, "restore", TransientError("replay stalled"))
+    worker = build(settings(stack, namespace))
+    sample = worker.metrics.registry.get_sample_value
+
+    def applied() -> float:
+        labels = {"worker": DURABLE, "outcome": "applied"}
+        return sample("tickwire_signal_policy_updates_total", labels) or 0.0
+
+    task = await run_worker(worker)
+    try:
+        assert len(tries) == 2
+        kv = await js.key_value(f"ns-{namespace}-signal-policy")
+        await kv.put("policy", b'{"defaults": {"entry_long": 0.4, "exit_long": 0.1}}')
+        await eventually(lambda: applied() > 0, what="the update applied")
+        await publish(js, [make_score("EURUSD", 0, 0.5)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the score")
+    finally:
+        await stop_worker(worker, task)
+    got = await signals_of(js, namespace)
+    assert [(s.open_time_ms, s.side.value) for s in got] == [(T0, "BUY")]
+    assert applied() == 1  # a watch left over from the failed try would apply it again
 
 
 async def delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:

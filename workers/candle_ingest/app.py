@@ -142,8 +142,8 @@ def feed_symbol(subject: str) -> str:
 class Metrics:
     """candle-ingest's own series, beside the runtime's."""
 
-    def __init__(self, ctx: Context) -> None:
-        r, w = ctx.metrics.registry, ctx.worker
+    def __init__(self, worker: Worker[TickInput]) -> None:
+        r, w = worker.metrics.registry, worker.name
         self.ticks = Counter(
             "tickwire_ticks_in", "Ticks by outcome", ["worker", "outcome"], registry=r
         )
@@ -168,21 +168,23 @@ class Metrics:
         self.revisions_w = self.revisions.labels(w)
         self.gaps_w = self.gaps.labels(w)
         self.open_w = self.open.labels(w)
-        self.latency = ctx.metrics.latency.labels(w, "tick_to_candle")
+        self.latency = worker.metrics.latency.labels(w, "tick_to_candle")
         self.by_tf = {tf.value: self.candles.labels(w, tf.value) for tf in Timeframe}
 
 
 class Ingest:
     """The aggregator plus what it owes: candles emitted but not yet durable."""
 
-    def __init__(self, settings: Settings, ctx: Context, sink: QuestDBSink) -> None:
+    def __init__(
+        self, settings: Settings, ctx: Context, sink: QuestDBSink, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.ctx = ctx
         self.sink = sink
         self.agg = Aggregator(settings.aggregator_config())
         self.pending: list[Candle] = []
         self.trigger_ms: list[int] = []
-        self.metrics = Metrics(ctx)
+        self.metrics = metrics
         self.namespace = settings.namespace
         self._snapshot_at = time.monotonic()
         self._counted_open_at = -OPEN_COUNT_EVERY_S
@@ -613,6 +615,7 @@ def build(settings: Settings) -> Worker[TickInput]:
         accept=settings.acceptor(feed_symbol),
         in_order=True,
     )
+    metrics = Metrics(worker)  # once: a start-up step that failed is tried again
     idle_task: list[asyncio.Task[None]] = []
 
     @worker.on_startup
@@ -625,8 +628,12 @@ def build(settings: Settings) -> Worker[TickInput]:
             table_prefix=namespace_prefix(settings.namespace),
         )
         await sink.start()
-        ingest = Ingest(settings, ctx, sink)
-        await ingest.restore(stream)
+        ingest = Ingest(settings, ctx, sink, metrics)
+        try:
+            await ingest.restore(stream)
+        except BaseException:
+            sink.close()  # the step tried again opens its own
+            raise
         ctx.state["ingest"] = ingest
         if settings.idle_close:
             idle_task.append(asyncio.create_task(_idle_loop(worker, ingest)))

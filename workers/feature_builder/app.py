@@ -67,8 +67,8 @@ def feed_symbol(subject: str) -> str:
 class Metrics:
     """feature-builder's own series, beside the runtime's."""
 
-    def __init__(self, ctx: Context) -> None:
-        r, w = ctx.metrics.registry, ctx.worker
+    def __init__(self, worker: Worker[Candle]) -> None:
+        r, w = worker.metrics.registry, worker.name
         self.vectors = Counter(
             "tickwire_feature_vectors_out",
             "Feature vectors published, by timeframe and whether warming up",
@@ -93,7 +93,7 @@ class Metrics:
             ["worker"],
             registry=r,
         )
-        self.latency = ctx.metrics.latency.labels(w, "candle_to_feature")
+        self.latency = worker.metrics.latency.labels(w, "candle_to_feature")
         self.by_tf = {
             (tf, warming): self.vectors.labels(w, tf.value, str(warming).lower())
             for tf in Timeframe
@@ -107,11 +107,11 @@ class Metrics:
 class Features:
     """The builder plus what it owes: vectors computed but not yet published."""
 
-    def __init__(self, settings: Settings, ctx: Context) -> None:
+    def __init__(self, settings: Settings, ctx: Context, metrics: Metrics) -> None:
         self.settings = settings
         self.ctx = ctx
         self.builder = Builder(DEFAULT, settings.revision_depth)
-        self.metrics = Metrics(ctx)
+        self.metrics = metrics
         self.applied_seq = 0
         """Stream sequence of the last candle folded into the state."""
         self.pending: list[Outgoing] = []
@@ -229,12 +229,13 @@ def build(settings: Settings) -> Worker[Candle]:
         accept=settings.acceptor(feed_symbol),
         in_order=True,
     )
+    metrics = Metrics(worker)  # once: a start-up step that failed is tried again
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
         consumer = await own_durable(ctx.js, settings)
         await ensure(ctx.js, stream_specs(namespace=settings.namespace), [consumer])
-        features = Features(settings, ctx)
+        features = Features(settings, ctx, metrics)
         await features.restore(stream)
         ctx.state["features"] = features
 

@@ -106,8 +106,8 @@ def feed_symbol(subject: str) -> str:
 
 
 class Metrics:
-    def __init__(self, ctx: Context) -> None:
-        r, w = ctx.metrics.registry, ctx.worker
+    def __init__(self, worker: Worker[Score]) -> None:
+        r, w = worker.metrics.registry, worker.name
         self.signals = Counter(
             "tickwire_signals_out",
             "Signals published, by side and whether they correct an earlier one",
@@ -132,8 +132,8 @@ class Metrics:
             ["worker"],
             registry=r,
         )
-        self.tick_latency = ctx.metrics.latency.labels(w, "tick_to_signal")
-        self.close_latency = ctx.metrics.latency.labels(w, "close_to_signal")
+        self.tick_latency = worker.metrics.latency.labels(w, "tick_to_signal")
+        self.close_latency = worker.metrics.latency.labels(w, "close_to_signal")
         self.by_side = {
             (side, fix): self.signals.labels(w, side.value, str(fix).lower())
             for side in Side
@@ -148,11 +148,11 @@ class Metrics:
 class Signals:
     """The book plus what it owes: signals decided but not yet published."""
 
-    def __init__(self, settings: Settings, ctx: Context, policy: Policy) -> None:
+    def __init__(self, settings: Settings, ctx: Context, policy: Policy, metrics: Metrics) -> None:
         self.settings = settings
         self.ctx = ctx
         self.book = Book(policy, settings.revision_depth)
-        self.metrics = Metrics(ctx)
+        self.metrics = metrics
         self.applied_seq = 0
         self.pending: list[Outgoing] = []
         self.pending_meta: list[tuple[Signal, Score]] = []
@@ -265,6 +265,16 @@ async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
             signals.use(entry.value)
 
 
+async def _unwatch(watcher: KeyValue.KeyWatcher, watching: asyncio.Future[None] | None) -> None:
+    """End the policy watch: the task first, so its end is not taken for a failure."""
+    if watching is not None:
+        watching.cancel()
+        with contextlib.suppress(BaseException):
+            await watching
+    with contextlib.suppress(Exception):
+        await watcher.stop()  # type: ignore[no-untyped-call]
+
+
 def build(settings: Settings) -> Worker[Score]:
     stream = stream_name(SCORES, namespace=settings.namespace)
     worker: Worker[Score] = Worker(
@@ -276,26 +286,32 @@ def build(settings: Settings) -> Worker[Score]:
         accept=settings.acceptor(feed_symbol),
         in_order=True,
     )
+    metrics = Metrics(worker)  # once: a start-up step that failed is tried again
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
         ns = settings.namespace
         consumers = [await own_durable(ctx.js, settings), exhausted_deliveries(namespace=ns)]
         await ensure(ctx.js, stream_specs(namespace=ns), consumers)
-        signals = Signals(settings, ctx, settings.policy())
+        signals = Signals(settings, ctx, settings.policy(), metrics)
         kv = await _policy_kv(ctx, settings.bucket)
         watcher = await kv.watch(POLICY_KEY)
-        # the entry as it stands comes first, then a marker: in force before any score
-        while (entry := await watcher.updates(settings.publish_timeout_s)) is not None:  # type: ignore[no-untyped-call]
-            if entry.value:
-                signals.use(entry.value)
-        watching = asyncio.ensure_future(_watch_policy(watcher, signals))
-        watching.add_done_callback(lambda t: _stopped(t, worker, "policy watch"))
-        await signals.restore(stream)
-        exhausted = Exhausted(
-            ctx.nc, ctx.js, ctx.publisher, ctx.metrics, ns, expires_s=settings.pull_expires_s
-        )
-        await exhausted.start()
+        watching: asyncio.Future[None] | None = None
+        try:
+            # the entry as it stands comes first, then a marker: in force before any score
+            while (entry := await watcher.updates(settings.publish_timeout_s)) is not None:  # type: ignore[no-untyped-call]
+                if entry.value:
+                    signals.use(entry.value)
+            watching = asyncio.ensure_future(_watch_policy(watcher, signals))
+            watching.add_done_callback(lambda t: _stopped(t, worker, "policy watch"))
+            await signals.restore(stream)
+            exhausted = Exhausted(
+                ctx.nc, ctx.js, ctx.publisher, ctx.metrics, ns, expires_s=settings.pull_expires_s
+            )
+            await exhausted.start()
+        except BaseException:
+            await _unwatch(watcher, watching)  # the step tried again watches anew
+            raise
         assert exhausted.task is not None
         exhausted.task.add_done_callback(
             lambda t: None if exhausted.stopping else _stopped(t, worker, "dead-lettering")
@@ -307,12 +323,7 @@ def build(settings: Settings) -> Worker[Score]:
         if "signals" not in ctx.state:
             return
         await ctx.state["exhausted"].stop()
-        watching: asyncio.Future[None] = ctx.state["watching"]
-        watching.cancel()
-        with contextlib.suppress(BaseException):
-            await watching
-        with contextlib.suppress(Exception):
-            await ctx.state["watcher"].stop()
+        await _unwatch(ctx.state["watcher"], ctx.state["watching"])
 
     @worker.handler
     async def on_scores(batch: Batch[Score], ctx: Context) -> Commit:
