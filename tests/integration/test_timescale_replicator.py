@@ -597,6 +597,20 @@ async def ack_floors(js: JetStreamContext, namespace: str) -> dict[str, int]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def commits_held(dsn: str, namespace: str | None) -> AsyncIterator[None]:
+    """While inside, no replicator transaction gets past its first statement: each locks
+    its stream's row of ``replication_state``, and this holds the whole table. A process
+    killed meanwhile leaves a transaction that never commits."""
+    conn = await connect(dsn, namespace)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE replication_state IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
 async def test_kill_9_mid_batch_changes_nothing(
     stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str,
     tmp_path: Path,
@@ -624,45 +638,67 @@ async def test_kill_9_mid_batch_changes_nothing(
     async def delivered_seq() -> int:
         return (await js.consumer_info(candles, DURABLE)).delivered.stream_seq
 
-    async def delivered(at_least: int) -> bool:
-        return await delivered_seq() >= at_least
-
-    async def feed() -> None:
-        chunk = 2000
-        for start_at in range(0, len(messages), chunk):
-            # stay a little ahead of the worker, so every kill lands in the middle of work
-            behind = sum(1 for m in messages[:start_at] if m.table == "candles")
-            await eventually(lambda behind=behind: delivered(behind), timeout=120)
-            await publish(js, messages[start_at : start_at + chunk])
-
-    publisher = asyncio.create_task(feed())
-    total = sum(1 for m in messages if m.table == "candles")
-    rng = random.Random(99)
-    points = sorted(rng.sample(range(total // 10, total * 9 // 10), 5))
+    async def consuming(past: int, proc: subprocess.Popen[bytes]) -> bool:
+        """This instance has caught up and got candles past ``past``."""
+        running(proc, log)
+        return await delivered_seq() > past
 
     async def mid_work(past: int, proc: subprocess.Popen[bytes]) -> bool:
-        """This instance got candles past ``past`` that the database does not hold yet: the
-        next instance has to catch up on them. Once all is published and delivered there is
-        nothing left to land in."""
+        """This instance got candles past ``past`` that the database does not hold yet (the
+        next instance has to catch up on them), or it has got all there is."""
         running(proc, log)
         seq = await delivered_seq()
         if seq > past and seq > (await state(pg_dsn, namespace)).get(candles, 0):
             return True
-        return publisher.done() and seq >= (await js.stream_info(candles)).state.last_seq
+        return seq >= (await js.stream_info(candles)).state.last_seq
 
-    for point in points:
-        past = max(point, await delivered_seq())
-        proc = spawn("timescale-replicator", env, log)
-        await eventually(
-            lambda past=past, proc=proc: mid_work(past, proc),
-            timeout=120,
-            what=f"CANDLES delivered past seq {past} and not all stored",
-        )
-        proc.kill()
+    def through(n: int) -> int:
+        """How many messages to publish for the stream to hold ``n`` candles."""
+        seen = 0
+        for i, m in enumerate(messages):
+            seen += m.table == "candles"
+            if seen == n:
+                return i + 1
+        return len(messages)
+
+    # the stream is published in steps, one kill in each, so the kills spread over it
+    total = sum(1 for m in messages if m.table == "candles")
+    rng = random.Random(99)
+    points = [total * k // 6 + rng.randrange(-total // 30, total // 30) for k in range(1, 6)]
+    sent = 0
+    held = 0
+    for i, point in enumerate(points):
+        past = await delivered_seq()
+        if i % 2:
+            # a kill wherever the worker happens to be
+            await publish(js, messages[sent : through(point)])
+            proc = spawn("timescale-replicator", env, log)
+            await eventually(
+                lambda past=past, proc=proc: mid_work(past, proc),
+                timeout=120,
+                what=f"CANDLES delivered past seq {past} and not all stored",
+            )
+            proc.kill()
+        else:
+            # a kill that surely lands between delivery and commit: the worker's commits
+            # wait for a lock the test holds, so what it is delivered then stays unstored
+            half = through((past + point) // 2)
+            await publish(js, messages[sent:half])
+            proc = spawn("timescale-replicator", env, log)
+            await eventually(lambda past=past, proc=proc: consuming(past, proc), timeout=120)
+            async with commits_held(pg_dsn, namespace):
+                await publish(js, messages[half : through(point)])
+                await eventually(
+                    lambda proc=proc: mid_work(0, proc), timeout=120, what="CANDLES unstored"
+                )
+                proc.kill()
+                proc.wait()
+            held += 1
         proc.wait()
+        sent = through(point)
+    await publish(js, messages[sent:])
     proc = spawn("timescale-replicator", env, log)
     try:
-        await asyncio.wait_for(publisher, 120)
         await eventually(lambda: replicated(js, namespace), timeout=120, what="the end")
     finally:
         proc.terminate()
@@ -671,7 +707,9 @@ async def test_kill_9_mid_batch_changes_nothing(
     assert await tables(pg_dsn, namespace) == replication.expected(messages)
     assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
     assert await dead_letters(js, namespace) == []
-    assert "caught up from seq" in log.read_text(), "no kill landed between delivery and ack"
+    # each kill with commits held left delivered candles for the next instance to catch up on
+    assert held == 3
+    assert log.read_text().count(f"{candles} caught up from seq") >= held, log.read_text()[-3000:]
 
 
 # --- tickwire status -----------------------------------------------------------------------
