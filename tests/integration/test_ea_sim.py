@@ -33,7 +33,7 @@ from tests.integration.test_candle_ingest import consumed, latest, on_stream, st
 from tests.integration.test_nats_users import Secured, secured  # noqa: F401 - a fixture
 from tests.waiting import eventually
 from workers.candle_ingest.app import Settings, build
-from workers.ea_sim import market
+from workers.ea_sim import app, market
 
 pytestmark = pytest.mark.integration
 
@@ -239,6 +239,32 @@ async def test_an_mt5_tick_export_replayed_becomes_the_candles_of_its_ticks(
         int(want_ticks["time_ms"].max()),
     )
     assert reference.differences(candles, reference.candles(want_ticks.to_dict("records"))) == []
+
+
+async def test_a_rate_spreads_the_ticks_over_time_one_per_message(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """``--rate``: what is due within ``PACE_AHEAD_S`` goes at once, nothing earlier; the
+    server's stored times show it (slack: how late the first message may have gone)."""
+    rate, n, slack = 400, 400, 0.1
+    args = ["--feeds", FEEDS[0], "--symbols", "EURUSD,XAUUSD", "--start", START]
+    args += ["--ticks", str(n), "--rate", str(rate), "--namespace", namespace]
+    code, out, err = await ea_sim(*args, TICKWIRE_NATS_URL=stack.nats_url or "")
+    assert code == 0, err
+    assert f"{n} ticks in {n} messages" in out
+    stream = streams.stream_name(streams.TICKS, namespace=namespace)
+    times = []
+    for seq in range(1, n + 1):
+        m = await js.get_msg(stream, seq)
+        assert m.time is not None
+        times.append(m.time.timestamp())
+    early = [
+        (k, round(t - times[0], 4))
+        for k, t in enumerate(times)
+        if t - times[0] < k / rate - app.PACE_AHEAD_S - slack
+    ]
+    assert early == [], f"ticks stored ahead of their time: {early[:5]}"
+    assert times[-1] - times[0] >= (n - 1) / rate - app.PACE_AHEAD_S - slack
 
 
 async def test_publishes_as_the_ea_user_and_nothing_it_may_not(
