@@ -217,7 +217,7 @@ class Ingest:
 
     def apply(self, batch: Refuser | None, d: Delivery[TickInput]) -> None:
         """Fold one message into the state; ``batch`` None: refusals are already recorded."""
-        seq = d.info.stream_seq
+        seq = d.stream_seq
         agg = self.agg
         if seq <= agg.last_stream_seq:
             # already in the state: a redelivery after a restart, or of a delivery lost on

@@ -124,7 +124,7 @@ class Features:
         redelivery after a restart whose replay refused it)."""
 
     def apply(self, batch: Batch[Candle] | None, d: Delivery[Candle], *, output: bool) -> None:
-        seq = d.info.stream_seq
+        seq = d.stream_seq
         if seq <= self.applied_seq:  # in the state already
             refusal = self.refused.get(seq)
             if refusal is not None and batch is not None:
@@ -166,11 +166,15 @@ class Features:
             await self.ctx.publisher.publish(pending)
             now_ms = time.time_ns() // 1_000_000
             m = self.metrics
-            for tf, warming, close_ms, revised in meta:
-                m.by_tf[tf, warming].inc()
-                if revised:
-                    m.revisions_w.inc()
-                m.latency.observe(max(0, now_ms - close_ms) / 1000)
+            observe = m.latency.observe
+            for _, _, close_ms, _ in meta:
+                observe(max(0, now_ms - close_ms) / 1000)
+            # counted once per timeframe of the batch: a counter's lock per vector is not free
+            for (tf, warming), n in collections.Counter((x[0], x[1]) for x in meta).items():
+                m.by_tf[tf, warming].inc(n)
+            revised = sum(x[3] for x in meta)
+            if revised:
+                m.revisions_w.inc(revised)
 
         return commit
 

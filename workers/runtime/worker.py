@@ -80,6 +80,7 @@ from workers.runtime.pull import (
     parse_reply,
     read_stream,
 )
+from workers.runtime.pull import stream_seq as reply_stream_seq
 from workers.runtime.settings import RuntimeSettings
 
 T = TypeVar("T")
@@ -126,6 +127,13 @@ class Delivery(Generic[T]):
         if self._info is None:
             self._info = parse_reply(self.msg.reply)
         return self._info
+
+    @property
+    def stream_seq(self) -> int:
+        """``info.stream_seq``, without building the rest for a handler that needs no more."""
+        if self._info is None:
+            return reply_stream_seq(self.msg.reply)
+        return self._info.stream_seq
 
 
 class Batch(Generic[T]):

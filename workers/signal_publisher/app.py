@@ -160,7 +160,7 @@ class Signals:
         """Refusals by stream seq, for the score coming again."""
 
     def apply(self, batch: Batch[Score] | None, d: Delivery[Score], *, output: bool) -> None:
-        seq = d.info.stream_seq
+        seq = d.stream_seq
         if seq <= self.applied_seq:  # in the state already
             refusal = self.refused.get(seq)
             if refusal is not None and batch is not None:
