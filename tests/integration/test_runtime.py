@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import nats.errors
 import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
@@ -22,6 +25,7 @@ from tests.faults import losing_source
 from tests.waiting import eventually
 from workers.runtime import worker as worker_module
 from workers.runtime.errors import TransientError
+from workers.runtime.pull import PullSource
 from workers.runtime.settings import RuntimeSettings
 from workers.runtime.worker import Batch, Commit, Context, Worker
 
@@ -696,3 +700,43 @@ async def test_stop_while_nats_is_unreachable_returns_at_once(unique: str) -> No
     worker.stop()
     await asyncio.wait_for(task, 10)
     assert not worker.started.is_set()
+
+
+async def test_unanswered_pull_requests_are_told_once_and_their_end_too(
+    nc: Client, js: JetStreamContext, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer deleted under a running pull source: its requests, asked again at every
+    take, end with no responders; one line says so, one says when the server answers again."""
+    caplog.set_level(logging.INFO, logger="workers.runtime.pull")
+    durable, stream, _ = await _make_streams(js, unique)
+    config = (await js.consumer_info(stream, durable)).config
+    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+    source = PullSource(nc, stream, durable, batch=10, expires_s=1.0)
+    await source.start()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "workers.runtime.pull"]
+
+    async def taken() -> list[Msg]:
+        return await source.take(10, 0.05)  # asks again when nothing is buffered
+
+    try:
+        await js.delete_consumer(stream, durable)
+
+        async def asked_in_vain() -> bool:
+            await taken()
+            return any("no responders" in line for line in said())
+
+        await eventually(asked_in_vain, what="a pull request without responders")
+        for _ in range(20):  # many more of them: nothing more is said
+            await taken()
+        await js.add_consumer(stream, config)
+        await js.publish(f"rt.{unique}.EURUSD", _tick("EURUSD", 1))
+        got = await eventually(taken, what="the message once the consumer is back")
+        assert [m.data for m in got] == [_tick("EURUSD", 1)]
+    finally:
+        await source.stop()
+    lines = said()
+    assert len(lines) == 2, lines
+    assert lines[0] == f"pull request ended: no responders on {next_subject}; asking again"
+    assert lines[1].startswith(f"pull requests on {next_subject} answered again after ")

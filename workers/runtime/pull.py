@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -50,6 +50,61 @@ LOOK_AGAIN_S: Final = 0.1
 """A running consumer asks again within a round trip when its pull request ends, so none of
 its requests may wait at the server for that moment: whether one does is looked at twice,
 this far apart, before an instance is taken for stopped."""
+
+
+UNANSWERED_EVERY_S: Final = 60.0
+"""While pull requests go unanswered, a line this often (they are asked again several times a
+second)."""
+
+
+class Unanswered:
+    """The log of pull requests that nobody answers (JetStream away, or the consumer gone):
+    a line when it starts, one every ``every_s`` while it lasts, one when it ends."""
+
+    __slots__ = ("_clock", "_every_s", "_said_at", "_subject", "count", "since")
+
+    def __init__(
+        self,
+        subject: str,
+        every_s: float = UNANSWERED_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._subject = subject
+        self._every_s = every_s
+        self._clock = clock
+        self._said_at = 0.0
+        self.since: float | None = None
+        """When the first of the unanswered requests ended; None while requests are answered."""
+        self.count = 0
+
+    def ended(self) -> None:
+        """A pull request ended with no responders."""
+        now = self._clock()
+        self.count += 1
+        if self.since is None:
+            self.since = self._said_at = now
+            log.info("pull request ended: no responders on %s; asking again", self._subject)
+        elif now - self._said_at >= self._every_s:
+            self._said_at = now
+            log.warning(
+                "pull requests on %s unanswered for %.0f s (%d of them): JetStream away, or"
+                " the consumer gone",
+                self._subject,
+                now - self.since,
+                self.count,
+            )
+
+    def answered(self) -> None:
+        """The server answered a pull request again."""
+        if self.since is None:
+            return
+        log.info(
+            "pull requests on %s answered again after %.1f s and %d unanswered",
+            self._subject,
+            self._clock() - self.since,
+            self.count,
+        )
+        self.since, self.count = None, 0
 
 
 class _NextRequest(msgspec.Struct, omit_defaults=True):
@@ -147,6 +202,7 @@ class PullSource:
         self._outstanding = 0
         self._last_heard = time.monotonic()
         self._closed = False
+        self._unanswered = Unanswered(self._subject)
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -184,15 +240,18 @@ class PullSource:
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
         headers = msg.headers
-        if headers is not None and _STATUS in headers and not msg.reply:
-            status = headers[_STATUS]
+        status = headers.get(_STATUS) if headers is not None and not msg.reply else None
+        if self._unanswered.since is not None and status != "503":
+            self._unanswered.answered()
+        if status is not None:
+            assert headers is not None
             if status == "100":  # idle heartbeat: the request is alive
                 return
             if status == "503":
                 # no responders: the consumer is gone or JetStream is away; nothing of the
                 # request is left, and the next `take` asks again after its timeout
                 self._outstanding = 0
-                log.info("pull request ended: no responders on %s", self._subject)
+                self._unanswered.ended()
                 if self._closed:
                     self._ready.set()
                 return
