@@ -740,3 +740,49 @@ async def test_unanswered_pull_requests_are_told_once_and_their_end_too(
     assert len(lines) == 2, lines
     assert lines[0] == f"pull request ended: no responders on {next_subject}; asking again"
     assert lines[1].startswith(f"pull requests on {next_subject} answered again after ")
+
+
+async def test_a_stopped_pull_source_leaves_nothing_at_the_server_and_hands_everything_back(
+    nc: Client, js: JetStreamContext, unique: str
+) -> None:
+    """Stopping withdraws the inbox's interest before handing back what the source holds:
+    the server drops the open pull requests, no later message goes to them, and every
+    message the source held comes again at once (long before its 30 s ack wait) and only
+    once, not bounced back and forth by requests still open."""
+    durable, stream, _ = await _make_streams(js, unique)
+    for i in range(5):
+        await js.publish(f"rt.{unique}.EURUSD", _tick("EURUSD", i))
+    # asks for 10 and gets 5: the request stays open for its 60 s
+    source = PullSource(nc, stream, durable, batch=10, expires_s=60.0)
+    await source.start()
+
+    async def all_given() -> bool:
+        return (await js.consumer_info(stream, durable)).num_ack_pending == 5
+
+    await eventually(all_given, what="all 5 messages delivered to the source")
+    await asyncio.wait_for(source.stop(), 10)
+
+    async def no_request_open() -> bool:
+        return (await js.consumer_info(stream, durable)).num_waiting == 0
+
+    await eventually(no_request_open, what="no pull request of the stopped source open")
+    # a message published now is not taken by a request of the stopped source, and the 5
+    # naked ones come again at once: the new source gets all 6 well within the ack wait
+    await js.publish(f"rt.{unique}.EURUSD", _tick("EURUSD", 5))
+    again = PullSource(nc, stream, durable, batch=10, expires_s=1.0)
+    await again.start()
+    got: list[Msg] = []
+
+    async def all_again() -> bool:
+        got.extend(await again.take(10, 0.2))
+        return len(got) >= 6
+
+    try:
+        await eventually(all_again, what="the 6 messages at a new source", timeout=10)
+    finally:
+        await again.stop()
+    assert sorted(m.data for m in got) == sorted(_tick("EURUSD", i) for i in range(6))
+    # handed back once: delivered to the stopped source, then to the new one; the last
+    # only to the new one
+    deliveries = {m.data: m.metadata.num_delivered for m in got}
+    assert deliveries == {_tick("EURUSD", i): 2 if i < 5 else 1 for i in range(6)}

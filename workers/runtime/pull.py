@@ -217,25 +217,35 @@ class PullSource:
     async def stop(self) -> None:
         """Stop asking and hand back everything received but not taken.
 
-        Pull requests already sent stay open at the server until filled or expired; waiting
-        for them (at most ``expires_s``) and naking what they bring means nothing sits
-        unacked until its ack wait runs out.
+        First the inbox's interest is withdrawn and a round trip made (the subscription's
+        drain): the server drops the pull requests still open on it, and what it sent before
+        arrives ahead of the round trip's answer and is naked on arrival. Only then is the
+        buffer naked: naked while a request was open, a message would come straight back to
+        it, again and again, each time one delivery nearer its limit. Nothing sits unacked
+        until its ack wait runs out, save a message the server had on its way while the
+        interest went, or anything when the connection is gone: that comes after the ack wait.
         """
         self._closed = True
+        sub, self._sub = self._sub, None
+        if sub is not None and not await self._drained(sub):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], NAK))
         self._buffer.clear()
         self._buffered_bytes = 0
-        deadline = time.monotonic() + self._expires_s + 1.0
-        while self._outstanding > 0 and self._nc.is_connected:
-            self._ready.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), remaining)
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+
+    async def _drained(self, sub: Subscription) -> bool:
+        """Interest withdrawn at the server and what came before handled; False without a
+        connection (the server then holds no requests of ours) or when that fails."""
+        if not self._nc.is_connected:
+            return False
+        drain = sub.drain()  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.wait_for(drain, self._expires_s + 1.0)
+        except Exception as exc:
+            log.debug("draining %s failed: %r", self._inbox, exc)
+            return False
+        return True
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
@@ -252,8 +262,6 @@ class PullSource:
                 # request is left, and the next `take` asks again after its timeout
                 self._outstanding = 0
                 self._unanswered.ended()
-                if self._closed:
-                    self._ready.set()
                 return
             unfilled = headers.get(_PENDING_MSGS)
             if unfilled is not None:

@@ -449,6 +449,10 @@ class Worker(Generic[T]):
                     # loop to fill ``commit_depth``
                     await asyncio.sleep(0)
         finally:
+            # no pull request open before batches are handed back: what is naked then goes
+            # to the next consumer, not back into this one's buffer (a delivery spent)
+            with contextlib.suppress(Exception):  # tried again, and raised, when draining
+                await source.stop()
             for done in finishing:
                 await done
         if self._failed is not None:
