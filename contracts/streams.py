@@ -9,7 +9,8 @@ server, so disk is capped by the account's JetStream limit in ``infra/`` instead
 Consumers are durable pull consumers with explicit acks. ``ack_wait`` equals the first
 ``backoff`` step (the server forces that) and later redeliveries of an unacked message back
 off further. A message that keeps failing is dead-lettered by the shared runtime well before
-``max_deliver``; the server's limit is the backstop for a message that kills its worker.
+``max_deliver``; the server's limit is the backstop for a message that kills its worker,
+which the runtime dead-letters, without handling it, on that last delivery.
 
 A replay namespace gets its own streams (``NS_<namespace>_<STREAM>``) over its own subjects
 (``ns.<namespace>.<domain>...``), with the same values as live ones, so a replay behaves
@@ -260,9 +261,10 @@ def stream_specs(*, namespace: str | None = None, replicas: int = 1) -> list[Str
 
 
 # Redelivery after an ack timeout (worker crashed or hung): 30 s, then slower, then every
-# 10 min. After 10 deliveries (about an hour) the server stops delivering a message that
-# crashes its worker every time, instead of looping forever. Must stay above the runtime's
-# poison_deliveries, which dead-letters a message that fails without crashing.
+# 10 min. A message that crashes its worker every time is not delivered forever: the runtime
+# dead-letters it on its 10th delivery (about an hour), the last the server makes. Must stay
+# above the runtime's poison_deliveries, which dead-letters a message that fails without
+# crashing.
 _RETRY: Final = (30.0, 60.0, 120.0, 300.0, 600.0)
 _MAX_DELIVER: Final = 10
 # The replicator may hold a whole COPY batch unacked until commit; it gets a longer first

@@ -43,7 +43,7 @@ async def _streams_go_with_the_test(js: JetStreamContext, unique: str) -> AsyncI
 
 
 async def _make_streams(
-    js: JetStreamContext, unique: str, ack_wait: float = 30
+    js: JetStreamContext, unique: str, ack_wait: float = 30, max_deliver: int = -1
 ) -> tuple[str, str, str]:
     """An input stream with one durable consumer, and a dead-letter stream for the worker."""
     worker = f"rt-{unique}"
@@ -52,7 +52,12 @@ async def _make_streams(
     await js.add_stream(StreamConfig(name=f"DLQ_{unique}", subjects=[subjects.dlq(worker)]))
     await js.add_consumer(
         stream,
-        ConsumerConfig(durable_name=worker, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait),
+        ConsumerConfig(
+            durable_name=worker,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+        ),
     )
     return worker, stream, f"DLQ_{unique}"
 
@@ -66,7 +71,9 @@ def _tick(symbol: str, i: int) -> bytes:
 async def _dead_letters(js: JetStreamContext, stream: str) -> list[DeadLetter]:
     info = await js.stream_info(stream)
     decoder = msgspec.json.Decoder(DeadLetter)
-    out = []
+    out: list[DeadLetter] = []
+    if not info.state.messages:
+        return out
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         raw = await js.get_msg(stream, seq)
         out.append(decoder.decode(raw.data))
@@ -786,3 +793,53 @@ async def test_a_stopped_pull_source_leaves_nothing_at_the_server_and_hands_ever
     # only to the new one
     deliveries = {m.data: m.metadata.num_delivered for m in got}
     assert deliveries == {_tick("EURUSD", i): 2 if i < 5 else 1 for i in range(6)}
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["any-order", "in-order"])
+async def test_a_message_on_its_last_delivery_is_dead_lettered_not_handled(
+    stack, js: JetStreamContext, unique: str, in_order: bool
+) -> None:
+    """Deliveries run out without a handler failing when a message kills its worker, or
+    restarts hand it back. Handled on its last delivery and failing once more, it would be
+    gone without a trace (the server delivers it no more): it is dead-lettered instead."""
+    worker_name, stream, dlq_stream = await _make_streams(js, unique, max_deliver=3)
+    subject = f"rt.{unique}.ticks"
+    doomed = _tick("DOOMED", 0)
+    await js.publish(subject, doomed, headers={"Nats-Msg-Id": "doomed", "X-Trace": "t0"})
+    # two deliveries spent as two crashed workers would: taken, never acked
+    sub = await js.pull_subscribe_bind(worker_name, stream=stream)
+    try:
+        for want in (1, 2):
+            (got,) = await sub.fetch(1, timeout=10)
+            assert (got.data, got.metadata.num_delivered) == (doomed, want)
+            await got.nak()
+    finally:
+        await sub.unsubscribe()
+    good = [_tick("EURUSD", i) for i in range(1, 4)]
+    for p in good:
+        await js.publish(subject, p)
+
+    handled: list[tuple[bytes, int]] = []
+    worker = _worker(worker_name, stream, _settings(stack.nats_url), in_order=in_order)
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        handled.extend((d.msg.data, d.info.deliveries) for d in batch)
+
+    task = await _run(worker)
+    try:
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
+        assert handled == [(p, 1) for p in good]  # never the doomed one
+        (letter,) = await eventually(
+            lambda: _dead_letters_if(js, dlq_stream, 1), what="the dead letter"
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+    assert letter.reason == "max_deliveries"
+    assert (letter.payload, letter.subject, letter.headers["X-Trace"]) == (doomed, subject, "t0")
+    assert (letter.stream, letter.stream_seq, letter.deliveries) == (stream, 1, 3)
+    sample = worker.metrics.registry.get_sample_value
+    labels = {"worker": worker_name, "reason": "max_deliveries"}
+    assert sample("tickwire_dead_letters_total", labels) == 1

@@ -162,6 +162,16 @@ def ack_numbers(reply: str) -> tuple[int, int, int]:
     return int(t[o + 2]), int(t[o + 3]), int(t[o + 4])
 
 
+def deliveries(reply: str) -> int:
+    """``parse_reply(reply).deliveries``, for every message of every batch: splits only as
+    far as the count."""
+    dots = reply.count(".")
+    at = 4 if dots == 8 else 6 if dots >= 10 else -1
+    if at < 0:
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    return int(reply.split(".", at + 1)[at])
+
+
 def _offset(tokens: list[str], reply: str) -> int:
     """Index of the stream name in an ack subject's tokens."""
     if len(tokens) == 9:

@@ -14,8 +14,14 @@ The ack policy is decided here, once:
 - any other exception      -> the batch is retried one message at a time so one poison
                               message cannot hold back the others; a failing message is
                               nak'd with backoff and redelivered, and dead-lettered on its
-                              ``poison_deliveries``-th failure (or the consumer's
-                              ``max_deliver``-th, if lower)
+                              ``poison_deliveries``-th failure (or the one before the
+                              consumer's ``max_deliver``-th, if sooner)
+- the consumer's last delivery -> dead letter (reason ``max_deliveries``) without handling
+                              it (when ``max_deliver`` allows more than one): after it the
+                              server gives up on the message in silence. Deliveries run
+                              out without a handler's failure when the message kills its
+                              worker, or when every restart of a worker whose commit keeps
+                              failing hands its batch back.
 
 A handler may split its work in two: it updates its state and returns a *commit*, the
 awaitable that makes the batch's effect durable (publishes, writes). The loop then takes
@@ -80,6 +86,7 @@ from workers.runtime.pull import (
     parse_reply,
     read_stream,
 )
+from workers.runtime.pull import deliveries as reply_deliveries
 from workers.runtime.pull import stream_seq as reply_stream_seq
 from workers.runtime.settings import RuntimeSettings
 
@@ -88,6 +95,7 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 HANDLER_ERROR = "handler_error"
+MAX_DELIVERIES = "max_deliveries"
 READ_BACK_SUFFIX = "-readback"
 """Lost deliveries are read back through the durable's name with this suffix."""
 UNANSWERED: Final = (
@@ -261,6 +269,9 @@ class Worker(Generic[T]):
         self._ctx: Context | None = None
         self._alive_at = 0.0
         self._poison_limit = settings.poison_deliveries
+        self._last_delivery = 0
+        """The consumer's delivery limit, when its last delivery is kept for the dead
+        letter (0: it is not)."""
         self._ack_wait = 30.0
         self._queued: dict[int, Sequence[Msg]] = {}
         """Handled batches waiting for the commit before them: kept alive while that holds."""
@@ -358,8 +369,12 @@ class Worker(Generic[T]):
                 self._filters = list(config.filter_subjects or []) or (
                     [config.filter_subject] if config.filter_subject else []
                 )
-            if max_deliver > 0:
-                self._poison_limit = min(self._poison_limit, max_deliver)
+            if max_deliver > 1:
+                # handled on the deliveries before the last; the last is for the dead letter
+                self._last_delivery = max_deliver
+                self._poison_limit = min(self._poison_limit, max_deliver - 1)
+            elif max_deliver == 1:
+                self._poison_limit = 1
             self._source = PullSource(
                 nc,
                 self.stream,
@@ -575,7 +590,11 @@ class Worker(Generic[T]):
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
                     return None
+        last = self._last_delivery
         for msg in msgs:
+            if last and reply_deliveries(msg.reply) >= last:
+                dead.append(self._exhausted(msg))
+                continue
             try:
                 items.append(Delivery(msg, decode(msg.data)))
             except ContractError as exc:
@@ -785,6 +804,22 @@ class Worker(Generic[T]):
                     dead.append(DeadItem(d.msg, d.info, rej.reason, rej.detail))
                 parts.extend(_part_items(single))
                 acked.extend(single)
+
+    def _exhausted(self, msg: Msg) -> DeadItem:
+        info = parse_reply(msg.reply)
+        log.error(
+            "%s: seq %d is on its last delivery (%d) and is dead-lettered, not handled",
+            self.name,
+            info.stream_seq,
+            info.deliveries,
+        )
+        return DeadItem(
+            msg,
+            info,
+            MAX_DELIVERIES,
+            f"delivered {info.deliveries} times without an ack, the consumer's limit: the"
+            " server would not deliver it again",
+        )
 
     def _backoff(self, deliveries: int) -> float:
         s = self.settings

@@ -46,12 +46,12 @@ from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import ACK, PullSource
+from workers.runtime.worker import MAX_DELIVERIES
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBER_DESCRIPTION: Final = "Signal subscriber "
 DLQ_NAME: Final = "subscribers"
-MAX_DELIVERIES: Final = "max_deliveries"
 
 
 class SubscriberError(TickwireError):
