@@ -843,3 +843,105 @@ async def test_a_message_on_its_last_delivery_is_dead_lettered_not_handled(
     sample = worker.metrics.registry.get_sample_value
     labels = {"worker": worker_name, "reason": "max_deliveries"}
     assert sample("tickwire_dead_letters_total", labels) == 1
+
+
+async def _spend_deliveries(js: JetStreamContext, stream: str, durable: str, n: int) -> None:
+    """``n`` deliveries of the consumer's next message spent, as ``n`` crashed workers
+    would: taken, never acked."""
+    sub = await js.pull_subscribe_bind(durable, stream=stream)
+    try:
+        for want in range(1, n + 1):
+            (got,) = await sub.fetch(1, timeout=10)
+            assert got.metadata.num_delivered == want
+            await got.nak()
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_stopping_worker_dead_letters_what_it_holds_on_its_last_delivery(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """Stopping while a dependency is down hands the held batch back. A message of it on
+    its last delivery is dead-lettered then, not naked: the server would drop it."""
+    worker_name, stream, dlq_stream = await _make_streams(js, unique, max_deliver=3)
+    subject = f"rt.{unique}.ticks"
+    doomed = _tick("DOOMED", 0)
+    await js.publish(subject, doomed)
+    await _spend_deliveries(js, stream, worker_name, 2)
+    good = [_tick("EURUSD", i) for i in range(1, 3)]
+    for p in good:
+        await js.publish(subject, p)
+
+    held: list[list[bytes]] = []
+    # its pull request stays open for 30 s: what it hands back must not go into it
+    down = _worker(worker_name, stream, _settings(stack.nats_url, pull_expires_s=30))
+
+    @down.handler
+    async def refuse(batch: Batch[TickInput], ctx: Context) -> None:
+        held.append([d.msg.data for d in batch])
+        raise TransientError("QuestDB is down")
+
+    task = await _run(down)
+    try:
+        await eventually(lambda: len(held) >= 2, what="the batch held and tried again")
+    finally:
+        down.stop()
+        await asyncio.wait_for(task, 30)
+    assert held[0] == good  # the doomed one was never handed to the handler
+    (letter,) = await eventually(
+        lambda: _dead_letters_if(js, dlq_stream, 1), what="the dead letter", timeout=5
+    )
+    assert (letter.reason, letter.payload, letter.deliveries) == ("max_deliveries", doomed, 3)
+
+    # the held ones come again, at once; the doomed one never
+    handled: list[tuple[bytes, int]] = []
+    up = _worker(worker_name, stream, _settings(stack.nats_url))
+
+    @up.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        handled.extend((d.msg.data, d.info.deliveries) for d in batch)
+
+    task = await _run(up)
+    try:
+        await eventually(lambda: len(handled) >= 2, what="the held messages handled")
+        await eventually(lambda: _all_acked(js, stream, worker_name), what="every message acked")
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 30)
+    assert sorted(handled) == sorted((p, 2) for p in good)
+    assert len(await _dead_letters(js, dlq_stream)) == 1
+
+
+async def test_a_stopped_pull_source_returns_what_is_on_its_last_delivery(
+    nc: Client, js: JetStreamContext, unique: str
+) -> None:
+    """What a stopping source holds goes back to the server, except a message on its last
+    delivery, which it returns: naked, the server would drop it."""
+    durable, stream, _ = await _make_streams(js, unique, max_deliver=3)
+    doomed = _tick("DOOMED", 0)
+    await js.publish(f"rt.{unique}.x", doomed)
+    await _spend_deliveries(js, stream, durable, 2)
+    await js.publish(f"rt.{unique}.x", _tick("EURUSD", 1))
+    source = PullSource(nc, stream, durable, batch=10, expires_s=60.0, last_delivery=3)
+    await source.start()
+
+    async def both_given() -> bool:
+        return (await js.consumer_info(stream, durable)).num_ack_pending == 2
+
+    await eventually(both_given, what="both messages delivered to the source")
+    kept = await asyncio.wait_for(source.stop(), 10)
+    assert [(m.data, m.metadata.num_delivered) for m in kept] == [(doomed, 3)]
+    # the other one comes again at once; the kept one stays with its taker, unacked
+    again = PullSource(nc, stream, durable, batch=10, expires_s=1.0)
+    await again.start()
+    got: list[Msg] = []
+
+    async def given_again() -> bool:
+        got.extend(await again.take(10, 0.2))
+        return bool(got)
+
+    try:
+        await eventually(given_again, what="the naked message at a new source", timeout=10)
+    finally:
+        await again.stop()
+    assert [(m.data, m.metadata.num_delivered) for m in got] == [(_tick("EURUSD", 1), 2)]

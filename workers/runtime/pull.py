@@ -197,7 +197,10 @@ class PullSource:
         batch: int = 1000,
         expires_s: float = 5.0,
         max_buffered: int | None = None,
+        last_delivery: int = 0,
     ) -> None:
+        """``last_delivery``: the consumer's delivery limit. A message on it is not naked
+        when the source stops, but returned by ``stop``: naked, the server would drop it."""
         self._nc = nc
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._batch = batch
@@ -213,6 +216,9 @@ class PullSource:
         self._last_heard = time.monotonic()
         self._closed = False
         self._unanswered = Unanswered(self._subject)
+        self._last_delivery = last_delivery
+        self._kept: list[Msg] = []
+        self._stopping = asyncio.Lock()
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -224,8 +230,9 @@ class PullSource:
         """Ask for nothing more; ``stop`` then hands back what was received."""
         self._closed = True
 
-    async def stop(self) -> None:
-        """Stop asking and hand back everything received but not taken.
+    async def stop(self) -> list[Msg]:
+        """Stop asking and hand back everything received but not taken; what is on its last
+        delivery is returned instead (the caller dead-letters it).
 
         First the inbox's interest is withdrawn and a round trip made (the subscription's
         drain): the server drops the pull requests still open on it, and what it sent before
@@ -236,13 +243,22 @@ class PullSource:
         interest went, or anything when the connection is gone: that comes after the ack wait.
         """
         self._closed = True
-        sub, self._sub = self._sub, None
-        if sub is not None and not await self._drained(sub):
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        await wire.send(self._nc, wire.acks([m.reply for m in self._buffer], NAK))
-        self._buffer.clear()
-        self._buffered_bytes = 0
+        async with self._stopping:  # a second caller waits until the requests are gone
+            sub, self._sub = self._sub, None
+            if sub is not None and not await self._drained(sub):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            back: list[Msg] = []
+            for m in self._buffer:
+                (self._kept if self._on_last(m) else back).append(m)
+            await wire.send(self._nc, wire.acks([m.reply for m in back], NAK))
+            self._buffer.clear()
+            self._buffered_bytes = 0
+            kept, self._kept = self._kept, []
+            return kept
+
+    def _on_last(self, msg: Msg) -> bool:
+        return bool(self._last_delivery) and deliveries(msg.reply) >= self._last_delivery
 
     async def _drained(self, sub: Subscription) -> bool:
         """Interest withdrawn at the server and what came before handled; False without a
@@ -286,7 +302,10 @@ class PullSource:
             return
         self._outstanding -= 1
         if self._closed:
-            await self._nc.publish(msg.reply, NAK)
+            if self._on_last(msg):
+                self._kept.append(msg)
+            else:
+                await self._nc.publish(msg.reply, NAK)
             return
         self._buffer.append(msg)
         self._buffered_bytes += len(msg.data)

@@ -21,7 +21,8 @@ The ack policy is decided here, once:
                               server gives up on the message in silence. Deliveries run
                               out without a handler's failure when the message kills its
                               worker, or when every restart of a worker whose commit keeps
-                              failing hands its batch back.
+                              failing hands its batch back. A stopping worker dead-letters,
+                              rather than naks, what it holds on its last delivery.
 
 A handler may split its work in two: it updates its state and returns a *commit*, the
 awaitable that makes the batch's effect durable (publishes, writes). The loop then takes
@@ -382,6 +383,7 @@ class Worker(Generic[T]):
                 batch=s.fetch_batch,
                 expires_s=s.pull_expires_s,
                 max_buffered=max(s.fetch_batch, s.handler_batch) * 4,
+                last_delivery=self._last_delivery,
             )
             await self.metrics_server.start()
             await self._source.start()
@@ -443,6 +445,7 @@ class Worker(Generic[T]):
         max_n = self.settings.handler_batch
         depth = self.settings.commit_depth
         finishing: collections.deque[asyncio.Future[bool]] = collections.deque()
+        last: list[Msg] = []
         try:
             while not self._stop.is_set():
                 self._alive_at = time.monotonic()
@@ -467,9 +470,11 @@ class Worker(Generic[T]):
             # no pull request open before batches are handed back: what is naked then goes
             # to the next consumer, not back into this one's buffer (a delivery spent)
             with contextlib.suppress(Exception):  # tried again, and raised, when draining
-                await source.stop()
+                last = await source.stop()
             for done in finishing:
                 await done
+            if last:
+                await self._dead_letter_last(ctx, last)
         if self._failed is not None:
             raise CommitFailed(f"{self.name}: commit failed: {self._failed!r}") from self._failed
 
@@ -491,7 +496,9 @@ class Worker(Generic[T]):
 
     async def _drain(self, ctx: Context) -> None:
         if self._source is not None:
-            await self._source.stop()
+            last = await self._source.stop()
+            if last:
+                await self._dead_letter_last(ctx, last)
         for hook in reversed(self._shutdown):
             try:
                 await hook(ctx)
@@ -689,9 +696,41 @@ class Worker(Generic[T]):
         return True
 
     async def _hand_back(self, ctx: Context, msgs: Sequence[Msg]) -> None:
-        """Nak for redelivery: what a stopping worker could not make durable."""
+        """Nak for redelivery: what a stopping worker could not make durable. What is on
+        its last delivery is dead-lettered instead.
+
+        The pull requests are withdrawn first: naked while one is open, a message would come
+        straight back to this worker, one delivery nearer its limit for nothing.
+        """
+        if self._stop.is_set() and self._source is not None:
+            with contextlib.suppress(Exception):  # tried again, and raised, when draining
+                msgs = [*msgs, *await self._source.stop()]
+        if self._last_delivery:
+            last = [m for m in msgs if reply_deliveries(m.reply) >= self._last_delivery]
+            if last:
+                await self._dead_letter_last(ctx, last)
+                msgs = [m for m in msgs if reply_deliveries(m.reply) < self._last_delivery]
         await wire.send(ctx.nc, wire.acks([m.reply for m in msgs], NAK))
         self.metrics.in_retry.inc(len(msgs))
+
+    async def _dead_letter_last(self, ctx: Context, msgs: Sequence[Msg]) -> None:
+        """Dead-letter and ack what a stopping worker holds on its last delivery: naked, or
+        left to its ack wait, it would be dropped by the server."""
+        try:
+            await self._dead_letter(ctx, [self._exhausted(m) for m in msgs])
+            await wire.send(ctx.nc, wire.acks([m.reply for m in msgs], ACK))
+        except Exception as exc:
+            log.error(
+                "%s: %d messages on their last delivery are not dead-lettered (%r); stream"
+                " seqs %s of %s are dropped by the server",
+                self.name,
+                len(msgs),
+                exc,
+                [reply_stream_seq(m.reply) for m in msgs],
+                self.stream,
+            )
+            return
+        self.metrics.in_dead.inc(len(msgs))
 
     async def _holding(
         self, items: list[Delivery[Any]], attempt: Callable[[Batch[Any]], Awaitable[R]]
