@@ -264,10 +264,15 @@ def outcomes(metrics: WorkerMetrics) -> dict[str, float]:
 
 
 async def test_exhausted_deliveries_end_in_the_dead_letters(
-    nc: Client, js: JetStreamContext, namespace: str, stack: StackUrls
+    nc: Client,
+    js: JetStreamContext,
+    namespace: str,
+    stack: StackUrls,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await fast(js, "deaf", namespace, max_deliver=3)
-    # a pipeline consumer on SIGNALS: its own worker dead-letters what it cannot take
+    # a pipeline consumer on SIGNALS: its own worker dead-letters what it cannot take, so
+    # an advisory about it says a message was lost on the way, and is logged as an error
     await streams.ensure(js, [], streams.consumer_specs(namespace=namespace))
     # before the real one: an advisory that does not parse and one of the pipeline consumer
     # (sent as the server would); neither may hold up the subscriber's
@@ -311,6 +316,13 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     labels = {"worker": "signal-publisher", "reason": "max_deliveries"}
     assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
     assert outcomes(metrics) == {"dead_lettered": 1, "pipeline": 1, "unreadable": 1, "retry": 0}
+    lost = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "ERROR" and "timescale-replicator" in r.getMessage()
+    ]
+    assert len(lost) == 1
+    assert f"{stream} seq 1 after 10 deliveries" in lost[0]
     # ops see it, and cannot requeue it: that would send it to every subscriber again
     listed = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "list", "--worker",
                                      "subscribers")  # fmt: skip

@@ -205,8 +205,9 @@ class Exhausted:
 
     Each advisory is acked after its dead letter is stored; the dead letter's id is
     deterministic, so an advisory delivered again (a crash before the ack) stores nothing
-    new. An advisory about a pipeline consumer on SIGNALS is acked and left to that worker's
-    own dead-letter handling; one that does not parse is acked, logged and counted. When
+    new. An advisory about a pipeline consumer on SIGNALS is acked and logged as an error:
+    that worker dead-letters a message on its last delivery itself, so the advisory means
+    the message was lost on the way. One that does not parse is acked, logged and counted. When
     the dead letter cannot be stored, the advisory stays unacked and comes again.
     """
 
@@ -305,6 +306,17 @@ class Exhausted:
     async def handle(self, adv: _Advisory) -> str:
         """Dead-letter the subscriber's message; the outcome, for the metric."""
         if adv.stream != self.stream or not await self._subscriber(adv.consumer):
+            if self._subscribers.get(adv.consumer) is False:
+                # its worker dead-letters a message on its last delivery: this one was lost
+                # on the way (the worker killed holding it), and only this says so
+                log.error(
+                    "pipeline consumer %s gave up on %s seq %d after %d deliveries without a"
+                    " dead letter; the message is still in the stream for a replay",
+                    adv.consumer,
+                    adv.stream,
+                    adv.stream_seq,
+                    adv.deliveries,
+                )
             return PIPELINE
         detail = f"subscriber {adv.consumer} did not ack after {adv.deliveries} deliveries"
         try:
