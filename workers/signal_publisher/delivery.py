@@ -207,8 +207,8 @@ class Exhausted:
     deterministic, so an advisory delivered again (a crash before the ack) stores nothing
     new. An advisory about a pipeline consumer on SIGNALS is acked and logged as an error:
     that worker dead-letters a message on its last delivery itself, so the advisory means
-    the message was lost on the way. One that does not parse is acked, logged and counted. When
-    the dead letter cannot be stored, the advisory stays unacked and comes again.
+    the message was lost on the way. One that does not parse is acked, logged and counted.
+    When the dead letter cannot be stored, the advisory stays unacked and comes again.
     """
 
     def __init__(
@@ -305,8 +305,10 @@ class Exhausted:
 
     async def handle(self, adv: _Advisory) -> str:
         """Dead-letter the subscriber's message; the outcome, for the metric."""
-        if adv.stream != self.stream or not await self._subscriber(adv.consumer):
-            if self._subscribers.get(adv.consumer) is False:
+        if adv.stream != self.stream:
+            return PIPELINE
+        if not await self._subscriber(adv.consumer):
+            if self._subscribers.get(adv.consumer) is False:  # known, and not a subscriber
                 # its worker dead-letters a message on its last delivery: this one was lost
                 # on the way (the worker killed holding it), and only this says so
                 log.error(
