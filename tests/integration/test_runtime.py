@@ -795,6 +795,21 @@ async def test_a_stopped_pull_source_leaves_nothing_at_the_server_and_hands_ever
     assert deliveries == {_tick("EURUSD", i): 2 if i < 5 else 1 for i in range(6)}
 
 
+async def _spend_deliveries(
+    js: JetStreamContext, stream: str, durable: str, data: bytes, n: int
+) -> None:
+    """``n`` deliveries of the consumer's next message (``data``) spent, as ``n`` crashed
+    workers would: taken, never acked."""
+    sub = await js.pull_subscribe_bind(durable, stream=stream)
+    try:
+        for want in range(1, n + 1):
+            (got,) = await sub.fetch(1, timeout=10)
+            assert (got.data, got.metadata.num_delivered) == (data, want)
+            await got.nak()
+    finally:
+        await sub.unsubscribe()
+
+
 @pytest.mark.parametrize("in_order", [False, True], ids=["any-order", "in-order"])
 async def test_a_message_on_its_last_delivery_is_dead_lettered_not_handled(
     stack, js: JetStreamContext, unique: str, in_order: bool
@@ -806,15 +821,7 @@ async def test_a_message_on_its_last_delivery_is_dead_lettered_not_handled(
     subject = f"rt.{unique}.ticks"
     doomed = _tick("DOOMED", 0)
     await js.publish(subject, doomed, headers={"Nats-Msg-Id": "doomed", "X-Trace": "t0"})
-    # two deliveries spent as two crashed workers would: taken, never acked
-    sub = await js.pull_subscribe_bind(worker_name, stream=stream)
-    try:
-        for want in (1, 2):
-            (got,) = await sub.fetch(1, timeout=10)
-            assert (got.data, got.metadata.num_delivered) == (doomed, want)
-            await got.nak()
-    finally:
-        await sub.unsubscribe()
+    await _spend_deliveries(js, stream, worker_name, doomed, 2)
     good = [_tick("EURUSD", i) for i in range(1, 4)]
     for p in good:
         await js.publish(subject, p)
@@ -845,19 +852,6 @@ async def test_a_message_on_its_last_delivery_is_dead_lettered_not_handled(
     assert sample("tickwire_dead_letters_total", labels) == 1
 
 
-async def _spend_deliveries(js: JetStreamContext, stream: str, durable: str, n: int) -> None:
-    """``n`` deliveries of the consumer's next message spent, as ``n`` crashed workers
-    would: taken, never acked."""
-    sub = await js.pull_subscribe_bind(durable, stream=stream)
-    try:
-        for want in range(1, n + 1):
-            (got,) = await sub.fetch(1, timeout=10)
-            assert got.metadata.num_delivered == want
-            await got.nak()
-    finally:
-        await sub.unsubscribe()
-
-
 async def test_a_stopping_worker_dead_letters_what_it_holds_on_its_last_delivery(
     stack, js: JetStreamContext, unique: str
 ) -> None:
@@ -867,7 +861,7 @@ async def test_a_stopping_worker_dead_letters_what_it_holds_on_its_last_delivery
     subject = f"rt.{unique}.ticks"
     doomed = _tick("DOOMED", 0)
     await js.publish(subject, doomed)
-    await _spend_deliveries(js, stream, worker_name, 2)
+    await _spend_deliveries(js, stream, worker_name, doomed, 2)
     good = [_tick("EURUSD", i) for i in range(1, 3)]
     for p in good:
         await js.publish(subject, p)
@@ -920,7 +914,7 @@ async def test_a_stopped_pull_source_returns_what_is_on_its_last_delivery(
     durable, stream, _ = await _make_streams(js, unique, max_deliver=3)
     doomed = _tick("DOOMED", 0)
     await js.publish(f"rt.{unique}.x", doomed)
-    await _spend_deliveries(js, stream, durable, 2)
+    await _spend_deliveries(js, stream, durable, doomed, 2)
     await js.publish(f"rt.{unique}.x", _tick("EURUSD", 1))
     source = PullSource(nc, stream, durable, batch=10, expires_s=60.0, last_delivery=3)
     await source.start()

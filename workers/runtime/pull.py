@@ -165,18 +165,20 @@ def ack_numbers(reply: str) -> tuple[int, int, int]:
 def deliveries(reply: str) -> int:
     """``parse_reply(reply).deliveries``, for every message of every batch: splits only as
     far as the count."""
-    dots = reply.count(".")
-    at = 4 if dots == 8 else 6 if dots >= 10 else -1
-    if at < 0:
-        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    at = _stream_at(reply.count(".") + 1, reply) + 2
     return int(reply.split(".", at + 1)[at])
 
 
 def _offset(tokens: list[str], reply: str) -> int:
     """Index of the stream name in an ack subject's tokens."""
-    if len(tokens) == 9:
+    return _stream_at(len(tokens), reply)
+
+
+def _stream_at(tokens: int, reply: str) -> int:
+    """Index of the stream name in an ack subject of ``tokens`` tokens."""
+    if tokens == 9:
         return 2
-    if len(tokens) >= 11:  # with domain and account hash (and a trailing token)
+    if tokens >= 11:  # with domain and account hash (and a trailing token)
         return 4
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
 

@@ -445,7 +445,6 @@ class Worker(Generic[T]):
         max_n = self.settings.handler_batch
         depth = self.settings.commit_depth
         finishing: collections.deque[asyncio.Future[bool]] = collections.deque()
-        last: list[Msg] = []
         try:
             while not self._stop.is_set():
                 self._alive_at = time.monotonic()
@@ -470,11 +469,9 @@ class Worker(Generic[T]):
             # no pull request open before batches are handed back: what is naked then goes
             # to the next consumer, not back into this one's buffer (a delivery spent)
             with contextlib.suppress(Exception):  # tried again, and raised, when draining
-                last = await source.stop()
+                await self._withdraw(ctx)
             for done in finishing:
                 await done
-            if last:
-                await self._dead_letter_last(ctx, last)
         if self._failed is not None:
             raise CommitFailed(f"{self.name}: commit failed: {self._failed!r}") from self._failed
 
@@ -495,10 +492,7 @@ class Worker(Generic[T]):
         return await self._finish(ctx, staged)
 
     async def _drain(self, ctx: Context) -> None:
-        if self._source is not None:
-            last = await self._source.stop()
-            if last:
-                await self._dead_letter_last(ctx, last)
+        await self._withdraw(ctx)
         for hook in reversed(self._shutdown):
             try:
                 await hook(ctx)
@@ -597,9 +591,9 @@ class Worker(Generic[T]):
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
                     return None
-        last = self._last_delivery
+        on_last = self._on_last
         for msg in msgs:
-            if last and reply_deliveries(msg.reply) >= last:
+            if on_last(msg):
                 dead.append(self._exhausted(msg))
                 continue
             try:
@@ -702,16 +696,28 @@ class Worker(Generic[T]):
         The pull requests are withdrawn first: naked while one is open, a message would come
         straight back to this worker, one delivery nearer its limit for nothing.
         """
-        if self._stop.is_set() and self._source is not None:
+        if self._stop.is_set():
             with contextlib.suppress(Exception):  # tried again, and raised, when draining
-                msgs = [*msgs, *await self._source.stop()]
-        if self._last_delivery:
-            last = [m for m in msgs if reply_deliveries(m.reply) >= self._last_delivery]
+                await self._withdraw(ctx)
+        back: list[Msg] = []
+        last: list[Msg] = []
+        for m in msgs:
+            (last if self._on_last(m) else back).append(m)
+        if last:
+            await self._dead_letter_last(ctx, last)
+        await wire.send(ctx.nc, wire.acks([m.reply for m in back], NAK))
+        self.metrics.in_retry.inc(len(back))
+
+    def _on_last(self, msg: Msg) -> bool:
+        return bool(self._last_delivery) and reply_deliveries(msg.reply) >= self._last_delivery
+
+    async def _withdraw(self, ctx: Context) -> None:
+        """Stop the pull source (its requests withdrawn, what it holds handed back) and
+        dead-letter what it held on its last delivery."""
+        if self._source is not None:
+            last = await self._source.stop()
             if last:
                 await self._dead_letter_last(ctx, last)
-                msgs = [m for m in msgs if reply_deliveries(m.reply) < self._last_delivery]
-        await wire.send(ctx.nc, wire.acks([m.reply for m in msgs], NAK))
-        self.metrics.in_retry.inc(len(msgs))
 
     async def _dead_letter_last(self, ctx: Context, msgs: Sequence[Msg]) -> None:
         """Dead-letter and ack what a stopping worker holds on its last delivery: naked, or
