@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.candles import series
+from tests.candles import START_MS, series
 from workers.features import DEFAULT, Candles, Feature, FeatureSet, Stepper, violations
 from workers.features.base import Array, Bar, empty
 from workers.features.kinds import Macd, Rsi
@@ -142,6 +142,38 @@ def test_window_features_equal_pandas_references(long_series) -> None:
     assert_close(column(stream, "tod_cos"), np.cos(angle_day), "tod_cos")
     assert_close(column(stream, "dow_sin"), np.sin(angle_week), "dow_sin")
     assert_close(column(stream, "dow_cos"), np.cos(angle_week), "dow_cos")
+
+
+@pytest.mark.parametrize("level", [1.1, 150.5, 30_000.0])
+def test_a_flat_stretch_is_flat_in_both_forms(level: float) -> None:
+    """A symbol whose close does not move for longer than a window (only the ask ticks, a
+    halted market): the incremental form must call it flat as the batch form does, at
+    whatever point of its periodic recompute the stretch begins."""
+    rng = np.random.default_rng(7)
+    for phase in range(21):
+        moving = np.round(level * (1 + rng.normal(0, 3e-4, 20 + phase).cumsum()), 5)
+        closes = np.concatenate([moving, np.full(25, moving[-1]), moving[::-1]])
+        n = len(closes)
+        candles = Candles(
+            open_time_ms=START_MS + 60_000 * np.arange(n, dtype=np.int64),
+            open=closes,
+            high=closes + 0.01,
+            low=closes - 0.01,
+            close=closes,
+            tick_volume=np.full(n, 3, dtype=np.int64),
+            spread_mean=np.full(n, 0.02),
+        )
+        bars = [candles.row(i) for i in range(n)]
+        stream, batch = DEFAULT.engine().run(bars), DEFAULT.batch(candles)
+        for name in ("bb_z_20", "vol_20", "volume_z_20"):
+            assert_close(column(stream, name), column(batch, name), f"{name} phase {phase}")
+        # independently: a window of equal closes has no deviation, so its z-score is 0,
+        # and 21 equal closes make 20 returns of 0, so no volatility
+        c = pd.Series(closes)
+        for name, bars_ in (("bb_z_20", 20), ("vol_20", 21)):
+            flat = (c.rolling(bars_).max() == c.rolling(bars_).min()).to_numpy()
+            assert flat.sum() >= 5
+            assert (column(stream, name)[flat] == 0.0).all(), f"{name} phase {phase}"
 
 
 def test_a_clone_is_independent_of_the_series_it_came_from() -> None:

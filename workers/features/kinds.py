@@ -32,6 +32,10 @@ TAU = 2.0 * math.pi
 DAY_MS = 86_400_000
 FLAT = 1e-10
 """A window whose standard deviation is below ``FLAT`` times its mean level is flat."""
+NEAR_FLAT = 1e-4
+"""Below ``NEAR_FLAT`` times its mean level a window's deviation is computed from its values:
+an O(1) update subtracts variances of the size of the level's, and what rounding leaves of
+them is no longer small against a deviation that small."""
 
 
 def _log_returns(close: Array) -> Array:
@@ -90,20 +94,27 @@ class _Window:
     """Mean and population variance of the last ``n`` values, O(1) per value.
 
     Sliding Welford updates, recomputed from the window (two passes) every ``n`` values so
-    that their rounding cannot build up.
+    that their rounding cannot build up, and whenever the deviation is near zero against the
+    level (``NEAR_FLAT``), where that rounding is large against it. A window of equal values
+    is exactly flat, as the batch form's two passes make it: the rounding of the updates
+    (about 1e-8 of the level) would otherwise make it look not flat.
     """
 
-    __slots__ = ("m2", "mean", "n", "since", "values")
+    __slots__ = ("m2", "mean", "n", "near", "same", "since", "values")
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self.near = n * NEAR_FLAT**2
         self.values: deque[float] = deque(maxlen=n)
         self.mean = 0.0
         self.m2 = 0.0
         self.since = 0
+        self.same = 0
+        """How many of the latest values equal the last one."""
 
     def push(self, x: float) -> None:
         values = self.values
+        self.same = self.same + 1 if values and values[-1] == x else 1
         if len(values) < self.n:
             values.append(x)
             d = x - self.mean
@@ -113,15 +124,18 @@ class _Window:
         old = values[0]
         values.append(x)
         self.since += 1
-        if self.since >= self.n:
-            self.since = 0
-            mean = math.fsum(values) / self.n
-            self.mean = mean
-            self.m2 = math.fsum((v - mean) ** 2 for v in values)
+        if self.same >= self.n:
+            self.mean, self.m2 = x, 0.0
             return
-        mean = self.mean + (x - old) / self.n
-        self.m2 += (x - old) * (x - mean + old - self.mean)
-        self.mean = mean
+        if self.since < self.n:
+            mean = self.mean + (x - old) / self.n
+            self.m2 += (x - old) * (x - mean + old - self.mean)
+            self.mean = mean
+            if self.m2 > self.near * mean * mean:
+                return
+        self.since = 0
+        self.mean = mean = math.fsum(values) / self.n
+        self.m2 = math.fsum((v - mean) ** 2 for v in values)
 
     @property
     def full(self) -> bool:
@@ -133,6 +147,7 @@ class _Window:
     def copy(self) -> _Window:
         new = _Window.__new__(_Window)
         new.n, new.mean, new.m2, new.since = self.n, self.mean, self.m2, self.since
+        new.near, new.same = self.near, self.same
         new.values = self.values.copy()
         return new
 
