@@ -478,6 +478,13 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         body |= {"bid": 1.1, "ask": 1.2, "seq": None} | kw
         return msgspec.json.encode(body)
 
+    minute = now - now % 60_000 - 60_000
+
+    def bar(**kw: Any) -> bytes:
+        body = {"type": "bar", "v": 1, "feed": feed, "symbol": symbol, "tf": "M1"}
+        body |= {"open_time_ms": minute, "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15}
+        return msgspec.json.encode(body | kw)
+
     bad: list[tuple[str, bytes, str]] = [
         ("malformed_json", b'{"type":"tick","feed":"feed-a",', subject),
         ("unknown_schema_version", tick(v=9, extra=[1, 2]), subject),
@@ -491,6 +498,9 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         ("future_time", tick(time_ms=now + 3_600_000), subject),
         ("too_late", tick(time_ms=now - 3_600_000), subject),
         ("oversized", tick(pad="x" * 70_000), subject),  # the stream alone allows 1 MiB
+        ("misaligned_bar", bar(open_time_ms=minute + 30_000), subject),
+        ("bad_ohlc", bar(high=1.12), subject),  # below the close
+        ("future_time", bar(open_time_ms=minute + 3_600_000), subject),
         ("illegal_symbol", tick(symbol="EUR\x00USD"), subject),
         ("subject_mismatch", tick(feed="feed-b"), subject),
         (

@@ -54,6 +54,7 @@ from workers.candle_ingest.aggregate import (
     SnapshotMismatch,
 )
 from workers.candle_ingest.sink import QuestDBSink
+from workers.candle_ingest.validate import check_bar
 from workers.runtime.errors import TransientError
 from workers.runtime.partition import PartitionedSettings, own_durable
 from workers.runtime.publish import Outgoing
@@ -191,6 +192,7 @@ class Ingest:
         self.counts: collections.Counter[str] = collections.Counter()
         """Tick outcomes since the last flush, added to the metrics there."""
         self._skew_ms = round(settings.max_future_skew_s * 1000)
+        self._day_start_ms = settings.day_start_minutes * 60_000
         self._allowed = settings.allowed_symbols()
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
@@ -237,7 +239,17 @@ class Ingest:
         elif isinstance(m, Tick):
             self._ticks(batch, d, m.feed, m.symbol, (m,), whole=True)
         elif isinstance(m, Bar):
-            self._emit(agg.add_bar(m), m.open_time_ms)
+            reason = check_bar(
+                m,
+                day_start_ms=self._day_start_ms,
+                now_ms=time.time_ns() // 1_000_000,
+                max_future_skew_ms=self._skew_ms,
+            )
+            if reason is None:
+                self._emit(agg.add_bar(m), m.open_time_ms)
+            elif batch is not None:
+                detail = f"{m.feed} {m.symbol} {m.tf} open_time_ms={m.open_time_ms}"
+                batch.reject(d, reason, detail)
         elif isinstance(m, Watermark):
             self._emit(agg.advance(m.feed, m.symbol, m.time_ms), m.time_ms)
         agg.last_stream_seq = seq
