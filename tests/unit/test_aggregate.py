@@ -106,6 +106,7 @@ class Expected(NamedTuple):
 def expected(ticks: Iterable[T], lateness: int, price: PriceSource) -> Expected:
     wm: dict[tuple[str, str], int] = {}
     max_seq: dict[tuple[str, str], int] = {}
+    low: dict[tuple[str, str], int] = {}
     missing: dict[tuple[str, str], set[int]] = {}
     outcomes: list[str] = []
     gaps = 0
@@ -122,13 +123,18 @@ def expected(ticks: Iterable[T], lateness: int, price: PriceSource) -> Expected:
                 if k in max_seq:
                     gaps += tk.seq - max_seq[k] - 1
                     missing[k].update(range(max_seq[k] + 1, tk.seq))
+                else:
+                    low[k] = tk.seq
                 max_seq[k] = tk.seq
                 missing.setdefault(k, set())
             elif tk.seq in missing[k]:
                 missing[k].remove(tk.seq)
             elif tk.time_ms > wm[k]:
-                max_seq[k] = tk.seq
+                max_seq[k] = low[k] = tk.seq
                 missing[k] = set()
+            elif tk.seq < low[k]:  # sent before every number seen so far: not seen
+                missing[k].update(range(tk.seq + 1, low[k]))
+                low[k] = tk.seq
             else:
                 outcomes.append("duplicate")
                 continue
@@ -333,11 +339,32 @@ def test_ea_restart_resets_the_sequence() -> None:
     agg = Aggregator(AggregatorConfig())
     for i in range(1, 6):
         assert agg.add("a", "EURUSD", START + i, 1.1, 1.1, seq=100 + i).outcome == "accepted"
-    assert agg.add("a", "EURUSD", START + 5, 1.1, 1.1, seq=1).outcome == "duplicate"  # not newer
+    assert agg.add("a", "EURUSD", START + 5, 1.1, 1.1, seq=103).outcome == "duplicate"
     assert agg.add("a", "EURUSD", START + 6, 1.1, 1.1, seq=1).outcome == "accepted"  # restart
-    assert agg.add("a", "EURUSD", START + 7, 1.1, 1.1, seq=2) == TickResult("accepted", [], 0)
-    assert agg.add("a", "EURUSD", START + 7, 1.1, 1.1, seq=2).outcome == "duplicate"
+    assert agg.add("a", "EURUSD", START + 7, 1.1, 1.1, seq=3) == TickResult("accepted", [], 1)
+    assert agg.add("a", "EURUSD", START + 7, 1.1, 1.1, seq=3).outcome == "duplicate"
     assert agg.add("a", "EURUSD", START + 7, 1.1, 1.1, seq=104).outcome == "accepted"  # > max
+    # the EA's first tick after its restart, retried: below every number since, not seen
+    assert agg.add("a", "EURUSD", START + 6, 1.1, 1.1, seq=0).outcome == "accepted"
+    assert agg.add("a", "EURUSD", START + 6, 1.1, 1.1, seq=0).outcome == "duplicate"
+
+
+def test_a_number_below_every_one_seen_is_a_tick_not_yet_seen() -> None:
+    """An EA that retries a publish sends it after later ticks: the first numbers a symbol
+    shows need not be its lowest."""
+    agg = Aggregator(AggregatorConfig())
+    assert agg.add("a", "X", START + 100, 1.0, 1.0, seq=8).outcome == "accepted"
+    assert agg.add("a", "X", START + 50, 1.0, 1.0, seq=5).outcome == "accepted"
+    assert agg.add("a", "X", START + 50, 1.0, 1.0, seq=5).outcome == "duplicate"
+    assert agg.add("a", "X", START + 70, 1.0, 1.0, seq=7).outcome == "accepted"  # between
+    assert agg.add("a", "X", START + 60, 1.0, 1.0, seq=6).outcome == "accepted"
+    for seq in (5, 6, 7, 8):
+        assert agg.add("a", "X", START + 100, 1.0, 1.0, seq=seq).outcome == "duplicate"
+    assert agg.add("a", "X", START + 101, 1.0, 1.0, seq=9) == TickResult("accepted", [], 0)
+    # the numbers survive a snapshot
+    again = Aggregator.restore(AggregatorConfig(), agg.snapshot())
+    assert again.add("a", "X", START + 40, 1.0, 1.0, seq=4).outcome == "accepted"
+    assert again.add("a", "X", START + 60, 1.0, 1.0, seq=6).outcome == "duplicate"
 
 
 def test_gaps_and_late_fills() -> None:

@@ -180,6 +180,8 @@ class _TickBook(_Book):
     max_seq: int
     missing: dict[int, int]
     """missing seq -> watermark when it went missing"""
+    low_seq: int = _NO_SEQ
+    """The lowest seq seen since the EA's numbers (re)started: one below it is new."""
 
 
 class _BarBook(_Book):
@@ -638,7 +640,7 @@ class Aggregator:
         b = _TickBook(
             feed, symbol, t, o + L, [_Series() for _ in self._tfs],
             o, o + L, t, t, p, p, p, p, 1, 0.0 if v is None else float(v), s, s,
-            _NO_SEQ if seq is None else seq, {},
+            _NO_SEQ if seq is None else seq, {}, _NO_SEQ if seq is None else seq,
         )  # fmt: skip
         self._ticks.setdefault(feed, {})[symbol] = b
 
@@ -648,23 +650,34 @@ class Aggregator:
         if seq > ms:
             b.max_seq = seq
             if ms == _NO_SEQ:
+                b.low_seq = seq
                 return 0
-            seen = max(b.wm, t)
-            miss = b.missing
-            for s in range(max(ms + 1, seq - MAX_MISSING_SEQS), seq):
-                miss[s] = seen
-            if len(miss) > MAX_MISSING_SEQS:
-                b.missing = dict(islice(miss.items(), len(miss) - MAX_MISSING_SEQS, None))
-            b.next_event = min(b.next_event, seen + self._late + 1)
+            self._missing(b, ms + 1, seq, t)
             return seq - ms - 1
         if seq in b.missing:
             del b.missing[seq]
             return 0
         if t > b.wm:  # newer than anything seen: the EA restarted and reset its sequence
-            b.max_seq = seq
+            b.max_seq = b.low_seq = seq
             b.missing.clear()
             return 0
+        if seq < b.low_seq:
+            # below every number seen since they (re)started: sent before the first of them
+            # and delayed (a publish the EA retried), not seen; those between may come too
+            self._missing(b, seq + 1, b.low_seq, t)
+            b.low_seq = seq
+            return 0
         return -1
+
+    def _missing(self, b: _TickBook, first: int, stop: int, t: int) -> None:
+        """Seqs ``first`` .. ``stop - 1`` are not seen yet: one of them coming later is new."""
+        seen = max(b.wm, t)
+        miss = b.missing
+        for s in range(max(first, stop - MAX_MISSING_SEQS), stop):
+            miss[s] = seen
+        if len(miss) > MAX_MISSING_SEQS:
+            b.missing = dict(islice(miss.items(), len(miss) - MAX_MISSING_SEQS, None))
+        b.next_event = min(b.next_event, seen + self._late + 1)
 
     def _add_slow(self, b: _TickBook, t: int, p: float, s: float, v: float | None) -> list[Candle]:
         out: list[Candle] = []
