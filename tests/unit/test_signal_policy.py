@@ -4,6 +4,7 @@ and revisions that correct earlier signals."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import msgspec
@@ -191,9 +192,39 @@ def test_a_revision_that_keeps_the_decision_publishes_nothing() -> None:
     assert book.apply(score(0, 0.95, revision=1), SUBJECT) == []
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_subscriber_that_acts_on_the_latest_signal_ends_where_a_fresh_run_would(
+    seed: int,
+) -> None:
+    """Scores and revisions of the kept candles in random order. A subscriber takes the side
+    of each signal as it comes (corrections included). After every score it must hold what
+    deciding the latest revision of every candle from the start gives."""
+    rng = random.Random(seed)
+    policy = Policy(defaults=Rule(cooldown_bars=rng.choice([0, 2]), only_on_change=True))
+    book = Book(policy)
+    latest: dict[int, Score] = {}
+    held = Side.FLAT
+    for step in range(300):
+        bars = len(latest)
+        if bars and rng.random() < 0.4:  # revise one of the kept candles
+            old = rng.randrange(max(0, bars - 8), bars)
+            s = score(old, rng.uniform(-1, 1), revision=latest[old].candle_revision + 1)
+        else:
+            s = score(bars, rng.uniform(-1, 1))
+        latest[s.open_time_ms // M] = s
+        for signal in book.apply(s, SUBJECT):
+            held = signal.side
+        fresh = Book(policy)
+        for _, kept in sorted(latest.items()):
+            fresh.apply(kept, SUBJECT)
+        assert held is fresh.series["fx", "EURUSD", Timeframe.M1].state.side, f"step {step}"
+
+
 def test_a_revision_further_back_decides_the_later_candles_again() -> None:
     """BUY at bar 0, held at bar 1, FLAT at bar 2. Bar 0 revised below the entry: no BUY
-    there (FLAT correction), so bar 1 (0.7) is now the entry, and bar 2 exits as before."""
+    there (FLAT correction), so bar 1 (0.7) is now the entry, and bar 2 exits as before.
+    Bar 2's FLAT went out before the corrections, so it is said again last: a subscriber
+    that acts on the latest signal it got must end flat, as the series is."""
     book = Book(Policy())
     [buy] = book.apply(score(0, 0.7), SUBJECT)
     assert book.apply(score(1, 0.7), SUBJECT) == []
@@ -202,10 +233,13 @@ def test_a_revision_further_back_decides_the_later_candles_again() -> None:
     assert [(s.open_time_ms, s.side, s.corrects) for s in out] == [
         (0, Side.FLAT, buy.signal_id),
         (M, Side.BUY, None),
+        (2 * M, Side.FLAT, flat.signal_id),
     ]
     assert out[1].signal_id == f"fx|EURUSD|M1|{M}|m1|r1@0"
+    assert out[2].signal_id == f"fx|EURUSD|M1|{2 * M}|m1|r1@0"
     assert book.series["fx", "EURUSD", Timeframe.M1].state.side is Side.FLAT
-    assert flat.side is Side.FLAT
+    # revised again the same way: nothing changes, nothing goes out
+    assert book.apply(score(0, 0.5, revision=2), SUBJECT) == []
     too_old = Book(Policy(), depth=2)
     for bar in range(4):
         too_old.apply(score(bar, 0.0), SUBJECT)

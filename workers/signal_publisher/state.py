@@ -6,7 +6,11 @@ A revised candle is decided again from the state before it, and so is every late
 kept; where the decision (a side, or no signal) differs from the one made before, a
 correcting signal is published: the new side, or when there is now no signal, the side the
 series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
-id adds the revision that caused it. A revision that changes no decision publishes nothing.
+id adds the revision that caused it. When the last correction is for an earlier candle and
+says another side than the series now holds (a later candle decided as before, and its
+signal went out before the corrections), the latest candle's signal is corrected too, to
+that side: the last signal subscribers get is always where the series stands. A revision
+that changes no decision publishes nothing.
 """
 
 from __future__ import annotations
@@ -142,4 +146,13 @@ class Book:
             d.signal = fix
             out.append(fix)
         series.state = state
+        if out and out[-1].side is not state.side:
+            # the last correction is for an earlier candle, and a later one decided as before
+            # (its signal went out before the corrections): say again where the series is,
+            # so that the last word subscribers get is the side it holds
+            last = recent[-1]
+            was = None if last.signal is None else last.signal.signal_id
+            again = make_signal(last.score, state.side, rule, f"{signal_id(last.score)}|{cause}")
+            last.signal = msgspec.structs.replace(again, corrects=was)
+            out.append(last.signal)
         return out
