@@ -283,6 +283,68 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
     assert [(s.open_time_ms, s.side.value) for s in got] == [(T0 + 3 * M1, "BUY")]
 
 
+async def test_after_a_restart_a_series_holds_the_side_subscribers_were_told(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """BUY at bar 0 by the default policy; then the KV entry raises the entry to 0.9 and a
+    restart decides bar 0 again under it (no entry). Subscribers hold BUY, so bar 2's 0.1
+    must still exit to FLAT, as it would have without the restart."""
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, [make_score("EURUSD", 0, 0.7)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the entry")
+        kv = await js.key_value(f"ns-{namespace}-signal-policy")
+        await kv.put("policy", b'{"defaults": {"entry_long": 0.9}}')
+        applied = {"worker": DURABLE, "outcome": "applied"}
+        sample = worker.metrics.registry.get_sample_value
+        await eventually(
+            lambda: sample("tickwire_signal_policy_updates_total", applied) == 1,
+            what="the update applied",
+        )
+        await publish(js, [make_score("EURUSD", 1, 0.5)], namespace)  # held
+        await eventually(lambda: consumed(js, namespace), what="a held score")
+    finally:
+        await stop_worker(worker, task)
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, [make_score("EURUSD", 2, 0.1)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the exit")
+    finally:
+        await stop_worker(worker, task)
+    got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
+    assert got == [(T0, "BUY"), (T0 + 2 * M1, "FLAT")]
+
+
+async def test_an_entry_gone_from_scores_still_has_its_exit(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """SCORES keeps less than SIGNALS: once the score of a (D1, say) entry is past SCORES'
+    age limit, a restart has only the held scores after it. The exit must still come."""
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        entry_and_held = [make_score("EURUSD", 0, 0.7)]
+        entry_and_held += [make_score("EURUSD", bar, 0.5) for bar in (1, 2, 3)]
+        await publish(js, entry_and_held, namespace)
+        await eventually(lambda: consumed(js, namespace), what="entry and held scores")
+    finally:
+        await stop_worker(worker, task)
+    scores = streams.stream_name(streams.SCORES, namespace=namespace)
+    await js.purge_stream(scores, seq=2)  # the entry's score ages out
+    assert (await js.stream_info(scores)).state.first_seq == 2
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, [make_score("EURUSD", 4, 0.1)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the exit")
+    finally:
+        await stop_worker(worker, task)
+    got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
+    assert got == [(T0, "BUY"), (T0 + 4 * M1, "FLAT")]
+
+
 async def test_a_start_whose_restore_fails_is_tried_again_whole(
     stack: StackUrls, js: JetStreamContext, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,9 @@ force stays.
 State comes from history, as in feature-builder: on start SCORES is read again from its
 first message up to the last one the durable consumer delivered, through the same
 decisions; after the ack floor the signals are published again, identically, and
-de-duplicated by id.
+de-duplicated by id. Then each series takes the side of its last signal on SIGNALS where
+that differs (the policy changed since, or SCORES no longer holds the entry): subscribers
+hold what they were told, and the series' exit must reach them.
 
 A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
 state: the rebuild makes the signals that follow from it itself.
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Annotated, ClassVar, Final
 
+import msgspec
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
@@ -42,6 +45,7 @@ from contracts.messages import Score, Side, Signal
 from contracts.streams import (
     SCORES,
     SIGNAL_PUBLISHER,
+    SIGNALS,
     ensure,
     exhausted_deliveries,
     stream_name,
@@ -231,6 +235,39 @@ class Signals:
         log.info("%s: state rebuilt from %d scores up to seq %d", NAME, read, delivered)
         await self.seal(live=False)()
         self.applied_seq = max(self.applied_seq, delivered)
+        await self._told()
+
+    async def _told(self) -> None:
+        """Each series holds the side subscribers were told last.
+
+        Scores decided again under the policy in force now can end on another side than the
+        signals did under an earlier one (the KV entry changed meanwhile), and SCORES keeps
+        less than SIGNALS (a D1 position entered weeks ago). The last signal of each series
+        on SIGNALS is what subscribers act on, so where it says another side the series takes
+        that side, from that signal's candle: its exit then comes as it would have.
+        """
+        js, ns = self.ctx.js, self.settings.namespace
+        signals = stream_name(SIGNALS, namespace=ns)
+        info = await js.stream_info(
+            signals, subjects_filter=subjects.wildcard(subjects.SIGNALS, namespace=ns)
+        )
+        accept = self.settings.acceptor(feed_symbol)
+        mine = [s for s in info.state.subjects or {} if accept is None or accept(s)]
+        decode = msgspec.json.Decoder(Signal).decode
+        taken = 0
+        for at in range(0, len(mine), 100):
+            raws = await asyncio.gather(*(js.get_last_msg(signals, s) for s in mine[at : at + 100]))
+            for raw in raws:
+                if raw.data and self.book.told(decode(raw.data)):
+                    taken += 1
+        if taken:
+            log.warning(
+                "%s: %d of %d series take the side their last signal gave subscribers, not the"
+                " one the scores give under the policy in force now",
+                NAME,
+                taken,
+                len(mine),
+            )
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
         codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)

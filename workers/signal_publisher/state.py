@@ -115,6 +115,23 @@ class Book:
             return Refusal(REVISION_TOO_OLD, f"{signal_id(score)} before the last {self.depth}")
         return Refusal(OUT_OF_ORDER, f"{signal_id(score)} after {recent[-1].score.open_time_ms}")
 
+    def told(self, signal: Signal) -> bool:
+        """The series of ``signal``, the last one subscribers got, holds its side from that
+        signal's candle on; True when that changed the series."""
+        key = (signal.feed, signal.symbol, signal.tf)
+        series = self.series.get(key)
+        if signal.side is (Side.FLAT if series is None else series.state.side):
+            return False
+        if series is None:
+            series = self.series[key] = Series()
+        series.state = msgspec.structs.replace(
+            series.state,
+            side=signal.side,
+            last_open_ms=signal.open_time_ms,
+            last_close_ms=signal.open_time_ms + signal.tf.ms,
+        )
+        return True
+
     def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
         rule = self.policy.rule(revised.feed, revised.symbol, revised.tf)
         recent = series.recent
