@@ -165,6 +165,19 @@ async def stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(task, 60)
 
 
+async def run_once(
+    stack: StackUrls, js: JetStreamContext, namespace: str, scores: list[Score]
+) -> None:
+    """Start a worker, have it take ``scores``, stop it."""
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, scores, namespace)
+        await eventually(lambda: consumed(js, namespace), what="the scores consumed")
+    finally:
+        await stop_worker(worker, task)
+
+
 async def test_signals_follow_the_policy_and_replayed_scores_add_none(
     stack: StackUrls, js: JetStreamContext, namespace: str
 ) -> None:
@@ -306,13 +319,7 @@ async def test_after_a_restart_a_series_holds_the_side_subscribers_were_told(
         await eventually(lambda: consumed(js, namespace), what="a held score")
     finally:
         await stop_worker(worker, task)
-    worker = build(settings(stack, namespace))
-    task = await run_worker(worker)
-    try:
-        await publish(js, [make_score("EURUSD", 2, 0.1)], namespace)
-        await eventually(lambda: consumed(js, namespace), what="the exit")
-    finally:
-        await stop_worker(worker, task)
+    await run_once(stack, js, namespace, [make_score("EURUSD", 2, 0.1)])
     got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
     assert got == [(T0, "BUY"), (T0 + 2 * M1, "FLAT")]
 
@@ -322,25 +329,13 @@ async def test_an_entry_gone_from_scores_still_has_its_exit(
 ) -> None:
     """SCORES keeps less than SIGNALS: once the score of a (D1, say) entry is past SCORES'
     age limit, a restart has only the held scores after it. The exit must still come."""
-    worker = build(settings(stack, namespace))
-    task = await run_worker(worker)
-    try:
-        entry_and_held = [make_score("EURUSD", 0, 0.7)]
-        entry_and_held += [make_score("EURUSD", bar, 0.5) for bar in (1, 2, 3)]
-        await publish(js, entry_and_held, namespace)
-        await eventually(lambda: consumed(js, namespace), what="entry and held scores")
-    finally:
-        await stop_worker(worker, task)
+    entry_and_held = [make_score("EURUSD", 0, 0.7)]
+    entry_and_held += [make_score("EURUSD", bar, 0.5) for bar in (1, 2, 3)]
+    await run_once(stack, js, namespace, entry_and_held)
     scores = streams.stream_name(streams.SCORES, namespace=namespace)
     await js.purge_stream(scores, seq=2)  # the entry's score ages out
     assert (await js.stream_info(scores)).state.first_seq == 2
-    worker = build(settings(stack, namespace))
-    task = await run_worker(worker)
-    try:
-        await publish(js, [make_score("EURUSD", 4, 0.1)], namespace)
-        await eventually(lambda: consumed(js, namespace), what="the exit")
-    finally:
-        await stop_worker(worker, task)
+    await run_once(stack, js, namespace, [make_score("EURUSD", 4, 0.1)])
     got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
     assert got == [(T0, "BUY"), (T0 + 4 * M1, "FLAT")]
 
