@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from contracts import streams, subjects
-from contracts.messages import Candle, DeadLetter
+from contracts.messages import Candle, DeadLetter, Timeframe
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
@@ -846,6 +846,10 @@ async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
     task = await run_worker(first)
     try:
         await publish(js, sc, namespace, close=False)
+        # last, a message that closes candles: one symbol's clock moves on 5 minutes
+        feed, symbol = sc.symbols[0]
+        mark = market.watermark(feed, symbol, sc.last_ms + 300_000)
+        await js.publish(subjects.ticks(feed, symbol, namespace=namespace), mark)
         await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="first run")
     finally:
         first.stop()
@@ -861,3 +865,8 @@ async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
     rebuilt = second.context.state["ingest"].agg
     assert rebuilt.open_candles() == held  # every symbol's open candles are back
     assert sorted(rebuilt.symbols()) == sorted(sc.symbols)
+    # everything was acked, so its candles are durable: the rebuild publishes none again
+    # (past the stream's duplicate window, each would be stored twice)
+    sample = second.metrics.registry.get_sample_value
+    labels = [{"worker": "candle-ingest", "tf": tf.value} for tf in Timeframe]
+    assert sum(sample("tickwire_candles_out_total", x) or 0 for x in labels) == 0

@@ -512,14 +512,14 @@ class Ingest:
             for info, msg in batch:
                 seq = info.stream_seq
                 live = seq >= live_from
-                if not live:  # its candles are durable already
-                    self.pending.clear()
-                    self.trigger_ms.clear()
                 if accept is None or accept(msg.subject):
                     # undecodable: the runtime dead-letters it when it comes again
                     with contextlib.suppress(ContractError):
                         d = Delivery(msg, codec.decode(msg.data), info)
                         self.apply(self._recorder(seq) if live else None, d)
+                if not live:  # acked: its candles are durable already
+                    self.pending.clear()
+                    self.trigger_ms.clear()
                 self.agg.last_stream_seq = seq
                 done += 1
         self.recovered = {seq: r for seq, r in self.recovered.items() if r.calls}
