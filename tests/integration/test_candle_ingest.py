@@ -837,6 +837,42 @@ async def test_backfilled_bars_become_candles(
         assert candle.tick_volume == sum(b[5] for b in group)
 
 
+async def test_a_state_rebuilt_from_the_stream_equals_the_live_one_byte_for_byte(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """Live, a tick 3 s ahead of its arrival is refused (skew 1 s). By the time the state is
+    rebuilt from the stream (the snapshot lost) that tick's time is past: the rebuild must
+    refuse it all the same, and end in exactly the live state."""
+    sc = market.scenario(seed=5, ticks=2_000)
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    ingest_settings = settings(stack, questdb, namespace, max_future_skew_s=1.0)
+    first = build(ingest_settings)
+    task = await run_worker(first)
+    future_ms = int(time.time() * 1000) + 3_000
+    try:
+        await publish(js, sc, namespace, close=False)
+        feed, symbol = sc.symbols[0]
+        body = {"type": "tick", "v": 1, "feed": feed, "symbol": symbol, "time_ms": future_ms}
+        ahead = msgspec.json.encode(body | {"bid": 1.1, "ask": 1.2})
+        await js.publish(subjects.ticks(feed, symbol, namespace=namespace), ahead)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="live run")
+    finally:
+        first.stop()
+        await asyncio.wait_for(task, 60)
+    letters = await on_stream(js, streams.DLQ, namespace, DeadLetter)
+    assert [d.reason for d in letters if d.payload == ahead] == ["future_time"]
+    live = first.context.state["ingest"].agg.snapshot()
+
+    await eventually(lambda: time.time() * 1000 > future_ms + 1_000, what="the tick's time")
+    store = await js.object_store(f"ns-{namespace}-candle-ingest-state")
+    await store.put("candle-ingest", b"lost")  # not a snapshot: rebuilt from the stream
+    second = build(ingest_settings)
+    task = await run_worker(second)
+    second.stop()
+    await asyncio.wait_for(task, 60)
+    assert second.context.state["ingest"].agg.snapshot() == live
+
+
 async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
     stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
 ) -> None:

@@ -242,7 +242,7 @@ class Ingest:
             reason = check_bar(
                 m,
                 day_start_ms=self._day_start_ms,
-                now_ms=time.time_ns() // 1_000_000,
+                now_ms=d.stored_ms,
                 max_future_skew_ms=self._skew_ms,
             )
             if reason is None:
@@ -269,7 +269,7 @@ class Ingest:
             feed,
             symbol,
             rows,
-            now_ms=time.time_ns() // 1_000_000,
+            now_ms=d.stored_ms,  # not the clock: a rebuild must refuse what was refused
             max_future_skew_ms=self._skew_ms,
             out=self.pending,
             out_times=self.trigger_ms,

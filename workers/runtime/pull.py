@@ -169,6 +169,13 @@ def deliveries(reply: str) -> int:
     return int(reply.split(".", at + 1)[at])
 
 
+def stored_ns(reply: str) -> int:
+    """``parse_reply(reply).timestamp_ns``: when the stream stored the message; splits only
+    as far as that."""
+    at = _stream_at(reply.count(".") + 1, reply) + 5
+    return int(reply.split(".", at + 1)[at])
+
+
 def _offset(tokens: list[str], reply: str) -> int:
     """Index of the stream name in an ack subject's tokens."""
     return _stream_at(len(tokens), reply)

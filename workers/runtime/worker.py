@@ -86,6 +86,7 @@ from workers.runtime.pull import (
     nak_payload,
     parse_reply,
     read_stream,
+    stored_ns,
 )
 from workers.runtime.pull import deliveries as reply_deliveries
 from workers.runtime.pull import stream_seq as reply_stream_seq
@@ -143,6 +144,14 @@ class Delivery(Generic[T]):
         if self._info is None:
             return reply_stream_seq(self.msg.reply)
         return self._info.stream_seq
+
+    @property
+    def stored_ms(self) -> int:
+        """When the stream stored the message (epoch ms): the same on every delivery and
+        every read of it, where the wall clock is not."""
+        if self._info is None:
+            return stored_ns(self.msg.reply) // 1_000_000
+        return self._info.timestamp_ns // 1_000_000
 
 
 class Batch(Generic[T]):
