@@ -543,34 +543,40 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
     assert dead == 2
 
 
+async def m1_candles(js: JetStreamContext, namespace: str) -> list[Candle]:
+    try:
+        raw = await stream_messages(js, streams.stream_name(streams.CANDLES, namespace=namespace))
+    except APIError:
+        return []
+    return [c for c in (msgspec.json.decode(m, type=Candle) for m in raw) if c.tf.value == "M1"]
+
+
+def idle_settings(stack: StackUrls, questdb: QuestDBUrls, namespace: str) -> Settings:
+    return settings(stack, questdb, namespace).model_copy(
+        update={"idle_close": True, "idle_grace_s": 0.5}
+    )
+
+
 async def test_an_idle_symbol_closes_its_candle_by_the_wall_clock(
     stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
 ) -> None:
+    """Three ticks in the last seconds of a minute, then nothing: once the symbol's clock
+    (its EA's, which runs two minutes behind here) passes the minute's end and the grace,
+    the candle closes without a later tick."""
     now = int(time.time() * 1000)
-    minute = now // 60_000 * 60_000 - 120_000  # a minute that ended over a minute ago
+    end = now // 60_000 * 60_000 - 120_000  # the EA's clock is two minutes behind
     feed, symbol = "feed-a", "XAUUSD"
     subject = subjects.ticks(feed, symbol, namespace=namespace)
-    worker = build(
-        settings(stack, questdb, namespace).model_copy(
-            update={"idle_close": True, "idle_grace_s": 0.5}
-        )
-    )
+    worker = build(idle_settings(stack, questdb, namespace))
     task = await run_worker(worker)
     try:
         for i, bid in enumerate((2000.5, 2001.25, 1999.75)):
-            body = {"type": "tick", "feed": feed, "symbol": symbol, "time_ms": minute + i * 1000}
+            t = end - 3000 + i * 1000
+            body = {"type": "tick", "feed": feed, "symbol": symbol, "time_ms": t}
             await js.publish(subject, msgspec.json.encode(body | {"bid": bid, "ask": bid + 0.5}))
-        candles = streams.stream_name(streams.CANDLES, namespace=namespace)
-
-        async def m1() -> list[Candle]:
-            try:
-                raw = await stream_messages(js, candles)
-            except APIError:
-                return []
-            out = [msgspec.json.decode(m, type=Candle) for m in raw]
-            return [c for c in out if c.tf.value == "M1"]
-
-        (candle,) = await eventually(m1, timeout=30, what="the idle M1 candle closed")
+        (candle,) = await eventually(
+            lambda: m1_candles(js, namespace), timeout=30, what="the idle M1 candle closed"
+        )
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
@@ -580,11 +586,59 @@ async def test_an_idle_symbol_closes_its_candle_by_the_wall_clock(
         1999.75,
         1999.75,
     )
-    assert candle.open_time_ms == minute
+    assert candle.open_time_ms == end - 60_000
     assert candle.tick_volume == 3
     # the decision is in the stream, so a replay of TICKS closes it the same way
     ticks = await stream_messages(js, streams.stream_name(streams.TICKS, namespace=namespace))
     assert any(b'"type":"watermark"' in m for m in ticks)
+
+
+async def test_an_ea_whose_clock_runs_behind_is_not_taken_for_idle(
+    stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """An EA stamps its ticks seconds (here up to a minute) behind the wall clock and ticks
+    every 100 ms across one of its minute boundaries. By the wall clock that minute ended
+    long ago; by the symbol's own clock it ends only when the EA gets there. Its candle
+    must close once, whole, by the EA's first tick of the next minute: no revision."""
+    feed, symbol = "feed-a", "EURUSD"
+    subject = subjects.ticks(feed, symbol, namespace=namespace)
+    worker = build(idle_settings(stack, questdb, namespace))
+    task = await run_worker(worker)
+    sent: list[tuple[int, float]] = []
+    try:
+        w0 = int(time.time() * 1000)
+        boundary = w0 // 60_000 * 60_000
+        if w0 - boundary < 5_000:  # the wall clock must be well past it
+            boundary -= 60_000
+        lag = w0 - boundary + 2_000  # the EA's clock: 2 s before its boundary now
+        for i in range(40):
+            t = int(time.time() * 1000) - lag
+            bid = round(1.1 + 1e-5 * ((i * 7) % 13), 5)
+            body = {"type": "tick", "feed": feed, "symbol": symbol, "time_ms": t, "seq": i + 1}
+            await js.publish(subject, msgspec.json.encode(body | {"bid": bid, "ask": bid + 1e-4}))
+            sent.append((t, bid))
+            await eventually(lambda t=t: time.time() * 1000 - lag >= t + 100, what="the EA")
+        assert sent[0][0] < boundary <= sent[-1][0]
+        closed = await eventually(
+            lambda: m1_candles(js, namespace), timeout=30, what="the EA's minute closed"
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    before = [bid for t, bid in sent if t < boundary]
+    assert [(c.open_time_ms, c.revision) for c in closed] == [(boundary - 60_000, 0)]
+    (candle,) = closed
+    assert (candle.open, candle.high, candle.low, candle.close, candle.tick_volume) == (
+        before[0],
+        max(before),
+        min(before),
+        before[-1],
+        len(before),
+    )
+    revisions = worker.metrics.registry.get_sample_value(
+        "tickwire_candle_revisions_total", {"worker": "candle-ingest"}
+    )
+    assert not revisions
 
 
 async def test_two_instances_split_the_symbols_and_together_make_every_candle(

@@ -76,6 +76,9 @@ REPLAY_SUFFIX: Final = "-replay"
 UNKNOWN_SYMBOL: Final = "unknown_symbol"
 OPEN_COUNT_EVERY_S: Final = 1.0
 """How often the open-candles gauge is counted again."""
+HEARD_WITHIN_MS: Final = 10_000
+"""After a start, how soon a live EA's ticks come: a symbol not heard from by then is idle
+by the wall clock."""
 
 
 class Settings(PartitionedSettings):
@@ -194,6 +197,10 @@ class Ingest:
         self._skew_ms = round(settings.max_future_skew_s * 1000)
         self._day_start_ms = settings.day_start_minutes * 60_000
         self._allowed = settings.allowed_symbols()
+        self.lag: dict[tuple[str, str], int] = {}
+        """How far each symbol's watermark was behind the time TICKS stored its latest
+        ticks (ms): its own clock runs that far behind the wall clock (``clock``)."""
+        self.started_ms = time.time_ns() // 1_000_000
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
@@ -265,15 +272,19 @@ class Ingest:
         whole: bool,
     ) -> None:
         """The hot path: validate and fold the ticks; count once per message, not per tick."""
+        stored = d.stored_ms
         result = self.agg.add_rows(
             feed,
             symbol,
             rows,
-            now_ms=d.stored_ms,  # not the clock: a rebuild must refuse what was refused
+            now_ms=stored,  # not the clock: a rebuild must refuse what was refused
             max_future_skew_ms=self._skew_ms,
             out=self.pending,
             out_times=self.trigger_ms,
         )
+        wm = self.agg.watermark(feed, symbol)
+        if wm is not None:
+            self.lag[feed, symbol] = stored - wm
         counts = self.counts
         counts["accepted"] += result.accepted
         counts["duplicate"] += result.duplicate
@@ -527,17 +538,32 @@ class Ingest:
 
     # --- idle symbols -----------------------------------------------------------------
 
+    def clock(self, feed: str, symbol: str, now_ms: int) -> int | None:
+        """The symbol's time now, as its EA keeps it: the wall clock less the symbol's lag
+        when its latest ticks were stored. An EA whose clock runs behind the wall clock, or
+        ticks backfilled from the past, are then not taken for a symbol gone idle. A symbol
+        not heard from since the start has the wall clock once a live EA would have been
+        heard (``HEARD_WITHIN_MS``), and none before."""
+        lag = self.lag.get((feed, symbol))
+        if lag is not None:
+            return now_ms - lag
+        return now_ms if now_ms - self.started_ms >= HEARD_WITHIN_MS else None
+
     async def close_idle(self) -> None:
-        """Publish a Watermark for symbols whose open candle ended more than the grace ago."""
+        """Publish a Watermark for symbols whose open candle ended more than the grace ago
+        by the symbol's own clock."""
         s = self.settings
         grace_ms = round(s.idle_grace_s * 1000)
         now_ms = time.time_ns() // 1_000_000
-        mark = now_ms - grace_ms
         out = []
         for feed, symbol in self.agg.symbols():
             next_close = self.agg.next_close_ms(feed, symbol)
-            if next_close is None or next_close + grace_ms > now_ms:
+            if next_close is None:
                 continue
+            clock = self.clock(feed, symbol, now_ms)
+            if clock is None or next_close > clock - grace_ms:
+                continue
+            mark = clock - grace_ms
             wm = Watermark(feed=feed, symbol=symbol, time_ms=mark)
             out.append(
                 Outgoing(
