@@ -29,6 +29,7 @@ from db.migrate import migrate
 from tests.trainer_market import M5_MS, market
 from workers.features import DEFAULT, Candles
 from workers.registry import Registry, RegistryError, bucket_name
+from workers.trainer.dataset import WARM_UP_CANDLES, load_candles
 
 pytestmark = pytest.mark.integration
 
@@ -106,6 +107,20 @@ def pairwise_auc(y: np.ndarray, p: np.ndarray) -> float:
     pos, neg = p[y == 1], p[y == 0]
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(wins / (len(pos) * len(neg)))
+
+
+async def test_a_window_is_read_with_the_candles_before_it_that_warm_it_up(
+    candles_db: str,
+) -> None:
+    """The window [candle 1000, candle 1800) comes with the 500 candles before it, oldest
+    first, and a window near the start with as many as there are."""
+    start, end = datetime.fromisoformat(iso(1000)), datetime.fromisoformat(iso(1800))
+    got = await load_candles(candles_db, FEED, SYMBOL, TF, start, end)
+    want = CANDLES.open_time_ms[1000 - WARM_UP_CANDLES : 1800]
+    np.testing.assert_array_equal(got.open_time_ms, want)
+    np.testing.assert_array_equal(got.close, CANDLES.close[1000 - WARM_UP_CANDLES : 1800])
+    early = await load_candles(candles_db, FEED, SYMBOL, TF, datetime.fromisoformat(iso(100)), end)
+    np.testing.assert_array_equal(early.open_time_ms, CANDLES.open_time_ms[:1800])
 
 
 async def test_train_stores_a_candidate_whose_card_holds_up(

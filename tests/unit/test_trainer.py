@@ -12,7 +12,7 @@ import pytest
 
 from tests.trainer_market import market
 from tests.unit.test_features import PeekNext
-from workers.features import DEFAULT, FeatureSet
+from workers.features import DEFAULT, Candles, FeatureSet
 from workers.trainer import dataset, evaluate, labels, split
 from workers.trainer.train import Params, train
 
@@ -49,6 +49,27 @@ def test_dataset_drops_warmup_and_unlabelled_candles(patterned: dataset.Dataset)
     assert patterned.open_time_ms[0] == c.open_time_ms[DEFAULT.warmup - 1]
     assert patterned.open_time_ms[-1] == c.open_time_ms[-H - 1]
     assert np.isfinite(patterned.features).all()
+
+
+def test_a_window_after_its_warm_up_has_the_values_feature_builder_serves() -> None:
+    """feature-builder streams a series from its first candle; a training window starts
+    later. Its rows must hold the streamed values: with the candles read before it they do,
+    from its first row on; starting cold at the window they do not."""
+    c = market(3000, seed=4)
+    served = DEFAULT.engine().run([c.row(i) for i in range(len(c))])
+    at = 2000
+    from_ms = int(c.open_time_ms[at])
+
+    def cut(first: int) -> Candles:
+        return Candles(**{f: getattr(c, f)[first:] for f in Candles.__dataclass_fields__})
+
+    ds = dataset.build(cut(at - dataset.WARM_UP_CANDLES), DEFAULT, H, from_ms=from_ms)
+    assert ds.open_time_ms[0] == from_ms
+    rows = slice(at, at + len(ds))
+    assert np.allclose(ds.features, served[rows], rtol=1e-9, atol=1e-12)
+    cold = dataset.build(cut(at), DEFAULT, H, from_ms=from_ms)
+    first = at + DEFAULT.warmup - 1  # a cold start has no values before its warm-up
+    assert not np.allclose(cold.features, served[first : first + len(cold)], rtol=1e-9)
 
 
 @pytest.mark.parametrize(("n", "folds", "horizon"), [(3000, 4, 3), (1000, 2, 12), (5000, 6, 1)])

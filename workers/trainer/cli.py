@@ -196,17 +196,19 @@ def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
     series = f"{args.feed} {args.symbol} {args.tf}"
 
     candles = asyncio.run(load_candles(dsn, args.feed, args.symbol, args.tf, start, end))
-    if len(candles) == 0:
+    from_ms = int(start.timestamp() * 1000)
+    in_window = int(np.count_nonzero(candles.open_time_ms >= from_ms))
+    if in_window == 0:
         fail(f"no candles for {series} in [{start.isoformat()}, {end.isoformat()})")
-    log.info("%d candles of %s", len(candles), series)
+    log.info("%d candles of %s, after %d to warm up", in_window, series, len(candles) - in_window)
     try:
-        ds = build(candles, fs, args.horizon)
+        ds = build(candles, fs, args.horizon, from_ms=from_ms)
         training = train(ds, Params(folds=args.folds))
     except (DatasetError, SplitError) as exc:
         fail(f"{series}: {exc}")
     rep = evaluate.report(ds, training)
     paths = evaluate.save(rep, args.out)
-    start_ms = int(candles.open_time_ms[0])
+    start_ms = int(candles.open_time_ms[candles.open_time_ms >= from_ms][0])
     end_ms = int(candles.open_time_ms[-1]) + Timeframe(args.tf).ms
     card = card_for(args, ds, rep, start_ms, end_ms)
     artifact = model_bytes(training.holdout)

@@ -23,6 +23,11 @@ from workers.trainer import labels
 
 LOOKAHEAD_CANDLES = 3000
 """The look-ahead check runs on the last this many candles (it steps them one at a time)."""
+WARM_UP_CANDLES = 500
+"""Candles read before a training window: RSI, ATR and MACD remember every candle before
+theirs, fading by (1 - 1/14) and (1 - 2/27) a candle; after this many what the window's
+start changes is below 1e-9 of a value, so the rows equal what feature-builder serves from
+its whole history."""
 
 
 class DatasetError(ValueError):
@@ -54,11 +59,18 @@ class Dataset:
 
 
 async def load_candles(
-    dsn: str, feed: str, symbol: str, tf: str, start: dt.datetime, end: dt.datetime
+    dsn: str,
+    feed: str,
+    symbol: str,
+    tf: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    warm_up: int = WARM_UP_CANDLES,
 ) -> Candles:
+    """The series' candles in [start, end) and the ``warm_up`` candles before them."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(query("trainer_candles"), feed, symbol, tf, start, end)
+        rows = await conn.fetch(query("trainer_candles"), feed, symbol, tf, start, end, warm_up)
     finally:
         await conn.close()
     return Candles(
@@ -94,8 +106,10 @@ def data_hash(candles: Candles, fs: FeatureSet, horizon: int) -> str:
     return h.hexdigest()
 
 
-def build(candles: Candles, fs: FeatureSet, horizon: int) -> Dataset:
-    """Check the features for look-ahead, compute them and the labels, keep complete rows."""
+def build(candles: Candles, fs: FeatureSet, horizon: int, *, from_ms: int | None = None) -> Dataset:
+    """Check the features for look-ahead, compute them and the labels, keep complete rows
+    (of the candles opened at or after ``from_ms``; those before only warm the features
+    up)."""
     if len(candles) <= fs.warmup + horizon:
         raise DatasetError(
             f"{len(candles)} candles are too few: the features need {fs.warmup} to warm up"
@@ -106,8 +120,12 @@ def build(candles: Candles, fs: FeatureSet, horizon: int) -> Dataset:
     cls = labels.classes(candles.close, candles.spread_mean, horizon)
     long_ret = labels.long_net_return(candles.close, candles.spread_mean, horizon)
     keep = np.isfinite(x).all(axis=1) & np.isfinite(cls)
+    if from_ms is not None:
+        keep &= candles.open_time_ms >= from_ms
     rows = np.flatnonzero(keep)
-    if len(rows) and rows[-1] - rows[0] + 1 != len(rows):
+    if not len(rows):
+        raise DatasetError("no candle of the window has every feature and a label")
+    if rows[-1] - rows[0] + 1 != len(rows):
         raise DatasetError("features are missing in the middle of the series")
     return Dataset(
         features=x[rows],
