@@ -266,7 +266,8 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
     stack: StackUrls, js: JetStreamContext, namespace: str
 ) -> None:
     """Scores of 0.5 never enter by the default policy (0.6); after the KV entry lowers the
-    entry to 0.4 the next one does. A bad update is refused and changes nothing."""
+    entry to 0.4 the next one does. A bad update is refused and changes nothing. Deleting
+    the entry brings the default policy back at once."""
     worker = build(settings(stack, namespace))
     task = await run_worker(worker)
     try:
@@ -290,10 +291,21 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
         await eventually(lambda: updates("applied") == 1, what="the update applied")
         await publish(js, [make_score("EURUSD", 3, 0.5)], namespace)
         await eventually(lambda: consumed(js, namespace), what="a score after the update")
+        await publish(js, [make_score("EURUSD", 4, 0.15)], namespace)  # above its exit
+        await eventually(lambda: consumed(js, namespace), what="a held score")
+
+        # the entry deleted: the defaults again, without a restart (0.15 is below 0.2)
+        await kv.delete("policy")
+        await eventually(lambda: updates("deleted") == 1, what="the deletion taken")
+        await publish(js, [make_score("EURUSD", 5, 0.15)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="a score after the deletion")
     finally:
         await stop_worker(worker, task)
     got = await signals_of(js, namespace)
-    assert [(s.open_time_ms, s.side.value) for s in got] == [(T0 + 3 * M1, "BUY")]
+    assert [(s.open_time_ms, s.side.value) for s in got] == [
+        (T0 + 3 * M1, "BUY"),
+        (T0 + 5 * M1, "FLAT"),
+    ]
 
 
 async def test_after_a_restart_a_series_holds_the_side_subscribers_were_told(

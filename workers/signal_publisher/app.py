@@ -35,7 +35,7 @@ from typing import Annotated, ClassVar, Final
 
 import msgspec
 from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
 
@@ -120,7 +120,8 @@ class Metrics:
         )
         self.policy_updates = Counter(
             "tickwire_signal_policy_updates",
-            "Policy updates from the KV entry, by outcome: applied, refused",
+            "Policy updates from the KV entry, by outcome: applied, refused, deleted (back to"
+            " the file's policy or the defaults)",
             ["worker", "outcome"],
             registry=r,
         )
@@ -145,6 +146,7 @@ class Metrics:
         }
         self.applied = self.policy_updates.labels(w, "applied")
         self.refused = self.policy_updates.labels(w, "refused")
+        self.deleted = self.policy_updates.labels(w, "deleted")
         self.series_w = self.series.labels(w)
         self.warmup_w = self.warmup.labels(w)
 
@@ -156,6 +158,8 @@ class Signals:
         self.settings = settings
         self.ctx = ctx
         self.book = Book(policy, settings.revision_depth)
+        self.file_policy = policy
+        """In force while the KV entry is absent."""
         self.metrics = metrics
         self.applied_seq = 0
         self.pending: list[Outgoing] = []
@@ -222,6 +226,13 @@ class Signals:
         self.book.policy = policy
         self.metrics.applied.inc()
         log.info("%s: policy updated", NAME)
+
+    def use_file(self) -> None:
+        """The KV entry was deleted: the policy of the file (or the defaults) again, as a
+        restart would have it."""
+        self.book.policy = self.file_policy
+        self.metrics.deleted.inc()
+        log.info("%s: policy entry deleted; the file's policy (or the defaults) again", NAME)
 
     async def restore(self, stream: str) -> None:
         """Rebuild every series from the stream, publishing again what was not acked."""
@@ -298,7 +309,11 @@ async def _policy_kv(ctx: Context, bucket: str) -> KeyValue:
 
 async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
     async for entry in watcher:
-        if entry is not None and entry.value:
+        if entry is None:
+            continue
+        if entry.operation in (KV_DEL, KV_PURGE):
+            signals.use_file()
+        elif entry.value:
             signals.use(entry.value)
 
 
