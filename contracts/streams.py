@@ -20,9 +20,11 @@ like production and never touches live data.
 replay stream, metadata) are left as they are.
 
 ``ADVISORIES`` keeps what the server says once and never again: the advisory that a
-subscriber's consumer on SIGNALS gave up on a signal (its delivery limit). signal-publisher
+consumer on a pipeline stream gave up on a message (its delivery limit). signal-publisher
 turns each into a dead letter through a durable consumer, so one published while it is down
-or disconnected waits for it instead of being lost.
+or disconnected waits for it instead of being lost: a subscriber's on SIGNALS, and a
+pipeline worker's whose worker could not dead-letter the message on its last delivery (it
+was killed holding it).
 """
 
 from __future__ import annotations
@@ -247,8 +249,8 @@ def stream_specs(*, namespace: str | None = None, replicas: int = 1) -> list[Str
         StreamSpec(
             name=stream_name(ADVISORIES, namespace=namespace),
             # the server publishes them under the stream's name: SIGNALS, or NS_<ns>_SIGNALS
-            subjects=(subjects.max_deliveries(stream_name(SIGNALS, namespace=namespace)),),
-            description="Signals a subscriber never acked (the server's delivery-limit "
+            subjects=advised(namespace=namespace),
+            description="Messages a consumer gave up on (the server's delivery-limit "
             "advisories), until signal-publisher has dead-lettered them",
             replicas=replicas,
             # a week covers signal-publisher down over a long weekend; the dead letters
@@ -348,15 +350,24 @@ def consumer_specs(*, namespace: str | None = None) -> list[ConsumerSpec]:
     ]
 
 
+ADVISED: Final = (TICKS, CANDLES, FEATURES, SCORES, SIGNALS)
+"""The streams whose consumers' delivery-limit advisories ADVISORIES keeps."""
+
+
+def advised(*, namespace: str | None = None) -> tuple[str, ...]:
+    """The delivery-limit advisories of every consumer of the ``ADVISED`` streams."""
+    return tuple(subjects.max_deliveries(stream_name(s, namespace=namespace)) for s in ADVISED)
+
+
 def exhausted_deliveries(*, namespace: str | None = None) -> ConsumerSpec:
-    """signal-publisher's durable on ADVISORIES: the subscribers' exhausted deliveries it
-    dead-letters. One durable whatever the partitions, so each advisory is handled once."""
-    signals = stream_name(SIGNALS, namespace=namespace)
+    """signal-publisher's durable on ADVISORIES: the exhausted deliveries it dead-letters,
+    the subscribers' and the pipeline's. One durable whatever the partitions, so each
+    advisory is handled once."""
     return ConsumerSpec(
         stream=stream_name(ADVISORIES, namespace=namespace),
         durable=SIGNAL_PUBLISHER,
-        description="Subscribers' exhausted deliveries to dead letters",
-        filter_subjects=(subjects.max_deliveries(signals),),
+        description="Exhausted deliveries to dead letters",
+        filter_subjects=advised(namespace=namespace),
         ack_wait=_RETRY[0],
         backoff=_RETRY,
         max_deliver=_MAX_DELIVER,

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from contracts import subjects
 from contracts.codec import Codec, ContractError
 from contracts.messages import Candle, DeadLetter, FeatureVector, Score, Signal, TickInput
-from contracts.streams import DLQ, stream_name
+from contracts.streams import DLQ, SIGNALS, stream_name
 from workers.runtime.settings import RuntimeSettings, load
 from workers.status import connect_once, render
 
@@ -216,6 +216,11 @@ class DeadLetters:
             raise DlqError(
                 f"dead letter {item.seq} is a signal a subscriber did not ack: requeueing it "
                 "would send it to every subscriber; use tickwire subscribers rewind"
+            )
+        if d.stream == stream_name(SIGNALS, namespace=self.namespace):
+            raise DlqError(
+                f"dead letter {item.seq} is a signal ({d.worker} did not take it): requeueing"
+                " it would send it to every subscriber again"
             )
         ack = await self.js.publish(
             d.subject,

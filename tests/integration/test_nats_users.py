@@ -534,6 +534,10 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
         (taken,) = await advisories.fetch(1, timeout=5)
         assert taken.subject == EXAMPLE_EXHAUSTED
         await taken.ack_sync()
+        # and dead-letters for a pipeline worker lost holding a message on its last delivery
+        assert (await publisher.get_msg("TICKS", 1)).data == (await ops.get_msg("TICKS", 1)).data
+        for worker in ("candle-ingest", "feature-builder", "model-scorer", "timescale-replicator"):
+            assert (await publisher.publish(f"dlq.{worker}", b"{}")).stream == "DLQ"
 
         # deliveries lost on the way are read back through each stateful worker's own
         # short-lived consumer, with its durable's filter

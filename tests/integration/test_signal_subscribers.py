@@ -259,7 +259,7 @@ def outcomes(metrics: WorkerMetrics) -> dict[str, float]:
             "tickwire_exhausted_advisories_total", {"worker": metrics.worker, "outcome": o}
         )
         or 0.0
-        for o in ("dead_lettered", "pipeline", "unreadable", "retry")
+        for o in ("dead_lettered", "pipeline", "ignored", "unreadable", "retry")
     }
 
 
@@ -272,13 +272,16 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
 ) -> None:
     await fast(js, "deaf", namespace, max_deliver=3)
     # a pipeline consumer on SIGNALS: its own worker dead-letters what it cannot take, so
-    # an advisory about it says a message was lost on the way, and is logged as an error
+    # an advisory about it says a message was lost on the way: logged as an error, and
+    # dead-lettered for that worker
     await streams.ensure(js, [], streams.consumer_specs(namespace=namespace))
-    # before the real one: an advisory that does not parse and one of the pipeline consumer
-    # (sent as the server would); neither may hold up the subscriber's
+    # before the real one: an advisory that does not parse, one of the pipeline consumer
+    # and one of a consumer that is neither (sent as the server would); none may hold up
+    # the subscriber's
     for subject, body in (
         (advisory(namespace, "bogus", 1, 3)[0], b"{not json"),
         advisory(namespace, "timescale-replicator", 1, 10),
+        advisory(namespace, "someone-else", 1, 4),
     ):
         await js.publish(subject, body)
     metrics = WorkerMetrics("signal-publisher")
@@ -294,7 +297,7 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
         dlq = streams.stream_name(streams.DLQ, namespace=namespace)
 
         async def letters() -> bool:
-            return await messages(js, streams.DLQ, namespace) >= 1
+            return await messages(js, streams.DLQ, namespace) >= 2
 
         assert await never_acked(sub, letters, "the dead letter") == 3
 
@@ -307,34 +310,96 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     finally:
         await exhausted.stop()
         await sub.unsubscribe()
-    raw = await js.get_msg(dlq, 1)
-    letter = msgspec.json.decode(raw.data, type=DeadLetter)
-    assert raw.subject == subjects.dlq("subscribers", namespace=namespace)
+    by_subject, seq_of = {}, {}
+    for seq in (1, 2):
+        raw = await js.get_msg(dlq, seq)
+        by_subject[raw.subject] = msgspec.json.decode(raw.data, type=DeadLetter)
+        seq_of[raw.subject] = str(seq)
+    letter = by_subject[subjects.dlq("subscribers", namespace=namespace)]
     assert (letter.reason, letter.worker, letter.deliveries) == ("max_deliveries", "deaf", 3)
     assert letter.payload == msgspec.json.encode(signal)
     assert letter.stream_seq == 1
-    labels = {"worker": "signal-publisher", "reason": "max_deliveries"}
-    assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
-    assert outcomes(metrics) == {"dead_lettered": 1, "pipeline": 1, "unreadable": 1, "retry": 0}
-    lost = [
+    lost = by_subject[subjects.dlq("timescale-replicator", namespace=namespace)]
+    assert (lost.reason, lost.worker, lost.deliveries) == ("max_deliveries", "timescale-replicator", 10)
+    assert (lost.stream, lost.stream_seq, lost.payload) == (stream, 1, msgspec.json.encode(signal))
+    for worker in ("deaf", "timescale-replicator"):
+        labels = {"worker": worker, "reason": "max_deliveries"}
+        assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
+    assert outcomes(metrics) == {
+        "dead_lettered": 1, "pipeline": 1, "ignored": 1, "unreadable": 1, "retry": 0
+    }  # fmt: skip
+    errors = [
         r.getMessage()
         for r in caplog.records
         if r.levelname == "ERROR" and "timescale-replicator" in r.getMessage()
     ]
-    assert len(lost) == 1
-    assert f"{stream} seq 1 after 10 deliveries" in lost[0]
+    assert len(errors) == 1
+    assert f"{stream} seq 1 after 10 deliveries" in errors[0]
     # ops see it, and cannot requeue it: that would send it to every subscriber again
     listed = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "list", "--worker",
                                      "subscribers")  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     assert "max_deliveries" in listed.stdout
     signals_before = (await js.stream_info(stream)).state.messages
-    refused = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "requeue", "1")
+    subscribers = seq_of[subjects.dlq("subscribers", namespace=namespace)]
+    refused = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "requeue", subscribers)
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "subscribers rewind" in refused.stderr
     assert (await js.stream_info(stream)).state.messages == signals_before
-    assert (await js.stream_info(dlq)).state.messages == 1
+    assert (await js.stream_info(dlq)).state.messages == 2
+    # nor a signal the replicator missed: its subscribers would get it again
+    replicator = seq_of[subjects.dlq("timescale-replicator", namespace=namespace)]
+    again = await asyncio.to_thread(tickwire, stack, namespace, "dlq", "requeue", replicator)
+    assert again.returncode == 2
+    assert "every subscriber again" in again.stderr
+    assert (await js.stream_info(stream)).state.messages == signals_before
+
+
+async def test_a_message_whose_worker_was_lost_on_its_last_delivery_is_a_dead_letter(
+    nc: Client, js: JetStreamContext, namespace: str
+) -> None:
+    """A candle-ingest partition's durable, as in production but with 2 deliveries and a
+    short ack wait. Its worker is killed each time it holds a tick (taken, never acked,
+    never dead-lettered): the server gives up, says so, and the tick must end in
+    ``dlq.candle-ingest`` as that worker's dead letter, ready to requeue."""
+    await streams.ensure(js, streams.stream_specs(namespace=namespace), [])
+    spec = next(
+        c for c in streams.consumer_specs(namespace=namespace) if c.durable == "candle-ingest"
+    )
+    durable = "candle-ingest-1of2"
+    fast_spec = msgspec.structs.replace(
+        spec, durable=durable, ack_wait=1.0, backoff=(1.0,), max_deliver=2
+    )
+    await streams.ensure(js, [], [fast_spec, streams.exhausted_deliveries(namespace=namespace)])
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(nc, metrics, 10.0), metrics, namespace, expires_s=1.0
+    )
+    await exhausted.start()
+    tick = msgspec.json.encode(
+        {"type": "tick", "v": 1, "feed": "fx", "symbol": "EURUSD", "time_ms": 1, "bid": 1.1}
+    )
+    ticks = subjects.ticks("fx", "EURUSD", namespace=namespace)
+    await js.publish(ticks, tick, headers={"Nats-Msg-Id": "tick-1"})
+    sub = await js.pull_subscribe_bind(durable=durable, stream=fast_spec.stream)
+    try:
+
+        async def letters() -> bool:
+            return await messages(js, streams.DLQ, namespace) >= 1
+
+        assert await never_acked(sub, letters, "the dead letter") == 2
+    finally:
+        await exhausted.stop()
+        await sub.unsubscribe()
+    raw = await js.get_msg(streams.stream_name(streams.DLQ, namespace=namespace), 1)
+    assert raw.subject == subjects.dlq("candle-ingest", namespace=namespace)
+    letter = msgspec.json.decode(raw.data, type=DeadLetter)
+    assert (letter.worker, letter.reason, letter.deliveries) == ("candle-ingest", "max_deliveries", 2)
+    assert (letter.stream, letter.stream_seq) == (fast_spec.stream, 1)
+    assert (letter.subject, letter.payload) == (ticks, tick)
+    assert letter.headers == {"Nats-Msg-Id": "tick-1"}
+    assert outcomes(metrics)["pipeline"] == 1
 
 
 async def test_an_advisory_whose_dead_letter_was_not_stored_comes_again(

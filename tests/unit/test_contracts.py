@@ -452,7 +452,10 @@ def test_live_streams_and_their_values() -> None:
         "SCORES": ("scores.*.*.*",),
         "SIGNALS": ("signals.*.*.*",),
         "DLQ": ("dlq.*",),
-        "ADVISORIES": ("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SIGNALS.*",),
+        "ADVISORIES": tuple(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{base}.*"
+            for base in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS")
+        ),
     }
     assert {name: s.max_age for name, s in specs.items()} == {
         "TICKS": 7 * DAY,
@@ -489,13 +492,16 @@ def test_every_built_subject_lands_in_exactly_one_stream() -> None:
         assert len([s for s in live if _matches(s.subjects, subject)]) == 1
         assert not [s for s in replay if _matches(s.subjects, subject)]
         assert len([s for s in replay if _matches(s.subjects, f"ns.r1.{subject}")]) == 1
-    # the server names a stream's advisories by the stream: live and replay apart
+    # the server names a stream's advisories by the stream: live and replay apart; every
+    # pipeline stream's are kept, DLQ's and ADVISORIES' own are not
     exhausted = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.ea-1"
-    for specs, signals in ((live, "SIGNALS"), (replay, "NS_r1_SIGNALS")):
-        held = [s.name for s in specs if _matches(s.subjects, exhausted.format(signals))]
-        assert held == [specs[-1].name]
+    for specs, prefix in ((live, ""), (replay, "NS_r1_")):
+        for base in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS"):
+            subject = exhausted.format(prefix + base)
+            assert [s.name for s in specs if _matches(s.subjects, subject)] == [specs[-1].name]
+        for base in ("DLQ", "ADVISORIES"):
+            assert not [s for s in specs if _matches(s.subjects, exhausted.format(prefix + base))]
     assert not [s for s in live if _matches(s.subjects, exhausted.format("NS_r1_SIGNALS"))]
-    assert not [s for s in live if _matches(s.subjects, exhausted.format("SCORES"))]
 
 
 def test_a_namespace_gets_its_own_stream_names_and_subjects() -> None:
@@ -511,8 +517,9 @@ def test_a_namespace_gets_its_own_stream_names_and_subjects() -> None:
     ]
     assert specs[0].subjects == ("ns.replay-7.ticks.*.*",)
     assert specs[-2].subjects == ("ns.replay-7.dlq.*",)
-    assert specs[-1].subjects == (
-        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.NS_replay-7_SIGNALS.*",
+    assert specs[-1].subjects == tuple(
+        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.NS_replay-7_{base}.*"
+        for base in ("TICKS", "CANDLES", "FEATURES", "SCORES", "SIGNALS")
     )
     assert {s.replicas for s in specs} == {3}
     with pytest.raises(subjects.SubjectError):
@@ -576,7 +583,7 @@ def test_namespaced_consumers_bind_namespaced_streams() -> None:
         "NS_r1_ADVISORIES",
     }
     assert all(
-        f.startswith("ns.r1.") or f.endswith(".NS_r1_SIGNALS.*")
+        f.startswith(("ns.r1.", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.NS_r1_"))
         for c in specs
         for f in c.filter_subjects
     )

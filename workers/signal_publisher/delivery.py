@@ -9,7 +9,9 @@
 - ``Exhausted``: the server gives up on a message after the delivery limit and says so in
   an advisory, which the stream ADVISORIES keeps; signal-publisher consumes it on a durable
   of its own and dead-letters the message to ``dlq.subscribers`` with the subscriber's name
-  and delivery count, also when the advisory came while it was down.
+  and delivery count, also when the advisory came while it was down. A pipeline worker
+  dead-letters a message on its last delivery itself; if it was killed holding it, the
+  advisory is the only trace, and the message goes to that worker's ``dlq.<worker>`` here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -36,6 +39,7 @@ from contracts.codec import Codec, ContractError, encode
 from contracts.messages import DeadLetter, Signal
 from contracts.streams import (
     SIGNALS,
+    consumer_specs,
     ensure,
     exhausted_deliveries,
     signal_subscriber,
@@ -195,20 +199,27 @@ _advisory = msgspec.json.Decoder(_Advisory)
 
 DEAD_LETTERED: Final = "dead_lettered"
 PIPELINE: Final = "pipeline"
+IGNORED: Final = "ignored"
 UNREADABLE: Final = "unreadable"
 RETRY: Final = "retry"
+_PARTITION: Final = re.compile(r"(.+)-\d+of\d+")
 
 
 class Exhausted:
-    """Dead-letters what a subscriber never acked, from the delivery-limit advisories of
-    SIGNALS that the stream ADVISORIES keeps (``contracts.streams.exhausted_deliveries``).
+    """Dead-letters what a consumer never acked, from the delivery-limit advisories that
+    the stream ADVISORIES keeps (``contracts.streams.exhausted_deliveries``).
+
+    - A subscriber's on SIGNALS goes to ``dlq.subscribers``.
+    - A pipeline worker's (any partition's) goes to that worker's ``dlq.<worker>``, as the
+      worker would have sent it on the message's last delivery, with the same message id: a
+      worker killed holding its last delivery leaves only the advisory, and ``tickwire dlq
+      requeue`` brings the message back. Logged as an error: a worker was lost meanwhile.
+    - Any other consumer's (a short-lived reader's) is acked, logged and counted.
 
     Each advisory is acked after its dead letter is stored; the dead letter's id is
     deterministic, so an advisory delivered again (a crash before the ack) stores nothing
-    new. An advisory about a pipeline consumer on SIGNALS is acked and logged as an error:
-    that worker dead-letters a message on its last delivery itself, so the advisory means
-    the message was lost on the way. One that does not parse is acked, logged and counted.
-    When the dead letter cannot be stored, the advisory stays unacked and comes again.
+    new. One that does not parse is acked, logged and counted. When the dead letter cannot
+    be stored, the advisory stays unacked and comes again.
     """
 
     def __init__(
@@ -226,9 +237,12 @@ class Exhausted:
         self.js = js
         self.publisher = publisher
         self.metrics = metrics
+        self.namespace = namespace
         self.stream = stream_name(SIGNALS, namespace=namespace)
         self.dlq = subjects.dlq(DLQ_NAME, namespace=namespace)
         self.spec = exhausted_deliveries(namespace=namespace)
+        self.workers = {(c.stream, c.durable) for c in consumer_specs(namespace=namespace)}
+        """(stream, worker) of every pipeline worker's durable."""
         self.batch = batch
         self.source = PullSource(
             nc, self.spec.stream, self.spec.durable, batch=batch, expires_s=expires_s
@@ -238,14 +252,14 @@ class Exhausted:
         self._subscribers: dict[str, bool] = {}
         counter = Counter(
             "tickwire_exhausted_advisories",
-            "Delivery-limit advisories of SIGNALS by outcome: dead_lettered, pipeline "
-            "(a pipeline consumer's, ignored), unreadable, retry",
+            "Delivery-limit advisories by outcome: dead_lettered (a subscriber's), pipeline"
+            " (a pipeline worker's, dead-lettered for it), ignored, unreadable, retry",
             ["worker", "outcome"],
             registry=metrics.registry,
         )
         self.outcomes = {
             o: counter.labels(metrics.worker, o)
-            for o in (DEAD_LETTERED, PIPELINE, UNREADABLE, RETRY)
+            for o in (DEAD_LETTERED, PIPELINE, IGNORED, UNREADABLE, RETRY)
         }
 
     async def start(self) -> None:
@@ -280,8 +294,9 @@ class Exhausted:
             # left unacked: the server delivers it again after the consumer's backoff step
             # (a nak's own delay would be offset by that step once backoff is set)
             log.warning(
-                "subscriber %s: seq %d not dead-lettered yet, comes again: %r",
+                "consumer %s of %s: seq %d not dead-lettered yet, comes again: %r",
                 adv.consumer,
+                adv.stream,
                 adv.stream_seq,
                 exc,
             )
@@ -303,46 +318,73 @@ class Exhausted:
             self._subscribers[consumer] = known
         return known
 
+    def worker_of(self, stream: str, consumer: str) -> str | None:
+        """The pipeline worker whose durable (or one of whose partitions' durables) this is."""
+        m = _PARTITION.fullmatch(consumer)
+        worker = consumer if m is None else m.group(1)
+        return worker if (stream, worker) in self.workers else None
+
     async def handle(self, adv: _Advisory) -> str:
-        """Dead-letter the subscriber's message; the outcome, for the metric."""
-        if adv.stream != self.stream:
+        """Dead-letter the message the advisory is about; the outcome, for the metric."""
+        worker = self.worker_of(adv.stream, adv.consumer)
+        if worker is not None:
+            # its worker dead-letters a message on its last delivery: this one was lost on
+            # the way (the worker killed holding it), and only this says so
+            log.error(
+                "pipeline consumer %s gave up on %s seq %d after %d deliveries without a"
+                " dead letter (its worker was lost holding it): dead-lettered to dlq.%s",
+                adv.consumer,
+                adv.stream,
+                adv.stream_seq,
+                adv.deliveries,
+                worker,
+            )
+            detail = (
+                f"delivered {adv.deliveries} times to {adv.consumer} without an ack, the"
+                " consumer's limit, and its worker was lost holding it: the server would not"
+                " deliver it again"
+            )
+            msg_id = f"dlq|{worker}|{adv.stream}|{adv.stream_seq}"
+            await self._dead_letter(adv, worker, subjects.dlq(worker, namespace=self.namespace),
+                                    detail, msg_id)  # fmt: skip
             return PIPELINE
-        if not await self._subscriber(adv.consumer):
-            if self._subscribers.get(adv.consumer) is False:  # known, and not a subscriber
-                # its worker dead-letters a message on its last delivery: this one was lost
-                # on the way (the worker killed holding it), and only this says so
-                log.error(
-                    "pipeline consumer %s gave up on %s seq %d after %d deliveries without a"
-                    " dead letter; the message is still in the stream for a replay",
-                    adv.consumer,
-                    adv.stream,
-                    adv.stream_seq,
-                    adv.deliveries,
-                )
-            return PIPELINE
+        if adv.stream != self.stream or not await self._subscriber(adv.consumer):
+            log.warning(
+                "consumer %s of %s gave up on seq %d: neither a subscriber's nor a pipeline"
+                " worker's, so not dead-lettered",
+                adv.consumer,
+                adv.stream,
+                adv.stream_seq,
+            )
+            return IGNORED
         detail = f"subscriber {adv.consumer} did not ack after {adv.deliveries} deliveries"
+        msg_id = f"dlq|subscriber|{adv.consumer}|{self.stream}|{adv.stream_seq}"
+        await self._dead_letter(adv, adv.consumer, self.dlq, detail, msg_id)
+        log.warning("subscriber %s: seq %d dead-lettered", adv.consumer, adv.stream_seq)
+        return DEAD_LETTERED
+
+    async def _dead_letter(
+        self, adv: _Advisory, worker: str, dlq: str, detail: str, msg_id: str
+    ) -> None:
         try:
-            raw = await self.js.get_msg(self.stream, adv.stream_seq)
+            raw = await self.js.get_msg(adv.stream, adv.stream_seq)
             subject, payload, headers = raw.subject or "", raw.data or b"", dict(raw.headers or {})
         except NotFoundError:
             # past the stream's age limit or deleted: the record that it was never acked
             # still matters more than the payload
             subject, payload, headers = "", b"", {}
-            detail += f"; seq {adv.stream_seq} is no longer in {self.stream}"
+            detail += f"; seq {adv.stream_seq} is no longer in {adv.stream}"
         letter = DeadLetter(
-            worker=adv.consumer,
+            worker=worker,
             reason=MAX_DELIVERIES,
             detail=detail,
             subject=subject,
             payload=payload,
             headers=headers,
-            stream=self.stream,
+            stream=adv.stream,
             stream_seq=adv.stream_seq,
             deliveries=adv.deliveries,
             failed_at_ms=_now_ms(),
         )
-        msg_id = f"dlq|subscriber|{adv.consumer}|{self.stream}|{adv.stream_seq}"
-        await self.publisher.publish([Outgoing(self.dlq, encode(letter), msg_id)])
-        self.metrics.dead_letters.labels(self.metrics.worker, MAX_DELIVERIES).inc()
-        log.warning("subscriber %s: seq %d dead-lettered", adv.consumer, adv.stream_seq)
-        return DEAD_LETTERED
+        await self.publisher.publish([Outgoing(dlq, encode(letter), msg_id)])
+        self.metrics.dead_letters.labels(worker, MAX_DELIVERIES).inc()
