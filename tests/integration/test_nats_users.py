@@ -287,7 +287,7 @@ async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
 
         # second run: restored from the snapshot and the stream; idle symbols are closed by
         # a Watermark candle-ingest publishes itself on the tick subject
-        again = {"idle_close": True, "idle_grace_s": 0.5}
+        again = {"idle_close": True, "idle_grace_s": 0.5, "idle_silence_s": 1.0}
         running = [
             await started(build_ingest(ingest.model_copy(update=again))),
             await started(build_features(features)),
@@ -799,6 +799,7 @@ async def test_partitions_run_under_the_permissions_printed_for_them(
                 questdb_http=questdb.http,
                 idle_close=True,
                 idle_grace_s=0.5,
+                idle_silence_s=1.0,  # the ticks are from the past: closed once they stop
                 pull_expires_s=1,
             )
             running.append(await started(build_ingest(settings)))

@@ -76,9 +76,6 @@ REPLAY_SUFFIX: Final = "-replay"
 UNKNOWN_SYMBOL: Final = "unknown_symbol"
 OPEN_COUNT_EVERY_S: Final = 1.0
 """How often the open-candles gauge is counted again."""
-HEARD_WITHIN_MS: Final = 10_000
-"""After a start, how soon a live EA's ticks come: a symbol not heard from by then is idle
-by the wall clock."""
 
 
 class Settings(PartitionedSettings):
@@ -98,6 +95,9 @@ class Settings(PartitionedSettings):
     """Close an idle symbol's candles by publishing a Watermark (in a replay namespace off
     unless set)."""
     idle_grace_s: Annotated[float, Field(gt=0)] = 5.0
+    idle_silence_s: Annotated[float, Field(gt=0)] = 60.0
+    """A symbol with no tick stored for this long (its EA stopped, its backfill ended) is
+    idle by the wall clock rather than by its own."""
     max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
     max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -195,11 +195,12 @@ class Ingest:
         self.counts: collections.Counter[str] = collections.Counter()
         """Tick outcomes since the last flush, added to the metrics there."""
         self._skew_ms = round(settings.max_future_skew_s * 1000)
+        self._silence_ms = round(settings.idle_silence_s * 1000)
         self._day_start_ms = settings.day_start_minutes * 60_000
         self._allowed = settings.allowed_symbols()
-        self.lag: dict[tuple[str, str], int] = {}
-        """How far each symbol's watermark was behind the time TICKS stored its latest
-        ticks (ms): its own clock runs that far behind the wall clock (``clock``)."""
+        self.heard: dict[tuple[str, str], tuple[int, int]] = {}
+        """When TICKS stored each symbol's latest ticks and how far its watermark was behind
+        that (ms): its own clock runs that far behind the wall clock (``clock``)."""
         self.started_ms = time.time_ns() // 1_000_000
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
@@ -284,7 +285,7 @@ class Ingest:
         )
         wm = self.agg.watermark(feed, symbol)
         if wm is not None:
-            self.lag[feed, symbol] = stored - wm
+            self.heard[feed, symbol] = (stored, stored - wm)
         counts = self.counts
         counts["accepted"] += result.accepted
         counts["duplicate"] += result.duplicate
@@ -541,13 +542,14 @@ class Ingest:
     def clock(self, feed: str, symbol: str, now_ms: int) -> int | None:
         """The symbol's time now, as its EA keeps it: the wall clock less the symbol's lag
         when its latest ticks were stored. An EA whose clock runs behind the wall clock, or
-        ticks backfilled from the past, are then not taken for a symbol gone idle. A symbol
-        not heard from since the start has the wall clock once a live EA would have been
-        heard (``HEARD_WITHIN_MS``), and none before."""
-        lag = self.lag.get((feed, symbol))
-        if lag is not None:
-            return now_ms - lag
-        return now_ms if now_ms - self.started_ms >= HEARD_WITHIN_MS else None
+        a backfill of ticks from the past, is then not taken for a symbol gone idle. Once
+        no tick came for ``idle_silence_s`` (since the start, if none came since), the wall
+        clock; None before that when the lag is not known yet."""
+        heard = self.heard.get((feed, symbol))
+        stored, lag = (self.started_ms, None) if heard is None else heard
+        if now_ms - stored >= self._silence_ms:
+            return now_ms
+        return None if lag is None else now_ms - lag
 
     async def close_idle(self) -> None:
         """Publish a Watermark for symbols whose open candle ended more than the grace ago
