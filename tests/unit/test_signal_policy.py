@@ -220,6 +220,25 @@ def test_a_subscriber_that_acts_on_the_latest_signal_ends_where_a_fresh_run_woul
         assert held is fresh.series["fx", "EURUSD", Timeframe.M1].state.side, f"step {step}"
 
 
+def test_a_series_told_its_side_keeps_it_through_a_revision() -> None:
+    """After a restart under a policy that no longer enters at 0.7, the series takes the
+    BUY subscribers were told at bar 0. A revision of bar 2 that still holds must leave it
+    long, and a later 0.1 exits."""
+    told = Book(Policy())
+    [buy] = told.apply(score(0, 0.7), SUBJECT)
+    later = Book(Policy(defaults=Rule(entry_long=0.9)))
+    for bar in range(4):
+        later.apply(score(bar, 0.7 if bar == 0 else 0.5), SUBJECT)
+    key = ("fx", "EURUSD", Timeframe.M1)
+    assert later.series[key].state.side is Side.FLAT
+    assert later.told(buy) and not later.told(buy)
+    assert later.series[key].state.side is Side.BUY
+    assert later.apply(score(2, 0.45, revision=1), SUBJECT) == []
+    assert later.series[key].state.side is Side.BUY
+    [flat] = later.apply(score(4, 0.1), SUBJECT)
+    assert (flat.side, flat.open_time_ms, flat.corrects) == (Side.FLAT, 4 * M, None)
+
+
 def test_a_revision_further_back_decides_the_later_candles_again() -> None:
     """BUY at bar 0, held at bar 1, FLAT at bar 2. Bar 0 revised below the entry: no BUY
     there (FLAT correction), so bar 1 (0.7) is now the entry, and bar 2 exits as before.

@@ -124,12 +124,17 @@ class Book:
             return False
         if series is None:
             series = self.series[key] = Series()
-        series.state = msgspec.structs.replace(
+        held = series.state = msgspec.structs.replace(
             series.state,
             side=signal.side,
             last_open_ms=signal.open_time_ms,
             last_close_ms=signal.open_time_ms + signal.tf.ms,
         )
+        # no signal came after it: each later candle kept held that side, and a revision
+        # of one is decided again from there
+        for d in series.recent:
+            if d.score.open_time_ms > signal.open_time_ms:
+                d.before, d.decided, d.signal = held, None, None
         return True
 
     def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
