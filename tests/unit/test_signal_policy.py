@@ -231,7 +231,8 @@ def test_a_series_told_its_side_keeps_it_through_a_revision() -> None:
         later.apply(score(bar, 0.7 if bar == 0 else 0.5), SUBJECT)
     key = ("fx", "EURUSD", Timeframe.M1)
     assert later.series[key].state.side is Side.FLAT
-    assert later.told(buy) and not later.told(buy)
+    assert later.told(buy)
+    assert not later.told(buy)  # told once: nothing to change
     assert later.series[key].state.side is Side.BUY
     assert later.apply(score(2, 0.45, revision=1), SUBJECT) == []
     assert later.series[key].state.side is Side.BUY
