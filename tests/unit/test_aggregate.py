@@ -371,7 +371,9 @@ def test_gaps_and_late_fills() -> None:
     agg = Aggregator(AggregatorConfig())
     assert agg.add("a", "X", START, 1.0, 1.0, seq=1).gap == 0
     assert agg.add("a", "X", START + 10, 1.0, 1.0, seq=5).gap == 3
+    assert agg.filled == 0
     assert agg.add("a", "X", START + 5, 1.0, 1.0, seq=3) == TickResult("accepted", [], 0)
+    assert agg.filled == 1  # of the 3 missing, one came after all
     assert agg.add("a", "X", START + 5, 1.0, 1.0, seq=3).outcome == "duplicate"
     assert agg.add("a", "X", START + 10, 1.0, 1.0, seq=5).outcome == "duplicate"
     assert agg.add("a", "X", START + 11, 1.0, 1.0, seq=7).gap == 1

@@ -265,6 +265,7 @@ class Aggregator:
         "_tfs",
         "_ticks",
         "config",
+        "filled",
         "last_stream_seq",
     )
 
@@ -272,6 +273,9 @@ class Aggregator:
         self.config = config
         self.last_stream_seq: int = 0
         """Set by the caller (the last stream sequence applied), kept in snapshots."""
+        self.filled = 0
+        """Missing sequence numbers that came after all (each was counted in a gap when it
+        went missing), until the caller takes the count and sets it back to 0."""
         self._tfs = config.timeframes
         self._lens = tuple(tf.ms for tf in self._tfs)
         self._index = {tf: i for i, tf in enumerate(self._tfs)}
@@ -656,6 +660,7 @@ class Aggregator:
             return seq - ms - 1
         if seq in b.missing:
             del b.missing[seq]
+            self.filled += 1
             return 0
         if t > b.wm:  # newer than anything seen: the EA restarted and reset its sequence
             b.max_seq = b.low_seq = seq

@@ -159,7 +159,13 @@ class Metrics:
         )
         self.gaps = Counter(
             "tickwire_tick_sequence_gaps",
-            "Ticks missing in the EA's per-symbol sequence",
+            "Ticks missing in the EA's per-symbol sequence when a later number came",
+            ["worker"],
+            registry=r,
+        )
+        self.gaps_filled = Counter(
+            "tickwire_tick_sequence_gaps_filled",
+            "Missing ticks that came after all, out of order (gaps minus these never came)",
             ["worker"],
             registry=r,
         )
@@ -171,6 +177,7 @@ class Metrics:
         self.rejected = self.ticks.labels(w, "rejected")
         self.revisions_w = self.revisions.labels(w)
         self.gaps_w = self.gaps.labels(w)
+        self.filled_w = self.gaps_filled.labels(w)
         self.open_w = self.open.labels(w)
         self.latency = worker.metrics.latency.labels(w, "tick_to_candle")
         self.by_tf = {tf.value: self.candles.labels(w, tf.value) for tf in Timeframe}
@@ -337,6 +344,9 @@ class Ingest:
             m.rejected.inc(counts["rejected"])
             m.gaps_w.inc(counts["gap"])
             counts.clear()
+        if self.agg.filled:
+            m.filled_w.inc(self.agg.filled)
+            self.agg.filled = 0
         now = time.monotonic()
         if now - self._counted_open_at >= OPEN_COUNT_EVERY_S:
             # a walk over every series: once a second, not once a batch of one tick
