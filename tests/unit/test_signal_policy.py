@@ -186,6 +186,24 @@ def test_a_revision_that_changes_the_decision_corrects_the_signal() -> None:
     assert (again.side, again.corrects) == (Side.BUY, fix.signal_id)
 
 
+def test_a_correction_outlives_the_lateness_that_may_delay_it() -> None:
+    """A revision may come up to the allowed lateness after its candle's close: with an
+    expiry of 30 s and a lateness of 60 s a correction valid only 30 s past the close would
+    reach subscribers expired. It stays valid 30 s past the latest it can come."""
+    policy = Policy(defaults=Rule(expiry_s=30.0))
+    book = Book(policy, lateness_ms=60_000)
+    [buy] = book.apply(score(0, 0.7), SUBJECT)
+    assert buy.expires_ms == M + 30_000
+    [fix] = book.apply(score(0, 0.5, revision=1), SUBJECT)
+    assert fix.expires_ms == M + 60_000 + 30_000
+    book.apply(score(1, 0.7), SUBJECT)  # BUY again, then bar 0 revised back: BUY there,
+    out = book.apply(score(0, 0.8, revision=2), SUBJECT)  # bar 1 held, said again last
+    assert [(s.open_time_ms, s.expires_ms) for s in out] == [
+        (0, M + 90_000),
+        (M, 2 * M + 90_000),
+    ]
+
+
 def test_a_revision_that_keeps_the_decision_publishes_nothing() -> None:
     book = Book(Policy())
     assert [s.side for s in book.apply(score(0, 0.7), SUBJECT)] == [Side.BUY]

@@ -83,6 +83,9 @@ class Settings(PartitionedSettings):
     """KV bucket whose ``policy`` entry replaces the file's policy at run time."""
     revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
     """Candles of a series a revision may still correct."""
+    allowed_lateness_s: Annotated[float, Field(ge=0)] = 60.0
+    """candle-ingest's (the same variable): a revision, and so a correction, comes up to
+    this long after its candle's close, and a correction stays valid this much longer."""
     max_payload_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
 
     @field_validator("signal_policy_file")
@@ -157,7 +160,9 @@ class Signals:
     def __init__(self, settings: Settings, ctx: Context, policy: Policy, metrics: Metrics) -> None:
         self.settings = settings
         self.ctx = ctx
-        self.book = Book(policy, settings.revision_depth)
+        self.book = Book(
+            policy, settings.revision_depth, round(settings.allowed_lateness_s * 1000)
+        )
         self.file_policy = policy
         """In force while the KV entry is absent."""
         self.metrics = metrics

@@ -6,11 +6,13 @@ A revised candle is decided again from the state before it, and so is every late
 kept; where the decision (a side, or no signal) differs from the one made before, a
 correcting signal is published: the new side, or when there is now no signal, the side the
 series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
-id adds the revision that caused it. When the last correction is for an earlier candle and
-says another side than the series now holds (a later candle decided as before, and its
-signal went out before the corrections), the latest candle's signal is corrected too, to
-that side: the last signal subscribers get is always where the series stands. A revision
-that changes no decision publishes nothing.
+id adds the revision that caused it. A correction stays valid the allowed lateness longer
+than a signal: a revision comes up to that long after its candle's close, and must not
+reach subscribers expired. When the last correction is for an earlier candle and says
+another side than the series now holds (a later candle decided as before, and its signal
+went out before the corrections), the latest candle's signal is corrected too, to that
+side: the last signal subscribers get is always where the series stands. A revision that
+changes no decision publishes nothing.
 """
 
 from __future__ import annotations
@@ -80,9 +82,12 @@ class Series:
 class Book:
     """Every series' decisions; ``apply`` returns the signals a score gives, or a refusal."""
 
-    def __init__(self, policy: Policy, depth: int = 8) -> None:
+    def __init__(self, policy: Policy, depth: int = 8, lateness_ms: int = 0) -> None:
         self.policy = policy
         self.depth = depth
+        self.lateness_ms = lateness_ms
+        """How long after its close a candle may still be revised: a correction stays valid
+        that much longer than a signal, so that it never comes already expired."""
         self.series: dict[Key, Series] = {}
 
     def apply(self, score: Score, subject: str) -> list[Signal] | Refusal:
@@ -164,6 +169,7 @@ class Book:
                 signal,
                 signal_id=f"{signal_id(score)}|{cause}",
                 corrects=None if old is None else old.signal_id,
+                expires_ms=signal.expires_ms + self.lateness_ms,
             )
             d.signal = fix
             out.append(fix)
@@ -175,6 +181,8 @@ class Book:
             last = recent[-1]
             was = None if last.signal is None else last.signal.signal_id
             again = make_signal(last.score, state.side, rule, f"{signal_id(last.score)}|{cause}")
-            last.signal = msgspec.structs.replace(again, corrects=was)
+            last.signal = msgspec.structs.replace(
+                again, corrects=was, expires_ms=again.expires_ms + self.lateness_ms
+            )
             out.append(last.signal)
         return out
