@@ -347,9 +347,15 @@ async def test_an_entry_gone_from_scores_still_has_its_exit(
     scores = streams.stream_name(streams.SCORES, namespace=namespace)
     await js.purge_stream(scores, seq=2)  # the entry's score ages out
     assert (await js.stream_info(scores)).state.first_seq == 2
+    # and something that is no signal is the last word of another series: it told no one
+    # anything, and does not stop the start
+    junk = subjects.signals("fx", "GBPUSD", Timeframe.M1, namespace=namespace)
+    await js.publish(junk, b'{"not": "a signal"}')
     await run_once(stack, js, namespace, [make_score("EURUSD", 4, 0.1)])
-    got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
-    assert got == [(T0, "BUY"), (T0 + 4 * M1, "FLAT")]
+    got = await stream_messages(js, streams.SIGNALS, namespace)
+    assert got[1] == b'{"not": "a signal"}'
+    decoded = [msgspec.json.decode(m, type=Signal) for m in got[:1] + got[2:]]
+    assert [(s.open_time_ms, s.side.value) for s in decoded] == [(T0, "BUY"), (T0 + 4 * M1, "FLAT")]
 
 
 async def test_a_start_whose_restore_fails_is_tried_again_whole(

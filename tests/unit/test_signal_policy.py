@@ -254,6 +254,11 @@ def test_a_series_told_its_side_keeps_it_through_a_revision() -> None:
     assert later.series[key].state.side is Side.BUY
     assert later.apply(score(2, 0.45, revision=1), SUBJECT) == []
     assert later.series[key].state.side is Side.BUY
+    # bar 0 itself was decided under the earlier policy: a revision of it is refused, not
+    # decided again under this one (which would go flat without a word)
+    assert reason_of(later.apply(score(0, 0.7, revision=1), SUBJECT)) == "revision_too_old"
+    assert reason_of(later.apply(score(0, 0.7), SUBJECT)) == "out_of_order"
+    assert later.series[key].state.side is Side.BUY
     [flat] = later.apply(score(4, 0.1), SUBJECT)
     assert (flat.side, flat.open_time_ms, flat.corrects) == (Side.FLAT, 4 * M, None)
 

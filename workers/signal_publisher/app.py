@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 from typing import Annotated, ClassVar, Final
 
-import msgspec
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
 
 from contracts import subjects
-from contracts.codec import Codec, encode
+from contracts.codec import Codec, ContractError, encode
 from contracts.messages import Score, Side, Signal
 from contracts.streams import (
     SCORES,
@@ -269,12 +268,17 @@ class Signals:
         )
         accept = self.settings.acceptor(feed_symbol)
         mine = [s for s in info.state.subjects or {} if accept is None or accept(s)]
-        decode = msgspec.json.Decoder(Signal).decode
+        codec: Codec[Signal] = Codec(Signal, max_bytes=self.settings.max_payload_bytes)
         taken = 0
         for at in range(0, len(mine), 100):
             raws = await asyncio.gather(*(js.get_last_msg(signals, s) for s in mine[at : at + 100]))
             for raw in raws:
-                if raw.data and self.book.told(decode(raw.data)):
+                try:
+                    signal = codec.decode(raw.data or b"")
+                except ContractError as exc:  # not one of ours: it told subscribers nothing
+                    log.warning("%s: last message on %s is no signal: %s", NAME, raw.subject, exc)
+                    continue
+                if self.book.told(signal):
                     taken += 1
         if taken:
             log.warning(

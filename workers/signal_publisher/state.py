@@ -77,6 +77,10 @@ class Decided:
 class Series:
     state: State = field(default_factory=State)
     recent: list[Decided] = field(default_factory=list)
+    told_ms: int | None = None
+    """Open time of the candle whose signal, read back from SIGNALS, set the state: that
+    candle and earlier ones were decided under another policy or history, not to be
+    decided again."""
 
 
 class Book:
@@ -99,6 +103,12 @@ class Book:
         if series is None:
             series = self.series[key] = Series()
         recent = series.recent
+        if series.told_ms is not None and score.open_time_ms <= series.told_ms:
+            return Refusal(
+                REVISION_TOO_OLD if score.candle_revision else OUT_OF_ORDER,
+                f"{signal_id(score)} r{score.candle_revision}: at or before the signal"
+                f" subscribers were told at {series.told_ms}, decided before the restart",
+            )
         if not recent or score.open_time_ms > recent[-1].score.open_time_ms:
             rule = self.policy.rule(*key)
             before = series.state
@@ -136,10 +146,11 @@ class Book:
             last_close_ms=signal.open_time_ms + signal.tf.ms,
         )
         # no signal came after it: each later candle kept held that side, and a revision
-        # of one is decided again from there
+        # of one is decided again from there; that candle and earlier ones are not
+        series.recent = [d for d in series.recent if d.score.open_time_ms > signal.open_time_ms]
         for d in series.recent:
-            if d.score.open_time_ms > signal.open_time_ms:
-                d.before, d.decided, d.signal = held, None, None
+            d.before, d.decided, d.signal = held, None, None
+        series.told_ms = signal.open_time_ms
         return True
 
     def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
