@@ -11,7 +11,7 @@ import pytest
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
-from workers.runtime.pull import deliveries, parse_reply, stored_ns, stream_seq
+from workers.runtime.pull import deliveries, parse_reply, position, stream_seq
 from workers.timescale_replicator.app import Settings
 from workers.timescale_replicator.tables import (
     CANDLE_TABLE,
@@ -167,7 +167,8 @@ def test_latest_keeps_the_highest_revision_and_the_later_of_equals() -> None:
 def test_the_stream_sequence_is_read_from_either_form_of_ack_subject(reply: str) -> None:
     assert stream_seq(reply) == parse_reply(reply).stream_seq == 1048577
     assert deliveries(reply) == parse_reply(reply).deliveries == 3
-    assert stored_ns(reply) == parse_reply(reply).timestamp_ns == 1741038600000000000
+    info = parse_reply(reply)
+    assert position(reply) == (info.stream_seq, info.timestamp_ns) == (1048577, 1741038600000000000)
 
 
 def test_a_subject_that_is_no_ack_subject_has_no_stream_sequence() -> None:
@@ -176,7 +177,7 @@ def test_a_subject_that_is_no_ack_subject_has_no_stream_sequence() -> None:
     with pytest.raises(ValueError, match="not a JetStream ack subject"):
         deliveries("ns.x.candles.feed-a.EURUSD.M1")
     with pytest.raises(ValueError, match="not a JetStream ack subject"):
-        stored_ns("ns.x.candles.feed-a.EURUSD.M1")
+        position("ns.x.candles.feed-a.EURUSD.M1")
 
 
 def test_settings_choose_streams_and_refuse_unknown_ones() -> None:

@@ -96,8 +96,8 @@ class Settings(PartitionedSettings):
     unless set)."""
     idle_grace_s: Annotated[float, Field(gt=0)] = 5.0
     idle_silence_s: Annotated[float, Field(gt=0)] = 60.0
-    """A symbol with no tick stored for this long (its EA stopped, its backfill ended) is
-    idle by the wall clock rather than by its own."""
+    """A symbol with no tick taken for this long whose ticks ran more than the allowed
+    lateness behind the wall clock (a backfill that ended) is idle by the wall clock."""
     max_future_skew_s: Annotated[float, Field(gt=0)] = 60.0
     max_payload_bytes: Annotated[int, Field(gt=0)] = 1 << 20
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -203,6 +203,7 @@ class Ingest:
         """Tick outcomes since the last flush, added to the metrics there."""
         self._skew_ms = round(settings.max_future_skew_s * 1000)
         self._silence_ms = round(settings.idle_silence_s * 1000)
+        self._late_ms = round(settings.allowed_lateness_s * 1000)
         self._day_start_ms = settings.day_start_minutes * 60_000
         self._allowed = settings.allowed_symbols()
         self.heard: dict[tuple[str, str], tuple[int, int]] = {}
@@ -234,7 +235,7 @@ class Ingest:
 
     def apply(self, batch: Refuser | None, d: Delivery[TickInput]) -> None:
         """Fold one message into the state; ``batch`` None: refusals are already recorded."""
-        seq = d.stream_seq
+        seq, stored = d.position()
         agg = self.agg
         if seq <= agg.last_stream_seq:
             # already in the state: a redelivery after a restart, or of a delivery lost on
@@ -250,14 +251,14 @@ class Ingest:
             if batch is not None:
                 batch.reject(d, *problem)
         elif isinstance(m, TickBatch):
-            self._ticks(batch, d, m.feed, m.symbol, m.ticks, whole=False)
+            self._ticks(batch, d, stored, m.feed, m.symbol, m.ticks, whole=False)
         elif isinstance(m, Tick):
-            self._ticks(batch, d, m.feed, m.symbol, (m,), whole=True)
+            self._ticks(batch, d, stored, m.feed, m.symbol, (m,), whole=True)
         elif isinstance(m, Bar):
             reason = check_bar(
                 m,
                 day_start_ms=self._day_start_ms,
-                now_ms=d.stored_ms,
+                now_ms=stored,
                 max_future_skew_ms=self._skew_ms,
             )
             if reason is None:
@@ -273,14 +274,15 @@ class Ingest:
         self,
         batch: Refuser | None,
         d: Delivery[TickInput],
+        stored: int,
         feed: str,
         symbol: str,
         rows: Sequence[Tick | TickRow],
         *,
         whole: bool,
     ) -> None:
-        """The hot path: validate and fold the ticks; count once per message, not per tick."""
-        stored = d.stored_ms
+        """The hot path: validate and fold the ticks; count once per message, not per tick.
+        ``stored``: when TICKS stored the message (epoch ms)."""
         result = self.agg.add_rows(
             feed,
             symbol,
@@ -290,9 +292,10 @@ class Ingest:
             out=self.pending,
             out_times=self.trigger_ms,
         )
-        wm = self.agg.watermark(feed, symbol)
-        if wm is not None:
-            self.heard[feed, symbol] = (stored, stored - wm)
+        if result.accepted:  # refused ticks say nothing of the symbol's clock
+            wm = self.agg.watermark(feed, symbol)
+            if wm is not None:
+                self.heard[feed, symbol] = (stored, stored - wm)
         counts = self.counts
         counts["accepted"] += result.accepted
         counts["duplicate"] += result.duplicate
@@ -551,15 +554,19 @@ class Ingest:
 
     def clock(self, feed: str, symbol: str, now_ms: int) -> int | None:
         """The symbol's time now, as its EA keeps it: the wall clock less the symbol's lag
-        when its latest ticks were stored. An EA whose clock runs behind the wall clock, or
-        a backfill of ticks from the past, is then not taken for a symbol gone idle. Once
-        no tick came for ``idle_silence_s`` (since the start, if none came since), the wall
-        clock; None before that when the lag is not known yet."""
+        when its latest ticks were taken. An EA whose clock runs behind the wall clock, or
+        a backfill of ticks from the past, is then not taken for a symbol gone idle.
+
+        Once no tick was taken for ``idle_silence_s`` (since the start, if none since), a
+        symbol whose ticks ran more than the allowed lateness behind has the wall clock: a
+        backfill that ended, whose last candles would otherwise stay open as long as their
+        periods last. One that ran less behind keeps its own clock, which closes them as
+        soon and makes none of its later ticks late. None: the lag is not known yet."""
         heard = self.heard.get((feed, symbol))
         stored, lag = (self.started_ms, None) if heard is None else heard
-        if now_ms - stored >= self._silence_ms:
-            return now_ms
-        return None if lag is None else now_ms - lag
+        if lag is not None and (lag <= self._late_ms or now_ms - stored < self._silence_ms):
+            return now_ms - lag
+        return now_ms if now_ms - stored >= self._silence_ms else None
 
     async def close_idle(self) -> None:
         """Publish a Watermark for symbols whose open candle ended more than the grace ago

@@ -169,11 +169,12 @@ def deliveries(reply: str) -> int:
     return int(reply.split(".", at + 1)[at])
 
 
-def stored_ns(reply: str) -> int:
-    """``parse_reply(reply).timestamp_ns``: when the stream stored the message; splits only
-    as far as that."""
-    at = _stream_at(reply.count(".") + 1, reply) + 5
-    return int(reply.split(".", at + 1)[at])
+def position(reply: str) -> tuple[int, int]:
+    """``(stream_seq, timestamp_ns)`` of ``parse_reply(reply)``: where the message is in its
+    stream and when the stream stored it, in one split only as far as the time."""
+    at = _stream_at(reply.count(".") + 1, reply) + 3
+    t = reply.split(".", at + 3)
+    return int(t[at]), int(t[at + 2])
 
 
 def _offset(tokens: list[str], reply: str) -> int:

@@ -86,9 +86,9 @@ from workers.runtime.pull import (
     nak_payload,
     parse_reply,
     read_stream,
-    stored_ns,
 )
 from workers.runtime.pull import deliveries as reply_deliveries
+from workers.runtime.pull import position as reply_position
 from workers.runtime.pull import stream_seq as reply_stream_seq
 from workers.runtime.settings import RuntimeSettings
 
@@ -149,9 +149,15 @@ class Delivery(Generic[T]):
     def stored_ms(self) -> int:
         """When the stream stored the message (epoch ms): the same on every delivery and
         every read of it, where the wall clock is not."""
-        if self._info is None:
-            return stored_ns(self.msg.reply) // 1_000_000
-        return self._info.timestamp_ns // 1_000_000
+        return self.position()[1]
+
+    def position(self) -> tuple[int, int]:
+        """``(stream_seq, stored_ms)`` at the cost of one of them."""
+        info = self._info
+        if info is None:
+            seq, stored_ns = reply_position(self.msg.reply)
+            return seq, stored_ns // 1_000_000
+        return info.stream_seq, info.timestamp_ns // 1_000_000
 
 
 class Batch(Generic[T]):

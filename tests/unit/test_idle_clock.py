@@ -1,0 +1,75 @@
+"""candle-ingest's clock for closing idle symbols: each symbol's own, from the lag of its
+ticks behind the time TICKS stored them, and the wall clock only where that would close
+nothing early. Driven through ``Ingest.apply`` with deliveries as the server makes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from contracts.codec import Codec
+from contracts.messages import TickInput
+from workers.candle_ingest.app import Ingest, Metrics, Settings
+from workers.runtime.worker import Delivery, Worker
+
+S = 1_767_225_600_000  # when the first ticks are stored (epoch ms)
+SECOND = 1000
+FEED, SYMBOL = "fx", "EURUSD"
+CODEC: Codec[TickInput] = Codec(TickInput)
+
+
+def ingest(**kw: Any) -> tuple[Ingest, list[int]]:
+    settings = Settings(idle_silence_s=60.0, allowed_lateness_s=60.0, **kw)
+    worker: Worker[TickInput] = Worker(
+        "candle-ingest", stream="TICKS", durable="candle-ingest", codec=CODEC, settings=settings
+    )
+    it = Ingest(settings, None, None, Metrics(worker))  # type: ignore[arg-type]
+    it.started_ms = S
+    return it, [0]
+
+
+def take(it: Ingest, seq: list[int], stored_ms: int, *times_ms: int) -> None:
+    """Ticks stamped ``times_ms`` in one message, stored by TICKS at ``stored_ms``."""
+    seq[0] += 1
+    n = seq[0]
+    reply = f"$JS.ACK.TICKS.candle-ingest.1.{n}.{n}.{stored_ms * 1_000_000}.0"
+    ticks = [{"time_ms": t, "bid": 1.1, "ask": 1.1001} for t in times_ms]
+    data = msgspec.json.encode(
+        {"type": "tick_batch", "v": 1, "feed": FEED, "symbol": SYMBOL, "ticks": ticks}
+    )
+    msg = Msg(None, subject=f"ticks.{FEED}.{SYMBOL}", reply=reply, data=data)  # type: ignore[arg-type]
+    it.apply(None, Delivery(msg, CODEC.decode(data)))
+
+
+async def test_an_ea_behind_the_wall_clock_keeps_its_own_even_when_quiet() -> None:
+    it, seq = ingest()
+    take(it, seq, S, S - 30 * SECOND)  # 30 s behind, less than the allowed lateness
+    assert it.clock(FEED, SYMBOL, S + 10 * SECOND) == S - 20 * SECOND
+    # quiet for two minutes: still its own clock, so its next tick is not late
+    assert it.clock(FEED, SYMBOL, S + 120 * SECOND) == S + 90 * SECOND
+
+
+async def test_refused_ticks_do_not_move_the_symbols_clock() -> None:
+    it, seq = ingest(max_future_skew_s=60.0)
+    take(it, seq, S, S - SECOND)
+    take(it, seq, S + 100 * SECOND, S + 400 * SECOND)  # 300 s ahead: future_time
+    assert it.agg.watermark(FEED, SYMBOL) == S - SECOND
+    assert it.clock(FEED, SYMBOL, S + 200 * SECOND) == S + 199 * SECOND
+
+
+async def test_a_backfill_that_ended_takes_the_wall_clock_after_the_silence() -> None:
+    it, seq = ingest()
+    day = 86_400 * SECOND
+    take(it, seq, S, S - 10 * day, S - 10 * day + SECOND)
+    assert it.clock(FEED, SYMBOL, S + 59 * SECOND) == S - 10 * day + 60 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 60 * SECOND) == S + 60 * SECOND
+
+
+async def test_a_symbol_not_heard_since_the_start_waits_the_silence() -> None:
+    it, seq = ingest()
+    take(it, seq, S, S)
+    it.heard.clear()  # as after a start from a snapshot
+    assert it.clock(FEED, SYMBOL, S + 59 * SECOND) is None
+    assert it.clock(FEED, SYMBOL, S + 60 * SECOND) == S + 60 * SECOND
