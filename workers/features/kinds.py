@@ -32,10 +32,10 @@ TAU = 2.0 * math.pi
 DAY_MS = 86_400_000
 FLAT = 1e-10
 """A window whose standard deviation is below ``FLAT`` times its mean level is flat."""
-NEAR_FLAT = 1e-4
-"""Below ``NEAR_FLAT`` times its mean level a window's deviation is computed from its values:
-an O(1) update subtracts variances of the size of the level's, and what rounding leaves of
-them is no longer small against a deviation that small."""
+CANCELLED = 1e-3
+"""A window's variance that fell below ``CANCELLED`` times its largest since it was last
+computed from its values is computed from them again: what rounding left of the larger
+one is no longer small against it."""
 
 
 def _log_returns(close: Array) -> Array:
@@ -93,21 +93,26 @@ class _LogReturnStep(Stepper):
 class _Window:
     """Mean and population variance of the last ``n`` values, O(1) per value.
 
-    Sliding Welford updates, recomputed from the window (two passes) every ``n`` values so
-    that their rounding cannot build up, and whenever the deviation is near zero against the
-    level (``NEAR_FLAT``), where that rounding is large against it. A window of equal values
-    is exactly flat, as the batch form's two passes make it: the rounding of the updates
-    (about 1e-8 of the level) would otherwise make it look not flat.
+    Sliding Welford updates of the values less a base (their mean when last computed from
+    them), so that rounding is of the size of their deviations, not of their level. The
+    window is computed from its values (two passes) every ``n`` values, so that rounding
+    cannot build up, and when its variance falls far below its recent largest
+    (``CANCELLED``). A window of equal values is exactly flat, as the batch form's two passes
+    make it.
     """
 
-    __slots__ = ("m2", "mean", "n", "near", "same", "since", "values")
+    __slots__ = ("base", "dev", "m2", "mean", "n", "peak", "same", "since", "values")
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.near = n * NEAR_FLAT**2
         self.values: deque[float] = deque(maxlen=n)
+        self.base = 0.0
+        self.dev = 0.0
+        """``mean - base``."""
         self.mean = 0.0
         self.m2 = 0.0
+        self.peak = 0.0
+        """The largest ``m2`` since the window was last computed from its values."""
         self.since = 0
         self.same = 0
         """How many of the latest values equal the last one."""
@@ -116,26 +121,37 @@ class _Window:
         values = self.values
         self.same = self.same + 1 if values and values[-1] == x else 1
         if len(values) < self.n:
+            if not values:
+                self.base = x
             values.append(x)
-            d = x - self.mean
-            self.mean += d / len(values)
-            self.m2 += d * (x - self.mean)
+            dx = x - self.base
+            d = dx - self.dev
+            self.dev += d / len(values)
+            self.m2 += d * (dx - self.dev)
+            self.mean = self.base + self.dev
+            self.peak = max(self.peak, self.m2)
             return
         old = values[0]
         values.append(x)
         self.since += 1
         if self.same >= self.n:
-            self.mean, self.m2 = x, 0.0
+            self.base = self.mean = x
+            self.dev = self.m2 = self.peak = 0.0
             return
         if self.since < self.n:
-            mean = self.mean + (x - old) / self.n
-            self.m2 += (x - old) * (x - mean + old - self.mean)
-            self.mean = mean
-            if self.m2 > self.near * mean * mean:
+            base = self.base
+            dx, do = x - base, old - base
+            dev = self.dev + (dx - do) / self.n
+            m2 = self.m2 + (dx - do) * (dx - dev + do - self.dev)
+            self.dev, self.m2, self.mean = dev, m2, base + dev
+            if m2 > self.peak:
+                self.peak = m2
+            if m2 > self.peak * CANCELLED:
                 return
         self.since = 0
-        self.mean = mean = math.fsum(values) / self.n
-        self.m2 = math.fsum((v - mean) ** 2 for v in values)
+        self.base = self.mean = mean = math.fsum(values) / self.n
+        self.dev = 0.0
+        self.m2 = self.peak = math.fsum((v - mean) ** 2 for v in values)
 
     @property
     def full(self) -> bool:
@@ -147,7 +163,7 @@ class _Window:
     def copy(self) -> _Window:
         new = _Window.__new__(_Window)
         new.n, new.mean, new.m2, new.since = self.n, self.mean, self.m2, self.since
-        new.near, new.same = self.near, self.same
+        new.base, new.dev, new.peak, new.same = self.base, self.dev, self.peak, self.same
         new.values = self.values.copy()
         return new
 
