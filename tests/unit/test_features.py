@@ -176,6 +176,39 @@ def test_a_flat_stretch_is_flat_in_both_forms(level: float) -> None:
             assert (column(stream, name)[flat] == 0.0).all(), f"{name} phase {phase}"
 
 
+@pytest.mark.parametrize(("level", "digits"), [(1.1, 5), (150.5, 3), (30_000.0, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stretches_volatile_quiet_and_flat_agree_in_both_forms(
+    level: float, digits: int, seed: int
+) -> None:
+    """Volatility that switches every 20 to 400 candles between normal, a tenth, a
+    hundredth (below a pip) and none: where a window's variance collapses, what the O(1)
+    updates rounded off the larger one must not show."""
+    rng = np.random.default_rng(seed)
+    n = 8000
+    vol = np.empty(n)
+    at = 0
+    while at < n:
+        k = int(rng.integers(20, 400))
+        vol[at : at + k] = rng.choice([3e-4, 3e-5, 3e-6, 0.0])
+        at += k
+    closes = np.round(level * np.exp(np.cumsum(rng.normal(0, 1, n) * vol)), digits)
+    tick = 10.0**-digits
+    candles = Candles(
+        open_time_ms=START_MS + 60_000 * np.arange(n, dtype=np.int64),
+        open=closes,
+        high=closes + tick,
+        low=closes - tick,
+        close=closes,
+        tick_volume=rng.integers(1, 50, n).astype(np.int64),
+        spread_mean=np.full(n, 2 * tick),
+    )
+    stream = DEFAULT.engine().run([candles.row(i) for i in range(n)])
+    batch = DEFAULT.batch(candles)
+    for j, name in enumerate(DEFAULT.names):
+        assert_close(stream[:, j], batch[:, j], name)
+
+
 def test_a_clone_is_independent_of_the_series_it_came_from() -> None:
     bars = series(200, seed=8)
     engine = DEFAULT.engine()
