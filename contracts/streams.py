@@ -241,7 +241,11 @@ def stream_specs(*, namespace: str | None = None, replicas: int = 1) -> list[Str
             subjects.DLQ,
             description="Messages a worker refused, with reason, for inspection and requeue",
             max_age=30 * DAY,  # a month to notice, fix and requeue
-            duplicate_window=dedup,
+            # A worker killed after storing the dead letter of a message on its last
+            # delivery, before acking it, leaves an advisory one ack wait later (the last
+            # backoff step): signal-publisher's dead letter from it, with the same id, must
+            # still be a repeat then.
+            duplicate_window=max(dedup, 2 * max(_RETRY[-1], _REPLICATOR_RETRY[-1])),
             # Holds the original payload base64-encoded (4/3) plus headers: a full 1 MiB
             # tick batch must fit. Needs the server's max_payload raised to match.
             max_msg_size=2 * MiB,
