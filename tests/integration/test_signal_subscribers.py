@@ -322,7 +322,8 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     lost = by_subject[subjects.dlq("timescale-replicator", namespace=namespace)]
     assert (lost.reason, lost.worker, lost.deliveries) == ("max_deliveries", "timescale-replicator", 10)
     assert (lost.stream, lost.stream_seq, lost.payload) == (stream, 1, msgspec.json.encode(signal))
-    for worker in ("deaf", "timescale-replicator"):
+    # a subscriber's counted as signal-publisher's, a pipeline worker's as that worker's
+    for worker in ("signal-publisher", "timescale-replicator"):
         labels = {"worker": worker, "reason": "max_deliveries"}
         assert metrics.registry.get_sample_value("tickwire_dead_letters_total", labels) == 1
     assert outcomes(metrics) == {

@@ -344,9 +344,10 @@ class Exhausted:
                 " consumer's limit, and its worker was lost holding it: the server would not"
                 " deliver it again"
             )
+            dlq = subjects.dlq(worker, namespace=self.namespace)
             msg_id = f"dlq|{worker}|{adv.stream}|{adv.stream_seq}"
-            await self._dead_letter(adv, worker, subjects.dlq(worker, namespace=self.namespace),
-                                    detail, msg_id)  # fmt: skip
+            # counted as that worker's, as its own dead letters are
+            await self._dead_letter(adv, worker, dlq, detail, msg_id, counted_as=worker)
             return PIPELINE
         if adv.stream != self.stream or not await self._subscriber(adv.consumer):
             log.warning(
@@ -359,12 +360,14 @@ class Exhausted:
             return IGNORED
         detail = f"subscriber {adv.consumer} did not ack after {adv.deliveries} deliveries"
         msg_id = f"dlq|subscriber|{adv.consumer}|{self.stream}|{adv.stream_seq}"
-        await self._dead_letter(adv, adv.consumer, self.dlq, detail, msg_id)
+        await self._dead_letter(
+            adv, adv.consumer, self.dlq, detail, msg_id, counted_as=self.metrics.worker
+        )
         log.warning("subscriber %s: seq %d dead-lettered", adv.consumer, adv.stream_seq)
         return DEAD_LETTERED
 
     async def _dead_letter(
-        self, adv: _Advisory, worker: str, dlq: str, detail: str, msg_id: str
+        self, adv: _Advisory, worker: str, dlq: str, detail: str, msg_id: str, *, counted_as: str
     ) -> None:
         try:
             raw = await self.js.get_msg(adv.stream, adv.stream_seq)
@@ -387,4 +390,4 @@ class Exhausted:
             failed_at_ms=_now_ms(),
         )
         await self.publisher.publish([Outgoing(dlq, encode(letter), msg_id)])
-        self.metrics.dead_letters.labels(worker, MAX_DELIVERIES).inc()
+        self.metrics.dead_letters.labels(counted_as, MAX_DELIVERIES).inc()
