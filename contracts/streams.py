@@ -63,6 +63,9 @@ MODEL_SCORER: Final = "model-scorer"
 SIGNAL_PUBLISHER: Final = "signal-publisher"
 TIMESCALE_REPLICATOR: Final = "timescale-replicator"
 
+UNLIMITED: Final = -1
+"""``max_deliver`` of a consumer the server never gives up on."""
+
 CREATED: Final = "created"
 UPDATED: Final = "updated"
 UNCHANGED: Final = "unchanged"
@@ -154,13 +157,14 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError(f"consumer name must match {_NAME.pattern}: {self.durable!r}")
         if self.start_seq is not None and self.start_seq < 1:
             raise ValueError(f"consumer {self.durable}: start_seq must be 1 or more")
-        if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.max_deliver < 1:
+        unlimited = self.max_deliver == UNLIMITED
+        if self.ack_wait <= 0 or self.max_ack_pending < 1 or (self.max_deliver < 1 and not unlimited):
             raise ValueError(f"consumer {self.durable}: ack_wait, max_* must be positive")
         if self.backoff:
             # The server replaces ack_wait by the first step and needs a delivery per step.
             if self.backoff[0] != self.ack_wait:
                 raise ValueError(f"consumer {self.durable}: ack_wait must equal backoff[0]")
-            if self.max_deliver <= len(self.backoff):
+            if not unlimited and self.max_deliver <= len(self.backoff):
                 raise ValueError(f"consumer {self.durable}: max_deliver must exceed backoff")
 
     @property
@@ -366,7 +370,9 @@ def advised(*, namespace: str | None = None) -> tuple[str, ...]:
 def exhausted_deliveries(*, namespace: str | None = None) -> ConsumerSpec:
     """signal-publisher's durable on ADVISORIES: the exhausted deliveries it dead-letters,
     the subscribers' and the pipeline's. One durable whatever the partitions, so each
-    advisory is handled once."""
+    advisory is handled once. Delivered until its dead letter is stored, however long that
+    takes (the stream's age limit aside): it is the last trace of its message, and nothing
+    would read an advisory about this consumer giving up."""
     return ConsumerSpec(
         stream=stream_name(ADVISORIES, namespace=namespace),
         durable=SIGNAL_PUBLISHER,
@@ -374,7 +380,7 @@ def exhausted_deliveries(*, namespace: str | None = None) -> ConsumerSpec:
         filter_subjects=advised(namespace=namespace),
         ack_wait=_RETRY[0],
         backoff=_RETRY,
-        max_deliver=_MAX_DELIVER,
+        max_deliver=UNLIMITED,
         max_ack_pending=100,
     )
 
