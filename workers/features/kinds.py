@@ -36,6 +36,10 @@ CANCELLED = 1e-3
 """A window's variance that fell below ``CANCELLED`` times its largest since it was last
 computed from its values is computed from them again: what rounding left of the larger
 one is no longer small against it."""
+NEAR_FLAT = 1e-5
+"""So is a window whose deviation is below ``NEAR_FLAT`` times its level: the rounding of
+its base (half a unit in the last place of the level) is no longer small against it. A
+tenth of a pip on EURUSD: quiet windows are far above it."""
 
 
 def _log_returns(close: Array) -> Array:
@@ -96,15 +100,16 @@ class _Window:
     Sliding Welford updates of the values less a base (their mean when last computed from
     them), so that rounding is of the size of their deviations, not of their level. The
     window is computed from its values (two passes) every ``n`` values, so that rounding
-    cannot build up, and when its variance falls far below its recent largest
-    (``CANCELLED``). A window of equal values is exactly flat, as the batch form's two passes
-    make it.
+    cannot build up, when its variance falls far below its recent largest (``CANCELLED``),
+    and when its deviation is tiny against its level (``NEAR_FLAT``). A window of equal
+    values is exactly flat, as the batch form's two passes make it.
     """
 
-    __slots__ = ("base", "dev", "m2", "mean", "n", "peak", "same", "since", "values")
+    __slots__ = ("base", "dev", "m2", "mean", "n", "near", "peak", "same", "since", "values")
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self.near = n * NEAR_FLAT**2
         self.values: deque[float] = deque(maxlen=n)
         self.base = 0.0
         self.dev = 0.0
@@ -146,12 +151,13 @@ class _Window:
             self.dev, self.m2, self.mean = dev, m2, base + dev
             if m2 > self.peak:
                 self.peak = m2
-            if m2 > self.peak * CANCELLED:
+            if m2 > self.peak * CANCELLED and m2 > self.near * base * base:
                 return
         self.since = 0
-        self.base = self.mean = mean = math.fsum(values) / self.n
-        self.dev = 0.0
-        self.m2 = self.peak = math.fsum((v - mean) ** 2 for v in values)
+        self.base = base = math.fsum(values) / self.n
+        self.dev = dev = math.fsum(v - base for v in values) / self.n  # what rounding left
+        self.mean = base + dev
+        self.m2 = self.peak = math.fsum((v - base - dev) ** 2 for v in values)
 
     @property
     def full(self) -> bool:
@@ -164,24 +170,32 @@ class _Window:
         new = _Window.__new__(_Window)
         new.n, new.mean, new.m2, new.since = self.n, self.mean, self.m2, self.since
         new.base, new.dev, new.peak, new.same = self.base, self.dev, self.peak, self.same
+        new.near = self.near
         new.values = self.values.copy()
         return new
 
 
-def _rolling(x: Array, n: int) -> tuple[Array, Array]:
-    """Mean and population std of each window of ``n`` values ending at ``n - 1 ..``."""
+def _rolling(x: Array, n: int) -> tuple[Array, Array, Array]:
+    """Each window of ``n`` values ending at ``n - 1 ..`` as its first value, its mean less
+    that, and its population std. Taken less its first value, a window's deviations round
+    at their own size, not at the level's: as the incremental form's do."""
     w = sliding_window_view(x, n)
-    mean = w.mean(axis=1)
-    return mean, np.sqrt(((w - mean[:, None]) ** 2).mean(axis=1))
+    d = w - w[:, :1]
+    dmean = d.mean(axis=1)
+    return w[:, 0], dmean, np.sqrt(((d - dmean[:, None]) ** 2).mean(axis=1))
 
 
-def _zscore(x: float, mean: float, std: float) -> float:
-    return (x - mean) / std if std > FLAT * abs(mean) and std > 0.0 else 0.0
+def _zscore(w: _Window, x: float) -> float:
+    """How many of its standard deviations ``x`` is from the window's mean."""
+    std = w.std()
+    if std <= FLAT * abs(w.mean) or std == 0.0:
+        return 0.0
+    return ((x - w.base) - w.dev) / std
 
 
-def _zscores(x: Array, mean: Array, std: Array) -> Array:
-    flat = (std <= FLAT * np.abs(mean)) | (std == 0.0)
-    return np.where(flat, 0.0, (x - mean) / np.where(flat, 1.0, std))
+def _zscores(x: Array, first: Array, dmean: Array, std: Array) -> Array:
+    flat = (std <= FLAT * np.abs(first + dmean)) | (std == 0.0)
+    return np.where(flat, 0.0, ((x - first) - dmean) / np.where(flat, 1.0, std))
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +220,7 @@ class Volatility(Feature):
         n = self.bars
         out = empty(len(candles))
         if len(candles) > n:
-            out[n:, 0] = _rolling(_log_returns(candles.close), n)[1]
+            out[n:, 0] = _rolling(_log_returns(candles.close), n)[2]
         return out
 
 
@@ -254,8 +268,7 @@ class BollingerZ(Feature):
         n, c = self.bars, candles.close
         out = empty(len(c))
         if len(c) >= n:
-            mean, std = _rolling(c, n)
-            out[n - 1 :, 0] = _zscores(c[n - 1 :], mean, std)
+            out[n - 1 :, 0] = _zscores(c[n - 1 :], *_rolling(c, n))
         return out
 
 
@@ -269,7 +282,7 @@ class _BollingerStep(Stepper):
         w = self.window
         w.push(bar.close)
         if w.full:
-            out[at] = _zscore(bar.close, w.mean, w.std())
+            out[at] = _zscore(w, bar.close)
 
     def clone(self) -> _BollingerStep:
         new = _BollingerStep.__new__(_BollingerStep)
