@@ -1,6 +1,7 @@
 """candle-ingest's clock for closing idle symbols: each symbol's own, from the lag of its
 ticks behind the time TICKS stored them, and the wall clock only where that would close
-nothing early. Driven through ``Ingest.apply`` with deliveries as the server makes them."""
+nothing early. Driven through ``Ingest.apply`` with deliveries as the server makes them,
+taken now; ``S`` is now, as the test starts."""
 
 from __future__ import annotations
 
@@ -14,20 +15,18 @@ from contracts.messages import TickInput
 from workers.candle_ingest.app import Ingest, Metrics, Settings
 from workers.runtime.worker import Delivery, Worker
 
-S = 1_767_225_600_000  # when the first ticks are stored (epoch ms)
 SECOND = 1000
 FEED, SYMBOL = "fx", "EURUSD"
 CODEC: Codec[TickInput] = Codec(TickInput)
 
 
-def ingest(**kw: Any) -> tuple[Ingest, list[int]]:
+def ingest(**kw: Any) -> tuple[Ingest, list[int], int]:
     settings = Settings(idle_silence_s=60.0, allowed_lateness_s=60.0, **kw)
     worker: Worker[TickInput] = Worker(
         "candle-ingest", stream="TICKS", durable="candle-ingest", codec=CODEC, settings=settings
     )
     it = Ingest(settings, None, None, Metrics(worker))  # type: ignore[arg-type]
-    it.started_ms = S
-    return it, [0]
+    return it, [0], it.started_ms
 
 
 def take(it: Ingest, seq: list[int], stored_ms: int, *times_ms: int) -> None:
@@ -44,32 +43,42 @@ def take(it: Ingest, seq: list[int], stored_ms: int, *times_ms: int) -> None:
 
 
 async def test_an_ea_behind_the_wall_clock_keeps_its_own_even_when_quiet() -> None:
-    it, seq = ingest()
+    it, seq, S = ingest()
     take(it, seq, S, S - 30 * SECOND)  # 30 s behind, less than the allowed lateness
-    assert it.clock(FEED, SYMBOL, S + 10 * SECOND) == S - 20 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 10 * SECOND, caught_up=True) == S - 20 * SECOND
     # quiet for two minutes: still its own clock, so its next tick is not late
-    assert it.clock(FEED, SYMBOL, S + 120 * SECOND) == S + 90 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 120 * SECOND, caught_up=True) == S + 90 * SECOND
 
 
 async def test_refused_ticks_do_not_move_the_symbols_clock() -> None:
-    it, seq = ingest(max_future_skew_s=60.0)
+    it, seq, S = ingest(max_future_skew_s=60.0)
     take(it, seq, S, S - SECOND)
     take(it, seq, S + 100 * SECOND, S + 400 * SECOND)  # 300 s ahead: future_time
     assert it.agg.watermark(FEED, SYMBOL) == S - SECOND
-    assert it.clock(FEED, SYMBOL, S + 200 * SECOND) == S + 199 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 200 * SECOND, caught_up=True) == S + 199 * SECOND
 
 
 async def test_a_backfill_that_ended_takes_the_wall_clock_after_the_silence() -> None:
-    it, seq = ingest()
+    it, seq, S = ingest()
     day = 86_400 * SECOND
     take(it, seq, S, S - 10 * day, S - 10 * day + SECOND)
-    assert it.clock(FEED, SYMBOL, S + 59 * SECOND) == S - 10 * day + 60 * SECOND
-    assert it.clock(FEED, SYMBOL, S + 60 * SECOND) == S + 60 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 59 * SECOND, caught_up=True) == S - 10 * day + 60 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 61 * SECOND, caught_up=True) == S + 61 * SECOND
+
+
+async def test_a_worker_behind_on_a_backfill_keeps_its_clock() -> None:
+    """Ticks of the backfill still wait on TICKS: no tick taken for a minute is no silence
+    then, and a wall-clock watermark would make every one of them too late."""
+    it, seq, S = ingest()
+    day = 86_400 * SECOND
+    take(it, seq, S, S - 10 * day)
+    assert it.clock(FEED, SYMBOL, S + 600 * SECOND, caught_up=False) == S - 10 * day + 600 * SECOND
 
 
 async def test_a_symbol_not_heard_since_the_start_waits_the_silence() -> None:
-    it, seq = ingest()
+    it, seq, S = ingest()
     take(it, seq, S, S)
     it.heard.clear()  # as after a start from a snapshot
-    assert it.clock(FEED, SYMBOL, S + 59 * SECOND) is None
-    assert it.clock(FEED, SYMBOL, S + 60 * SECOND) == S + 60 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 59 * SECOND, caught_up=True) is None
+    assert it.clock(FEED, SYMBOL, S + 61 * SECOND, caught_up=True) == S + 61 * SECOND
+    assert it.clock(FEED, SYMBOL, S + 61 * SECOND, caught_up=False) is None

@@ -207,8 +207,9 @@ class Ingest:
         self._day_start_ms = settings.day_start_minutes * 60_000
         self._allowed = settings.allowed_symbols()
         self.heard: dict[tuple[str, str], tuple[int, int]] = {}
-        """When TICKS stored each symbol's latest ticks and how far its watermark was behind
-        that (ms): its own clock runs that far behind the wall clock (``clock``)."""
+        """When this worker last took ticks of each symbol (wall clock, ms) and how far the
+        symbol's watermark was then behind the time TICKS stored them: its own clock runs
+        that far behind the wall clock (``clock``)."""
         self.started_ms = time.time_ns() // 1_000_000
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
@@ -295,7 +296,7 @@ class Ingest:
         if result.accepted:  # refused ticks say nothing of the symbol's clock
             wm = self.agg.watermark(feed, symbol)
             if wm is not None:
-                self.heard[feed, symbol] = (stored, stored - wm)
+                self.heard[feed, symbol] = (time.time_ns() // 1_000_000, stored - wm)
         counts = self.counts
         counts["accepted"] += result.accepted
         counts["duplicate"] += result.duplicate
@@ -552,21 +553,34 @@ class Ingest:
 
     # --- idle symbols -----------------------------------------------------------------
 
-    def clock(self, feed: str, symbol: str, now_ms: int) -> int | None:
+    def clock(self, feed: str, symbol: str, now_ms: int, *, caught_up: bool) -> int | None:
         """The symbol's time now, as its EA keeps it: the wall clock less the symbol's lag
         when its latest ticks were taken. An EA whose clock runs behind the wall clock, or
         a backfill of ticks from the past, is then not taken for a symbol gone idle.
 
-        Once no tick was taken for ``idle_silence_s`` (since the start, if none since), a
-        symbol whose ticks ran more than the allowed lateness behind has the wall clock: a
-        backfill that ended, whose last candles would otherwise stay open as long as their
-        periods last. One that ran less behind keeps its own clock, which closes them as
-        soon and makes none of its later ticks late. None: the lag is not known yet."""
+        A symbol whose ticks ran more than the allowed lateness behind (a backfill) has the
+        wall clock once the worker is ``caught_up`` with TICKS and took none of its ticks
+        for ``idle_silence_s`` (since the start, if none since): the backfill ended, and its
+        last candles would otherwise stay open as long as their periods last. Not while
+        the worker is behind: its ticks may still be waiting. One that ran less behind
+        keeps its own clock, which closes them as soon and makes none of its later ticks
+        late. None: the lag is not known yet."""
         heard = self.heard.get((feed, symbol))
-        stored, lag = (self.started_ms, None) if heard is None else heard
-        if lag is not None and (lag <= self._late_ms or now_ms - stored < self._silence_ms):
+        taken, lag = (self.started_ms, None) if heard is None else heard
+        silent = caught_up and now_ms - taken >= self._silence_ms
+        if lag is not None and (lag <= self._late_ms or not silent):
             return now_ms - lag
-        return now_ms if now_ms - stored >= self._silence_ms else None
+        return now_ms if silent else None
+
+    async def caught_up(self) -> bool:
+        """Nothing on TICKS waits for this worker's durable (False when that is not known)."""
+        stream = stream_name(TICKS, namespace=self.namespace)
+        try:
+            info = await self.ctx.js.consumer_info(stream, self.settings.durable)
+        except Exception as exc:
+            log.info("%s: consumer info for the idle close failed: %r", NAME, exc)
+            return False
+        return info.num_pending == 0
 
     async def close_idle(self) -> None:
         """Publish a Watermark for symbols whose open candle ended more than the grace ago
@@ -574,12 +588,13 @@ class Ingest:
         s = self.settings
         grace_ms = round(s.idle_grace_s * 1000)
         now_ms = time.time_ns() // 1_000_000
+        caught_up = await self.caught_up()
         out = []
         for feed, symbol in self.agg.symbols():
             next_close = self.agg.next_close_ms(feed, symbol)
             if next_close is None:
                 continue
-            clock = self.clock(feed, symbol, now_ms)
+            clock = self.clock(feed, symbol, now_ms, caught_up=caught_up)
             if clock is None or next_close > clock - grace_ms:
                 continue
             mark = clock - grace_ms
