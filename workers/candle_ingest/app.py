@@ -565,12 +565,17 @@ class Ingest:
         the worker is behind: its ticks may still be waiting. One that ran less behind
         keeps its own clock, which closes them as soon and makes none of its later ticks
         late. None: the lag is not known yet."""
-        heard = self.heard.get((feed, symbol))
-        taken, lag = (self.started_ms, None) if heard is None else heard
-        silent = caught_up and now_ms - taken >= self._silence_ms
+        lag = self.heard.get((feed, symbol), (0, None))[1]
+        silent = caught_up and self.silent(feed, symbol, now_ms)
         if lag is not None and (lag <= self._late_ms or not silent):
             return now_ms - lag
         return now_ms if silent else None
+
+    def silent(self, feed: str, symbol: str, now_ms: int) -> bool:
+        """No tick of the symbol taken for ``idle_silence_s``, and its ticks ran more than
+        the allowed lateness behind (or how far is not known): it may take the wall clock."""
+        taken, lag = self.heard.get((feed, symbol), (self.started_ms, None))
+        return (lag is None or lag > self._late_ms) and now_ms - taken >= self._silence_ms
 
     async def caught_up(self) -> bool:
         """Nothing on TICKS waits for this worker's durable (False when that is not known)."""
@@ -588,13 +593,15 @@ class Ingest:
         s = self.settings
         grace_ms = round(s.idle_grace_s * 1000)
         now_ms = time.time_ns() // 1_000_000
-        caught_up = await self.caught_up()
+        caught_up: bool | None = None  # asked of the server only when it matters
         out = []
         for feed, symbol in self.agg.symbols():
             next_close = self.agg.next_close_ms(feed, symbol)
             if next_close is None:
                 continue
-            clock = self.clock(feed, symbol, now_ms, caught_up=caught_up)
+            if caught_up is None and self.silent(feed, symbol, now_ms):
+                caught_up = await self.caught_up()
+            clock = self.clock(feed, symbol, now_ms, caught_up=bool(caught_up))
             if clock is None or next_close > clock - grace_ms:
                 continue
             mark = clock - grace_ms
