@@ -211,6 +211,29 @@ def test_stretches_volatile_quiet_and_flat_agree_in_both_forms(
         assert_close(stream[:, j], batch[:, j], name)
 
 
+def test_a_price_whose_square_is_past_the_float_range_stops_neither_form() -> None:
+    """A close of 1e200 (finite, so valid input) in a window: its squared deviation is
+    past the float range. Both forms carry on and agree; the window's deviation is inf."""
+    n = 60
+    closes = 1.1 + np.arange(n) * 1e-4
+    closes[40] = 1e200
+    candles = Candles(
+        open_time_ms=START_MS + 60_000 * np.arange(n, dtype=np.int64),
+        open=closes,
+        high=closes,
+        low=closes,
+        close=closes,
+        tick_volume=np.full(n, 3, dtype=np.int64),
+        spread_mean=np.full(n, 2e-5),
+    )
+    stream = DEFAULT.engine().run([candles.row(i) for i in range(n)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        batch = DEFAULT.batch(candles)
+    for j, name in enumerate(DEFAULT.names):
+        assert_close(stream[:, j], batch[:, j], name)
+    assert (column(stream, "bb_z_20")[40:60] == 0.0).all()  # over an infinite deviation
+
+
 def test_a_clone_is_independent_of_the_series_it_came_from() -> None:
     bars = series(200, seed=8)
     engine = DEFAULT.engine()

@@ -157,7 +157,8 @@ class _Window:
         self.base = base = math.fsum(values) / self.n
         self.dev = dev = math.fsum(v - base for v in values) / self.n  # what rounding left
         self.mean = base + dev
-        self.m2 = self.peak = math.fsum((v - base - dev) ** 2 for v in values)
+        # d * d, not d ** 2: a square past the float range is inf, where ** raises
+        self.m2 = self.peak = math.fsum(d * d for d in (v - base - dev for v in values))
 
     @property
     def full(self) -> bool:
