@@ -565,11 +565,13 @@ class Ingest:
         the worker is behind: its ticks may still be waiting. One that ran less behind
         keeps its own clock, which closes them as soon and makes none of its later ticks
         late. None: the lag is not known yet."""
-        lag = self.heard.get((feed, symbol), (0, None))[1]
-        silent = caught_up and self.silent(feed, symbol, now_ms)
-        if lag is not None and (lag <= self._late_ms or not silent):
+        heard = self.heard.get((feed, symbol))
+        lag = None if heard is None else heard[1]
+        if lag is not None and lag <= self._late_ms:
             return now_ms - lag
-        return now_ms if silent else None
+        if caught_up and self.silent(feed, symbol, now_ms):
+            return now_ms
+        return None if lag is None else now_ms - lag
 
     def silent(self, feed: str, symbol: str, now_ms: int) -> bool:
         """No tick of the symbol taken for ``idle_silence_s``, and its ticks ran more than

@@ -105,7 +105,7 @@ class _Window:
     values is exactly flat, as the batch form's two passes make it.
     """
 
-    __slots__ = ("base", "dev", "m2", "mean", "n", "near", "peak", "same", "since", "values")
+    __slots__ = ("base", "dev", "m2", "n", "near", "peak", "same", "since", "values")
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -114,7 +114,6 @@ class _Window:
         self.base = 0.0
         self.dev = 0.0
         """``mean - base``."""
-        self.mean = 0.0
         self.m2 = 0.0
         self.peak = 0.0
         """The largest ``m2`` since the window was last computed from its values."""
@@ -133,14 +132,13 @@ class _Window:
             d = dx - self.dev
             self.dev += d / len(values)
             self.m2 += d * (dx - self.dev)
-            self.mean = self.base + self.dev
             self.peak = max(self.peak, self.m2)
             return
         old = values[0]
         values.append(x)
         self.since += 1
         if self.same >= self.n:
-            self.base = self.mean = x
+            self.base = x
             self.dev = self.m2 = self.peak = 0.0
             return
         if self.since < self.n:
@@ -148,7 +146,7 @@ class _Window:
             dx, do = x - base, old - base
             dev = self.dev + (dx - do) / self.n
             m2 = self.m2 + (dx - do) * (dx - dev + do - self.dev)
-            self.dev, self.m2, self.mean = dev, m2, base + dev
+            self.dev, self.m2 = dev, m2
             if m2 > self.peak:
                 self.peak = m2
             if m2 > self.peak * CANCELLED and m2 > self.near * base * base:
@@ -156,7 +154,6 @@ class _Window:
         self.since = 0
         self.base = base = math.fsum(values) / self.n
         self.dev = dev = math.fsum(v - base for v in values) / self.n  # what rounding left
-        self.mean = base + dev
         # d * d, not d ** 2: a square past the float range is inf, where ** raises
         self.m2 = self.peak = math.fsum(d * d for d in (v - base - dev for v in values))
 
@@ -164,12 +161,16 @@ class _Window:
     def full(self) -> bool:
         return len(self.values) == self.n
 
+    @property
+    def mean(self) -> float:
+        return self.base + self.dev
+
     def std(self) -> float:
         return math.sqrt(self.m2 / self.n) if self.m2 > 0.0 else 0.0
 
     def copy(self) -> _Window:
         new = _Window.__new__(_Window)
-        new.n, new.mean, new.m2, new.since = self.n, self.mean, self.m2, self.since
+        new.n, new.m2, new.since = self.n, self.m2, self.since
         new.base, new.dev, new.peak, new.same = self.base, self.dev, self.peak, self.same
         new.near = self.near
         new.values = self.values.copy()

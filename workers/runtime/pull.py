@@ -169,6 +169,12 @@ def deliveries(reply: str) -> int:
     return int(reply.split(".", at + 1)[at])
 
 
+def on_last_delivery(reply: str, limit: int) -> bool:
+    """The message is on its consumer's last delivery (``limit``, the consumer's
+    ``max_deliver``; 0 or less: no limit)."""
+    return limit > 0 and deliveries(reply) >= limit
+
+
 def position(reply: str) -> tuple[int, int]:
     """``(stream_seq, timestamp_ns)`` of ``parse_reply(reply)``: where the message is in its
     stream and when the stream stored it, in one split only as far as the time."""
@@ -268,7 +274,7 @@ class PullSource:
             return kept
 
     def _on_last(self, msg: Msg) -> bool:
-        return bool(self._last_delivery) and deliveries(msg.reply) >= self._last_delivery
+        return on_last_delivery(msg.reply, self._last_delivery)
 
     async def _drained(self, sub: Subscription) -> bool:
         """Interest withdrawn at the server and what came before handled; False without a

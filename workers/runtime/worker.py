@@ -84,10 +84,10 @@ from workers.runtime.pull import (
     AckInfo,
     PullSource,
     nak_payload,
+    on_last_delivery,
     parse_reply,
     read_stream,
 )
-from workers.runtime.pull import deliveries as reply_deliveries
 from workers.runtime.pull import position as reply_position
 from workers.runtime.pull import stream_seq as reply_stream_seq
 from workers.runtime.settings import RuntimeSettings
@@ -145,14 +145,10 @@ class Delivery(Generic[T]):
             return reply_stream_seq(self.msg.reply)
         return self._info.stream_seq
 
-    @property
-    def stored_ms(self) -> int:
-        """When the stream stored the message (epoch ms): the same on every delivery and
-        every read of it, where the wall clock is not."""
-        return self.position()[1]
-
     def position(self) -> tuple[int, int]:
-        """``(stream_seq, stored_ms)`` at the cost of one of them."""
+        """``(stream_seq, stored_ms)``: where the message is in its stream and when the
+        stream stored it (epoch ms; the same on every delivery and read of it, where the
+        wall clock is not), at the cost of one of them."""
         info = self._info
         if info is None:
             seq, stored_ns = reply_position(self.msg.reply)
@@ -724,7 +720,7 @@ class Worker(Generic[T]):
         self.metrics.in_retry.inc(len(back))
 
     def _on_last(self, msg: Msg) -> bool:
-        return bool(self._last_delivery) and reply_deliveries(msg.reply) >= self._last_delivery
+        return on_last_delivery(msg.reply, self._last_delivery)
 
     async def _withdraw(self, ctx: Context) -> None:
         """Stop the pull source (its requests withdrawn, what it holds handed back) and
@@ -742,8 +738,8 @@ class Worker(Generic[T]):
             await wire.send(ctx.nc, wire.acks([m.reply for m in msgs], ACK))
         except Exception as exc:
             log.error(
-                "%s: %d messages on their last delivery are not dead-lettered (%r); stream"
-                " seqs %s of %s are dropped by the server",
+                "%s: %d messages on their last delivery are not dead-lettered (%r): stream"
+                " seqs %s of %s come back as dead letters from the server's advisory",
                 self.name,
                 len(msgs),
                 exc,

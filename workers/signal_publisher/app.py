@@ -159,9 +159,7 @@ class Signals:
     def __init__(self, settings: Settings, ctx: Context, policy: Policy, metrics: Metrics) -> None:
         self.settings = settings
         self.ctx = ctx
-        self.book = Book(
-            policy, settings.revision_depth, round(settings.allowed_lateness_s * 1000)
-        )
+        self.book = Book(policy, settings.revision_depth, round(settings.allowed_lateness_s * 1000))
         self.file_policy = policy
         """In force while the KV entry is absent."""
         self.metrics = metrics
