@@ -158,7 +158,11 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.start_seq is not None and self.start_seq < 1:
             raise ValueError(f"consumer {self.durable}: start_seq must be 1 or more")
         unlimited = self.max_deliver == UNLIMITED
-        if self.ack_wait <= 0 or self.max_ack_pending < 1 or (self.max_deliver < 1 and not unlimited):
+        if (
+            self.ack_wait <= 0
+            or self.max_ack_pending < 1
+            or (self.max_deliver < 1 and not unlimited)
+        ):
             raise ValueError(f"consumer {self.durable}: ack_wait, max_* must be positive")
         if self.backoff:
             # The server replaces ack_wait by the first step and needs a delivery per step.

@@ -320,7 +320,11 @@ async def test_exhausted_deliveries_end_in_the_dead_letters(
     assert letter.payload == msgspec.json.encode(signal)
     assert letter.stream_seq == 1
     lost = by_subject[subjects.dlq("timescale-replicator", namespace=namespace)]
-    assert (lost.reason, lost.worker, lost.deliveries) == ("max_deliveries", "timescale-replicator", 10)
+    assert (lost.reason, lost.worker, lost.deliveries) == (
+        "max_deliveries",
+        "timescale-replicator",
+        10,
+    )
     assert (lost.stream, lost.stream_seq, lost.payload) == (stream, 1, msgspec.json.encode(signal))
     # a subscriber's counted as signal-publisher's, a pipeline worker's as that worker's
     for worker in ("signal-publisher", "timescale-replicator"):
@@ -396,7 +400,11 @@ async def test_a_message_whose_worker_was_lost_on_its_last_delivery_is_a_dead_le
     raw = await js.get_msg(streams.stream_name(streams.DLQ, namespace=namespace), 1)
     assert raw.subject == subjects.dlq("candle-ingest", namespace=namespace)
     letter = msgspec.json.decode(raw.data, type=DeadLetter)
-    assert (letter.worker, letter.reason, letter.deliveries) == ("candle-ingest", "max_deliveries", 2)
+    assert (letter.worker, letter.reason, letter.deliveries) == (
+        "candle-ingest",
+        "max_deliveries",
+        2,
+    )
     assert (letter.stream, letter.stream_seq) == (fast_spec.stream, 1)
     assert (letter.subject, letter.payload) == (ticks, tick)
     assert letter.headers == {"Nats-Msg-Id": "tick-1"}

@@ -176,9 +176,7 @@ def test_a_flat_stretch_is_flat_in_both_forms(level: float) -> None:
             assert (column(stream, name)[flat] == 0.0).all(), f"{name} phase {phase}"
 
 
-@pytest.mark.parametrize(
-    ("level", "digits"), [(1.1, 5), (150.5, 3), (30_000.0, 1), (100_000.0, 2)]
-)
+@pytest.mark.parametrize(("level", "digits"), [(1.1, 5), (150.5, 3), (30_000.0, 1), (100_000.0, 2)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stretches_volatile_quiet_and_flat_agree_in_both_forms(
     level: float, digits: int, seed: int

@@ -587,7 +587,7 @@ class Ingest:
         except Exception as exc:
             log.info("%s: consumer info for the idle close failed: %r", NAME, exc)
             return False
-        return info.num_pending == 0
+        return bool(info.num_pending == 0)
 
     async def close_idle(self) -> None:
         """Publish a Watermark for symbols whose open candle ended more than the grace ago
