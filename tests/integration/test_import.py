@@ -176,6 +176,13 @@ async def test_tick_import_publishes_exactly_the_exported_ticks_once(
     assert (await js.stream_info(stream)).state.messages == 8
 
 
+def bar_import(path: Path, lines: list[str], tf: str, utc_offset: str) -> list[str]:
+    """Write a bar export; the arguments that import it."""
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    argv = ["mt5-bars", str(path), "--feed", FEED, "--symbol", SYMBOL, "--tf", tf]
+    return [*argv, "--utc-offset", utc_offset]
+
+
 async def test_bar_import_publishes_each_bar_once_with_spread_in_price_units(
     js: JetStreamContext, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -209,10 +216,7 @@ async def test_bar_import_publishes_each_bar_once_with_spread_in_price_units(
             )
         )
         server += timedelta(minutes=15)
-    path = tmp_path / "EURUSD.m_M15.csv"
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    argv = ["mt5-bars", str(path), "--feed", FEED, "--symbol", SYMBOL, "--tf", "M15"]
-    argv += ["--utc-offset", "3"]
+    argv = bar_import(tmp_path / "EURUSD.m_M15.csv", lines, "M15", "3")
 
     assert await asyncio.to_thread(run_import, *argv) == 0
 
@@ -231,6 +235,35 @@ async def test_bar_import_publishes_each_bar_once_with_spread_in_price_units(
     out, _ = capsys.readouterr()
     assert "300 messages published (0 new, 300 duplicate)" in out
     assert (await js.stream_info(stream)).state.messages == 300
+
+
+async def test_bars_of_a_server_on_new_york_daylight_saving_time_are_stored_in_utc(
+    js: JetStreamContext, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # H1 bars of a UTC+2/UTC+3 broker (New York time plus 7 h) over the week New York moved
+    # its clocks forward (Sunday 2026-03-08): UTC+2 up to Friday's close, UTC+3 from Monday
+    lines, expected = [BAR_HEADER], []
+    server = datetime(2026, 3, 5, 0, 0, tzinfo=UTC)
+    while server < datetime(2026, 3, 11, tzinfo=UTC):
+        if server.weekday() < 5:  # no bars on the weekend
+            lines.append(f"{server:%Y.%m.%d}\t{server:%H:%M:%S}\t1.1\t1.2\t1.0\t1.15\t7\t0\t3")
+            summer = server >= datetime(2026, 3, 9, tzinfo=UTC)
+            expected.append(utc_ms(server, 3 if summer else 2))
+        server += timedelta(hours=1)
+    argv = bar_import(tmp_path / "EURUSD.m_H1.csv", lines, "H1", "America/New_York+7")
+
+    assert await asyncio.to_thread(run_import, *argv) == 0
+
+    out, err = capsys.readouterr()
+    assert f"{len(expected)} bars in {len(expected)} messages published" in out
+    assert err == ""
+    messages = await stored(js, f"NS_{namespace}_TICKS")
+    got = [msgspec.json.decode(data, type=Bar).open_time_ms for _, data, _ in messages]
+    assert got == expected
+    # Friday's last bar (23:00) and Monday's first (00:00) are 49 h of server time apart,
+    # 48 h in UTC
+    friday = expected.index(utc_ms(datetime(2026, 3, 6, 23, tzinfo=UTC), 2))
+    assert got[friday + 1] - got[friday] == 48 * 3_600_000
 
 
 async def test_a_file_without_a_valid_line_exits_1(
@@ -323,7 +356,10 @@ def test_unknown_timeframe_via_the_console_script(tmp_path: Path) -> None:
         ({"--feed": "a.b"}, "argument --feed: feed must match"),
         ({"--symbol": "EUR\tUSD"}, "argument --symbol: symbol has control"),
         ({"file": "/nonexistent.csv"}, "argument FILE: no such file: /nonexistent.csv"),
-        ({"--utc-offset": "UTC+2"}, "argument --utc-offset: not a number of hours"),
+        (
+            {"--utc-offset": "UTC + 2"},
+            "argument --utc-offset: not a number of hours nor a time zone: 'UTC + 2'",
+        ),
         ({"--batch": "0"}, "argument --batch: must be 1..5000: 0"),
     ],
 )

@@ -191,7 +191,7 @@ def test_csv_replay_numbers_ticks_and_carries_blank_prices(tmp_path: Path) -> No
         "2025.03.03\t10:00:01.000\t\t1.08470\t\t\t4\n"
     )
     counts = app.Counts()
-    items = app.mt5_csv.iter_ticks(path, feed="f", symbol="EURUSD", utc_offset_ms=7_200_000)
+    items = app.mt5_csv.iter_ticks(path, feed="f", symbol="EURUSD", server_time=7_200_000)
     out = list(app.replayed(items, "f", "EURUSD", counts, batch=1, wait_ms=1000))
     got = [codec.decode(m.payload) for m in out]
     base = int(datetime(2025, 3, 3, 8, 0, tzinfo=UTC).timestamp() * 1000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,16 +28,19 @@ def write(
     return path
 
 
-def ticks(path: Path, offset_ms: int = 0) -> list[tuple[int, TickRow | ParseError]]:
-    return list(mt5_csv.iter_ticks(path, feed="demo", symbol="EURUSD", utc_offset_ms=offset_ms))
+def ticks(path: Path, offset_ms: mt5_csv.ServerTime = 0) -> list[tuple[int, TickRow | ParseError]]:
+    return list(mt5_csv.iter_ticks(path, feed="demo", symbol="EURUSD", server_time=offset_ms))
 
 
 def bars(
-    path: Path, tf: Timeframe = Timeframe.M5, offset_ms: int = 0, point: Decimal | None = None
+    path: Path,
+    tf: Timeframe = Timeframe.M5,
+    offset_ms: mt5_csv.ServerTime = 0,
+    point: Decimal | None = None,
 ) -> list[tuple[int, Bar | ParseError]]:
     return list(
         mt5_csv.iter_bars(
-            path, feed="demo", symbol="US500.cash", tf=tf, utc_offset_ms=offset_ms, point=point
+            path, feed="demo", symbol="US500.cash", tf=tf, server_time=offset_ms, point=point
         )
     )
 
@@ -78,6 +83,116 @@ def test_fractional_and_negative_utc_offsets_are_exact() -> None:
     for bad in ("x", "15", "nan", "0.0000001"):
         with pytest.raises(ValueError, match=r"\w"):
             mt5_csv.parse_utc_offset(bad)
+
+
+def iso_ms(text: str) -> int:
+    """Milliseconds of an ISO time with its UTC offset written out."""
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def test_a_server_clock_on_daylight_saving_time_gives_utc_all_year(tmp_path: Path) -> None:
+    # New York time plus 7 h: UTC+2 in winter, UTC+3 from the second Sunday of March
+    # (2026-03-08) to the first Sunday of November (2026-11-01), as New York changes
+    nyc7 = mt5_csv.parse_server_time("America/New_York+7")
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2026.01.15\t10:00:00.250\t1.1\t1.2\t\t\t6",
+            "2026.03.06\t23:59:59.999\t1.1\t1.2\t\t\t6",  # Friday before the change
+            "2026.03.09\t00:00:00.000\t1.1\t1.2\t\t\t6",  # Monday after it
+            "2026.07.15\t10:00:00.000\t1.1\t1.2\t\t\t6",
+            "2026.12.01\t10:00:00.000\t1.1\t1.2\t\t\t6",
+        ],
+    )
+    assert [t.time_ms for _, t in ticks(path, nyc7) if isinstance(t, TickRow)] == [
+        iso_ms("2026-01-15T08:00:00.250+00:00"),
+        iso_ms("2026-03-06T21:59:59.999+00:00"),
+        iso_ms("2026-03-08T21:00:00+00:00"),
+        iso_ms("2026-07-15T07:00:00+00:00"),
+        iso_ms("2026-12-01T08:00:00+00:00"),
+    ]
+    # a European server changes on the last Sunday of March (2026-03-29), three weeks later
+    athens = mt5_csv.parse_server_time("Europe/Athens")
+    assert [t.time_ms for _, t in ticks(path, athens) if isinstance(t, TickRow)][2:4] == [
+        iso_ms("2026-03-08T22:00:00+00:00"),
+        iso_ms("2026-07-15T07:00:00+00:00"),
+    ]
+
+
+def test_the_hour_a_server_clock_repeats_is_taken_in_order_and_the_skipped_one_refused(
+    tmp_path: Path,
+) -> None:
+    # 2026-11-01: New York goes from 02:00 EDT back to 01:00 EST, so this server's clock
+    # shows 08:00-09:00 twice (a symbol that trades on Sundays)
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2026.11.01\t08:30:00.000\t1.1\t1.2\t\t\t6",
+            "2026.11.01\t08:59:59.999\t1.1\t1.2\t\t\t6",
+            "2026.11.01\t08:00:00.000\t1.1\t1.2\t\t\t6",  # the second time round
+            "2026.11.01\t08:30:00.000\t1.1\t1.2\t\t\t6",
+            "2026.11.01\t09:00:00.000\t1.1\t1.2\t\t\t6",
+            # 2026-03-08: 02:00 EST is 03:00 EDT, so 09:00-10:00 never shows on this clock
+            "2026.03.08\t09:30:00.000\t1.1\t1.2\t\t\t6",
+            "2026.11.01\t09:00:00.001\t1.1\t1.2\t\t\t6",
+        ],
+    )
+    got = ticks(path, mt5_csv.parse_server_time("America/New_York+7"))
+    assert [(n, t.time_ms) for n, t in got if isinstance(t, TickRow)] == [
+        (2, iso_ms("2026-11-01T05:30:00+00:00")),
+        (3, iso_ms("2026-11-01T05:59:59.999+00:00")),
+        (4, iso_ms("2026-11-01T06:00:00+00:00")),
+        (5, iso_ms("2026-11-01T06:30:00+00:00")),
+        (6, iso_ms("2026-11-01T07:00:00+00:00")),
+        (8, iso_ms("2026-11-01T07:00:00.001+00:00")),
+    ]
+    refused = [(n, e) for n, e in got if isinstance(e, ParseError)]
+    assert [(n, e.reason) for n, e in refused] == [(7, mt5_csv.SKIPPED_TIME)]
+    assert "2026-03-08 09:30:00" in refused[0][1].detail
+
+
+def test_daily_bars_of_a_daylight_saving_server_open_at_its_midnight_in_utc(
+    tmp_path: Path,
+) -> None:
+    header = "<DATE>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>"
+    path = write(
+        tmp_path,
+        [header] + [f"2026.10.{d}\t1.1\t1.2\t1.0\t1.15\t10" for d in (22, 23, 26, 27)],
+    )
+    got = bars(path, Timeframe.D1, mt5_csv.parse_server_time("Europe/Athens"))
+    # Athens leaves summer time on 2026-10-25: midnight is 21:00 UTC before, 22:00 after
+    assert [b.open_time_ms for _, b in got if isinstance(b, Bar)] == [
+        iso_ms("2026-10-21T21:00:00+00:00"),
+        iso_ms("2026-10-22T21:00:00+00:00"),
+        iso_ms("2026-10-25T22:00:00+00:00"),
+        iso_ms("2026-10-26T22:00:00+00:00"),
+    ]
+
+
+def test_server_time_is_hours_or_a_time_zone_shifted_by_hours() -> None:
+    assert mt5_csv.parse_server_time("2") == UTC2
+    assert mt5_csv.parse_server_time(" -5.5 ") == -19_800_000
+    for text, shift_ms in [
+        ("Europe/Athens", 0),
+        ("America/New_York+7", 25_200_000),
+        ("UTC+2", UTC2),
+        ("Etc/GMT-2", 0),  # a zone whose own name has a sign
+        ("America/Port-au-Prince", 0),
+    ]:
+        zone = mt5_csv.parse_server_time(text)
+        assert isinstance(zone, mt5_csv.ServerZone)
+        assert (str(zone), zone.shift_ms) == (text, shift_ms)
+    for bad, says in [
+        ("Mars/Olympus", "not a number of hours nor a time zone: 'Mars/Olympus'"),
+        ("America/New_York+20", "not a number of hours nor a time zone"),
+        ("15", "UTC offset must be -14..14 hours: '15'"),
+        ("", "not a number of hours: ''"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)) as err:
+            mt5_csv.parse_server_time(bad)
+        assert "\n" not in str(err.value)
 
 
 def test_utf16_with_bom_and_any_column_order(tmp_path: Path) -> None:
@@ -298,9 +413,9 @@ def test_malformed_bar_lines_are_numbered_and_later_lines_still_parse(tmp_path: 
 def test_bad_feed_or_symbol_fails_before_reading(tmp_path: Path) -> None:
     path = write(tmp_path, [TICK_HEADER])
     with pytest.raises(ValueError, match="feed"):
-        mt5_csv.iter_ticks(path, feed="a.b", symbol="EURUSD", utc_offset_ms=0)
+        mt5_csv.iter_ticks(path, feed="a.b", symbol="EURUSD", server_time=0)
     with pytest.raises(ValueError, match="symbol"):
-        mt5_csv.iter_ticks(path, feed="demo", symbol="EUR\nUSD", utc_offset_ms=0)
+        mt5_csv.iter_ticks(path, feed="demo", symbol="EUR\nUSD", server_time=0)
 
 
 def test_progress_reaches_the_file_size(tmp_path: Path) -> None:
@@ -310,9 +425,7 @@ def test_progress_reaches_the_file_size(tmp_path: Path) -> None:
     path = write(tmp_path, lines, encoding="utf-16")
     seen: list[int] = []
     rows = list(
-        mt5_csv.iter_ticks(
-            path, feed="demo", symbol="EURUSD", utc_offset_ms=0, progress=seen.append
-        )
+        mt5_csv.iter_ticks(path, feed="demo", symbol="EURUSD", server_time=0, progress=seen.append)
     )
     assert len(rows) == 3000
     assert seen == sorted(seen)

@@ -96,9 +96,9 @@ def _file(text: str) -> Path:
     return path
 
 
-def _utc_offset(text: str) -> int:
+def _utc_offset(text: str) -> mt5_csv.ServerTime:
     try:
-        return mt5_csv.parse_utc_offset(text)
+        return mt5_csv.parse_server_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--utc-offset",
             type=_utc_offset,
             default=0,
-            metavar="HOURS",
-            help="broker server time minus UTC, in hours (2 for UTC+2); default 0",
+            metavar="HOURS|ZONE",
+            help="broker server time minus UTC, in hours (2 for UTC+2), or the time zone its "
+            "clock follows (Europe/Athens; America/New_York+7 for New York time plus 7 h): "
+            "UTC all year across daylight saving changes; default 0",
         )
         q.add_argument(
             "--namespace",
@@ -412,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 feed=args.feed,
                 symbol=args.symbol,
                 tf=tf,
-                utc_offset_ms=args.utc_offset,
+                server_time=args.utc_offset,
                 point=point,
                 progress=progress,
             )
@@ -422,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path,
                 feed=args.feed,
                 symbol=args.symbol,
-                utc_offset_ms=args.utc_offset,
+                server_time=args.utc_offset,
                 progress=progress,
             )
             messages = _tick_messages(ticks, args.feed, args.symbol, args.batch, outcome, malformed)

@@ -10,8 +10,10 @@ What MT5 writes, and what is accepted here:
   by name, so their order does not matter and unknown columns are ignored; a header that
   lacks a required column refuses the whole file (``HeaderError``, one line).
 - ``<DATE>`` is ``2024.01.02``; ``<TIME>`` is ``13:05`` or ``13:05:00`` or ``13:05:00.123``.
-  Both are the broker's *server* time: ``utc_offset_ms`` (server time minus UTC) is
-  subtracted to get UTC. All arithmetic is on integer milliseconds.
+  Both are the broker's *server* time, turned into UTC by ``server_time``: a fixed offset
+  (server time minus UTC, in milliseconds), or a ``ServerZone`` for a server whose clock
+  follows daylight saving time (most MT5 brokers: UTC+2 in winter, UTC+3 in summer), so
+  that a year's export is UTC all year. All arithmetic is on integer milliseconds.
 - Bars: ``<DATE> [<TIME>] <OPEN> <HIGH> <LOW> <CLOSE> [<TICKVOL>] [<VOL>] [<SPREAD>]``.
   ``<TIME>`` may be missing only in a D1 export. ``<SPREAD>`` is in points and becomes
   price units with ``point`` (``infer_point`` when not given).
@@ -32,10 +34,11 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Iterator
-from datetime import date
+from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from os import PathLike
 from typing import Final, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from contracts.messages import Bar, TickRow, Timeframe
 from contracts.subjects import check_name, check_symbol
@@ -59,6 +62,7 @@ EMPTY_TICK: Final = "empty_tick"
 BAD_OHLC: Final = "bad_ohlc"
 MISALIGNED_TIME: Final = "misaligned_time"
 OUT_OF_ORDER: Final = "out_of_order"
+SKIPPED_TIME: Final = "skipped_time"
 
 REASONS: Final = frozenset(
     {
@@ -77,6 +81,7 @@ REASONS: Final = frozenset(
         BAD_OHLC,
         MISALIGNED_TIME,
         OUT_OF_ORDER,
+        SKIPPED_TIME,
     }
 )
 
@@ -90,7 +95,10 @@ _DATE: Final = re.compile(r"(\d{4})[.-](\d{1,2})[.-](\d{1,2})")
 _TIME: Final = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,3}))?)?")
 _DECIMALS: Final = re.compile(r"[+-]?\d*\.(\d+)")
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
+_EPOCH: Final = datetime(1970, 1, 1)
 _DAY_MS: Final = 86_400_000
+_HOUR_MS: Final = 3_600_000
+_SHIFT: Final = re.compile(r"(.+?)([+-]\d+(?:\.\d+)?)")
 
 
 class ParseError(NamedTuple):
@@ -178,11 +186,67 @@ class _Export:
 # --- fields --------------------------------------------------------------------------
 
 
-class _Clock:
-    """Server-time DATE and TIME to UTC milliseconds, exactly, with a per-date cache."""
+class ServerZone:
+    """A server clock that follows a time zone's rules: the zone's wall time, plus ``shift``.
 
-    def __init__(self, utc_offset_ms: int) -> None:
-        self._offset = utc_offset_ms
+    ``Europe/Athens`` is a server on Athens time (UTC+2, UTC+3 in summer). Brokers whose day
+    ends at 17:00 New York are ``America/New_York+7``: New York time plus 7 hours, UTC+2 or
+    UTC+3 as New York changes its clocks.
+    """
+
+    def __init__(self, zone: str, shift_ms: int = 0, *, name: str | None = None) -> None:
+        self.zone = ZoneInfo(zone)
+        self.shift_ms = shift_ms
+        self.name = name or zone
+        self._hours: dict[int, tuple[int, ...]] = {}
+
+    def __str__(self) -> str:
+        return self.name
+
+    def offsets_ms(self, server_ms: int) -> tuple[int, ...]:
+        """Server time minus UTC under which ``server_ms`` exists, the earliest instant first:
+        one offset; two in the hour the clock turned back repeats; none in the hour it
+        skipped."""
+        hour = server_ms // _HOUR_MS
+        found = self._hours.get(hour)
+        if found is None:
+            first = self._offsets(hour * 3600)
+            if first != self._offsets(hour * 3600 + 3599):  # a change within the hour
+                return self._offsets(server_ms // 1000)
+            if len(self._hours) > 100_000:
+                self._hours.clear()
+            found = self._hours[hour] = first
+        return found
+
+    def _offsets(self, server_s: int) -> tuple[int, ...]:
+        wall = _EPOCH + timedelta(milliseconds=server_s * 1000 - self.shift_ms)
+        found = set()
+        for fold in (0, 1):
+            offset = wall.replace(tzinfo=self.zone, fold=fold).utcoffset()
+            assert offset is not None  # a ZoneInfo always has one
+            utc = (wall - _EPOCH - offset) // timedelta(seconds=1)
+            if datetime.fromtimestamp(utc, self.zone).replace(tzinfo=None) == wall:
+                found.add(offset // timedelta(milliseconds=1) + self.shift_ms)
+        return tuple(sorted(found, reverse=True))
+
+
+ServerTime = int | ServerZone
+"""How an export's server time becomes UTC: a fixed offset (server time minus UTC, in
+milliseconds), or a ``ServerZone``."""
+
+
+class _Clock:
+    """Server-time DATE and TIME to UTC milliseconds, exactly, with a per-date cache.
+
+    In the hour a server's clock turned back, a time is taken at its first pass unless the
+    export has already gone past that: then it is the second pass.
+    """
+
+    def __init__(self, server_time: ServerTime) -> None:
+        self._offset = server_time if isinstance(server_time, int) else 0
+        self._zone = None if isinstance(server_time, int) else server_time
+        self._last = -1
+        """The latest UTC time given out."""
         self._days: dict[str, int] = {}
 
     def day_ms(self, text: str) -> int:
@@ -218,7 +282,21 @@ class _Clock:
         return self.day_ms(date_text) + tod
 
     def utc_ms(self, server_ms: int) -> int:
-        utc = server_ms - self._offset
+        zone = self._zone
+        if zone is None:
+            utc = server_ms - self._offset
+        else:
+            offsets = zone.offsets_ms(server_ms)
+            if not offsets:
+                when = f"{_EPOCH + timedelta(milliseconds=server_ms):%Y-%m-%d %H:%M:%S}"
+                raise _Refused(SKIPPED_TIME, f"{when} is in the hour a {zone} clock skips")
+            utc = server_ms - offsets[-1]
+            for offset in offsets:
+                if server_ms - offset >= self._last:
+                    utc = server_ms - offset
+                    break
+            if utc > self._last:
+                self._last = utc
         if utc < 0:
             raise _Refused(BEFORE_EPOCH, f"{utc} ms is before 1970-01-01 UTC")
         return utc
@@ -300,7 +378,7 @@ def iter_bars(
     feed: str,
     symbol: str,
     tf: Timeframe,
-    utc_offset_ms: int,
+    server_time: ServerTime,
     point: Decimal | None = None,
     progress: Progress | None = None,
 ) -> Iterator[tuple[int, Bar | ParseError]]:
@@ -321,7 +399,7 @@ def iter_bars(
     elif not point > 0:
         export.close()
         raise ValueError(f"point must be positive: {point}")
-    return _bars(export, feed, symbol, tf, _Clock(utc_offset_ms), point, progress)
+    return _bars(export, feed, symbol, tf, _Clock(server_time), point, progress)
 
 
 def _bars(
@@ -388,7 +466,7 @@ def iter_ticks(
     *,
     feed: str,
     symbol: str,
-    utc_offset_ms: int,
+    server_time: ServerTime,
     progress: Progress | None = None,
 ) -> Iterator[tuple[int, TickRow | ParseError]]:
     """Ticks of an MT5 tick export, one per data line, or why a line was refused.
@@ -402,7 +480,7 @@ def iter_ticks(
     check_name(feed, "feed")
     check_symbol(symbol)
     export = _Export(path, TICK_REQUIRED + TICK_PRICES, "ticks")
-    return _ticks(export, _Clock(utc_offset_ms), progress)
+    return _ticks(export, _Clock(server_time), progress)
 
 
 def _ticks(
@@ -462,6 +540,28 @@ def parse_utc_offset(text: str) -> int:
     if ms != ms.to_integral_value():
         raise ValueError(f"UTC offset is not a whole number of milliseconds: {text!r}")
     return int(ms)
+
+
+def parse_server_time(text: str) -> ServerTime:
+    """``--utc-offset``: hours (``2``, ``-5``, ``5.5``) as exact milliseconds, or a time zone
+    the server's clock follows, shifted by hours if need be (``Europe/Athens``,
+    ``America/New_York+7``)."""
+    text = text.strip()
+    if not text[:1].isalpha():
+        return parse_utc_offset(text)
+    readings = [(text, "0")]  # a zone whose name has a sign (Etc/GMT-2) first
+    shifted = _SHIFT.fullmatch(text)
+    if shifted is not None:
+        readings.append((shifted[1], shifted[2]))
+    for zone, hours in readings:
+        try:
+            return ServerZone(zone, parse_utc_offset(hours), name=text)
+        except (ZoneInfoNotFoundError, ValueError):
+            continue
+    raise ValueError(
+        f"not a number of hours nor a time zone: {text!r} "
+        "(e.g. 2, -5, Europe/Athens, America/New_York+7)"
+    )
 
 
 def parse_point(text: str) -> Decimal:

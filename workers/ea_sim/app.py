@@ -177,9 +177,9 @@ def _file(text: str) -> Path:
     return path
 
 
-def _utc_offset(text: str) -> int:
+def _utc_offset(text: str) -> mt5_csv.ServerTime:
     try:
-        return mt5_csv.parse_utc_offset(text)
+        return mt5_csv.parse_server_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--utc-offset",
         type=_utc_offset,
         default=0,
-        metavar="HOURS",
-        help="broker server time minus UTC, in hours (default 0)",
+        metavar="HOURS|ZONE",
+        help="broker server time minus UTC, in hours, or the time zone its clock follows "
+        "(Europe/Athens, America/New_York+7); default 0",
     )
 
     pace = p.add_mutually_exclusive_group()
@@ -535,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv is not None:
         try:
             items = mt5_csv.iter_ticks(
-                args.csv, feed=args.feed, symbol=args.symbol, utc_offset_ms=args.utc_offset
+                args.csv, feed=args.feed, symbol=args.symbol, server_time=args.utc_offset
             )
         except (HeaderError, OSError) as exc:
             return _fail(str(exc), 2)
