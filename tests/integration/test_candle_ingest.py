@@ -891,6 +891,77 @@ async def test_backfilled_bars_become_candles(
         assert candle.tick_volume == sum(b[5] for b in group)
 
 
+async def test_bars_of_a_daylight_saving_server_make_its_d1_and_h4_all_year(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A New York close broker (New York time + 7 h) around New York's autumn change: its
+    D1 bars and the H4 candles built from its H1 bars open at its midnight and every 4 hours
+    of its clock, 21:00 UTC before the change and 22:00 UTC after; no bar is refused."""
+
+    def offset_h(server: datetime) -> int:  # UTC+3 until the clock went back on Sunday
+        return 3 if server < datetime(2026, 11, 1, 9) else 2
+
+    def utc_ms(server: datetime) -> int:
+        return int((server - timedelta(hours=offset_h(server))).replace(tzinfo=UTC).timestamp())
+
+    header = "<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"
+    days = [datetime(2026, 10, 28) + timedelta(days=k) for k in range(8)]
+    days = [d for d in days if d.weekday() < 5]  # Wed 28 .. Fri 30, Mon 2 .. Wed 4
+    rng = random.Random(5)
+    d1_lines, h1_lines, h1 = [header], [header], []
+    for day in days:
+        d1_lines.append(f"{day:%Y.%m.%d}\t00:00\t1.1\t1.2\t1.0\t1.15\t100\t0\t5")
+        for hour in range(24):
+            t = day + timedelta(hours=hour)
+            o, c = rng.randint(110_000, 110_100), rng.randint(110_000, 110_100)
+            h, lo = max(o, c) + rng.randint(0, 9), min(o, c) - rng.randint(0, 9)
+            h1.append((t, o, h, lo, c))
+            h1_lines.append(f"{t:%Y.%m.%d}\t{t:%H:%M}\t{o / 1e5:.5f}\t{h / 1e5:.5f}\t"
+                            f"{lo / 1e5:.5f}\t{c / 1e5:.5f}\t7\t0\t5")  # fmt: skip
+    (tmp_path / "d1.csv").write_text("\n".join(d1_lines) + "\n")
+    (tmp_path / "h1.csv").write_text("\n".join(h1_lines) + "\n")
+    worker = build(
+        settings(stack, questdb, namespace).model_copy(
+            update={"day_start_minutes": 0, "server_tz": "America/New_York+7"}
+        )
+    )
+    task = await run_worker(worker)
+    try:
+        monkeypatch.setenv("TICKWIRE_NATS_URL", str(stack.nats_url))
+        monkeypatch.setenv("TICKWIRE_NAMESPACE", namespace)
+        for symbol, name, tf in (("EURUSD", "d1.csv", "D1"), ("GBPUSD", "h1.csv", "H1")):
+            args = ["mt5-bars", str(tmp_path / name), "--feed", "hist", "--symbol", symbol]
+            args += ["--tf", tf, "--utc-offset", "America/New_York+7"]
+            assert await asyncio.to_thread(importer.main, args) == 0
+        ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+        await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="bars consumed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    assert await on_stream(js, streams.DLQ, namespace, DeadLetter) == []
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
+    d1 = {c.open_time_ms for c in published if (c.symbol, c.tf) == ("EURUSD", Timeframe.D1)}
+    assert d1 == {utc_ms(day) * 1000 for day in days}
+    assert {o // 1000 % 86_400 for o in d1} == {21 * 3600, 22 * 3600}
+    h4 = {c.open_time_ms: c for c in published if (c.symbol, c.tf) == ("GBPUSD", Timeframe.H4)}
+    buckets: dict[datetime, list[tuple[datetime, int, int, int, int]]] = {}
+    for bar in h1:
+        buckets.setdefault(bar[0].replace(hour=bar[0].hour // 4 * 4), []).append(bar)
+    # each closes with its last hour's bar: the bar's end is the bars' watermark
+    assert sorted(h4) == [utc_ms(b) * 1000 for b in sorted(buckets)]
+    for start in buckets:
+        group, candle = buckets[start], h4[utc_ms(start) * 1000]
+        assert candle.close_time_ms == utc_ms(start + timedelta(hours=4)) * 1000
+        assert (candle.open, candle.close) == (group[0][1] / 1e5, group[-1][4] / 1e5)
+        assert candle.high == max(b[2] for b in group) / 1e5
+        assert candle.low == min(b[3] for b in group) / 1e5
+
+
 async def test_a_state_rebuilt_from_the_stream_equals_the_live_one_byte_for_byte(
     stack: StackUrls, questdb: QuestDBUrls, js: JetStreamContext, namespace: str
 ) -> None:

@@ -667,15 +667,14 @@ def test_open_candles_counts_every_timeframe() -> None:
 # --- bars ---------------------------------------------------------------------------
 
 
-def m1_bars(stream: list[T], feed: str, symbol: str) -> list[Bar]:
-    rows = reference(
-        [tk for tk in stream if (tk.feed, tk.symbol) == (feed, symbol)], (Timeframe.M1,)
-    )
+def bars_of(stream: list[T], feed: str, symbol: str, tf: Timeframe = Timeframe.M1) -> list[Bar]:
+    """The ``tf`` bars (the reference's candles) of one symbol of the stream."""
+    rows = reference([tk for tk in stream if (tk.feed, tk.symbol) == (feed, symbol)], (tf,))
     return [
         Bar(
             feed=feed,
             symbol=symbol,
-            tf=Timeframe.M1,
+            tf=tf,
             open_time_ms=key[3],
             open=r["open"],
             high=r["high"],
@@ -730,7 +729,7 @@ def test_bars_give_their_own_candle_and_build_larger_timeframes(stream: list[T])
     day_start = 79_200_000
     tfs = (Timeframe.M1, Timeframe.M15, Timeframe.H4, Timeframe.D1)
     agg = Aggregator(AggregatorConfig(timeframes=tfs, day_start_ms=day_start))
-    bars = m1_bars(stream, "brokerB", "US500.cash")
+    bars = bars_of(stream, "brokerB", "US500.cash")
     emitted: list[Candle] = []
     for bar in bars:
         out = agg.add_bar(bar)
@@ -777,3 +776,124 @@ def test_bars_of_an_unconfigured_timeframe_still_build_larger_ones() -> None:
     assert (h1.tf, h1.open_time_ms, h1.high, h1.low, h1.tick_volume, h1.source) == (
         Timeframe.H1, START, 3.0, 0.5, 20, "bars",
     )  # fmt: skip
+
+
+# --- a server clock on daylight saving time -------------------------------------------
+
+NY7 = "America/New_York+7"
+"""New York time plus 7 h: UTC+2, UTC+3 from 2026-03-08 to 2026-11-01."""
+
+
+def around(day: str, hours: int, seed: int) -> list[T]:
+    """Ticks of a symbol that trades all week, every 1-90 s for ``hours`` from ``day``."""
+    r = random.Random(seed)
+    t = int(pd.Timestamp(day, tz="UTC").value // 1_000_000)
+    end = t + hours * HOUR
+    mid, seq, out = 60_000.0, 0, []
+    while t < end:
+        t += r.randint(1_000, 90_000)
+        mid = round(mid + r.randint(-500, 500) / 100, 2)
+        seq += 1
+        out.append(T("crypto", "BTCUSD", t, mid, round(mid + r.randint(1, 90) / 100, 2), None,
+                     float(r.randint(1, 5)), seq))  # fmt: skip
+    return out
+
+
+def zoned_reference(ticks: Sequence[T], tf: Timeframe) -> dict[Key, dict[str, float]]:
+    """H4 or D1 candles of a New York+7 server, grouped by pandas on its wall clock; each
+    opens at the first instant the clock shows its start and closes where the next opens."""
+    df = pd.DataFrame(list(ticks), columns=list(T._fields))
+    df["arrival"] = range(len(df))
+    df = df.sort_values(["time_ms", "arrival"], kind="stable")
+    df["spread"] = df["ask"] - df["bid"]
+    shift, length = pd.Timedelta(hours=7), pd.Timedelta(milliseconds=tf.ms)
+    utc = pd.to_datetime(df["time_ms"], unit="ms", utc=True)
+    wall = utc.dt.tz_convert("America/New_York").dt.tz_localize(None) + shift
+    day = wall.dt.floor("D")
+    df["start"] = day + (wall - day) // length * length
+
+    def instant(start: pd.Timestamp) -> int:
+        local = (start - shift).tz_localize(
+            "America/New_York", ambiguous=True, nonexistent="shift_forward"
+        )
+        return int(local.tz_convert("UTC").value // 1_000_000)
+
+    agg = df.groupby("start").agg(
+        open=("bid", "first"), high=("bid", "max"), low=("bid", "min"), close=("bid", "last"),
+        tick_volume=("bid", "count"), real_volume=("volume", "sum"),
+        spread_mean=("spread", "mean"), spread_max=("spread", "max"),
+        first_tick_ms=("time_ms", "min"), last_tick_ms=("time_ms", "max"),
+    )  # fmt: skip
+    return {
+        ("crypto", "BTCUSD", tf, instant(start)): {
+            "close_time_ms": instant(start + length),
+            **{f: getattr(row, f) for f in agg.columns},
+        }
+        for start, row in zip(agg.index, agg.itertuples(), strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    "day",
+    [
+        "2026-03-06T12:00",  # New York springs forward on Sunday 2026-03-08
+        "2026-10-30T12:00",  # and falls back on Sunday 2026-11-01
+    ],
+)
+def test_h4_and_d1_follow_a_server_clock_over_its_change(day: str) -> None:
+    config = AggregatorConfig(server_tz=NY7, allowed_lateness_ms=60_000)
+    ticks = shuffle_windows(around(day, 4 * 24, seed=3), seed=4, size=3)
+    agg = Aggregator(config)
+    run = feed_ticks(agg, ticks)
+    assert run.outcomes == expected(ticks, 60_000, PriceSource.BID).outcomes
+    accepted = [tk for tk, o in zip(ticks, run.outcomes, strict=True) if o == "accepted"]
+    got = final_candles(run.emitted + drain(agg))
+    want = reference(accepted, (Timeframe.M1, Timeframe.M5, Timeframe.M15, Timeframe.M30,
+                                Timeframe.H1))  # fmt: skip
+    for tf in (Timeframe.H4, Timeframe.D1):
+        want |= zoned_reference(accepted, tf)
+    assert_matches(got, want)
+    lengths = {(k[2], c.close_time_ms - c.open_time_ms) for k, c in got.items()}
+    short = "03-0" in day  # the clock jumps an hour ahead: that day is 23 h long
+    assert (Timeframe.D1, DAY + (-HOUR if short else HOUR)) in lengths
+    assert (Timeframe.H4, 4 * HOUR + (-HOUR if short else HOUR)) in lengths
+    # a snapshot of the zoned state restores only under the same zone
+    restored = Aggregator.restore(config, agg.snapshot())
+    assert restored.snapshot() == agg.snapshot()
+    with pytest.raises(SnapshotMismatch):
+        Aggregator.restore(AggregatorConfig(day_start_ms=22 * HOUR), agg.snapshot())
+
+
+def test_bars_of_a_server_on_daylight_saving_time_build_its_h4_and_d1() -> None:
+    agg = Aggregator(AggregatorConfig(server_tz=NY7))
+    ticks = around("2026-10-30T12:00", 4 * 24, seed=5)
+    bars = bars_of(ticks, "crypto", "BTCUSD", Timeframe.H1)
+    emitted = [c for bar in bars for c in agg.add_bar(bar)]
+    emitted += agg.advance_bars("crypto", "BTCUSD", bars[-1].open_time_ms + FAR)
+    got = final_candles(c for c in emitted if c.tf in (Timeframe.H4, Timeframe.D1))
+    hourly = {(k[3], c.close_time_ms) for k, c in got.items()}
+    for tf in (Timeframe.H4, Timeframe.D1):
+        for key, ref in zoned_reference(ticks, tf).items():
+            assert (key[3], ref["close_time_ms"]) in hourly
+            c = got[key]
+            assert (c.open, c.high, c.low, c.close, c.tick_volume) == (
+                ref["open"], ref["high"], ref["low"], ref["close"], ref["tick_volume"],
+            )  # fmt: skip
+    # a D1 bar opens at the server's midnight: 21:00 UTC in summer time, 22:00 after
+    summer = int(pd.Timestamp("2026-10-29T21:00", tz="UTC").value // 1_000_000)
+    winter = int(pd.Timestamp("2026-11-02T22:00", tz="UTC").value // 1_000_000)
+    for open_ms, length in ((summer, DAY), (winter, DAY)):
+        d1 = msgspec.structs.replace(bars[0], tf=Timeframe.D1, open_time_ms=open_ms)
+        own = agg.add_bar(d1)[0]
+        assert own.close_time_ms - own.open_time_ms == length
+    with pytest.raises(ValueError, match="aligned"):
+        agg.add_bar(msgspec.structs.replace(bars[0], tf=Timeframe.D1, open_time_ms=summer + HOUR))
+
+
+def test_a_server_time_zone_is_whole_hours_and_no_fixed_day_start_beside_it() -> None:
+    with pytest.raises(ValueError, match="either a fixed time of day or a zone"):
+        AggregatorConfig(server_tz=NY7, day_start_ms=22 * HOUR)
+    with pytest.raises(ValueError, match="whole hours"):
+        AggregatorConfig(server_tz="Asia/Kolkata")
+    with pytest.raises(ValueError, match="not a time zone"):
+        AggregatorConfig(server_tz="Mars/Olympus")

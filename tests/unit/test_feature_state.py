@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from contracts import subjects
-from contracts.messages import Candle, FeatureVector
+from contracts.messages import Candle, FeatureVector, Timeframe
 from tests.candles import series
 from workers.feature_builder import state
 from workers.feature_builder.state import Builder, Refusal
@@ -77,6 +77,30 @@ def test_refusals() -> None:
     # none of them touched the state
     got = vector(b.apply(candles[40], SUBJECT))
     np.testing.assert_allclose(got.values, batch_row(candles, 40), rtol=1e-9, atol=1e-12)
+
+
+def test_a_d1_candle_over_a_change_of_the_server_clock_is_an_hour_off_and_taken() -> None:
+    b = Builder(DEFAULT, depth=4)
+    day = 86_400_000
+    subject = "candles.feed-a.EURUSD.D1"
+    days = [
+        msgspec.structs.replace(
+            c,
+            tf=Timeframe.D1,
+            open_time_ms=k * day,
+            close_time_ms=(k + 1) * day,
+            first_tick_ms=k * day,
+            last_tick_ms=k * day + 1,
+        )
+        for k, c in enumerate(series(3, seed=2))
+    ]
+    short = msgspec.structs.replace(days[1], close_time_ms=2 * day - 3_600_000)
+    vector(b.apply(days[0], subject))
+    vector(b.apply(short, subject))  # 23 h: the clock went an hour ahead that day
+    long = msgspec.structs.replace(days[2], close_time_ms=4 * day - 3_600_000 * 2)
+    refused = b.apply(long, subject)  # 46 h is no day
+    assert isinstance(refused, Refusal)
+    assert refused.reason == state.BAD_PERIOD
 
 
 def test_message_id_is_the_candle_key_revision_and_feature_set() -> None:

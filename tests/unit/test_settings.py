@@ -35,18 +35,25 @@ def test_settings_are_frozen() -> None:
         s.fetch_batch = 5  # type: ignore[misc]
 
 
-def test_a_bad_variable_stops_the_process_with_one_line() -> None:
+def loading_fails(code: str, env: dict[str, str]) -> str:
+    """What a process that runs ``code`` (loading settings) with ``env`` says as it stops
+    with exit code 2: one line."""
     proc = subprocess.run(
-        [sys.executable, "-c", "from workers.runtime.settings import *; load(RuntimeSettings)"],
-        env={"TICKWIRE_FETCH_BATCH": "lots", "PATH": ""},
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", code], env={**env, "PATH": ""}, capture_output=True, text=True,
         timeout=60,
-    )
+    )  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("tickwire: bad setting TICKWIRE_FETCH_BATCH:")
+    return lines[0]
+
+
+def test_a_bad_variable_stops_the_process_with_one_line() -> None:
+    line = loading_fails(
+        "from workers.runtime.settings import *; load(RuntimeSettings)",
+        {"TICKWIRE_FETCH_BATCH": "lots"},
+    )
+    assert line.startswith("tickwire: bad setting TICKWIRE_FETCH_BATCH:")
 
 
 def test_candle_ingest_symbols_are_symbols_or_feed_slash_symbol() -> None:
@@ -70,3 +77,37 @@ def test_candle_ingest_closes_idle_symbols_by_the_clock_live_not_in_a_replay(
     assert Settings(namespace="r1", idle_close=True).idle_close is True
     monkeypatch.setenv("TICKWIRE_IDLE_CLOSE", "true")
     assert Settings(namespace="r1").idle_close is True
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"TICKWIRE_SERVER_TZ": "America/New_York+7", "TICKWIRE_DAY_START_MINUTES": "1320"},
+            "tickwire: bad settings: Value error, set TICKWIRE_SERVER_TZ or "
+            "TICKWIRE_DAY_START_MINUTES, not both",
+        ),
+        (
+            {"TICKWIRE_SERVER_TZ": "Asia/Kolkata"},
+            "tickwire: bad setting TICKWIRE_SERVER_TZ: Value error, Asia/Kolkata: server "
+            "clock offsets must be whole hours",
+        ),
+        (
+            {"TICKWIRE_SERVER_TZ": "Mars/Olympus"},
+            "tickwire: bad setting TICKWIRE_SERVER_TZ: Value error, not a time zone: "
+            "'Mars/Olympus'",
+        ),
+    ],
+)
+def test_candle_ingest_takes_a_day_start_or_a_server_time_zone(
+    env: dict[str, str], says: str
+) -> None:
+    line = loading_fails("from workers.candle_ingest.app import *; load(Settings)", env)
+    assert line.startswith(says)
+
+
+def test_a_server_time_zone_reaches_candle_ingest_aggregator() -> None:
+    from workers.candle_ingest.app import Settings
+
+    config = Settings(server_tz="Europe/Athens").aggregator_config()
+    assert (config.server_tz, config.day_start_ms) == ("Europe/Athens", 0)

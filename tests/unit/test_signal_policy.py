@@ -21,7 +21,7 @@ from workers.signal_publisher.policy import (
     parse_policy,
     read_policy,
 )
-from workers.signal_publisher.state import Book, Refusal
+from workers.signal_publisher.state import Book, Refusal, check_score
 
 M = 60_000
 SUBJECT = "scores.fx.EURUSD.M1"
@@ -84,6 +84,28 @@ def test_decisions_follow_the_hand_worked_table(
     rule: Rule, values: list[float], expected: list[str | None]
 ) -> None:
     assert sides(rule, values) == expected
+
+
+def test_cooldown_counts_a_day_an_hour_short_or_long_as_one_bar() -> None:
+    day, hour = 86_400_000, 3_600_000
+    rule = Rule(cooldown_bars=1, only_on_change=False)
+
+    def d1(open_ms: int, close_ms: int, value: float) -> Score:
+        return msgspec.structs.replace(
+            score(0, value), tf=Timeframe.D1, open_time_ms=open_ms, close_time_ms=close_ms,
+            last_tick_ms=close_ms - 1,
+        )  # fmt: skip
+
+    state, first = decide(State(), d1(0, day - hour, 0.7), rule)
+    assert first is not None
+    assert first.side is Side.BUY
+    # the day after one the server's clock went ahead opens 23 h later: one bar on
+    state, again = decide(state, d1(day - hour, 2 * day - hour, 0.7), rule)
+    assert again is not None
+    assert again.side is Side.BUY
+    assert check_score(d1(day - hour, 2 * day, 0.7), "scores.fx.EURUSD.D1") is None
+    refusal = check_score(d1(0, 2 * day, 0.7), "scores.fx.EURUSD.D1")
+    assert isinstance(refusal, Refusal)
 
 
 def test_a_signal_quotes_the_candle_and_expires_after_its_close() -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from contracts.messages import Bar, Timeframe
+from contracts.servertime import Periods
 from workers.candle_ingest.validate import check_bar, check_symbol, check_tick
 
 NOW = 1_704_362_400_000
@@ -89,7 +90,7 @@ def bar(**kw: object) -> str | None:
     }  # fmt: skip
     fields.update(kw)
     b = Bar(**fields)  # type: ignore[arg-type]
-    return check_bar(b, day_start_ms=79_200_000, now_ms=NOW, max_future_skew_ms=SKEW)
+    return check_bar(b, periods=Periods(79_200_000), now_ms=NOW, max_future_skew_ms=SKEW)
 
 
 def test_bars() -> None:

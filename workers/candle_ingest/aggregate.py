@@ -8,7 +8,10 @@ again with the next revision. A tick older than ``W - allowed_lateness_ms`` is r
 ``too_late``. Open candles are never emitted; a period without ticks has no candle.
 
 Buckets are aligned on the broker's day start: ``o = (t - day_start) // L * L + day_start``.
-Every timeframe length divides the next one, so the buckets of all timeframes nest.
+Every timeframe length divides the next one, so the buckets of all timeframes nest. With a
+server time zone instead (``server_tz``), H4 and D1 follow the server's clock over its
+changes (``contracts.servertime.Periods``): those buckets still nest, and the one over a
+change is an hour shorter or longer.
 
 How it stays fast: only the smallest configured timeframe is updated per tick, in an
 *accumulator* held in flat fields of the symbol's book (the candle of the bucket that holds
@@ -36,6 +39,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 
 from contracts.messages import Bar, Candle, Timeframe
+from contracts.servertime import Periods, parse_zone
 from workers.candle_ingest.validate import check_tick
 
 DAY_MS: Final = 86_400_000
@@ -71,6 +75,9 @@ class AggregatorConfig:
     normalised into [0, 86_400_000)."""
     allowed_lateness_ms: int = 60_000
     close_delay_ms: int = 0
+    server_tz: str | None = None
+    """The time zone the broker's server clock follows (``America/New_York+7``): H4 and D1
+    then open at its midnight and every 4 hours of it, all year; ``day_start_ms`` is 0."""
 
     def __post_init__(self) -> None:
         tfs = tuple(sorted({Timeframe(tf) for tf in self.timeframes}, key=lambda tf: tf.ms))
@@ -81,6 +88,15 @@ class AggregatorConfig:
         object.__setattr__(self, "timeframes", tfs)
         object.__setattr__(self, "price", PriceSource(self.price))
         object.__setattr__(self, "day_start_ms", self.day_start_ms % DAY_MS)
+        if self.server_tz is not None:
+            if self.day_start_ms:
+                raise ValueError("a day start is either a fixed time of day or a zone, not both")
+            if not parse_zone(self.server_tz).whole_hours():
+                raise ValueError(f"{self.server_tz}: server clock offsets must be whole hours")
+
+    def periods(self) -> Periods:
+        zone = None if self.server_tz is None else parse_zone(self.server_tz)
+        return Periods(self.day_start_ms, zone)
 
 
 class TickResult(NamedTuple):
@@ -191,7 +207,8 @@ class _BarBook(_Book):
 
 class _Snapshot(msgspec.Struct, array_like=True):
     format: int
-    config: tuple[tuple[str, ...], str, int, int, int]
+    config: tuple[tuple[str, ...], str, int | str, int, int]
+    """Timeframes, price, day start (ms, or the server time zone), lateness, close delay."""
     last_stream_seq: int
     ticks: list[_TickBook]
     bars: list[_BarBook]
@@ -262,8 +279,10 @@ class Aggregator:
         "_kind",
         "_late",
         "_lens",
+        "_periods",
         "_tfs",
         "_ticks",
+        "_zoned",
         "config",
         "filled",
         "last_stream_seq",
@@ -280,6 +299,9 @@ class Aggregator:
         self._lens = tuple(tf.ms for tf in self._tfs)
         self._index = {tf: i for i, tf in enumerate(self._tfs)}
         self._day_start = config.day_start_ms
+        self._periods = config.periods()
+        self._zoned = tuple(self._periods.zoned(tf) for tf in self._tfs)
+        """Per timeframe: its periods follow the server's clock (``_open``, ``_end``)."""
         self._late = config.allowed_lateness_ms
         self._delay = config.close_delay_ms
         self._kind = (PriceSource.BID, PriceSource.MID, PriceSource.LAST).index(config.price)
@@ -499,7 +521,7 @@ class Aggregator:
         b = None if syms is None else syms.get(symbol)
         if b is None:
             return None
-        ends = [o + L for L, ser in zip(self._lens, b.series, strict=True) for o in ser.open]
+        ends = [self._end(i, o) for i, ser in enumerate(b.series) for o in ser.open]
         if b.a_close > b.a_open:
             ends.append(b.a_close)
         return min(ends) + self._delay if ends else None
@@ -511,7 +533,6 @@ class Aggregator:
     def open_candles(self) -> int:
         """Open candles across all timeframes and symbols, ticks and bars."""
         count = 0
-        ds = self._day_start
         for bars in self._bars.values():
             for bb in bars.values():
                 count += sum(len(ser.open) for ser in bb.series)
@@ -520,8 +541,8 @@ class Aggregator:
                 count += sum(len(ser.open) for ser in b.series)
                 if b.a_close > b.a_open:  # the accumulator, and larger candles only it opened
                     count += 1
-                    for L, ser in zip(self._lens[1:], b.series[1:], strict=True):
-                        if (b.a_open - ds) // L * L + ds not in ser.open:
+                    for i in range(1, len(self._tfs)):
+                        if self._open(i, b.a_open) not in b.series[i].open:
                             count += 1
         return count
 
@@ -540,9 +561,10 @@ class Aggregator:
         tf = Timeframe(bar.tf)
         lb = tf.ms
         o = bar.open_time_ms
-        ds = self._day_start
-        if (o - ds) % lb:
-            raise ValueError(f"{tf} bar at {o} is not aligned on the day start {ds}")
+        periods = self._periods
+        if not periods.aligned(tf, o):
+            raise ValueError(f"{tf} bar at {o} is not aligned on the day start")
+        end = periods.end(tf, o)
         out: list[Candle] = []
         if tf in self._index:
             out.append(
@@ -551,7 +573,7 @@ class Aggregator:
                     symbol=bar.symbol,
                     tf=tf,
                     open_time_ms=o,
-                    close_time_ms=o + lb,
+                    close_time_ms=end,
                     open=bar.open,
                     high=bar.high,
                     low=bar.low,
@@ -561,7 +583,7 @@ class Aggregator:
                     spread_mean=bar.spread,
                     spread_max=bar.spread,
                     first_tick_ms=o,
-                    last_tick_ms=o + lb - 1,
+                    last_tick_ms=end - 1,
                     revision=0,
                     source="bars",
                 )
@@ -575,18 +597,18 @@ class Aggregator:
         if b.src_ms != lb or o < b.wm:
             return out
         c = _Cand(
-            o, o, o + lb - 1, bar.open, bar.high, bar.low, bar.close,
+            o, o, end - 1, bar.open, bar.high, bar.low, bar.close,
             bar.tick_volume, 1, float(bar.real_volume), bar.spread, bar.spread,
         )  # fmt: skip
-        for L, ser in zip(self._lens, b.series, strict=True):
+        for i, (L, ser) in enumerate(zip(self._lens, b.series, strict=True)):
             if lb < L and L % lb == 0:
-                ho = (o - ds) // L * L + ds
+                ho = self._open(i, o)
                 h = ser.open.get(ho)
                 if h is None:
                     ser.open[ho] = _copy_at(c, ho)
                 else:
                     _merge(h, c)
-        b.wm = max(b.wm, o + lb)
+        b.wm = max(b.wm, end)
         self._housekeep(b, out)
         return out
 
@@ -598,10 +620,11 @@ class Aggregator:
 
     # --- snapshots ----------------------------------------------------------------------
 
-    def _fingerprint(self) -> tuple[tuple[str, ...], str, int, int, int]:
+    def _fingerprint(self) -> tuple[tuple[str, ...], str, int | str, int, int]:
         c = self.config
         names = tuple(tf.value for tf in self._tfs)
-        return (names, c.price.value, c.day_start_ms, c.allowed_lateness_ms, c.close_delay_ms)
+        day_start = c.day_start_ms if c.server_tz is None else c.server_tz
+        return (names, c.price.value, day_start, c.allowed_lateness_ms, c.close_delay_ms)
 
     def snapshot(self) -> bytes:
         """The whole state, deterministic bytes (msgpack)."""
@@ -639,11 +662,11 @@ class Aggregator:
     def _new_book(
         self, feed: str, symbol: str, t: int, p: float, s: float, v: float | None, seq: int | None
     ) -> None:
-        L = self._lens[0]
-        o = (t - self._day_start) // L * L + self._day_start
+        o = self._open(0, t)
+        end = self._end(0, o)
         b = _TickBook(
-            feed, symbol, t, o + L, [_Series() for _ in self._tfs],
-            o, o + L, t, t, p, p, p, p, 1, 0.0 if v is None else float(v), s, s,
+            feed, symbol, t, end, [_Series() for _ in self._tfs],
+            o, end, t, t, p, p, p, p, 1, 0.0 if v is None else float(v), s, s,
             _NO_SEQ if seq is None else seq, {}, _NO_SEQ if seq is None else seq,
         )  # fmt: skip
         self._ticks.setdefault(feed, {})[symbol] = b
@@ -688,14 +711,12 @@ class Aggregator:
         out: list[Candle] = []
         if b.a_close > b.a_open and t >= b.a_close:
             self._fold(b)
-        L = self._lens[0]
-        ds = self._day_start
-        o = (t - ds) // L * L + ds
+        o = self._open(0, t)
         base = b.series[0]
         if t > b.wm:
             b.wm = t
         if b.a_close <= b.a_open and t >= b.wm and o not in base.open and o not in base.kept:
-            b.a_open, b.a_close, b.a_first, b.a_last = o, o + L, t, t
+            b.a_open, b.a_close, b.a_first, b.a_last = o, self._end(0, o), t, t
             b.a_op = b.a_hi = b.a_lo = b.a_cl = p
             b.a_n = 1
             b.a_vol = 0.0 if v is None else float(v)
@@ -713,7 +734,7 @@ class Aggregator:
         closed_before = b.wm - self._delay
         for i, L in enumerate(self._lens):
             ser = b.series[i]
-            o = (t - ds) // L * L + ds
+            o = self._open(i, t) if self._zoned[i] else (t - ds) // L * L + ds
             c = ser.open.get(o)
             if c is not None:
                 _put(c, t, p, s, v)
@@ -725,7 +746,8 @@ class Aggregator:
                 out.append(self._candle(b, i, c))
                 continue
             c = _Cand(o, t, t, p, p, p, p, 1, 1, 0.0 if v is None else float(v), s, s)
-            if o + L <= closed_before:  # a late tick into a closed period that had none
+            end = self._end(i, o) if self._zoned[i] else o + L
+            if end <= closed_before:  # a late tick into a closed period that had none
                 ser.kept[o] = c
                 out.append(self._candle(b, i, c))
             else:
@@ -740,8 +762,10 @@ class Aggregator:
         )  # fmt: skip
         b.series[0].open[o] = c
         ds = self._day_start
-        for L, ser in zip(self._lens[1:], b.series[1:], strict=True):
-            ho = (o - ds) // L * L + ds
+        zoned = self._zoned
+        for i in range(1, len(self._lens)):
+            L, ser = self._lens[i], b.series[i]
+            ho = self._open(i, o) if zoned[i] else (o - ds) // L * L + ds
             h = ser.open.get(ho)
             if h is None:
                 ser.open[ho] = _copy_at(c, ho)
@@ -771,11 +795,12 @@ class Aggregator:
         floor = w - late
         for i, L in enumerate(self._lens):
             ser = b.series[i]
+            zoned = self._zoned[i]
             opened = ser.open
             if opened:
                 due: list[int] | None = None
                 for o in opened:
-                    end = o + L + delay
+                    end = (self._end(i, o) if zoned else o + L) + delay
                     if end <= w:
                         if due is None:
                             due = [o]
@@ -794,7 +819,7 @@ class Aggregator:
             if kept:
                 old: list[int] | None = None
                 for o in kept:
-                    end = o + L
+                    end = self._end(i, o) if zoned else o + L
                     if end <= floor:
                         if old is None:
                             old = [o]
@@ -812,13 +837,24 @@ class Aggregator:
                 nxt = min(nxt, next(iter(b.missing.values())) + late + 1)
         b.next_event = nxt
 
+    def _open(self, i: int, t: int) -> int:
+        """Open time of the period of timeframe ``i`` that holds ``t``."""
+        if self._zoned[i]:
+            return self._periods.open(self._tfs[i], t)
+        L, ds = self._lens[i], self._day_start
+        return (t - ds) // L * L + ds
+
+    def _end(self, i: int, o: int) -> int:
+        """End of the period of timeframe ``i`` that opens at ``o``."""
+        return self._periods.end(self._tfs[i], o) if self._zoned[i] else o + self._lens[i]
+
     def _candle(self, b: _Book, i: int, c: _Cand) -> Candle:
         return Candle(
             feed=b.feed,
             symbol=b.symbol,
             tf=self._tfs[i],
             open_time_ms=c.open_ms,
-            close_time_ms=c.open_ms + self._lens[i],
+            close_time_ms=self._end(i, c.open_ms),
             open=c.open,
             high=c.high,
             low=c.low,

@@ -89,6 +89,10 @@ class Settings(PartitionedSettings):
     price: PriceSource = PriceSource.BID
     day_start_minutes: Annotated[int, Field(ge=0, lt=1440)] = 0
     """UTC time of day (minutes) at which the broker's day starts: 1320 for UTC+2 servers."""
+    server_tz: str | None = None
+    """The time zone the broker's server clock follows (``America/New_York+7``,
+    ``Europe/Athens``): D1 and H4 then start at its midnight all year, over its changes
+    between UTC+2 and UTC+3; instead of ``day_start_minutes``."""
     allowed_lateness_s: Annotated[float, Field(ge=0)] = 60.0
     close_delay_s: Annotated[float, Field(ge=0)] = 0.0
     idle_close: bool = True
@@ -116,6 +120,19 @@ class Settings(PartitionedSettings):
             subjects.escape(symbol)
         return value
 
+    @field_validator("server_tz")
+    @classmethod
+    def _a_whole_hours_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            AggregatorConfig(server_tz=value)  # the zone exists and its offsets are whole hours
+        return value
+
+    @model_validator(mode="after")
+    def _one_day_start(self) -> Settings:
+        if self.server_tz is not None and self.day_start_minutes:
+            raise ValueError("set TICKWIRE_SERVER_TZ or TICKWIRE_DAY_START_MINUTES, not both")
+        return self
+
     @model_validator(mode="after")
     def _replays_close_by_their_watermarks(self) -> Settings:
         """In a replay namespace the copied range carries live's watermarks; a wall-clock
@@ -135,6 +152,7 @@ class Settings(PartitionedSettings):
             day_start_ms=self.day_start_minutes * 60_000,
             allowed_lateness_ms=round(self.allowed_lateness_s * 1000),
             close_delay_ms=round(self.close_delay_s * 1000),
+            server_tz=self.server_tz,
         )
 
 
@@ -204,7 +222,7 @@ class Ingest:
         self._skew_ms = round(settings.max_future_skew_s * 1000)
         self._silence_ms = round(settings.idle_silence_s * 1000)
         self._late_ms = round(settings.allowed_lateness_s * 1000)
-        self._day_start_ms = settings.day_start_minutes * 60_000
+        self._periods = settings.aggregator_config().periods()
         self._allowed = settings.allowed_symbols()
         self.heard: dict[tuple[str, str], tuple[int, int]] = {}
         """When this worker last took ticks of each symbol (wall clock, ms) and how far the
@@ -258,7 +276,7 @@ class Ingest:
         elif isinstance(m, Bar):
             reason = check_bar(
                 m,
-                day_start_ms=self._day_start_ms,
+                periods=self._periods,
                 now_ms=stored,
                 max_future_skew_ms=self._skew_ms,
             )

@@ -38,9 +38,9 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from os import PathLike
 from typing import Final, NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from contracts.messages import Bar, TickRow, Timeframe
+from contracts.servertime import ServerZone, parse_zone
 from contracts.subjects import check_name, check_symbol
 
 StrPath = str | PathLike[str]
@@ -97,8 +97,6 @@ _DECIMALS: Final = re.compile(r"[+-]?\d*\.(\d+)")
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _EPOCH: Final = datetime(1970, 1, 1)
 _DAY_MS: Final = 86_400_000
-_HOUR_MS: Final = 3_600_000
-_SHIFT: Final = re.compile(r"(.+?)([+-]\d+(?:\.\d+)?)")
 
 
 class ParseError(NamedTuple):
@@ -184,50 +182,6 @@ class _Export:
 
 
 # --- fields --------------------------------------------------------------------------
-
-
-class ServerZone:
-    """A server clock that follows a time zone's rules: the zone's wall time, plus ``shift``.
-
-    ``Europe/Athens`` is a server on Athens time (UTC+2, UTC+3 in summer). Brokers whose day
-    ends at 17:00 New York are ``America/New_York+7``: New York time plus 7 hours, UTC+2 or
-    UTC+3 as New York changes its clocks.
-    """
-
-    def __init__(self, zone: str, shift_ms: int = 0, *, name: str | None = None) -> None:
-        self.zone = ZoneInfo(zone)
-        self.shift_ms = shift_ms
-        self.name = name or zone
-        self._hours: dict[int, tuple[int, ...]] = {}
-
-    def __str__(self) -> str:
-        return self.name
-
-    def offsets_ms(self, server_ms: int) -> tuple[int, ...]:
-        """Server time minus UTC under which ``server_ms`` exists, the earliest instant first:
-        one offset; two in the hour the clock turned back repeats; none in the hour it
-        skipped."""
-        hour = server_ms // _HOUR_MS
-        found = self._hours.get(hour)
-        if found is None:
-            first = self._offsets(hour * 3600)
-            if first != self._offsets(hour * 3600 + 3599):  # a change within the hour
-                return self._offsets(server_ms // 1000)
-            if len(self._hours) > 100_000:
-                self._hours.clear()
-            found = self._hours[hour] = first
-        return found
-
-    def _offsets(self, server_s: int) -> tuple[int, ...]:
-        wall = _EPOCH + timedelta(milliseconds=server_s * 1000 - self.shift_ms)
-        found = set()
-        for fold in (0, 1):
-            offset = wall.replace(tzinfo=self.zone, fold=fold).utcoffset()
-            assert offset is not None  # a ZoneInfo always has one
-            utc = (wall - _EPOCH - offset) // timedelta(seconds=1)
-            if datetime.fromtimestamp(utc, self.zone).replace(tzinfo=None) == wall:
-                found.add(offset // timedelta(milliseconds=1) + self.shift_ms)
-        return tuple(sorted(found, reverse=True))
 
 
 ServerTime = int | ServerZone
@@ -549,19 +503,13 @@ def parse_server_time(text: str) -> ServerTime:
     text = text.strip()
     if not text[:1].isalpha():
         return parse_utc_offset(text)
-    readings = [(text, "0")]  # a zone whose name has a sign (Etc/GMT-2) first
-    shifted = _SHIFT.fullmatch(text)
-    if shifted is not None:
-        readings.append((shifted[1], shifted[2]))
-    for zone, hours in readings:
-        try:
-            return ServerZone(zone, parse_utc_offset(hours), name=text)
-        except (ZoneInfoNotFoundError, ValueError):
-            continue
-    raise ValueError(
-        f"not a number of hours nor a time zone: {text!r} "
-        "(e.g. 2, -5, Europe/Athens, America/New_York+7)"
-    )
+    try:
+        return parse_zone(text)
+    except ValueError:
+        raise ValueError(
+            f"not a number of hours nor a time zone: {text!r} "
+            "(e.g. 2, -5, Europe/Athens, America/New_York+7)"
+        ) from None
 
 
 def parse_point(text: str) -> Decimal:

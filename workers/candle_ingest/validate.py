@@ -11,6 +11,7 @@ import math
 from typing import Final
 
 from contracts.messages import Bar, Timeframe
+from contracts.servertime import Periods
 from contracts.subjects import SubjectError
 from contracts.subjects import check_symbol as _check_symbol
 
@@ -62,11 +63,11 @@ def check_symbol(symbol: str) -> str | None:
     return None
 
 
-def check_bar(bar: Bar, *, day_start_ms: int, now_ms: int, max_future_skew_ms: int) -> str | None:
+def check_bar(bar: Bar, *, periods: Periods, now_ms: int, max_future_skew_ms: int) -> str | None:
     """``bad_price``, ``bad_ohlc`` (high/low not enclosing open and close),
-    ``bad_volume`` (NaN or inf volume or spread), ``misaligned_bar`` (open time not on a
-    period boundary counted from the day start), ``future_time``; ``illegal_symbol`` is
-    ``check_symbol``'s."""
+    ``bad_volume`` (NaN or inf volume or spread), ``misaligned_bar`` (open time not where
+    a period of its timeframe opens: counted from the day start, or on the server's clock),
+    ``future_time``; ``illegal_symbol`` is ``check_symbol``'s."""
     o, h, lo, c = bar.open, bar.high, bar.low, bar.close
     if not all(0.0 < p < _INF for p in (o, h, lo, c)):
         return BAD_PRICE
@@ -74,7 +75,7 @@ def check_bar(bar: Bar, *, day_start_ms: int, now_ms: int, max_future_skew_ms: i
         return BAD_OHLC
     if not (math.isfinite(bar.real_volume) and math.isfinite(bar.spread)):
         return BAD_VOLUME
-    if (bar.open_time_ms - day_start_ms) % Timeframe(bar.tf).ms:
+    if not periods.aligned(Timeframe(bar.tf), bar.open_time_ms):
         return MISALIGNED_BAR
     if bar.open_time_ms > now_ms + max_future_skew_ms:
         return FUTURE_TIME

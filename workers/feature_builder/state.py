@@ -17,6 +17,7 @@ from typing import Final, NamedTuple
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Timeframe
+from contracts.servertime import fits
 from workers.features import Engine, FeatureSet
 
 HIGH_BELOW_LOW: Final = "high_below_low"
@@ -61,7 +62,7 @@ def check_candle(c: Candle, subject: str) -> Refusal | None:
         return Refusal(
             PRICE_OUTSIDE_RANGE, f"{_name(c)} o={c.open} c={c.close} outside [{c.low}, {c.high}]"
         )
-    if c.close_time_ms - c.open_time_ms != c.tf.ms or not math.isfinite(c.spread_mean):
+    if not fits(c.tf, c.open_time_ms, c.close_time_ms) or not math.isfinite(c.spread_mean):
         return Refusal(BAD_PERIOD, f"{_name(c)} {c.open_time_ms}..{c.close_time_ms}")
     return None
 

@@ -72,7 +72,8 @@ def load(cls: type[S], **overrides: object) -> S:
         return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
         prefix = cls.model_config.get("env_prefix", "")
-        sys.stderr.write(f"tickwire: bad setting {prefix}{field.upper()}: {first['msg']}\n")
+        # a check of several settings together names them itself
+        what = f" {prefix}{str(first['loc'][0]).upper()}" if first["loc"] else "s"
+        sys.stderr.write(f"tickwire: bad setting{what}: {first['msg']}\n")
         raise SystemExit(2) from None

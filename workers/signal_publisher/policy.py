@@ -217,7 +217,8 @@ def _window(state: State, close_ms: int, r: Rule) -> tuple[int, ...]:
 
 def _entry_allowed(state: State, score: Score, r: Rule) -> bool:
     if state.last_open_ms is not None:
-        bars = (score.open_time_ms - state.last_open_ms) // score.tf.ms
+        # rounded: an H4 or D1 candle over a change of the server's clock is an hour off
+        bars = (score.open_time_ms - state.last_open_ms + score.tf.ms // 2) // score.tf.ms
         if bars < r.cooldown_bars:
             return False
     last_close = state.last_close_ms

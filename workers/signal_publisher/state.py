@@ -25,6 +25,7 @@ import msgspec
 
 from contracts import subjects
 from contracts.messages import Score, Side, Signal, Timeframe
+from contracts.servertime import fits
 from workers.signal_publisher.policy import Policy, State, decide, make_signal, signal_id
 
 BAD_SCORE: Final = "bad_score"
@@ -57,7 +58,7 @@ def check_score(s: Score, subject: str) -> Refusal | None:
         return Refusal(BAD_SCORE, f"{name} probabilities={s.probabilities}")
     if not (math.isfinite(s.close) and s.close > 0.0):
         return Refusal(BAD_PRICE, f"{name} close={s.close}")
-    if s.close_time_ms - s.open_time_ms != s.tf.ms or s.last_tick_ms > s.close_time_ms:
+    if not fits(s.tf, s.open_time_ms, s.close_time_ms) or s.last_tick_ms > s.close_time_ms:
         return Refusal(BAD_SCORE, f"{name} times {s.open_time_ms}..{s.close_time_ms}")
     return None
 
