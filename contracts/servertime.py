@@ -64,16 +64,29 @@ class ServerZone:
         offsets = self.offsets_ms(server_ms)
         if offsets:
             return server_ms - offsets[0]
-        return server_ms - self.offsets_ms(server_ms - HOUR_MS)[-1]
+        skipped = server_ms - server_ms % HOUR_MS  # a clock skips whole hours (``regular``)
+        return skipped - self.offsets_ms(skipped - 1)[-1]
 
-    def whole_hours(self, years: range = range(1990, 2060)) -> bool:
-        """Whether every offset of the clock over ``years`` is a whole number of hours."""
-        for year in years:
-            for month in range(1, 13):
-                for day in (1, 15):
-                    s = int((datetime(year, month, day) - _EPOCH) / _SECOND)
-                    if self._instant_offset(s) % HOUR_MS:
-                        return False
+    def regular(self, years: range = range(1990, 2060)) -> bool:
+        """Whether, over ``years``, every offset of the clock is a whole number of hours and
+        every change of it is one hour, on a whole UTC hour: what ``Periods`` needs."""
+        day = 86_400
+        first = int((datetime(years.start, 1, 1) - _EPOCH) / _SECOND)
+        last = int((datetime(years.stop, 1, 1) - _EPOCH) / _SECOND)
+        before = self._instant_offset(first)
+        if before % HOUR_MS:
+            return False
+        for s in range(first + day, last, day):
+            offset = self._instant_offset(s)
+            if offset == before:
+                continue
+            if abs(offset - before) != HOUR_MS or offset % HOUR_MS:
+                return False
+            # the change within the day before: on a whole hour
+            for h in range(s - day, s, 3600):
+                if self._instant_offset(h) != self._instant_offset(h + 3599):
+                    return False
+            before = offset
         return True
 
     def _wall_offsets(self, server_s: int) -> tuple[int, ...]:
@@ -122,7 +135,7 @@ def parse_zone(text: str) -> ServerZone:
             if not -14 <= shift <= 14 or shift * HOUR_MS != int(shift * HOUR_MS):
                 continue
             return ServerZone(zone, int(shift * HOUR_MS), name=text)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # a directory: America
             continue
     raise ValueError(
         f"not a time zone: {text!r} (e.g. Europe/Athens, or America/New_York+7 for New York "

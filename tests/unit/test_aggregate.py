@@ -890,10 +890,11 @@ def test_bars_of_a_server_on_daylight_saving_time_build_its_h4_and_d1() -> None:
         agg.add_bar(msgspec.structs.replace(bars[0], tf=Timeframe.D1, open_time_ms=summer + HOUR))
 
 
-def test_a_server_time_zone_is_whole_hours_and_no_fixed_day_start_beside_it() -> None:
+def test_a_server_time_zone_is_regular_and_no_fixed_day_start_beside_it() -> None:
     with pytest.raises(ValueError, match="either a fixed time of day or a zone"):
         AggregatorConfig(server_tz=NY7, day_start_ms=22 * HOUR)
-    with pytest.raises(ValueError, match="whole hours"):
+    with pytest.raises(ValueError, match="whole hours and change by one hour on a whole hour"):
         AggregatorConfig(server_tz="Asia/Kolkata")
+    assert AggregatorConfig(server_tz=f" {NY7} ").server_tz == NY7
     with pytest.raises(ValueError, match="not a time zone"):
         AggregatorConfig(server_tz="Mars/Olympus")

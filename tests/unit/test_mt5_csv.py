@@ -153,6 +153,29 @@ def test_the_hour_a_server_clock_repeats_is_taken_in_order_and_the_skipped_one_r
     assert "2026-03-08 09:30:00" in refused[0][1].detail
 
 
+def test_a_refused_line_does_not_move_the_pass_of_the_repeated_hour(tmp_path: Path) -> None:
+    # Athens leaves summer time on 2026-10-25: 03:00-04:00 shows twice
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2026.10.25\t03:10:00\t1.1\t1.2\t\t\t6",
+            "2026.11.25\t03:40:00\t1.3\t1.2\t\t\t6",  # a wrong date, and bid > ask
+            "2026.10.25\t03:20:00\t1.1\t1.2\t\t\t6",
+            "2026.10.25\t03:05:00\t1.1\t1.2\t\t\t6",  # the second time round
+        ],
+    )
+    got = ticks(path, mt5_csv.parse_server_time("Europe/Athens"))
+    assert [(n, t.time_ms) for n, t in got if isinstance(t, TickRow)] == [
+        (2, iso_ms("2026-10-25T00:10:00+00:00")),
+        (4, iso_ms("2026-10-25T00:20:00+00:00")),
+        (5, iso_ms("2026-10-25T01:05:00+00:00")),
+    ]
+    assert [(n, e.reason) for n, e in got if isinstance(e, ParseError)] == [
+        (3, mt5_csv.BID_ABOVE_ASK)
+    ]
+
+
 def test_daily_bars_of_a_daylight_saving_server_open_at_its_midnight_in_utc(
     tmp_path: Path,
 ) -> None:

@@ -38,6 +38,8 @@ def ms(t: pd.Timestamp) -> int:
         ("America/New_York+7", "America/New_York", 7, ("2026-03-05", "2026-10-29")),
         # a European server: the EU's (2026-03-29, 2026-10-25)
         ("Europe/Athens", "Europe/Athens", 0, ("2026-03-26", "2026-10-22")),
+        # London + 3 h: the hour its clock skips, 04:00-05:00, starts an H4 period
+        ("Europe/London+3", "Europe/London", 3, ("2026-03-26", "2026-10-22")),
     ],
 )
 @pytest.mark.parametrize("tf", [Timeframe.H4, Timeframe.D1])
@@ -96,11 +98,16 @@ def test_a_period_length_fits_its_timeframe_or_an_hour_off_for_h4_and_d1() -> No
     assert not fits(Timeframe.H4, 0, 6 * HOUR_MS)
 
 
-def test_zones_and_their_whole_hours() -> None:
-    assert parse_zone("America/New_York+7").whole_hours()
-    assert parse_zone("Europe/Athens").whole_hours()
-    assert not parse_zone("Asia/Kolkata").whole_hours()  # UTC+5:30
-    assert not parse_zone("Europe/Athens+0.5").whole_hours()
-    for bad in ("Mars/Olympus", "Europe/Athens+15", "", "2"):
+def test_a_regular_clock_has_whole_hour_offsets_that_change_by_an_hour_on_the_hour() -> None:
+    for regular in ("America/New_York+7", "Europe/Athens", "Europe/London+2", "UTC+3"):
+        assert parse_zone(regular).regular(), regular
+    for irregular in (
+        "Asia/Kolkata",  # UTC+5:30
+        "Europe/Athens+0.5",
+        "Australia/Adelaide+1.5",  # +11/+12, changing at 16:30 UTC
+        "Antarctica/Troll+2",  # changes by two hours
+    ):
+        assert not parse_zone(irregular).regular(), irregular
+    for bad in ("Mars/Olympus", "Europe/Athens+15", "", "2", "America", "America+7"):
         with pytest.raises(ValueError, match="not a time zone"):
             parse_zone(bad)

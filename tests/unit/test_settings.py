@@ -89,8 +89,8 @@ def test_candle_ingest_closes_idle_symbols_by_the_clock_live_not_in_a_replay(
         ),
         (
             {"TICKWIRE_SERVER_TZ": "Asia/Kolkata"},
-            "tickwire: bad setting TICKWIRE_SERVER_TZ: Value error, Asia/Kolkata: server "
-            "clock offsets must be whole hours",
+            "tickwire: bad setting TICKWIRE_SERVER_TZ: Value error, Asia/Kolkata: the server "
+            "clock's offsets must be whole hours",
         ),
         (
             {"TICKWIRE_SERVER_TZ": "Mars/Olympus"},

@@ -91,8 +91,13 @@ class AggregatorConfig:
         if self.server_tz is not None:
             if self.day_start_ms:
                 raise ValueError("a day start is either a fixed time of day or a zone, not both")
-            if not parse_zone(self.server_tz).whole_hours():
-                raise ValueError(f"{self.server_tz}: server clock offsets must be whole hours")
+            zone = parse_zone(self.server_tz)
+            if not zone.regular():
+                raise ValueError(
+                    f"{zone}: the server clock's offsets must be whole hours and change by "
+                    "one hour on a whole hour"
+                )
+            object.__setattr__(self, "server_tz", zone.name)
 
     def periods(self) -> Periods:
         zone = None if self.server_tz is None else parse_zone(self.server_tz)

@@ -122,10 +122,10 @@ class Settings(PartitionedSettings):
 
     @field_validator("server_tz")
     @classmethod
-    def _a_whole_hours_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            AggregatorConfig(server_tz=value)  # the zone exists and its offsets are whole hours
-        return value
+    def _a_regular_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return AggregatorConfig(server_tz=value).server_tz  # a zone Periods can follow
 
     @model_validator(mode="after")
     def _one_day_start(self) -> Settings:

@@ -193,14 +193,12 @@ class _Clock:
     """Server-time DATE and TIME to UTC milliseconds, exactly, with a per-date cache.
 
     In the hour a server's clock turned back, a time is taken at its first pass unless the
-    export has already gone past that: then it is the second pass.
+    last line taken (``after``) has already gone past that: then it is the second pass.
     """
 
     def __init__(self, server_time: ServerTime) -> None:
         self._offset = server_time if isinstance(server_time, int) else 0
         self._zone = None if isinstance(server_time, int) else server_time
-        self._last = -1
-        """The latest UTC time given out."""
         self._days: dict[str, int] = {}
 
     def day_ms(self, text: str) -> int:
@@ -235,7 +233,7 @@ class _Clock:
         tod = 0 if time_text is None else self.time_of_day_ms(time_text)
         return self.day_ms(date_text) + tod
 
-    def utc_ms(self, server_ms: int) -> int:
+    def utc_ms(self, server_ms: int, after: int) -> int:
         zone = self._zone
         if zone is None:
             utc = server_ms - self._offset
@@ -246,11 +244,9 @@ class _Clock:
                 raise _Refused(SKIPPED_TIME, f"{when} is in the hour a {zone} clock skips")
             utc = server_ms - offsets[-1]
             for offset in offsets:
-                if server_ms - offset >= self._last:
+                if server_ms - offset >= after:
                     utc = server_ms - offset
                     break
-            if utc > self._last:
-                self._last = utc
         if utc < 0:
             raise _Refused(BEFORE_EPOCH, f"{utc} ms is before 1970-01-01 UTC")
         return utc
@@ -378,7 +374,7 @@ def _bars(
             if server_ms % tf_ms:
                 when = f"{fields[i_date].strip()} {_field(fields, i_time)}".strip()
                 raise _Refused(MISALIGNED_TIME, f"{when} is not on a {tf.value} boundary")
-            open_time_ms = clock.utc_ms(server_ms)
+            open_time_ms = clock.utc_ms(server_ms, -1 if previous is None else previous)
             if previous is not None and open_time_ms <= previous:
                 raise _Refused(OUT_OF_ORDER, f"bar time {open_time_ms} not after {previous}")
             o = _price("OPEN", fields[i_open])
@@ -449,7 +445,7 @@ def _ticks(
     for number, fields in export.lines(progress):
         try:
             _check_width(fields, export.width)
-            time_ms = clock.utc_ms(clock.server_ms(fields[i_date], fields[i_time]))
+            time_ms = clock.utc_ms(clock.server_ms(fields[i_date], fields[i_time]), previous)
             if time_ms < previous:
                 raise _Refused(OUT_OF_ORDER, f"tick time {time_ms} before {previous}")
             bid_text, ask_text = fields[i_bid].strip(), fields[i_ask].strip()
