@@ -285,6 +285,30 @@ def test_a_series_told_its_side_keeps_it_through_a_revision() -> None:
     assert (flat.side, flat.open_time_ms, flat.corrects) == (Side.FLAT, 4 * M, None)
 
 
+def test_a_series_told_its_side_keeps_its_candle_close_for_the_cooldown() -> None:
+    """A D1 candle 25 h long (the server's clock went back that day): told its signal after a
+    restart, the series counts the cooldown from that candle's close, as the run that
+    decided it did."""
+    day, hour = 86_400_000, 3_600_000
+
+    def d1(k: int, close_ms: int, value: float) -> Score:
+        return msgspec.structs.replace(
+            score(0, value), tf=Timeframe.D1, open_time_ms=k * day, close_time_ms=close_ms,
+            last_tick_ms=close_ms - 1,
+        )  # fmt: skip
+
+    subject = "scores.fx.EURUSD.D1"
+    long_day = d1(0, day + hour, 0.7)
+    told = Book(Policy())
+    [buy] = told.apply(long_day, subject)
+    later = Book(Policy(defaults=Rule(entry_long=0.9)))
+    later.apply(long_day, subject)
+    assert later.told(buy)
+    key = ("fx", "EURUSD", Timeframe.D1)
+    assert later.series[key].state == told.series[key].state
+    assert later.series[key].state.last_close_ms == day + hour
+
+
 def test_a_revision_further_back_decides_the_later_candles_again() -> None:
     """BUY at bar 0, held at bar 1, FLAT at bar 2. Bar 0 revised below the entry: no BUY
     there (FLAT correction), so bar 1 (0.7) is now the entry, and bar 2 exits as before.

@@ -140,11 +140,18 @@ class Book:
             return False
         if series is None:
             series = self.series[key] = Series()
+        # its candle's close from its score where that is still here; else the length of the
+        # timeframe (an hour off for an H4 or D1 candle over a change of the server's clock)
+        close_ms = next(
+            (d.score.close_time_ms for d in series.recent
+             if d.score.open_time_ms == signal.open_time_ms),
+            signal.open_time_ms + signal.tf.ms,
+        )  # fmt: skip
         held = series.state = msgspec.structs.replace(
             series.state,
             side=signal.side,
             last_open_ms=signal.open_time_ms,
-            last_close_ms=signal.open_time_ms + signal.tf.ms,
+            last_close_ms=close_ms,
         )
         # no signal came after it: each later candle kept held that side, and a revision
         # of one is decided again from there; that candle and earlier ones are not
