@@ -176,6 +176,43 @@ def test_a_refused_line_does_not_move_the_pass_of_the_repeated_hour(tmp_path: Pa
     ]
 
 
+def test_bars_of_the_repeated_hour_take_its_second_pass(tmp_path: Path) -> None:
+    # Athens left summer time on 2024-10-27: 03:00-04:00 showed twice
+    path = write(
+        tmp_path,
+        [BAR_HEADER]
+        + [
+            f"2024.10.27\t{hh}:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t3" for hh in ("02", "03", "03", "04")
+        ],
+    )
+    got = bars(path, Timeframe.H1, mt5_csv.parse_server_time("Europe/Athens"))
+    assert [(n, b.open_time_ms) for n, b in got if isinstance(b, Bar)] == [
+        (2, iso_ms("2024-10-26T23:00:00+00:00")),
+        (3, iso_ms("2024-10-27T00:00:00+00:00")),
+        (4, iso_ms("2024-10-27T01:00:00+00:00")),
+        (5, iso_ms("2024-10-27T02:00:00+00:00")),
+    ]
+
+
+def test_a_date_a_time_zone_cannot_convert_is_a_refused_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2026.01.15\t10:00:00\t1.1\t1.2\t\t\t6",
+            "0001.01.01\t00:00:00\t1.1\t1.2\t\t\t6",
+            "9999.12.31\t23:00:00\t1.1\t1.2\t\t\t6",
+        ],
+    )
+    for zone in ("America/New_York+7", "Europe/Athens", "America/New_York-5"):
+        got = dict(ticks(path, mt5_csv.parse_server_time(zone)))
+        assert isinstance(got[2], TickRow)
+        assert isinstance(got[3], ParseError)
+        assert got[3].reason in (mt5_csv.BAD_DATE, mt5_csv.BEFORE_EPOCH), zone
+        # the end of 9999 converts, or is refused: never an exception
+        assert isinstance(got[4], TickRow | ParseError)
+
+
 def test_daily_bars_of_a_daylight_saving_server_open_at_its_midnight_in_utc(
     tmp_path: Path,
 ) -> None:

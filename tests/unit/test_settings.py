@@ -111,3 +111,4 @@ def test_a_server_time_zone_reaches_candle_ingest_aggregator() -> None:
 
     config = Settings(server_tz="Europe/Athens").aggregator_config()
     assert (config.server_tz, config.day_start_ms) == ("Europe/Athens", 0)
+    assert Settings(server_tz=" ").aggregator_config().server_tz is None  # empty: unset

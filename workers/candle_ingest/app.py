@@ -123,7 +123,7 @@ class Settings(PartitionedSettings):
     @field_validator("server_tz")
     @classmethod
     def _a_regular_zone(cls, value: str | None) -> str | None:
-        if value is None:
+        if value is None or not value.strip():  # TICKWIRE_SERVER_TZ= is not set
             return None
         return AggregatorConfig(server_tz=value).server_tz  # a zone Periods can follow
 

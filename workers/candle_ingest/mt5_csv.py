@@ -238,9 +238,13 @@ class _Clock:
         if zone is None:
             utc = server_ms - self._offset
         else:
-            offsets = zone.offsets_ms(server_ms)
+            try:
+                offsets = zone.offsets_ms(server_ms)
+            except (OverflowError, ValueError, OSError):  # years the platform cannot convert
+                when = _when(server_ms)
+                raise _Refused(BAD_DATE, f"{when} is out of the {zone} clock's range") from None
             if not offsets:
-                when = f"{_EPOCH + timedelta(milliseconds=server_ms):%Y-%m-%d %H:%M:%S}"
+                when = _when(server_ms)
                 raise _Refused(SKIPPED_TIME, f"{when} is in the hour a {zone} clock skips")
             utc = server_ms - offsets[-1]
             for offset in offsets:
@@ -250,6 +254,10 @@ class _Clock:
         if utc < 0:
             raise _Refused(BEFORE_EPOCH, f"{utc} ms is before 1970-01-01 UTC")
         return utc
+
+
+def _when(server_ms: int) -> str:
+    return f"{_EPOCH + timedelta(milliseconds=server_ms):%Y-%m-%d %H:%M:%S}"
 
 
 def _number(name: str, text: str) -> float:
@@ -374,7 +382,8 @@ def _bars(
             if server_ms % tf_ms:
                 when = f"{fields[i_date].strip()} {_field(fields, i_time)}".strip()
                 raise _Refused(MISALIGNED_TIME, f"{when} is not on a {tf.value} boundary")
-            open_time_ms = clock.utc_ms(server_ms, -1 if previous is None else previous)
+            # a bar opens after the one before it: in a repeated hour, its second pass
+            open_time_ms = clock.utc_ms(server_ms, -1 if previous is None else previous + 1)
             if previous is not None and open_time_ms <= previous:
                 raise _Refused(OUT_OF_ORDER, f"bar time {open_time_ms} not after {previous}")
             o = _price("OPEN", fields[i_open])
