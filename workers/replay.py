@@ -507,6 +507,8 @@ class _Key(msgspec.Struct):
     candle_revision: int | None = None
     feature_set_id: str | None = None
     model_version: str | None = None
+    close_time_ms: int | None = None
+    """The end of its candle's period, where the message carries it (not a signal)."""
 
     def key(self) -> tuple[Any, ...]:
         revision = self.revision if self.revision is not None else self.candle_revision
@@ -644,6 +646,14 @@ def _filters(domain: str, r: Replay, namespace: str | None) -> list[str]:
     return [f"{prefix}{domain}.{feed}.{s}{tail}" for s in symbols]
 
 
+def _period_end(key: tuple[Any, ...], payload: bytes) -> int:
+    """Where the period of a keyed message ends: its close time, or (a signal) its open
+    time plus the timeframe's length, an hour off for an H4 or D1 candle over a change of a
+    server's clock."""
+    close = _key_decoder.decode(payload).close_time_ms
+    return int(key[3]) + Timeframe(key[2]).ms if close is None else close
+
+
 def _keyed(messages: Iterable[tuple[str, bytes]], what: str) -> dict[tuple[Any, ...], bytes]:
     out: dict[tuple[Any, ...], bytes] = {}
     for subject, payload in messages:
@@ -688,10 +698,8 @@ async def diff(nc: Client, name: str) -> Diff:
                 ),
                 base,
             )
-            # a period overlapping the replayed event time: [open, open + tf) meets [lo, hi]
-            d.live = {
-                k: v for k, v in live.items() if k[3] <= hi and k[3] + Timeframe(k[2]).ms > lo
-            }
+            # a period overlapping the replayed event time: [open, close) meets [lo, hi]
+            d.live = {k: v for k, v in live.items() if k[3] <= hi and _period_end(k, v) > lo}
         out.append(d)
     return Diff(r, window, out)
 

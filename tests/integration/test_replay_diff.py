@@ -346,6 +346,16 @@ async def test_diff_reports_what_differs_and_only_within_the_replayed_range(
         candle(feed, "EURUSD", 15, 1.02),  # only live
         candle(feed, "EURUSD", 40, 1.02),  # outside the range: not compared
         candle(f"x{unique}", "EURUSD", 16, 1.02),  # another feed: not compared
+        # a D1 candle 23 h long (its server's clock went ahead) that ended before the range
+        # began: not compared, though 24 h from its open would reach into the range
+        msgspec.structs.replace(
+            candle(feed, "EURUSD", 0, 1.02),
+            tf=Timeframe.D1,
+            open_time_ms=base_ms + 10 * 60_000 - 23 * 3_600_000 - 30 * 60_000,
+            close_time_ms=base_ms + 10 * 60_000 - 30 * 60_000,
+            first_tick_ms=base_ms - 23 * 3_600_000,
+            last_tick_ms=base_ms - 3_600_000,
+        ),
         revised,
     ]
     replay_side = [
