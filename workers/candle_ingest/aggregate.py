@@ -3,8 +3,8 @@
 Per (feed, symbol) the aggregator keeps an event-time watermark ``W``, the largest tick time
 it accepted. A candle opening at ``o`` and ending at ``e`` (``o + L`` for timeframe length
 ``L``, but see ``server_tz`` below) closes once ``W >= e + close_delay_ms`` and is then
-emitted with revision 0. It is kept while ``e > W - allowed_lateness_ms``: a late tick that falls into it updates it and emits it
-again with the next revision. A tick older than ``W - allowed_lateness_ms`` is refused as
+emitted with revision 0. It is kept while ``e > W - allowed_lateness_ms``: a late tick
+that falls into it updates it and emits it again with the next revision. A tick older than ``W - allowed_lateness_ms`` is refused as
 ``too_late``. Open candles are never emitted; a period without ticks has no candle.
 
 Buckets are aligned on the broker's day start: ``o = (t - day_start) // L * L + day_start``.
