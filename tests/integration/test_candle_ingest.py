@@ -907,7 +907,8 @@ async def test_bars_of_a_daylight_saving_server_make_its_d1_and_h4_all_year(
         return 3 if server < datetime(2026, 11, 1, 9) else 2
 
     def utc_ms(server: datetime) -> int:
-        return int((server - timedelta(hours=offset_h(server))).replace(tzinfo=UTC).timestamp())
+        utc = (server - timedelta(hours=offset_h(server))).replace(tzinfo=UTC)
+        return int(utc.timestamp()) * 1000
 
     header = "<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"
     days = [datetime(2026, 10, 28) + timedelta(days=k) for k in range(8)]
@@ -946,17 +947,17 @@ async def test_bars_of_a_daylight_saving_server_make_its_d1_and_h4_all_year(
     assert await on_stream(js, streams.DLQ, namespace, DeadLetter) == []
     published = await on_stream(js, streams.CANDLES, namespace, Candle)
     d1 = {c.open_time_ms for c in published if (c.symbol, c.tf) == ("EURUSD", Timeframe.D1)}
-    assert d1 == {utc_ms(day) * 1000 for day in days}
+    assert d1 == {utc_ms(day) for day in days}
     assert {o // 1000 % 86_400 for o in d1} == {21 * 3600, 22 * 3600}
     h4 = {c.open_time_ms: c for c in published if (c.symbol, c.tf) == ("GBPUSD", Timeframe.H4)}
     buckets: dict[datetime, list[tuple[datetime, int, int, int, int]]] = {}
     for bar in h1:
         buckets.setdefault(bar[0].replace(hour=bar[0].hour // 4 * 4), []).append(bar)
     # each closes with its last hour's bar: the bar's end is the bars' watermark
-    assert sorted(h4) == [utc_ms(b) * 1000 for b in sorted(buckets)]
+    assert sorted(h4) == [utc_ms(b) for b in sorted(buckets)]
     for start in buckets:
-        group, candle = buckets[start], h4[utc_ms(start) * 1000]
-        assert candle.close_time_ms == utc_ms(start + timedelta(hours=4)) * 1000
+        group, candle = buckets[start], h4[utc_ms(start)]
+        assert candle.close_time_ms == utc_ms(start + timedelta(hours=4))
         assert (candle.open, candle.close) == (group[0][1] / 1e5, group[-1][4] / 1e5)
         assert candle.high == max(b[2] for b in group) / 1e5
         assert candle.low == min(b[3] for b in group) / 1e5

@@ -871,18 +871,20 @@ def test_bars_of_a_server_on_daylight_saving_time_build_its_h4_and_d1() -> None:
     emitted = [c for bar in bars for c in agg.add_bar(bar)]
     emitted += agg.advance_bars("crypto", "BTCUSD", bars[-1].open_time_ms + FAR)
     got = final_candles(c for c in emitted if c.tf in (Timeframe.H4, Timeframe.D1))
-    hourly = {(k[3], c.close_time_ms) for k, c in got.items()}
+    spans = {(k[3], c.close_time_ms) for k, c in got.items()}
     for tf in (Timeframe.H4, Timeframe.D1):
         for key, ref in zoned_reference(ticks, tf).items():
-            assert (key[3], ref["close_time_ms"]) in hourly
+            assert (key[3], ref["close_time_ms"]) in spans
             c = got[key]
             assert (c.open, c.high, c.low, c.close, c.tick_volume) == (
                 ref["open"], ref["high"], ref["low"], ref["close"], ref["tick_volume"],
             )  # fmt: skip
-    # a D1 bar opens at the server's midnight: 21:00 UTC in summer time, 22:00 after
+    # a D1 bar opens at the server's midnight: 21:00 UTC in summer time, 22:00 after; the
+    # server's Sunday 2026-11-01, when New York's clock went back, is 25 h long
     summer = int(pd.Timestamp("2026-10-29T21:00", tz="UTC").value // 1_000_000)
+    sunday = int(pd.Timestamp("2026-10-31T21:00", tz="UTC").value // 1_000_000)
     winter = int(pd.Timestamp("2026-11-02T22:00", tz="UTC").value // 1_000_000)
-    for open_ms, length in ((summer, DAY), (winter, DAY)):
+    for open_ms, length in ((summer, DAY), (sunday, DAY + HOUR), (winter, DAY)):
         d1 = msgspec.structs.replace(bars[0], tf=Timeframe.D1, open_time_ms=open_ms)
         own = agg.add_bar(d1)[0]
         assert own.close_time_ms - own.open_time_ms == length
