@@ -284,13 +284,13 @@ class Aggregator:
         "_kind",
         "_late",
         "_lens",
-        "_periods",
         "_tfs",
         "_ticks",
         "_zoned",
         "config",
         "filled",
         "last_stream_seq",
+        "periods",
     )
 
     def __init__(self, config: AggregatorConfig) -> None:
@@ -304,9 +304,11 @@ class Aggregator:
         self._lens = tuple(tf.ms for tf in self._tfs)
         self._index = {tf: i for i, tf in enumerate(self._tfs)}
         self._day_start = config.day_start_ms
-        self._periods = config.periods()
-        self._zoned = tuple(self._periods.zoned(tf) for tf in self._tfs)
-        """Per timeframe: its periods follow the server's clock (``_open``, ``_end``)."""
+        self.periods = config.periods()
+        """Where each timeframe's candles open and close."""
+        self._zoned = tuple(self.periods.zoned(tf) for tf in self._tfs)
+        """Per timeframe: its periods follow the server's clock (the hot loops' fixed
+        arithmetic is for the others)."""
         self._late = config.allowed_lateness_ms
         self._delay = config.close_delay_ms
         self._kind = (PriceSource.BID, PriceSource.MID, PriceSource.LAST).index(config.price)
@@ -566,7 +568,7 @@ class Aggregator:
         tf = Timeframe(bar.tf)
         lb = tf.ms
         o = bar.open_time_ms
-        periods = self._periods
+        periods = self.periods
         if not periods.aligned(tf, o):
             raise ValueError(f"{tf} bar at {o} is not aligned on the day start")
         end = periods.end(tf, o)
@@ -844,14 +846,11 @@ class Aggregator:
 
     def _open(self, i: int, t: int) -> int:
         """Open time of the period of timeframe ``i`` that holds ``t``."""
-        if self._zoned[i]:
-            return self._periods.open(self._tfs[i], t)
-        L, ds = self._lens[i], self._day_start
-        return (t - ds) // L * L + ds
+        return self.periods.open(self._tfs[i], t)
 
     def _end(self, i: int, o: int) -> int:
         """End of the period of timeframe ``i`` that opens at ``o``."""
-        return self._periods.end(self._tfs[i], o) if self._zoned[i] else o + self._lens[i]
+        return self.periods.end(self._tfs[i], o)
 
     def _candle(self, b: _Book, i: int, c: _Cand) -> Candle:
         return Candle(

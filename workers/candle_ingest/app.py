@@ -222,7 +222,7 @@ class Ingest:
         self._skew_ms = round(settings.max_future_skew_s * 1000)
         self._silence_ms = round(settings.idle_silence_s * 1000)
         self._late_ms = round(settings.allowed_lateness_s * 1000)
-        self._periods = settings.aggregator_config().periods()
+        self._periods = self.agg.periods
         self._allowed = settings.allowed_symbols()
         self.heard: dict[tuple[str, str], tuple[int, int]] = {}
         """When this worker last took ticks of each symbol (wall clock, ms) and how far the
@@ -505,7 +505,7 @@ class Ingest:
             store = await js.object_store(self._bucket)
         except BucketNotFoundError:
             store = await js.create_object_store(self._bucket)
-        config = self.settings.aggregator_config()
+        config = self.agg.config
         try:
             data = (await store.get(self._key)).data
         except NotFoundError:
