@@ -830,6 +830,37 @@ async def test_an_instance_of_another_layout_waits_until_the_running_one_stopped
         await asyncio.wait_for(asyncio.gather(alone_task, partition_task), 60)
 
 
+BarRow = tuple[datetime, int, int, int, int, int]
+"""Server time, open, high, low, close (in points of 1e-5), tick volume."""
+
+
+def m1_export(path: Path, start: datetime, n: int) -> list[BarRow]:
+    """An MT5 export of ``n`` M1 bars from ``start`` (server time), spread 5 points."""
+    rng = random.Random(3)
+    lines = ["<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"]
+    bars = []
+    price = 110_000
+    for i in range(n):
+        o = price
+        c = o + rng.randint(-30, 30)
+        h, lo = max(o, c) + rng.randint(0, 10), min(o, c) - rng.randint(0, 10)
+        t = start + timedelta(minutes=i)
+        bars.append((t, o, h, lo, c, 10 + i))
+        lines.append(
+            f"{t:%Y.%m.%d}\t{t:%H:%M:%S}\t{o / 1e5:.5f}\t{h / 1e5:.5f}\t{lo / 1e5:.5f}\t"
+            f"{c / 1e5:.5f}\t{10 + i}\t0\t5"
+        )
+        price = c
+    path.write_text("\n".join(lines) + "\n")
+    return bars
+
+
+def m1_import(path: Path, feed: str, symbol: str) -> list[str]:
+    """`tickwire import` arguments of an ``m1_export`` of a UTC+2 server."""
+    args = ["mt5-bars", str(path), "--feed", feed, "--symbol", symbol, "--tf", "M1"]
+    return [*args, "--utc-offset", "2"]
+
+
 async def test_backfilled_bars_become_candles(
     stack: StackUrls,
     questdb: QuestDBUrls,
@@ -841,31 +872,14 @@ async def test_backfilled_bars_become_candles(
     """An MT5 M1 bar export goes through `tickwire import` and candle-ingest: every bar is an
     M1 candle, and the M5 candles are the bars merged five at a time."""
     start = datetime(2025, 3, 4, 10, 0)  # server time, UTC+2
-    rng = random.Random(3)
-    lines = ["<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>"]
-    bars = []
-    price = 110_000
-    for i in range(20):
-        o = price
-        c = o + rng.randint(-30, 30)
-        h, lo = max(o, c) + rng.randint(0, 10), min(o, c) - rng.randint(0, 10)
-        t = start + timedelta(minutes=i)
-        bars.append((t, o, h, lo, c, 10 + i))
-        lines.append(
-            f"{t:%Y.%m.%d}\t{t:%H:%M:%S}\t{o / 1e5:.5f}\t{h / 1e5:.5f}\t{lo / 1e5:.5f}\t"
-            f"{c / 1e5:.5f}\t{10 + i}\t0\t5"
-        )
-        price = c
     csv = tmp_path / "EURUSD_M1.csv"
-    csv.write_text("\n".join(lines) + "\n")
+    bars = m1_export(csv, start, 20)
     worker = build(settings(stack, questdb, namespace))
     task = await run_worker(worker)
     try:
         monkeypatch.setenv("TICKWIRE_NATS_URL", str(stack.nats_url))
         monkeypatch.setenv("TICKWIRE_NAMESPACE", namespace)
-        args = ["mt5-bars", str(csv), "--feed", "hist", "--symbol", "EURUSD", "--tf", "M1"]
-        code = await asyncio.to_thread(importer.main, [*args, "--utc-offset", "2"])
-        assert code == 0
+        assert await asyncio.to_thread(importer.main, m1_import(csv, "hist", "EURUSD")) == 0
         ticks = streams.stream_name(streams.TICKS, namespace=namespace)
         await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="bars consumed")
     finally:
@@ -889,6 +903,70 @@ async def test_backfilled_bars_become_candles(
         assert candle.high == max(b[2] for b in group) / 1e5
         assert candle.low == min(b[3] for b in group) / 1e5
         assert candle.tick_volume == sum(b[5] for b in group)
+
+
+async def test_a_backfill_then_the_live_ticks_make_each_candle_once(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """M1 bars exported at 10:19:20 server time, the 10:19 bar still forming, go through
+    `tickwire import`; then the EA's live ticks from 10:19:10. The ticks of the last bar's
+    minute are dead-lettered as `covered_by_bars`; every other candle is published once, and
+    those of the hour and the day hold the bars' part and the ticks' part."""
+    start = datetime(2025, 3, 4, 10, 0)  # server time, UTC+2
+    csv = tmp_path / "EURUSD_M1.csv"
+    rows = m1_export(csv, start, 20)
+    bars = [
+        {"feed": "live", "symbol": "EURUSD", "tf": "M1",
+         "open_time_ms": int((t - timedelta(hours=2)).replace(tzinfo=UTC).timestamp()) * 1000,
+         "open": o / 1e5, "high": h / 1e5, "low": lo / 1e5, "close": c / 1e5,
+         "tick_volume": vol, "real_volume": 0.0, "spread": 5 / 1e5}
+        for t, o, h, lo, c, vol in rows
+    ]  # fmt: skip
+    handover = bars[-1]["open_time_ms"] + 60_000
+    rng = random.Random(8)
+    ticks, t, mid = [], handover - 50_000, 1.1
+    while t < handover + 50 * 60_000:
+        mid = round(mid + rng.randint(-20, 20) / 1e5, 5)
+        ticks.append({"type": "tick", "v": 1, "feed": "live", "symbol": "EURUSD",
+                      "time_ms": t, "bid": mid, "ask": round(mid + 0.00007, 5),
+                      "volume": None, "seq": len(ticks) + 1})  # fmt: skip
+        t += rng.randint(1_000, 20_000)
+    worker = build(settings(stack, questdb, namespace))
+    task = await run_worker(worker)
+    try:
+        monkeypatch.setenv("TICKWIRE_NATS_URL", str(stack.nats_url))
+        monkeypatch.setenv("TICKWIRE_NAMESPACE", namespace)
+        assert await asyncio.to_thread(importer.main, m1_import(csv, "live", "EURUSD")) == 0
+        subject = subjects.ticks("live", "EURUSD", namespace=namespace)
+        for tick in ticks:
+            await js.publish(subject, msgspec.json.encode(tick))
+        await js.publish(subject, market.watermark("live", "EURUSD", t + 3 * 86_400_000))
+        await all_ticks_consumed(js, namespace)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    covered = [tk for tk in ticks if tk["time_ms"] < handover]
+    assert covered  # the export's forming bar and the EA overlap
+    dead = await on_stream(js, streams.DLQ, namespace, DeadLetter)
+    assert sorted((d.reason, msgspec.json.decode(d.payload)["seq"]) for d in dead) == [
+        ("covered_by_bars", tk["seq"]) for tk in covered
+    ]
+    published = await on_stream(js, streams.CANDLES, namespace, Candle)
+    keys = Counter((c.tf, c.open_time_ms, c.revision) for c in published)
+    assert max(keys.values()) == 1, "a candle revision was published twice"
+    want = reference.with_bars(bars, ticks[len(covered) :], day_start_ms=DAY_START_MS)
+    assert reference.differences(latest(published), want) == []
+    hour = latest(published)["live", "EURUSD", "H1", bars[0]["open_time_ms"]]
+    assert (hour["first_tick_ms"], hour["source"]) == (bars[0]["open_time_ms"], "ticks")
+    in_hour = [tk for tk in ticks if handover <= tk["time_ms"] < hour["close_time_ms"]]
+    assert hour["tick_volume"] == sum(b["tick_volume"] for b in bars) + len(in_hour)
+    stored = {(r["tf"], r["ts"]): r["revision"] for r in await questdb_rows(questdb, namespace)}
+    assert len(stored) == len(want)
 
 
 async def test_bars_of_a_daylight_saving_server_make_its_d1_and_h4_all_year(

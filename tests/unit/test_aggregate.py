@@ -7,6 +7,7 @@ EA sequence numbers), and the aggregator must agree with that model tick by tick
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 
 from contracts.messages import Bar, Candle, Timeframe
+from tests import reference as plain
 from workers.candle_ingest.aggregate import (
     MAX_MISSING_SEQS,
     Aggregator,
@@ -900,3 +902,162 @@ def test_a_server_time_zone_is_regular_and_no_fixed_day_start_beside_it() -> Non
     assert AggregatorConfig(server_tz=f" {NY7} ").server_tz == NY7
     with pytest.raises(ValueError, match="not a time zone"):
         AggregatorConfig(server_tz="Mars/Olympus")
+
+
+# --- bars and ticks of one symbol: the handover ----------------------------------------
+
+
+def minute_of(t: int) -> int:
+    return t // MINUTE * MINUTE
+
+
+def samples_reference(
+    bars: Sequence[Bar], ticks: Sequence[T], tfs: Iterable[Timeframe]
+) -> dict[Key, dict[str, float]]:
+    """Candles of bars and ticks together (``tests.reference.with_bars``)."""
+    both = plain.with_bars([msgspec.structs.asdict(b) for b in bars], [t._asdict() for t in ticks])
+    names = {tf.value for tf in tfs}
+    return {(f, s, Timeframe(tf), o): c for (f, s, tf, o), c in both.items() if tf in names}
+
+
+def add_bars(agg: Aggregator, bars: Iterable[Bar]) -> tuple[list[Candle], list[str]]:
+    """Bars as candle-ingest gives them: one the ticks cover is refused."""
+    emitted: list[Candle] = []
+    outcomes: list[str] = []
+    for bar in bars:
+        if agg.ticks_cover(bar):
+            outcomes.append("covered_by_ticks")
+            with pytest.raises(ValueError, match="after the ticks"):
+                agg.add_bar(bar)
+        else:
+            outcomes.append("accepted")
+            emitted += agg.add_bar(bar)
+    return emitted, outcomes
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_bars_then_live_ticks_make_each_candle_once(restart: bool) -> None:
+    """A backfill exported at ``cut`` (its last bar still forming), then the live ticks."""
+    ticks = around("2026-02-03T00:00", 60, seed=11)
+    # after a tick with another in the same minute: the last bar holds only the first
+    cut = next(
+        a.time_ms + 1
+        for a, b in itertools.pairwise(ticks)
+        if a.time_ms > ticks[0].time_ms + 33 * HOUR and minute_of(a.time_ms) == minute_of(b.time_ms)
+    )
+    bars = bars_of([t for t in ticks if t.time_ms < cut], "crypto", "BTCUSD")
+    live = [t for t in ticks if t.time_ms >= cut]
+    config = AggregatorConfig(allowed_lateness_ms=MINUTE)
+    agg = Aggregator(config)
+    emitted, bar_outcomes = add_bars(agg, bars)
+    assert set(bar_outcomes) == {"accepted"}
+    if restart:
+        agg = Aggregator.restore(config, agg.snapshot())
+    run = feed_ticks(agg, live)
+    # the ticks of the minute the last bar was exported in are that bar's
+    handover = bars[-1].open_time_ms + MINUTE
+    assert handover == minute_of(cut) + MINUTE
+    assert run.outcomes == ["covered_by_bars" if t.time_ms < handover else "accepted" for t in live]
+    got = final_candles(emitted + run.emitted + drain(agg))
+    taken = [t for t in live if t.time_ms >= handover]
+    assert_matches(got, samples_reference(bars, taken, Timeframe))
+    for key, c in got.items():
+        ends = c.close_time_ms <= handover
+        assert c.source == ("bars" if ends else "ticks"), key
+    # the day of the handover holds the morning's bars and the afternoon's ticks
+    day = got["crypto", "BTCUSD", Timeframe.D1, handover // DAY * DAY]
+    assert day.first_tick_ms < cut < day.last_tick_ms
+
+
+def test_bars_imported_after_live_ticks_fill_in_before_them() -> None:
+    """Ticks from ``first`` on, then a backfill of bars that runs past it."""
+    ticks = around("2026-02-03T00:00", 60, seed=12)
+    first = ticks[0].time_ms + 34 * HOUR + 17 * MINUTE + 20_000
+    live = [t for t in ticks if first <= t.time_ms < first + 2 * HOUR + 13 * MINUTE]
+    bars = bars_of([t for t in ticks if t.time_ms < first + 4 * HOUR], "crypto", "BTCUSD")
+    lateness = 2 * HOUR
+    agg = Aggregator(AggregatorConfig(allowed_lateness_ms=lateness))
+    run = feed_ticks(agg, live)
+    assert set(run.outcomes) == {"accepted"}
+    wm = agg_wm(agg, "crypto", "BTCUSD")
+    emitted, bar_outcomes = add_bars(agg, bars)
+    start = minute_of(live[0].time_ms)  # the ticks' part
+    assert bar_outcomes == [
+        "covered_by_ticks" if b.open_time_ms + MINUTE > start else "accepted" for b in bars
+    ]
+    taken = [b for b in bars if b.open_time_ms < start]
+    got = final_candles(run.emitted + emitted + drain(agg))
+    # a larger candle whose period holds the start takes the bars' share while the ticks'
+    # one is kept; one published past the lateness before the bars came keeps the ticks
+    want = samples_reference(taken, live, Timeframe)
+    tick_only = samples_reference([], live, Timeframe)
+    late = 0
+    for key in list(want):
+        tf, open_ms = key[2], key[3]
+        if open_ms < start < open_ms + tf.ms and open_ms + tf.ms <= wm - lateness:
+            want[key] = tick_only[key]
+            late += sum(open_ms <= b.open_time_ms < open_ms + tf.ms for b in taken)
+    assert late > 0
+    assert agg.late_shares == late
+    assert_matches(got, want)
+    revised = {k[2] for k, c in got.items() if c.revision}
+    assert {Timeframe.H1, Timeframe.H4} <= revised  # kept when the bars came: revised
+    assert Timeframe.D1 not in revised  # still open: joined before it closed
+
+
+def test_a_late_tick_before_the_first_takes_the_bars_open_candle_over() -> None:
+    day = int(pd.Timestamp("2026-02-04T10:00", tz="UTC").value // 1_000_000)
+    agg = Aggregator(AggregatorConfig(allowed_lateness_ms=5 * MINUTE))
+    first = T("crypto", "BTCUSD", day + 30 * MINUTE + 30_000, 10.0, 10.5, None, 1.0, None)
+    assert agg.add(*first).outcome == "accepted"
+    bars = [
+        Bar(feed="crypto", symbol="BTCUSD", tf=Timeframe.M1, open_time_ms=day + m * MINUTE,
+            open=9.0, high=9.5, low=8.5, close=9.2, tick_volume=4, real_volume=0.0, spread=0.3)
+        for m in range(20, 28)
+    ]  # fmt: skip
+    emitted, outcomes = add_bars(agg, bars)
+    assert set(outcomes) == {"accepted"}
+    # before the bars' end (10:28): theirs; after it: a tick, and the ticks' part grows
+    before = T("crypto", "BTCUSD", day + 27 * MINUTE + 30_000, 11.0, 11.5, None, 1.0, None)
+    assert agg.add(*before).outcome == "covered_by_bars"
+    late = T("crypto", "BTCUSD", day + 29 * MINUTE + 45_000, 12.0, 12.5, None, 1.0, None)
+    r = agg.add(*late)
+    assert r.outcome == "accepted"
+    emitted += r.candles
+    emitted += drain(agg)
+    emitted += agg.advance_bars("crypto", "BTCUSD", day + FAR)
+    got = final_candles(emitted)
+    assert_matches(got, samples_reference(bars, [late, first], Timeframe))
+    m5 = got["crypto", "BTCUSD", Timeframe.M5, day + 25 * MINUTE]
+    assert (m5.source, m5.tick_volume, m5.high) == ("ticks", 3 * 4 + 1, 12.0)
+
+
+def test_ticks_after_a_gap_close_what_the_bars_left_open() -> None:
+    """Bars to Friday evening, the EA from Monday: the bars' last hour and day close at the
+    first tick; a bar of the gap imported later gives its own candle only."""
+    friday = int(pd.Timestamp("2026-02-06T18:00", tz="UTC").value // 1_000_000)
+    bars = [
+        Bar(feed="crypto", symbol="BTCUSD", tf=Timeframe.M1, open_time_ms=friday + m * MINUTE,
+            open=9.0, high=9.5 + m, low=8.5, close=9.2, tick_volume=4, real_volume=0.0,
+            spread=0.3)
+        for m in range(25)
+    ]  # fmt: skip
+    agg = Aggregator(AggregatorConfig(allowed_lateness_ms=MINUTE))
+    emitted, _ = add_bars(agg, bars)
+    assert {c.tf for c in emitted} <= {Timeframe.M1, Timeframe.M5, Timeframe.M15}
+    monday = T("crypto", "BTCUSD", friday + 3 * DAY + 30_000, 10.0, 10.5, None, 1.0, None)
+    r = agg.add(*monday)
+    assert r.outcome == "accepted"
+    closed = {(c.tf, c.source) for c in r.candles}
+    larger = (Timeframe.M15, Timeframe.M30, Timeframe.H1, Timeframe.H4, Timeframe.D1)
+    assert closed == {(tf, "ticks") for tf in larger}
+    gap = msgspec.structs.replace(bars[-1], open_time_ms=friday + 2 * HOUR, high=99.0)
+    more, outcomes = add_bars(agg, [gap])
+    assert outcomes == ["accepted"]
+    assert [(c.tf, c.source) for c in more] == [(Timeframe.M1, "bars")]
+    before = T("crypto", "BTCUSD", friday + 3 * DAY - 1_000, 11.0, 11.5, None, 1.0, None)
+    assert agg.add(*before).outcome in ("too_late", "covered_by_bars")
+    got = final_candles(emitted + r.candles + more + drain(agg))
+    want = samples_reference(bars, [monday], Timeframe)
+    want |= samples_reference([gap], [], [Timeframe.M1])
+    assert_matches(got, want)

@@ -114,6 +114,7 @@ def test_the_reason_table_lists_every_refusal_of_a_tick() -> None:
         validate.FUTURE_TIME,
         validate.ILLEGAL_SYMBOL,
         aggregate.TOO_LATE,
+        aggregate.COVERED_BY_BARS,
         aggregate.NO_LAST_PRICE,
         "subject_mismatch",
         candle_ingest_app.UNKNOWN_SYMBOL,

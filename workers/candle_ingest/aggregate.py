@@ -22,6 +22,23 @@ applied to every timeframe directly. So each tick lands in each timeframe exactl
 In-order ticks cost two comparisons and a handful of attribute updates; one integer,
 ``next_event``, says when anything (a close, an eviction, a fold) is due.
 
+Bars and ticks of one (feed, symbol) meet at a handover, so that no candle is built twice
+(once from each, under the same key and revision): bars own the time before it, ticks the
+time after, and a larger candle whose period holds it takes both.
+
+- The ticks' part starts at the smallest timeframe's period of the earliest tick taken; a
+  bar ending after that is refused as ``covered_by_ticks`` (``ticks_cover``).
+- The bars' part ends at their watermark (the end of the latest bar aggregated), rounded up
+  to the smallest timeframe's period; a tick before that is refused as ``covered_by_bars``.
+- Ticks after bars: the bars' part ends where the ticks' starts. Every candle the bars left
+  open moves to the ticks' book, which closes it (at once if it ended before the first
+  tick); a later bar of the bars' part gives its own candle only.
+- Bars after ticks: a bar's share of a larger candle whose period reaches the ticks' part
+  joins the ticks' candle: an open one silently, a closed one still kept for revisions as
+  its next revision; one already past the allowed lateness keeps what it had, and the share
+  is counted in ``late_shares``. A late tick that starts the ticks' part earlier takes over
+  the bars' open candles that now reach it.
+
 Emission order for one call: revisions (timeframes M1..D1), then closes (timeframes M1..D1,
 each by open time). The same sequence of calls yields equal candles, and ``snapshot`` /
 ``restore`` in between changes nothing.
@@ -46,12 +63,14 @@ DAY_MS: Final = 86_400_000
 MAX_MISSING_SEQS: Final = 10_000
 """Per symbol, at most this many missing EA sequence numbers are remembered (the newest)."""
 
-SNAPSHOT_FORMAT: Final = 1
+SNAPSHOT_FORMAT: Final = 2
 
 ACCEPTED: Final = "accepted"
 DUPLICATE: Final = "duplicate"
 TOO_LATE: Final = "too_late"
 NO_LAST_PRICE: Final = "no_last_price"
+COVERED_BY_BARS: Final = "covered_by_bars"
+COVERED_BY_TICKS: Final = "covered_by_ticks"
 
 _NEVER: Final = 1 << 62
 """A time no watermark reaches: ``next_event`` when nothing is pending."""
@@ -106,7 +125,7 @@ class AggregatorConfig:
 
 class TickResult(NamedTuple):
     outcome: str
-    """``accepted``, ``duplicate``, ``too_late`` or ``no_last_price``."""
+    """``accepted``, ``duplicate``, ``too_late``, ``covered_by_bars`` or ``no_last_price``."""
     candles: list[Candle]
     """Candles to publish because of this tick (revisions, then closes)."""
     gap: int
@@ -120,7 +139,8 @@ class RowsResult(NamedTuple):
     duplicate: int
     gap: int
     refused: list[tuple[int, str]]
-    """(row index, reason): ``check_tick``'s reasons, ``too_late``, ``no_last_price``."""
+    """(row index, reason): ``check_tick``'s reasons, ``too_late``, ``covered_by_bars``,
+    ``no_last_price``."""
 
 
 class TickLike(Protocol):
@@ -203,6 +223,9 @@ class _TickBook(_Book):
     """missing seq -> watermark when it went missing"""
     low_seq: int = _NO_SEQ
     """The lowest seq seen since the EA's numbers (re)started: one below it is new."""
+    start_ms: int = 0
+    """Open of the smallest timeframe's period of the earliest tick taken: the ticks' part
+    of the symbol's time starts here (``Aggregator`` docstring, bars and ticks)."""
 
 
 class _BarBook(_Book):
@@ -225,6 +248,7 @@ _DECODER: Final = msgspec.msgpack.Decoder(_Snapshot)
 _R_DUPLICATE: Final = TickResult(DUPLICATE, [], 0)
 _R_TOO_LATE: Final = TickResult(TOO_LATE, [], 0)
 _R_NO_LAST: Final = TickResult(NO_LAST_PRICE, [], 0)
+_R_COVERED: Final = TickResult(COVERED_BY_BARS, [], 0)
 
 
 def _put(c: _Cand, t: int, p: float, s: float, v: float | None) -> None:
@@ -290,6 +314,7 @@ class Aggregator:
         "config",
         "filled",
         "last_stream_seq",
+        "late_shares",
         "periods",
     )
 
@@ -300,6 +325,9 @@ class Aggregator:
         self.filled = 0
         """Missing sequence numbers that came after all (each was counted in a gap when it
         went missing), until the caller takes the count and sets it back to 0."""
+        self.late_shares = 0
+        """Shares of bars in larger candles the ticks had closed past the allowed lateness
+        (they keep what they had), until the caller takes the count and sets it back to 0."""
         self._tfs = config.timeframes
         self._lens = tuple(tf.ms for tf in self._tfs)
         self._index = {tf: i for i, tf in enumerate(self._tfs)}
@@ -341,10 +369,13 @@ class Aggregator:
         syms = self._ticks.get(feed)
         b = None if syms is None else syms.get(symbol)
         if b is None:
-            self._new_book(feed, symbol, time_ms, price, ask - bid, volume, seq)
-            return TickResult(ACCEPTED, [], 0)
+            return self._new_book(feed, symbol, time_ms, price, ask - bid, volume, seq)
         if time_ms < b.wm - self._late:
             return _R_TOO_LATE
+        if time_ms < b.start_ms:
+            bb = self._bar_book(feed, symbol)
+            if bb is not None and time_ms < self._bars_end(bb):
+                return _R_COVERED
         gap = 0
         if seq is not None:
             if seq == b.max_seq + 1:
@@ -563,7 +594,10 @@ class Aggregator:
         first it sees) into larger timeframes that are multiples of it, in time order
         only: a bar starting before the bar watermark (the end of the latest bar aggregated,
         or what ``advance_bars`` set), a repeated bar, or a bar of another timeframe yields
-        its own candle and nothing else. Larger candles close by that watermark. Raises ValueError for a bar not aligned on the day start.
+        its own candle and nothing else. Larger candles close by that watermark; a share of
+        a larger candle whose period reaches the ticks' part of the symbol joins the ticks'
+        candle instead (module docstring). Raises ValueError for a bar not aligned on the
+        day start, or one ``ticks_cover``.
         """
         tf = Timeframe(bar.tf)
         lb = tf.ms
@@ -572,6 +606,9 @@ class Aggregator:
         if not periods.aligned(tf, o):
             raise ValueError(f"{tf} bar at {o} is not aligned on the day start")
         end = periods.end(tf, o)
+        tb = self._tick_book(bar.feed, bar.symbol)
+        if tb is not None and end > tb.start_ms:
+            raise ValueError(f"{tf} bar at {o} ends after the ticks of {bar.symbol} start")
         out: list[Candle] = []
         if tf in self._index:
             out.append(
@@ -607,9 +644,14 @@ class Aggregator:
             o, o, end - 1, bar.open, bar.high, bar.low, bar.close,
             bar.tick_volume, 1, float(bar.real_volume), bar.spread, bar.spread,
         )  # fmt: skip
+        joined = False
         for i, (L, ser) in enumerate(zip(self._lens, b.series, strict=True)):
             if lb < L and L % lb == 0:
                 ho = self._open(i, o)
+                if tb is not None and self._end(i, ho) > tb.start_ms:
+                    self._join(tb, i, _copy_at(c, ho), out)
+                    joined = True
+                    continue
                 h = ser.open.get(ho)
                 if h is None:
                     ser.open[ho] = _copy_at(c, ho)
@@ -617,7 +659,21 @@ class Aggregator:
                     _merge(h, c)
         b.wm = max(b.wm, end)
         self._housekeep(b, out)
+        if tb is not None and joined:
+            self._housekeep(tb, out)
         return out
+
+    def ticks_cover(self, bar: Bar) -> bool:
+        """The bar's period ends after the ticks of its symbol start (``covered_by_ticks``):
+        those candles are the ticks'. For an aligned bar."""
+        tb = self._tick_book(bar.feed, bar.symbol)
+        if tb is None:
+            return False
+        return self.periods.end(Timeframe(bar.tf), bar.open_time_ms) > tb.start_ms
+
+    def _tick_book(self, feed: str, symbol: str) -> _TickBook | None:
+        ticks = self._ticks.get(feed)
+        return None if ticks is None else ticks.get(symbol)
 
     def advance_bars(self, feed: str, symbol: str, watermark_ms: int) -> list[Candle]:
         """``advance`` for the book built from bars (e.g. at the end of a backfill)."""
@@ -668,15 +724,72 @@ class Aggregator:
 
     def _new_book(
         self, feed: str, symbol: str, t: int, p: float, s: float, v: float | None, seq: int | None
-    ) -> None:
+    ) -> TickResult:
+        """The first tick of (feed, symbol): its book, after the bars' part if there is one."""
+        bb = self._bar_book(feed, symbol)
+        if bb is not None and t < self._bars_end(bb):
+            return _R_COVERED
         o = self._open(0, t)
         end = self._end(0, o)
         b = _TickBook(
             feed, symbol, t, end, [_Series() for _ in self._tfs],
             o, end, t, t, p, p, p, p, 1, 0.0 if v is None else float(v), s, s,
-            _NO_SEQ if seq is None else seq, {}, _NO_SEQ if seq is None else seq,
+            _NO_SEQ if seq is None else seq, {}, _NO_SEQ if seq is None else seq, o,
         )  # fmt: skip
         self._ticks.setdefault(feed, {})[symbol] = b
+        if bb is None:
+            return TickResult(ACCEPTED, [], 0)
+        # the bars' part ends here: the ticks' book finishes every candle they left open (at
+        # once those that ended before this tick), later bars before it give their own only
+        for ser, bser in zip(b.series, bb.series, strict=True):
+            ser.open, bser.open = bser.open, {}
+        bb.wm = max(bb.wm, o)
+        out: list[Candle] = []
+        if o in b.series[0].open:  # a period the bars left open: the tick joins its candle
+            b.a_open = b.a_close = 0
+            self._apply(b, t, p, s, v, out)
+        self._housekeep(b, out)
+        return TickResult(ACCEPTED, out, 0)
+
+    def _bar_book(self, feed: str, symbol: str) -> _BarBook | None:
+        bars = self._bars.get(feed)
+        return None if bars is None else bars.get(symbol)
+
+    def _bars_end(self, bb: _BarBook) -> int:
+        """End of the bars' part: their watermark, rounded up to the smallest timeframe."""
+        return self._end(0, self._open(0, bb.wm - 1))
+
+    def _take_over(self, b: _TickBook, bb: _BarBook, out: list[Candle]) -> None:
+        """Candles the bars left open whose period reaches the ticks' part (it just started
+        earlier) move to the ticks' book, which finishes them."""
+        start = b.start_ms
+        for i, bser in enumerate(bb.series):
+            for o in sorted(o for o in bser.open if self._end(i, o) > start):
+                self._join(b, i, bser.open.pop(o), out)
+
+    def _join(self, b: _TickBook, i: int, c: _Cand, out: list[Candle]) -> None:
+        """Bars' candle ``c`` of timeframe ``i`` into the ticks' candle of its period; the
+        caller housekeeps ``b`` afterwards (a candle put in may be due to close)."""
+        o = c.open_ms
+        if i == 0 and b.a_open == o and b.a_close > b.a_open:
+            self._fold(b)
+        ser = b.series[i]
+        into = ser.open.get(o)
+        if into is not None:
+            _merge(into, c)
+            return
+        into = ser.kept.get(o)
+        if into is not None:
+            _merge(into, c)
+            into.revision += 1
+            out.append(self._candle(b, i, into))
+            return
+        if self._end(i, o) <= b.wm - self._late:
+            # published and forgotten past the allowed lateness (a period of the ticks'
+            # part had a tick, see _TickBook.start_ms): it keeps what it had
+            self.late_shares += 1
+            return
+        ser.open[o] = c
 
     def _check_seq(self, b: _TickBook, seq: int, t: int) -> int:
         """Gap size (>= 0) if the tick is new, -1 if it is a duplicate."""
@@ -716,6 +829,11 @@ class Aggregator:
 
     def _add_slow(self, b: _TickBook, t: int, p: float, s: float, v: float | None) -> list[Candle]:
         out: list[Candle] = []
+        if t < b.start_ms:  # a late tick earlier than any before: the ticks' part grows
+            b.start_ms = self._open(0, t)
+            bb = self._bar_book(b.feed, b.symbol)
+            if bb is not None:
+                self._take_over(b, bb, out)
         if b.a_close > b.a_open and t >= b.a_close:
             self._fold(b)
         o = self._open(0, t)

@@ -48,6 +48,7 @@ from contracts.streams import (
 )
 from db.questdb import namespace_prefix
 from workers.candle_ingest.aggregate import (
+    COVERED_BY_TICKS,
     Aggregator,
     AggregatorConfig,
     PriceSource,
@@ -190,6 +191,13 @@ class Metrics:
         self.open = Gauge(
             "tickwire_open_candles", "Candles held open in memory", ["worker"], registry=r
         )
+        self.late_shares = Counter(
+            "tickwire_bar_shares_too_late",
+            "Bars taken whose larger candle the ticks had published past the allowed lateness: "
+            "it keeps what it had",
+            ["worker"],
+            registry=r,
+        )
         self.accepted = self.ticks.labels(w, "accepted")
         self.duplicate = self.ticks.labels(w, "duplicate")
         self.rejected = self.ticks.labels(w, "rejected")
@@ -197,6 +205,7 @@ class Metrics:
         self.gaps_w = self.gaps.labels(w)
         self.filled_w = self.gaps_filled.labels(w)
         self.open_w = self.open.labels(w)
+        self.late_shares_w = self.late_shares.labels(w)
         self.latency = worker.metrics.latency.labels(w, "tick_to_candle")
         self.by_tf = {tf.value: self.candles.labels(w, tf.value) for tf in Timeframe}
 
@@ -279,7 +288,7 @@ class Ingest:
                 periods=self._periods,
                 now_ms=stored,
                 max_future_skew_ms=self._skew_ms,
-            )
+            ) or (COVERED_BY_TICKS if agg.ticks_cover(m) else None)
             if reason is None:
                 self._emit(agg.add_bar(m), m.open_time_ms)
             elif batch is not None:
@@ -369,6 +378,9 @@ class Ingest:
         if self.agg.filled:
             m.filled_w.inc(self.agg.filled)
             self.agg.filled = 0
+        if self.agg.late_shares:
+            m.late_shares_w.inc(self.agg.late_shares)
+            self.agg.late_shares = 0
         now = time.monotonic()
         if now - self._counted_open_at >= OPEN_COUNT_EVERY_S:
             # a walk over every series: once a second, not once a batch of one tick
