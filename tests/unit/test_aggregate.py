@@ -748,14 +748,21 @@ def test_bars_give_their_own_candle_and_build_larger_timeframes(stream: list[T])
         )  # fmt: skip
         assert all(c.source == "bars" and c.tf is not Timeframe.M1 for c in out[1:])
         emitted += out
-    # a repeated bar, a bar of another timeframe: their own candle only
+    # a repeated bar: its own candle only
     assert agg.add_bar(bars[-1]) == [own]
+    # a bar of a timeframe the M1 bars build: refused where they do, its own candle before
     h4 = msgspec.structs.replace(
         bars[-1],
         tf=Timeframe.H4,
         open_time_ms=bars[-1].open_time_ms // (4 * HOUR) * (4 * HOUR) + 2 * HOUR,
     )
-    assert len(agg.add_bar(h4)) == 1
+    assert agg.covered(h4) == "covered_by_bars"
+    with pytest.raises(ValueError, match="covered_by_bars"):
+        agg.add_bar(h4)
+    older = msgspec.structs.replace(h4, open_time_ms=h4.open_time_ms - 60 * DAY)
+    assert [(c.tf, c.open_time_ms) for c in agg.add_bar(older)] == [
+        (Timeframe.H4, older.open_time_ms)
+    ]
     with pytest.raises(ValueError, match="aligned"):
         agg.add_bar(msgspec.structs.replace(bars[0], open_time_ms=bars[0].open_time_ms + 1))
     emitted += agg.advance_bars("brokerB", "US500.cash", bars[-1].open_time_ms + FAR)
@@ -881,13 +888,16 @@ def test_bars_of_a_server_on_daylight_saving_time_build_its_h4_and_d1() -> None:
             assert (c.open, c.high, c.low, c.close, c.tick_volume) == (
                 ref["open"], ref["high"], ref["low"], ref["close"], ref["tick_volume"],
             )  # fmt: skip
-    # a D1 bar opens at the server's midnight: 21:00 UTC in summer time, 22:00 after; the
-    # server's Sunday 2026-11-01, when New York's clock went back, is 25 h long
+    # a D1 bar (of another symbol: the H1 bars build this one's) opens at the server's
+    # midnight: 21:00 UTC in summer time, 22:00 after; the server's Sunday 2026-11-01, when
+    # New York's clock went back, is 25 h long
     summer = int(pd.Timestamp("2026-10-29T21:00", tz="UTC").value // 1_000_000)
     sunday = int(pd.Timestamp("2026-10-31T21:00", tz="UTC").value // 1_000_000)
     winter = int(pd.Timestamp("2026-11-02T22:00", tz="UTC").value // 1_000_000)
     for open_ms, length in ((summer, DAY), (sunday, DAY + HOUR), (winter, DAY)):
-        d1 = msgspec.structs.replace(bars[0], tf=Timeframe.D1, open_time_ms=open_ms)
+        d1 = msgspec.structs.replace(
+            bars[0], symbol="ETHUSD", tf=Timeframe.D1, open_time_ms=open_ms
+        )
         own = agg.add_bar(d1)[0]
         assert own.close_time_ms - own.open_time_ms == length
     with pytest.raises(ValueError, match="aligned"):
@@ -925,9 +935,10 @@ def add_bars(agg: Aggregator, bars: Iterable[Bar]) -> tuple[list[Candle], list[s
     emitted: list[Candle] = []
     outcomes: list[str] = []
     for bar in bars:
-        if agg.ticks_cover(bar):
-            outcomes.append("covered_by_ticks")
-            with pytest.raises(ValueError, match="after the ticks"):
+        reason = agg.covered(bar)
+        if reason is not None:
+            outcomes.append(reason)
+            with pytest.raises(ValueError, match=reason):
                 agg.add_bar(bar)
         else:
             outcomes.append("accepted")
@@ -1034,7 +1045,7 @@ def test_a_late_tick_before_the_first_takes_the_bars_open_candle_over() -> None:
 
 def test_ticks_after_a_gap_close_what_the_bars_left_open() -> None:
     """Bars to Friday evening, the EA from Monday: the bars' last hour and day close at the
-    first tick; a bar of the gap imported later gives its own candle only."""
+    first tick; a bar of the gap imported later is too late for Friday's day."""
     friday = int(pd.Timestamp("2026-02-06T18:00", tz="UTC").value // 1_000_000)
     bars = [
         Bar(feed="crypto", symbol="BTCUSD", tf=Timeframe.M1, open_time_ms=friday + m * MINUTE,
@@ -1055,9 +1066,40 @@ def test_ticks_after_a_gap_close_what_the_bars_left_open() -> None:
     more, outcomes = add_bars(agg, [gap])
     assert outcomes == ["accepted"]
     assert [(c.tf, c.source) for c in more] == [(Timeframe.M1, "bars")]
+    assert agg.late_shares == 1  # Friday's day: published and past the lateness
+    # within the lateness, after every bar: the ticks' part starts a minute earlier
     before = T("crypto", "BTCUSD", friday + 3 * DAY - 1_000, 11.0, 11.5, None, 1.0, None)
-    assert agg.add(*before).outcome in ("too_late", "covered_by_bars")
-    got = final_candles(emitted + r.candles + more + drain(agg))
-    want = samples_reference(bars, [monday], Timeframe)
+    late = agg.add(*before)
+    assert late.outcome == "accepted"
+    got = final_candles(emitted + r.candles + more + late.candles + drain(agg))
+    want = samples_reference(bars, [monday, before], Timeframe)
     want |= samples_reference([gap], [], [Timeframe.M1])
     assert_matches(got, want)
+
+
+def test_bars_of_a_second_timeframe_build_no_candle_twice() -> None:
+    """H1 bars build the symbol's H4 and D1: a D1 bar over them would be a second D1;
+    M1 bars give their own candles, and their end is the bars' end for the ticks."""
+    day = int(pd.Timestamp("2026-02-04T00:00", tz="UTC").value // 1_000_000)
+
+    def bar(tf: Timeframe, open_ms: int) -> Bar:
+        return Bar(feed="crypto", symbol="BTCUSD", tf=tf, open_time_ms=open_ms, open=9.0,
+                   high=9.5, low=8.5, close=9.2, tick_volume=4, real_volume=0.0, spread=0.3)  # fmt: skip
+
+    agg = Aggregator(AggregatorConfig())
+    hours = [bar(Timeframe.H1, day + h * HOUR) for h in range(8, 10)]
+    emitted, outcomes = add_bars(agg, hours)
+    later = [bar(Timeframe.D1, day), bar(Timeframe.D1, day + DAY), bar(Timeframe.M1, day)]
+    more, refused = add_bars(agg, [*later, bar(Timeframe.D1, day - DAY)])
+    assert outcomes + refused == ["accepted"] * 2 + ["covered_by_bars"] * 2 + ["accepted"] * 2
+    assert [(c.tf, c.open_time_ms) for c in more] == [
+        (Timeframe.M1, day), (Timeframe.D1, day - DAY),
+    ]  # fmt: skip
+    m1 = bar(Timeframe.M1, day + 10 * HOUR + 30 * MINUTE)  # after the H1 bars' watermark
+    assert [c.tf for c in agg.add_bar(m1)] == [Timeframe.M1]
+    inside = T("crypto", "BTCUSD", m1.open_time_ms + 30_000, 10.0, 10.5, None, 1.0, None)
+    assert agg.add(*inside).outcome == "covered_by_bars"
+    after = T("crypto", "BTCUSD", m1.open_time_ms + MINUTE, 10.0, 10.5, None, 1.0, None)
+    assert agg.add(*after).outcome == "accepted"
+    got = final_candles(emitted + more + drain(agg))
+    assert sum(k[2] is Timeframe.D1 for k in got) == 2  # the day before, and this one

@@ -27,17 +27,23 @@ Bars and ticks of one (feed, symbol) meet at a handover, so that no candle is bu
 time after, and a larger candle whose period holds it takes both.
 
 - The ticks' part starts at the smallest timeframe's period of the earliest tick taken; a
-  bar ending after that is refused as ``covered_by_ticks`` (``ticks_cover``).
-- The bars' part ends at their watermark (the end of the latest bar aggregated), rounded up
-  to the smallest timeframe's period; a tick before that is refused as ``covered_by_bars``.
-- Ticks after bars: the bars' part ends where the ticks' starts. Every candle the bars left
-  open moves to the ticks' book, which closes it (at once if it ended before the first
-  tick); a later bar of the bars' part gives its own candle only.
-- Bars after ticks: a bar's share of a larger candle whose period reaches the ticks' part
-  joins the ticks' candle: an open one silently, a closed one still kept for revisions as
-  its next revision; one already past the allowed lateness keeps what it had, and the share
-  is counted in ``late_shares``. A late tick that starts the ticks' part earlier takes over
-  the bars' open candles that now reach it.
+  bar ending after that is refused as ``covered_by_ticks`` (``covered``).
+- The bars' part ends at the end of the latest bar taken (of any timeframe), rounded up to
+  the smallest timeframe's period; a tick before that is refused as ``covered_by_bars``.
+- Ticks after bars: every candle the bars left open (their periods hold the bars'
+  watermark) moves to the ticks' book, which closes it (at once if it ended before the
+  first tick).
+- A bar's share of a larger candle whose period reaches the ticks' part, or holds the
+  point where the ticks' book took the bars' candles over, joins the ticks' candle: an open
+  one silently, a closed one still kept for revisions as its next revision; one already
+  past the allowed lateness keeps what it had, and the share is counted in
+  ``late_shares``. A late tick that starts the ticks' part earlier takes over the bars'
+  open candles that now reach it.
+- The bars' book closes its candles by its watermark without the close delay: bars are
+  aggregated in time order only, so a candle ending at the watermark gets no more.
+- Bars of a second timeframe: the bars' book builds every larger timeframe from its first
+  bar on, so a bar of such a timeframe ending after that is refused as ``covered_by_bars``;
+  one before it, or of a smaller timeframe, gives its own candle only.
 
 Emission order for one call: revisions (timeframes M1..D1), then closes (timeframes M1..D1,
 each by open time). The same sequence of calls yields equal candles, and ``snapshot`` /
@@ -226,11 +232,19 @@ class _TickBook(_Book):
     start_ms: int = 0
     """Open of the smallest timeframe's period of the earliest tick taken: the ticks' part
     of the symbol's time starts here (``Aggregator`` docstring, bars and ticks)."""
+    taken_ms: int = _NEVER
+    """The bars' watermark when this book took over the candles they had open (the bars
+    came first): a later bar's share of a period holding it joins the ticks' candle."""
 
 
 class _BarBook(_Book):
     src_ms: int
     """Length of the timeframe whose bars this book aggregates (the first one it saw)."""
+    end_ms: int = 0
+    """The latest end of any bar taken, aggregated or not: the bars' part reaches it."""
+    first_ms: int = 0
+    """Open of the first bar: this book's timeframes larger than its bars' are its own from
+    here on."""
 
 
 class _Snapshot(msgspec.Struct, array_like=True):
@@ -597,7 +611,7 @@ class Aggregator:
         its own candle and nothing else. Larger candles close by that watermark; a share of
         a larger candle whose period reaches the ticks' part of the symbol joins the ticks'
         candle instead (module docstring). Raises ValueError for a bar not aligned on the
-        day start, or one ``ticks_cover``.
+        day start, or one ``covered`` refuses.
         """
         tf = Timeframe(bar.tf)
         lb = tf.ms
@@ -605,10 +619,11 @@ class Aggregator:
         periods = self.periods
         if not periods.aligned(tf, o):
             raise ValueError(f"{tf} bar at {o} is not aligned on the day start")
+        reason = self.covered(bar)
+        if reason is not None:
+            raise ValueError(f"{tf} bar at {o} of {bar.feed} {bar.symbol}: {reason}")
         end = periods.end(tf, o)
         tb = self._tick_book(bar.feed, bar.symbol)
-        if tb is not None and end > tb.start_ms:
-            raise ValueError(f"{tf} bar at {o} ends after the ticks of {bar.symbol} start")
         out: list[Candle] = []
         if tf in self._index:
             out.append(
@@ -636,8 +651,9 @@ class Aggregator:
         b = syms.get(bar.symbol)
         if b is None:
             series = [_Series() for _ in self._tfs]
-            b = _BarBook(bar.feed, bar.symbol, o, _NEVER, series, lb)
+            b = _BarBook(bar.feed, bar.symbol, o, _NEVER, series, lb, first_ms=o)
             syms[bar.symbol] = b
+        b.end_ms = max(b.end_ms, end)
         if b.src_ms != lb or o < b.wm:
             return out
         c = _Cand(
@@ -648,7 +664,8 @@ class Aggregator:
         for i, (L, ser) in enumerate(zip(self._lens, b.series, strict=True)):
             if lb < L and L % lb == 0:
                 ho = self._open(i, o)
-                if tb is not None and self._end(i, ho) > tb.start_ms:
+                he = self._end(i, ho)
+                if tb is not None and (he > tb.start_ms or ho < tb.taken_ms < he):
                     self._join(tb, i, _copy_at(c, ho), out)
                     joined = True
                     continue
@@ -663,13 +680,20 @@ class Aggregator:
             self._housekeep(tb, out)
         return out
 
-    def ticks_cover(self, bar: Bar) -> bool:
-        """The bar's period ends after the ticks of its symbol start (``covered_by_ticks``):
-        those candles are the ticks'. For an aligned bar."""
+    def covered(self, bar: Bar) -> str | None:
+        """Why ``add_bar`` refuses an aligned bar, or None: its period ends after the ticks
+        of its symbol start (``covered_by_ticks``), or its timeframe is one the symbol's
+        bars of a smaller timeframe build and its period ends after their first one
+        (``covered_by_bars``): either way that candle is built by the others."""
+        tf = Timeframe(bar.tf)
+        end = self.periods.end(tf, bar.open_time_ms)
         tb = self._tick_book(bar.feed, bar.symbol)
-        if tb is None:
-            return False
-        return self.periods.end(Timeframe(bar.tf), bar.open_time_ms) > tb.start_ms
+        if tb is not None and end > tb.start_ms:
+            return COVERED_BY_TICKS
+        bb = self._bar_book(bar.feed, bar.symbol)
+        if bb is not None and tf.ms > bb.src_ms and tf in self._index and end > bb.first_ms:
+            return COVERED_BY_BARS
+        return None
 
     def _tick_book(self, feed: str, symbol: str) -> _TickBook | None:
         ticks = self._ticks.get(feed)
@@ -739,11 +763,11 @@ class Aggregator:
         self._ticks.setdefault(feed, {})[symbol] = b
         if bb is None:
             return TickResult(ACCEPTED, [], 0)
-        # the bars' part ends here: the ticks' book finishes every candle they left open (at
-        # once those that ended before this tick), later bars before it give their own only
+        # the ticks' book finishes every candle the bars left open (their periods hold the
+        # bars' watermark), at once those that ended before this tick
         for ser, bser in zip(b.series, bb.series, strict=True):
             ser.open, bser.open = bser.open, {}
-        bb.wm = max(bb.wm, o)
+        b.taken_ms = bb.wm
         out: list[Candle] = []
         if o in b.series[0].open:  # a period the bars left open: the tick joins its candle
             b.a_open = b.a_close = 0
@@ -756,8 +780,9 @@ class Aggregator:
         return None if bars is None else bars.get(symbol)
 
     def _bars_end(self, bb: _BarBook) -> int:
-        """End of the bars' part: their watermark, rounded up to the smallest timeframe."""
-        return self._end(0, self._open(0, bb.wm - 1))
+        """End of the bars' part: the end of the latest bar taken, rounded up to the
+        smallest timeframe."""
+        return self._end(0, self._open(0, max(bb.wm, bb.end_ms) - 1))
 
     def _take_over(self, b: _TickBook, bb: _BarBook, out: list[Candle]) -> None:
         """Candles the bars left open whose period reaches the ticks' part (it just started
@@ -915,7 +940,8 @@ class Aggregator:
                 self._fold(b)
             else:
                 nxt = b.a_close
-        delay = self._delay
+        # bars are aggregated in time order only: one ending at the watermark gets no more
+        delay = self._delay if isinstance(b, _TickBook) else 0
         late = self._late
         floor = w - late
         for i, L in enumerate(self._lens):

@@ -48,7 +48,6 @@ from contracts.streams import (
 )
 from db.questdb import namespace_prefix
 from workers.candle_ingest.aggregate import (
-    COVERED_BY_TICKS,
     Aggregator,
     AggregatorConfig,
     PriceSource,
@@ -288,7 +287,7 @@ class Ingest:
                 periods=self._periods,
                 now_ms=stored,
                 max_future_skew_ms=self._skew_ms,
-            ) or (COVERED_BY_TICKS if agg.ticks_cover(m) else None)
+            ) or agg.covered(m)
             if reason is None:
                 self._emit(agg.add_bar(m), m.open_time_ms)
             elif batch is not None:
