@@ -1103,3 +1103,45 @@ def test_bars_of_a_second_timeframe_build_no_candle_twice() -> None:
     assert agg.add(*after).outcome == "accepted"
     got = final_candles(emitted + more + drain(agg))
     assert sum(k[2] is Timeframe.D1 for k in got) == 2  # the day before, and this one
+
+
+@pytest.mark.parametrize("delay", [0, 15_000])
+@pytest.mark.parametrize("order", ["bars, ticks, gap bars", "bars, gap bars, ticks",
+                                   "ticks, bars, gap bars"])  # fmt: skip
+def test_bars_and_ticks_give_the_same_candles_in_any_order(order: str, delay: int) -> None:
+    """M1 bars 09:00-09:44 (the gap bars from 09:30), ticks from 09:45: whichever comes
+    first, every candle is built once, from both where its period holds 09:45."""
+    day = int(pd.Timestamp("2026-02-04T00:00", tz="UTC").value // 1_000_000)
+    rng = random.Random(9)
+    bars = [
+        Bar(feed="crypto", symbol="BTCUSD", tf=Timeframe.M1, open_time_ms=day + m * MINUTE,
+            open=9.0, high=9.5 + rng.random(), low=8.5 - rng.random(), close=9.2,
+            tick_volume=rng.randint(1, 9), real_volume=0.0, spread=0.3)
+        for m in range(9 * 60, 9 * 60 + 45)
+    ]  # fmt: skip
+    ticks = [
+        T("crypto", "BTCUSD", day + 9 * HOUR + 45 * MINUTE + 500 + k * 7_000,
+          10.0 + rng.random(), 11.0, None, 1.0, None)
+        for k in range(700)
+    ]  # fmt: skip
+    early = [t for t in ticks if t.time_ms < day + 9 * HOUR + 58 * MINUTE]
+    parts = {
+        "bars": bars[:30],
+        "gap bars": bars[30:],
+        "ticks": early,
+    }
+    agg = Aggregator(AggregatorConfig(allowed_lateness_ms=MINUTE, close_delay_ms=delay))
+    emitted: list[Candle] = []
+    for name in order.split(", "):
+        if name == "ticks":
+            run = feed_ticks(agg, parts[name])
+            assert set(run.outcomes) == {"accepted"}
+            emitted += run.emitted
+        else:
+            out, outcomes = add_bars(agg, parts[name])
+            assert set(outcomes) == {"accepted"}
+            emitted += out
+    run = feed_ticks(agg, ticks[len(early) :])
+    emitted += run.emitted + drain(agg)
+    assert agg.late_shares == 0
+    assert_matches(final_candles(emitted), samples_reference(bars, ticks, Timeframe))
