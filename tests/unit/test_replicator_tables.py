@@ -11,7 +11,7 @@ import pytest
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
-from workers.runtime.pull import deliveries, parse_reply, position, stream_seq
+from workers.runtime.pull import deliveries, delivery, parse_reply, position, stream_seq
 from workers.timescale_replicator.app import Settings
 from workers.timescale_replicator.tables import (
     CANDLE_TABLE,
@@ -169,6 +169,7 @@ def test_the_stream_sequence_is_read_from_either_form_of_ack_subject(reply: str)
     assert deliveries(reply) == parse_reply(reply).deliveries == 3
     info = parse_reply(reply)
     assert position(reply) == (info.stream_seq, info.timestamp_ns) == (1048577, 1741038600000000000)
+    assert delivery(reply) == (3, 1048577, 1741038600000000000)
 
 
 def test_a_subject_that_is_no_ack_subject_has_no_stream_sequence() -> None:
@@ -178,6 +179,8 @@ def test_a_subject_that_is_no_ack_subject_has_no_stream_sequence() -> None:
         deliveries("ns.x.candles.feed-a.EURUSD.M1")
     with pytest.raises(ValueError, match="not a JetStream ack subject"):
         position("ns.x.candles.feed-a.EURUSD.M1")
+    with pytest.raises(ValueError, match="not a JetStream ack subject"):
+        delivery("ns.x.candles.feed-a.EURUSD.M1")
 
 
 def test_settings_choose_streams_and_refuse_unknown_ones() -> None:

@@ -175,6 +175,15 @@ def on_last_delivery(reply: str, limit: int) -> bool:
     return limit > 0 and deliveries(reply) >= limit
 
 
+def delivery(reply: str) -> tuple[int, int, int]:
+    """``(deliveries, stream_seq, timestamp_ns)`` of ``parse_reply(reply)``: what a worker
+    asks of every message it is handed (is it on its last delivery, where is it in its
+    stream, when was it stored), in one split."""
+    at = _stream_at(reply.count(".") + 1, reply) + 2
+    t = reply.split(".", at + 4)
+    return int(t[at]), int(t[at + 1]), int(t[at + 3])
+
+
 def position(reply: str) -> tuple[int, int]:
     """``(stream_seq, timestamp_ns)`` of ``parse_reply(reply)``: where the message is in its
     stream and when the stream stored it, in one split only as far as the time."""

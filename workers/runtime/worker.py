@@ -88,6 +88,7 @@ from workers.runtime.pull import (
     parse_reply,
     read_stream,
 )
+from workers.runtime.pull import delivery as reply_delivery
 from workers.runtime.pull import position as reply_position
 from workers.runtime.pull import stream_seq as reply_stream_seq
 from workers.runtime.settings import RuntimeSettings
@@ -124,12 +125,19 @@ class DeadItem(NamedTuple):
 class Delivery(Generic[T]):
     """One delivered message and its decoded value."""
 
-    __slots__ = ("_info", "msg", "value")
+    __slots__ = ("_info", "_position", "msg", "value")
 
-    def __init__(self, msg: Msg, value: T, info: AckInfo | None = None) -> None:
+    def __init__(
+        self,
+        msg: Msg,
+        value: T,
+        info: AckInfo | None = None,
+        position: tuple[int, int] | None = None,
+    ) -> None:
         self.msg = msg
         self.value = value
         self._info = info
+        self._position = position
 
     @property
     def info(self) -> AckInfo:
@@ -149,6 +157,8 @@ class Delivery(Generic[T]):
         """``(stream_seq, stored_ms)``: where the message is in its stream and when the
         stream stored it (epoch ms; the same on every delivery and read of it, where the
         wall clock is not), at the cost of one of them."""
+        if self._position is not None:
+            return self._position
         info = self._info
         if info is None:
             seq, stored_ns = reply_position(self.msg.reply)
@@ -602,13 +612,14 @@ class Worker(Generic[T]):
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
                     return None
-        on_last = self._on_last
+        limit = self._last_delivery
         for msg in msgs:
-            if on_last(msg):
+            deliveries, seq, stored_ns = reply_delivery(msg.reply)
+            if 0 < limit <= deliveries:
                 dead.append(self._exhausted(msg))
                 continue
             try:
-                items.append(Delivery(msg, decode(msg.data)))
+                items.append(Delivery(msg, decode(msg.data), None, (seq, stored_ns // 1_000_000)))
             except ContractError as exc:
                 dead.append(DeadItem(msg, parse_reply(msg.reply), exc.reason, exc.detail))
         acked: list[Delivery[T]] = []
