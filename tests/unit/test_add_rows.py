@@ -129,6 +129,7 @@ def test_add_rows_equals_tick_by_tick(
         assert out == want_out
         assert times == want_times
         assert [result.accepted, result.duplicate, result.gap, result.refused] == want
+        assert result.watermark == single.watermark(feed, symbol)
         candles += len(out)
         accepted += result.accepted
         reasons.update(reason for _, reason in result.refused)

@@ -147,6 +147,8 @@ class RowsResult(NamedTuple):
     refused: list[tuple[int, str]]
     """(row index, reason): ``check_tick``'s reasons, ``too_late``, ``covered_by_bars``,
     ``no_last_price``."""
+    watermark: int | None
+    """The symbol's watermark afterwards (``watermark``); None while it has no tick book."""
 
 
 class TickLike(Protocol):
@@ -550,7 +552,7 @@ class Aggregator:
             else:
                 refused.append((i, reason))
             i += 1
-        return RowsResult(accepted, duplicate, gap, refused)
+        return RowsResult(accepted, duplicate, gap, refused, None if b is None else b.wm)
 
     def advance(self, feed: str, symbol: str, watermark_ms: int) -> list[Candle]:
         """Move the watermark of an idle symbol; returns what a tick at that time would close.

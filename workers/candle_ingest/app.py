@@ -320,7 +320,7 @@ class Ingest:
             out_times=self.trigger_ms,
         )
         if result.accepted:  # refused ticks say nothing of the symbol's clock
-            wm = self.agg.watermark(feed, symbol)
+            wm = result.watermark
             if wm is not None:
                 self.heard[feed, symbol] = (time.time_ns() // 1_000_000, stored - wm)
         counts = self.counts
