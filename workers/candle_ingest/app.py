@@ -724,6 +724,7 @@ def build(settings: Settings) -> Worker[TickInput]:
         settings=settings,
         accept=settings.acceptor(feed_symbol),
         in_order=True,
+        positions=True,  # Ingest.apply: where each message is in TICKS and when it was stored
     )
     metrics = Metrics(worker)  # once: a start-up step that failed is tried again
     idle_task: list[asyncio.Task[None]] = []

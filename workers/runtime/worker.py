@@ -88,6 +88,7 @@ from workers.runtime.pull import (
     parse_reply,
     read_stream,
 )
+from workers.runtime.pull import deliveries as reply_deliveries
 from workers.runtime.pull import delivery as reply_delivery
 from workers.runtime.pull import position as reply_position
 from workers.runtime.pull import stream_seq as reply_stream_seq
@@ -269,13 +270,16 @@ class Worker(Generic[T]):
         handler: Handler[T] | None = None,
         accept: Callable[[str], bool] | None = None,
         in_order: bool = False,
+        positions: bool = False,
     ) -> None:
         """``accept(subject)`` False: the message belongs to another instance's partition
         and is acked unread. ``in_order``: the handler is given every message in stream
-        order, what lost deliveries carried read back from the stream."""
+        order, what lost deliveries carried read back from the stream. ``positions``: the
+        handler asks every delivery its ``position()``, read with the delivery count."""
         self.name = subjects.check_name(name, "worker")
         self.accept = accept
         self.in_order = in_order
+        self._positions = positions
         self._order: DeliveryOrder | None = None
         self._filters: list[str] = []
         self.stream = stream
@@ -613,13 +617,19 @@ class Worker(Generic[T]):
                 if not msgs:
                     return None
         limit = self._last_delivery
+        positions = self._positions
+        position: tuple[int, int] | None = None
         for msg in msgs:
-            deliveries, seq, stored_ns = reply_delivery(msg.reply)
-            if 0 < limit <= deliveries:
+            if positions:  # one parse of the ack subject for both
+                count, seq, stored_ns = reply_delivery(msg.reply)
+                position = (seq, stored_ns // 1_000_000)
+            else:
+                count = reply_deliveries(msg.reply) if limit > 0 else 0
+            if 0 < limit <= count:
                 dead.append(self._exhausted(msg))
                 continue
             try:
-                items.append(Delivery(msg, decode(msg.data), None, (seq, stored_ns // 1_000_000)))
+                items.append(Delivery(msg, decode(msg.data), None, position))
             except ContractError as exc:
                 dead.append(DeadItem(msg, parse_reply(msg.reply), exc.reason, exc.detail))
         acked: list[Delivery[T]] = []
