@@ -1075,6 +1075,11 @@ async def test_a_state_rebuilt_from_the_stream_equals_the_live_one_byte_for_byte
     second.stop()
     await asyncio.wait_for(task, 60)
     assert second.context.state["ingest"].agg.snapshot() == live
+    # every tick was acked by the first: the second took none, whatever it read again
+    taken = second.metrics.registry.get_sample_value
+    for outcome in ("accepted", "duplicate", "rejected"):
+        labels = {"worker": "candle-ingest", "outcome": outcome}
+        assert taken("tickwire_ticks_in_total", labels) == 0, outcome
 
 
 async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(

@@ -572,9 +572,11 @@ class Ingest:
                     with contextlib.suppress(ContractError):
                         d = Delivery(msg, codec.decode(msg.data), info)
                         self.apply(self._recorder(seq) if live else None, d)
-                if not live:  # acked: its candles are durable already
+                if not live:  # acked: its candles are durable and its ticks counted already
                     self.pending.clear()
                     self.trigger_ms.clear()
+                    self.counts.clear()
+                    self.agg.filled = self.agg.late_shares = 0
                 self.agg.last_stream_seq = seq
                 done += 1
         self.recovered = {seq: r for seq, r in self.recovered.items() if r.calls}
