@@ -559,20 +559,17 @@ class Aggregator:
 
         Unknown symbols are ignored (they have nothing to close).
         """
-        syms = self._ticks.get(feed)
-        b = None if syms is None else syms.get(symbol)
+        b = self._tick_book(feed, symbol)
         return [] if b is None else self._advance(b, watermark_ms)
 
     def watermark(self, feed: str, symbol: str) -> int | None:
-        syms = self._ticks.get(feed)
-        b = None if syms is None else syms.get(symbol)
+        b = self._tick_book(feed, symbol)
         return None if b is None else b.wm
 
     def next_close_ms(self, feed: str, symbol: str) -> int | None:
         """The watermark at which the earliest open candle of (feed, symbol) closes (its
         close time plus the close delay); None if it has no open candle."""
-        syms = self._ticks.get(feed)
-        b = None if syms is None else syms.get(symbol)
+        b = self._tick_book(feed, symbol)
         if b is None:
             return None
         ends = [self._end(i, o) for i, ser in enumerate(b.series) for o in ser.open]
@@ -703,8 +700,7 @@ class Aggregator:
 
     def advance_bars(self, feed: str, symbol: str, watermark_ms: int) -> list[Candle]:
         """``advance`` for the book built from bars (e.g. at the end of a backfill)."""
-        syms = self._bars.get(feed)
-        b = None if syms is None else syms.get(symbol)
+        b = self._bar_book(feed, symbol)
         return [] if b is None else self._advance(b, watermark_ms)
 
     # --- snapshots ----------------------------------------------------------------------
