@@ -78,6 +78,17 @@ B, S, F, _ = "BUY", "SELL", "FLAT", None
         (Rule(only_on_change=False), [0.7, 0.65, 0.3, 0.1, 0.1], [B, B, B, F, _]),
         # two minutes since the last signal: a blocked reversal still exits
         (Rule(cooldown_s=120), [0.7, -0.7, -0.7, -0.7], [B, F, _, S]),
+        # a blocked reversal exits even when the exit lies beyond the other side's entry
+        (
+            Rule(exit_long=-0.7, entry_short=-0.6, cooldown_bars=2),
+            [0.7, -0.65, -0.65, -0.65],
+            [B, F, _, S],
+        ),
+        (
+            Rule(exit_short=0.7, entry_long=0.6, cooldown_bars=2),
+            [-0.7, 0.65, 0.65, 0.65],
+            [S, F, _, B],
+        ),
     ],
 )
 def test_decisions_follow_the_hand_worked_table(

@@ -204,10 +204,6 @@ def _target(side: Side, s: float, r: Rule) -> Side:
     return Side.BUY if s >= r.entry_long else Side.SELL if s <= r.entry_short else Side.FLAT
 
 
-def _exits(side: Side, s: float, r: Rule) -> bool:
-    return (side is Side.BUY and s <= r.exit_long) or (side is Side.SELL and s >= r.exit_short)
-
-
 def _window(state: State, close_ms: int, r: Rule) -> tuple[int, ...]:
     if not r.max_signals:
         return ()
@@ -233,7 +229,9 @@ def decide(state: State, score: Score, rule: Rule) -> tuple[State, Signal | None
     side = _target(state.side, s, rule)
     entry = side is not Side.FLAT and side is not state.side
     if entry and not _entry_allowed(state, score, rule):
-        side = Side.FLAT if _exits(state.side, s, rule) else state.side
+        # held back: from FLAT nothing happens; a reversal still leaves the side it holds,
+        # whatever the exit threshold (a long exit may lie below the short entry)
+        side = Side.FLAT
         entry = False
     if side is state.side:
         if rule.only_on_change or side is Side.FLAT:
