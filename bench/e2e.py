@@ -82,7 +82,7 @@ from tests.candles import publish as publish_candles
 from tests.scorer_models import promote_each
 from workers.registry import Registry, bucket_name
 from workers.runtime.pull import ACK, PullSource, parse_reply
-from workers.signal_publisher.app import Settings as PublisherSettings
+from workers.signal_publisher.policy import POLICY_BUCKET, SIDES_BUCKET, kv_bucket
 
 NS = "benche2e"
 FEEDS = ("brokera", "brokerb")
@@ -136,8 +136,7 @@ async def _cleanup(js: JetStreamContext) -> None:
     for name in (bucket_name(NS), f"ns-{NS}-candle-ingest-state"):
         with contextlib.suppress(Exception):
             await js.delete_object_store(name)
-    policy_bucket = PublisherSettings.model_fields["signal_policy_bucket"].default
-    for name in (bucket_name(NS), f"{policy_bucket}-{NS}"):
+    for name in (bucket_name(NS), kv_bucket(POLICY_BUCKET, NS), kv_bucket(SIDES_BUCKET, NS)):
         with contextlib.suppress(Exception):
             await js.delete_key_value(name)
 

@@ -75,7 +75,7 @@ from workers.registry.store import (
     MODEL_SUFFIX,
     bucket_name,
 )
-from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, policy_bucket
+from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, kv_bucket
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ async def copy_policy(js: JetStreamContext, name: str, base: str = POLICY_BUCKET
         return False
     if not entry.value:
         return False
-    kv = await js.create_key_value(bucket=policy_bucket(base, name), history=5)
+    kv = await js.create_key_value(bucket=kv_bucket(base, name), history=5)
     await kv.put(POLICY_KEY, entry.value)
     return True
 

@@ -70,7 +70,11 @@ STAGES = {
 async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     yield unique
     await drop_namespace(js, unique)
-    for bucket in (bucket_name(unique), f"ns-{unique}-signal-policy"):
+    for bucket in (
+        bucket_name(unique),
+        f"ns-{unique}-signal-policy",
+        f"ns-{unique}-signal-sides",
+    ):
         with contextlib.suppress(Exception):
             await js.delete_object_store(bucket)
         with contextlib.suppress(Exception):

@@ -46,7 +46,7 @@ from workers.rebuild.app import Settings, rebuild
 from workers.rebuild.plan import request
 from workers.registry import Registry, bucket_name
 from workers.signal_publisher import app as publisher_app
-from workers.signal_publisher.policy import policy_bucket
+from workers.signal_publisher.policy import SIDES_BUCKET, kv_bucket
 from workers.timescale_replicator.app import Replicator
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,11 @@ async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     for spec in streams.stream_specs(namespace=unique):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
-    for bucket in (bucket_name(unique), policy_bucket(namespace=unique)):
+    for bucket in (
+        bucket_name(unique),
+        kv_bucket(namespace=unique),
+        kv_bucket(SIDES_BUCKET, unique),
+    ):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):
@@ -188,7 +192,7 @@ async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_change
     live = [p[-1] - p[0] for s in SYMBOLS for p in probabilities(bad[s][DEFAULT.warmup - 1 :])]
     el, xl, es, xs = (float(np.quantile(live, q)) for q in (0.75, 0.5, 0.25, 0.45))
     policy = {"defaults": {"entry_long": el, "exit_long": xl, "entry_short": es, "exit_short": xs}}
-    kv = await js.create_key_value(bucket=policy_bucket(namespace=namespace), history=5)
+    kv = await js.create_key_value(bucket=kv_bucket(namespace=namespace), history=5)
     await kv.put("policy", msgspec.json.encode(policy))
     registry = await Registry.open(js, namespace=namespace)
     for s in SYMBOLS:

@@ -54,8 +54,9 @@ async def drop(js: JetStreamContext, namespace: str) -> None:
     for spec in streams.stream_specs(namespace=namespace):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
-    with contextlib.suppress(Exception):
-        await js.delete_key_value(f"ns-{namespace}-signal-policy")
+    for bucket in ("signal-policy", "signal-sides"):
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(f"ns-{namespace}-{bucket}")
 
 
 def settings(stack: StackUrls, namespace: str, **kw: Any) -> Settings:
@@ -163,6 +164,18 @@ async def run_worker(worker: Any) -> asyncio.Task[None]:
 async def stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
     worker.stop()
     await asyncio.wait_for(task, 60)
+
+
+async def policy_applied(js: JetStreamContext, worker: Any, namespace: str, data: bytes) -> None:
+    """Put ``data`` into the policy's KV entry; until the running worker applied it."""
+    kv = await js.key_value(f"ns-{namespace}-signal-policy")
+    await kv.put("policy", data)
+    applied = {"worker": DURABLE, "outcome": "applied"}
+    sample = worker.metrics.registry.get_sample_value
+    await eventually(
+        lambda: sample("tickwire_signal_policy_updates_total", applied) == 1,
+        what="the update applied",
+    )
 
 
 async def run_once(
@@ -319,14 +332,7 @@ async def test_after_a_restart_a_series_holds_the_side_subscribers_were_told(
     try:
         await publish(js, [make_score("EURUSD", 0, 0.7)], namespace)
         await eventually(lambda: consumed(js, namespace), what="the entry")
-        kv = await js.key_value(f"ns-{namespace}-signal-policy")
-        await kv.put("policy", b'{"defaults": {"entry_long": 0.9}}')
-        applied = {"worker": DURABLE, "outcome": "applied"}
-        sample = worker.metrics.registry.get_sample_value
-        await eventually(
-            lambda: sample("tickwire_signal_policy_updates_total", applied) == 1,
-            what="the update applied",
-        )
+        await policy_applied(js, worker, namespace, b'{"defaults": {"entry_long": 0.9}}')
         await publish(js, [make_score("EURUSD", 1, 0.5)], namespace)  # held
         await eventually(lambda: consumed(js, namespace), what="a held score")
     finally:
@@ -356,6 +362,43 @@ async def test_an_entry_gone_from_scores_still_has_its_exit(
     assert got[1] == b'{"not": "a signal"}'
     decoded = [msgspec.json.decode(m, type=Signal) for m in got[:1] + got[2:]]
     assert [(s.open_time_ms, s.side.value) for s in decoded] == [(T0, "BUY"), (T0 + 4 * M1, "FLAT")]
+
+
+async def test_an_entry_gone_from_signals_too_still_has_its_exit(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """A (D1, say) position may be held longer than SIGNALS keeps its entry, a month. Once
+    the entry's score and its signal are both past their streams' age limits, a restart has
+    only the held scores, which enter nothing. The exit must still come."""
+    entry_and_held = [make_score("EURUSD", 0, 0.7)]
+    entry_and_held += [make_score("EURUSD", bar, 0.5) for bar in (1, 2, 3)]
+    await run_once(stack, js, namespace, entry_and_held)
+    assert [s.side.value for s in await signals_of(js, namespace)] == ["BUY"]
+    await js.purge_stream(streams.stream_name(streams.SCORES, namespace=namespace), seq=2)
+    await js.purge_stream(streams.stream_name(streams.SIGNALS, namespace=namespace))
+    await run_once(stack, js, namespace, [make_score("EURUSD", 4, 0.1)])
+    got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
+    assert got == [(T0 + 4 * M1, "FLAT")]
+
+
+async def test_after_a_restart_a_series_never_told_a_side_holds_none(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """0.55 and 0.4 enter nothing under the default policy; then the KV entry lowers the
+    long entry to 0.5. A restart decides 0.55 again under it (BUY), but subscribers were
+    never told a side: the later 0.1 exits nothing, and nothing at all is published, as
+    without the restart."""
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, [make_score("EURUSD", 0, 0.55), make_score("EURUSD", 1, 0.4)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the scores")
+        await policy_applied(js, worker, namespace, b'{"defaults": {"entry_long": 0.5}}')
+    finally:
+        await stop_worker(worker, task)
+    later = [make_score("EURUSD", 2, 0.3), make_score("EURUSD", 3, 0.1)]
+    await run_once(stack, js, namespace, later)
+    assert await signals_of(js, namespace) == []
 
 
 async def test_a_start_whose_restore_fails_is_tried_again_whole(

@@ -46,8 +46,9 @@ async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     for spec in streams.stream_specs(namespace=unique):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
-    with contextlib.suppress(Exception):  # made by signal-publisher when it ran
-        await js.delete_key_value(f"ns-{unique}-signal-policy")
+    for bucket in ("signal-policy", "signal-sides"):  # made by signal-publisher when it ran
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(f"ns-{unique}-{bucket}")
 
 
 def now_ms() -> int:

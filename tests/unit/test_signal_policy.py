@@ -296,6 +296,29 @@ def test_a_series_told_its_side_keeps_it_through_a_revision() -> None:
     assert (flat.side, flat.open_time_ms, flat.corrects) == (Side.FLAT, 4 * M, None)
 
 
+def test_a_series_never_told_a_side_holds_none() -> None:
+    """Under the default policy 0.55 and 0.4 give no signal: subscribers hold nothing. A
+    restart decides them again under a policy that enters at 0.5: the series would be long
+    without a word, and restate BUY at 0.3 or exit at 0.1 where a run without the restart
+    says nothing. Told nothing, it holds no side from its latest candle on."""
+    history = [score(0, 0.55), score(1, 0.4), score(2, 0.4)]
+    key = ("fx", "EURUSD", Timeframe.M1)
+    for only_on_change in (True, False):
+        later = Book(Policy(defaults=Rule(entry_long=0.5, only_on_change=only_on_change)))
+        for s in history:
+            later.apply(s, SUBJECT)
+        assert later.series[key].state.side is Side.BUY
+        assert later.untold(key)
+        assert not later.untold(key)  # nothing to change any more
+        assert later.series[key].state.side is Side.FLAT
+        assert later.apply(score(3, 0.3), SUBJECT) == []
+        assert later.apply(score(4, 0.1), SUBJECT) == []
+        assert reason_of(later.apply(score(2, 0.4, revision=1), SUBJECT)) == "revision_too_old"
+        [buy] = later.apply(score(5, 0.7), SUBJECT)  # a new entry is taken as ever
+        assert buy.side is Side.BUY
+    assert not Book(Policy()).untold(key)  # a series the book does not hold
+
+
 def test_a_series_told_its_side_keeps_its_candle_close_for_the_cooldown() -> None:
     """A D1 candle 25 h long (the server's clock went back that day): told its signal after a
     restart, the series counts the cooldown from that candle's close, as the run that

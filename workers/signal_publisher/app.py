@@ -12,9 +12,11 @@ force stays.
 State comes from history, as in feature-builder: on start SCORES is read again from its
 first message up to the last one the durable consumer delivered, through the same
 decisions; after the ack floor the signals are published again, identically, and
-de-duplicated by id. Then each series takes the side of its last signal on SIGNALS where
-that differs (the policy changed since, or SCORES no longer holds the entry): subscribers
-hold what they were told, and the series' exit must reach them.
+de-duplicated by id. Then each series takes the side of its last signal where that differs
+(the policy changed since, or SCORES no longer holds the entry): subscribers hold what they
+were told, and the series' exit must reach them. The last signal of each series is also
+kept in the KV bucket ``signal-sides``, for when SIGNALS no longer has it; a series told
+nothing holds no side.
 
 A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
 state: the rebuild makes the signals that follow from it itself.
@@ -59,13 +61,14 @@ from workers.signal_publisher.delivery import Exhausted
 from workers.signal_publisher.policy import (
     POLICY_BUCKET,
     POLICY_KEY,
+    SIDES_BUCKET,
     Policy,
     PolicyError,
+    kv_bucket,
     parse_policy,
-    policy_bucket,
     read_policy,
 )
-from workers.signal_publisher.state import Book, Refusal
+from workers.signal_publisher.state import Book, Key, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,12 @@ class Settings(PartitionedSettings):
     @property
     def bucket(self) -> str:
         """The policy bucket; a replay namespace has its own."""
-        return policy_bucket(self.signal_policy_bucket, self.namespace)
+        return kv_bucket(self.signal_policy_bucket, self.namespace)
+
+    @property
+    def sides_bucket(self) -> str:
+        """The bucket of each series' last signal; a replay namespace has its own."""
+        return kv_bucket(SIDES_BUCKET, self.namespace)
 
 
 def feed_symbol(subject: str) -> str:
@@ -198,10 +206,22 @@ class Signals:
             self.pending_meta.append((signal, score))
 
     def seal(self, *, live: bool = True) -> Commit:
-        """The signals pending now, as the commit that publishes them."""
+        """The signals pending now, as the commit that publishes them; then the last of each
+        series into the sides bucket, which keeps it after SIGNALS no longer does."""
         pending, meta = self.pending, self.pending_meta
         self.pending, self.pending_meta = [], []
         self.metrics.series_w.set(len(self.book.series))
+        if pending:
+            last = {(s.feed, s.symbol, s.tf): s for s, _ in meta}
+            prefix = f"$KV.{self.settings.sides_bucket}."
+            pending += [
+                Outgoing(
+                    f"{prefix}{s.feed}.{subjects.escape(s.symbol)}.{s.tf.value}",
+                    encode(s),
+                    f"side|{s.signal_id}",
+                )
+                for s in last.values()
+            ]
 
         async def commit() -> None:
             if not pending:
@@ -256,36 +276,47 @@ class Signals:
         Scores decided again under the policy in force now can end on another side than the
         signals did under an earlier one (the KV entry changed meanwhile), and SCORES keeps
         less than SIGNALS (a D1 position entered weeks ago). The last signal of each series
-        on SIGNALS is what subscribers act on, so where it says another side the series takes
-        that side, from that signal's candle: its exit then comes as it would have.
+        is what subscribers act on: on SIGNALS, or in the sides bucket once SIGNALS no longer
+        keeps it (a position held longer than a month). Where it says another side the
+        series takes that side, from that signal's candle: its exit then comes as it would
+        have. A series with neither was never told a side, and holds none.
         """
-        js, ns = self.ctx.js, self.settings.namespace
-        signals = stream_name(SIGNALS, namespace=ns)
-        info = await js.stream_info(
-            signals, subjects_filter=subjects.wildcard(subjects.SIGNALS, namespace=ns)
+        ns = self.settings.namespace
+        bucket = self.settings.sides_bucket
+        kept = await self._last_signals(f"KV_{bucket}", f"$KV.{bucket}.>")
+        sent = await self._last_signals(
+            stream_name(SIGNALS, namespace=ns), subjects.wildcard(subjects.SIGNALS, namespace=ns)
         )
-        accept = self.settings.acceptor(feed_symbol)
-        mine = [s for s in info.state.subjects or {} if accept is None or accept(s)]
-        codec: Codec[Signal] = Codec(Signal, max_bytes=self.settings.max_payload_bytes)
-        taken = 0
-        for at in range(0, len(mine), 100):
-            raws = await asyncio.gather(*(js.get_last_msg(signals, s) for s in mine[at : at + 100]))
-            for raw in raws:
-                try:
-                    signal = codec.decode(raw.data or b"")
-                except ContractError as exc:  # not one of ours: it told subscribers nothing
-                    log.warning("%s: last message on %s is no signal: %s", NAME, raw.subject, exc)
-                    continue
-                if self.book.told(signal):
-                    taken += 1
+        last = kept | sent  # SIGNALS has the latest, where it still has one
+        taken = sum(self.book.told(signal) for signal in last.values())
+        taken += sum(self.book.untold(key) for key in list(self.book.series) if key not in last)
         if taken:
             log.warning(
                 "%s: %d of %d series take the side their last signal gave subscribers, not the"
                 " one the scores give under the policy in force now",
                 NAME,
                 taken,
-                len(mine),
+                len(self.book.series),
             )
+
+    async def _last_signals(self, stream: str, wildcard: str) -> dict[Key, Signal]:
+        """The last signal of each series of this instance that ``stream`` holds one for."""
+        js = self.ctx.js
+        info = await js.stream_info(stream, subjects_filter=wildcard)
+        accept = self.settings.acceptor(feed_symbol)
+        mine = [s for s in info.state.subjects or {} if accept is None or accept(s)]
+        codec: Codec[Signal] = Codec(Signal, max_bytes=self.settings.max_payload_bytes)
+        out: dict[Key, Signal] = {}
+        for at in range(0, len(mine), 100):
+            raws = await asyncio.gather(*(js.get_last_msg(stream, s) for s in mine[at : at + 100]))
+            for raw in raws:
+                try:
+                    signal = codec.decode(raw.data or b"")
+                except ContractError as exc:  # not one of ours: it told subscribers nothing
+                    log.warning("%s: last message on %s is no signal: %s", NAME, raw.subject, exc)
+                    continue
+                out[signal.feed, signal.symbol, signal.tf] = signal
+        return out
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
         codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)
@@ -307,11 +338,12 @@ class Signals:
         return read
 
 
-async def _policy_kv(ctx: Context, bucket: str) -> KeyValue:
+async def _kv(ctx: Context, bucket: str, history: int) -> KeyValue:
+    """The bucket: made by ops (R3 on a cluster), or here with the defaults."""
     try:
         return await ctx.js.key_value(bucket)
     except BucketNotFoundError:
-        return await ctx.js.create_key_value(bucket=bucket, history=5)
+        return await ctx.js.create_key_value(bucket=bucket, history=history)
 
 
 async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
@@ -353,7 +385,8 @@ def build(settings: Settings) -> Worker[Score]:
         consumers = [await own_durable(ctx.js, settings), exhausted_deliveries(namespace=ns)]
         await ensure(ctx.js, stream_specs(namespace=ns), consumers)
         signals = Signals(settings, ctx, settings.policy(), metrics)
-        kv = await _policy_kv(ctx, settings.bucket)
+        await _kv(ctx, settings.sides_bucket, history=1)
+        kv = await _kv(ctx, settings.bucket, history=5)
         watcher = await kv.watch(POLICY_KEY)
         watching: asyncio.Future[None] | None = None
         try:

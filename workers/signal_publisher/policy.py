@@ -127,12 +127,14 @@ _json_policy: Final = msgspec.json.Decoder(Policy)
 
 POLICY_BUCKET: Final = "signal-policy"
 POLICY_KEY: Final = "policy"
+SIDES_BUCKET: Final = "signal-sides"
+"""The last signal published for each series, kept for good: SIGNALS keeps a month."""
 
 
-def policy_bucket(base: str = POLICY_BUCKET, namespace: str | None = None) -> str:
-    """The KV bucket of the run-time policy; a replay namespace's is ``ns-<name>-<base>``,
-    named like every other bucket of the namespace so that ``tickwire replay delete`` finds
-    it."""
+def kv_bucket(base: str = POLICY_BUCKET, namespace: str | None = None) -> str:
+    """A KV bucket of signal-publisher's (the run-time policy, the sides told); a replay
+    namespace's is ``ns-<name>-<base>``, named like every other bucket of the namespace so
+    that ``tickwire replay delete`` finds it."""
     return base if namespace is None else f"ns-{namespace}-{base}"
 
 

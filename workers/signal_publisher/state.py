@@ -161,6 +161,19 @@ class Book:
         series.told_ms = signal.open_time_ms
         return True
 
+    def untold(self, key: Key) -> bool:
+        """Subscribers were never told a side of series ``key``: it holds none, from its
+        latest candle on (decided here under another policy than the signals were); True
+        when that changed the series."""
+        series = self.series.get(key)
+        if series is None or series.state.side is Side.FLAT:
+            return False
+        series.state = State()
+        if series.recent:
+            series.told_ms = series.recent[-1].score.open_time_ms
+        series.recent = []
+        return True
+
     def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
         rule = self.policy.rule(revised.feed, revised.symbol, revised.tf)
         recent = series.recent
