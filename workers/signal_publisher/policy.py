@@ -10,9 +10,11 @@ entry (JSON); a policy that does not validate is refused as a whole.
 - **hysteresis**: flat, enter BUY at ``score >= entry_long``, SELL at ``score <=
   entry_short``; long, exit to FLAT at ``score <= exit_long`` (``< entry_long``), reverse to
   SELL at ``score <= entry_short``; short symmetrically.
-- **cooldown**: an entry (BUY or SELL, also a reversal) needs ``cooldown_bars`` candles and
-  ``cooldown_s`` seconds of event time since the series' last signal. A blocked reversal
-  still exits to FLAT; exits are never held back.
+- **cooldown**: an entry (BUY or SELL, also a reversal) needs ``cooldown_bars`` periods of
+  the timeframe from the candle of the series' last signal to its own (a weekend or a quiet
+  hour without candles counts its periods) and ``cooldown_s`` seconds of event time since
+  that signal; a restatement does not start it again. A blocked reversal still exits to FLAT;
+  exits are never held back.
 - **max per period**: at most ``max_signals`` entries whose candles closed within
   ``period_s`` (0: no limit).
 - **only on change**: off, a series in BUY or SELL restates its side on every candle
