@@ -209,27 +209,69 @@ def test_stretches_volatile_quiet_and_flat_agree_in_both_forms(
         assert_close(stream[:, j], batch[:, j], name)
 
 
+def at_close(closes: Array, *, spread: float, volume: int = 3) -> Candles:
+    """M1 candles whose open, high and low are their close (one price a minute)."""
+    n = len(closes)
+    return Candles(
+        open_time_ms=START_MS + 60_000 * np.arange(n, dtype=np.int64),
+        open=closes,
+        high=closes,
+        low=closes,
+        close=closes,
+        tick_volume=np.full(n, volume, dtype=np.int64),
+        spread_mean=np.full(n, spread),
+    )
+
+
 def test_a_price_whose_square_is_past_the_float_range_stops_neither_form() -> None:
     """A close of 1e200 (finite, so valid input) in a window: its squared deviation is
     past the float range. Both forms carry on and agree; the window's deviation is inf."""
     n = 60
     closes = 1.1 + np.arange(n) * 1e-4
     closes[40] = 1e200
-    candles = Candles(
-        open_time_ms=START_MS + 60_000 * np.arange(n, dtype=np.int64),
-        open=closes,
-        high=closes,
-        low=closes,
-        close=closes,
-        tick_volume=np.full(n, 3, dtype=np.int64),
-        spread_mean=np.full(n, 2e-5),
-    )
+    candles = at_close(closes, spread=2e-5)
     stream = DEFAULT.engine().run([candles.row(i) for i in range(n)])
     with np.errstate(over="ignore", invalid="ignore"):
         batch = DEFAULT.batch(candles)
     for j, name in enumerate(DEFAULT.names):
         assert_close(stream[:, j], batch[:, j], name)
     assert (column(stream, "bb_z_20")[40:60] == 0.0).all()  # over an infinite deviation
+
+
+def test_a_price_next_to_nothing_stops_neither_form() -> None:
+    """A close of 5e-324 (the smallest double, an integer 1 read as one: positive, so valid
+    input) after closes of 2.5: their ratio underflows to 0. Its log return is -inf in both
+    forms, never an error, the one after it +inf, and both forms carry on and agree."""
+    n = 80
+    closes = 2.5 + np.arange(n) * 1e-4
+    closes[40] = 5e-324
+    candles = at_close(closes, spread=2e-5)
+    stream = DEFAULT.engine().run([candles.row(i) for i in range(n)])
+    with np.errstate(invalid="ignore"):
+        batch = DEFAULT.batch(candles)
+    for j, name in enumerate(DEFAULT.names):
+        assert_close(stream[:, j], batch[:, j], name)
+    assert column(stream, "ret_1")[40] == -np.inf
+    assert column(stream, "ret_1")[41] == np.inf
+    assert np.isfinite(stream[62:]).all()  # every window past it again
+
+
+def test_a_halted_market_keeps_its_spread_to_atr_finite() -> None:
+    """The bid does not move for a week of M1 candles while the spread stays (OHLC from the
+    bid): ATR decays by 13/14 a candle, towards nothing but never to 0. Below ``FLAT`` times
+    the price it is a flat window, whose ratio is 0, in both forms: the spread over a
+    vanishing ATR would overflow to inf and refuse every vector of the symbol."""
+    rng = np.random.default_rng(1)
+    walk = np.round(1.1 + np.cumsum(rng.normal(0, 1e-4, 40)), 5)
+    closes = np.concatenate([walk, np.full(10_080, walk[-1])])
+    candles = at_close(closes, spread=1e-5, volume=1)
+    stream = DEFAULT.engine().run([candles.row(i) for i in range(len(closes))])
+    batch = DEFAULT.batch(candles)
+    got = column(stream, "spread_atr_14")
+    assert_close(got, column(batch, "spread_atr_14"), "spread_atr_14")
+    assert np.isfinite(got[DEFAULT.warmup :]).all()
+    # ATR itself, independently: Wilder's smoothing of true ranges that are 0 once flat
+    assert (got[-100:] == 0.0).all()
 
 
 def test_a_clone_is_independent_of_the_series_it_came_from() -> None:

@@ -9,7 +9,10 @@ Conventions shared by every definition here:
   then ``avg = (1 - 1/period) * avg + x / period``;
 - MACD's EMAs use ``alpha = 2 / (span + 1)`` seeded with the first value (pandas'
   ``ewm(span=..., adjust=False)``);
-- a ratio whose denominator is zero (a flat window) is 0.
+- a ratio whose denominator is zero, or below ``FLAT`` times the price level (a flat
+  window), is 0;
+- a log return whose ratio underflows to 0 (a price next to nothing) is -inf, as numpy
+  gives it, never an error: the vector is refused as not finite.
 
 Sliding windows are updated in O(1) (add the new value, remove the old one) and recomputed
 from the window every ``bars`` candles, so rounding never accumulates over a long series.
@@ -31,7 +34,7 @@ NAN = math.nan
 TAU = 2.0 * math.pi
 DAY_MS = 86_400_000
 FLAT = 1e-10
-"""A window whose standard deviation is below ``FLAT`` times its mean level is flat."""
+"""A window whose standard deviation (or ATR) is below ``FLAT`` times its level is flat."""
 CANCELLED = 1e-3
 """A window's variance that fell below ``CANCELLED`` times its largest since it was last
 computed from its values is computed from them again: what rounding left of the larger
@@ -42,8 +45,15 @@ its base (half a unit in the last place of the level) is no longer small against
 tenth of a pip on EURUSD: quiet windows are far above it."""
 
 
+def _log_ratio(a: Array, b: Array) -> Array:
+    """``log(a / b)``; -inf or inf, as the incremental forms give them, where extreme prices
+    make the ratio underflow or overflow."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.log(a / b)
+
+
 def _log_returns(close: Array) -> Array:
-    return np.log(close[1:] / close[:-1])
+    return _log_ratio(close[1:], close[:-1])
 
 
 # --- log return over k bars ----------------------------------------------------------
@@ -69,7 +79,7 @@ class LogReturn(Feature):
         c, k = candles.close, self.bars
         out = empty(len(c))
         if len(c) > k:
-            out[k:, 0] = np.log(c[k:] / c[:-k])
+            out[k:, 0] = _log_ratio(c[k:], c[:-k])
         return out
 
 
@@ -83,7 +93,8 @@ class _LogReturnStep(Stepper):
         closes = self.closes
         closes.append(bar.close)
         if len(closes) == closes.maxlen:
-            out[at] = math.log(bar.close / closes[0])
+            r = bar.close / closes[0]
+            out[at] = math.log(r) if r > 0.0 else -math.inf  # underflowed: as numpy's
 
     def clone(self) -> _LogReturnStep:
         new = _LogReturnStep.__new__(_LogReturnStep)
@@ -92,6 +103,15 @@ class _LogReturnStep(Stepper):
 
 
 # --- sliding mean and standard deviation ---------------------------------------------
+
+
+def _fsum(values: list[float]) -> float:
+    """``math.fsum``, or the plain sum (inf or NaN, as numpy's) where fsum raises: values
+    whose sum is past the float range, or both infinities (an extreme price's returns)."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        return sum(values)
 
 
 class _Window:
@@ -152,10 +172,10 @@ class _Window:
             if m2 > self.peak * CANCELLED and m2 > self.near * base * base:
                 return
         self.since = 0
-        self.base = base = math.fsum(values) / self.n
-        self.dev = dev = math.fsum(v - base for v in values) / self.n  # what rounding left
+        self.base = base = _fsum(list(values)) / self.n
+        self.dev = dev = _fsum([v - base for v in values]) / self.n  # what rounding left
         # d * d, not d ** 2: a square past the float range is inf, where ** raises
-        self.m2 = self.peak = math.fsum(d * d for d in (v - base - dev for v in values))
+        self.m2 = self.peak = _fsum([d * d for d in (v - base - dev for v in values)])
 
     @property
     def full(self) -> bool:
@@ -166,7 +186,10 @@ class _Window:
         return self.base + self.dev
 
     def std(self) -> float:
-        return math.sqrt(self.m2 / self.n) if self.m2 > 0.0 else 0.0
+        m2 = self.m2
+        if m2 > 0.0:
+            return math.sqrt(m2 / self.n)
+        return 0.0 if m2 == m2 else NAN  # NaN: the window holds both infinities
 
     def copy(self) -> _Window:
         new = _Window.__new__(_Window)
@@ -238,7 +261,8 @@ class _VolatilityStep(Stepper):
         if prev != prev:  # the first candle: no return yet
             return
         w = self.window
-        w.push(math.log(bar.close / prev))
+        r = bar.close / prev
+        w.push(math.log(r) if r > 0.0 else -math.inf)  # underflowed: as numpy's
         if w.full:
             out[at] = w.std()
 
@@ -564,8 +588,9 @@ class SpreadAtr(Feature):
 
     def batch(self, candles: Candles) -> Array:
         atr = _atr(candles, self.period)
-        safe = np.where(atr > 0.0, atr, 1.0)
-        ratio = np.where(atr > 0.0, candles.spread_mean / safe, 0.0)
+        moving = atr > FLAT * candles.close  # below: a flat window, whose ATR only decays
+        safe = np.where(moving, atr, 1.0)
+        ratio = np.where(moving, candles.spread_mean / safe, 0.0)
         return np.where(np.isnan(atr), np.nan, ratio)[:, None]
 
 
@@ -578,7 +603,7 @@ class _SpreadAtrStep(Stepper):
     def step(self, bar: Bar, out: list[float], at: int) -> None:
         if self.atr.push(bar):
             atr = self.atr.wilder.avg
-            out[at] = bar.spread_mean / atr if atr > 0.0 else 0.0
+            out[at] = bar.spread_mean / atr if atr > FLAT * bar.close else 0.0
 
     def clone(self) -> _SpreadAtrStep:
         new = _SpreadAtrStep.__new__(_SpreadAtrStep)

@@ -34,11 +34,11 @@ class Violation:
 
 def close(a: Array, b: Array, tol: float) -> NDArray[np.bool_]:
     """Elementwise: equal within ``tol`` absolute for small values, relative for large ones;
-    NaN equals NaN."""
+    NaN equals NaN, an infinity the same infinity."""
     both_nan = np.isnan(a) & np.isnan(b)
     with np.errstate(invalid="ignore"):
         near = np.abs(a - b) <= tol * np.maximum(1.0, np.abs(b))
-    return both_nan | near
+    return both_nan | near | np.equal(a, b)
 
 
 def sample_points(n: int, count: int = 24) -> list[int]:
