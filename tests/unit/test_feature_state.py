@@ -37,7 +37,7 @@ def test_warm_up_flag_and_zeros_until_every_feature_has_history() -> None:
     assert out[39].feature_set_id == DEFAULT.id
 
 
-@pytest.mark.parametrize("back", [0, 1, 3])  # depth 4: at least 4 candles can be revised
+@pytest.mark.parametrize("back", [0, 1, 3])  # depth 4: the latest 4 candles can be revised
 def test_a_revision_within_the_depth_recomputes_it_and_everything_after(back: int) -> None:
     b = Builder(DEFAULT, depth=4)
     candles = series(100, seed=3)
@@ -52,6 +52,57 @@ def test_a_revision_within_the_depth_recomputes_it_and_everything_after(back: in
     nxt = vector(b.apply(candles[90], SUBJECT))  # the state goes on from the revised history
     np.testing.assert_allclose(nxt.values, batch_row(fixed, 90), rtol=1e-9, atol=1e-12)
     assert b.revisions == 1
+
+
+def test_a_revision_older_than_the_depth_is_refused_however_long_the_history() -> None:
+    """Depth 4: the latest 4 candles may be revised, whatever the series' length (the kept
+    candles number 4 to 7 depending on it). A restart whose history starts elsewhere must
+    take and refuse the same revisions as the run it replaces."""
+    candles = series(40, seed=5)
+    for n in range(30, 38):  # every point of the keeping cycle
+        b = Builder(DEFAULT, depth=4)
+        for c in candles[:n]:
+            vector(b.apply(c, SUBJECT))
+        for back in range(7):
+            rev = msgspec.structs.replace(candles[n - 1 - back], revision=1)
+            result = b.apply(rev, SUBJECT)
+            if back < 4:
+                assert vector(result).candle_revision == 1, (n, back)
+            else:
+                assert isinstance(result, Refusal), (n, back)
+                assert result.reason == state.REVISION_TOO_OLD, (n, back)
+
+
+def test_a_price_next_to_nothing_is_refused_and_the_series_goes_on() -> None:
+    """A candle at 5e-324 (positive and finite: valid) after closes near 2.5: its return
+    over the candle before underflows. It and the next candle get vectors that are not
+    finite, refused as ``non_finite_feature``, never an error (which would stop every
+    restart's warm-up too); the candles after equal the batch form over the same history."""
+    candles = series(80, seed=6, price=2.5)
+    tiny = 5e-324
+    candles[50] = msgspec.structs.replace(candles[50], open=tiny, high=tiny, low=tiny, close=tiny)
+    b = Builder(DEFAULT, depth=4)
+    got = [b.apply(c, SUBJECT) for c in candles]
+    refused = [i for i, r in enumerate(got) if isinstance(r, Refusal)]
+    assert refused[:2] == [50, 51]
+    assert all(got[i].reason == state.NON_FINITE for i in refused)  # type: ignore[union-attr]
+    with np.errstate(invalid="ignore"):  # the windows over both infinities
+        want = batch_row(candles, 79)
+    np.testing.assert_allclose(vector(got[79]).values, want, rtol=1e-9)
+
+
+def test_a_warming_vector_is_never_sent_with_an_infinite_value() -> None:
+    """JSON has no inf: a vector holding one would go out as null and every consumer would
+    refuse it. While warming up, not-yet-warm features are 0; an infinite one is refused."""
+    b = Builder(DEFAULT, depth=4)
+    first, second = series(2, seed=7)
+    low, high = 1e-300, 1e300
+    vector(b.apply(msgspec.structs.replace(first, open=low, high=low, low=low, close=low), SUBJECT))
+    result = b.apply(
+        msgspec.structs.replace(second, open=high, high=high, low=high, close=high), SUBJECT
+    )
+    assert isinstance(result, Refusal)
+    assert result.reason == state.NON_FINITE
 
 
 def test_refusals() -> None:

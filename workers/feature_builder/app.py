@@ -54,7 +54,7 @@ class Settings(PartitionedSettings):
     """Batches on their way at once: JetStream acks a batch of publishes a round trip
     after its last one, and the next batches are handled meanwhile."""
     revision_depth: Annotated[int, Field(ge=1, le=1000)] = 8
-    """At least this many of a series' latest candles can be revised (at most twice that)."""
+    """This many of a series' latest candles can be revised; older is ``revision_too_old``."""
     max_payload_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
 
 

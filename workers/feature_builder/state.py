@@ -3,9 +3,9 @@
 A series (feed, symbol, timeframe) holds the incremental engine after its latest candle and
 enough to go back: the engine as it was before the oldest of the recent candles, a copy
 taken every ``depth`` candles, and the recent candles themselves (between ``depth`` and
-``2 * depth`` of them). A revised candle among them is recomputed from the state before it,
-and the candles after it are stepped again so the state going on holds every latest
-revision. Only the revised candle's vector is published: later vectors keep the revision
+``2 * depth`` of them). A revised candle among the latest ``depth`` is recomputed from the
+state before it, and the candles after it are stepped again so the state going on holds
+every latest revision. Only the revised candle's vector is published: later vectors keep the revision
 they were computed from, and their ids are taken.
 """
 
@@ -163,12 +163,14 @@ class Builder:
             values = series.add(c)
             warming = series.engine.warming_up
         else:
-            at = series.find(c.open_time_ms)
+            # the latest ``depth`` candles, however many more are kept: what may be revised
+            # must not depend on where the series' history started (a restart)
+            oldest = recent[max(0, len(recent) - self.depth)].open_time_ms
+            at = None if c.open_time_ms < oldest else series.find(c.open_time_ms)
             if at is None:
-                if c.open_time_ms < recent[0].open_time_ms and c.revision > 0:
+                if c.open_time_ms < oldest and c.revision > 0:
                     return Refusal(
-                        REVISION_TOO_OLD,
-                        f"{_name(c)}: only candles from {recent[0].open_time_ms} can be revised",
+                        REVISION_TOO_OLD, f"{_name(c)}: only candles from {oldest} can be revised"
                     )
                 return Refusal(
                     OUT_OF_ORDER, f"{_name(c)} after {recent[-1].open_time_ms}, not a revision"
@@ -181,7 +183,7 @@ class Builder:
             self.revisions += 1
         if warming:
             values = [v if v == v else 0.0 for v in values]  # NaN: this feature is not warm
-        elif not all(map(math.isfinite, values)):
+        if not all(map(math.isfinite, values)):  # JSON has no inf: it would go out as null
             return Refusal(NON_FINITE, f"{_name(c)}: {values}")
         return FeatureVector(
             feed=c.feed,
