@@ -148,3 +148,34 @@ def test_a_price_source_without_last_refuses_each_tick() -> None:
     )
     assert result.refused == [(i, "no_last_price") for i in range(5)]
     assert result.accepted == 0
+
+
+def test_an_empty_value_from_a_faulty_ea_is_refused_inside_a_run() -> None:
+    """MT5's EMPTY_VALUE (DBL_MAX) as bid, ask, last or volume, in the middle of in-order
+    ticks the batch path folds in its fast run: each is refused where it stands, as
+    tick by tick, and the mid price of the others stays finite."""
+    big = 1.7976931348623157e308
+    bad = {3: {"bid": big, "ask": big}, 5: {"ask": big}, 8: {"last": big}, 11: {"volume": big}}
+    rows = tuple(
+        TickRow(time_ms=1_000 + 100 * i, **({"bid": 1.0, "ask": 1.1} | bad.get(i, {})))
+        for i in range(14)
+    )
+    config = AggregatorConfig(price=PriceSource.MID)
+    batched, single = Aggregator(config), Aggregator(config)
+    out: list[Candle] = []
+    result = batched.add_rows(
+        "f", "S", rows, now_ms=10_000, max_future_skew_ms=SKEW_MS, out=out, out_times=[]
+    )
+    _, _, want = _one_by_one(single, "f", "S", rows, 10_000)
+    assert result.refused == want[3]
+    assert result.refused == [
+        (3, "bad_price"),
+        (5, "bad_price"),
+        (8, "bad_price"),
+        (11, "bad_volume"),
+    ]
+    assert result.accepted == 10
+    closed = batched.advance("f", "S", 7 * 86_400_000)
+    assert len(closed) == 7  # one of each timeframe
+    for candle in closed:
+        assert (candle.high, candle.low, candle.tick_volume) == (1.05, 1.05, 10)

@@ -14,6 +14,7 @@ NOW = 1_704_362_400_000
 SKEW = 5_000
 NAN = math.nan
 INF = math.inf
+DBL_MAX = 1.7976931348623157e308
 
 
 def tick(
@@ -28,6 +29,7 @@ def tick(
 
 def test_good_ticks_pass() -> None:
     assert tick() is None
+    assert tick(bid=9.99e14, ask=9.99e14, last=9.99e14, volume=9.99e14) is None  # below 1e15
     assert tick(bid=1.1, ask=1.1) is None  # zero spread
     assert tick(last=1.10002, volume=0.0) is None
     assert tick(volume=12.5) is None
@@ -50,6 +52,11 @@ def test_good_ticks_pass() -> None:
         (1.1, 1.1, INF),
         (1.1, 1.1, 0.0),
         (1.1, 1.1, -1.1),
+        # MT5's EMPTY_VALUE (DBL_MAX) from a faulty EA, and anything from 1e15 on
+        (DBL_MAX, DBL_MAX, None),
+        (1.1, DBL_MAX, None),
+        (1.1, 1.1, DBL_MAX),
+        (1e15, 1e15, None),
     ],
 )
 def test_bad_price(bid: float, ask: float, last: float | None) -> None:
@@ -65,6 +72,7 @@ def test_volume() -> None:
     assert tick(volume=-INF) == "negative_volume"
     assert tick(volume=NAN) == "bad_volume"
     assert tick(volume=INF) == "bad_volume"
+    assert tick(volume=DBL_MAX) == "bad_volume"
 
 
 def test_future_time() -> None:
@@ -101,5 +109,8 @@ def test_bars() -> None:
     assert bar(low=1.12) == "bad_ohlc"  # above the open
     assert bar(spread=NAN) == "bad_volume"
     assert bar(real_volume=INF) == "bad_volume"
+    assert bar(high=DBL_MAX) == "bad_price"
+    assert bar(real_volume=DBL_MAX) == "bad_volume"
+    assert bar(spread=1e15) == "bad_volume"
     assert bar(open_time_ms=NOW - NOW % 86_400_000) == "misaligned_bar"  # 00:00, day starts 22:00
     assert bar(tf=Timeframe.M1, open_time_ms=NOW + 60_000) == "future_time"

@@ -53,7 +53,6 @@ each by open time). The same sequence of calls yields equal candles, and ``snaps
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -63,7 +62,7 @@ import msgspec
 
 from contracts.messages import Bar, Candle, Timeframe
 from contracts.servertime import Periods, parse_zone
-from workers.candle_ingest.validate import check_tick
+from workers.candle_ingest.validate import MAX_PRICE, check_tick
 
 DAY_MS: Final = 86_400_000
 MAX_MISSING_SEQS: Final = 10_000
@@ -80,7 +79,6 @@ COVERED_BY_TICKS: Final = "covered_by_ticks"
 
 _NEVER: Final = 1 << 62
 """A time no watermark reaches: ``next_event`` when nothing is pending."""
-_INF: Final = math.inf
 _NO_SEQ: Final = -(1 << 62)
 """``max_seq`` of a symbol that never sent a sequence number."""
 
@@ -451,7 +449,7 @@ class Aggregator:
         kind = self._kind
         limit = now_ms + max_future_skew_ms
         late = self._late
-        inf = _INF
+        top = MAX_PRICE
         n = len(rows)
         i = 0
         syms = self._ticks.get(feed)
@@ -470,11 +468,11 @@ class Aggregator:
                     t = rows[j]
                     tm, bid, ask = t.time_ms, t.bid, t.ask
                     last, volume, seq = t.last, t.volume, t.seq
-                    if not (0.0 < bid < inf and 0.0 < ask < inf) or bid > ask or tm > limit:
+                    if not (0.0 < bid < top and 0.0 < ask < top) or bid > ask or tm > limit:
                         break
-                    if last is not None and not 0.0 < last < inf:
+                    if last is not None and not 0.0 < last < top:
                         break
-                    if volume is not None and not 0.0 <= volume < inf:
+                    if volume is not None and not 0.0 <= volume < top:
                         break
                     if not a_open <= tm < a_close or tm < floor:
                         break
