@@ -62,7 +62,7 @@ import msgspec
 
 from contracts.messages import Bar, Candle, Timeframe
 from contracts.servertime import Periods, parse_zone
-from workers.candle_ingest.validate import MAX_PRICE, check_tick
+from workers.candle_ingest.validate import MAX_VALUE, check_tick
 
 DAY_MS: Final = 86_400_000
 MAX_MISSING_SEQS: Final = 10_000
@@ -449,7 +449,7 @@ class Aggregator:
         kind = self._kind
         limit = now_ms + max_future_skew_ms
         late = self._late
-        top = MAX_PRICE
+        top = MAX_VALUE
         n = len(rows)
         i = 0
         syms = self._ticks.get(feed)

@@ -23,7 +23,7 @@ ILLEGAL_SYMBOL: Final = "illegal_symbol"
 BAD_OHLC: Final = "bad_ohlc"
 MISALIGNED_BAR: Final = "misaligned_bar"
 
-MAX_PRICE: Final = 1e15
+MAX_VALUE: Final = 1e15
 """A price or volume from here on is no market's: MT5's EMPTY_VALUE (DBL_MAX) sent by a
 faulty EA, or garbage. Taken, it would overflow a mid price or a sum to inf, which JSON
 carries as null and every consumer refuses."""
@@ -39,17 +39,17 @@ def check_tick(
     now_ms: int,
     max_future_skew_ms: int,
 ) -> str | None:
-    """``bad_price``: NaN, zero, negative or from ``MAX_PRICE`` on (inf too) bid/ask/last;
-    ``bid_above_ask``; ``negative_volume``; ``bad_volume`` (NaN, or from ``MAX_PRICE`` on);
+    """``bad_price``: NaN, zero, negative or from ``MAX_VALUE`` on (inf too) bid/ask/last;
+    ``bid_above_ask``; ``negative_volume``; ``bad_volume`` (NaN, or from ``MAX_VALUE`` on);
     ``future_time``: after ``now_ms + max_future_skew_ms``."""
     # a chained comparison is False for NaN
-    if not (0.0 < bid < MAX_PRICE and 0.0 < ask < MAX_PRICE):
+    if not (0.0 < bid < MAX_VALUE and 0.0 < ask < MAX_VALUE):
         return BAD_PRICE
-    if last is not None and not 0.0 < last < MAX_PRICE:
+    if last is not None and not 0.0 < last < MAX_VALUE:
         return BAD_PRICE
     if bid > ask:
         return BID_ABOVE_ASK
-    if volume is not None and not 0.0 <= volume < MAX_PRICE:
+    if volume is not None and not 0.0 <= volume < MAX_VALUE:
         return NEGATIVE_VOLUME if volume < 0.0 else BAD_VOLUME
     if time_ms > now_ms + max_future_skew_ms:
         return FUTURE_TIME
@@ -67,15 +67,16 @@ def check_symbol(symbol: str) -> str | None:
 
 def check_bar(bar: Bar, *, periods: Periods, now_ms: int, max_future_skew_ms: int) -> str | None:
     """``bad_price`` (as ``check_tick``'s), ``bad_ohlc`` (high/low not enclosing open and
-    close), ``bad_volume`` (NaN or from ``MAX_PRICE`` on, volume or spread), ``misaligned_bar`` (open time not where
-    a period of its timeframe opens: counted from the day start, or on the server's clock),
-    ``future_time``; ``illegal_symbol`` is ``check_symbol``'s."""
+    close), ``bad_volume`` (volume or spread NaN or from ``MAX_VALUE`` on),
+    ``misaligned_bar`` (open time not where a period of its timeframe opens: counted from
+    the day start, or on the server's clock), ``future_time``; ``illegal_symbol`` is
+    ``check_symbol``'s."""
     o, h, lo, c = bar.open, bar.high, bar.low, bar.close
-    if not all(0.0 < p < MAX_PRICE for p in (o, h, lo, c)):
+    if not all(0.0 < p < MAX_VALUE for p in (o, h, lo, c)):
         return BAD_PRICE
     if not (lo <= o <= h and lo <= c <= h):
         return BAD_OHLC
-    if not (bar.real_volume < MAX_PRICE and bar.spread < MAX_PRICE):  # >= 0 by the contract
+    if not (bar.real_volume < MAX_VALUE and bar.spread < MAX_VALUE):  # >= 0 by the contract
         return BAD_VOLUME
     if not periods.aligned(Timeframe(bar.tf), bar.open_time_ms):
         return MISALIGNED_BAR
