@@ -5,8 +5,8 @@ enough to go back: the engine as it was before the oldest of the recent candles,
 taken every ``depth`` candles, and the recent candles themselves (between ``depth`` and
 ``2 * depth`` of them). A revised candle among the latest ``depth`` is recomputed from the
 state before it, and the candles after it are stepped again so the state going on holds
-every latest revision. Only the revised candle's vector is published: later vectors keep the revision
-they were computed from, and their ids are taken.
+every latest revision. Only the revised candle's vector is published: later vectors keep
+the revision they were computed from, and their ids are taken.
 """
 
 from __future__ import annotations
