@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -166,25 +168,82 @@ async def test_train_stores_a_candidate_whose_card_holds_up(
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
 
 
-async def test_promote_is_gated_on_the_same_latest_holdout(
+def gate_figures(stdout: str) -> tuple[bool, float, float]:
+    """Whether the summary says promoted, and the candidate's and the active model's AUC."""
+    m = re.search(r"candidate auc=([0-9.e+-]+) vs active ([0-9.e+-]+)", stdout)
+    assert m is not None, stdout
+    promoted = re.search(r"^promoted ", stdout, re.MULTILINE) is not None
+    assert promoted or "stays a candidate" in stdout, stdout
+    return promoted, float(m.group(1)), float(m.group(2))
+
+
+def holdout_auc(booster: Any, from_ms: float) -> float:
+    """AUC of ``booster`` on the rows from ``from_ms`` on, labels made here with pandas."""
+    df = pd.DataFrame({"t": CANDLES.open_time_ms, "close": CANDLES.close})
+    future = df["close"].shift(-H)
+    up = (future - df["close"] - CANDLES.spread_mean) / df["close"] > 0
+    x = DEFAULT.batch(Candles(**{k: getattr(CANDLES, k) for k in Candles.__dataclass_fields__}))
+    rows = ((df["t"] >= from_ms) & future.notna()).to_numpy()
+    return pairwise_auc(up[rows].to_numpy().astype(int), booster.predict(x[rows]))
+
+
+async def test_promote_scores_the_active_model_on_the_holdout_after_its_training(
     candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
 ) -> None:
-    registry, active = await train_and_promote(nats_url, candles_db, namespace, js, tmp_path / "a")
+    """The active model was trained on the first 1,600 candles; the candidate on all 2,400,
+    its latest holdout after them. The gate scores the active model there, the figure
+    recomputed here from the stored model, and decides by the two AUCs it prints."""
+    first = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path / "a", "--symbol", SYMBOL,
+        "--from", iso(0), "--to", iso(1600), "--promote",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    registry = await Registry.open(js, namespace=namespace, create=False)
+    active = await registry.active(FEED, SYMBOL, TF)
+    assert active is not None
+    second = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path / "b", "--symbol", SYMBOL,
+        "--from", iso(0), "--to", iso(N), "--promote",
+    )  # fmt: skip
+    assert second.returncode in (0, 1), second.stderr
+    assert "scored on the same holdout" in second.stdout
+    promoted, candidate_auc, active_auc = gate_figures(second.stdout)
+    [candidate] = [c for c in await registry.list() if c.version != active.version]
+    assert candidate.metrics["holdout_from_ms"] >= int(CANDLES.open_time_ms[1600])
+    _, booster = await registry.get(active.version)
+    assert active_auc == pytest.approx(holdout_auc(booster, candidate.metrics["holdout_from_ms"]))
+    assert candidate_auc == pytest.approx(candidate.metrics["auc"])
+    assert promoted == (candidate_auc > active_auc) == (second.returncode == 0)
+    now = await registry.active(FEED, SYMBOL, TF)
+    assert now is not None
+    assert now.version == (candidate.version if promoted else active.version)
 
-    # a model trained on the last third only; its holdout is data the active model was
-    # trained on, so the active model scores better there and the gate refuses
+
+async def test_promote_never_scores_the_active_model_on_rows_it_was_trained_on(
+    candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """The active model was trained on every candle; the candidate on the last 800 only,
+    its holdout inside the active model's window. There the active model would be scored in
+    sample, better than it is: the AUC it stored on its own holdout stands for it."""
+    registry, active = await train_and_promote(nats_url, candles_db, namespace, js, tmp_path / "a")
     second = await tickwire_train(
         nats_url, candles_db, namespace, tmp_path / "b", "--symbol", SYMBOL,
         "--from", iso(N - 800), "--to", iso(N), "--folds", "2", "--promote",
     )  # fmt: skip
-    assert second.returncode == 1, second.stderr
-    assert "stays a candidate" in second.stdout
-    assert "same holdout" in second.stdout
-    cards = await registry.list()
-    assert len(cards) == 2
-    assert (await registry.active(FEED, SYMBOL, TF)) == active
-    [candidate] = [c for c in cards if c.version != active.version]
-    assert candidate.status is ModelStatus.CANDIDATE
+    assert second.returncode in (0, 1), second.stderr
+    assert "trained past this holdout: its stored metrics" in second.stdout
+    promoted, candidate_auc, active_auc = gate_figures(second.stdout)
+    active_card, booster = await registry.get(active.version)
+    assert active_auc == pytest.approx(active_card.metrics["auc"])
+    [candidate] = [c for c in await registry.list() if c.version != active.version]
+    assert candidate_auc == pytest.approx(candidate.metrics["auc"])
+    in_sample = holdout_auc(booster, candidate.metrics["holdout_from_ms"])
+    assert in_sample > active_auc  # what the gate would otherwise have compared against
+    assert promoted == (candidate_auc > active_auc) == (second.returncode == 0)
+    now = await registry.active(FEED, SYMBOL, TF)
+    assert now is not None
+    assert now.version == (candidate.version if promoted else active.version)
+    assert candidate.status is (ModelStatus.ACTIVE if promoted else ModelStatus.CANDIDATE)
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,64 @@ def test_a_figure_that_could_not_be_computed_is_left_off_the_model_card() -> Non
     assert card.metrics["auc"] == 0.61
     assert all(math.isfinite(v) for v in card.metrics.values())
     assert b"null" not in msgspec.json.encode(card.metrics)  # NaN would be stored as null
+
+
+def test_the_gate_scores_the_active_model_only_on_holdout_rows_it_was_not_trained_on(
+    patterned: dataset.Dataset,
+) -> None:
+    """An active model whose training window reaches into the candidate's holdout (one
+    trained later or on a longer window: a backfill, a fire time run again) would be scored
+    in sample there, better than it is, and keep a better candidate out. Both are scored on
+    the holdout rows after its window; trained past the whole holdout, or for other
+    features or another horizon, its stored metrics stand for it."""
+    import argparse
+
+    import lightgbm
+    import msgspec
+
+    from workers.trainer.cli import card_for, compared
+
+    training = train(patterned, PARAMS, progress=False)
+    hold = training.holdout
+    test = np.arange(len(patterned))[hold.fold.test]
+    times = patterned.open_time_ms[test]
+    # trained on every row before the middle of the holdout, deep enough to remember them
+    half = int(times[len(times) // 2])
+    seen = patterned.open_time_ms < half
+    overfit = {"objective": "binary", "num_leaves": 255, "min_data_in_leaf": 2, "verbose": -1}
+    overfit |= {"num_threads": 1, "deterministic": True, "seed": 1}
+    active = lightgbm.train(
+        overfit,
+        lightgbm.Dataset(patterned.features[seen], patterned.target[seen]),
+        num_boost_round=300,
+    )
+    args = argparse.Namespace(feed="demo", symbol="EURUSD", tf="M5")
+    report = evaluate.report(patterned, training)
+    card = card_for(args, patterned, report, int(patterned.open_time_ms[0]), int(times[-1]))
+    seen_half = msgspec.structs.replace(card, train_to_ms=half)
+    mine, theirs, how = compared(patterned, training, card.metrics, seen_half, active)
+    after = times >= half
+    rows = test[after]
+    assert how == f"scored on the {len(rows)} holdout rows after its training"
+    want_active = pairwise_auc(patterned.target[rows], active.predict(patterned.features[rows]))
+    want_mine = pairwise_auc(patterned.target[rows], hold.predictions[after])
+    assert theirs["auc"] == pytest.approx(want_active, abs=1e-12)
+    assert mine["auc"] == pytest.approx(want_mine, abs=1e-12)
+    in_sample = pairwise_auc(patterned.target[test], active.predict(patterned.features[test]))
+    assert in_sample > theirs["auc"] + 0.05  # what scoring it on the whole holdout gave it
+    # its whole window after the holdout's start: the same holdout, the candidate's own figures
+    before = msgspec.structs.replace(card, train_to_ms=int(times[0]))
+    mine, _, how = compared(patterned, training, card.metrics, before, active)
+    assert how == "scored on the same holdout"
+    assert mine["auc"] == pytest.approx(card.metrics["auc"], abs=1e-12)
+    # nothing left to compare on, or not the same model kind: the stored metrics
+    past = msgspec.structs.replace(card, train_to_ms=int(times[-1]) + 1)
+    other = msgspec.structs.replace(card, metrics={**card.metrics, "horizon": H + 1.0})
+    renamed = msgspec.structs.replace(card, feature_names=[*card.feature_names[:-1], "x"])
+    for active_card, says in (
+        (past, "trained past this holdout: its stored metrics"),
+        (other, "predicts another horizon: its stored metrics"),
+        (renamed, "reads other features: its stored metrics"),
+    ):
+        mine, theirs, how = compared(patterned, training, card.metrics, active_card, active)
+        assert (mine, theirs, how) == (card.metrics, active_card.metrics, says)

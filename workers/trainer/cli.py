@@ -17,6 +17,7 @@ import importlib.metadata
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -101,6 +102,39 @@ def card_for(
     )
 
 
+def compared(
+    ds: Dataset,
+    training: Training,
+    candidate: Mapping[str, float],
+    active_card: ModelCard,
+    active: lightgbm.Booster,
+) -> tuple[Mapping[str, float], Mapping[str, float], str]:
+    """The candidate's and the active model's metrics for the gate, and how they were had.
+
+    Both are scored on the rows of the latest holdout that the active model was not
+    trained on: its candles end at ``train_to_ms``, and on rows before that it would be
+    scored in sample, better than it is. Where it reads other features, predicts another
+    horizon, or no such row is left (or they hold one class only), the metrics each model
+    measured on its own holdout stand for it.
+    """
+    if active_card.feature_names != list(ds.names):
+        return candidate, active_card.metrics, "reads other features: its stored metrics"
+    if active_card.metrics.get("horizon") != ds.horizon:
+        return candidate, active_card.metrics, "predicts another horizon: its stored metrics"
+    test = np.arange(len(ds))[training.holdout.fold.test]
+    unseen = ds.open_time_ms[test] >= active_card.train_to_ms
+    if unseen.any():
+        rows = test[unseen]
+        mine = evaluate.holdout_metrics(ds.target[rows], training.holdout.predictions[unseen])
+        p = np.asarray(active.predict(ds.features[rows]), dtype=np.float64)
+        theirs = evaluate.holdout_metrics(ds.target[rows], p)
+        if math.isfinite(mine[METRIC]) and math.isfinite(theirs[METRIC]):
+            if unseen.all():
+                return mine, theirs, "scored on the same holdout"
+            return mine, theirs, f"scored on the {len(rows)} holdout rows after its training"
+    return candidate, active_card.metrics, "trained past this holdout: its stored metrics"
+
+
 async def store(
     registry: Registry,
     artifact: bytes,
@@ -112,27 +146,24 @@ async def store(
 ) -> Outcome:
     """Put the candidate; with ``promote``, gate it against the active model on the same
     latest holdout. The active model is read (and verified) before anything is written."""
-    active_metrics: dict[str, float] | None = None
+    candidate_metrics: Mapping[str, float] = card.metrics
+    active_metrics: Mapping[str, float] | None = None
     note = ""
     if promote:
         pointer = await registry.active(card.feed, card.symbol, card.tf)
         if pointer is not None:
             active_card, booster = await registry.get(pointer.version)
-            if active_card.feature_names == card.feature_names:
-                test = training.holdout.fold.test
-                p = np.asarray(booster.predict(ds.features[test]), dtype=np.float64)
-                active_metrics = evaluate.holdout_metrics(ds.target[test], p)
-                note = f" (active {pointer.version} scored on the same holdout)"
-            else:
-                active_metrics = active_card.metrics
-                note = f" (active {pointer.version} reads other features: its stored metrics)"
+            candidate_metrics, active_metrics, how = compared(
+                ds, training, card.metrics, active_card, booster
+            )
+            note = f" (active {pointer.version} {how})"
     version = await registry.put(artifact, card)
     if not promote:
         return Outcome(version, None, "stored as a candidate")
     prepared = await registry.prepare_promotion(version, force=True)
     if not prepared.promote:  # already active
         return Outcome(version, False, prepared.reason)
-    ok, reason = should_promote(card.metrics, active_metrics, metric=METRIC)
+    ok, reason = should_promote(candidate_metrics, active_metrics, metric=METRIC)
     reason += note
     if ok:
         await registry.commit(dataclasses.replace(prepared, reason=reason))
