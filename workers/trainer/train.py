@@ -1,6 +1,7 @@
 """LightGBM on walk-forward folds: each fold's booster stops early on its validation part
-only, and is scored on its test fold, which it never saw. The last fold's booster, trained
-on everything before the latest holdout, is the model that goes into the registry.
+only, and is scored on its test fold, which it never saw. The last fold's booster, fitted on
+the rows before its validation part (all of it before the latest holdout), is the model that
+goes into the registry.
 """
 
 from __future__ import annotations
