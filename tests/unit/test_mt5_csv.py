@@ -194,6 +194,74 @@ def test_bars_of_the_repeated_hour_take_its_second_pass(tmp_path: Path) -> None:
     ]
 
 
+def test_a_refused_bar_of_the_repeated_hour_keeps_the_next_one_on_its_second_pass(
+    tmp_path: Path,
+) -> None:
+    """The first 03:00 bar is refused for its prices: the second 03:00 is still the second
+    pass, 01:00 UTC, not taken for the first one an hour early."""
+    path = write(
+        tmp_path,
+        [
+            BAR_HEADER,
+            "2024.10.27\t02:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t3",
+            "2024.10.27\t03:00\t1.1\t1.0\t1.0\t1.15\t10\t0\t3",  # high below the open
+            "2024.10.27\t03:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t3",
+            "2024.10.27\t04:00\t1.1\t1.2\t1.0\t1.15\t10\t0\t3",
+        ],
+    )
+    got = bars(path, Timeframe.H1, mt5_csv.parse_server_time("Europe/Athens"))
+    assert [(n, b.open_time_ms) for n, b in got if isinstance(b, Bar)] == [
+        (2, iso_ms("2024-10-26T23:00:00+00:00")),
+        (4, iso_ms("2024-10-27T01:00:00+00:00")),
+        (5, iso_ms("2024-10-27T02:00:00+00:00")),
+    ]
+    assert [(n, e.reason) for n, e in got if isinstance(e, ParseError)] == [(3, mt5_csv.BAD_OHLC)]
+
+
+def test_an_empty_value_is_refused_and_never_carried(tmp_path: Path) -> None:
+    """MT5's EMPTY_VALUE (DBL_MAX), or any price or volume from 1e15 on, is reported by line
+    (candle-ingest would refuse it); a blank ask after it carries the last good one."""
+    big = "1.7976931348623157e+308"
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2024.01.02\t00:00:00.000\t1.1\t1.2\t\t\t6",
+            f"2024.01.02\t00:00:01.000\t1.1\t{big}\t\t\t6",
+            "2024.01.02\t00:00:02.000\t1.1\t\t\t\t2",
+            "2024.01.02\t00:00:03.000\t1.1\t1.2\t\t1e15\t6",
+        ],
+    )
+    got = ticks(path)
+    assert [(n, t.ask) for n, t in got if isinstance(t, TickRow)] == [(2, 1.2), (4, 1.2)]
+    assert [(n, e.reason) for n, e in got if isinstance(e, ParseError)] == [
+        (3, mt5_csv.TOO_LARGE),
+        (5, mt5_csv.TOO_LARGE),
+    ]
+
+
+def test_a_header_with_trailing_separators_and_counts_in_plain_digits(tmp_path: Path) -> None:
+    """A trailing tab on the header is no column, as on a data line; FLAGS, TICKVOL and
+    SPREAD are plain digits (int() would take "1_0" as 10 and "+5" as 5)."""
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER + "\t",
+            "2024.01.02\t00:00:00.000\t1.1\t1.2\t\t\t6",
+            "2024.01.02\t00:00:01.000\t1.1\t1.2\t\t\t1_0",
+            "2024.01.02\t00:00:02.000\t1.1\t1.2\t\t\t+5",
+            "2024.01.02\t00:00:03.000\t1.1\t1.2\t\t\t-5",
+        ],
+    )
+    got = ticks(path)
+    assert [(n, t.flags) for n, t in got if isinstance(t, TickRow)] == [(2, 6)]
+    assert [(n, e.reason) for n, e in got if isinstance(e, ParseError)] == [
+        (3, mt5_csv.BAD_NUMBER),
+        (4, mt5_csv.BAD_NUMBER),
+        (5, mt5_csv.NEGATIVE),
+    ]
+
+
 def test_a_date_a_time_zone_cannot_convert_is_a_refused_line(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -23,7 +23,8 @@ What MT5 writes, and what is accepted here:
 Each data line yields ``(line_number, item)`` where item is the message or a
 ``ParseError(reason, detail)``: a bad line is reported with its number (the header is line
 1) and the lines after it are still read. Blank lines are skipped. ``reason`` is one of
-``REASONS``.
+``REASONS``; a price, volume or spread from ``MAX_VALUE`` on (MT5's ``EMPTY_VALUE``) is
+``too_large``, as candle-ingest would refuse it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Final, NamedTuple
 from contracts.messages import Bar, TickRow, Timeframe
 from contracts.servertime import ServerZone, parse_zone
 from contracts.subjects import check_name, check_symbol
+from workers.candle_ingest.validate import MAX_VALUE
 
 StrPath = str | PathLike[str]
 Progress = Callable[[int], None]
@@ -63,6 +65,7 @@ BAD_OHLC: Final = "bad_ohlc"
 MISALIGNED_TIME: Final = "misaligned_time"
 OUT_OF_ORDER: Final = "out_of_order"
 SKIPPED_TIME: Final = "skipped_time"
+TOO_LARGE: Final = "too_large"
 
 REASONS: Final = frozenset(
     {
@@ -82,6 +85,7 @@ REASONS: Final = frozenset(
         MISALIGNED_TIME,
         OUT_OF_ORDER,
         SKIPPED_TIME,
+        TOO_LARGE,
     }
 )
 
@@ -92,6 +96,7 @@ POINT_SAMPLE_LINES: Final = 1000
 """Data lines ``infer_point`` looks at."""
 
 _DATE: Final = re.compile(r"(\d{4})[.-](\d{1,2})[.-](\d{1,2})")
+_COUNT: Final = re.compile(r"(-?)([0-9]+)")
 _TIME: Final = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,3}))?)?")
 _DECIMALS: Final = re.compile(r"[+-]?\d*\.(\d+)")
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
@@ -146,6 +151,8 @@ class _Export:
             header = header.lstrip("\ufeff").rstrip("\r\n")
             self.sep = "\t" if "\t" in header or "," not in header else ","
             names = [h.strip().strip("<>").strip().upper() for h in header.split(self.sep)]
+            while names and not names[-1]:
+                names.pop()  # trailing separators, as on data lines
             self.width = len(names)
             self.columns = {name: i for i, name in enumerate(names) if name}
             missing = [name for name in required if name not in self.columns]
@@ -233,6 +240,10 @@ class _Clock:
         tod = 0 if time_text is None else self.time_of_day_ms(time_text)
         return self.day_ms(date_text) + tod
 
+    def repeated(self, server_ms: int) -> bool:
+        """Whether ``server_ms`` is in an hour the clock turned back, which shows twice."""
+        return self._zone is not None and len(self._zone.offsets_ms(server_ms)) > 1
+
     def utc_ms(self, server_ms: int, after: int) -> int:
         zone = self._zone
         if zone is None:
@@ -276,6 +287,8 @@ def _price(name: str, text: str) -> float:
     value = _number(name, text)
     if value <= 0:
         raise _Refused(NOT_POSITIVE, f"<{name}> {text.strip()}")
+    if value >= MAX_VALUE:  # MT5's EMPTY_VALUE: candle-ingest would refuse it
+        raise _Refused(TOO_LARGE, f"<{name}> {text.strip()}")
     return value
 
 
@@ -283,17 +296,18 @@ def _volume(name: str, text: str) -> float:
     value = _number(name, text)
     if value < 0:
         raise _Refused(NEGATIVE, f"<{name}> {text.strip()}")
+    if value >= MAX_VALUE:
+        raise _Refused(TOO_LARGE, f"<{name}> {text.strip()}")
     return value
 
 
 def _count(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise _Refused(BAD_NUMBER, f"<{name}> {text!r}") from None
-    if value < 0:
+    m = _COUNT.fullmatch(text.strip())  # int() also takes "1_0", "+5" and other digits
+    if m is None:
+        raise _Refused(BAD_NUMBER, f"<{name}> {text!r}")
+    if m[1]:
         raise _Refused(NEGATIVE, f"<{name}> {text.strip()}")
-    return value
+    return int(m[2])
 
 
 def _field(fields: list[str], index: int | None) -> str:
@@ -375,6 +389,9 @@ def _bars(
     i_tickvol, i_vol, i_spread = c.get("TICKVOL"), c.get("VOL"), c.get("SPREAD")
     tf_ms = tf.ms
     previous: int | None = None
+    # past the latest bar of a repeated hour, refused for its prices or not: the next bar at
+    # the same server time is of the second pass
+    passed = -1
     for number, fields in export.lines(progress):
         try:
             _check_width(fields, export.width)
@@ -383,9 +400,12 @@ def _bars(
                 when = f"{fields[i_date].strip()} {_field(fields, i_time)}".strip()
                 raise _Refused(MISALIGNED_TIME, f"{when} is not on a {tf.value} boundary")
             # a bar opens after the one before it: in a repeated hour, its second pass
-            open_time_ms = clock.utc_ms(server_ms, -1 if previous is None else previous + 1)
+            after = -1 if previous is None else previous + 1
+            open_time_ms = clock.utc_ms(server_ms, max(after, passed))
             if previous is not None and open_time_ms <= previous:
                 raise _Refused(OUT_OF_ORDER, f"bar time {open_time_ms} not after {previous}")
+            if clock.repeated(server_ms):
+                passed = open_time_ms + 1
             o = _price("OPEN", fields[i_open])
             h = _price("HIGH", fields[i_high])
             lo = _price("LOW", fields[i_low])
@@ -396,6 +416,8 @@ def _bars(
             vol = _field(fields, i_vol)
             spread = _field(fields, i_spread)
             spread_points = _count("SPREAD", spread) if spread else 0
+            if spread_points * point >= MAX_VALUE:
+                raise _Refused(TOO_LARGE, f"<SPREAD> {spread}")
             bar = Bar(
                 feed=feed,
                 symbol=symbol,
