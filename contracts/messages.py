@@ -231,7 +231,8 @@ class Score(_Message, tag="score", tag_field="type", frozen=True, kw_only=True):
 
 
 class Signal(_Message, tag="signal", tag_field="type", frozen=True, kw_only=True):
-    """A trading decision for downstream subscribers; never act on it after ``expires_ms``."""
+    """A trading decision for downstream subscribers; never act on it at or after
+    ``expires_ms``."""
 
     signal_id: str
     """Deterministic: feed, symbol, tf, candle open time and model version. Also the

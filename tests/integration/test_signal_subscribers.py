@@ -101,6 +101,7 @@ class Running:
         name: str,
         namespace: str,
         act: Callable[[Signal], Awaitable[None]] | None = None,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self.acted: list[Signal] = []
         self.expired: list[Signal] = []
@@ -120,6 +121,7 @@ class Running:
                 expired=too_late,
                 stop=self.stop,
                 namespace=namespace,
+                clock=clock,
             )
         )
 
@@ -216,6 +218,26 @@ async def test_a_subscriber_down_past_the_expiry_does_not_act_on_the_signal(
     info = await consumer(js, "a", namespace)
     assert info.num_ack_pending == 0  # type: ignore[attr-defined]
     assert info.num_pending == 0  # type: ignore[attr-defined]
+
+
+async def test_a_signal_is_expired_from_its_expiry_millisecond_on(
+    js: JetStreamContext, namespace: str
+) -> None:
+    """Valid until ``expires_ms``: on a clock showing exactly that, the signal is no longer
+    acted on, and one expiring a millisecond later still is."""
+    await fast(js, "a", namespace)
+    at = now_ms() + 600_000
+    ending, lasting = make_signal(1, expires_ms=at), make_signal(2, expires_ms=at + 1)
+    await publish(js, [ending, lasting], namespace)
+    up = Running(js, "a", namespace, clock=lambda: at)
+    try:
+        await eventually(lambda: up.acted and up.expired, what="both signals")
+    finally:
+        await up.close()
+    assert up.acted == [lasting]
+    assert up.expired == [ending]
+    info = await consumer(js, "a", namespace)
+    assert info.num_ack_pending == 0  # type: ignore[attr-defined]
 
 
 async def never_acked(sub: JetStreamContext.PullSubscription, until: Callable[[], Awaitable[bool]],

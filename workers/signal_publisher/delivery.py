@@ -4,8 +4,8 @@
   (``contracts.streams.signal_subscriber``: explicit ack, ack wait, backoff, delivery limit).
   JetStream cannot change a consumer's deliver policy in place, so ``rewind`` recreates one
   subscriber's consumer to start at a time; the others are untouched.
-- ``subscribe``: the reference subscriber. It acts on a signal, then acks it; a signal past
-  its ``expires_ms`` is reported as expired and terminated, never acted on.
+- ``subscribe``: the reference subscriber. It acts on a signal, then acks it; a signal at or
+  past its ``expires_ms`` is reported as expired and terminated, never acted on.
 - ``Exhausted``: the server gives up on a message after the delivery limit and says so in
   an advisory, which the stream ADVISORIES keeps; signal-publisher consumes it on a durable
   of its own and dead-letters the message to ``dlq.subscribers`` with the subscriber's name
@@ -149,7 +149,7 @@ async def subscribe(
 ) -> None:
     """Take this subscriber's signals until ``stop`` is set: act on each, then ack it.
 
-    A signal whose ``expires_ms`` has passed is handed to ``expired`` (if given) and
+    A signal whose ``expires_ms`` has come is handed to ``expired`` (if given) and
     terminated: it is not actionable and must not come again. A payload that is not a
     signal is terminated too. If ``act`` raises, the signal stays unacked and the server
     delivers it again after the ack wait.
@@ -176,7 +176,7 @@ async def _one(msg: Msg, act: Act, expired: Act | None, clock: Callable[[], int]
         log.error("not a signal on %s (%s): terminated", msg.subject, exc.reason)
         await msg.term()
         return
-    if clock() > signal.expires_ms:
+    if clock() >= signal.expires_ms:  # valid until then: from then on, expired
         if expired is not None:
             await expired(signal)
         await msg.term()
