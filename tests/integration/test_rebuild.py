@@ -28,6 +28,7 @@ from infra.stack import StackUrls
 from tests.candles import series
 from tests.integration.test_feature_builder import run_worker, stream_messages
 from tests.integration.test_model_scorer import put
+from tests.integration.test_signal_publisher import M1, T0, make_score, run_once, signals_of
 from tests.integration.test_timescale_replicator import (
     replicated,
     replicator_consumers,
@@ -265,6 +266,14 @@ async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_change
                 corrected += sig.corrects is not None
     assert corrected > 0, report.lines()  # the bug changed decisions, and they were corrected
 
+    # signal-publisher's sides bucket keeps each series' last word: its latest candle's
+    # signal in force, live or rebuilt
+    kept = await js.key_value(kv_bucket(SIDES_BUCKET, namespace))
+    for s in SYMBOLS:
+        latest = max(t for sym, t in sigs if sym == s)
+        entry = await kept.get(f"{FEED}.{subjects.escape(s)}.M1")
+        assert msgspec.json.decode(entry.value or b"", type=Signal) == sigs[s, latest], s
+
     # the replicated tables end with the rebuilt values
     replicator = Replicator(replicator_settings(stack, namespace, writer_dsn))
     task = await start(replicator)
@@ -285,6 +294,28 @@ async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_change
         k: sig.side.value  # type: ignore[attr-defined]
         for k, sig in sigs.items()
     }
+
+
+async def test_a_rebuilt_last_word_is_kept_past_signals_age(
+    stack: StackUrls, nc: NATS, js: JetStreamContext, namespace: str
+) -> None:
+    """Live, under the default policy: BUY at bar 0 (0.7), then 0.45 three times, nothing.
+    The policy then exits longs at 0.5, and a rebuild of the signals corrects bar 1 to FLAT:
+    the series' last word. Once SIGNALS no longer holds it (a month on), a restart still
+    takes the series as flat, so 0.7 at bar 4 enters BUY again."""
+    live = [make_score("EURUSD", bar, v) for bar, v in enumerate((0.7, 0.45, 0.45, 0.45))]
+    await run_once(stack, js, namespace, live)
+    policy = await js.key_value(kv_bucket(namespace=namespace))
+    await policy.put("policy", b'{"defaults": {"exit_long": 0.5}}')
+    req = request(start=str(live[0].open_time_ms), end=None, stages="signals")
+    report = await rebuild(nc, Settings(nats_url=stack.nats_url, namespace=namespace), req)
+    assert report.published == {"signals": 1}, report.lines()
+    sent = [(s.open_time_ms - T0, s.side.value, s.rebuild) for s in await signals_of(js, namespace)]
+    assert sent == [(0, "BUY", 0), (M1, "FLAT", 1)]
+    await js.purge_stream(streams.stream_name(streams.SIGNALS, namespace=namespace))
+    await run_once(stack, js, namespace, [make_score("EURUSD", 4, 0.7)])
+    got = [(s.open_time_ms - T0, s.side.value) for s in await signals_of(js, namespace)]
+    assert got == [(4 * M1, "BUY")]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from contracts import streams, subjects
-from contracts.messages import DeadLetter, Score, Signal, Timeframe
+from contracts.messages import DeadLetter, Score, Side, Signal, Timeframe
 from infra.stack import StackUrls
 from tests.faults import fails_first
 from tests.processes import running, spawn, worker_env
@@ -379,6 +379,26 @@ async def test_an_entry_gone_from_signals_too_still_has_its_exit(
     await run_once(stack, js, namespace, [make_score("EURUSD", 4, 0.1)])
     got = [(s.open_time_ms, s.side.value) for s in await signals_of(js, namespace)]
     assert got == [(T0 + 4 * M1, "FLAT")]
+
+
+async def test_a_correction_for_an_earlier_candle_does_not_undo_a_later_signal(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """BUY at bar 0, FLAT at bar 2. Then ``tickwire rebuild`` of a range that ends before
+    bar 2 corrects bar 1 to SELL: the last message on SIGNALS, but subscribers' last word is
+    still bar 2's FLAT. After a restart the series is flat, so -0.7 at bar 4 enters SELL."""
+    await run_once(stack, js, namespace, [make_score("EURUSD", b, v) for b, v in enumerate(
+        (0.7, 0.5, 0.1, 0.0))])  # fmt: skip
+    live = await signals_of(js, namespace)
+    assert [(s.open_time_ms, s.side.value) for s in live] == [(T0, "BUY"), (T0 + 2 * M1, "FLAT")]
+    fix = msgspec.structs.replace(
+        live[1], open_time_ms=T0 + M1, side=Side.SELL, signal_id="fix|rebuild-1", rebuild=1
+    )
+    subject = subjects.signals("fx", "EURUSD", Timeframe.M1, namespace=namespace)
+    await js.publish(subject, msgspec.json.encode(fix), headers={"Nats-Msg-Id": fix.signal_id})
+    await run_once(stack, js, namespace, [make_score("EURUSD", 4, -0.7)])
+    got = [(s.open_time_ms, s.side.value) for s in (await signals_of(js, namespace))[3:]]
+    assert got == [(T0 + 4 * M1, "SELL")]
 
 
 async def test_after_a_restart_a_series_never_told_a_side_holds_none(

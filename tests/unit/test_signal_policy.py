@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contracts.messages import Score, Side, Timeframe
+from contracts.messages import Score, Side, Signal, Timeframe
 from workers.signal_publisher.policy import (
     Override,
     Policy,
@@ -18,10 +18,11 @@ from workers.signal_publisher.policy import (
     Rule,
     State,
     decide,
+    make_signal,
     parse_policy,
     read_policy,
 )
-from workers.signal_publisher.state import Book, Refusal, check_score
+from workers.signal_publisher.state import Book, Refusal, check_score, last_words, supersedes
 
 M = 60_000
 SUBJECT = "scores.fx.EURUSD.M1"
@@ -317,6 +318,36 @@ def test_a_series_never_told_a_side_holds_none() -> None:
         [buy] = later.apply(score(5, 0.7), SUBJECT)  # a new entry is taken as ever
         assert buy.side is Side.BUY
     assert not Book(Policy()).untold(key)  # a series the book does not hold
+
+
+def test_the_last_word_is_the_latest_candles_not_the_last_published() -> None:
+    """Signals in the order they were published; the last word on the series is the one a
+    subscriber that files each under its candle ends up holding."""
+    rule = Rule()
+    buy0, flat2 = (
+        make_signal(score(0, 0.7), Side.BUY, rule),
+        make_signal(score(2, 0.1), Side.FLAT, rule),
+    )
+    key = ("fx", "EURUSD", Timeframe.M1)
+
+    def fix(s: Signal, side: Side, **changes: int) -> Signal:
+        return msgspec.structs.replace(s, side=side, signal_id=f"{s.signal_id}|fix", **changes)
+
+    earlier = fix(buy0, Side.SELL, rebuild=1)  # a rebuild of a range ending before bar 2
+    assert last_words([buy0, flat2, earlier])[key] is flat2
+    assert last_words([earlier, flat2])[key] is flat2
+    rebuilt = fix(flat2, Side.SELL, rebuild=1)
+    assert last_words([buy0, flat2, rebuilt])[key] is rebuilt
+    revised = fix(flat2, Side.BUY, candle_revision=1)  # then the live one's revision
+    assert last_words([flat2, rebuilt, revised])[key] is revised
+    again = fix(flat2, Side.BUY)  # a restatement of the same candle: the later one
+    assert last_words([flat2, again])[key] is again
+    assert last_words([again, flat2])[key] is flat2
+    other = msgspec.structs.replace(buy0, symbol="GBPUSD")
+    assert last_words([flat2, other]) == {key: flat2, ("fx", "GBPUSD", Timeframe.M1): other}
+    assert supersedes(flat2, rebuilt) is False
+    assert supersedes(rebuilt, flat2)
+    assert supersedes(flat2, flat2)
 
 
 def test_a_series_told_its_side_keeps_its_candle_close_for_the_cooldown() -> None:

@@ -3,7 +3,9 @@
 read CANDLES / FEATURES / SCORES / SIGNALS (what the stages need) -> ``plan`` (feature
 library, active models, current policy) -> publish only what differs, as the key's next
 rebuild generation, to the live FEATURES, SCORES, SIGNALS -> the replicator upserts it (same
-candle revision: the later message wins) and subscribers get the correcting signals.
+candle revision: the later message wins) and subscribers get the correcting signals. A
+series' last word among them goes to signal-publisher's sides bucket where no later candle's
+signal came after it (``_keep_sides``).
 
 Running beside the live workers is safe:
 
@@ -46,8 +48,9 @@ from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import read_stream
 from workers.runtime.worker import Context
-from workers.signal_publisher.app import Settings
+from workers.signal_publisher.app import Settings, keep_side, open_bucket
 from workers.signal_publisher.policy import POLICY_KEY, Policy, PolicyError, parse_policy
+from workers.signal_publisher.state import last_words
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class Report:
     unchanged: dict[str, int] = field(default_factory=dict)
     left_to_live: dict[str, int] = field(default_factory=dict)
     """Input messages beyond what the live worker has acked, per stream."""
+    sides_kept: int = 0
+    """Series whose last word to subscribers is now one of this rebuild's signals."""
     no_model: list[str] = field(default_factory=list)
     """Series without a usable active model (their scores are not rebuilt)."""
 
@@ -74,6 +79,8 @@ class Report:
             f"{stage}: {self.published[stage]} published, {self.unchanged[stage]} unchanged"
             for stage in self.published
         ]
+        if self.sides_kept:
+            out.append(f"signals: the last word on {self.sides_kept} series")
         out += [f"{s}: {n} messages left to the live worker" for s, n in self.left_to_live.items()]
         out += [f"scores: no usable model for {key}" for key in self.no_model]
         return out
@@ -195,6 +202,18 @@ class Rebuild:
             in_force.add(plan.candle_key(sig), sig, sig.candle_revision)
         result = plan.signals(chains, in_force, self.req, await self._policy())
         await self._publish(SIGNALS, result, subjects.signals)
+        await self._keep_sides(result)
+
+    async def _keep_sides(self, result: plan.Result[Signal]) -> None:
+        """signal-publisher's sides bucket keeps the last word subscribers got on each
+        series, for when SIGNALS no longer holds it: a correction here is that word only where
+        no later candle's signal came after it."""
+        last = last_words(o.message for o in result.publish)
+        if not last:
+            return
+        kv = await open_bucket(self.ctx.js, self.settings.sides_bucket, history=1)
+        kept = [await keep_side(kv, s) for s in last.values()]
+        self.report.sides_kept = sum(kept)
 
     async def _stored(
         self, base: str, domain: str, tp: type[V], key: Callable[[V], Hashable]

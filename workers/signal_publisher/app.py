@@ -14,9 +14,10 @@ first message up to the last one the durable consumer delivered, through the sam
 decisions; after the ack floor the signals are published again, identically, and
 de-duplicated by id. Then each series takes the side of its last signal where that differs
 (the policy changed since, or SCORES no longer holds the entry): subscribers hold what they
-were told, and the series' exit must reach them. The last signal of each series is also
-kept in the KV bucket ``signal-sides``, for when SIGNALS no longer has it; a series told
-nothing holds no side.
+were told, and the series' exit must reach them. The last signal is that of the latest
+candle, not the last one published (``state.last_words``). It is also kept in the KV bucket
+``signal-sides``, by this worker and by ``tickwire rebuild``, for when SIGNALS no longer has
+it; a series told nothing holds no side.
 
 A score ``tickwire rebuild`` published (``rebuild`` > 0) is acked and left out of the
 state: the rebuild makes the signals that follow from it itself.
@@ -35,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Annotated, ClassVar, Final
 
-from nats.js.errors import BucketNotFoundError
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
@@ -68,7 +70,7 @@ from workers.signal_publisher.policy import (
     parse_policy,
     read_policy,
 )
-from workers.signal_publisher.state import Book, Key, Refusal
+from workers.signal_publisher.state import Book, Key, Refusal, last_words, side_key, supersedes
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +214,10 @@ class Signals:
         self.pending, self.pending_meta = [], []
         self.metrics.series_w.set(len(self.book.series))
         if pending:
-            last = {(s.feed, s.symbol, s.tf): s for s, _ in meta}
             prefix = f"$KV.{self.settings.sides_bucket}."
             pending += [
-                Outgoing(
-                    f"{prefix}{s.feed}.{subjects.escape(s.symbol)}.{s.tf.value}",
-                    encode(s),
-                    f"side|{s.signal_id}",
-                )
-                for s in last.values()
+                Outgoing(f"{prefix}{side_key(s)}", encode(s), f"side|{s.signal_id}")
+                for s in last_words(s for s, _ in meta).values()
             ]
 
         async def commit() -> None:
@@ -276,8 +273,10 @@ class Signals:
         Scores decided again under the policy in force now can end on another side than the
         signals did under an earlier one (the KV entry changed meanwhile), and SCORES keeps
         less than SIGNALS (a D1 position entered weeks ago). The last signal of each series
-        is what subscribers act on: on SIGNALS, or in the sides bucket once SIGNALS no longer
-        keeps it (a position held longer than a month). Where it says another side the
+        is what subscribers act on: the later word (``last_words``) of the last one on SIGNALS
+        and the one in the sides bucket, which keeps it once SIGNALS no longer does (a
+        position held longer than a month), and which a rebuild's correction for an earlier
+        candle, last on SIGNALS, does not replace. Where it says another side the
         series takes that side, from that signal's candle: its exit then comes as it would
         have. A series with neither was never told a side, and holds none.
         """
@@ -287,7 +286,7 @@ class Signals:
         sent = await self._last_signals(
             stream_name(SIGNALS, namespace=ns), subjects.wildcard(subjects.SIGNALS, namespace=ns)
         )
-        last = kept | sent  # SIGNALS has the latest, where it still has one
+        last = last_words([*kept.values(), *sent.values()])
         taken = sum(self.book.told(signal) for signal in last.values())
         taken += sum(self.book.untold(key) for key in list(self.book.series) if key not in last)
         if taken:
@@ -338,12 +337,37 @@ class Signals:
         return read
 
 
-async def _kv(ctx: Context, bucket: str, history: int) -> KeyValue:
+async def open_bucket(js: JetStreamContext, bucket: str, history: int) -> KeyValue:
     """The bucket: made by ops (R3 on a cluster), or here with the defaults."""
     try:
-        return await ctx.js.key_value(bucket)
+        return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await ctx.js.create_key_value(bucket=bucket, history=history)
+        return await js.create_key_value(bucket=bucket, history=history)
+
+
+async def keep_side(kv: KeyValue, signal: Signal) -> bool:
+    """``signal`` into the sides bucket ``kv`` unless the entry there is a later word on its
+    series (``last_words``); True when it was written. Compare-and-set: a signal-publisher
+    writing a later one meanwhile is not overwritten."""
+    key = side_key(signal)
+    codec: Codec[Signal] = Codec(Signal)
+    while True:
+        try:
+            entry: KeyValue.Entry | None = await kv.get(key)
+        except KeyNotFoundError:  # never written, or deleted
+            entry = None
+        if entry is not None and entry.value:
+            with contextlib.suppress(ContractError):  # not a signal: it is replaced
+                if not supersedes(signal, codec.decode(entry.value)):
+                    return False
+        try:
+            if entry is None:
+                await kv.create(key, encode(signal))
+            else:
+                await kv.update(key, encode(signal), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue  # written meanwhile: decide again against that
+        return True
 
 
 async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
@@ -385,8 +409,8 @@ def build(settings: Settings) -> Worker[Score]:
         consumers = [await own_durable(ctx.js, settings), exhausted_deliveries(namespace=ns)]
         await ensure(ctx.js, stream_specs(namespace=ns), consumers)
         signals = Signals(settings, ctx, settings.policy(), metrics)
-        await _kv(ctx, settings.sides_bucket, history=1)
-        kv = await _kv(ctx, settings.bucket, history=5)
+        await open_bucket(ctx.js, settings.sides_bucket, history=1)
+        kv = await open_bucket(ctx.js, settings.bucket, history=5)
         watcher = await kv.watch(POLICY_KEY)
         watching: asyncio.Future[None] | None = None
         try:

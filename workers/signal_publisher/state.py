@@ -18,6 +18,7 @@ changes no decision publishes nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -36,6 +37,35 @@ STALE_REVISION: Final = "stale_revision"
 REVISION_TOO_OLD: Final = "revision_too_old"
 
 Key = tuple[str, str, Timeframe]
+
+
+def last_words(signals: Iterable[Signal]) -> dict[Key, Signal]:
+    """The last word subscribers got on each series among ``signals``, given in the order
+    they were published: the signal of its latest candle; of one candle, of its latest
+    revision, then of its latest rebuild; of equals, the one published last. Not simply the
+    last one published: a correction for an earlier candle (``tickwire rebuild`` of a
+    range) does not undo the later candles' signals."""
+    out: dict[Key, Signal] = {}
+    for s in signals:
+        key = (s.feed, s.symbol, s.tf)
+        held = out.get(key)
+        if held is None or supersedes(s, held):
+            out[key] = s
+    return out
+
+
+def supersedes(s: Signal, held: Signal) -> bool:
+    """``s``, published after ``held`` on the same series, is the later word of the two."""
+    return (s.open_time_ms, s.candle_revision, s.rebuild) >= (
+        held.open_time_ms,
+        held.candle_revision,
+        held.rebuild,
+    )
+
+
+def side_key(s: Signal) -> str:
+    """The series' key in the sides bucket."""
+    return f"{s.feed}.{subjects.escape(s.symbol)}.{s.tf.value}"
 
 
 class Refusal(NamedTuple):
