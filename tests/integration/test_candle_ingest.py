@@ -36,11 +36,13 @@ from tests.faults import fails_first, losing_source
 from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
+from workers.candle_ingest.aggregate import Aggregator
 from workers.candle_ingest.app import Ingest, Settings, build
 from workers.candle_ingest.sink import QuestDBSink
 from workers.runtime import worker as worker_module
 from workers.runtime.errors import TransientError
 from workers.runtime.partition import StaleDurable
+from workers.runtime.worker import CommitFailed
 from workers.status import every_lag
 from workers.status import table as status_table
 
@@ -1039,6 +1041,54 @@ async def test_bars_of_a_daylight_saving_server_make_its_d1_and_h4_all_year(
         assert (candle.open, candle.close) == (group[0][1] / 1e5, group[-1][4] / 1e5)
         assert candle.high == max(b[2] for b in group) / 1e5
         assert candle.low == min(b[3] for b in group) / 1e5
+
+
+async def test_a_message_the_aggregator_fails_on_stops_the_worker_and_is_left_out_after(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug one message's ticks trigger, every time, after the state took them in. The
+    worker stops rather than go on with that state (no snapshot of it, no idle close from
+    it). Its next start rebuilds the state from the stream without the message and
+    dead-letters it: the candles are then a pandas resample of every other tick."""
+    sc = market.scenario(seed=3, ticks=3_000, troubles=False)
+    feed, symbol, payload, _ = sc.messages[len(sc.messages) // 2]
+    poison = msgspec.json.decode(payload)
+    rows = poison.get("ticks") or [poison]
+    first_ms = rows[0]["time_ms"]
+    add_rows = Aggregator.add_rows
+
+    def buggy(self: Aggregator, f: str, s: str, ticks: Any, **kw: Any) -> Any:
+        result = add_rows(self, f, s, ticks, **kw)
+        if (f, s, ticks[0].time_ms) == (feed, symbol, first_ms):
+            raise ZeroDivisionError("a bug these ticks trigger")
+        return result
+
+    monkeypatch.setattr(Aggregator, "add_rows", buggy)
+    await publish(js, sc, namespace)
+    with pytest.raises(CommitFailed, match="handler failed: ZeroDivisionError"):
+        await asyncio.wait_for(build(settings(stack, questdb, namespace)).run(), 60)
+    worker = build(settings(stack, questdb, namespace))
+    task = await run_worker(worker)
+    try:
+        await all_ticks_consumed(js, namespace)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+    times = {(feed, symbol, r["time_ms"]) for r in rows}
+    sc.accepted = [t for t in sc.accepted if (t["feed"], t["symbol"], t["time_ms"]) not in times]
+    await candles_equal_the_reference(js, namespace, sc)
+    [letter] = await on_stream(js, streams.DLQ, namespace, DeadLetter)
+    assert (letter.worker, letter.reason, letter.payload) == (
+        "candle-ingest",
+        "handler_error",
+        payload,
+    )
+    assert "a bug these ticks trigger" in letter.detail
 
 
 async def test_a_state_rebuilt_from_the_stream_equals_the_live_one_byte_for_byte(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -35,9 +36,10 @@ from tests import replication
 from tests.processes import running, spawn
 from tests.replication import BASE, Published
 from tests.waiting import eventually
+from workers.runtime.worker import CommitFailed
 from workers.timescale_replicator.app import Replicator, Settings
 from workers.timescale_replicator.store import Refused, Store
-from workers.timescale_replicator.tables import CANDLE_TABLE
+from workers.timescale_replicator.tables import CANDLE_TABLE, TABLES
 
 pytestmark = pytest.mark.integration
 
@@ -513,6 +515,52 @@ async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored
 async def _at_least(letters: Awaitable[list[DeadLetter]], n: int) -> list[DeadLetter] | None:
     got = await letters
     return got if len(got) >= n else None
+
+
+async def test_a_message_the_replicator_fails_on_stops_it_and_is_dead_lettered_at_restart(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug one candle triggers, every time. Retried while later batches were stored, the
+    candle would come back below the stored sequence and be skipped without a word. The
+    replicator stops instead; at its next start the catch-up dead-letters the candle and
+    stores everything else, and the tables equal the streams without it."""
+    messages = replication.published(
+        seed=7, candles_per_series=10, namespace=namespace, troubles=False
+    )
+    candles = [m for m in messages if m.table == "candles"]
+    poison = candles[len(candles) // 2]
+
+    def row(c: Candle) -> Any:
+        if c == poison.message:
+            raise ZeroDivisionError("a bug this candle triggers")
+        return CANDLE_TABLE.row(c)
+
+    buggy = dataclasses.replace(CANDLE_TABLE, row=row)
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, buggy)
+    await publish(js, messages)
+    first = Replicator(settings(stack, namespace, writer_dsn))
+    with pytest.raises(CommitFailed, match="handler failed: ZeroDivisionError"):
+        await asyncio.wait_for(first.run(), 60)
+    assert await dead_letters(js, namespace) == []
+
+    again = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(again)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(again, task)
+    [letter] = await dead_letters(js, namespace)
+    assert (letter.reason, letter.payload) == ("handler_error", poison.payload)
+    assert letter.stream_seq == candles.index(poison) + 1
+    assert "a bug this candle triggers" in letter.detail
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m is not poison]
+    )
 
 
 async def test_a_batch_the_database_refuses_is_stored_row_by_row(

@@ -55,7 +55,7 @@ from workers.candle_ingest.aggregate import (
 )
 from workers.candle_ingest.sink import QuestDBSink
 from workers.candle_ingest.validate import check_bar
-from workers.runtime.errors import TransientError
+from workers.runtime.errors import ReplayFailed, TransientError
 from workers.runtime.partition import PartitionedSettings, own_durable
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import read_stream
@@ -553,7 +553,7 @@ class Ingest:
         accept = self.settings.acceptor(feed_symbol)
         done = 0
         # its own consumer, so that its NATS user may read that one and no other
-        batches = read_stream(
+        reading = read_stream(
             self.ctx.nc,
             self.ctx.js,
             stream,
@@ -563,22 +563,29 @@ class Ingest:
             last=last,
             desc=f"{NAME}: replaying {stream}",
         )
-        async for batch in batches:
-            for info, msg in batch:
-                seq = info.stream_seq
-                live = seq >= live_from
-                if accept is None or accept(msg.subject):
-                    # undecodable: the runtime dead-letters it when it comes again
-                    with contextlib.suppress(ContractError):
-                        d = Delivery(msg, codec.decode(msg.data), info)
-                        self.apply(self._recorder(seq) if live else None, d)
-                if not live:  # acked: its candles are durable and its ticks counted already
-                    self.pending.clear()
-                    self.trigger_ms.clear()
-                    self.counts.clear()
-                    self.agg.filled = self.agg.late_shares = 0
-                self.agg.last_stream_seq = seq
-                done += 1
+        skipped = self.ctx.skipped
+        async with contextlib.aclosing(reading) as batches:  # its consumer gone on a failure
+            async for batch in batches:
+                for info, msg in batch:
+                    seq = info.stream_seq
+                    live = seq >= live_from
+                    if (accept is None or accept(msg.subject)) and seq not in skipped:
+                        try:
+                            d = Delivery(msg, codec.decode(msg.data), info)
+                        except ContractError:  # the runtime dead-letters it when it comes again
+                            d = None
+                        if d is not None:
+                            try:
+                                self.apply(self._recorder(seq) if live else None, d)
+                            except Exception as exc:
+                                raise ReplayFailed(msg, info, exc, acked=not live) from exc
+                    if not live:  # acked: its candles are durable and its ticks counted already
+                        self.pending.clear()
+                        self.trigger_ms.clear()
+                        self.counts.clear()
+                        self.agg.filled = self.agg.late_shares = 0
+                    self.agg.last_stream_seq = seq
+                    done += 1
         self.recovered = {seq: r for seq, r in self.recovered.items() if r.calls}
         return done
 
@@ -769,7 +776,8 @@ def build(settings: Settings) -> Worker[TickInput]:
         ingest: Ingest | None = ctx.state.get("ingest")
         if ingest is not None:
             ingest.cancel_publishing()
-            if not ingest.pending and not ingest.recovered and not ingest.unsettled:
+            settled = not ingest.pending and not ingest.recovered and not ingest.unsettled
+            if settled and not worker.failed:
                 await ingest.snapshot()
             ingest.sink.close()
 
@@ -777,9 +785,12 @@ def build(settings: Settings) -> Worker[TickInput]:
 
 
 async def _idle_loop(worker: Worker[TickInput], ingest: Ingest) -> None:
-    """Once a second; a failure is logged and tried again, never kills the worker."""
+    """Once a second; a failure is logged and tried again, never kills the worker. Nothing
+    once the worker stops: its handler may have failed half-way through a message."""
     while True:
         await asyncio.sleep(1.0)
+        if worker.stopping:
+            return
         try:
             await ingest.close_idle()
         except Exception as exc:

@@ -203,23 +203,17 @@ class Features:
         self.applied_seq = max(self.applied_seq, delivered)
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
-        codec: Codec[Candle] = Codec(Candle, max_bytes=self.settings.max_payload_bytes)
-        read = 0
-        deliveries = warm_up(
+        return await warm_up(
             self.ctx,
             stream,
-            codec,
+            Codec(Candle, max_bytes=self.settings.max_payload_bytes),
             self.settings,
             feed_symbol=feed_symbol,
             last=last,
+            live_from=live_from,
             desc=f"{NAME} warm-up",
+            apply=lambda d, output: self.apply(None, d, output=output),
         )
-        async for seq, d in deliveries:
-            if d is not None:
-                self.apply(None, d, output=seq >= live_from)
-                read += 1
-            self.applied_seq = seq
-        return read
 
 
 def build(settings: Settings) -> Worker[Candle]:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from workers.runtime.pull import AckInfo
+
 
 class TickwireError(Exception):
     """tickwire failed."""
@@ -25,3 +32,16 @@ class Rejected(TickwireError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class ReplayFailed(TickwireError):
+    """Rebuilding a stateful worker's state at start raised on one message: the start is made
+    again without it (``Context.skipped``), and it is dead-lettered unless it was acked."""
+
+    def __init__(self, msg: Msg, info: AckInfo, cause: Exception, *, acked: bool) -> None:
+        super().__init__(f"seq {info.stream_seq}: {cause!r}")
+        self.msg = msg
+        self.info = info
+        self.cause = cause
+        self.acked = acked
+        """Acked before: its effects went out, or it was dead-lettered then."""

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -401,7 +401,7 @@ async def read_stream(
     desc: str,
     first: int = 1,
     progress: bool = True,
-) -> AsyncIterator[list[tuple[AckInfo, Msg]]]:
+) -> AsyncGenerator[list[tuple[AckInfo, Msg]], None]:
     """Batches of ``(ack info, message)`` of the stream from seq ``first`` up to ``last``
     (fewer if the rest is gone from the stream), read through a short-lived consumer without
     acks named ``consumer`` (one a crashed process left behind is deleted first). A progress

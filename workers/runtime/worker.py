@@ -15,7 +15,8 @@ The ack policy is decided here, once:
                               message cannot hold back the others; a failing message is
                               nak'd with backoff and redelivered, and dead-lettered on its
                               ``poison_deliveries``-th failure (or the one before the
-                              consumer's ``max_deliver``-th, if sooner)
+                              consumer's ``max_deliver``-th, if sooner). Not so for a
+                              stateful worker: see below
 - the consumer's last delivery -> dead letter (reason ``max_deliveries``) without handling
                               it (when ``max_deliver`` allows more than one): after it the
                               server gives up on the message in silence. Deliveries run
@@ -35,7 +36,13 @@ its batch (a database refusing a row): they are dead-lettered after it. A commit
 state may be ahead of what is durable, so it must start again from what is).
 
 A stateful worker (``in_order``) applies every message in stream order and takes one at or
-below the last it applied as a redelivery. Deliveries lost on the way would break that; the
+below the last it applied as a redelivery. So its handler's failure cannot be retried later
+(the message would come back behind later ones and be taken for applied), and its state may
+hold part of the batch: the worker hands the batch back and stops (``CommitFailed``). Its next
+start rebuilds the state from the stream; a message whose applying raises there
+(``ReplayFailed``) is dead-lettered (``handler_error``) unless it was acked before, left out
+(``Context.skipped``), and the start made again, so that the state is what it would be had
+the message never come, and its redelivery is acked as applied. Deliveries lost on the way would break that; the
 loop finds them by the consumer's delivery sequence and reads what they carried back from
 the stream, ahead of the later messages (``workers.runtime.order``). Two instances on one
 durable would split its messages between them, so a stateful worker does not start while
@@ -58,7 +65,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import nats.errors
@@ -72,7 +79,7 @@ from contracts.codec import Codec, ContractError, encode
 from contracts.messages import DeadLetter
 from workers.runtime import wire
 from workers.runtime.connection import connect
-from workers.runtime.errors import Misdeployed, Rejected, TransientError
+from workers.runtime.errors import Misdeployed, Rejected, ReplayFailed, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.order import DeliveryOrder, Hole
 from workers.runtime.publish import Outgoing, Publisher
@@ -214,6 +221,9 @@ class Context:
     metrics: WorkerMetrics
     state: dict[str, Any]
     """Connections and state the worker's start-up hook creates."""
+    skipped: set[int] = field(default_factory=set)
+    """Stream sequences a stateful worker's start leaves out of its state: rebuilding it
+    raised on them (``ReplayFailed``)."""
 
 
 Commit = Callable[[], Awaitable[None]]
@@ -223,7 +233,8 @@ Hook = Callable[[Context], Awaitable[None]]
 
 
 class CommitFailed(RuntimeError):
-    """A commit raised something other than ``TransientError``: the worker stopped."""
+    """A commit, or a stateful worker's handler, raised something other than
+    ``TransientError``: the worker stopped."""
 
 
 @dataclass(slots=True)
@@ -306,6 +317,7 @@ class Worker(Generic[T]):
         self._toucher: asyncio.Task[None] | None = None
         self._keys = itertools.count()
         self._failed: BaseException | None = None
+        self._failed_in = "commit"
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
         self.started = asyncio.Event()
@@ -328,6 +340,16 @@ class Worker(Generic[T]):
     def stop(self) -> None:
         """Ask the loop to finish its current batch and drain (what SIGTERM does)."""
         self._stop.set()
+
+    @property
+    def failed(self) -> bool:
+        """Stopped on a failure of a commit or of a stateful worker's handler."""
+        return self._failed is not None
+
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop, or stopping on a failure: its state may not be published from."""
+        return self._stop.is_set()
 
     @property
     def context(self) -> Context:
@@ -376,7 +398,7 @@ class Worker(Generic[T]):
             if self.in_order and not await self._until_ready(self._alone, ctx):
                 return  # stopped meanwhile
             for hook in self._startup:
-                await self._until_ready(hook, ctx)
+                await self._start(hook, ctx)
             info = await self._until_ready(
                 lambda _: js.consumer_info(self.stream, self.durable), ctx
             )
@@ -444,6 +466,33 @@ class Worker(Generic[T]):
                 )
         return True
 
+    async def _start(self, hook: Hook, ctx: Context) -> None:
+        """Run a start-up hook. Where rebuilding the state raised on a message, that message
+        is dead-lettered (unless it was acked before) and left out, and the hook runs again
+        whole: the state is then what it would be had the message never come."""
+        while True:
+            try:
+                await self._until_ready(hook, ctx)
+                return
+            except ReplayFailed as exc:
+                seq = exc.info.stream_seq
+                if seq in ctx.skipped:
+                    raise  # left out already, and it still raised: not the message's doing
+                ctx.skipped.add(seq)
+                log.error(
+                    "%s: rebuilding the state raised on seq %d (%r); it is left out of the"
+                    " state%s and the start made again",
+                    self.name,
+                    seq,
+                    exc.cause,
+                    "" if exc.acked else " and dead-lettered",
+                    exc_info=exc.cause,
+                )
+                if not exc.acked:
+                    detail = f"{exc.cause!r}, again when the state was rebuilt at start"
+                    item = DeadItem(exc.msg, exc.info, HANDLER_ERROR, detail)
+                    await self._until_ready(functools.partial(self._dead_letter, dead=[item]), ctx)
+
     async def _until_ready(self, step: Callable[[Context], Awaitable[R]], ctx: Context) -> R | None:
         """A start-up step whose dependency is down, or whose JetStream request went
         unanswered (a busy or restarting server), is tried again with backoff; its result,
@@ -498,7 +547,9 @@ class Worker(Generic[T]):
             for done in finishing:
                 await done
         if self._failed is not None:
-            raise CommitFailed(f"{self.name}: commit failed: {self._failed!r}") from self._failed
+            raise CommitFailed(f"{self.name}: {self._failed_in} failed: {self._failed!r}") from (
+                self._failed
+            )
 
     async def _finish_after(
         self, ctx: Context, staged: _Staged[T], before: asyncio.Future[bool] | None
@@ -646,6 +697,15 @@ class Worker(Generic[T]):
             await self._hand_back(ctx, msgs)
             return None
         except Exception as exc:
+            if self.in_order and not (len(items) == 1 and isinstance(exc, Rejected)):
+                # the state may hold part of the batch, and a message retried later would
+                # be taken for a redelivery of one applied: stop; the next start rebuilds
+                # the state from the stream and leaves out the message that raises there
+                log.exception("%s: handler failed; stopping", self.name)
+                self._failed, self._failed_in = exc, "handler"
+                self.stop()
+                await self._hand_back(ctx, msgs)
+                return None
             # one by one commits as it goes: only after the batch before is done
             if before is not None and not await before:
                 await self._hand_back(ctx, msgs)
@@ -699,7 +759,7 @@ class Worker(Generic[T]):
             return False
         except Exception as exc:
             log.exception("%s: commit failed; stopping", self.name)
-            self._failed = exc
+            self._failed, self._failed_in = exc, "commit"
             self.stop()
             await self._hand_back(ctx, msgs)
             return False

@@ -318,23 +318,17 @@ class Signals:
         return out
 
     async def _replay(self, stream: str, last: int, *, live_from: int) -> int:
-        codec: Codec[Score] = Codec(Score, max_bytes=self.settings.max_payload_bytes)
-        read = 0
-        deliveries = warm_up(
+        return await warm_up(
             self.ctx,
             stream,
-            codec,
+            Codec(Score, max_bytes=self.settings.max_payload_bytes),
             self.settings,
             feed_symbol=feed_symbol,
             last=last,
+            live_from=live_from,
             desc=f"{NAME} warm-up",
+            apply=lambda d, output: self.apply(None, d, output=output),
         )
-        async for seq, d in deliveries:
-            if d is not None:
-                self.apply(None, d, output=seq >= live_from)
-                read += 1
-            self.applied_seq = seq
-        return read
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, history: int) -> KeyValue:

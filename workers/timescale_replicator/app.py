@@ -38,7 +38,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
-from workers.runtime.errors import TransientError
+from workers.runtime.errors import ReplayFailed, TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import AckInfo, read_stream, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
@@ -148,19 +148,23 @@ class Replica:
         """Check and shape the rows, and store them as soon as the batch before is stored;
         the commit waits for that, or stores them itself when that try failed."""
         check, row, ns = self.table.check, self.table.row, self.namespace
+        skipped = ctx.skipped
         rows: list[tuple[int, Row]] = []
+        kept: list[Delivery[Any]] = []  # the deliveries of ``rows``, in the same order
         top = 0
         for d in batch.items:
             msg = d.msg
             seq = stream_seq(msg.reply)
             if seq > top:
                 top = seq
+            if seq in skipped:  # dead-lettered at start: checking it raised
+                continue
             problem = check(d.value, msg.subject, ns)
             if problem is not None:
                 batch.reject(d, *problem)
             else:
                 rows.append((seq, row(d.value)))
-        kept = list(batch)  # the deliveries of ``rows``, in the same order
+                kept.append(d)
 
         after, stored = self._stored, asyncio.get_running_loop().create_future()
         self._stored = stored
@@ -269,7 +273,7 @@ class Replica:
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
         """Store the valid messages of ``first..last``; refusals come with the redelivery."""
         done = 0
-        batches = read_stream(
+        reading = read_stream(
             ctx.nc,
             ctx.js,
             self.stream,
@@ -279,9 +283,11 @@ class Replica:
             last=last,
             desc=f"{NAME}: catching up {self.stream}",
         )
-        async for batch in batches:
-            await self._write_holding(self._rows(batch), batch[-1][0].stream_seq)
-            done += len(batch)
+        async with contextlib.aclosing(reading) as batches:  # its consumer gone on a failure
+            async for batch in batches:
+                rows = self._rows([(i, m) for i, m in batch if i.stream_seq not in ctx.skipped])
+                await self._write_holding(rows, batch[-1][0].stream_seq)
+                done += len(batch)
         return done
 
     def _rows(self, batch: list[tuple[AckInfo, Msg]]) -> list[tuple[int, Row]]:
@@ -291,8 +297,11 @@ class Replica:
                 value = self.codec.decode(msg.data)
             except ContractError:
                 continue
-            if self.table.check(value, msg.subject, self.namespace) is None:
-                out.append((info.stream_seq, self.table.row(value)))
+            try:
+                if self.table.check(value, msg.subject, self.namespace) is None:
+                    out.append((info.stream_seq, self.table.row(value)))
+            except Exception as exc:  # as the handler would: the start goes on without it
+                raise ReplayFailed(msg, info, exc, acked=False) from exc
         return out
 
     async def _write_holding(self, rows: list[tuple[int, Row]], through: int) -> None:
