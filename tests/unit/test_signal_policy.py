@@ -338,16 +338,16 @@ def test_the_last_word_is_the_latest_candles_not_the_last_published() -> None:
     assert last_words([earlier, flat2])[key] is flat2
     rebuilt = fix(flat2, Side.SELL, rebuild=1)
     assert last_words([buy0, flat2, rebuilt])[key] is rebuilt
-    revised = fix(flat2, Side.BUY, candle_revision=1)  # then the live one's revision
-    assert last_words([flat2, rebuilt, revised])[key] is revised
-    again = fix(flat2, Side.BUY)  # a restatement of the same candle: the later one
-    assert last_words([flat2, again])[key] is again
-    assert last_words([again, flat2])[key] is flat2
+    live = fix(flat2, Side.BUY)  # then the live worker corrects that candle: published last
+    assert last_words([flat2, rebuilt, live])[key] is live
+    revised = fix(flat2, Side.BUY, candle_revision=1)  # a later revision of the candle
+    assert last_words([flat2, revised, rebuilt])[key] is revised
     other = msgspec.structs.replace(buy0, symbol="GBPUSD")
     assert last_words([flat2, other]) == {key: flat2, ("fx", "GBPUSD", Timeframe.M1): other}
-    assert supersedes(flat2, rebuilt) is False
+    assert supersedes(flat2, rebuilt)
     assert supersedes(rebuilt, flat2)
-    assert supersedes(flat2, flat2)
+    assert not supersedes(rebuilt, revised)
+    assert not supersedes(buy0, flat2)
 
 
 def test_a_series_told_its_side_keeps_its_candle_close_for_the_cooldown() -> None:

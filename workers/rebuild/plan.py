@@ -310,8 +310,12 @@ def signals(
     policy: Policy,
 ) -> Result[Signal]:
     """Correcting signals where the decisions over ``chains`` differ from what subscribers
-    were told for the candles of the range."""
+    were told for the candles of the range. What they were told comes from every signal in
+    force, those of candles without a score here too (SIGNALS keeps longer than SCORES)."""
     result: Result[Signal] = Result()
+    told_by: dict[Series, list[Signal]] = {}
+    for h in in_force.by_key.values():
+        told_by.setdefault(_series(h.message), []).append(h.message)
     for series, chain in chains.items():
         if not req.wants(series[0], series[1]):
             continue
@@ -319,14 +323,29 @@ def signals(
         state = State()
         told = Side.FLAT
         """The side subscribers hold, from the signals in force and those sent here."""
+        scored = {score.open_time_ms for score in chain}
+        unscored = sorted(
+            (s for s in told_by.get(series, []) if s.open_time_ms not in scored),
+            key=lambda s: s.open_time_ms,
+        )
+        k = 0
         for score in chain:
             if req.end_ms is not None and score.open_time_ms >= req.end_ms:
                 break
+            while k < len(unscored) and unscored[k].open_time_ms < score.open_time_ms:
+                told = unscored[k].side
+                k += 1
             key = candle_key(score)
             held = in_force.get(key)
             state, signal = decide(state, score, rule)
             if score.open_time_ms < req.start_ms:  # the state before the range
                 told = told if held is None else held.side
+                continue
+            if held is not None and held.candle_revision > score.candle_revision:
+                # a later revision's signal, out before its score was acked: the live
+                # worker's to decide, and a correction below it would never be in force
+                told = held.side
+                result.unchanged += 1
                 continue
             after = told if held is None else held.side
             told = state.side
@@ -349,3 +368,7 @@ def signals(
             )
             result.publish.append(Out(fix, sid))
     return result
+
+
+def _series(m: Signal) -> Series:
+    return (m.feed, m.symbol, m.tf)

@@ -42,9 +42,9 @@ Key = tuple[str, str, Timeframe]
 def last_words(signals: Iterable[Signal]) -> dict[Key, Signal]:
     """The last word subscribers got on each series among ``signals``, given in the order
     they were published: the signal of its latest candle; of one candle, of its latest
-    revision, then of its latest rebuild; of equals, the one published last. Not simply the
-    last one published: a correction for an earlier candle (``tickwire rebuild`` of a
-    range) does not undo the later candles' signals."""
+    revision; of equals (a correction, a rebuild's), the one published last, as the
+    replicator keeps it. Not simply the last one published: a correction for an earlier
+    candle (``tickwire rebuild`` of a range) does not undo the later candles' signals."""
     out: dict[Key, Signal] = {}
     for s in signals:
         key = (s.feed, s.symbol, s.tf)
@@ -56,11 +56,7 @@ def last_words(signals: Iterable[Signal]) -> dict[Key, Signal]:
 
 def supersedes(s: Signal, held: Signal) -> bool:
     """``s``, published after ``held`` on the same series, is the later word of the two."""
-    return (s.open_time_ms, s.candle_revision, s.rebuild) >= (
-        held.open_time_ms,
-        held.candle_revision,
-        held.rebuild,
-    )
+    return (s.open_time_ms, s.candle_revision) >= (held.open_time_ms, held.candle_revision)
 
 
 def side_key(s: Signal) -> str:
