@@ -66,6 +66,22 @@ def test_good_messages_pass_and_their_rows_follow_the_staging_columns(message: A
         assert value == plain[name], name
 
 
+def test_the_longest_ids_the_pipeline_makes_are_stored() -> None:
+    """A 32-character feed, a 64-character symbol and a 128-character model version: the
+    signal id of a rebuilt correction is well over 128 characters, and legal."""
+    from workers.rebuild.plan import rebuild_id
+    from workers.signal_publisher.policy import signal_id
+
+    feed, symbol, model = "f" * 32, "S" * 64, "m" * 128
+    score = msgspec.structs.replace(SCORE, feed=feed, symbol=symbol, model_version=model)
+    sid = rebuild_id(f"{signal_id(score)}|r12@{T0}", 3)
+    assert len(sid) > 256
+    long = msgspec.structs.replace(
+        SIGNAL, feed=feed, symbol=symbol, model_version=model, signal_id=sid, corrects=sid
+    )
+    assert SIGNAL_TABLE.check(long, subject_of(long), None) is None
+
+
 @pytest.mark.parametrize(
     ("message", "reason", "says"),
     [
@@ -84,6 +100,7 @@ def test_good_messages_pass_and_their_rows_follow_the_staging_columns(message: A
         (msgspec.structs.replace(SIGNAL, ref_price=0.0), "out_of_range", "ref_price"),
         (msgspec.structs.replace(SIGNAL, expires_ms=T0 - 1), "out_of_range", "expires_ms"),
         (msgspec.structs.replace(SIGNAL, corrects="x\ny"), "illegal_id", "corrects"),
+        (msgspec.structs.replace(SIGNAL, signal_id="s" * 513), "illegal_id", "signal_id"),
     ],
 )  # fmt: skip
 def test_values_the_database_would_refuse_are_refused_first(

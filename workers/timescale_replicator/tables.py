@@ -30,6 +30,10 @@ MAX_TIME_MS: Final = 4_102_444_800_000
 MAX_INT4: Final = 2**31 - 1
 MAX_INT8: Final = 2**63 - 1
 MAX_ID_CHARS: Final = 128
+"""A feature-set id or model version."""
+MAX_SIGNAL_ID_CHARS: Final = 512
+"""A signal id: feed (32), symbol (64), timeframe, candle time, a model version (128) and
+what a correction or a rebuild adds, with room to spare."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +99,11 @@ def _int(name: str, value: int, top: int) -> Problem | None:
     return None
 
 
-def _ident(name: str, value: str | None) -> Problem | None:
+def _ident(name: str, value: str | None, limit: int = MAX_ID_CHARS) -> Problem | None:
     if value is None:
         return None
-    if not value or len(value) > MAX_ID_CHARS or not value.isprintable():
-        return ILLEGAL_ID, f"{name} must be 1..{MAX_ID_CHARS} printable characters: {value!r}"
+    if not value or len(value) > limit or not value.isprintable():
+        return ILLEGAL_ID, f"{name} must be 1..{limit} printable characters: {value!r}"
     return None
 
 
@@ -200,10 +204,10 @@ def check_signal(s: Signal, subject: str, ns: str | None) -> Problem | None:
         _common(s, subject, ns)
         or _time("expires_ms", s.expires_ms)
         or _int("candle_revision", s.candle_revision, MAX_INT4)
-        or _ident("signal_id", s.signal_id)
+        or _ident("signal_id", s.signal_id, MAX_SIGNAL_ID_CHARS)
         or _ident("feature_set_id", s.feature_set_id)
         or _ident("model_version", s.model_version)
-        or _ident("corrects", s.corrects)
+        or _ident("corrects", s.corrects, MAX_SIGNAL_ID_CHARS)
     )
     if problem:
         return problem
