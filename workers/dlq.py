@@ -9,7 +9,7 @@ The requeued message gets a fresh ``Nats-Msg-Id``, ``requeue|<DLQ stream>|<seq>`
 original id is still in the duplicate window of the original stream and would be dropped.
 It is deterministic, so a requeue repeated after a crash between publish and delete is
 dropped by the server as a duplicate instead of doubled. The original id travels in
-``Tickwire-Original-Msg-Id``.
+``Tickwire-Original-Msg-Id``, the producer's even after a second requeue.
 
 Bad arguments (unknown worker, unknown sequence, a message that is not a dead letter, an
 invalid payload file, NATS not answering) give one line and exit code 2, and nothing is
@@ -100,13 +100,15 @@ def requeue_id(stream: str, seq: int) -> str:
 
 
 def requeue_headers(letter: DeadLetter, stream: str, seq: int) -> dict[str, str]:
-    """The original headers, a fresh message id, and where the message came back from."""
+    """The original headers, a fresh message id, and where the message came back from. The
+    original id is the producer's, also when a requeued message is refused and requeued
+    again."""
     headers = {
         k: v
         for k, v in letter.headers.items()
         if k != MSG_ID and not k.startswith(_DROPPED_HEADERS)
     }
-    original = letter.headers.get(MSG_ID)
+    original = letter.headers.get(ORIGINAL_ID) or letter.headers.get(MSG_ID)
     if original is not None:
         headers[ORIGINAL_ID] = original
     headers[REQUEUED_FROM] = f"{stream}:{seq}"

@@ -81,6 +81,9 @@ def test_requeue_headers_keep_the_original_and_get_a_fresh_deterministic_id() ->
     }
     assert requeue_headers(d, "DLQ", 17) == headers
     assert requeue_headers(d, "DLQ", 18)["Nats-Msg-Id"] != headers["Nats-Msg-Id"]
+    # refused again after the requeue, and requeued again: still the producer's id
+    again = letter("feature-builder", "bad_price", 2, headers=headers)
+    assert requeue_headers(again, "DLQ", 30)[ORIGINAL_ID] == "orig-1"
 
 
 def test_a_payload_is_checked_against_its_subjects_message_type() -> None:
