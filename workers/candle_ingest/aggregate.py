@@ -832,10 +832,12 @@ class Aggregator:
             return 0
         if seq < b.low_seq:
             # below every number seen since they (re)started: sent before the first of them
-            # and delayed (a publish the EA retried), not seen; those between may come too
-            self._missing(b, seq + 1, b.low_seq, t)
+            # and delayed (a publish the EA retried), not seen; those between went missing
+            # (a gap, as above) and may come too
+            low = b.low_seq
+            self._missing(b, seq + 1, low, t)
             b.low_seq = seq
-            return 0
+            return low - seq - 1
         return -1
 
     def _missing(self, b: _TickBook, first: int, stop: int, t: int) -> None:
