@@ -362,7 +362,9 @@ async def test_partitions_started_after_one_instance_carry_on_where_it_stopped(
     """One instance builds the vectors of the first half of the candles and stops; two
     partitions started next make their durables after its ack floor, warm up from the
     stream, and are given only the second half. Their vectors are those of an
-    uninterrupted run: the batch form over each series."""
+    uninterrupted run: the batch form over each series. The second partition starts only
+    after the first has taken the whole second half (acking the second's share unread):
+    its durable, made with the first's, still starts where the first's did."""
     candles = stream_of_candles()
     half = len(candles) // 2
     stream = streams.stream_name(streams.CANDLES, namespace=namespace)
@@ -376,10 +378,12 @@ async def test_partitions_started_after_one_instance_carry_on_where_it_stopped(
         await asyncio.wait_for(task, 60)
 
     partitions = [build(settings(stack, namespace, partitions=2, partition=k)) for k in (0, 1)]
-    tasks = [await run_worker(w) for w in partitions]
+    tasks = [await run_worker(partitions[0])]
     try:
         await publish(js, candles[half:], namespace)
         for w in partitions:
+            if w is partitions[1]:
+                tasks.append(await run_worker(w))
 
             async def done(durable: str = w.settings.durable) -> bool:
                 info = await js.consumer_info(stream, durable)

@@ -56,7 +56,7 @@ from workers.candle_ingest.aggregate import (
 from workers.candle_ingest.sink import QuestDBSink
 from workers.candle_ingest.validate import check_bar
 from workers.runtime.errors import ReplayFailed, TransientError
-from workers.runtime.partition import PartitionedSettings, own_durable
+from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
 from workers.runtime.pull import read_stream
 from workers.runtime.settings import load
@@ -740,8 +740,8 @@ def build(settings: Settings) -> Worker[TickInput]:
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        consumer = await own_durable(ctx.js, settings)
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [consumer])
+        consumers = await own_durables(ctx.js, settings)
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), consumers)
         sink = QuestDBSink(
             settings.questdb_ilp,
             settings.questdb_http,

@@ -36,7 +36,7 @@ from contracts.streams import (
 from workers.feature_builder.state import Builder, Refusal, message_id
 from workers.features import DEFAULT
 from workers.runtime.history import warm_up
-from workers.runtime.partition import PartitionedSettings, own_durable
+from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
@@ -231,8 +231,8 @@ def build(settings: Settings) -> Worker[Candle]:
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        consumer = await own_durable(ctx.js, settings)
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [consumer])
+        consumers = await own_durables(ctx.js, settings)
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), consumers)
         features = Features(settings, ctx, metrics)
         await features.restore(stream)
         ctx.state["features"] = features

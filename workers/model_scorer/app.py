@@ -43,7 +43,7 @@ from workers.model_scorer.scoring import (
 from workers.registry import Registry, RegistryError
 from workers.runtime.errors import TransientError
 from workers.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
-from workers.runtime.partition import PartitionedSettings, own_durable
+from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
@@ -280,8 +280,8 @@ def build(settings: Settings) -> Worker[FeatureVector]:
 
     @worker.on_startup
     async def start(ctx: Context) -> None:
-        consumer = await own_durable(ctx.js, settings)
-        await ensure(ctx.js, stream_specs(namespace=settings.namespace), [consumer])
+        consumers = await own_durables(ctx.js, settings)
+        await ensure(ctx.js, stream_specs(namespace=settings.namespace), consumers)
         try:
             registry = await Registry.open(ctx.js, namespace=settings.namespace, create=False)
         except RegistryError as exc:

@@ -6,10 +6,12 @@ message of one pair goes to the same instance, which consumes on a durable of it
 
 Changing the layout of a running deployment (one instance to n, n to m, n back to one):
 stop the worker, make the new layout's durables (``tickwire streams ensure --partitions
-WORKER=N``, or the instances themselves at start-up), start it. A durable made while the
+WORKER=N``, or the first instance to start, which makes every durable of its layout), start
+it. A durable made while the
 worker has durables on the stream starts right after the layout that got furthest (the
-lowest ack floor of its durables: ``start_of``), so nothing handled before is handled and
-published again; a stateful instance rebuilds its state from the stream up to there
+lowest ack floor of its durables: ``start_of``), so nothing is skipped and nothing that
+whole layout handled is handled again (what a faster partition of it handled past that
+floor is, with the same message ids); a stateful instance rebuilds its state from the stream up to there
 without output, as after a crash. A durable left behind by a layout that moved on is stale
 (``behind``): an instance refuses to consume on it (``StaleDurable``) until it is deleted
 and made again. An instance does not start while a durable of another layout has pull
@@ -172,8 +174,11 @@ def placed(
     )
 
 
-async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> ConsumerSpec:
-    """The durable the worker consumes on, placed for ``ensure`` at start-up; a stale one
+async def own_durables(js: JetStreamContext, settings: PartitionedSettings) -> list[ConsumerSpec]:
+    """The durable the worker consumes on, then the other durables of its layout not made
+    yet, placed for ``ensure`` at start-up. Made one at a time as their instances start, a
+    later one would start after what the earlier ones acked, their siblings' shares acked
+    unread among it: every one is made with the first, at the same start. A stale durable
     stops the worker (``StaleDurable``) rather than handle again what another layout did,
     and while another layout runs it waits (``TransientError``: tried again with backoff)."""
     spec = settings.consumer_spec()
@@ -190,10 +195,17 @@ async def own_durable(js: JetStreamContext, settings: PartitionedSettings) -> Co
                 f"{', '.join(running)} of another layout consume on {spec.stream}: stop that"
                 f" layout before {settings.worker} runs as {settings.partitions} partition(s)"
             )
-    spec, stale = placed(spec, settings.worker, ack_floors(infos))
+    floors = ack_floors(infos)
+    spec, stale = placed(spec, settings.worker, floors)
     if stale:
         raise StaleDurable(stale)
-    return spec
+    specs = consumer_specs(namespace=settings.namespace)
+    siblings = [
+        placed(s, settings.worker, floors)[0]
+        for s in partition_specs(specs, settings.worker, settings.partitions)
+        if s.durable != spec.durable and s.durable not in floors
+    ]
+    return [spec, *siblings]
 
 
 class PartitionedSettings(RuntimeSettings):

@@ -55,7 +55,7 @@ from contracts.streams import (
     stream_specs,
 )
 from workers.runtime.history import warm_up
-from workers.runtime.partition import PartitionedSettings, own_durable
+from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
@@ -400,7 +400,7 @@ def build(settings: Settings) -> Worker[Score]:
     @worker.on_startup
     async def start(ctx: Context) -> None:
         ns = settings.namespace
-        consumers = [await own_durable(ctx.js, settings), exhausted_deliveries(namespace=ns)]
+        consumers = [*await own_durables(ctx.js, settings), exhausted_deliveries(namespace=ns)]
         await ensure(ctx.js, stream_specs(namespace=ns), consumers)
         signals = Signals(settings, ctx, settings.policy(), metrics)
         await open_bucket(ctx.js, settings.sides_bucket, history=1)
