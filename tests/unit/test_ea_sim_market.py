@@ -6,6 +6,7 @@ pips or points), not read from the simulator's tables.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections import defaultdict
@@ -177,8 +178,33 @@ def test_batched_and_single_messages_carry_the_same_ticks() -> None:
 
 
 def test_a_batch_goes_out_when_its_first_tick_has_waited_long_enough() -> None:
-    for m in run(batch=1000, wait_ms=2_000):
-        assert m.ticks[-1].time_ms - m.ticks[0].time_ms <= 2_000 or len(m.ticks) == 1000
+    out = run(batch=5, wait_ms=2_000)
+    for m in out:
+        assert m.ticks[-1].time_ms - m.ticks[0].time_ms < 2_000
+        # sent when its last tick filled it, else by its timer: never before either
+        want = m.ticks[-1].time_ms if len(m.ticks) == 5 else m.ticks[0].time_ms + 2_000
+        assert m.sent_ms == want
+    assert {len(m.ticks) == 5 for m in out} == {True, False}
+
+
+def test_without_an_end_the_market_goes_on() -> None:
+    args = app.parse_args(["--feeds", "icm-live", "--symbols", "EURUSD,XAUUSD"])
+    start = int(datetime(2025, 3, 3, 10, 0, tzinfo=UTC).timestamp() * 1000)
+    got = list(itertools.islice(app.simulated(args, start), 5_000))
+    assert len(got) == 5_000
+    assert got[-1].ticks[-1].time_ms > start
+
+
+def test_event_time_is_paced_from_the_start_not_from_the_first_tick() -> None:
+    """Started at speed 1 on a Saturday, the first tick (Sunday night's open) waits for its
+    time to come rather than go out at once, 34 hours ahead of the clock."""
+    saturday = int(datetime(2025, 3, 8, 12, 0, tzinfo=UTC).timestamp() * 1000)
+    args = app.parse_args(["--feeds", "icm-live", "--symbols", "EURUSD", "--ticks", "2"])
+    first = next(iter(app.simulated(args, saturday)))
+    ahead_s = (first.sent_ms - saturday) / 1000
+    assert ahead_s > 24 * 3600
+    assert app.Pacer(1.0, None, saturday).delay(first) == pytest.approx(ahead_s, abs=5)
+    assert app.Pacer(1.0, None).delay(first) == 0.0  # a replayed export: from its first tick
 
 
 def test_csv_replay_numbers_ticks_and_carries_blank_prices(tmp_path: Path) -> None:
@@ -255,3 +281,11 @@ def test_unreachable_nats_is_one_line_and_exit_1() -> None:
     proc = ea_sim("--ticks", "5", "--start", "2025-03-03T10:00", "--speed", "max")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("tickwire ea-sim: cannot connect")
+
+
+@pytest.mark.parametrize(("speed", "warned"), [("0.5", False), ("1", False), ("3", True)])
+def test_only_a_run_from_now_faster_than_the_clock_is_warned_of(speed: str, warned: bool) -> None:
+    proc = ea_sim("--ticks", "1", "--speed", speed)
+    assert proc.returncode == 1
+    assert ("runs faster than the clock" in proc.stderr) is warned
+    assert "runs faster" not in ea_sim("--ticks", "1", "--rate", "5").stderr

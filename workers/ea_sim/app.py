@@ -346,12 +346,16 @@ def replayed(
 
 
 class Pacer:
-    """When each message may go: event time scaled to wall time, or a tick rate."""
+    """When each message may go: event time scaled to wall time, or a tick rate. Event time
+    runs from ``start_ms`` (the simulation's start, where the market may still be closed),
+    else from the first message's first tick (a replayed export)."""
 
-    def __init__(self, speed: float | None, rate: float | None) -> None:
+    def __init__(
+        self, speed: float | None, rate: float | None, start_ms: int | None = None
+    ) -> None:
         self.speed, self.rate = speed, rate
         self._wall0 = time.monotonic()
-        self._event0: int | None = None
+        self._event0: int | None = start_ms
         self._ticks = 0
 
     def delay(self, message: Outgoing) -> float:
@@ -363,10 +367,9 @@ class Pacer:
             assert self.speed is not None
             if math.isinf(self.speed):
                 return 0.0
-            last = message.ticks[-1].time_ms  # an EA sends a batch when its last tick comes
             if self._event0 is None:
                 self._event0 = message.ticks[0].time_ms
-            due = (last - self._event0) / 1000 / self.speed
+            due = (message.sent_ms - self._event0) / 1000 / self.speed
         return max(0.0, due - (time.monotonic() - self._wall0))
 
 
@@ -533,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     counts = Counts()
     messages: Iterator[Outgoing]
+    start_ms: int | None = None
     if args.csv is not None:
         try:
             items = mt5_csv.iter_ticks(
@@ -546,12 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = f"{args.csv}"
     else:
         now_ms = time.time_ns() // 1_000_000
-        if args.start is None and args.speed != 1.0:
+        if args.start is None and args.speed is not None and args.speed > 1.0:
             sys.stderr.write(
                 f"{PROG}: event time starts now and runs faster than the clock: ticks more than "
                 "TICKWIRE_MAX_FUTURE_SKEW_S ahead are refused as future_time; give --start\n"
             )
         messages = simulated(args, now_ms)
+        start_ms = now_ms if args.start is None else args.start
         what = f"{len(args.feeds)} feeds x {len(args.symbols)} symbols, seed {args.seed}"
     progress = tqdm(
         total=args.ticks,
@@ -577,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 messages,
                 counts,
                 namespace=settings.namespace,
-                pacer=Pacer(args.speed, args.rate),
+                pacer=Pacer(args.speed, args.rate, start_ms),
                 window=args.window,
                 timeout_s=settings.publish_timeout_s,
                 progress=progress,

@@ -208,6 +208,9 @@ class Outgoing(NamedTuple):
     msg_id: str
     ticks: tuple[TickRow, ...]
     """The ticks it carries (one for a ``Tick``)."""
+    sent_ms: int
+    """Event time the EA sends it: its last tick's, or for a batch sent by its timer, its
+    first tick's plus the wait."""
 
 
 def tick_msg_id(feed: str, symbol: str, time_ms: int, seq: int) -> str:
@@ -231,20 +234,22 @@ class Batcher:
             tick = Tick(feed=self.feed, symbol=self.symbol, **msgspec.structs.asdict(row))
             assert row.seq is not None
             msg_id = tick_msg_id(self.feed, self.symbol, row.time_ms, row.seq)
-            return Outgoing(self.feed, self.symbol, encode(tick), msg_id, (row,))
+            return Outgoing(self.feed, self.symbol, encode(tick), msg_id, (row,), row.time_ms)
         self.rows.append(row)
-        return self.flush() if len(self.rows) >= self.batch else None
+        return self.flush(full=True) if len(self.rows) >= self.batch else None
 
     def due(self, now_ms: int) -> bool:
         return bool(self.rows) and now_ms - self.rows[0].time_ms >= self.wait_ms
 
-    def flush(self) -> Outgoing | None:
+    def flush(self, *, full: bool = False) -> Outgoing | None:
+        """The batch: ``full`` when its last tick filled it, else sent by its timer."""
         if not self.rows:
             return None
         rows, self.rows = self.rows, []
         payload = encode(TickBatch(feed=self.feed, symbol=self.symbol, ticks=rows))
         msg_id = batch_msg_id(self.feed, self.symbol, rows[0], len(rows))
-        return Outgoing(self.feed, self.symbol, payload, msg_id, tuple(rows))
+        sent = rows[-1].time_ms if full else rows[0].time_ms + self.wait_ms
+        return Outgoing(self.feed, self.symbol, payload, msg_id, tuple(rows), sent)
 
 
 def _feed_ticks(
@@ -334,9 +339,8 @@ def simulate(
     batch: int = 1,
     wait_ms: int = 1_000,
 ) -> Iterator[Outgoing]:
-    """The messages of the simulated EAs, until ``end_ms`` (exclusive) or ``max_ticks``."""
-    if end_ms is None and max_ticks is None:
-        raise ValueError("simulate() needs end_ms or max_ticks: the market never ends")
+    """The messages of the simulated EAs, until ``end_ms`` (exclusive) or ``max_ticks``;
+    with neither, for as long as they are taken."""
     limited = _limit(ticks(seed, feeds, symbols, start_ms), end_ms, max_ticks)
     return package(limited, batch=batch, wait_ms=wait_ms)
 
