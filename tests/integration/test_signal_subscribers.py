@@ -600,7 +600,12 @@ async def test_the_subscribers_commands_and_their_refusals(
         ("subscribers", "add", "ea-1"),
         ("subscribers", "remove", "nobody"),
         ("subscribers", "rewind", "ea-1", "--from", "yesterday"),
+        ("subscribers", "rewind", "ea-1", "--from", "9999-12-31T23:59:59-14:00"),
         ("subscribers", "rewind", "nobody", "--from", "2026-01-01T00:00:00"),
+        # a pipeline worker's consumer names: taken for that worker, dead letters too
+        ("subscribers", "add", "timescale-replicator"),
+        ("subscribers", "add", "timescale-replicator-0of2"),
+        ("subscribers", "add", "signal-publisher-warmup"),
     ]
     for args in refusals:
         out = tickwire(stack, namespace, *args)

@@ -34,9 +34,10 @@ def start_time(text: str) -> dt.datetime:
         if text.isdigit():
             return dt.datetime.fromtimestamp(int(text) / 1000, dt.UTC)
         value = dt.datetime.fromisoformat(text)
+        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)  # in UTC's range too (9999-12-31 at -14:00 is not)
     except (ValueError, OverflowError, OSError):
         fail(f"--from: not an ISO time or epoch milliseconds: {text!r}")
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _with_js(name: str, action: Callable[[JetStreamContext, str | None], Awaitable[T]]) -> T:
@@ -61,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action != "list":
             subjects.check_name(args.name, "subscriber")
+        if args.action == "add":
+            delivery.check_free(args.name)
         if args.action == "add" and args.filter is not None:
             subjects.check_filter(subjects.SIGNALS, args.filter, namespace=ns)
-    except subjects.SubjectError as exc:
+    except (subjects.SubjectError, delivery.SubscriberError) as exc:
         fail(str(exc))
     if args.action == "add":
         info = _with_js(

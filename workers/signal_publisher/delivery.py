@@ -48,6 +48,7 @@ from contracts.streams import (
 )
 from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.partition import PARTITIONED
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import ACK, PullSource
 from workers.runtime.worker import MAX_DELIVERIES
@@ -78,10 +79,24 @@ async def check(js: JetStreamContext, name: str, *, namespace: str | None = None
     return info
 
 
+def check_free(name: str) -> None:
+    """``SubscriberError`` for a name a pipeline worker's consumers go by: the worker's, a
+    partition's (``<worker>-<k>of<n>``) or a short-lived one's (``<worker>-warmup``...). A
+    subscriber of that name would be taken for the worker, its dead letters too."""
+    for c in consumer_specs():
+        worker = c.durable
+        if name == worker or name.startswith(f"{worker}-"):
+            raise SubscriberError(
+                f"subscriber name {name!r}: names starting with {worker!r} belong to that worker"
+            )
+
+
 async def add(
     js: JetStreamContext, name: str, *, filter_subject: str | None, namespace: str | None = None
 ) -> ConsumerInfo:
-    """Create the subscriber's durable consumer; an existing one is left alone (error)."""
+    """Create the subscriber's durable consumer; an existing one is left alone (error), and
+    so is a name a pipeline worker's consumers go by (``check_free``)."""
+    check_free(name)
     spec = signal_subscriber(name, filter_subject=filter_subject, namespace=namespace)
     with contextlib.suppress(NotFoundError):
         await js.consumer_info(spec.stream, spec.durable)
@@ -321,7 +336,7 @@ class Exhausted:
     def worker_of(self, stream: str, consumer: str) -> str | None:
         """The pipeline worker whose durable (or one of whose partitions' durables) this is."""
         m = _PARTITION.fullmatch(consumer)
-        worker = consumer if m is None else m.group(1)
+        worker = consumer if m is None or m.group(1) not in PARTITIONED else m.group(1)
         return worker if (stream, worker) in self.workers else None
 
     async def handle(self, adv: _Advisory) -> str:
