@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 
 from contracts.codec import Codec
 from contracts.messages import TickInput
+from workers.candle_ingest.aggregate import Aggregator
 from workers.candle_ingest.app import Ingest, Metrics, Settings
 from workers.runtime.worker import Delivery, Worker
 
@@ -75,10 +76,30 @@ async def test_a_worker_behind_on_a_backfill_keeps_its_clock() -> None:
     assert it.clock(FEED, SYMBOL, S + 600 * SECOND, caught_up=False) == S - 10 * day + 600 * SECOND
 
 
-async def test_a_symbol_not_heard_since_the_start_waits_the_silence() -> None:
+async def test_after_a_restart_an_ea_behind_the_wall_clock_keeps_its_own() -> None:
+    """The lag is part of the state: a worker started from the snapshot, the EA 30 s behind
+    and quiet since, still goes by the EA's clock. Taking the wall clock after the silence,
+    as for a symbol whose lag is not known, would close its candles 30 s early, and its
+    next ticks would revise them."""
     it, seq, S = ingest()
-    take(it, seq, S, S)
-    it.heard.clear()  # as after a start from a snapshot
-    assert it.clock(FEED, SYMBOL, S + 59 * SECOND, caught_up=True) is None
-    assert it.clock(FEED, SYMBOL, S + 61 * SECOND, caught_up=True) == S + 61 * SECOND
-    assert it.clock(FEED, SYMBOL, S + 61 * SECOND, caught_up=False) is None
+    take(it, seq, S, S - 30 * SECOND)
+    again, _, _ = ingest()
+    again.agg = Aggregator.restore(it.agg.config, it.agg.snapshot())
+    assert again.heard == {}  # nothing taken since the start
+    assert again.clock(FEED, SYMBOL, S + 120 * SECOND, caught_up=True) == S + 90 * SECOND
+    assert not again.silent(FEED, SYMBOL, S + 120 * SECOND)
+
+
+async def test_a_backfill_not_heard_since_the_start_waits_the_silence() -> None:
+    it, seq, S = ingest()
+    day = 86_400 * SECOND
+    take(it, seq, S, S - day)
+    again, _, start = ingest()
+    again.agg = Aggregator.restore(it.agg.config, it.agg.snapshot())
+    assert (
+        again.clock(FEED, SYMBOL, start + 59 * SECOND, caught_up=True) == start + 59 * SECOND - day
+    )
+    assert again.clock(FEED, SYMBOL, start + 61 * SECOND, caught_up=True) == start + 61 * SECOND
+    assert (
+        again.clock(FEED, SYMBOL, start + 61 * SECOND, caught_up=False) == start + 61 * SECOND - day
+    )

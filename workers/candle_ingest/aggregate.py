@@ -235,6 +235,9 @@ class _TickBook(_Book):
     taken_ms: int = _NEVER
     """The bars' watermark when this book took over the candles they had open (the bars
     came first): a later bar's share of a period holding it joins the ticks' candle."""
+    lag_ms: int | None = None
+    """How far the symbol's ticks ran behind their arrival when ticks were last taken
+    (``note_lag``): part of the state, so that a restart knows it too."""
 
 
 class _BarBook(_Book):
@@ -563,6 +566,18 @@ class Aggregator:
     def watermark(self, feed: str, symbol: str) -> int | None:
         b = self._tick_book(feed, symbol)
         return None if b is None else b.wm
+
+    def note_lag(self, feed: str, symbol: str, lag_ms: int) -> None:
+        """Ticks of (feed, symbol) were taken, the latest ``lag_ms`` behind their arrival
+        (the time TICKS stored them less the watermark): what its idle clock goes by."""
+        b = self._tick_book(feed, symbol)
+        if b is not None:
+            b.lag_ms = lag_ms
+
+    def lag_ms(self, feed: str, symbol: str) -> int | None:
+        """The lag ``note_lag`` last noted for (feed, symbol); None if none was."""
+        b = self._tick_book(feed, symbol)
+        return None if b is None else b.lag_ms
 
     def next_close_ms(self, feed: str, symbol: str) -> int | None:
         """The watermark at which the earliest open candle of (feed, symbol) closes (its

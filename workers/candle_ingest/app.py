@@ -232,10 +232,11 @@ class Ingest:
         self._late_ms = round(settings.allowed_lateness_s * 1000)
         self._periods = self.agg.periods
         self._allowed = settings.allowed_symbols()
-        self.heard: dict[tuple[str, str], tuple[int, int]] = {}
-        """When this worker last took ticks of each symbol (wall clock, ms) and how far the
-        symbol's watermark was then behind the time TICKS stored them: its own clock runs
-        that far behind the wall clock (``clock``)."""
+        self.heard: dict[tuple[str, str], int] = {}
+        """When this worker last took ticks of each symbol (wall clock, ms). How far the
+        symbol's watermark was then behind the time TICKS stored them is in the state
+        (``Aggregator.lag_ms``): its own clock runs that far behind the wall clock
+        (``clock``), after a restart too."""
         self.started_ms = time.time_ns() // 1_000_000
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
@@ -322,7 +323,8 @@ class Ingest:
         if result.accepted:  # refused ticks say nothing of the symbol's clock
             wm = result.watermark
             if wm is not None:
-                self.heard[feed, symbol] = (time.time_ns() // 1_000_000, stored - wm)
+                self.heard[feed, symbol] = time.time_ns() // 1_000_000
+                self.agg.note_lag(feed, symbol, stored - wm)
         counts = self.counts
         counts["accepted"] += result.accepted
         counts["duplicate"] += result.duplicate
@@ -603,8 +605,7 @@ class Ingest:
         the worker is behind: its ticks may still be waiting. One that ran less behind
         keeps its own clock, which closes them as soon and makes none of its later ticks
         late. None: the lag is not known yet."""
-        heard = self.heard.get((feed, symbol))
-        lag = None if heard is None else heard[1]
+        lag = self.agg.lag_ms(feed, symbol)
         if lag is not None and lag <= self._late_ms:
             return now_ms - lag
         if caught_up and self.silent(feed, symbol, now_ms):
@@ -614,7 +615,8 @@ class Ingest:
     def silent(self, feed: str, symbol: str, now_ms: int) -> bool:
         """No tick of the symbol taken for ``idle_silence_s``, and its ticks ran more than
         the allowed lateness behind (or how far is not known): it may take the wall clock."""
-        taken, lag = self.heard.get((feed, symbol), (self.started_ms, None))
+        taken = self.heard.get((feed, symbol), self.started_ms)
+        lag = self.agg.lag_ms(feed, symbol)
         return (lag is None or lag > self._late_ms) and now_ms - taken >= self._silence_ms
 
     async def caught_up(self) -> bool:
