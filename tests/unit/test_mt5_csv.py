@@ -176,6 +176,30 @@ def test_a_refused_line_does_not_move_the_pass_of_the_repeated_hour(tmp_path: Pa
     ]
 
 
+def test_a_tick_out_of_order_in_the_repeated_hour_is_refused_not_taken_for_its_second_pass(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2026.10.25\t03:10:00.005\t1.1\t1.2\t\t\t6",
+            "2026.10.25\t03:10:00.004\t1.1\t1.2\t\t\t6",  # 1 ms out of order
+            "2026.10.25\t03:20:00\t1.1\t1.2\t\t\t6",
+            "2026.10.25\t03:05:00\t1.1\t1.2\t\t\t6",  # the second time round
+        ],
+    )
+    got = ticks(path, mt5_csv.parse_server_time("Europe/Athens"))
+    assert [(n, t.time_ms) for n, t in got if isinstance(t, TickRow)] == [
+        (2, iso_ms("2026-10-25T00:10:00.005+00:00")),
+        (4, iso_ms("2026-10-25T00:20:00+00:00")),
+        (5, iso_ms("2026-10-25T01:05:00+00:00")),
+    ]
+    assert [(n, e.reason) for n, e in got if isinstance(e, ParseError)] == [
+        (3, mt5_csv.OUT_OF_ORDER)
+    ]
+
+
 def test_bars_of_the_repeated_hour_take_its_second_pass(tmp_path: Path) -> None:
     # Athens left summer time on 2024-10-27: 03:00-04:00 showed twice
     path = write(

@@ -196,11 +196,18 @@ ServerTime = int | ServerZone
 milliseconds), or a ``ServerZone``."""
 
 
+PASS_JITTER_MS: Final = 1_000
+"""How far a tick's time may go back in the repeated hour and still be on the same pass."""
+
+
 class _Clock:
     """Server-time DATE and TIME to UTC milliseconds, exactly, with a per-date cache.
 
     In the hour a server's clock turned back, a time is taken at its first pass unless the
-    last line taken (``after``) has already gone past that: then it is the second pass.
+    last line taken (``after``) has already gone past that (for ticks by more than
+    ``PASS_JITTER_MS``): then it is the second pass. A tick a few milliseconds out of order
+    there is refused as ``out_of_order``, as anywhere else, rather than taken for the second
+    pass with every later tick of the first one.
     """
 
     def __init__(self, server_time: ServerTime) -> None:
@@ -244,7 +251,7 @@ class _Clock:
         """Whether ``server_ms`` is in an hour the clock turned back, which shows twice."""
         return self._zone is not None and len(self._zone.offsets_ms(server_ms)) > 1
 
-    def utc_ms(self, server_ms: int, after: int) -> int:
+    def utc_ms(self, server_ms: int, after: int, jitter_ms: int = 0) -> int:
         zone = self._zone
         if zone is None:
             utc = server_ms - self._offset
@@ -259,7 +266,7 @@ class _Clock:
                 raise _Refused(SKIPPED_TIME, f"{when} is in the hour a {zone} clock skips")
             utc = server_ms - offsets[-1]
             for offset in offsets:
-                if server_ms - offset >= after:
+                if server_ms - offset >= after - jitter_ms:
                     utc = server_ms - offset
                     break
         if utc < 0:
@@ -476,7 +483,8 @@ def _ticks(
     for number, fields in export.lines(progress):
         try:
             _check_width(fields, export.width)
-            time_ms = clock.utc_ms(clock.server_ms(fields[i_date], fields[i_time]), previous)
+            server_ms = clock.server_ms(fields[i_date], fields[i_time])
+            time_ms = clock.utc_ms(server_ms, previous, PASS_JITTER_MS)
             if time_ms < previous:
                 raise _Refused(OUT_OF_ORDER, f"tick time {time_ms} before {previous}")
             bid_text, ask_text = fields[i_bid].strip(), fields[i_ask].strip()
