@@ -5,15 +5,19 @@ taken now; ``S`` is now, as the test starts."""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
+import pytest
 from nats.aio.msg import Msg
 
 from contracts.codec import Codec
 from contracts.messages import TickInput
 from workers.candle_ingest.aggregate import Aggregator
 from workers.candle_ingest.app import Ingest, Metrics, Settings
+from workers.runtime.publish import Outgoing
 from workers.runtime.worker import Delivery, Worker
 
 SECOND = 1000
@@ -32,15 +36,50 @@ def ingest(**kw: Any) -> tuple[Ingest, list[int], int]:
 
 def take(it: Ingest, seq: list[int], stored_ms: int, *times_ms: int) -> None:
     """Ticks stamped ``times_ms`` in one message, stored by TICKS at ``stored_ms``."""
-    seq[0] += 1
-    n = seq[0]
-    reply = f"$JS.ACK.TICKS.candle-ingest.1.{n}.{n}.{stored_ms * 1_000_000}.0"
     ticks = [{"time_ms": t, "bid": 1.1, "ask": 1.1001} for t in times_ms]
     data = msgspec.json.encode(
         {"type": "tick_batch", "v": 1, "feed": FEED, "symbol": SYMBOL, "ticks": ticks}
     )
+    deliver(it, seq, stored_ms, data)
+
+
+def deliver(it: Ingest, seq: list[int], stored_ms: int, data: bytes) -> None:
+    seq[0] += 1
+    n = seq[0]
+    reply = f"$JS.ACK.TICKS.candle-ingest.1.{n}.{n}.{stored_ms * 1_000_000}.0"
     msg = Msg(None, subject=f"ticks.{FEED}.{SYMBOL}", reply=reply, data=data)  # type: ignore[arg-type]
     it.apply(None, Delivery(msg, CODEC.decode(data)))
+
+
+class Published:
+    def __init__(self) -> None:
+        self.out: list[Outgoing] = []
+
+    async def publish(self, out: list[Outgoing]) -> None:
+        self.out += out
+
+
+async def test_an_idle_watermark_goes_out_once_until_the_worker_takes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker behind on TICKS has not taken its Watermark yet: asking again every second
+    would add one a second to its backlog. Once taken, the next open candle gets its own."""
+    it, seq, S = ingest()
+    published = Published()
+    it.ctx = SimpleNamespace(publisher=published)  # type: ignore[assignment]
+    now = [S]
+    monkeypatch.setattr(time, "time_ns", lambda: now[0] * 1_000_000)
+    take(it, seq, S - 120 * SECOND, S - 120 * SECOND)  # on time, its minute long over
+    await it.close_idle()
+    now[0] += SECOND
+    await it.close_idle()
+    [first] = published.out
+    assert msgspec.json.decode(first.payload)["time_ms"] == S - 5 * SECOND  # less the grace
+    deliver(it, seq, S + SECOND, first.payload)  # taken: the minute closes
+    take(it, seq, S + 2 * SECOND, S + 2 * SECOND)
+    now[0] = S + 70 * SECOND
+    await it.close_idle()
+    assert len(published.out) == 2
 
 
 async def test_an_ea_behind_the_wall_clock_keeps_its_own_even_when_quiet() -> None:

@@ -238,6 +238,8 @@ class Ingest:
         (``Aggregator.lag_ms``): its own clock runs that far behind the wall clock
         (``clock``), after a restart too."""
         self.started_ms = time.time_ns() // 1_000_000
+        self._marks: dict[tuple[str, str], int] = {}
+        """The time of the last Watermark published for each symbol by ``close_idle``."""
         self.recovered: dict[int, Recorded] = {}
         """Refusals made while recovering, by stream seq, until the message comes again."""
         self._bucket = _bucket_name(settings.namespace)
@@ -631,15 +633,21 @@ class Ingest:
 
     async def close_idle(self) -> None:
         """Publish a Watermark for symbols whose open candle ended more than the grace ago
-        by the symbol's own clock."""
+        by the symbol's own clock; not again while the last one published for the symbol
+        is not taken yet (a worker behind on TICKS would add one a second to its backlog)."""
         s = self.settings
         grace_ms = round(s.idle_grace_s * 1000)
         now_ms = time.time_ns() // 1_000_000
         caught_up: bool | None = None  # asked of the server only when it matters
         out = []
+        sending: list[tuple[tuple[str, str], int]] = []
+        marks = self._marks
         for feed, symbol in self.agg.symbols():
             next_close = self.agg.next_close_ms(feed, symbol)
             if next_close is None:
+                continue
+            sent = marks.get((feed, symbol))
+            if sent is not None and (self.agg.watermark(feed, symbol) or 0) < sent:
                 continue
             if caught_up is None and self.silent(feed, symbol, now_ms):
                 caught_up = await self.caught_up()
@@ -647,6 +655,7 @@ class Ingest:
             if clock is None or next_close > clock - grace_ms:
                 continue
             mark = clock - grace_ms
+            sending.append(((feed, symbol), mark))
             wm = Watermark(feed=feed, symbol=symbol, time_ms=mark)
             out.append(
                 Outgoing(
@@ -657,6 +666,7 @@ class Ingest:
             )
         if out:
             await self.ctx.publisher.publish(out)
+            marks.update(sending)
 
 
 class Refuser(Protocol):
