@@ -27,9 +27,12 @@ from tests.integration.test_feature_builder import run_worker, stream_messages
 from tests.processes import running, spawn, spawn_started, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
-from workers.model_scorer.app import Settings, build
+from workers.model_scorer import models as models_module
+from workers.model_scorer.app import NAME, Metrics, Settings, build
 from workers.model_scorer.models import ActiveModels
-from workers.registry import Registry, bucket_name
+from workers.model_scorer.scoring import ModelError, VectorCodec
+from workers.registry import Registry, active_key, bucket_name
+from workers.runtime.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -413,5 +416,51 @@ async def test_scoring_starts_only_once_every_pointer_has_arrived(
         model = await models.model_for(models.key(FEED, *EURUSD))
         assert model is not None
         assert model.version == version
+    finally:
+        await models.stop()
+
+
+async def test_a_model_whose_file_was_lost_is_not_shown_active_and_scores_once_put_back(
+    js: JetStreamContext, namespace: str, stack: StackUrls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The active-model gauge names only a version that scores; putting the same bytes back
+    repairs the registry, and the scorer takes the version up again without a restart."""
+    registry = await Registry.open(js, namespace=namespace)
+    booster = train(1)
+    version = await put(registry, booster, EURUSD)
+    assert (await registry.promote(version))[0]
+    objects = await js.object_store(registry.bucket)
+    await objects.delete(f"{version}.model")
+
+    worker: Worker[FeatureVector] = Worker(
+        NAME,
+        stream="FEATURES",
+        durable=NAME,
+        codec=VectorCodec(FeatureVector),
+        settings=settings(stack, namespace),
+    )
+    metrics = Metrics(worker)
+    labels = {"worker": NAME, "key": active_key(FEED, *EURUSD), "version": version}
+
+    def shown() -> float | None:
+        return worker.metrics.registry.get_sample_value("tickwire_scorer_active_model", labels)
+
+    monkeypatch.setattr(models_module, "RETRY_UNUSABLE_S", 0.0)
+    models = ActiveModels(registry, on_change=metrics.show_active)
+    try:
+        await models.start(timeout_s=30)
+        key = models.key(FEED, *EURUSD)
+        with pytest.raises(ModelError, match="artifact is missing"):
+            await models.model_for(key)
+        assert shown() in (None, 0.0)
+
+        assert (
+            await registry.put(booster.model_to_string().encode(), card_for(booster, FEED, *EURUSD))
+            == version
+        )
+        model = await models.model_for(key)
+        assert model is not None
+        assert model.version == version
+        assert shown() == 1.0
     finally:
         await models.stop()

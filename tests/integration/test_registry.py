@@ -219,6 +219,56 @@ async def test_a_corrupt_artifact_is_refused_and_changes_nothing(
     assert await registry.list() == listed
 
 
+async def test_the_same_bytes_put_again_repair_a_lost_or_cut_model_file(
+    registry: Registry, js: JetStreamContext
+) -> None:
+    artifact_a, original_a = train(1)
+    artifact_b, original_b = train(2, rounds=12)
+    a = await registry.put(artifact_a, card(0.60))
+    b = await registry.put(artifact_b, card(0.70))
+    assert (await registry.promote(a))[0]
+    assert (await registry.promote(b))[0]
+    objects = await js.object_store(registry.bucket)
+    await objects.delete(f"{a}.model")
+    await objects.put(f"{b}.model", artifact_b[: len(artifact_b) // 2])
+    with pytest.raises(RegistryError, match="artifact is missing"):
+        await registry.rollback(FEED, SYMBOL, TF)
+
+    assert await registry.put(artifact_a, card(0.99)) == a
+    assert await registry.put(artifact_b, card(0.99)) == b
+    x = np.random.default_rng(7).normal(size=(50, len(FEATURES)))
+    for version, original in [(a, original_a), (b, original_b)]:
+        stored_card, booster = await registry.get(version)
+        assert stored_card.metrics["auc"] != 0.99  # the card stored first is kept
+        np.testing.assert_array_equal(booster.predict(x), original.predict(x))
+    assert (await registry.rollback(FEED, SYMBOL, TF)).version == a
+
+
+async def test_a_series_whose_pointer_was_deleted_can_be_promoted_again(
+    registry: Registry, js: JetStreamContext
+) -> None:
+    """Deleting the pointer stops the series being scored; a later promotion starts again."""
+    a = await registry.put(train(1)[0], card(0.60))
+    b = await registry.put(train(2)[0], card(0.70))
+    assert (await registry.promote(a))[0]
+    kv = await js.key_value(registry.bucket)
+    await kv.delete(ESCAPED_KEY)
+    assert await registry.active(FEED, SYMBOL, TF) is None
+
+    assert await registry.promote(b) == (True, "no active model; candidate auc=0.7")
+    pointer = await registry.active(FEED, SYMBOL, TF)
+    assert pointer is not None
+    assert pointer.version == b
+
+    # and the compare-and-set still holds on the revision after the delete marker
+    await kv.delete(ESCAPED_KEY)
+    first = await registry.prepare_promotion(a)
+    second = await registry.prepare_promotion(b)
+    await registry.commit(first)
+    with pytest.raises(RegistryConflict):
+        await registry.commit(second)
+
+
 def models_cli(nats_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", "models", *args],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 UNREADABLE: Final = ""
 """Pointer value of a key whose entry cannot be read: its vectors are refused."""
+RETRY_UNUSABLE_S: Final = 30.0
+"""How long a version that cannot score is refused before it is loaded again."""
 _NATS_ERRORS: Final = (nats.errors.Error, JetStreamError, TimeoutError, ConnectionError)
 
 OnChange = Callable[[str, str | None], None]
@@ -49,6 +52,9 @@ class ActiveModels:
         """Registry key -> active version."""
         self._models: dict[str, Model | ModelError] = {}
         """Version -> loaded model, or why it cannot score; only versions a pointer names."""
+        self._failed_at: dict[str, float] = {}
+        """Version -> monotonic time its load last failed; it is tried again after
+        ``RETRY_UNUSABLE_S`` (a lost model file put back, a registry repaired)."""
         self._keys: dict[tuple[str, str, Timeframe], str] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -140,8 +146,11 @@ class ActiveModels:
         wanted = set(self.pointers.values())
         for stale in self._models.keys() - wanted:
             del self._models[stale]
+            self._failed_at.pop(stale, None)
         if self.on_change is not None:
-            self.on_change(key, version)
+            # a version that cannot score is no version the series is scored by
+            usable = not isinstance(self._models.get(version or ""), ModelError)
+            self.on_change(key, version if usable else None)
 
     # --- scoring side ----------------------------------------------------------------
 
@@ -163,7 +172,9 @@ class ActiveModels:
             return None
         if version == UNREADABLE:
             raise ModelError(f"the active pointer {key} cannot be read")
-        model = self._models.get(version) or await self._load(version)
+        model = self._models.get(version)
+        if model is None or isinstance(model, ModelError):
+            model = await self._load(version)
         if isinstance(model, ModelError):
             raise model
         return model
@@ -172,7 +183,10 @@ class ActiveModels:
         if version == UNREADABLE:
             return None
         known = self._models.get(version)
-        if known is not None:
+        if known is not None and not (
+            isinstance(known, ModelError)
+            and time.monotonic() - self._failed_at.get(version, 0.0) >= RETRY_UNUSABLE_S
+        ):
             return known
         model: Model | ModelError
         try:
@@ -184,9 +198,16 @@ class ActiveModels:
             raise TransientError(f"model {version} cannot be read now: {exc!r}") from exc
         except ModelError as exc:
             model = exc
+        self._models[version] = model
         if isinstance(model, ModelError):
             log.error("active model %s cannot score: %s", version, model)
-        self._models[version] = model
+            self._failed_at[version] = time.monotonic()
+        else:
+            self._failed_at.pop(version, None)
+        if isinstance(known, ModelError) != isinstance(model, ModelError):
+            for key, pointed in self.pointers.items():
+                if pointed == version:
+                    self._changed(key, version)
         return model
 
 

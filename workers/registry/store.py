@@ -176,7 +176,8 @@ class Registry:
     # --- models --------------------------------------------------------------------------
 
     async def put(self, artifact: bytes, card: ModelCard) -> str:
-        """Store a model as a candidate; return its version. The same bytes again: no-op.
+        """Store a model as a candidate; return its version. The same bytes again: a no-op,
+        or the repair of a version whose model file was lost.
 
         ``card.version`` and ``card.artifact_sha256`` are set here from the bytes (a card
         that names a different version is refused). A put of bytes already stored keeps the
@@ -193,6 +194,9 @@ class Registry:
         card = _valid_card(card)
         _check_features(card, booster)
         if await self._card_or_none(version) is not None:
+            if not await self._artifact_whole(version, sha):
+                # the same bytes again repair a version whose model file was lost
+                await self._objects.put(version + MODEL_SUFFIX, artifact)
             return version
         await self._objects.put(version + MODEL_SUFFIX, artifact)
         await self._objects.put(version + CARD_SUFFIX, _encoder.encode(card))
@@ -364,11 +368,21 @@ class Registry:
             raise RegistryError(f"model {version}: its card names version {card.version}")
         return card
 
+    async def _artifact_whole(self, version: str, sha: str) -> bool:
+        try:
+            result = await self._objects.get(version + MODEL_SUFFIX)
+        except (NotFoundError, DigestMismatchError):
+            return False
+        return hashlib.sha256(bytes(result.data or b"")).hexdigest() == sha
+
     async def _read_active(self, key: str) -> tuple[ActiveModel | None, int]:
         try:
             entry = await self._pointers.get(key)
-        except KeyNotFoundError:
-            return None, 0
+        except KeyNotFoundError as exc:
+            # a deleted pointer (ops stopped scoring the series) is "nothing active", but
+            # the next write must name the delete marker's revision, not 0
+            marker = exc.entry
+            return None, (marker.revision or 0) if marker is not None else 0
         if entry.value is None or entry.revision is None:
             return None, 0
         try:
