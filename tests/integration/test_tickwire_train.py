@@ -7,6 +7,7 @@ from the stored model, labels made with pandas and pairwise counting.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -26,12 +27,17 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from contracts.messages import Timeframe
 from contracts.models import ActiveModel, ModelStatus
 from db.migrate import migrate
+from tests import scorer_models
 from tests.trainer_market import M5_MS, market
 from workers.features import DEFAULT, Candles
 from workers.registry import Registry, RegistryError, bucket_name
-from workers.trainer.dataset import WARM_UP_CANDLES, load_candles
+from workers.trainer import evaluate
+from workers.trainer.cli import card_for, store
+from workers.trainer.dataset import WARM_UP_CANDLES, build, load_candles
+from workers.trainer.train import Params, model_bytes, train
 
 pytestmark = pytest.mark.integration
 
@@ -295,3 +301,41 @@ async def test_a_corrupt_active_model_stops_promotion_and_changes_nothing(
     assert active.version in lines[0]
     assert [c.version for c in await registry.list()] == [active.version]
     assert await registry.active(FEED, SYMBOL, TF) == active
+
+
+async def test_a_promotion_landing_while_the_candidate_is_stored_is_gated_against(
+    js: JetStreamContext, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train --promote`` gates, then stores, then commits: a model made active in between
+    (ops, another training) is what the candidate must be compared with, never one it
+    replaces unseen."""
+    registry = await Registry.open(js, namespace=namespace)
+    ds = build(CANDLES, DEFAULT, H)
+    training = train(ds, Params(folds=2, rounds=50), progress=False)
+    end_ms = int(CANDLES.open_time_ms[-1]) + M5_MS
+    args = argparse.Namespace(feed=FEED, symbol=SYMBOL, tf=TF)
+    candidate = card_for(args, ds, evaluate.report(ds, training), int(ds.open_time_ms[0]), end_ms)
+    booster = scorer_models.train(5)
+    # its card claims an AUC no model of this market reaches, and no horizon: the gate takes
+    # its stored figures, so the candidate must lose to it
+    better = await registry.put(
+        booster.model_to_string().encode(),
+        scorer_models.card_for(booster, FEED, SYMBOL, Timeframe(TF), auc=0.99),
+    )
+    put = Registry.put
+
+    async def put_while_ops_promotes(self: Registry, artifact: bytes, card: Any) -> str:
+        version = await put(self, artifact, card)
+        assert (await self.promote(better))[0]
+        return version
+
+    monkeypatch.setattr(Registry, "put", put_while_ops_promotes)
+    outcome = await store(
+        registry, model_bytes(training.holdout), candidate, ds, training, promote=True
+    )
+    assert outcome.promoted is False, outcome
+    assert f"active {better}" in outcome.reason
+    pointer = await registry.active(FEED, SYMBOL, TF)
+    assert pointer is not None
+    assert pointer.version == better
+    assert (await registry.card(outcome.version)).status is ModelStatus.CANDIDATE

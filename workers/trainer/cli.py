@@ -26,10 +26,16 @@ import numpy as np
 from pydantic import SecretStr
 
 from contracts.messages import Timeframe
-from contracts.models import ModelCard
+from contracts.models import ActiveModel, ModelCard
 from workers.cli import fail
 from workers.features import DEFAULT, LIBRARY_VERSION, FeatureSet
-from workers.registry import Registry, RegistryError, active_key, should_promote
+from workers.registry import (
+    Registry,
+    RegistryConflict,
+    RegistryError,
+    active_key,
+    should_promote,
+)
 from workers.runtime.connection import connect
 from workers.runtime.settings import RuntimeSettings, load
 from workers.trainer import evaluate
@@ -135,6 +141,28 @@ def compared(
     return candidate, active_card.metrics, "trained past this holdout: its stored metrics"
 
 
+GATE_ATTEMPTS: Final = 5
+"""How often the gate is run again when the active model changes under it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gated:
+    pointer: ActiveModel | None
+    """The active pointer the gate compared against."""
+    candidate: Mapping[str, float]
+    active: Mapping[str, float] | None
+    note: str
+
+
+async def _gate(registry: Registry, card: ModelCard, ds: Dataset, training: Training) -> _Gated:
+    pointer = await registry.active(card.feed, card.symbol, card.tf)
+    if pointer is None:
+        return _Gated(None, card.metrics, None, "")
+    active_card, booster = await registry.get(pointer.version)
+    candidate, active, how = compared(ds, training, card.metrics, active_card, booster)
+    return _Gated(pointer, candidate, active, f" (active {pointer.version} {how})")
+
+
 async def store(
     registry: Registry,
     artifact: bytes,
@@ -145,29 +173,37 @@ async def store(
     promote: bool,
 ) -> Outcome:
     """Put the candidate; with ``promote``, gate it against the active model on the same
-    latest holdout. The active model is read (and verified) before anything is written."""
-    candidate_metrics: Mapping[str, float] = card.metrics
-    active_metrics: Mapping[str, float] | None = None
-    note = ""
-    if promote:
-        pointer = await registry.active(card.feed, card.symbol, card.tf)
-        if pointer is not None:
-            active_card, booster = await registry.get(pointer.version)
-            candidate_metrics, active_metrics, how = compared(
-                ds, training, card.metrics, active_card, booster
-            )
-            note = f" (active {pointer.version} {how})"
+    latest holdout. The active model is read (and verified) before anything is written.
+
+    The promotion is committed on the very pointer the gate compared against: when another
+    promotion or a rollback lands in between, the candidate is gated again against the
+    model active then, never made active over one it was not compared with.
+    """
+    gated = await _gate(registry, card, ds, training) if promote else None
     version = await registry.put(artifact, card)
-    if not promote:
+    if gated is None:
         return Outcome(version, None, "stored as a candidate")
-    prepared = await registry.prepare_promotion(version, force=True)
-    if not prepared.promote:  # already active
-        return Outcome(version, False, prepared.reason)
-    ok, reason = should_promote(candidate_metrics, active_metrics, metric=METRIC)
-    reason += note
-    if ok:
-        await registry.commit(dataclasses.replace(prepared, reason=reason))
-    return Outcome(version, ok, reason)
+    for _ in range(GATE_ATTEMPTS):
+        prepared = await registry.prepare_promotion(version, force=True)
+        if prepared.current == gated.pointer:
+            if not prepared.promote:  # already active
+                return Outcome(version, False, prepared.reason)
+            ok, reason = should_promote(gated.candidate, gated.active, metric=METRIC)
+            reason += gated.note
+            if not ok:
+                return Outcome(version, False, reason)
+            try:
+                await registry.commit(dataclasses.replace(prepared, reason=reason))
+            except RegistryConflict:
+                pass
+            else:
+                return Outcome(version, True, reason)
+        log.info("the active model of %s changed while gating; gating again", prepared.key)
+        gated = await _gate(registry, card, ds, training)
+    raise RegistryConflict(
+        f"the active model of {card.feed} {card.symbol} {card.tf} kept changing;"
+        f" {version} stays a candidate"
+    )
 
 
 def summary(rep: dict[str, Any], outcome: Outcome, paths: list[Path]) -> str:
