@@ -46,6 +46,7 @@ def scheduler_env(dsn: str, **extra: str) -> dict[str, str]:
         "TICKWIRE_POSTGRES_DSN": dsn,
         "TICKWIRE_TRAIN_SCHEDULE": f"{FEED}/{SYMBOL}/{TF}@* * * * * *",  # every second
         "TICKWIRE_SCHEDULER_LEADER_RETRY_S": "0.2",
+        "TICKWIRE_SCHEDULER_RUN_LEASE_S": "2",
         "TICKWIRE_LOG_LEVEL": "INFO",
         **extra,
     }
@@ -209,6 +210,69 @@ async def test_a_fire_time_that_comes_while_its_job_still_runs(
         # what still waited when it stopped is claimed, left unfinished for the next leader
         assert all(outcomes[f] == "ok" for f in fires[:-1])
         assert all(outcomes[f] is None for f in rows if f > fires[-1])
+
+
+async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_not_double_it(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The leader's lock connection drops (network, idle kill) while its job runs: it stops
+    scheduling but the job goes on to its end. The next leader must not run the same fire
+    time beside it, and must run every later one."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_SCHEDULER_COALESCE="true",
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(runs),
+        SCHEDULER_TEST_JOB_S="4",  # twice the lease: renewed, or taken over
+    )
+    la, lb = tmp_path / "a.log", tmp_path / "b.log"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = spawn(procs, env, la)
+
+            async def a_inside_a_run() -> bool:
+                alive(a, la)
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
+                    )
+                )
+
+            await eventually(a_inside_a_run, timeout=30, what="a inside a run")
+            b = spawn(procs, env, lb)
+            await eventually(
+                lambda: lb.exists() and "another scheduler is active" in lb.read_text(),
+                what="b waits",
+            )
+            killed = await conn.fetchval(  # a's lock connection goes; a itself lives on
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND granted"
+            )
+            assert killed
+            await eventually(lambda: a.poll() is not None, timeout=60, what="a stops")
+            assert "lost the leader lock's connection" in la.read_text()
+            await eventually(
+                lambda: sum(pid == b.pid for _, pid in recorded(runs)) >= 2,
+                timeout=60,
+                what="b runs jobs",
+            )
+            b.terminate()
+            assert b.wait(timeout=60) == 0, lb.read_text()[-2000:]
+    finally:
+        await conn.close()
+    calls = recorded(runs)
+    fires = Counter(fire for fire, _ in calls)
+    assert [f for f, n in fires.items() if n > 1] == [], calls
+    assert {pid for _, pid in calls} == {a.pid, b.pid}
+    rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
+    for fire in fires:
+        assert rows[fire]["outcome"] == "ok"
+        assert rows[fire]["attempts"] == 1
+    assert max(f for f, pid in calls if pid == a.pid) < min(f for f, pid in calls if pid == b.pid)
 
 
 REFUSE_CLAIMS = """

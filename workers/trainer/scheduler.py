@@ -13,9 +13,12 @@ waits and retries, and takes over when the holder's connection dies with it.
 
 A fire time is claimed in ``scheduler.runs`` (unique per job and fire time) before the job
 starts and before APScheduler moves the job's next fire time on, so a fire replayed after a
-crash finds its claim and does not run twice; a claimed run that never finished (its
-scheduler died) is run again by the next leader. The job itself, by default, is one
-``tickwire train`` of the window ending at the scheduled fire time.
+crash finds its claim and does not run twice. While the job runs its scheduler renews the
+claim; a claimed run left unfinished and not renewed for ``TICKWIRE_SCHEDULER_RUN_LEASE_S``
+(its scheduler died) is run again by the leader. A leader that loses its lock's connection
+stops scheduling but finishes the job it is inside, renewing it, so the next leader does not
+run the same fire time beside it. The job itself, by default, is one ``tickwire train`` of
+the window ending at the scheduled fire time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import logging
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -51,6 +56,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.messages import Timeframe
 from db.queries import query
@@ -133,6 +139,9 @@ class Settings(RuntimeSettings):
     scheduler_misfire_grace_s: Annotated[int, Field(ge=1)] = 3600
     scheduler_coalesce: bool = True
     scheduler_leader_retry_s: Annotated[float, Field(gt=0)] = 5.0
+    scheduler_run_lease_s: Annotated[float, Field(gt=0)] = 60.0
+    """A claimed run not renewed for this long is taken for dead and run again by the
+    leader; a running job renews its claim every quarter of it."""
 
     @field_validator("train_schedule", mode="before")
     @classmethod
@@ -205,7 +214,7 @@ class RunLog:
 
     def missed(self, job_id: str, fire_time: dt.datetime, detail: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
+            row = conn.execute(
                 text(query("scheduler_record_missed")),
                 {
                     "job_id": job_id,
@@ -213,8 +222,18 @@ class RunLog:
                     "scheduler": self.name,
                     "detail": detail,
                 },
-            )
-        self.metrics.runs.labels("missed").inc()
+            ).first()
+        if row is not None:  # a fire time with a row already was claimed or counted before
+            self.metrics.runs.labels("missed").inc()
+
+    def beat(self, job_id: str, fire_time: dt.datetime) -> bool:
+        """Renew this scheduler's claim of a run; False when it is not (any longer) its own."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(query("scheduler_beat_run")),
+                {"job_id": job_id, "fire_time": fire_time, "scheduler": self.name},
+            ).first()
+        return row is not None
 
     def finish(self, job_id: str, fire_time: dt.datetime, outcome: str, detail: str) -> None:
         with self.engine.begin() as conn:
@@ -224,10 +243,11 @@ class RunLog:
             )
         self.metrics.runs.labels(outcome).inc()
 
-    def reclaim(self) -> list[tuple[str, dt.datetime]]:
+    def reclaim(self, lease_s: float) -> list[tuple[str, dt.datetime]]:
         with self.engine.begin() as conn:
             rows = conn.execute(
-                text(query("scheduler_reclaim_unfinished")), {"scheduler": self.name}
+                text(query("scheduler_reclaim_unfinished")),
+                {"scheduler": self.name, "lease_s": lease_s},
             )
             return sorted((str(r.job_id), r.fire_time) for r in rows)
 
@@ -235,11 +255,14 @@ class RunLog:
 class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
     """Runs a job only for fire times it claims in the run log, each in a worker thread with
     its fire time as ``fire_time``. The claim is written while APScheduler submits the job,
-    before it stores the job's next fire time."""
+    before it stores the job's next fire time; the worker thread checks it is still this
+    scheduler's before the job starts, renews it while the job runs and records the outcome,
+    so all three last as long as the job does, even past the scheduler's event loop."""
 
-    def __init__(self, runs: RunLog) -> None:
+    def __init__(self, runs: RunLog, lease_s: float) -> None:
         super().__init__()
         self.runs = runs
+        self.lease_s = lease_s
         self.tasks: set[asyncio.Task[None]] = set()
         self.unclaimed: set[str] = set()
         """Jobs whose fire times could not be claimed: their stored next fire time stays."""
@@ -309,25 +332,57 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
     async def _run(self, job: Job, fire_times: Iterable[dt.datetime]) -> list[JobExecutionEvent]:
         events = []
         for fire_time in fire_times:
-            log.info("running %s for %s", job.id, fire_time.isoformat())
+            event = await asyncio.to_thread(self._attended, job, fire_time)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _attended(self, job: Job, fire_time: dt.datetime) -> JobExecutionEvent | None:
+        """In a worker thread: run one claimed fire time, renewing the claim while the job
+        runs and until its outcome is recorded. None when the claim is no longer this
+        scheduler's (taken over after a lease it could not renew): not run here."""
+        when = fire_time.isoformat()
+        if not _retrying(lambda: self.runs.beat(job.id, fire_time), f"start {job.id} {when}"):
+            log.warning("%s for %s was taken over by another scheduler: not run here", job.id, when)
+            return None
+        done = threading.Event()
+        threading.Thread(
+            target=self._renew, args=(job.id, fire_time, done), name="claim", daemon=True
+        ).start()
+        try:
+            log.info("running %s for %s", job.id, when)
             try:
-                detail = await asyncio.to_thread(
-                    job.func, *job.args, **(job.kwargs | {"fire_time": fire_time})
-                )
+                detail = job.func(*job.args, **(job.kwargs | {"fire_time": fire_time}))
             except Exception as exc:
-                log.exception("%s for %s failed", job.id, fire_time.isoformat())
-                await asyncio.to_thread(
-                    self.runs.finish, job.id, fire_time, "failed", f"{type(exc).__name__}: {exc}"
-                )
-                events.append(
-                    JobExecutionEvent(EVENT_JOB_ERROR, job.id, "default", fire_time, exception=exc)
+                log.exception("%s for %s failed", job.id, when)
+                outcome, text_ = "failed", f"{type(exc).__name__}: {exc}"
+                event = JobExecutionEvent(
+                    EVENT_JOB_ERROR, job.id, "default", fire_time, exception=exc
                 )
             else:
-                await asyncio.to_thread(self.runs.finish, job.id, fire_time, "ok", str(detail))
-                events.append(
-                    JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", fire_time, detail)
-                )
-        return events
+                outcome, text_ = "ok", str(detail)
+                event = JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", fire_time, detail)
+            _retrying(
+                lambda: self.runs.finish(job.id, fire_time, outcome, text_),
+                f"record {job.id} {when} as {outcome}",
+            )
+        finally:
+            done.set()
+        return event
+
+    def _renew(self, job_id: str, fire_time: dt.datetime, done: threading.Event) -> None:
+        while not done.wait(self.lease_s / 4):
+            try:
+                if not self.runs.beat(job_id, fire_time):
+                    if not done.is_set():
+                        log.error(
+                            "%s for %s was taken over by another scheduler while it runs here",
+                            job_id,
+                            fire_time.isoformat(),
+                        )
+                    return
+            except Exception as exc:
+                log.warning("could not renew the claim of %s for %s: %s", job_id, fire_time, exc)
 
     async def drain(self, limit_s: float) -> None:
         if self.tasks:
@@ -408,6 +463,19 @@ def _record_skipped(runs: RunLog) -> Callable[[JobSubmissionEvent], None]:
     return listener
 
 
+def _retrying(call: Callable[[], Any], what: str, attempts: int = 5) -> Any:
+    """``call()``, tried again after 1, 2, 4, 8 s when the database cannot be reached."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("could not %s (%s); trying again", what, exc)
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     """Wait for ``stop`` at most ``seconds``; True if it is set."""
     try:
@@ -451,7 +519,7 @@ async def _lead(
     assert settings.postgres_dsn is not None
     engine = create_engine(sqlalchemy_url(settings.postgres_dsn.get_secret_value()))
     runs = RunLog(engine, name, metrics)
-    executor = ClaimingExecutor(runs)
+    executor = ClaimingExecutor(runs, settings.scheduler_run_lease_s)
     scheduler = AsyncIOScheduler(
         jobstores={"default": StoreKeepingUnclaimed(executor, engine)},
         executors={"default": executor},
@@ -462,16 +530,20 @@ async def _lead(
     try:
         scheduler.start(paused=True)
         sync_jobs(scheduler, settings)
-        left = await asyncio.to_thread(runs.reclaim)
-        for job_id, fire_time in left:
-            job = scheduler.get_job(job_id)
-            if job is None:
-                await asyncio.to_thread(
-                    runs.finish, job_id, fire_time, "failed", "no longer scheduled"
-                )
-            else:
-                log.info("%s for %s was left unfinished: running it again", job_id, fire_time)
-                executor.rerun(job, [fire_time])
+
+        async def take_over() -> None:
+            left = await asyncio.to_thread(runs.reclaim, settings.scheduler_run_lease_s)
+            for job_id, fire_time in left:
+                job = scheduler.get_job(job_id)
+                if job is None:
+                    await asyncio.to_thread(
+                        runs.finish, job_id, fire_time, "failed", "no longer scheduled"
+                    )
+                else:
+                    log.info("%s for %s was left unfinished: running it again", job_id, fire_time)
+                    executor.rerun(job, [fire_time])
+
+        await take_over()
         scheduler.resume()
         while not await _wait(stop, settings.scheduler_leader_retry_s):
             if executor.broken is not None:
@@ -484,6 +556,10 @@ async def _lead(
                 log.error("%s: lost the leader lock's connection (%s): stopping", name, exc)
                 code = 1
                 break
+            try:  # runs of a scheduler that died inside them, once their lease ran out
+                await take_over()
+            except SQLAlchemyError as exc:
+                log.warning("could not look for runs left unfinished: %s", exc)
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
