@@ -306,6 +306,9 @@ async def test_cli_lists_promotes_and_refuses_in_one_line(
 
     promoted = await cli("promote", a)
     assert promoted.returncode == 0, promoted.stderr
+    again = await cli("promote", a)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"{a} is already active: nothing changed\n"
     refused = await cli("promote", b)
     assert refused.returncode == 1
     assert "stays a candidate" in refused.stdout

@@ -339,3 +339,16 @@ async def test_a_promotion_landing_while_the_candidate_is_stored_is_gated_agains
     assert pointer is not None
     assert pointer.version == better
     assert (await registry.card(outcome.version)).status is ModelStatus.CANDIDATE
+
+
+async def test_training_the_same_window_again_leaves_the_active_model_as_it_is(
+    nats_url: str, candles_db: str, namespace: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    registry, active = await train_and_promote(nats_url, candles_db, namespace, js, tmp_path / "a")
+    again = await tickwire_train(
+        nats_url, candles_db, namespace, tmp_path / "b", "--symbol", SYMBOL,
+        "--from", iso(0), "--to", iso(N), "--promote",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"model {active.version}: {active.version} is already active" in again.stdout
+    assert await registry.active(FEED, SYMBOL, TF) == active

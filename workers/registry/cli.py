@@ -17,7 +17,7 @@ from typing import Final, TypeVar
 import msgspec
 
 from contracts.models import ModelCard
-from workers.registry.store import Registry, RegistryError
+from workers.registry.store import Promotion, Registry, RegistryError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ def _with_registry(create: bool, action: Callable[[Registry], Awaitable[T]]) -> 
         raise RegistryError(
             f"NATS at {settings.nats_url} did not answer in {TIMEOUT_S:g}s"
         ) from None
+
+
+async def _promote(registry: Registry, args: argparse.Namespace) -> Promotion:
+    """Gate ``args.version`` and make it active if it passes; the decision either way."""
+    promotion = await registry.prepare_promotion(
+        args.version, force=args.force, metric=args.metric, min_gain=args.min_gain
+    )
+    if promotion.promote:
+        await registry.commit(promotion)
+    return promotion
 
 
 def table(cards: list[ModelCard]) -> str:
@@ -91,17 +101,15 @@ def run(args: argparse.Namespace) -> int:
             print(msgspec.json.format(msgspec.json.encode(card), indent=2).decode())
             return 0
         if args.action == "promote":
-            promoted, reason = _with_registry(
-                False,
-                lambda r: r.promote(
-                    args.version, force=args.force, metric=args.metric, min_gain=args.min_gain
-                ),
-            )
-            if not promoted:
-                print(f"not promoted, {args.version} stays a candidate: {reason}")
-                log.info("model %s not promoted: %s", args.version, reason)
+            promotion = _with_registry(False, lambda r: _promote(r, args))
+            if promotion.already_active:
+                print(f"{args.version} is already active: nothing changed")
+                return 0
+            if not promotion.promote:
+                print(f"not promoted, {args.version} stays a candidate: {promotion.reason}")
+                log.info("model %s not promoted: %s", args.version, promotion.reason)
                 return 1
-            print(f"promoted {args.version}: {reason}")
+            print(f"promoted {args.version}: {promotion.reason}")
             return 0
         pointer = _with_registry(False, lambda r: r.rollback(args.feed, args.symbol, args.tf))
         print(f"rolled back {args.feed} {args.symbol} {args.tf}: active is {pointer.version}")

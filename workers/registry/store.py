@@ -143,6 +143,10 @@ class Promotion:
     promote: bool
     reason: str
 
+    @property
+    def already_active(self) -> bool:
+        return self.current is not None and self.current.version == self.card.version
+
 
 class Registry:
     """Model files, their cards and the active pointers, in JetStream."""

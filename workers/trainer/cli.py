@@ -66,7 +66,7 @@ def _time(text: str, flag: str) -> dt.datetime:
 class Outcome:
     version: str
     promoted: bool | None
-    """None without ``--promote``."""
+    """None without ``--promote``, or when the candidate is the active model already."""
     reason: str
 
 
@@ -186,8 +186,8 @@ async def store(
     for _ in range(GATE_ATTEMPTS):
         prepared = await registry.prepare_promotion(version, force=True)
         if prepared.current == gated.pointer:
-            if not prepared.promote:  # already active
-                return Outcome(version, False, prepared.reason)
+            if prepared.already_active:  # the same bytes as the active model
+                return Outcome(version, None, f"{version} is already active: nothing changed")
             ok, reason = should_promote(gated.candidate, gated.active, metric=METRIC)
             reason += gated.note
             if not ok:
