@@ -68,6 +68,7 @@ from contracts.streams import (
 )
 from db import questdb
 from db.queries import query
+from workers.candle_ingest.app import STATE_BUCKET
 from workers.registry.store import (
     ACTIVE_PREFIX,
     CARD_SUFFIX,
@@ -75,7 +76,9 @@ from workers.registry.store import (
     MODEL_SUFFIX,
     bucket_name,
 )
-from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, kv_bucket
+from workers.registry.store import BUCKET as REGISTRY_BUCKET
+from workers.runtime import partition
+from workers.signal_publisher.policy import POLICY_BUCKET, POLICY_KEY, SIDES_BUCKET, kv_bucket
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +161,45 @@ class Replay:
             ) from None
 
 
-def _stream_prefixes(name: str) -> tuple[str, ...]:
-    """Streams that belong to namespace ``name``: its pipeline streams, object stores and
-    key-value buckets (``ns-<name>-...``)."""
-    return (f"NS_{name}_", f"OBJ_ns-{name}-", f"KV_ns-{name}-")
+PIPELINE_STREAMS: Final = tuple(spec.name for spec in stream_specs())
+"""Live names of the pipeline streams; a namespace's are ``NS_<name>_<live name>``."""
+NAMESPACE_BUCKETS: Final = (REGISTRY_BUCKET, STATE_BUCKET, POLICY_BUCKET, SIDES_BUCKET)
+"""The buckets (KV and object stores) the pipeline makes in a namespace, ``ns-<name>-<b>``."""
+
+
+def owner(stream: str, known: Iterable[str] = ()) -> str | None:
+    """The namespace a stream on the server belongs to; None for a live one.
+
+    Names may hold ``_`` and ``-``, so a namespace is never matched by prefix alone (``u``
+    would take ``u_b``'s streams): a pipeline stream ends in one of the pipeline's names, a
+    bucket in one of ``NAMESPACE_BUCKETS``; a bucket of another name (a signal policy
+    bucket set by hand) goes to the longest ``known`` namespace it starts with.
+    """
+    if stream.startswith("NS_"):
+        for base in PIPELINE_STREAMS:
+            if stream.endswith(f"_{base}") and len(stream) > len(base) + 4:
+                return stream[3 : -len(base) - 1]
+        return None
+    for kind in ("KV_ns-", "OBJ_ns-"):
+        if stream.startswith(kind):
+            rest = stream[len(kind) :]
+            for base in NAMESPACE_BUCKETS:
+                if rest.endswith(f"-{base}") and len(rest) > len(base) + 1:
+                    return rest[: -len(base) - 1]
+            starting = [n for n in known if rest.startswith(f"{n}-")]
+            return max(starting, key=len) if starting else None
+    return None
+
+
+async def _stream_names(js: JetStreamContext) -> list[str]:
+    return [s.config.name for s in await partition.every_stream(js) if s.config.name]
 
 
 async def streams_of(js: JetStreamContext, name: str) -> list[str]:
-    prefixes = _stream_prefixes(name)
-    return sorted(
-        s.config.name
-        for s in await js.streams_info()
-        if s.config.name and s.config.name.startswith(prefixes)
-    )
+    """Every stream, object store and KV bucket of namespace ``name``."""
+    every = await _stream_names(js)
+    known = {n for s in every if s.startswith("NS_") and (n := owner(s)) is not None}
+    return sorted(s for s in every if owner(s, known | {name}) == name)
 
 
 def transforms(
@@ -255,6 +284,11 @@ async def create(
     wanted = transforms(domain, name, feed, symbols)
     if existing := await streams_of(js, name):
         raise ReplayError(f"namespace {name!r} exists ({', '.join(existing)})")
+    if sharing := sharing_tables(name, await names(js)):
+        raise ReplayError(
+            f"replay name {name!r} would share QuestDB tables with replay {sharing[0]!r}"
+            " (QuestDB ignores case, and '-' becomes '_' in table names): choose another"
+        )
     try:
         await js.stream_info(stream)
     except NotFoundError:
@@ -264,6 +298,10 @@ async def create(
     last = (after - 1) if after is not None else (await js.stream_info(stream)).state.last_seq
     if first is None or first > last:
         raise ReplayError(f"{stream} holds no message from {start} to {end}")
+    last_wanted = await last_matching(js, stream, first, last, [t.src for t in wanted])
+    if last_wanted is None:
+        of = f" of {feed} {' '.join(symbols)}".rstrip() if feed is not None else ""
+        raise ReplayError(f"{stream} holds no message{of} from {start} to {end}")
 
     specs = stream_specs(namespace=name)
     target = stream_name(stream, namespace=name)
@@ -276,7 +314,7 @@ async def create(
     )
     await js.update_stream(sourced)
     try:
-        await _wait_copied(js, stream, target, first, last, timeout_s)
+        await _wait_copied(js, stream, target, first, last_wanted, timeout_s)
     except BaseException:
         await delete(js, name)
         raise
@@ -368,26 +406,63 @@ async def copy_policy(js: JetStreamContext, name: str, base: str = POLICY_BUCKET
     return True
 
 
+async def _next_matching(
+    js: JetStreamContext, stream: str, seq: int, filters: Sequence[str]
+) -> int | None:
+    """The first sequence at or after ``seq`` on any of ``filters``."""
+    found = []
+    for subject in filters:
+        try:
+            msg = await js.get_msg(stream, seq, subject=subject, next=True)
+        except NotFoundError:
+            continue
+        if msg.seq is not None:
+            found.append(msg.seq)
+    return min(found, default=None)
+
+
+async def last_matching(
+    js: JetStreamContext, stream: str, first: int, last: int, filters: Sequence[str]
+) -> int | None:
+    """The last sequence from ``first`` to ``last`` on any of ``filters``: what a copy of
+    that range must have reached to be whole. None when the range holds none."""
+    found = await _next_matching(js, stream, first, filters)
+    if found is None or found > last:
+        return None
+    lo, hi = found + 1, last
+    while lo <= hi:  # found is on a filter; is there one in [lo, last]?
+        mid = (lo + hi) // 2
+        seq = await _next_matching(js, stream, mid, filters)
+        if seq is not None and seq <= last:
+            found, lo = seq, seq + 1
+        else:
+            hi = mid - 1
+    return found
+
+
 async def _wait_copied(
     js: JetStreamContext, live: str, target: str, first: int, last: int, timeout_s: float
 ) -> None:
-    """Until the source has gone past ``last`` (the live stream may keep growing)."""
+    """Until the target holds the copy of live sequence ``last``, the last one the range
+    holds on the source's filters: a source copies in order, so all before it are there.
+    (The source's own ``lag`` counts what its filter still has to copy, not sequences.)"""
     progress = tqdm(total=last - first + 1, desc=f"copying {live}", unit="msg", disable=None)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     try:
         while True:
-            live_last = (await js.stream_info(live)).state.last_seq
             info = await js.stream_info(target)
             source = info.sources[0] if info.sources else None
             if source is not None and source.error:
                 raise ReplayError(f"copying {live} failed: {source.error}")
-            # `active` is -1 until the source has made contact, and its lag means nothing
-            if source is not None and source.lag is not None and (source.active or -1) >= 0:
-                done = live_last - source.lag  # a lower bound: the live stream only grows
-                progress.update(max(0, min(done, last) - first + 1) - progress.n)
-                if done >= last:
-                    return
+            reached = 0
+            if info.state.messages:
+                with contextlib.suppress(NotFoundError):
+                    newest = await js.get_msg(target, info.state.last_seq)
+                    reached = _origin_seq(newest.headers) or 0
+            progress.update(max(0, min(reached, last) - first + 1) - progress.n)
+            if reached >= last:
+                return
             if loop.time() > deadline:
                 raise ReplayError(f"copying {live} did not finish in {timeout_s:g}s")
             await asyncio.sleep(POLL_S)  # the server reports progress only when asked
@@ -431,27 +506,34 @@ async def delete(
     QuestDB tables when ``questdb_http`` is given, and its PostgreSQL schema when
     ``postgres_dsn`` (an admin's: the schema's owner) is given."""
     subjects.check_name(name, "replay name")
-    names = await streams_of(js, name)
-    if not names:
+    removed = await streams_of(js, name)
+    if not removed:
         raise ReplayError(f"no replay named {name!r}")
-    for stream in names:
+    for stream in removed:
         await js.delete_stream(stream)
-    if questdb_http is not None:
+    sharing = sharing_tables(name, await names(js))
+    if questdb_http is not None and sharing:
+        log.warning(
+            "QuestDB tables %s* kept: replay %r uses them too",
+            questdb.namespace_prefix(name),
+            sharing[0],
+        )
+    elif questdb_http is not None:
         try:
             tables = await asyncio.to_thread(
                 questdb.drop_tables, questdb_http, table_prefix=questdb.namespace_prefix(name)
             )
         except questdb.QuestDBError as exc:
             raise ReplayError(f"streams deleted, QuestDB tables not: {exc}") from exc
-        names += [f"QuestDB {t}" for t in tables]
+        removed += [f"QuestDB {t}" for t in tables]
     if postgres_dsn is not None:
         try:
             schema = await drop_schema(postgres_dsn, name)
         except Exception as exc:
             raise ReplayError(f"streams deleted, PostgreSQL schema not: {exc}") from exc
         if schema is not None:
-            names.append(f"PostgreSQL schema {schema}")
-    return names
+            removed.append(f"PostgreSQL schema {schema}")
+    return removed
 
 
 async def drop_schema(dsn: str, name: str) -> str | None:
@@ -470,11 +552,15 @@ async def drop_schema(dsn: str, name: str) -> str | None:
 
 async def names(js: JetStreamContext) -> list[str]:
     """Every namespace that has a pipeline stream."""
-    out = set()
-    for s in await js.streams_info():
-        if s.config.name and s.config.name.startswith("NS_"):
-            out.add(s.config.name[3:].rsplit("_", 1)[0])
-    return sorted(out)
+    every = await _stream_names(js)
+    return sorted({n for s in every if s.startswith("NS_") and (n := owner(s)) is not None})
+
+
+def sharing_tables(name: str, others: Iterable[str]) -> list[str]:
+    """Other namespaces whose QuestDB tables are ``name``'s: QuestDB ignores the case of
+    table names, and ``-`` in a namespace becomes ``_`` in its table prefix."""
+    prefix = questdb.namespace_prefix(name).lower()
+    return sorted(n for n in others if n != name and questdb.namespace_prefix(n).lower() == prefix)
 
 
 # --- diff ------------------------------------------------------------------------------
@@ -756,13 +842,16 @@ def _time(text: str, flag: str) -> dt.datetime:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI: one line on stderr and exit code 2 for anything refused, nothing changed."""
-    from workers.runtime.connection import connect
     from workers.runtime.settings import RuntimeSettings, load
+    from workers.status import connect_once
 
     settings = load(RuntimeSettings)
 
     async def go() -> int:
-        nc = await connect(settings, name="tickwire-replay")
+        try:
+            nc = await connect_once(settings, "tickwire-replay")
+        except (TimeoutError, OSError) as exc:
+            raise ReplayError(f"NATS at {settings.nats_url} did not answer: {exc!r}") from None
         js = nc.jetstream()
         try:
             if args.action == "create":
@@ -803,5 +892,5 @@ def run(args: argparse.Namespace) -> int:
     except (ReplayError, subjects.SubjectError) as exc:
         sys.stderr.write(f"tickwire replay: {exc}\n")
     except TimeoutError:
-        sys.stderr.write(f"tickwire replay: no answer from NATS at {settings.nats_url}\n")
+        sys.stderr.write(f"tickwire replay: {args.action} did not finish in {CLI_TIMEOUT_S:g}s\n")
     return 2

@@ -27,6 +27,7 @@ from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
+from workers.runtime import partition
 from workers.runtime.partition import ack_floors, behind, consumers_of
 from workers.runtime.settings import RuntimeSettings
 
@@ -96,7 +97,7 @@ async def consumer_lag(
 async def every_lag(js: JetStreamContext) -> list[Lag]:
     """Every consumer of every stream, by stream and consumer name."""
     out: list[Lag] = []
-    for sinfo in sorted(await js.streams_info(), key=lambda s: s.config.name or ""):
+    for sinfo in sorted(await partition.every_stream(js), key=lambda s: s.config.name or ""):
         stream = sinfo.config.name or ""
         infos = sorted(await consumers_of(js, stream), key=lambda c: c.name)
         floors = ack_floors(infos)
@@ -201,7 +202,7 @@ class StreamRow:
 
 async def every_stream(js: JetStreamContext) -> list[StreamRow]:
     out = []
-    for info in sorted(await js.streams_info(), key=lambda s: s.config.name or ""):
+    for info in sorted(await partition.every_stream(js), key=lambda s: s.config.name or ""):
         name, state = info.config.name or "", info.state
         first = last = None
         if state.messages:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,14 +15,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from contracts import streams, subjects
 from db import questdb as qdb
 from db.migrate import migrate
 from infra.stack import QuestDBUrls
-from workers import replay
+from workers import replay, status
 
 ROOT = Path(__file__).resolve().parents[2]
 SYMBOLS = ("EURUSD", "US500.cash", "XAUUSD")
@@ -159,6 +160,129 @@ async def test_feed_and_symbol_filter(live: JetStreamContext, unique: str) -> No
     await replay.delete(js, unique)
 
 
+async def test_a_filtered_replay_copies_its_whole_range_however_much_follows_it(
+    live: JetStreamContext, unique: str
+) -> None:
+    """One series is replayed while far more messages of another follow the range on live:
+    the copy is whole only once the range's last message of the series is in."""
+    js = live
+    pad = "x" * 2000  # large enough that the copy takes a while
+
+    async def burst(feed: str, symbol: str, tag: str, n: int) -> list[int]:
+        seqs: list[int] = []
+        for lo in range(0, n, 200):
+            acks = await asyncio.gather(
+                *(
+                    js.publish(
+                        subjects.ticks(feed, symbol),
+                        f'{{"tag":"{tag}","i":{i},"pad":"{pad if feed == "feed-a" else ""}"}}'.encode(),
+                        headers={"Nats-Msg-Id": f"{tag}-{i}"},
+                    )
+                    for i in range(lo, min(n, lo + 200))
+                )
+            )
+            seqs += [a.seq for a in acks]
+        return sorted(seqs)
+
+    inside = await burst("feed-a", "EURUSD", f"{unique}-in", 4000)
+    after = await burst("feed-b", "XAUUSD", f"{unique}-after", 12000)
+    start = (await stored(js, streams.TICKS, inside[0]))[2]
+    end = (await stored(js, streams.TICKS, after[0]))[2]
+    assert start < end
+    want = []
+    for seq in (inside[0], inside[-1]):
+        subject, data, _ = await stored(js, streams.TICKS, seq)
+        want.append((live_to(unique, subject), data))
+
+    r = await replay.create(
+        js, unique, stream="TICKS", start=start, end=end, feed="feed-a", symbols=["EURUSD"]
+    )
+    try:
+        target = streams.stream_name(streams.TICKS, namespace=unique)
+        copied = await contents(js, target)
+        assert r.copied == len(copied) == len(inside)
+        assert [copied[0], copied[-1]] == want
+    finally:
+        await replay.delete(js, unique)
+
+
+async def test_names_that_start_alike_are_separate_replays(
+    live: JetStreamContext, unique: str
+) -> None:
+    """``u``, ``u_b`` and ``u-c`` are three names: none is taken for the start of another.
+    Two names QuestDB would give the same tables (``u_b``, ``u-b``) cannot both exist."""
+    js = live
+    seqs = await publish(js, unique, 6)
+    start = (await stored(js, streams.TICKS, seqs[0]))[2]
+    end = start + dt.timedelta(hours=1)
+    u, u_b, u_c = unique, f"{unique}_b", f"{unique}-c"
+
+    async def make(name: str) -> list[str]:
+        await replay.create(js, name, stream="TICKS", start=start, end=end)
+        await js.create_key_value(bucket=f"ns-{name}-models")  # as a pipeline run makes it
+        return await replay.streams_of(js, name)
+
+    try:
+        b_streams = await make(u_b)
+        assert f"KV_ns-{u_b}-models" in b_streams
+        with pytest.raises(replay.ReplayError, match="no replay named"):
+            await replay.delete(js, u)
+        assert await replay.streams_of(js, u_b) == b_streams
+        with pytest.raises(replay.ReplayError, match="share QuestDB tables"):
+            await replay.create(js, f"{unique}-b", stream="TICKS", start=start, end=end)
+
+        c_streams = await make(u_c)
+        u_streams = await make(u)  # not refused for u_b or u-c existing
+        assert set(u_streams).isdisjoint(b_streams + c_streams)
+        assert len(u_streams) == len(b_streams) == len(c_streams)
+        assert {u, u_b, u_c} <= set(await replay.names(js))
+
+        assert sorted(await replay.delete(js, u)) == u_streams
+        assert await replay.streams_of(js, u_b) == b_streams
+        assert await replay.streams_of(js, u_c) == c_streams
+        assert u not in await replay.names(js)
+    finally:
+        for name in (u, u_b, u_c):
+            if await replay.streams_of(js, name):
+                await replay.delete(js, name)
+
+
+async def test_replays_and_status_see_more_than_a_page_of_streams(
+    live: JetStreamContext, unique: str
+) -> None:
+    """The server lists streams 256 to a page: a replay, and live TICKS with its consumer's
+    lag in ``tickwire status``, are found however many streams sort before them."""
+    js = live
+    durable = f"watch{unique}"
+    await js.add_consumer(
+        streams.TICKS, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
+    )
+    seqs = await publish(js, unique, 3)
+    start = (await stored(js, streams.TICKS, seqs[0]))[2]
+    await replay.create(js, unique, stream="TICKS", start=start, end=start + dt.timedelta(hours=1))
+    mine = await replay.streams_of(js, unique)
+    fillers = [f"A{unique}{i:03d}" for i in range(260)]  # sort before NS_ and TICKS
+    try:
+        for name in fillers:
+            await js.add_stream(
+                StreamConfig(
+                    name=name, subjects=[f"fill.{unique}.{name}"], storage=StorageType.MEMORY
+                )
+            )
+        assert await replay.streams_of(js, unique) == mine
+        assert unique in await replay.names(js)
+        assert streams.TICKS in [s.name for s in await status.every_stream(js)]
+        lags = {(x.stream, x.consumer): x for x in await status.every_lag(js)}
+        assert lags[(streams.TICKS, durable)].messages >= len(seqs)
+        assert sorted(await replay.delete(js, unique)) == mine
+    finally:
+        for name in fillers:
+            await js.delete_stream(name)
+        await js.delete_consumer(streams.TICKS, durable)
+        if await replay.streams_of(js, unique):
+            await replay.delete(js, unique)
+
+
 async def schemas(dsn: str) -> set[str]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -278,6 +402,16 @@ async def test_cli_creates_and_refuses_bad_arguments_without_a_change(
         assert len(lines) == 1, (what, out.stderr)
         assert lines[0].startswith("tickwire replay: "), (what, lines)
         assert sorted(i.config.name or "" for i in await js.streams_info()) == everything, what
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"nats://127.0.0.1:{closed.getsockname()[1]}"
+    for args in [("list",), ("delete", unique)]:
+        out = await asyncio.to_thread(cli, *args, nats_url=nowhere)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert lines[0].startswith(f"tickwire replay: NATS at {nowhere} did not answer"), lines
 
     gone = await asyncio.to_thread(cli, "delete", unique, nats_url=nats_url)
     assert gone.returncode == 0, gone.stderr

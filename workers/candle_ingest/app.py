@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 NAME: Final = CANDLE_INGEST
 REPLAY_SUFFIX: Final = "-replay"
+STATE_BUCKET: Final = "candle-ingest-state"
+"""Object store of the open-candle snapshots (a replay namespace's: ``ns-<name>-...``)."""
 UNKNOWN_SYMBOL: Final = "unknown_symbol"
 OPEN_COUNT_EVERY_S: Final = 1.0
 """How often the open-candles gauge is counted again."""
@@ -720,7 +722,7 @@ def _done() -> asyncio.Future[None]:
 
 
 def _bucket_name(namespace: str | None) -> str:
-    return "candle-ingest-state" if namespace is None else f"ns-{namespace}-candle-ingest-state"
+    return STATE_BUCKET if namespace is None else f"ns-{namespace}-{STATE_BUCKET}"
 
 
 def _subject_problem(subject: str, m: TickInput) -> tuple[str, str] | None:

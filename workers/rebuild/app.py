@@ -45,6 +45,7 @@ from workers.rebuild import plan
 from workers.rebuild.plan import FEATURES, SCORES, SIGNALS, RebuildError, Request
 from workers.registry import Registry, RegistryError
 from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.partition import consumers_of
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import read_stream
 from workers.runtime.worker import Context
@@ -129,7 +130,7 @@ class Rebuild:
         durable = re.compile(rf"{re.escape(worker)}(-\d+of\d+)?")
         floors = [
             c.ack_floor.stream_seq if c.ack_floor else 0
-            for c in await self.ctx.js.consumers_info(stream)
+            for c in await consumers_of(self.ctx.js, stream)
             if durable.fullmatch(c.name)
         ]
         return min(floors) if floors else None

@@ -31,7 +31,7 @@ from typing import Annotated, ClassVar, Final
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
+from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -121,6 +121,14 @@ async def consumers_of(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
     """Every consumer of ``stream``, however many pages the server answers in."""
     infos: list[ConsumerInfo] = []
     while page := await js.consumers_info(stream, offset=len(infos) or None):
+        infos += page
+    return infos
+
+
+async def every_stream(js: JetStreamContext) -> list[StreamInfo]:
+    """Every stream on the server, however many pages (256 each) it answers in."""
+    infos: list[StreamInfo] = []
+    while page := await js.streams_info(offset=len(infos)):
         infos += page
     return infos
 

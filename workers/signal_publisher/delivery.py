@@ -48,7 +48,7 @@ from contracts.streams import (
 )
 from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
-from workers.runtime.partition import PARTITIONED
+from workers.runtime.partition import PARTITIONED, consumers_of
 from workers.runtime.publish import Outgoing, Publisher
 from workers.runtime.pull import ACK, PullSource
 from workers.runtime.worker import MAX_DELIVERIES
@@ -114,7 +114,7 @@ async def remove(js: JetStreamContext, name: str, *, namespace: str | None = Non
 async def listing(js: JetStreamContext, *, namespace: str | None = None) -> list[ConsumerInfo]:
     stream = stream_name(SIGNALS, namespace=namespace)
     return sorted(
-        (i for i in await js.consumers_info(stream) if _is_subscriber(i)),
+        (i for i in await consumers_of(js, stream) if _is_subscriber(i)),
         key=lambda i: i.name,
     )
 
