@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import asyncpg
 import lightgbm
 import numpy as np
 from pydantic import SecretStr
@@ -36,8 +37,8 @@ from workers.registry import (
     active_key,
     should_promote,
 )
-from workers.runtime.connection import connect
 from workers.runtime.settings import RuntimeSettings, load
+from workers.status import connect_once
 from workers.trainer import evaluate
 from workers.trainer.dataset import Dataset, DatasetError, build, load_candles
 from workers.trainer.split import SplitError
@@ -246,6 +247,11 @@ def summary(rep: dict[str, Any], outcome: Outcome, paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+async def _nats_answers(settings: Settings) -> None:
+    nc = await connect_once(settings, "tickwire-train")
+    await nc.close()
+
+
 def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
     settings = load(Settings)
     try:
@@ -261,8 +267,18 @@ def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
         fail("no PostgreSQL DSN: set TICKWIRE_POSTGRES_DSN")
     dsn = settings.postgres_dsn.get_secret_value()
     series = f"{args.feed} {args.symbol} {args.tf}"
-
-    candles = asyncio.run(load_candles(dsn, args.feed, args.symbol, args.tf, start, end))
+    try:  # where the report goes, before the work whose report it is
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"--out {args.out}: {exc.strerror or exc}")
+    try:
+        candles = asyncio.run(load_candles(dsn, args.feed, args.symbol, args.tf, start, end))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        fail(f"PostgreSQL did not give the candles: {exc}")
+    try:  # NATS answers, before the work that ends with its registry
+        asyncio.run(_nats_answers(settings))
+    except (TimeoutError, OSError) as exc:
+        fail(f"NATS at {settings.nats_url} did not answer: {exc!r}")
     from_ms = int(start.timestamp() * 1000)
     in_window = int(np.count_nonzero(candles.open_time_ms >= from_ms))
     if in_window == 0:
@@ -281,7 +297,7 @@ def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
     artifact = model_bytes(training.holdout)
 
     async def go() -> Outcome:
-        nc = await connect(settings, name="tickwire-train")
+        nc = await connect_once(settings, "tickwire-train")
         try:
             registry = await Registry.open(nc.jetstream(), namespace=settings.namespace)
             return await store(registry, artifact, card, ds, training, promote=args.promote)
@@ -292,6 +308,8 @@ def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
         outcome = asyncio.run(go())
     except RegistryError as exc:
         fail(str(exc))
+    except (TimeoutError, OSError) as exc:
+        fail(f"NATS at {settings.nats_url} did not answer: {exc!r}; the model is not stored")
     print(summary(rep, outcome, paths))
     if outcome.promoted is False:
         log.info("model %s not promoted: %s", outcome.version, outcome.reason)
