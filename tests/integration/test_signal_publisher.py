@@ -296,6 +296,9 @@ async def test_a_policy_put_into_kv_takes_effect_without_a_restart(
 
         await kv.put("policy", b'{"defaults": {"entry_long": 0.3, "exit_long": 0.4}}')
         await eventually(lambda: updates("refused") == 1, what="the bad update refused")
+        await kv.put("policy", b"")  # empty: no policy either (a deletion is another thing)
+        await eventually(lambda: updates("refused") == 2, what="the empty update refused")
+        assert updates("deleted") == 0
         await publish(js, [make_score("EURUSD", 2, 0.5)], namespace)
         await eventually(lambda: consumed(js, namespace), what="a score after the bad one")
         assert await signals_of(js, namespace) == []

@@ -399,3 +399,29 @@ def test_a_revision_further_back_decides_the_later_candles_again() -> None:
         too_old.apply(score(bar, 0.0), SUBJECT)
     result = too_old.apply(score(0, 0.9, revision=1), SUBJECT)
     assert reason_of(result) == "revision_too_old"
+
+
+def test_a_limit_put_in_at_run_time_counts_the_entries_already_made() -> None:
+    """max_signals is entries per period_s, whichever policy was in force when they were
+    made: a limit put in, or a period widened, while running counts the recent ones."""
+    for before in (Rule(), Rule(max_signals=1, period_s=60.0)):
+        book = Book(Policy(defaults=before), depth=8)
+        assert [s.side for s in book.apply(score(0, 0.7), SUBJECT)] == [Side.BUY]
+        assert [s.side for s in book.apply(score(2, 0.0), SUBJECT)] == [Side.FLAT]
+        book.policy = Policy(defaults=Rule(max_signals=1, period_s=3600.0))
+        assert book.apply(score(3, 0.7), SUBJECT) == []  # the second entry in the hour
+        assert [s.side for s in book.apply(score(61, 0.7), SUBJECT)] == [Side.BUY]  # the next
+
+
+def test_a_revision_is_decided_under_the_rule_its_candle_was_decided_under() -> None:
+    """A late tick that moves only the price, after the entry threshold was raised: the
+    score is the same, so is the decision, and nothing is published."""
+    book = Book(Policy(defaults=Rule(entry_long=0.6)), depth=8, lateness_ms=60_000)
+    assert [s.side for s in book.apply(score(0, 0.65), SUBJECT)] == [Side.BUY]
+    book.policy = Policy(defaults=Rule(entry_long=0.7))
+    assert book.apply(score(1, 0.3), SUBJECT) == []  # held: above the exit
+    assert book.apply(score(0, 0.65, revision=1, close=1.1001), SUBJECT) == []
+    # a revision that does change the score is decided under that same rule: below 0.6 now
+    fix = book.apply(score(0, 0.55, revision=2), SUBJECT)
+    assert isinstance(fix, list)
+    assert [(s.side, s.corrects) for s in fix] == [(Side.FLAT, "fx|EURUSD|M1|0|m1")]

@@ -370,8 +370,8 @@ async def _watch_policy(watcher: KeyValue.KeyWatcher, signals: Signals) -> None:
             continue
         if entry.operation in (KV_DEL, KV_PURGE):
             signals.use_file()
-        elif entry.value:
-            signals.use(entry.value)
+        else:  # an empty value too: refused as a policy that does not parse, and counted
+            signals.use(entry.value or b"")
 
 
 async def _unwatch(watcher: KeyValue.KeyWatcher, watching: asyncio.Future[None] | None) -> None:

@@ -16,7 +16,9 @@ entry (JSON); a policy that does not validate is refused as a whole.
   that signal; a restatement does not start it again. A blocked reversal still exits to FLAT;
   exits are never held back.
 - **max per period**: at most ``max_signals`` entries whose candles closed within
-  ``period_s`` (0: no limit).
+  ``period_s`` (0: no limit). Entries are remembered whatever the limit, for a day or the
+  period if longer, so a limit put in or a period widened at run time counts the entries
+  already made within it.
 - **only on change**: off, a series in BUY or SELL restates its side on every candle
   (restatements are not entries).
 - **expiry**: a signal is valid until its candle's close plus ``expiry_s``: event time, so a
@@ -208,10 +210,17 @@ def _target(side: Side, s: float, r: Rule) -> Side:
     return Side.BUY if s >= r.entry_long else Side.SELL if s <= r.entry_short else Side.FLAT
 
 
+ENTRY_MEMORY_MS: Final = 86_400_000
+"""How long entries are remembered at least, for a limit per period set at run time."""
+
+
 def _window(state: State, close_ms: int, r: Rule) -> tuple[int, ...]:
-    if not r.max_signals:
-        return ()
     start = close_ms - round(r.period_s * 1000)
+    return tuple(t for t in state.entries if t > start)
+
+
+def _remembered(state: State, close_ms: int, r: Rule) -> tuple[int, ...]:
+    start = close_ms - max(round(r.period_s * 1000), ENTRY_MEMORY_MS)
     return tuple(t for t in state.entries if t > start)
 
 
@@ -241,8 +250,8 @@ def decide(state: State, score: Score, rule: Rule) -> tuple[State, Signal | None
         if rule.only_on_change or side is Side.FLAT:
             return state, None
         return state, make_signal(score, side, rule)  # a restatement
-    entries = _window(state, score.close_time_ms, rule)
-    if entry and rule.max_signals:
+    entries = _remembered(state, score.close_time_ms, rule)
+    if entry:
         entries = (*entries, score.close_time_ms)
     new = State(
         side=side,

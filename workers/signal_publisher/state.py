@@ -3,9 +3,9 @@
 A series (feed, symbol, timeframe) keeps its latest ``depth`` candles: each one's score, the
 state before it and the signal in force for it (none, the one published, or a correction).
 A revised candle is decided again from the state before it, and so is every later candle
-kept; where the decision (a side, or no signal) differs from the one made before, a
-correcting signal is published: the new side, or when there is now no signal, the side the
-series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
+kept, each under the rule it was first decided under (not a policy put in since); where
+the decision (a side, or no signal) differs from the one made before, a correcting signal
+is published: the new side, or when there is now no signal, the side the series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
 id adds the revision that caused it. A correction stays valid the allowed lateness longer
 than a signal: a revision comes up to that long after its candle's close, and must not
 reach subscribers expired. When the last correction is for an earlier candle and says
@@ -27,7 +27,7 @@ import msgspec
 from contracts import subjects
 from contracts.messages import Score, Side, Signal, Timeframe
 from contracts.servertime import fits
-from workers.signal_publisher.policy import Policy, State, decide, make_signal, signal_id
+from workers.signal_publisher.policy import Policy, Rule, State, decide, make_signal, signal_id
 
 BAD_SCORE: Final = "bad_score"
 BAD_PRICE: Final = "bad_price"
@@ -92,6 +92,9 @@ def check_score(s: Score, subject: str) -> Refusal | None:
 @dataclass(slots=True)
 class Decided:
     score: Score
+    rule: Rule
+    """The rule it was decided under: a revision is decided again under it, not under a
+    policy put in since (the score may not even have changed)."""
     before: State
     signal: Signal | None
     """The signal in force for this candle."""
@@ -140,7 +143,8 @@ class Book:
             rule = self.policy.rule(*key)
             before = series.state
             series.state, signal = decide(before, score, rule)
-            recent.append(Decided(score, before, signal, None if signal is None else signal.side))
+            decided = None if signal is None else signal.side
+            recent.append(Decided(score, rule, before, signal, decided))
             if len(recent) > self.depth:
                 del recent[0]
             return [] if signal is None else [signal]
@@ -173,11 +177,14 @@ class Book:
              if d.score.open_time_ms == signal.open_time_ms),
             signal.open_time_ms + signal.tf.ms,
         )  # fmt: skip
+        entries = tuple(t for t in series.state.entries if t < close_ms)
         held = series.state = msgspec.structs.replace(
             series.state,
             side=signal.side,
             last_open_ms=signal.open_time_ms,
             last_close_ms=close_ms,
+            # a side taken is an entry, for the limit per period
+            entries=entries if signal.side is Side.FLAT else (*entries, close_ms),
         )
         # no signal came after it: each later candle kept held that side, and a revision
         # of one is decided again from there; that candle and earlier ones are not
@@ -201,7 +208,6 @@ class Book:
         return True
 
     def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
-        rule = self.policy.rule(revised.feed, revised.symbol, revised.tf)
         recent = series.recent
         state = recent[i].before
         cause = f"r{revised.candle_revision}"
@@ -212,6 +218,7 @@ class Book:
             d = recent[j]
             score = revised if j == i else d.score
             d.before = state
+            rule = d.rule
             state, signal = decide(state, score, rule)
             if j == i:
                 d.score = revised
@@ -238,7 +245,9 @@ class Book:
             # so that the last word subscribers get is the side it holds
             last = recent[-1]
             was = None if last.signal is None else last.signal.signal_id
-            again = make_signal(last.score, state.side, rule, f"{signal_id(last.score)}|{cause}")
+            again = make_signal(
+                last.score, state.side, last.rule, f"{signal_id(last.score)}|{cause}"
+            )
             last.signal = msgspec.structs.replace(
                 again, corrects=was, expires_ms=again.expires_ms + self.lateness_ms
             )
