@@ -143,6 +143,12 @@ class Watermark(_Message, tag="watermark", tag_field="type", kw_only=True, froze
     symbol: Symbol
     time_ms: EpochMs
 
+    @property
+    def msg_id(self) -> str:
+        """Its ``Nats-Msg-Id``; candle-ingest takes no watermark without it (an EA sends
+        ticks, and a watermark it sent by mistake would close the symbol's candles)."""
+        return f"wm|{self.feed}|{self.symbol}|{self.time_ms}"
+
 
 TickInput = Tick | TickBatch | Bar | Watermark
 """What may arrive on a TICKS subject."""

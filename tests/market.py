@@ -172,3 +172,8 @@ def watermark(feed: str, symbol: str, time_ms: int) -> bytes:
     return msgspec.json.encode(
         {"type": "watermark", "v": 1, "feed": feed, "symbol": symbol, "time_ms": time_ms}
     )
+
+
+def watermark_headers(feed: str, symbol: str, time_ms: int) -> dict[str, str]:
+    """The message id that makes a watermark tickwire's own (candle-ingest takes no other)."""
+    return {"Nats-Msg-Id": f"wm|{feed}|{symbol}|{time_ms}"}

@@ -394,7 +394,7 @@ async def _close_window(js: nats.js.JetStreamContext, end_ms: int) -> None:
             await js.publish(
                 subjects.ticks(feed, symbol),
                 encode(wm),
-                headers={"Nats-Msg-Id": f"wm|{feed}|{symbol}|{end_ms}"},
+                headers={"Nats-Msg-Id": wm.msg_id},
             )
 
 

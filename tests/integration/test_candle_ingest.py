@@ -99,7 +99,11 @@ async def publish(
         for feed, symbol in sc.symbols:
             subject = subjects.ticks(feed, symbol, namespace=namespace)
             end = sc.last_ms + 3 * 86_400_000
-            futures.append(await js.publish_async(subject, market.watermark(feed, symbol, end)))
+            mark, headers = (
+                market.watermark(feed, symbol, end),
+                market.watermark_headers(feed, symbol, end),
+            )
+            futures.append(await js.publish_async(subject, mark, headers=headers))
     await asyncio.gather(*futures)
 
 
@@ -487,6 +491,8 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         body |= {"open_time_ms": minute, "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15}
         return msgspec.json.encode(body | kw)
 
+    far = now + 3_600_000
+    ours = market.watermark(feed, symbol, far)  # tickwire's message id, but in the future
     bad: list[tuple[str, bytes, str]] = [
         ("malformed_json", b'{"type":"tick","feed":"feed-a",', subject),
         ("unknown_schema_version", tick(v=9, extra=[1, 2]), subject),
@@ -504,6 +510,9 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         ("bad_ohlc", bar(high=1.12), subject),  # below the close
         ("future_time", bar(open_time_ms=minute + 3_600_000), subject),
         ("illegal_symbol", tick(symbol="EUR\x00USD"), subject),
+        # an EA's watermark would close every open candle of the symbol for good
+        ("unknown_type", market.watermark(feed, symbol, far + 1), subject),
+        ("future_time", ours, subject),
         ("subject_mismatch", tick(feed="feed-b"), subject),
         (
             "unknown_symbol",
@@ -519,7 +528,8 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         await streams.ensure(js, streams.stream_specs(namespace=namespace))
         await js.publish(subject, tick(), headers={"Nats-Msg-Id": "good-1"})
         for _, payload, subj in bad:
-            await js.publish(subj, payload)
+            headers = market.watermark_headers(feed, symbol, far) if payload == ours else None
+            await js.publish(subj, payload, headers=headers)
         await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
         await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
         ticks = streams.stream_name(streams.TICKS, namespace=namespace)
@@ -947,7 +957,12 @@ async def test_a_backfill_then_the_live_ticks_make_each_candle_once(
         subject = subjects.ticks("live", "EURUSD", namespace=namespace)
         for tick in ticks:
             await js.publish(subject, msgspec.json.encode(tick))
-        await js.publish(subject, market.watermark("live", "EURUSD", t + 3 * 86_400_000))
+        end = t + 3 * 86_400_000
+        await js.publish(
+            subject,
+            market.watermark("live", "EURUSD", end),
+            headers=market.watermark_headers("live", "EURUSD", end),
+        )
         await all_ticks_consumed(js, namespace)
     finally:
         worker.stop()
@@ -1143,8 +1158,12 @@ async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
         await publish(js, sc, namespace, close=False)
         # last, a message that closes candles: one symbol's clock moves on 5 minutes
         feed, symbol = sc.symbols[0]
-        mark = market.watermark(feed, symbol, sc.last_ms + 300_000)
-        await js.publish(subjects.ticks(feed, symbol, namespace=namespace), mark)
+        end = sc.last_ms + 300_000
+        await js.publish(
+            subjects.ticks(feed, symbol, namespace=namespace),
+            market.watermark(feed, symbol, end),
+            headers=market.watermark_headers(feed, symbol, end),
+        )
         await eventually(lambda: consumed(js, ticks, "candle-ingest"), what="first run")
     finally:
         first.stop()

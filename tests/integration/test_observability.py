@@ -116,9 +116,9 @@ async def test_every_worker_serves_metrics_that_move(
         await js.publish_async(subjects.ticks(FEED, SYMBOL, namespace=ns), encode(tick))
     await js.publish(subjects.ticks(FEED, SYMBOL, namespace=ns), b'{"type":"tick",')
     end = START_MS + SPAN_MS
+    wm = Watermark(feed=FEED, symbol=SYMBOL, time_ms=end)
     await js.publish(
-        subjects.ticks(FEED, SYMBOL, namespace=ns),
-        encode(Watermark(feed=FEED, symbol=SYMBOL, time_ms=end)),
+        subjects.ticks(FEED, SYMBOL, namespace=ns), encode(wm), headers={"Nats-Msg-Id": wm.msg_id}
     )
     minutes = len({r.time_ms // 60_000 for r in rows})
 

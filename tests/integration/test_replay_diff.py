@@ -107,7 +107,10 @@ async def publish_ticks(js: JetStreamContext, feed: str, seed: int) -> list[Tick
     last = max(t.time_ms for t in sent)
     for symbol in SYMBOLS:
         wm = Watermark(feed=feed, symbol=symbol, time_ms=last + 86_400_000)
-        futures.append(await js.publish_async(subjects.ticks(feed, symbol), encode(wm)))
+        headers = {"Nats-Msg-Id": wm.msg_id}  # tickwire's own: an EA's would be refused
+        futures.append(
+            await js.publish_async(subjects.ticks(feed, symbol), encode(wm), headers=headers)
+        )
     await asyncio.gather(*futures)
     return sent
 

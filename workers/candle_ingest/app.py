@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator, model_validator
 
 from contracts import subjects
-from contracts.codec import Codec, ContractError, encode
+from contracts.codec import UNKNOWN_TYPE, Codec, ContractError, encode
 from contracts.messages import (
     Bar,
     Candle,
@@ -54,7 +54,7 @@ from workers.candle_ingest.aggregate import (
     SnapshotMismatch,
 )
 from workers.candle_ingest.sink import QuestDBSink
-from workers.candle_ingest.validate import check_bar
+from workers.candle_ingest.validate import FUTURE_TIME, check_bar
 from workers.runtime.errors import ReplayFailed, TransientError
 from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
@@ -299,7 +299,11 @@ class Ingest:
                 detail = f"{m.feed} {m.symbol} {m.tf} open_time_ms={m.open_time_ms}"
                 batch.reject(d, reason, detail)
         elif isinstance(m, Watermark):
-            self._emit(agg.advance(m.feed, m.symbol, m.time_ms), m.time_ms)
+            problem = _watermark_problem(d, m, stored, self._skew_ms)
+            if problem is None:
+                self._emit(agg.advance(m.feed, m.symbol, m.time_ms), m.time_ms)
+            elif batch is not None:
+                batch.reject(d, *problem)
         agg.last_stream_seq = seq
 
     def _ticks(
@@ -663,7 +667,7 @@ class Ingest:
                 Outgoing(
                     subjects.ticks(feed, symbol, namespace=self.namespace),
                     encode(wm),
-                    f"wm|{feed}|{symbol}|{mark}",
+                    wm.msg_id,
                 )
             )
         if out:
@@ -719,6 +723,21 @@ def _done() -> asyncio.Future[None]:
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
+
+
+def _watermark_problem(
+    d: Delivery[TickInput], wm: Watermark, stored: int, skew_ms: int
+) -> tuple[str, str] | None:
+    """A watermark is tickwire's own: published with its message id, and not ahead of the
+    time TICKS stored it by more than a tick may be."""
+    msg_id = (d.msg.headers or {}).get("Nats-Msg-Id")
+    if msg_id != wm.msg_id:
+        return UNKNOWN_TYPE, (
+            f"a watermark is tickwire's own (message id {wm.msg_id}), not an EA's: {msg_id!r}"
+        )
+    if wm.time_ms > stored + skew_ms:
+        return FUTURE_TIME, f"{wm.feed} {wm.symbol} watermark time_ms={wm.time_ms}"
+    return None
 
 
 def _bucket_name(namespace: str | None) -> str:
