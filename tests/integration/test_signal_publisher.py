@@ -30,6 +30,7 @@ from tests.processes import running, spawn, worker_env
 from tests.waiting import eventually
 from workers.runtime.errors import TransientError
 from workers.signal_publisher.app import Settings, Signals, build
+from workers.signal_publisher.state import side_key
 
 pytestmark = pytest.mark.integration
 
@@ -555,3 +556,32 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_signals(
         for m in await stream_messages(js, streams.DLQ, chaos)
     ]
     assert [d.reason for d in dead] == ["bad_price"]
+
+
+async def test_a_correction_for_an_earlier_candle_leaves_the_later_word_in_the_sides_bucket(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """SELL, exit, BUY; then bar 0 revised to a BUY: its correction is the last signal
+    published, but bar 2's BUY stays the series' last word, in the bucket a restart reads
+    (and so the cooldown still counts from bar 2)."""
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        scores = [make_score("EURUSD", bar, v) for bar, v in enumerate((-0.7, -0.1, 0.7))]
+        await publish(js, scores, namespace)
+        await eventually(lambda: consumed(js, namespace), what="the scores")
+        await publish(js, [make_score("EURUSD", 0, 0.7, revision=1)], namespace)
+        await eventually(lambda: consumed(js, namespace), what="the revision")
+    finally:
+        await stop_worker(worker, task)
+    got = await signals_of(js, namespace)
+    assert [(s.open_time_ms, s.side.value) for s in got] == [
+        (T0, "SELL"),
+        (T0 + M1, "FLAT"),
+        (T0 + 2 * M1, "BUY"),
+        (T0, "BUY"),  # the correction, published last
+    ]
+    kv = await js.key_value(f"ns-{namespace}-signal-sides")
+    entry = await kv.get(side_key(got[2]))
+    assert entry.value is not None
+    assert msgspec.json.decode(entry.value, type=Signal) == got[2]

@@ -178,6 +178,8 @@ class Signals:
         self.pending_meta: list[tuple[Signal, Score]] = []
         self.refused: collections.OrderedDict[int, Refusal] = collections.OrderedDict()
         """Refusals by stream seq, for the score coming again."""
+        self.said: dict[Key, Signal] = {}
+        """The last word of each series in the sides bucket, as written from here."""
 
     def apply(self, batch: Batch[Score] | None, d: Delivery[Score], *, output: bool) -> None:
         seq = d.stream_seq
@@ -213,11 +215,20 @@ class Signals:
         pending, meta = self.pending, self.pending_meta
         self.pending, self.pending_meta = [], []
         self.metrics.series_w.set(len(self.book.series))
+        # a correction for an earlier candle is no later word than a later candle's signal
+        # (the book sends the side the series holds last, so its side is the same)
+        words = [
+            s
+            for key, s in last_words(s for s, _ in meta).items()
+            if (held := self.said.get(key)) is None or supersedes(s, held)
+        ]
+        # at the seal, not the commit: commits run in seal order, and one that fails stops
+        # the worker, whose start reads the bucket again
+        self.said.update(((s.feed, s.symbol, s.tf), s) for s in words)
         if pending:
             prefix = f"$KV.{self.settings.sides_bucket}."
             pending += [
-                Outgoing(f"{prefix}{side_key(s)}", encode(s), f"side|{s.signal_id}")
-                for s in last_words(s for s, _ in meta).values()
+                Outgoing(f"{prefix}{side_key(s)}", encode(s), f"side|{s.signal_id}") for s in words
             ]
 
         async def commit() -> None:
@@ -287,6 +298,7 @@ class Signals:
             stream_name(SIGNALS, namespace=ns), subjects.wildcard(subjects.SIGNALS, namespace=ns)
         )
         last = last_words([*kept.values(), *sent.values()])
+        self.said.update(last)
         taken = sum(self.book.told(signal) for signal in last.values())
         taken += sum(self.book.untold(key) for key in list(self.book.series) if key not in last)
         if taken:
