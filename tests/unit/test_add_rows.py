@@ -142,7 +142,11 @@ def test_add_rows_equals_tick_by_tick(
 
 def test_a_price_source_without_last_refuses_each_tick() -> None:
     agg = Aggregator(AggregatorConfig(price=PriceSource.LAST))
-    rows = tuple(TickRow(time_ms=1_000 + i, bid=1.0, ask=1.1, seq=i + 1) for i in range(5))
+    # none, or 0 as MT5 gives it for a symbol without deals
+    rows = tuple(
+        TickRow(time_ms=1_000 + i, bid=1.0, ask=1.1, last=0.0 if i % 2 else None, seq=i + 1)
+        for i in range(5)
+    )
     result = agg.add_rows(
         "f", "S", rows, now_ms=10_000, max_future_skew_ms=SKEW_MS, out=[], out_times=[]
     )

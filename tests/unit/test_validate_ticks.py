@@ -50,7 +50,6 @@ def test_good_ticks_pass() -> None:
         (1.1, 0.0, None),
         (1.1, 1.1, NAN),
         (1.1, 1.1, INF),
-        (1.1, 1.1, 0.0),
         (1.1, 1.1, -1.1),
         # MT5's EMPTY_VALUE (DBL_MAX) from a faulty EA, and anything from 1e15 on
         (DBL_MAX, DBL_MAX, None),
@@ -61,6 +60,12 @@ def test_good_ticks_pass() -> None:
 )
 def test_bad_price(bid: float, ask: float, last: float | None) -> None:
     assert tick(bid=bid, ask=ask, last=last) == "bad_price"
+
+
+def test_a_last_price_of_zero_is_none_as_mt5_means_it() -> None:
+    """MT5 fills ``MqlTick.last`` with 0 for a symbol without deals (forex): an EA that copies
+    it must not have every tick refused."""
+    assert tick(bid=1.1, ask=1.1, last=0.0) is None
 
 
 def test_bid_above_ask() -> None:

@@ -379,7 +379,7 @@ class Aggregator:
             price = bid
         elif kind == 1:
             price = (bid + ask) / 2
-        elif last is None:
+        elif not last:  # MT5 gives 0 for a symbol without deals: no last price
             return _R_NO_LAST
         else:
             price = last
@@ -473,7 +473,7 @@ class Aggregator:
                     last, volume, seq = t.last, t.volume, t.seq
                     if not (0.0 < bid < top and 0.0 < ask < top) or bid > ask or tm > limit:
                         break
-                    if last is not None and not 0.0 < last < top:
+                    if last and not 0.0 < last < top:  # 0: none (MT5's word for it)
                         break
                     if volume is not None and not 0.0 <= volume < top:
                         break
@@ -487,7 +487,7 @@ class Aggregator:
                         price = bid
                     elif kind == 1:
                         price = (bid + ask) / 2
-                    elif last is None:
+                    elif not last:
                         break
                     else:
                         price = last

@@ -39,13 +39,14 @@ def check_tick(
     now_ms: int,
     max_future_skew_ms: int,
 ) -> str | None:
-    """``bad_price``: NaN, zero, negative or from ``MAX_VALUE`` on (inf too) bid/ask/last;
+    """``bad_price``: NaN, zero, negative or from ``MAX_VALUE`` on (inf too) bid/ask, and
+    last (except 0, which MT5 gives for a symbol without deals: no last price);
     ``bid_above_ask``; ``negative_volume``; ``bad_volume`` (NaN, or from ``MAX_VALUE`` on);
     ``future_time``: after ``now_ms + max_future_skew_ms``."""
     # a chained comparison is False for NaN
     if not (0.0 < bid < MAX_VALUE and 0.0 < ask < MAX_VALUE):
         return BAD_PRICE
-    if last is not None and not 0.0 < last < MAX_VALUE:
+    if last and not 0.0 < last < MAX_VALUE:  # 0 is MT5's "no deal": none, not a bad price
         return BAD_PRICE
     if bid > ask:
         return BID_ABOVE_ASK
