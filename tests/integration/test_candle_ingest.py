@@ -492,7 +492,8 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         return msgspec.json.encode(body | kw)
 
     far = now + 3_600_000
-    ours = market.watermark(feed, symbol, far)  # tickwire's message id, but in the future
+    ours = market.watermark(feed, symbol, far)
+    bad_row = {"time_ms": -5, "bid": 1.1, "ask": 1.2}  # tickwire's message id, but in the future
     bad: list[tuple[str, bytes, str]] = [
         ("malformed_json", b'{"type":"tick","feed":"feed-a",', subject),
         ("unknown_schema_version", tick(v=9, extra=[1, 2]), subject),
@@ -530,6 +531,12 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         for _, payload, subj in bad:
             headers = market.watermark_headers(feed, symbol, far) if payload == ours else None
             await js.publish(subj, payload, headers=headers)
+        # a batch with one tick that does not decode: that tick alone is a dead letter
+        good_row = {"time_ms": now - 4_500, "bid": 1.1, "ask": 1.2}
+        await js.publish(subject, msgspec.json.encode(
+            {"type": "tick_batch", "v": 1, "feed": feed, "symbol": symbol,
+             "ticks": [good_row, bad_row]}
+        ))  # fmt: skip
         await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
         await js.publish(subject, tick(time_ms=now - 4_000), headers={"Nats-Msg-Id": "good-2"})
         ticks = streams.stream_name(streams.TICKS, namespace=namespace)
@@ -538,6 +545,9 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
         worker.stop()
         await asyncio.wait_for(task, 60)
     letters = await on_stream(js, streams.DLQ, namespace, DeadLetter)
+    [part] = [d for d in letters if d.payload == msgspec.json.encode(bad_row)]
+    assert part.reason == "invalid_value"
+    letters.remove(part)
     assert sorted(d.reason for d in letters) == sorted(reason for reason, _, _ in bad)
     subject_of = {payload: subj for _, payload, subj in bad}
     for letter in letters:
@@ -548,7 +558,7 @@ async def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_goes_on(
     accepted = worker.metrics.registry.get_sample_value(
         "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
     )
-    assert accepted == 2  # the good ones around the bad ones, the re-sent one stored once
+    assert accepted == 3  # the good ones around the bad ones (one in the batch), once each
     dead = worker.metrics.registry.get_sample_value(
         "tickwire_dead_letters_total", {"worker": "candle-ingest", "reason": "bad_price"}
     )

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
+from contracts.codec import ContractError
 from contracts.messages import Bar, Timeframe
 from contracts.servertime import Periods
-from workers.candle_ingest.validate import check_bar, check_symbol, check_tick
+from workers.candle_ingest.validate import (
+    SalvagedBatch,
+    TicksCodec,
+    check_bar,
+    check_symbol,
+    check_tick,
+)
 
 NOW = 1_704_362_400_000
 SKEW = 5_000
@@ -119,3 +127,36 @@ def test_bars() -> None:
     assert bar(spread=1e15) == "bad_volume"
     assert bar(open_time_ms=NOW - NOW % 86_400_000) == "misaligned_bar"  # 00:00, day starts 22:00
     assert bar(tf=Timeframe.M1, open_time_ms=NOW + 60_000) == "future_time"
+
+
+def test_a_batch_keeps_the_ticks_that_decode_and_refuses_the_others_alone() -> None:
+    rows = [
+        {"time_ms": 1_741_600_800_123, "bid": 1.1, "ask": 1.2, "seq": 1},
+        {"time_ms": -5, "bid": 1.1, "ask": 1.2, "seq": 2},  # negative
+        {"time_ms": 1_741_600_800_200.5, "bid": 1.1, "ask": 1.2, "seq": 3},  # not an integer
+        {"bid": 1.1, "ask": 1.2, "seq": 4},  # no time
+        {"time_ms": 1_741_600_800_300, "bid": 1.1, "ask": 1.2, "seq": 5},
+    ]
+    batch = {"type": "tick_batch", "feed": "icm-live", "symbol": "EURUSD", "ticks": rows}
+    codec = TicksCodec()
+    got = codec.decode(msgspec.json.encode(batch))
+    assert isinstance(got, SalvagedBatch)
+    assert (got.feed, got.symbol) == ("icm-live", "EURUSD")
+    assert [t.seq for t in got.ticks] == [1, 5]
+    assert got.index == (0, 4)
+    assert [(i, msgspec.json.decode(raw), reason) for i, raw, reason, _ in got.refused] == [
+        (1, rows[1], "invalid_value"),
+        (2, rows[2], "invalid_value"),
+        (3, rows[3], "missing_field"),
+    ]
+    # a bad envelope, or no tick to keep, is the whole message's fault
+    for whole in (
+        {**batch, "feed": "icm.live"},
+        {**batch, "v": 9},
+        {**batch, "ticks": rows[1:4]},
+    ):
+        with pytest.raises(ContractError):
+            codec.decode(msgspec.json.encode(whole))
+    assert not isinstance(
+        codec.decode(msgspec.json.encode({**batch, "ticks": rows[:1]})), SalvagedBatch
+    )

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator, model_validator
 
 from contracts import subjects
-from contracts.codec import UNKNOWN_TYPE, Codec, ContractError, encode
+from contracts.codec import UNKNOWN_TYPE, ContractError, encode
 from contracts.messages import (
     Bar,
     Candle,
@@ -54,7 +54,7 @@ from workers.candle_ingest.aggregate import (
     SnapshotMismatch,
 )
 from workers.candle_ingest.sink import QuestDBSink
-from workers.candle_ingest.validate import FUTURE_TIME, check_bar
+from workers.candle_ingest.validate import FUTURE_TIME, SalvagedBatch, TicksCodec, check_bar
 from workers.runtime.errors import ReplayFailed, TransientError
 from workers.runtime.partition import PartitionedSettings, own_durables
 from workers.runtime.publish import Outgoing
@@ -282,6 +282,12 @@ class Ingest:
         if problem is not None:
             if batch is not None:
                 batch.reject(d, *problem)
+        elif isinstance(m, SalvagedBatch):  # some of its ticks did not decode
+            self.counts["rejected"] += len(m.refused)
+            if batch is not None:
+                for place, raw, why, detail in m.refused:
+                    batch.reject_part(d, place, raw, why, detail)
+            self._ticks(batch, d, stored, m.feed, m.symbol, m.ticks, whole=False, index=m.index)
         elif isinstance(m, TickBatch):
             self._ticks(batch, d, stored, m.feed, m.symbol, m.ticks, whole=False)
         elif isinstance(m, Tick):
@@ -316,6 +322,7 @@ class Ingest:
         rows: Sequence[Tick | TickRow],
         *,
         whole: bool,
+        index: Sequence[int] = (),
     ) -> None:
         """The hot path: validate and fold the ticks; count once per message, not per tick.
         ``stored``: when TICKS stored the message (epoch ms)."""
@@ -347,8 +354,9 @@ class Ingest:
             detail = f"{feed} {symbol} time_ms={t.time_ms} bid={t.bid} ask={t.ask}"
             if whole:
                 batch.reject(d, reason, detail)
-            else:
-                batch.reject_part(d, i, msgspec.json.encode(t), reason, detail)
+            else:  # by its place in the batch as sent
+                place = index[i] if index else i
+                batch.reject_part(d, place, msgspec.json.encode(t), reason, detail)
 
     def _emit(self, candles: list[Candle], trigger_ms: int) -> None:
         if candles:
@@ -559,7 +567,7 @@ class Ingest:
         return self.recovered.setdefault(seq, Recorded())
 
     async def _replay(self, stream: str, first: int, last: int, *, live_from: int) -> int:
-        codec: Codec[TickInput] = Codec(TickInput, max_bytes=self.settings.max_payload_bytes)
+        codec = TicksCodec(max_bytes=self.settings.max_payload_bytes)
         accept = self.settings.acceptor(feed_symbol)
         done = 0
         # its own consumer, so that its NATS user may read that one and no other
@@ -762,7 +770,7 @@ def build(settings: Settings) -> Worker[TickInput]:
         NAME,
         stream=stream,
         durable=settings.durable,
-        codec=Codec(TickInput, max_bytes=settings.max_payload_bytes),
+        codec=TicksCodec(max_bytes=settings.max_payload_bytes),
         settings=settings,
         accept=settings.acceptor(feed_symbol),
         in_order=True,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from contracts.messages import Bar, Timeframe
+import msgspec
+
+from contracts.codec import INVALID_VALUE, MISSING_FIELD, Codec, ContractError
+from contracts.messages import Bar, TickBatch, TickInput, TickRow, Timeframe
 from contracts.servertime import Periods
 from contracts.subjects import SubjectError
 from contracts.subjects import check_symbol as _check_symbol
@@ -84,3 +87,74 @@ def check_bar(bar: Bar, *, periods: Periods, now_ms: int, max_future_skew_ms: in
     if bar.open_time_ms > now_ms + max_future_skew_ms:
         return FUTURE_TIME
     return None
+
+
+class SalvagedBatch(TickBatch, frozen=True, kw_only=True):
+    """The ticks of a batch that decode, when some of its ticks do not: each of those is
+    dead-lettered alone, as a tick that fails a value check is."""
+
+    index: tuple[int, ...] = ()
+    """Each kept tick's place in the batch as sent."""
+    refused: tuple[tuple[int, bytes, str, str], ...] = ()
+    """(place, the tick's JSON, reason, detail) of each tick that does not decode."""
+
+
+class TicksCodec(Codec[TickInput]):
+    """What may come on TICKS. A batch whose envelope (type, version, feed, symbol) is good
+    but some of whose ticks are not (a field missing or of the wrong type, a negative time)
+    is not refused whole: its good ticks are taken."""
+
+    __slots__ = ()
+
+    _row: Final = msgspec.json.Decoder(TickRow)
+
+    def __init__(self, *, max_bytes: int = 1 << 20) -> None:
+        super().__init__(TickInput, max_bytes=max_bytes)
+
+    def decode(self, data: bytes) -> TickInput:
+        try:
+            return super().decode(data)
+        except ContractError as exc:
+            salvaged = self._salvage(data) if exc.reason in (MISSING_FIELD, INVALID_VALUE) else None
+            if salvaged is None:
+                raise
+            return salvaged
+
+    def _salvage(self, data: bytes) -> SalvagedBatch | None:
+        try:
+            loose = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(loose, dict) or loose.get("type") != "tick_batch":
+            return None
+        rows = loose.get("ticks")
+        if not isinstance(rows, list):
+            return None
+        try:  # the envelope alone must be good
+            head = super().decode(msgspec.json.encode({**loose, "ticks": []}))
+        except ContractError:
+            return None
+        assert isinstance(head, TickBatch)
+        kept: list[TickRow] = []
+        index: list[int] = []
+        refused: list[tuple[int, bytes, str, str]] = []
+        for i, row in enumerate(rows):
+            raw = msgspec.json.encode(row)
+            try:
+                kept.append(self._row.decode(raw))
+                index.append(i)
+            except msgspec.ValidationError as exc:
+                reason = MISSING_FIELD if "missing required field" in str(exc) else INVALID_VALUE
+                refused.append((i, raw, reason, f"ticks[{i}]: {exc}"))
+            except msgspec.DecodeError as exc:
+                refused.append((i, raw, INVALID_VALUE, f"ticks[{i}]: {exc}"))
+        if not kept:
+            return None
+        return SalvagedBatch(
+            v=head.v,
+            feed=head.feed,
+            symbol=head.symbol,
+            ticks=kept,
+            index=tuple(index),
+            refused=tuple(refused),
+        )
