@@ -260,7 +260,11 @@ async def test_every_bad_message_is_a_dead_letter_and_every_good_one_is_processe
         await publish_all(
             js,
             [
-                (subjects.ticks(f, s, namespace=ns), market.watermark(f, s, end), {})
+                (
+                    subjects.ticks(f, s, namespace=ns),
+                    market.watermark(f, s, end),
+                    market.watermark_headers(f, s, end),
+                )
                 for f, s in sc.symbols
             ],
         )

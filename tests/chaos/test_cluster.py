@@ -458,7 +458,7 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
                 await eas.send(
                     subjects.ticks(feed, symbol, namespace=ns),
                     scenario.watermark(feed, symbol, end),
-                    f"watermark|{feed}|{symbol}",
+                    scenario.watermark_headers(feed, symbol, end)["Nats-Msg-Id"],
                 )
 
         async def settled() -> bool:
@@ -480,7 +480,7 @@ async def test_a_killed_node_and_a_stalled_leader_lose_and_double_nothing(
     # --- what is stored
     replicas = {n: (await js.stream_info(n)).config.num_replicas for n in names}
     on_ticks = await read_all(js, name[streams.TICKS])
-    ids = Counter(s.msg_id for s in on_ticks if s.msg_id and not s.msg_id.startswith("watermark|"))
+    ids = Counter(s.msg_id for s in on_ticks if s.msg_id and not s.msg_id.startswith("wm|"))
     acked_ticks = sum(len(m.ticks) for m in eas.acked.values())
     lost = [i for i in eas.acked if i not in ids]
     doubled_ticks = sum(c - 1 for c in ids.values())

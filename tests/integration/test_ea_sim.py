@@ -106,7 +106,12 @@ async def candles_of(
     revision of each; no dead letter allowed."""
     for feed, symbol in pairs:
         subject = subjects.ticks(feed, symbol, namespace=namespace)
-        await js.publish(subject, scenario.watermark(feed, symbol, last_ms + 3 * 86_400_000))
+        end = last_ms + 3 * 86_400_000
+        await js.publish(
+            subject,
+            scenario.watermark(feed, symbol, end),
+            headers=scenario.watermark_headers(feed, symbol, end),
+        )
     worker = build(
         Settings(
             nats_url=stack.nats_url,
