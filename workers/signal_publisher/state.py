@@ -5,8 +5,9 @@ state before it and the signal in force for it (none, the one published, or a co
 A revised candle is decided again from the state before it, and so is every later candle
 kept, each under the rule it was first decided under (not a policy put in since); where
 the decision (a side, or no signal) differs from the one made before, a correcting signal
-is published: the new side, or when there is now no signal, the side the series keeps. ``corrects`` names the signal it replaces (if the candle had one) and its own
-id adds the revision that caused it. A correction stays valid the allowed lateness longer
+is published: the new side, or when there is now no signal, the side the series keeps.
+``corrects`` names the signal it replaces (if the candle had one) and its own id adds the
+revision that caused it. A correction stays valid the allowed lateness longer
 than a signal: a revision comes up to that long after its candle's close, and must not
 reach subscribers expired. When the last correction is for an earlier candle and says
 another side than the series now holds (a later candle decided as before, and its signal
