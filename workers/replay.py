@@ -195,11 +195,19 @@ async def _stream_names(js: JetStreamContext) -> list[str]:
     return [s.config.name for s in await partition.every_stream(js) if s.config.name]
 
 
+def _namespaces(every: Iterable[str]) -> set[str]:
+    """The namespaces that have a pipeline stream among the streams ``every``."""
+    return {n for s in every if s.startswith("NS_") and (n := owner(s)) is not None}
+
+
+def _of(every: Sequence[str], name: str) -> list[str]:
+    known = _namespaces(every) | {name}
+    return sorted(s for s in every if owner(s, known) == name)
+
+
 async def streams_of(js: JetStreamContext, name: str) -> list[str]:
     """Every stream, object store and KV bucket of namespace ``name``."""
-    every = await _stream_names(js)
-    known = {n for s in every if s.startswith("NS_") and (n := owner(s)) is not None}
-    return sorted(s for s in every if owner(s, known | {name}) == name)
+    return _of(await _stream_names(js), name)
 
 
 def transforms(
@@ -282,9 +290,10 @@ async def create(
         raise ReplayError("--symbols needs --feed: a symbol's prices are per feed")
     domain = DOMAINS[stream]
     wanted = transforms(domain, name, feed, symbols)
-    if existing := await streams_of(js, name):
+    every = await _stream_names(js)
+    if existing := _of(every, name):
         raise ReplayError(f"namespace {name!r} exists ({', '.join(existing)})")
-    if sharing := sharing_tables(name, await names(js)):
+    if sharing := sharing_tables(name, _namespaces(every)):
         raise ReplayError(
             f"replay name {name!r} would share QuestDB tables with replay {sharing[0]!r}"
             " (QuestDB ignores case, and '-' becomes '_' in table names): choose another"
@@ -506,12 +515,13 @@ async def delete(
     QuestDB tables when ``questdb_http`` is given, and its PostgreSQL schema when
     ``postgres_dsn`` (an admin's: the schema's owner) is given."""
     subjects.check_name(name, "replay name")
-    removed = await streams_of(js, name)
+    every = await _stream_names(js)
+    removed = _of(every, name)
     if not removed:
         raise ReplayError(f"no replay named {name!r}")
     for stream in removed:
         await js.delete_stream(stream)
-    sharing = sharing_tables(name, await names(js))
+    sharing = sharing_tables(name, _namespaces(every))
     if questdb_http is not None and sharing:
         log.warning(
             "QuestDB tables %s* kept: replay %r uses them too",
@@ -552,8 +562,7 @@ async def drop_schema(dsn: str, name: str) -> str | None:
 
 async def names(js: JetStreamContext) -> list[str]:
     """Every namespace that has a pipeline stream."""
-    every = await _stream_names(js)
-    return sorted({n for s in every if s.startswith("NS_") and (n := owner(s)) is not None})
+    return sorted(_namespaces(await _stream_names(js)))
 
 
 def sharing_tables(name: str, others: Iterable[str]) -> list[str]:
