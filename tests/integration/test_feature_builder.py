@@ -95,16 +95,22 @@ def stream_of_candles() -> list[Candle]:
 def expected(published: list[Candle]) -> Counter[bytes]:
     """The vector of every candle message, from the batch form over its series as it stood
     (latest revisions) when the message arrived: features never read later candles, so the
-    whole series can be computed at once between two revisions."""
+    whole series can be computed at once between two revisions, or until a candle comes
+    after a later one of its series (a period that had none until a late tick)."""
     current: dict[tuple[str, str, Timeframe], dict[int, Candle]] = {}
-    for c in published:
+    late: set[int] = set()  # positions in ``published`` of candles later than a later one
+    for n, c in enumerate(published):
         if c.revision == 0:
-            current.setdefault((c.feed, c.symbol, c.tf), {})[c.open_time_ms] = c
+            known = current.setdefault((c.feed, c.symbol, c.tf), {})
+            if known and c.open_time_ms < max(known):
+                late.add(n)
+            else:
+                known[c.open_time_ms] = c
     cache: dict[tuple[str, str, Timeframe], tuple[list[int], np.ndarray]] = {}
     out: Counter[bytes] = Counter()
-    for c in published:
+    for n, c in enumerate(published):
         key = (c.feed, c.symbol, c.tf)
-        if c.revision:
+        if c.revision or n in late:
             current[key][c.open_time_ms] = c
             cache.pop(key, None)
         if key not in cache:
@@ -233,6 +239,31 @@ async def test_vectors_equal_the_batch_features_of_the_published_candles(
         {"worker": DURABLE, "tf": "M1", "warming_up": "false"},
     )
     assert warm == sum(c.tf is Timeframe.M1 for c in candles) - 2 * (DEFAULT.warmup - 1)
+
+
+async def test_a_candle_of_a_period_that_had_none_coming_after_the_next_joins_its_series(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """With an allowed lateness over a minute, candle-ingest publishes the candle of a minute
+    that had no tick until a late one, after the candles of the minutes after it: revision
+    0, the first of its key. It is a candle like any other (the stores keep it, the trainer
+    computes features over it): its vector is that of the candles up to it, the series goes
+    on from it, and nothing is dead-lettered."""
+    candles = series(120, seed=26, symbol="EURUSD")
+    late = candles[100]
+    published = [*candles[:100], *candles[101:103], late, *candles[103:]]
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await publish(js, published, namespace)
+        await eventually(lambda: consumed(js, namespace), timeout=60, what="all candles")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    assert await stream_messages(js, streams.DLQ, namespace) == []
+    got = await stream_messages(js, streams.FEATURES, namespace)
+    assert len(got) == len(candles)
+    assert close_enough(got, expected(published)) == []
 
 
 async def test_a_start_whose_warm_up_fails_is_tried_again_whole(

@@ -9,7 +9,8 @@ Contract checked (state.py, README "feature-builder", messages.FeatureVector):
 1. no look-ahead: the vector of a candle (new or revised) equals the batch form over the
    latest accepted revisions of that candle and the ones before it, and nothing else;
 2. a revision of one of the latest ``depth`` candles is recomputed (same key, its
-   revision); an older one is ``revision_too_old`` (``out_of_order`` for revision 0),
+   revision), and so is a candle of a period without one among them (it came after a later
+   candle); an older one is ``revision_too_old`` (``out_of_order`` for revision 0),
    however long the history; a refused message changes nothing; the state then goes on
    from the revised history. state.py documents that later candles' vectors are *not* re-published, so
    that is measured (``stale_later``), not asserted;
@@ -270,12 +271,18 @@ def run_plan(plan: Plan, *, check: bool = True) -> Outcome:
         def fail(msg: str, where: str = where) -> None:
             failures.append(f"{where}: {msg}")
 
+        insert = False
         if not acc or c.open_time_ms > acc[-1].open_time_ms:
             must = "accept"
             idx = len(acc)
         else:
             idx = next((j for j, a in enumerate(acc) if a.open_time_ms == c.open_time_ms), None)
-            if idx is None:
+            latest = acc[-plan.depth :]
+            if idx is None and c.open_time_ms > latest[0].open_time_ms:
+                # a period between two of the latest ``depth`` candles: in its place
+                must, insert = "accept", True
+                idx = next(j for j, a in enumerate(acc) if a.open_time_ms > c.open_time_ms)
+            elif idx is None:
                 must = "refuse"
                 allowed = {state.OUT_OF_ORDER, state.REVISION_TOO_OLD}
             else:
@@ -298,7 +305,9 @@ def run_plan(plan: Plan, *, check: bool = True) -> Outcome:
             fail(f"accepted, expected refusal {allowed}")
             continue
         # accepted: update the reference, compare with the batch form over the prefix
-        if idx == len(acc):
+        if insert:
+            acc.insert(idx, c)
+        elif idx == len(acc):
             acc.append(c)
         else:
             acc[idx] = c

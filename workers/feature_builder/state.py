@@ -5,12 +5,15 @@ enough to go back: the engine as it was before the oldest of the recent candles,
 taken every ``depth`` candles, and the recent candles themselves (between ``depth`` and
 ``2 * depth`` of them). A revised candle among the latest ``depth`` is recomputed from the
 state before it, and the candles after it are stepped again so the state going on holds
-every latest revision. Only the revised candle's vector is published: later vectors keep
-the revision they were computed from, and their ids are taken.
+every latest revision. So is a candle of a period the series has none of, among the latest
+``depth``: one a late tick made after the next period's candle was out (an allowed
+lateness over the timeframe). Only that candle's vector is published: later vectors keep
+the history they were computed from, and their ids are taken.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from typing import Final, NamedTuple
@@ -114,6 +117,22 @@ class Series:
         """Replace ``recent[at]`` and step again from the state before the oldest recent
         candle; the revised candle's values and whether it was still warming up."""
         self.recent[at] = c
+        return self._step_again(at)
+
+    def insert(self, c: Candle) -> tuple[list[float], bool]:
+        """Put a candle of a period between two recent ones in its place and step again,
+        as ``revise`` does."""
+        recent = self.recent
+        at = bisect.bisect_left(recent, c.open_time_ms, key=lambda r: r.open_time_ms)
+        recent.insert(at, c)
+        out = self._step_again(at)
+        if len(recent) == 2 * self.depth:  # ``at`` is past the first ``depth``: kept
+            assert self.mid is not None
+            self.base, self.mid = self.mid, None
+            del recent[: self.depth]
+        return out
+
+    def _step_again(self, at: int) -> tuple[list[float], bool]:
         engine = self.base.clone()
         self.mid = None
         values: list[float] = []
@@ -166,21 +185,24 @@ class Builder:
             # the latest ``depth`` candles, however many more are kept: what may be revised
             # must not depend on where the series' history started (a restart)
             oldest = recent[max(0, len(recent) - self.depth)].open_time_ms
-            at = None if c.open_time_ms < oldest else series.find(c.open_time_ms)
-            if at is None:
-                if c.open_time_ms < oldest and c.revision > 0:
+            if c.open_time_ms < oldest:
+                if c.revision > 0:
                     return Refusal(
                         REVISION_TOO_OLD, f"{_name(c)}: only candles from {oldest} can be revised"
                     )
                 return Refusal(
                     OUT_OF_ORDER, f"{_name(c)} after {recent[-1].open_time_ms}, not a revision"
                 )
-            if c.revision <= recent[at].revision:
+            at = series.find(c.open_time_ms)
+            if at is None:  # a period that had no candle: a late tick made one
+                values, warming = series.insert(c)
+            elif c.revision <= recent[at].revision:
                 return Refusal(
                     STALE_REVISION, f"{_name(c)}: revision {recent[at].revision} already seen"
                 )
-            values, warming = series.revise(at, c)
-            self.revisions += 1
+            else:
+                values, warming = series.revise(at, c)
+                self.revisions += 1
         if warming:
             values = [v if v == v else 0.0 for v in values]  # NaN: this feature is not warm
         if not all(map(math.isfinite, values)):  # JSON has no inf: it would go out as null
