@@ -378,3 +378,29 @@ def test_a_feature_that_peeks_at_the_next_candle_is_reported_by_name() -> None:
     prefix = next(v for v in found if v.check == "prefix")
     assert prefix.other == 0.0
     assert not math.isclose(prefix.full, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_macd_of_a_symbol_quoted_in_millions_is_not_taken_for_a_peek(seed: int) -> None:
+    """BTCJPY trades near 15,000,000 yen. MACD, a difference of two EMAs of that price,
+    rounds at the price's size, a few 1e-9 of it, not at its own (about 1): its stepped and
+    batch forms differ by more than 1e-9 of the value. That is rounding, no look-ahead; the
+    trainer must not refuse the symbol for it. A MACD that does read the next candle is
+    still caught by both checks."""
+    candles = Candles.from_bars(series(3_000, seed=seed, price=15_000_000.0, digits=0))
+    assert violations(DEFAULT, candles) == []
+    found = violations([MacdOfNext()], candles)
+    assert {v.name for v in found} == {"macd", "macd_signal", "macd_hist"}
+    assert {v.check for v in found} == {"prefix", "stream"}
+
+
+@dataclass(frozen=True, slots=True)
+class MacdOfNext(Macd):
+    """Planted: the MACD of the next candle."""
+
+    kind: ClassVar[str] = "macd_of_next"
+
+    def batch(self, candles: Candles) -> Array:
+        out = Macd.batch(self, candles)
+        out[:-1] = out[1:]
+        return out

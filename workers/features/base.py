@@ -123,6 +123,9 @@ class Feature(abc.ABC):
     parameters, and ``kind`` names the definition in the feature-set id."""
 
     kind: ClassVar[str]
+    of_price_level: ClassVar[bool] = False
+    """True when the values are differences of price levels (MACD): they round at the
+    price's size, not at their own, and the look-ahead check compares them at that size."""
 
     @property
     @abc.abstractmethod

@@ -629,6 +629,7 @@ class Macd(Feature):
     """EMA(fast) - EMA(slow) of the close, its EMA(signal), and their difference."""
 
     kind: ClassVar[str] = "macd"
+    of_price_level: ClassVar[bool] = True
     fast: int = 12
     slow: int = 26
     signal: int = 9

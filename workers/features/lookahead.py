@@ -5,7 +5,9 @@ Two properties, each checked per feature on a given series of candles:
 - prefix invariance: the batch value at i computed on ``candles[:i + 1]`` equals the value
   at i computed on all candles, at several i;
 - stream parity: stepping through the candles one at a time gives the batch values (the
-  incremental form cannot see the future, so a batch form that does differs from it).
+  incremental form cannot see the future, so a batch form that does differs from it); the
+  two forms round differently, so a feature ``of_price_level`` is compared at the size of
+  the highest price, not at its own.
 
 The trainer runs it on its training candles before fitting; tests run it on every feature.
 """
@@ -59,9 +61,11 @@ def violations(
     points = sample_points(len(candles)) if samples is None else list(samples)
     feature_list = features.features if isinstance(features, FeatureSet) else tuple(features)
     bars = [candles.row(i) for i in range(len(candles))]
+    level = max(1.0, float(np.max(candles.high))) if len(candles) else 1.0
     found: dict[tuple[str, str], Violation] = {}
     for feature in feature_list:
         full = feature.batch(candles)
+        tols = {"prefix": tol, "stream": tol * level if feature.of_price_level else tol}
         # (check, index, value computed another way) for every row compared
         others: list[tuple[str, int, Array]] = [
             ("prefix", i, feature.batch(candles.head(i + 1))[i]) for i in points
@@ -69,10 +73,10 @@ def violations(
         stream = FeatureSet((feature,)).engine().run(bars)
         others += [
             ("stream", int(i), stream[i])
-            for i in np.flatnonzero(~close(stream, full, tol).all(axis=1))[:1]
+            for i in np.flatnonzero(~close(stream, full, tols["stream"]).all(axis=1))[:1]
         ]
         for check, i, other in others:
-            same = close(other, full[i], tol)
+            same = close(other, full[i], tols[check])
             for j in np.flatnonzero(~same):
                 name = feature.names[j]
                 found.setdefault(
