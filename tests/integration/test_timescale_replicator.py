@@ -585,6 +585,62 @@ async def test_a_batch_the_database_refuses_is_stored_row_by_row(
     assert (await tables(pg_dsn, None))["candles"] == want["candles"]
 
 
+async def test_a_row_the_database_refuses_while_catching_up_is_dead_lettered(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Candles a dead process was given and never acked are stored by the catch-up at the
+    next start; those the database refuses there are dead-lettered as they are when
+    consumed, not recorded as stored and then acked unseen when they come again."""
+    messages = replication.published(
+        seed=8, candles_per_series=6, namespace=namespace, troubles=False
+    )
+    candles = [m for m in messages if m.table == "candles"]
+    poison = [candles[len(candles) // 3], candles[len(candles) * 2 // 3]]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        if any(
+            c == p.message for p in poison
+        ):  # a timeframe the database refuses (no message can carry it)
+            return (*out[:2], "M2", *out[3:])
+        return out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    # what the dead process held comes again after the ack wait: 5 s here instead of 60 s
+    quick = [msgspec.structs.replace(c, ack_wait=5.0, backoff=(5.0, 10.0))
+             for c in replicator_consumers(namespace)]  # fmt: skip
+    await streams.ensure(js, [], quick)
+    await publish(js, messages)
+    # a process that was given every candle and died before storing any
+    name = streams.stream_name(streams.CANDLES, namespace=namespace)
+    sub = await js.pull_subscribe_bind(DURABLE, stream=name)
+    given = 0
+    while given < len(candles):
+        given += len(await sub.fetch(len(candles) - given, timeout=5))
+    await sub.unsubscribe()
+
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    letters = await dead_letters(js, namespace)
+    assert [(d.reason, d.payload, d.stream_seq) for d in letters] == [
+        ("db_refused", p.payload, candles.index(p) + 1) for p in poison
+    ]
+    assert all("candles_tf_check" in d.detail for d in letters)
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m not in poison]
+    )
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
+
+
 # --- faults --------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
-from workers.runtime.errors import ReplayFailed, TransientError
+from workers.runtime.errors import Rejected, ReplayFailed, TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import AckInfo, read_stream, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
@@ -271,7 +271,8 @@ class Replica:
             )
 
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
-        """Store the valid messages of ``first..last``; refusals come with the redelivery."""
+        """Store the valid messages of ``first..last``; the checks' refusals come with the
+        redelivery, the database's stop the start (``_write_holding``)."""
         done = 0
         reading = read_stream(
             ctx.nc,
@@ -285,8 +286,8 @@ class Replica:
         )
         async with contextlib.aclosing(reading) as batches:  # its consumer gone on a failure
             async for batch in batches:
-                rows = self._rows([(i, m) for i, m in batch if i.stream_seq not in ctx.skipped])
-                await self._write_holding(rows, batch[-1][0].stream_seq)
+                read = [(i, m) for i, m in batch if i.stream_seq not in ctx.skipped]
+                await self._write_holding(self._rows(read), batch[-1][0].stream_seq, read)
                 done += len(batch)
         return done
 
@@ -304,12 +305,22 @@ class Replica:
                 raise ReplayFailed(msg, info, exc, acked=False) from exc
         return out
 
-    async def _write_holding(self, rows: list[tuple[int, Row]], through: int) -> None:
-        """Catch-up writes: a refused batch goes row by row (its refusals come again)."""
+    async def _write_holding(
+        self, rows: list[tuple[int, Row]], through: int, read: list[tuple[AckInfo, Msg]]
+    ) -> None:
+        """Catch-up writes. A refused batch goes row by row with no sequence recorded: a row
+        the database refuses would come again at or below it and be acked as stored. The
+        first such row stops the start instead (``ReplayFailed``): it is dead-lettered, left
+        out (``Context.skipped``) and the start made again from the stored sequence."""
         try:
             await self.store.write(rows, through)
         except Refused:
-            await self.store.write_each(rows, through)
+            refused = await self.store.write_each(rows, 0)  # 0: records no sequence
+            if refused:
+                i, why = refused[0]
+                info, msg = next((info, msg) for info, msg in read if info.stream_seq == rows[i][0])
+                raise ReplayFailed(msg, info, Rejected(DB_REFUSED, why), acked=False) from None
+            await self.store.write([], through)
         self._last_seq.set(through)
 
     async def update_lag(self, ctx: Context) -> None:
