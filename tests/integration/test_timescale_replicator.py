@@ -576,13 +576,61 @@ async def test_a_batch_the_database_refuses_is_stored_row_by_row(
         with pytest.raises(Refused, match="candles_tf_check"):
             await store.write(rows, len(rows))
         assert await store.last_seq() == 0  # nothing of the refused batch stayed
-        refused = await store.write_each(rows, len(rows))
-        assert [i for i, _ in refused] == [3]
+        written = await store.write_each(rows, len(rows))
+        assert [i for i, _ in written.refused] == [3]
+        assert (written.rows, written.skipped) == (len(rows) - 1, 0)
         assert await store.last_seq() == len(rows)
     finally:
         await store.close()
     want = replication.expected([m for m in messages if m.message is not candles[3]])
     assert (await tables(pg_dsn, None))["candles"] == want["candles"]
+
+
+async def test_a_batch_the_database_refuses_counts_its_stored_rows_as_upserted(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every candle message is counted once by its outcome, also when its batch went row by
+    row: upserted or superseded when stored, dead-lettered when the database refused it."""
+    messages = replication.published(seed=9, candles_per_series=6, namespace=namespace)
+    candles = [m for m in messages if m.table == "candles"]
+    poison = candles[len(candles) // 2]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        if c == poison.message:  # a timeframe the database refuses (no message can carry it)
+            return (*out[:2], "M2", *out[3:])
+        return out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    await publish(js, messages)
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    [letter] = await dead_letters(js, namespace)
+    assert (letter.reason, letter.payload) == ("db_refused", poison.payload)
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m is not poison]
+    )
+    counted = {
+        outcome: sample(
+            replicator,
+            "tickwire_replicated_rows_total",
+            worker=DURABLE,
+            stream=streams.CANDLES,
+            outcome=outcome,
+        )
+        for outcome in ("upserted", "superseded", "skipped")
+    }
+    assert counted["skipped"] == 0
+    assert counted["upserted"] + counted["superseded"] == len(candles) - 1
 
 
 async def test_a_row_the_database_refuses_while_catching_up_is_dead_lettered(

@@ -212,14 +212,13 @@ class Replica:
             written = await self.store.write(rows, top)
         except Refused as exc:
             log.warning("%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc)
-            for i, why in await self.store.write_each(rows, top):
+            written = await self.store.write_each(rows, top)
+            for i, why in written.refused:
                 batch.reject(kept[i], DB_REFUSED, why)
-            self._last_seq.set(top)
-            return
         self._upserted.inc(written.rows)
         if written.skipped:
             self._skipped.inc(written.skipped)
-        superseded = len(rows) - written.skipped - written.rows
+        superseded = len(rows) - written.skipped - written.rows - len(written.refused)
         if superseded:
             self._superseded.inc(superseded)
         self._last_seq.set(written.last_seq)
@@ -315,7 +314,7 @@ class Replica:
         try:
             await self.store.write(rows, through)
         except Refused:
-            refused = await self.store.write_each(rows, 0)  # 0: records no sequence
+            refused = (await self.store.write_each(rows, 0)).refused  # 0: records no sequence
             if refused:
                 i, why = refused[0]
                 info, msg = next((info, msg) for info, msg in read if info.stream_seq == rows[i][0])
