@@ -154,7 +154,11 @@ class Store:
         return await self._thread.run(self._write(rows, through_seq))
 
     async def write_each(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
-        """Like ``write``, a row at a time; ``refused`` says which rows were not stored."""
+        """Like ``write``, a row at a time; ``refused`` says which rows were not stored.
+
+        The sequence recorded stops below the first row refused: its dead letter is sent
+        after the commit, and until then a redelivery must find it unstored, to be refused
+        (and dead-lettered) again. A later write records past it."""
         return await self._thread.run(self._write_each(rows, through_seq))
 
     # --- on the thread ------------------------------------------------------------------
@@ -251,6 +255,8 @@ class Store:
                             await conn.execute(self._upsert)
                     except _VALUE_ERRORS as exc:
                         refused.append((i, _describe(exc)))
+                if refused:
+                    through_seq = min(through_seq, rows[refused[0][0]][0] - 1)
                 if through_seq > last:
                     await self._record(conn, through_seq)
         except Exception as exc:
