@@ -576,13 +576,179 @@ async def test_a_batch_the_database_refuses_is_stored_row_by_row(
         with pytest.raises(Refused, match="candles_tf_check"):
             await store.write(rows, len(rows))
         assert await store.last_seq() == 0  # nothing of the refused batch stayed
-        refused = await store.write_each(rows, len(rows))
-        assert [i for i, _ in refused] == [3]
-        assert await store.last_seq() == len(rows)
+        written = await store.write_each(rows, len(rows))
+        assert [i for i, _ in written.refused] == [3]
+        assert (written.rows, written.skipped) == (len(rows) - 1, 0)
+        # a refused row is not recorded as stored: its dead letter is sent after the commit
+        assert await store.last_seq() == 3
+        assert (await store.write([], len(rows))).last_seq == len(rows)
     finally:
         await store.close()
     want = replication.expected([m for m in messages if m.message is not candles[3]])
     assert (await tables(pg_dsn, None))["candles"] == want["candles"]
+
+
+async def test_a_batch_the_database_refuses_counts_its_stored_rows_as_upserted(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every candle message is counted once by its outcome, also when its batch went row by
+    row: upserted or superseded when stored, dead-lettered when the database refused it."""
+    messages = replication.published(seed=9, candles_per_series=6, namespace=namespace)
+    candles = [m for m in messages if m.table == "candles"]
+    poison = candles[len(candles) // 2]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        if c == poison.message:  # a timeframe the database refuses (no message can carry it)
+            return (*out[:2], "M2", *out[3:])
+        return out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    await publish(js, messages)
+    # batches of 20: more come after the one refused
+    replicator = Replicator(settings(stack, namespace, writer_dsn, handler_batch=20))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    [letter] = await dead_letters(js, namespace)
+    assert (letter.reason, letter.payload) == ("db_refused", poison.payload)
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m is not poison]
+    )
+    counted = {
+        outcome: sample(
+            replicator,
+            "tickwire_replicated_rows_total",
+            worker=DURABLE,
+            stream=streams.CANDLES,
+            outcome=outcome,
+        )
+        for outcome in ("upserted", "superseded", "skipped")
+    }
+    assert counted["skipped"] == 0
+    assert counted["upserted"] + counted["superseded"] == len(candles) - 1
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
+
+
+async def test_a_row_the_database_refuses_is_dead_lettered_though_stopped_before_that(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row the database refuses is known only once its batch is committed, and its dead
+    letter goes out after that. A worker stopped (or killed) in between hands its batch
+    back: the redelivered row must not be taken for stored, and is dead-lettered then."""
+    messages = replication.published(
+        seed=10, candles_per_series=6, namespace=namespace, troubles=False
+    )
+    candles = [m for m in messages if m.table == "candles"]
+    poison = candles[len(candles) // 2]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        if c == poison.message:  # a timeframe the database refuses (no message can carry it)
+            return (*out[:2], "M2", *out[3:])
+        return out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    # while the dead-letter stream is gone, no dead letter can be sent: the worker holds its
+    # batch, committed, until it is stopped
+    dlq_name = streams.stream_name(streams.DLQ, namespace=namespace)
+    dlq = [s for s in streams.stream_specs(namespace=namespace) if s.name == dlq_name]
+    await js.delete_stream(dlq_name)
+    await publish(js, messages)
+    first = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(first)
+    retries = "tickwire_transient_retries_total"
+    try:
+        await eventually(
+            lambda: sample(first, retries, worker=DURABLE) >= 2,
+            timeout=60,
+            what="the dead letter held back",
+        )
+    finally:
+        await stop(first, task)
+    await streams.ensure(js, dlq, [])
+
+    again = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(again)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(again, task)
+    [letter] = await dead_letters(js, namespace)
+    assert (letter.reason, letter.payload) == ("db_refused", poison.payload)
+    assert letter.stream_seq == candles.index(poison) + 1
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m is not poison]
+    )
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
+
+
+async def test_a_row_the_database_refuses_while_catching_up_is_dead_lettered(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Candles a dead process was given and never acked are stored by the catch-up at the
+    next start; those the database refuses there are dead-lettered as they are when
+    consumed, not recorded as stored and then acked unseen when they come again."""
+    messages = replication.published(
+        seed=8, candles_per_series=6, namespace=namespace, troubles=False
+    )
+    candles = [m for m in messages if m.table == "candles"]
+    poison = [candles[len(candles) // 3], candles[len(candles) * 2 // 3]]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        if any(
+            c == p.message for p in poison
+        ):  # a timeframe the database refuses (no message can carry it)
+            return (*out[:2], "M2", *out[3:])
+        return out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    # what the dead process held comes again after the ack wait: 5 s here instead of 60 s
+    quick = [msgspec.structs.replace(c, ack_wait=5.0, backoff=(5.0, 10.0))
+             for c in replicator_consumers(namespace)]  # fmt: skip
+    await streams.ensure(js, [], quick)
+    await publish(js, messages)
+    # a process that was given every candle and died before storing any
+    name = streams.stream_name(streams.CANDLES, namespace=namespace)
+    sub = await js.pull_subscribe_bind(DURABLE, stream=name)
+    given = 0
+    while given < len(candles):
+        given += len(await sub.fetch(len(candles) - given, timeout=5))
+    await sub.unsubscribe()
+
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    letters = await dead_letters(js, namespace)
+    assert [(d.reason, d.payload, d.stream_seq) for d in letters] == [
+        ("db_refused", p.payload, candles.index(p) + 1) for p in poison
+    ]
+    assert all("candles_tf_check" in d.detail for d in letters)
+    assert await tables(pg_dsn, namespace) == replication.expected(
+        [m for m in messages if m not in poison]
+    )
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
 
 
 # --- faults --------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class Rejected(TickwireError):
 
 class ReplayFailed(TickwireError):
     """Rebuilding a stateful worker's state at start raised on one message: the start is made
-    again without it (``Context.skipped``), and it is dead-lettered unless it was acked."""
+    again without it (``Context.skipped``), and it is dead-lettered unless it was acked (with
+    the reason of a ``Rejected`` cause, else ``handler_error``)."""
 
     def __init__(self, msg: Msg, info: AckInfo, cause: Exception, *, acked: bool) -> None:
         super().__init__(f"seq {info.stream_seq}: {cause!r}")

@@ -489,8 +489,12 @@ class Worker(Generic[T]):
                     exc_info=exc.cause,
                 )
                 if not exc.acked:
-                    detail = f"{exc.cause!r}, again when the state was rebuilt at start"
-                    item = DeadItem(exc.msg, exc.info, HANDLER_ERROR, detail)
+                    cause = exc.cause
+                    if isinstance(cause, Rejected):  # bad input, found at start
+                        item = DeadItem(exc.msg, exc.info, cause.reason, cause.detail)
+                    else:
+                        detail = f"{cause!r}, again when the state was rebuilt at start"
+                        item = DeadItem(exc.msg, exc.info, HANDLER_ERROR, detail)
                     await self._until_ready(functools.partial(self._dead_letter, dead=[item]), ctx)
 
     async def _until_ready(self, step: Callable[[Context], Awaitable[R]], ctx: Context) -> R | None:

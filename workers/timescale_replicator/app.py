@@ -13,6 +13,9 @@ sequences above the stored one up to the consumer's last delivered), reading it 
 short-lived consumer, before consuming anew.
 Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
 is skipped is checked again, so a refusal whose dead letter was never published is not lost.
+A row the database refuses is found only by its transaction, and dead-lettered after it:
+the sequence recorded stops below it, and the next batch is stored only once that dead
+letter is out.
 
 In a replay namespace (``TICKWIRE_NAMESPACE``) the rows go to that namespace's own schema
 ``ns_<name>`` (made on first start, the same tables as ``market``), never to ``market``.
@@ -38,7 +41,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
-from workers.runtime.errors import ReplayFailed, TransientError
+from workers.runtime.errors import Rejected, ReplayFailed, TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import AckInfo, read_stream, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
@@ -138,8 +141,9 @@ class Replica:
         self._last_seq = metrics.last_seq.labels(NAME, name)
         self.lag_messages = metrics.lag_messages.labels(NAME, name)
         self.lag_seconds = metrics.lag_seconds.labels(NAME, name)
-        self._stored: asyncio.Future[None] | None = None
-        """Done once the last batch handled is in the database, whichever way it got there."""
+        self._stored: asyncio.Future[bool] | None = None
+        """Done once the last batch handled is in the database, whichever way it got there;
+        False when the database refused rows of it (``_store_early``)."""
         self._early: set[asyncio.Task[bool]] = set()
 
     # --- a batch -----------------------------------------------------------------------
@@ -173,18 +177,17 @@ class Replica:
         early.add_done_callback(self._early.discard)
 
         async def commit() -> None:
-            # called once the batch before is finished, so stored: if the early try
-            # failed, this batch may be stored now
+            # called once the batch before is finished, so stored and its dead letters
+            # out: if the early try failed or waited for that, this batch is stored now
             if not await early:
-                await self._store(rows, top, kept, batch)
-                stored.set_result(None)
+                stored.set_result(await self._store(rows, top, kept, batch))
 
         return commit
 
     async def _store_early(
         self,
-        after: asyncio.Future[None] | None,
-        stored: asyncio.Future[None],
+        after: asyncio.Future[bool] | None,
+        stored: asyncio.Future[bool],
         rows: list[tuple[int, Row]],
         top: int,
         kept: list[Delivery[Any]],
@@ -192,37 +195,40 @@ class Replica:
     ) -> bool:
         """Store a batch right after the one before it, without waiting for that one's acks
         or the runtime's turn: a batch's rows are never stored before the earlier batches'
-        (its sequence would mark theirs as stored). False: this try failed, the commit
-        stores the batch."""
-        if after is not None:
-            await asyncio.shield(after)
+        (its sequence would mark theirs as stored). Nor before the dead letters of rows the
+        database refused in the batch before: that one's sequence stops below them until
+        they are out. False: this try failed or waited for that, the commit stores the
+        batch."""
+        if after is not None and not await asyncio.shield(after):
+            return False
         try:
-            await self._store(rows, top, kept, batch)
+            whole = await self._store(rows, top, kept, batch)
         except Exception as exc:  # the commit tries again, and reports what stays wrong
             log.debug("%s: %s batch not stored early: %r", NAME, self.stream, exc)
             return False
-        stored.set_result(None)
+        stored.set_result(whole)
         return True
 
     async def _store(
         self, rows: list[tuple[int, Row]], top: int, kept: list[Delivery[Any]], batch: Batch[Any]
-    ) -> None:
-        """One transaction for the batch; the rows the database refuses are rejected."""
+    ) -> bool:
+        """One transaction for the batch; the rows the database refuses are rejected. False:
+        some were, and the sequence recorded stops below the first of them."""
         try:
             written = await self.store.write(rows, top)
         except Refused as exc:
             log.warning("%s: %s batch refused (%s); storing it row by row", NAME, self.stream, exc)
-            for i, why in await self.store.write_each(rows, top):
+            written = await self.store.write_each(rows, top)
+            for i, why in written.refused:
                 batch.reject(kept[i], DB_REFUSED, why)
-            self._last_seq.set(top)
-            return
         self._upserted.inc(written.rows)
         if written.skipped:
             self._skipped.inc(written.skipped)
-        superseded = len(rows) - written.skipped - written.rows
+        superseded = len(rows) - written.skipped - written.rows - len(written.refused)
         if superseded:
             self._superseded.inc(superseded)
         self._last_seq.set(written.last_seq)
+        return not written.refused
 
     async def close(self) -> None:
         """Stop what waits to be stored (batches handed back, stopping) and disconnect."""
@@ -247,10 +253,13 @@ class Replica:
         stored = await self.store.last_seq()
         self._last_seq.set(stored)
         if stored < floor:
-            # acked means committed: the database lost commits (restored from a backup?)
+            # the last batch acked had rows the database refused (dead-lettered; the
+            # sequence stops below them until a later batch is stored), or the database
+            # lost commits (restored from a backup?)
             log.warning(
-                "%s: %s holds up to seq %d but the consumer acked up to %d; replay %d..%d"
-                " into it to fill the gap",
+                "%s: %s holds up to seq %d but the consumer acked up to %d: unless the rows"
+                " after it were refused (see the dead letters), replay %d..%d into it to fill"
+                " the gap",
                 NAME,
                 self.stream,
                 stored,
@@ -271,7 +280,8 @@ class Replica:
             )
 
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
-        """Store the valid messages of ``first..last``; refusals come with the redelivery."""
+        """Store the valid messages of ``first..last``; the checks' refusals come with the
+        redelivery, the database's stop the start (``_write_holding``)."""
         done = 0
         reading = read_stream(
             ctx.nc,
@@ -285,8 +295,8 @@ class Replica:
         )
         async with contextlib.aclosing(reading) as batches:  # its consumer gone on a failure
             async for batch in batches:
-                rows = self._rows([(i, m) for i, m in batch if i.stream_seq not in ctx.skipped])
-                await self._write_holding(rows, batch[-1][0].stream_seq)
+                read = [(i, m) for i, m in batch if i.stream_seq not in ctx.skipped]
+                await self._write_holding(self._rows(read), batch[-1][0].stream_seq, read)
                 done += len(batch)
         return done
 
@@ -304,13 +314,21 @@ class Replica:
                 raise ReplayFailed(msg, info, exc, acked=False) from exc
         return out
 
-    async def _write_holding(self, rows: list[tuple[int, Row]], through: int) -> None:
-        """Catch-up writes: a refused batch goes row by row (its refusals come again)."""
+    async def _write_holding(
+        self, rows: list[tuple[int, Row]], through: int, read: list[tuple[AckInfo, Msg]]
+    ) -> None:
+        """Catch-up writes. A refused batch goes row by row, its sequence recorded below the
+        first row refused, which stops the start (``ReplayFailed``): that row is dead-lettered,
+        left out (``Context.skipped``) and the start made again from the stored sequence."""
         try:
-            await self.store.write(rows, through)
+            written = await self.store.write(rows, through)
         except Refused:
-            await self.store.write_each(rows, through)
-        self._last_seq.set(through)
+            written = await self.store.write_each(rows, through)
+            if written.refused:
+                i, why = written.refused[0]
+                info, msg = next((info, msg) for info, msg in read if info.stream_seq == rows[i][0])
+                raise ReplayFailed(msg, info, Rejected(DB_REFUSED, why), acked=False) from None
+        self._last_seq.set(written.last_seq)
 
     async def update_lag(self, ctx: Context) -> None:
         lag = await consumer_lag(ctx.js, self.stream, self.durable)

@@ -62,6 +62,8 @@ class Written(NamedTuple):
     skipped: int
     """Messages at or below the stored last sequence: the database has them already."""
     last_seq: int
+    refused: tuple[tuple[int, str], ...] = ()
+    """``(index in rows, why)`` of the rows the database refused (``write_each`` only)."""
 
 
 class _Thread:
@@ -151,10 +153,12 @@ class Store:
         """Store ``(stream_seq, row)`` pairs and ``through_seq`` as the last sequence."""
         return await self._thread.run(self._write(rows, through_seq))
 
-    async def write_each(
-        self, rows: Sequence[tuple[int, Row]], through_seq: int
-    ) -> list[tuple[int, str]]:
-        """Like ``write``, a row at a time; returns ``(index in rows, why)`` of those refused."""
+    async def write_each(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
+        """Like ``write``, a row at a time; ``refused`` says which rows were not stored.
+
+        The sequence recorded stops below the first row refused: its dead letter is sent
+        after the commit, and until then a redelivery must find it unstored, to be refused
+        (and dead-lettered) again. A later write records past it."""
         return await self._thread.run(self._write_each(rows, through_seq))
 
     # --- on the thread ------------------------------------------------------------------
@@ -228,16 +232,16 @@ class Store:
             raise await self._lost(exc) from exc
         return Written(len(unique), len(rows) - len(fresh), max(last, through_seq))
 
-    async def _write_each(
-        self, rows: Sequence[tuple[int, Row]], through_seq: int
-    ) -> list[tuple[int, str]]:
+    async def _write_each(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
         conn = await self._connect()
         refused: list[tuple[int, str]] = []
+        skipped = 0
         try:
             async with conn.transaction():
                 last = await self._locked_last_seq(conn)
                 for i, (seq, row) in enumerate(rows):
                     if seq <= last:
+                        skipped += 1
                         continue
                     try:
                         async with conn.transaction():  # a savepoint per row
@@ -251,11 +255,14 @@ class Store:
                             await conn.execute(self._upsert)
                     except _VALUE_ERRORS as exc:
                         refused.append((i, _describe(exc)))
+                if refused:
+                    through_seq = min(through_seq, rows[refused[0][0]][0] - 1)
                 if through_seq > last:
                     await self._record(conn, through_seq)
         except Exception as exc:
             raise await self._lost(exc) from exc
-        return refused
+        stored = len(rows) - skipped - len(refused)
+        return Written(stored, skipped, max(last, through_seq), tuple(refused))
 
     async def _locked_last_seq(self, conn: asyncpg.Connection) -> int:
         value = await conn.fetchval(query("replicator_read_state"), self.stream, self.consumer)
