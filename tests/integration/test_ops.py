@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
@@ -35,8 +36,11 @@ from tests.processes import free_port
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.registry import Registry, bucket_name
+from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.publish import Publisher
 from workers.runtime.settings import RuntimeSettings
 from workers.runtime.worker import Batch, Context, Worker
+from workers.signal_publisher import delivery
 
 pytestmark = pytest.mark.integration
 
@@ -418,3 +422,78 @@ async def test_status_shows_streams_consumers_workers_and_models(
     models = table_rows(stopped, "active models")
     assert models == [["demo", "US500.cash", "M5", version, "fs-0123456789abcdef", "0.6100"]]
     assert other not in stopped  # a candidate is not active
+
+
+async def test_a_batch_requeue_leaves_dead_letters_without_a_message_and_takes_the_rest(
+    stack: StackUrls, nc: Client, js: JetStreamContext, namespace: str
+) -> None:
+    """candle-ingest lost holding three ticks on their last delivery: the server's
+    advisories make them its dead letters, one of a tick already gone from TICKS (no
+    subject, no payload: nothing to send back). The batch requeue sends the other two."""
+    ns = ("--namespace", namespace)
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    await streams.ensure(js, [], [streams.exhausted_deliveries(namespace=namespace)])
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    dlq = streams.stream_name(streams.DLQ, namespace=namespace)
+    subject = subjects.ticks("feed-a", "EURUSD", namespace=namespace)
+    payloads = [
+        msgspec.json.encode(
+            {"type": "tick", "v": 1, "feed": "feed-a", "symbol": "EURUSD", "time_ms": n,
+             "bid": 1.1, "ask": 1.2}
+        )
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    for n, payload in enumerate(payloads, 1):
+        await js.publish(subject, payload, headers={"Nats-Msg-Id": f"tick-{n}"})
+    await js.delete_msg(ticks, 2)  # as past the stream's age limit
+    for seq in (1, 2, 3):
+        body = {
+            "type": "io.nats.jetstream.advisory.v1.max_deliver",
+            "id": f"adv-{seq}",
+            "timestamp": "2026-01-01T00:00:00Z",
+            "stream": ticks,
+            "consumer": CI,
+            "stream_seq": seq,
+            "deliveries": 10,
+        }
+        await js.publish(subjects.max_deliveries(ticks, CI), msgspec.json.encode(body))
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(nc, metrics, 10.0), metrics, namespace, expires_s=1.0
+    )
+    await exhausted.start()
+    try:
+
+        async def three() -> bool:
+            return (await js.stream_info(dlq)).state.messages == 3
+
+        await eventually(three, what="three dead letters")
+    finally:
+        await exhausted.stop()
+    found = await letters(js, namespace)
+    gone = next(s for s, d in found.items() if d.stream_seq == 2)
+    assert found[gone].subject == ""
+
+    proc = await run(stack, "dlq", "requeue", "--worker", CI, "--reason", "max_deliveries", *ns)
+    assert proc.returncode == 0, proc.stderr
+    assert f"requeued 2 dead letters of {CI} (max_deliveries)" in proc.stdout
+    assert str(gone) in proc.stdout  # said to be left, and why
+    assert set(await letters(js, namespace)) == {gone}
+    requeued = [(await js.get_msg(ticks, seq)) for seq in (4, 5)]
+    assert [m.data for m in requeued] == [payloads[0], payloads[2]]
+    assert [m.headers["Tickwire-Original-Msg-Id"] for m in requeued if m.headers] == [
+        "tick-1",
+        "tick-3",
+    ]
+    assert (await js.stream_info(ticks)).state.last_seq == 5
+
+    # alone: one line, exit 2, nothing changed
+    proc = await run(stack, "dlq", "requeue", str(gone), *ns)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"tickwire: dlq: dead letter {gone} has no message to requeue: seq 2 was no longer in"
+        f" {ticks} when it was dead-lettered (purge it)"
+    ]
+    assert set(await letters(js, namespace)) == {gone}
+    assert (await js.stream_info(ticks)).state.last_seq == 5
+    assert (await js.stream_info(dlq)).state.messages == 1
