@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from nats.js.errors import APIError, NotFoundError
 from contracts import streams, subjects
 from contracts.codec import Codec
 from contracts.messages import DeadLetter, TickInput, Timeframe
-from infra.stack import StackUrls
+from infra.stack import NatsServer, StackUrls
 from tests.candles import series
 from tests.integration.test_feature_builder import close_enough, expected, run_worker
 from tests.integration.test_registry import card, train
@@ -497,3 +498,36 @@ async def test_a_batch_requeue_leaves_dead_letters_without_a_message_and_takes_t
     assert set(await letters(js, namespace)) == {gone}
     assert (await js.stream_info(ticks)).state.last_seq == 5
     assert (await js.stream_info(dlq)).state.messages == 1
+
+
+class NatsWithoutJetStream(NatsServer):
+    """A NATS server whose JetStream does not answer, as a cluster that lost its quorum."""
+
+    def _prepare(self) -> None:
+        self.config_path.write_text("server_name: no-jetstream\n")
+
+    def _is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+
+async def test_status_without_jetstream_says_so_and_still_shows_the_workers(
+    stack: StackUrls, tmp_path: Path
+) -> None:
+    server = NatsWithoutJetStream(tmp_path / "nats")
+    await asyncio.to_thread(server.start)
+    health = f"127.0.0.1:{free_port()}"
+    env = {"TICKWIRE_NATS_URL": server.url, "TICKWIRE_HEALTH": f"{FB}={health}"}
+    try:
+        proc = await run(stack, "status", env=env)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == ""
+    for title in ("streams", "consumers", "active models"):
+        said = proc.stdout.split(f"== {title} ==\n", 1)[1].split("\n", 1)[0]
+        assert said.startswith(f"(JetStream at {server.url} did not answer: "), said
+    assert table_rows(proc.stdout, "workers")[0][:3] == [FB, health, "down"]
