@@ -531,3 +531,12 @@ async def test_status_without_jetstream_says_so_and_still_shows_the_workers(
         said = proc.stdout.split(f"== {title} ==\n", 1)[1].split("\n", 1)[0]
         assert said.startswith(f"(JetStream at {server.url} did not answer: "), said
     assert table_rows(proc.stdout, "workers")[0][:3] == [FB, health, "down"]
+
+
+async def test_a_bad_namespace_setting_is_one_line_and_exit_2(stack: StackUrls) -> None:
+    for command in (("status",), ("dlq", "list")):
+        proc = await run(stack, *command, env={"TICKWIRE_NAMESPACE": "bad.name"})
+        assert proc.returncode == 2, (command, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, (command, proc.stderr)
+        assert lines[0].startswith("tickwire: bad setting TICKWIRE_NAMESPACE: "), lines
