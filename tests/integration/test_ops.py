@@ -260,9 +260,9 @@ async def test_dead_letters_list_show_requeue_purge(
         closed = f"nats://127.0.0.1:{free_port()}"
         proc = await run(stack, "dlq", "requeue", str(seq), *ns, env={"TICKWIRE_NATS_URL": closed})
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines() == [
-            f"tickwire: dlq: NATS at {closed} did not answer: TimeoutError()"
-        ]
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"tickwire: dlq: NATS at {closed} did not answer: TimeoutError(")
+        assert "Connect call failed" in line
         assert await state(js, dlq, candles, ticks) == before
         assert await letters(js, namespace) == found
 
@@ -540,3 +540,38 @@ async def test_a_bad_namespace_setting_is_one_line_and_exit_2(stack: StackUrls) 
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, (command, proc.stderr)
         assert lines[0].startswith("tickwire: bad setting TICKWIRE_NAMESPACE: "), lines
+
+
+class NatsWithPassword(NatsServer):
+    """A NATS server that lets in the user ops with the password right, no one else."""
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        with self.config_path.open("a") as conf:
+            conf.write("authorization { user: ops, password: right }\n")
+
+
+async def test_a_wrong_password_is_said_not_taken_for_nats_down(
+    stack: StackUrls, tmp_path: Path
+) -> None:
+    server = NatsWithPassword(tmp_path / "nats")
+    await asyncio.to_thread(server.start)
+    env = {
+        "TICKWIRE_NATS_URL": server.url,
+        "TICKWIRE_NATS_USER": "ops",
+        "TICKWIRE_NATS_PASSWORD": "wrong",
+        "TICKWIRE_HEALTH": "",
+    }
+    try:
+        dlq = await run(stack, "dlq", "list", env=env)
+        status = await run(stack, "status", env=env)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert dlq.returncode == 2
+    [line] = dlq.stderr.strip().splitlines()
+    assert line.startswith(f"tickwire: dlq: NATS at {server.url} did not answer: "), line
+    assert "Authorization Violation" in line
+    assert status.returncode == 1
+    said = status.stdout.split("== streams ==\n", 1)[1].split("\n", 1)[0]
+    assert "Authorization Violation" in said
+    assert "wrong" not in dlq.stderr + status.stdout
