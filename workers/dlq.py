@@ -255,15 +255,6 @@ class DeadLetters:
             await self.js.delete_msg(self.stream, item.seq)
         return len(items)
 
-    async def purge_worker(self, items: Sequence[Letter], worker: str) -> int:
-        """Every dead letter of ``worker`` up to the last one read: those that came after
-        it were not counted or confirmed and stay."""
-        if not items:
-            return 0
-        last = max(i.seq for i in items)
-        await self.js.purge_stream(self.stream, seq=last + 1, subject=self.subject(worker))
-        return len(items)
-
 
 # --- the command -------------------------------------------------------------------------
 
@@ -358,10 +349,9 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
         )
         if answer.strip().lower() not in ("y", "yes"):
             return "nothing purged"
-    if reason is None:
-        n = await dl.purge_worker(items, worker)
-    else:
-        n = await dl.delete(items, "purge")
+    # exactly those counted: a message there that is not a dead letter this tickwire reads
+    # (another schema version) stays, and so do dead letters that came after the count
+    n = await dl.delete(items, "purge")
     return f"purged {n} dead letters of {scope}"
 
 

@@ -575,3 +575,34 @@ async def test_a_wrong_password_is_said_not_taken_for_nats_down(
     said = status.stdout.split("== streams ==\n", 1)[1].split("\n", 1)[0]
     assert "Authorization Violation" in said
     assert "wrong" not in dlq.stderr + status.stdout
+
+
+async def test_purging_a_worker_deletes_its_dead_letters_and_nothing_else(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """A message on dlq.<worker> that this tickwire cannot read as a dead letter (another
+    schema version, someone else's) is never listed or counted, so it is not purged."""
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    dlq = subjects.dlq(CI, namespace=namespace)
+
+    def letter(n: int) -> bytes:
+        return msgspec.json.encode(
+            DeadLetter(
+                worker=CI,
+                reason="malformed_json",
+                detail="",
+                subject=subjects.ticks("feed-a", "EURUSD", namespace=namespace),
+                payload=b"{",
+                failed_at_ms=n,
+            )
+        )
+
+    newer = msgspec.json.encode({"type": "dead_letter", "v": 2, "worker": CI})
+    for payload in (letter(1), newer, b"junk", letter(2)):
+        await js.publish(dlq, payload)
+    proc = await run(stack, "dlq", "purge", "--worker", CI, "--yes", "--namespace", namespace)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"purged 2 dead letters of {CI}"
+    name = streams.stream_name(streams.DLQ, namespace=namespace)
+    assert [(await js.get_msg(name, seq)).data for seq in (2, 3)] == [newer, b"junk"]
+    assert (await js.stream_info(name)).state.messages == 2
