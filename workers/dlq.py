@@ -11,6 +11,10 @@ It is deterministic, so a requeue repeated after a crash between publish and del
 dropped by the server as a duplicate instead of doubled. The original id travels in
 ``Tickwire-Original-Msg-Id``, the producer's even after a second requeue.
 
+A signal is never requeued, nor a dead letter without a message (made from a delivery-limit
+advisory about a message already gone from its stream). A batch requeue leaves those where
+they are, names them, and requeues the others.
+
 Bad arguments (unknown worker, unknown sequence, a message that is not a dead letter, an
 invalid payload file, NATS not answering) give one line and exit code 2, and nothing is
 changed.
@@ -211,19 +215,33 @@ class DeadLetters:
         except ContractError as exc:
             raise DlqError(f"message {seq} of {self.stream} is not a dead letter: {exc}") from None
 
+    def refusal(self, item: Letter) -> str | None:
+        """Why this dead letter cannot be requeued, or None."""
+        d = item.letter
+        if item.subject == subjects.dlq(SUBSCRIBERS, namespace=self.namespace):
+            return (
+                "is a signal a subscriber did not ack: requeueing it would send it to every"
+                " subscriber; use tickwire subscribers rewind"
+            )
+        if d.stream == stream_name(SIGNALS, namespace=self.namespace):
+            return (
+                f"is a signal ({d.worker} did not take it): requeueing it would send it to"
+                " every subscriber again"
+            )
+        if not d.subject:
+            # a delivery-limit advisory about a message already gone from its stream
+            return (
+                f"has no message to requeue: seq {d.stream_seq or '-'} was no longer in"
+                f" {d.stream or 'its stream'} when it was dead-lettered (purge it)"
+            )
+        return None
+
     async def requeue(self, item: Letter, payload: bytes | None = None) -> PubAck:
         """Publish to the original subject; delete the dead letter once that is acked."""
         d = item.letter
-        if item.subject == subjects.dlq(SUBSCRIBERS, namespace=self.namespace):
-            raise DlqError(
-                f"dead letter {item.seq} is a signal a subscriber did not ack: requeueing it "
-                "would send it to every subscriber; use tickwire subscribers rewind"
-            )
-        if d.stream == stream_name(SIGNALS, namespace=self.namespace):
-            raise DlqError(
-                f"dead letter {item.seq} is a signal ({d.worker} did not take it): requeueing"
-                " it would send it to every subscriber again"
-            )
+        why = self.refusal(item)
+        if why is not None:
+            raise DlqError(f"dead letter {item.seq} {why}")
         ack = await self.js.publish(
             d.subject,
             d.payload if payload is None else payload,
@@ -235,15 +253,6 @@ class DeadLetters:
     async def delete(self, items: Sequence[Letter], what: str) -> int:
         for item in tqdm(items, desc=what, unit="msg", disable=None):
             await self.js.delete_msg(self.stream, item.seq)
-        return len(items)
-
-    async def purge_worker(self, items: Sequence[Letter], worker: str) -> int:
-        """Every dead letter of ``worker`` up to the last one read: those that came after
-        it were not counted or confirmed and stay."""
-        if not items:
-            return 0
-        last = max(i.seq for i in items)
-        await self.js.purge_stream(self.stream, seq=last + 1, subject=self.subject(worker))
         return len(items)
 
 
@@ -307,9 +316,14 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
     assert worker is not None
     items = await dl.scan(worker, reason)
     if action == "requeue":
-        items = items[: args.limit]
         if not items:
             raise DlqError(f"no dead letters of {worker} with reason {reason!r}")
+        # those that cannot be requeued stay, and do not stop the others
+        left = [(item.seq, why) for item in items if (why := dl.refusal(item)) is not None]
+        items = [item for item in items if dl.refusal(item) is None][: args.limit]
+        if not items:
+            seq, why = left[0]
+            raise DlqError(f"none of {worker} with reason {reason!r} can be requeued: {seq} {why}")
         done = 0
         try:
             for item in tqdm(items, desc="requeue", unit="msg", disable=None):
@@ -318,7 +332,12 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
         except (NatsError, TimeoutError) as exc:
             sys.stderr.write(f"tickwire: dlq: requeued {done} of {len(items)}, then: {exc!r}\n")
             raise SystemExit(1) from None
-        return f"requeued {done} dead letters of {worker} ({reason})"
+        return "\n".join(
+            [
+                f"requeued {done} dead letters of {worker} ({reason})",
+                *(f"left dead letter {seq}: it {why}" for seq, why in left),
+            ]
+        )
     scope = worker if reason is None else f"{worker} with reason {reason!r}"
     if not items:
         raise DlqError(f"no dead letters of {scope}")
@@ -330,10 +349,9 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
         )
         if answer.strip().lower() not in ("y", "yes"):
             return "nothing purged"
-    if reason is None:
-        n = await dl.purge_worker(items, worker)
-    else:
-        n = await dl.delete(items, "purge")
+    # exactly those counted: a message there that is not a dead letter this tickwire reads
+    # (another schema version) stays, and so do dead letters that came after the count
+    n = await dl.delete(items, "purge")
     return f"purged {n} dead letters of {scope}"
 
 

@@ -1,7 +1,8 @@
 """``tickwire status``: streams, consumers and their lag, worker health, active models.
 
 One report in four sections, each a table; a part that is missing (no model registry yet,
-a worker not running, NATS not answering) is said in its section and the rest still shows.
+a worker not running, NATS or its JetStream not answering) is said in its section and the
+rest still shows.
 
 Lag of a consumer, from the server's view of it (also the replicator's lag):
 
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Final
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, StreamInfo
 from nats.js.errors import NotFoundError
@@ -270,20 +272,40 @@ async def active_models(js: JetStreamContext, namespace: str | None) -> list[tup
     return sorted(rows)
 
 
+class _FirstSaid(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.said is None:
+            self.said = record.getMessage().removeprefix("nats: ")
+
+
 async def connect_once(settings: RuntimeSettings, name: str) -> Client:
     """A connection for a command, not a worker: give up after the connect timeout.
 
     The runtime's ``connect`` retries forever (right for a worker riding out a restart);
-    a command's user wants one line instead, so its reconnect warnings are kept quiet.
+    a command's user wants one line instead, so its reconnect warnings are kept quiet. The
+    first one is the TimeoutError's message: a refused password is not a server down.
     """
     from workers.runtime.connection import connect
     from workers.runtime.connection import log as connection_log
 
-    level = connection_log.level
-    connection_log.setLevel(logging.ERROR)
+    level, propagate = connection_log.level, connection_log.propagate
+    heard = _FirstSaid()
+    connection_log.setLevel(logging.WARNING)
+    connection_log.propagate = False
+    connection_log.addHandler(heard)
     try:
         return await asyncio.wait_for(connect(settings, name=name), settings.nats_connect_timeout_s)
+    except TimeoutError:
+        if heard.said is None:
+            raise
+        raise TimeoutError(heard.said) from None
     finally:
+        connection_log.removeHandler(heard)
+        connection_log.propagate = propagate
         connection_log.setLevel(level)
 
 
@@ -307,6 +329,8 @@ async def report(settings: Settings) -> tuple[str, bool]:
         why = f"(NATS at {settings.nats_url} did not answer: {exc!r})"
         streams = consumers = models = [why]
     else:
+        missing: list[str] = []
+        streams = consumers = models = missing
         try:
             js = nc.jetstream()
             found = await every_stream(js)
@@ -324,6 +348,14 @@ async def report(settings: Settings) -> tuple[str, bool]:
                 models = render(MODEL_HEADER, rows, left=len(MODEL_HEADER))
                 if not rows:
                     models.append("(no active models)")
+        except NatsError as exc:
+            # JetStream not answering (a cluster without quorum, a user without permission):
+            # said in each section not read yet; what was read and the workers still show
+            ok = False
+            said = [f"(JetStream at {settings.nats_url} did not answer: {exc!r})"]
+            streams, consumers, models = (
+                said if part is missing else part for part in (streams, consumers, models)
+            )
         finally:
             await nc.close()
     workers = await health
@@ -342,7 +374,8 @@ async def report(settings: Settings) -> tuple[str, bool]:
 
 
 def main() -> int:
-    """``tickwire status`` from ``TICKWIRE_*``: exit 0, or 1 when NATS did not answer."""
+    """``tickwire status`` from ``TICKWIRE_*``: exit 0, or 1 when NATS or its JetStream did
+    not answer."""
     from workers.cli import fail
     from workers.runtime.settings import load
 

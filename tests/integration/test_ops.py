@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -21,13 +22,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from contracts import streams, subjects
 from contracts.codec import Codec
 from contracts.messages import DeadLetter, TickInput, Timeframe
-from infra.stack import StackUrls
+from infra.stack import NatsServer, StackUrls
 from tests.candles import series
 from tests.integration.test_feature_builder import close_enough, expected, run_worker
 from tests.integration.test_registry import card, train
@@ -35,8 +37,11 @@ from tests.processes import free_port
 from tests.waiting import eventually
 from workers.feature_builder.app import Settings, build
 from workers.registry import Registry, bucket_name
+from workers.runtime.metrics import WorkerMetrics
+from workers.runtime.publish import Publisher
 from workers.runtime.settings import RuntimeSettings
 from workers.runtime.worker import Batch, Context, Worker
+from workers.signal_publisher import delivery
 
 pytestmark = pytest.mark.integration
 
@@ -255,9 +260,9 @@ async def test_dead_letters_list_show_requeue_purge(
         closed = f"nats://127.0.0.1:{free_port()}"
         proc = await run(stack, "dlq", "requeue", str(seq), *ns, env={"TICKWIRE_NATS_URL": closed})
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines() == [
-            f"tickwire: dlq: NATS at {closed} did not answer: TimeoutError()"
-        ]
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"tickwire: dlq: NATS at {closed} did not answer: TimeoutError(")
+        assert "Connect call failed" in line
         assert await state(js, dlq, candles, ticks) == before
         assert await letters(js, namespace) == found
 
@@ -418,3 +423,186 @@ async def test_status_shows_streams_consumers_workers_and_models(
     models = table_rows(stopped, "active models")
     assert models == [["demo", "US500.cash", "M5", version, "fs-0123456789abcdef", "0.6100"]]
     assert other not in stopped  # a candidate is not active
+
+
+async def test_a_batch_requeue_leaves_dead_letters_without_a_message_and_takes_the_rest(
+    stack: StackUrls, nc: Client, js: JetStreamContext, namespace: str
+) -> None:
+    """candle-ingest lost holding three ticks on their last delivery: the server's
+    advisories make them its dead letters, one of a tick already gone from TICKS (no
+    subject, no payload: nothing to send back). The batch requeue sends the other two."""
+    ns = ("--namespace", namespace)
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    await streams.ensure(js, [], [streams.exhausted_deliveries(namespace=namespace)])
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    dlq = streams.stream_name(streams.DLQ, namespace=namespace)
+    subject = subjects.ticks("feed-a", "EURUSD", namespace=namespace)
+    payloads = [
+        msgspec.json.encode(
+            {"type": "tick", "v": 1, "feed": "feed-a", "symbol": "EURUSD", "time_ms": n,
+             "bid": 1.1, "ask": 1.2}
+        )
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    for n, payload in enumerate(payloads, 1):
+        await js.publish(subject, payload, headers={"Nats-Msg-Id": f"tick-{n}"})
+    await js.delete_msg(ticks, 2)  # as past the stream's age limit
+    for seq in (1, 2, 3):
+        body = {
+            "type": "io.nats.jetstream.advisory.v1.max_deliver",
+            "id": f"adv-{seq}",
+            "timestamp": "2026-01-01T00:00:00Z",
+            "stream": ticks,
+            "consumer": CI,
+            "stream_seq": seq,
+            "deliveries": 10,
+        }
+        await js.publish(subjects.max_deliveries(ticks, CI), msgspec.json.encode(body))
+    metrics = WorkerMetrics("signal-publisher")
+    exhausted = delivery.Exhausted(
+        nc, js, Publisher(nc, metrics, 10.0), metrics, namespace, expires_s=1.0
+    )
+    await exhausted.start()
+    try:
+
+        async def three() -> bool:
+            return (await js.stream_info(dlq)).state.messages == 3
+
+        await eventually(three, what="three dead letters")
+    finally:
+        await exhausted.stop()
+    found = await letters(js, namespace)
+    gone = next(s for s, d in found.items() if d.stream_seq == 2)
+    assert found[gone].subject == ""
+
+    proc = await run(stack, "dlq", "requeue", "--worker", CI, "--reason", "max_deliveries", *ns)
+    assert proc.returncode == 0, proc.stderr
+    assert f"requeued 2 dead letters of {CI} (max_deliveries)" in proc.stdout
+    assert str(gone) in proc.stdout  # said to be left, and why
+    assert set(await letters(js, namespace)) == {gone}
+    requeued = [(await js.get_msg(ticks, seq)) for seq in (4, 5)]
+    assert [m.data for m in requeued] == [payloads[0], payloads[2]]
+    assert [m.headers["Tickwire-Original-Msg-Id"] for m in requeued if m.headers] == [
+        "tick-1",
+        "tick-3",
+    ]
+    assert (await js.stream_info(ticks)).state.last_seq == 5
+
+    # alone: one line, exit 2, nothing changed
+    proc = await run(stack, "dlq", "requeue", str(gone), *ns)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"tickwire: dlq: dead letter {gone} has no message to requeue: seq 2 was no longer in"
+        f" {ticks} when it was dead-lettered (purge it)"
+    ]
+    assert set(await letters(js, namespace)) == {gone}
+    assert (await js.stream_info(ticks)).state.last_seq == 5
+    assert (await js.stream_info(dlq)).state.messages == 1
+
+
+class NatsWithoutJetStream(NatsServer):
+    """A NATS server whose JetStream does not answer, as a cluster that lost its quorum."""
+
+    def _prepare(self) -> None:
+        self.config_path.write_text("server_name: no-jetstream\n")
+
+    def _is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+
+async def test_status_without_jetstream_says_so_and_still_shows_the_workers(
+    stack: StackUrls, tmp_path: Path
+) -> None:
+    server = NatsWithoutJetStream(tmp_path / "nats")
+    await asyncio.to_thread(server.start)
+    health = f"127.0.0.1:{free_port()}"
+    env = {"TICKWIRE_NATS_URL": server.url, "TICKWIRE_HEALTH": f"{FB}={health}"}
+    try:
+        proc = await run(stack, "status", env=env)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == ""
+    for title in ("streams", "consumers", "active models"):
+        said = proc.stdout.split(f"== {title} ==\n", 1)[1].split("\n", 1)[0]
+        assert said.startswith(f"(JetStream at {server.url} did not answer: "), said
+    assert table_rows(proc.stdout, "workers")[0][:3] == [FB, health, "down"]
+
+
+async def test_a_bad_namespace_setting_is_one_line_and_exit_2(stack: StackUrls) -> None:
+    for command in (("status",), ("dlq", "list")):
+        proc = await run(stack, *command, env={"TICKWIRE_NAMESPACE": "bad.name"})
+        assert proc.returncode == 2, (command, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, (command, proc.stderr)
+        assert lines[0].startswith("tickwire: bad setting TICKWIRE_NAMESPACE: "), lines
+
+
+class NatsWithPassword(NatsServer):
+    """A NATS server that lets in the user ops with the password right, no one else."""
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        with self.config_path.open("a") as conf:
+            conf.write("authorization { user: ops, password: right }\n")
+
+
+async def test_a_wrong_password_is_said_not_taken_for_nats_down(
+    stack: StackUrls, tmp_path: Path
+) -> None:
+    server = NatsWithPassword(tmp_path / "nats")
+    await asyncio.to_thread(server.start)
+    env = {
+        "TICKWIRE_NATS_URL": server.url,
+        "TICKWIRE_NATS_USER": "ops",
+        "TICKWIRE_NATS_PASSWORD": "wrong",
+        "TICKWIRE_HEALTH": "",
+    }
+    try:
+        dlq = await run(stack, "dlq", "list", env=env)
+        status = await run(stack, "status", env=env)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert dlq.returncode == 2
+    [line] = dlq.stderr.strip().splitlines()
+    assert line.startswith(f"tickwire: dlq: NATS at {server.url} did not answer: "), line
+    assert "Authorization Violation" in line
+    assert status.returncode == 1
+    said = status.stdout.split("== streams ==\n", 1)[1].split("\n", 1)[0]
+    assert "Authorization Violation" in said
+    assert "wrong" not in dlq.stderr + status.stdout
+
+
+async def test_purging_a_worker_deletes_its_dead_letters_and_nothing_else(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """A message on dlq.<worker> that this tickwire cannot read as a dead letter (another
+    schema version, someone else's) is never listed or counted, so it is not purged."""
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    dlq = subjects.dlq(CI, namespace=namespace)
+
+    def letter(n: int) -> bytes:
+        return msgspec.json.encode(
+            DeadLetter(
+                worker=CI,
+                reason="malformed_json",
+                detail="",
+                subject=subjects.ticks("feed-a", "EURUSD", namespace=namespace),
+                payload=b"{",
+                failed_at_ms=n,
+            )
+        )
+
+    newer = msgspec.json.encode({"type": "dead_letter", "v": 2, "worker": CI})
+    for payload in (letter(1), newer, b"junk", letter(2)):
+        await js.publish(dlq, payload)
+    proc = await run(stack, "dlq", "purge", "--worker", CI, "--yes", "--namespace", namespace)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"purged 2 dead letters of {CI}"
+    name = streams.stream_name(streams.DLQ, namespace=namespace)
+    assert [(await js.get_msg(name, seq)).data for seq in (2, 3)] == [newer, b"junk"]
+    assert (await js.stream_info(name)).state.messages == 2

@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Annotated, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts import subjects
 
 S = TypeVar("S", bound="RuntimeSettings")
 
@@ -42,6 +44,11 @@ class RuntimeSettings(BaseSettings):
 
     namespace: str | None = None
     """Replay namespace: subjects, streams and tables of that namespace only."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_name(cls, value: str | None) -> str | None:
+        return None if value is None else subjects.check_name(value, "namespace")
 
     fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 1000
     """Messages asked for in one pull request."""
