@@ -659,3 +659,39 @@ async def test_tickwire_subscribe_prints_and_acks_and_marks_expired_signals(
     info = await consumer(js, "printer", namespace)
     assert info.num_ack_pending == 0  # type: ignore[attr-defined]
     assert info.ack_floor.stream_seq == 2  # type: ignore[attr-defined]
+
+
+async def test_a_signal_redelivered_after_a_crash_comes_before_the_signals_after_it(
+    js: JetStreamContext, namespace: str
+) -> None:
+    """The subscriber crashes holding a signal; its correction is published meanwhile. Once
+    back, it gets the signal again before the correction, never after it: the last signal of
+    the series it acts on is the side the series holds."""
+    await fast(js, "a", namespace)
+    first = make_signal(1)  # BUY
+    correction = msgspec.structs.replace(
+        first,
+        signal_id=f"{first.signal_id}|r1",
+        candle_revision=1,
+        side=Side.SELL,
+        corrects=first.signal_id,
+    )
+    await publish(js, [first], namespace)
+    taken = asyncio.Event()
+
+    async def crash(s: Signal) -> None:
+        taken.set()
+        raise RuntimeError("the subscriber died before it could ack")
+
+    crashing = Running(js, "a", namespace, act=crash)
+    with pytest.raises(RuntimeError, match="died"):
+        await asyncio.wait_for(crashing.task, 20)
+    assert taken.is_set()
+    await publish(js, [correction], namespace)
+    again = Running(js, "a", namespace)
+    try:
+        await eventually(lambda: len(again.acted) == 2, what="both signals")
+    finally:
+        await again.close()
+    assert again.ids() == [first.signal_id, correction.signal_id]
+    assert again.acted[-1].side == Side.SELL

@@ -159,7 +159,7 @@ async def subscribe(
     expired: Act | None = None,
     stop: asyncio.Event,
     namespace: str | None = None,
-    batch: int = 10,
+    batch: int = 1,
     clock: Callable[[], int] = _now_ms,
 ) -> None:
     """Take this subscriber's signals until ``stop`` is set: act on each, then ack it.
@@ -167,7 +167,8 @@ async def subscribe(
     A signal whose ``expires_ms`` has come is handed to ``expired`` (if given) and
     terminated: it is not actionable and must not come again. A payload that is not a
     signal is terminated too. If ``act`` raises, the signal stays unacked and the server
-    delivers it again after the ack wait.
+    delivers it again after the ack wait, before any later one: the consumer hands out one
+    signal at a time (a ``batch`` above 1 would only wait out the fetch for the others).
     """
     stream = stream_name(SIGNALS, namespace=namespace)
     sub = await js.pull_subscribe_bind(durable=name, stream=stream)
