@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -695,3 +696,36 @@ async def test_a_signal_redelivered_after_a_crash_comes_before_the_signals_after
         await again.close()
     assert again.ids() == [first.signal_id, correction.signal_id]
     assert again.acted[-1].side == Side.SELL
+
+
+async def test_the_subscriber_asks_again_while_nobody_answers_its_pull_requests(
+    js: JetStreamContext, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JetStream away (a leader election, a restart) or the consumer recreated (a rewind):
+    the server answers a pull request with 503, no responders. The subscriber says so, asks
+    again and takes the signals once it is answered, as the pipeline's consumers do."""
+    caplog.set_level(logging.INFO)
+    await fast(js, "a", namespace)
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    up = Running(js, "a", namespace)
+    signal = make_signal(1)
+    try:
+
+        async def waiting() -> bool:
+            return bool((await js.consumer_info(stream, "a")).num_waiting)
+
+        await eventually(waiting, what="the subscriber's pull request")
+        await js.delete_consumer(stream, "a")
+
+        def unanswered() -> bool:
+            return any("no responders" in r.getMessage() for r in caplog.records)
+
+        await eventually(lambda: unanswered() or up.task.done(), what="a request unanswered")
+        assert not up.task.done(), up.task.exception()
+        await fast(js, "a", namespace)
+        await publish(js, [signal], namespace)
+        await eventually(lambda: up.acted or up.task.done(), what="the signal")
+        assert not up.task.done(), up.task.exception()
+    finally:
+        await up.close()
+    assert up.acted == [signal]
