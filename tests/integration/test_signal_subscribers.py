@@ -602,6 +602,10 @@ async def test_the_subscribers_commands_and_their_refusals(
         ("subscribers", "remove", "nobody"),
         ("subscribers", "rewind", "ea-1", "--from", "yesterday"),
         ("subscribers", "rewind", "ea-1", "--from", "9999-12-31T23:59:59-14:00"),
+        # after now: nothing would come again, and past 2262 the server takes it for the
+        # stream's start and delivers every signal again
+        ("subscribers", "rewind", "ea-1", "--from", "2263-01-01T00:00:00"),
+        ("subscribers", "rewind", "ea-1", "--from", str(now_ms() + 3_600_000)),
         ("subscribers", "rewind", "nobody", "--from", "2026-01-01T00:00:00"),
         # a pipeline worker's consumer names: taken for that worker, dead letters too
         ("subscribers", "add", "timescale-replicator"),
