@@ -400,7 +400,10 @@ def signal_subscriber(
     the signals matching ``filter_subject``, e.g. ``signals.*.EURUSD.M5``).
 
     It starts with signals published after its creation (older ones are stale for a
-    trader) and is redelivered quickly: a signal is worth little after a few minutes.
+    trader) and is redelivered quickly: a signal is worth little after a few minutes. One
+    signal at a time: the next is delivered once this one is acked or terminated, so a
+    signal redelivered after a crash comes before those published after it (its correction,
+    a later candle's), never after them.
     """
     if filter_subject is None:
         filter_subject = subjects.wildcard(subjects.SIGNALS, feed=feed, namespace=namespace)
@@ -415,7 +418,7 @@ def signal_subscriber(
         ack_wait=10.0,
         backoff=(10.0, 30.0, 60.0, 120.0),
         max_deliver=5,
-        max_ack_pending=100,
+        max_ack_pending=1,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -601,6 +602,10 @@ async def test_the_subscribers_commands_and_their_refusals(
         ("subscribers", "remove", "nobody"),
         ("subscribers", "rewind", "ea-1", "--from", "yesterday"),
         ("subscribers", "rewind", "ea-1", "--from", "9999-12-31T23:59:59-14:00"),
+        # after now: nothing would come again, and past 2262 the server takes it for the
+        # stream's start and delivers every signal again
+        ("subscribers", "rewind", "ea-1", "--from", "2263-01-01T00:00:00"),
+        ("subscribers", "rewind", "ea-1", "--from", str(now_ms() + 3_600_000)),
         ("subscribers", "rewind", "nobody", "--from", "2026-01-01T00:00:00"),
         # a pipeline worker's consumer names: taken for that worker, dead letters too
         ("subscribers", "add", "timescale-replicator"),
@@ -659,3 +664,72 @@ async def test_tickwire_subscribe_prints_and_acks_and_marks_expired_signals(
     info = await consumer(js, "printer", namespace)
     assert info.num_ack_pending == 0  # type: ignore[attr-defined]
     assert info.ack_floor.stream_seq == 2  # type: ignore[attr-defined]
+
+
+async def test_a_signal_redelivered_after_a_crash_comes_before_the_signals_after_it(
+    js: JetStreamContext, namespace: str
+) -> None:
+    """The subscriber crashes holding a signal; its correction is published meanwhile. Once
+    back, it gets the signal again before the correction, never after it: the last signal of
+    the series it acts on is the side the series holds."""
+    await fast(js, "a", namespace)
+    first = make_signal(1)  # BUY
+    correction = msgspec.structs.replace(
+        first,
+        signal_id=f"{first.signal_id}|r1",
+        candle_revision=1,
+        side=Side.SELL,
+        corrects=first.signal_id,
+    )
+    await publish(js, [first], namespace)
+    taken = asyncio.Event()
+
+    async def crash(s: Signal) -> None:
+        taken.set()
+        raise RuntimeError("the subscriber died before it could ack")
+
+    crashing = Running(js, "a", namespace, act=crash)
+    with pytest.raises(RuntimeError, match="died"):
+        await asyncio.wait_for(crashing.task, 20)
+    assert taken.is_set()
+    await publish(js, [correction], namespace)
+    again = Running(js, "a", namespace)
+    try:
+        await eventually(lambda: len(again.acted) == 2, what="both signals")
+    finally:
+        await again.close()
+    assert again.ids() == [first.signal_id, correction.signal_id]
+    assert again.acted[-1].side == Side.SELL
+
+
+async def test_the_subscriber_asks_again_while_nobody_answers_its_pull_requests(
+    js: JetStreamContext, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JetStream away (a leader election, a restart) or the consumer recreated (a rewind):
+    the server answers a pull request with 503, no responders. The subscriber says so, asks
+    again and takes the signals once it is answered, as the pipeline's consumers do."""
+    caplog.set_level(logging.INFO)
+    await fast(js, "a", namespace)
+    stream = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    up = Running(js, "a", namespace)
+    signal = make_signal(1)
+    try:
+
+        async def waiting() -> bool:
+            return bool((await js.consumer_info(stream, "a")).num_waiting)
+
+        await eventually(waiting, what="the subscriber's pull request")
+        await js.delete_consumer(stream, "a")
+
+        def unanswered() -> bool:
+            return any("no responders" in r.getMessage() for r in caplog.records)
+
+        await eventually(lambda: unanswered() or up.task.done(), what="a request unanswered")
+        assert not up.task.done(), up.task.exception()
+        await fast(js, "a", namespace)
+        await publish(js, [signal], namespace)
+        await eventually(lambda: up.acted or up.task.done(), what="the signal")
+        assert not up.task.done(), up.task.exception()
+    finally:
+        await up.close()
+    assert up.acted == [signal]

@@ -29,15 +29,21 @@ T = TypeVar("T")
 
 
 def start_time(text: str) -> dt.datetime:
-    """``--from``: an ISO time (UTC when it has no offset) or epoch milliseconds."""
+    """``--from``: an ISO time (UTC when it has no offset) or epoch milliseconds, not after
+    now: a later one would deliver nothing again (and one past 2262, beyond the server's
+    nanoseconds, would be taken for the stream's start)."""
     try:
         if text.isdigit():
-            return dt.datetime.fromtimestamp(int(text) / 1000, dt.UTC)
-        value = dt.datetime.fromisoformat(text)
-        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)  # in UTC's range too (9999-12-31 at -14:00 is not)
+            value = dt.datetime.fromtimestamp(int(text) / 1000, dt.UTC)
+        else:
+            value = dt.datetime.fromisoformat(text)
+            value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+            value = value.astimezone(dt.UTC)  # in UTC's range too (9999-12-31 at -14:00 is not)
     except (ValueError, OverflowError, OSError):
         fail(f"--from: not an ISO time or epoch milliseconds: {text!r}")
+    if value > dt.datetime.now(dt.UTC):
+        fail(f"--from: {value.isoformat()} is in the future: nothing would come again")
+    return value
 
 
 def _with_js(name: str, action: Callable[[JetStreamContext, str | None], Awaitable[T]]) -> T:

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from prometheus_client import Counter
 
 from contracts import subjects
@@ -50,7 +50,7 @@ from workers.runtime.errors import TickwireError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.partition import PARTITIONED, consumers_of
 from workers.runtime.publish import Outgoing, Publisher
-from workers.runtime.pull import ACK, PullSource
+from workers.runtime.pull import ACK, PullSource, Unanswered
 from workers.runtime.worker import MAX_DELIVERIES
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ async def subscribe(
     expired: Act | None = None,
     stop: asyncio.Event,
     namespace: str | None = None,
-    batch: int = 10,
+    batch: int = 1,
     clock: Callable[[], int] = _now_ms,
 ) -> None:
     """Take this subscriber's signals until ``stop`` is set: act on each, then ack it.
@@ -167,16 +167,26 @@ async def subscribe(
     A signal whose ``expires_ms`` has come is handed to ``expired`` (if given) and
     terminated: it is not actionable and must not come again. A payload that is not a
     signal is terminated too. If ``act`` raises, the signal stays unacked and the server
-    delivers it again after the ack wait.
+    delivers it again after the ack wait, before any later one: the consumer hands out one
+    signal at a time (a ``batch`` above 1 would only wait out the fetch for the others).
+    A pull request nobody answers (JetStream away, or the consumer recreated by a rewind or
+    gone) is logged and asked again a second later, as the pipeline's consumers do.
     """
     stream = stream_name(SIGNALS, namespace=namespace)
     sub = await js.pull_subscribe_bind(durable=name, stream=stream)
+    unanswered = Unanswered(f"{stream} > {name}")
     try:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
             except NatsTimeout:
                 continue
+            except ServiceUnavailableError:
+                unanswered.ended()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)  # then ask again
+                continue
+            unanswered.answered()
             for msg in msgs:
                 await _one(msg, act, expired, clock)
     finally:
