@@ -563,6 +563,20 @@ async def test_a_message_the_replicator_fails_on_stops_it_and_is_dead_lettered_a
     )
 
 
+def _refused_by_the_database(
+    monkeypatch: pytest.MonkeyPatch, poison: list[replication.Published]
+) -> None:
+    """The rows of ``poison`` get a timeframe the database refuses (no message can carry
+    it): valid to the worker's checks, refused only by the transaction."""
+    refused = [p.message for p in poison]
+
+    def row(c: Candle) -> Any:
+        out = CANDLE_TABLE.row(c)
+        return (*out[:2], "M2", *out[3:]) if any(c == r for r in refused) else out
+
+    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+
+
 async def test_a_batch_the_database_refuses_is_stored_row_by_row(
     writer_dsn: str, pg_dsn: str
 ) -> None:
@@ -601,14 +615,7 @@ async def test_a_batch_the_database_refuses_counts_its_stored_rows_as_upserted(
     messages = replication.published(seed=9, candles_per_series=6, namespace=namespace)
     candles = [m for m in messages if m.table == "candles"]
     poison = candles[len(candles) // 2]
-
-    def row(c: Candle) -> Any:
-        out = CANDLE_TABLE.row(c)
-        if c == poison.message:  # a timeframe the database refuses (no message can carry it)
-            return (*out[:2], "M2", *out[3:])
-        return out
-
-    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    _refused_by_the_database(monkeypatch, [poison])
     await publish(js, messages)
     # batches of 20: more come after the one refused
     replicator = Replicator(settings(stack, namespace, writer_dsn, handler_batch=20))
@@ -653,14 +660,7 @@ async def test_a_row_the_database_refuses_is_dead_lettered_though_stopped_before
     )
     candles = [m for m in messages if m.table == "candles"]
     poison = candles[len(candles) // 2]
-
-    def row(c: Candle) -> Any:
-        out = CANDLE_TABLE.row(c)
-        if c == poison.message:  # a timeframe the database refuses (no message can carry it)
-            return (*out[:2], "M2", *out[3:])
-        return out
-
-    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    _refused_by_the_database(monkeypatch, [poison])
     # while the dead-letter stream is gone, no dead letter can be sent: the worker holds its
     # batch, committed, until it is stopped
     dlq_name = streams.stream_name(streams.DLQ, namespace=namespace)
@@ -711,16 +711,7 @@ async def test_a_row_the_database_refuses_while_catching_up_is_dead_lettered(
     )
     candles = [m for m in messages if m.table == "candles"]
     poison = [candles[len(candles) // 3], candles[len(candles) * 2 // 3]]
-
-    def row(c: Candle) -> Any:
-        out = CANDLE_TABLE.row(c)
-        if any(
-            c == p.message for p in poison
-        ):  # a timeframe the database refuses (no message can carry it)
-            return (*out[:2], "M2", *out[3:])
-        return out
-
-    monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
+    _refused_by_the_database(monkeypatch, poison)
     # what the dead process held comes again after the ack wait: 5 s here instead of 60 s
     quick = [msgspec.structs.replace(c, ack_wait=5.0, backoff=(5.0, 10.0))
              for c in replicator_consumers(namespace)]  # fmt: skip
