@@ -319,8 +319,9 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
         if not items:
             raise DlqError(f"no dead letters of {worker} with reason {reason!r}")
         # those that cannot be requeued stay, and do not stop the others
-        left = [(item.seq, why) for item in items if (why := dl.refusal(item)) is not None]
-        items = [item for item in items if dl.refusal(item) is None][: args.limit]
+        judged = [(item, dl.refusal(item)) for item in items]
+        left = [(item.seq, why) for item, why in judged if why is not None]
+        items = [item for item, why in judged if why is None][: args.limit]
         if not items:
             seq, why = left[0]
             raise DlqError(f"none of {worker} with reason {reason!r} can be requeued: {seq} {why}")
