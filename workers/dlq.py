@@ -77,6 +77,14 @@ class Letter:
     subject: str = ""
     """Its subject in the DLQ stream: ``dlq.<worker>``."""
 
+    @property
+    def owner(self) -> str:
+        """Whose dead letter it is, as ``--worker`` takes it: the worker, or for a signal a
+        subscriber never acked, ``subscribers/<name>``."""
+        if self.subject.rsplit(".", 1)[-1] == SUBSCRIBERS:
+            return f"{SUBSCRIBERS}/{self.letter.worker}"
+        return self.letter.worker
+
 
 @dataclass(frozen=True, slots=True)
 class Summary:
@@ -92,7 +100,7 @@ def summarize(letters: Sequence[Letter]) -> list[Summary]:
     groups: dict[tuple[str, str], list[int]] = {}
     for item in letters:
         d = item.letter
-        groups.setdefault((d.worker, d.reason), []).append(d.failed_at_ms)
+        groups.setdefault((item.owner, d.reason), []).append(d.failed_at_ms)
     return [
         Summary(worker, reason, len(times), min(times), max(times))
         for (worker, reason), times in sorted(groups.items())
@@ -157,10 +165,18 @@ and purged here, never requeued (that would send them to every subscriber again;
 
 
 def known_worker(worker: str) -> str:
+    """A worker's name, ``subscribers`` (every subscriber) or ``subscribers/<name>``."""
     from workers.cli import WORKERS
 
+    head, slash, name = worker.partition("/")
+    if head == SUBSCRIBERS and slash:
+        try:
+            subjects.check_name(name, "subscriber")
+        except subjects.SubjectError as exc:
+            raise DlqError(str(exc)) from None
+        return worker
     if worker not in WORKERS and worker != SUBSCRIBERS:
-        known = ", ".join(sorted([*WORKERS, SUBSCRIBERS]))
+        known = ", ".join(sorted([*WORKERS, SUBSCRIBERS, f"{SUBSCRIBERS}/<name>"]))
         raise DlqError(f"unknown worker {worker!r}: one of {known}")
     return worker
 
@@ -176,7 +192,7 @@ class DeadLetters:
     def subject(self, worker: str | None) -> str:
         if worker is None:
             return subjects.wildcard(subjects.DLQ, namespace=self.namespace)
-        return subjects.dlq(worker, namespace=self.namespace)
+        return subjects.dlq(worker.partition("/")[0], namespace=self.namespace)
 
     async def scan(self, worker: str | None = None, reason: str | None = None) -> list[Letter]:
         """Every dead letter (of ``worker``, with ``reason``), in stream order."""
@@ -201,8 +217,11 @@ class DeadLetters:
                     letter = _letters.decode(msg.data or b"")
                 except ContractError:
                     continue  # not a dead letter: someone else's message on dlq.*
-                if reason is None or letter.reason == reason:
-                    out.append(Letter(msg.seq, letter, msg.subject or ""))
+                item = Letter(msg.seq, letter, msg.subject or "")
+                if reason is not None and letter.reason != reason:
+                    continue
+                if worker is None or "/" not in worker or item.owner == worker:
+                    out.append(item)
         return out
 
     async def get(self, seq: int) -> Letter:
@@ -307,6 +326,9 @@ async def _run(args: argparse.Namespace, nc: Client) -> str:
     if action == "requeue" and args.seq is not None:
         item = await dl.get(args.seq)
         payload = None
+        why = dl.refusal(item)
+        if why is not None:
+            raise DlqError(f"dead letter {item.seq} {why}")
         if args.payload_file is not None:
             payload = _read(args.payload_file)
             check_payload(item.letter.subject, payload)

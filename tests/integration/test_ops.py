@@ -426,7 +426,7 @@ async def test_status_shows_streams_consumers_workers_and_models(
 
 
 async def test_a_batch_requeue_leaves_dead_letters_without_a_message_and_takes_the_rest(
-    stack: StackUrls, nc: Client, js: JetStreamContext, namespace: str
+    stack: StackUrls, nc: Client, js: JetStreamContext, namespace: str, tmp_path: Path
 ) -> None:
     """candle-ingest lost holding three ticks on their last delivery: the server's
     advisories make them its dead letters, one of a tick already gone from TICKS (no
@@ -488,13 +488,16 @@ async def test_a_batch_requeue_leaves_dead_letters_without_a_message_and_takes_t
     ]
     assert (await js.stream_info(ticks)).state.last_seq == 5
 
-    # alone: one line, exit 2, nothing changed
-    proc = await run(stack, "dlq", "requeue", str(gone), *ns)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"tickwire: dlq: dead letter {gone} has no message to requeue: seq 2 was no longer in"
-        f" {ticks} when it was dead-lettered (purge it)"
-    ]
+    # alone, and with a fixed payload: one line, exit 2, nothing changed
+    fixed = tmp_path / "fixed.json"
+    fixed.write_bytes(payloads[1])
+    for extra in ((), ("--payload-file", str(fixed))):
+        proc = await run(stack, "dlq", "requeue", str(gone), *extra, *ns)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"tickwire: dlq: dead letter {gone} has no message to requeue: seq 2 was no longer"
+            f" in {ticks} when it was dead-lettered (purge it)"
+        ]
     assert set(await letters(js, namespace)) == {gone}
     assert (await js.stream_info(ticks)).state.last_seq == 5
     assert (await js.stream_info(dlq)).state.messages == 1
@@ -606,3 +609,45 @@ async def test_purging_a_worker_deletes_its_dead_letters_and_nothing_else(
     name = streams.stream_name(streams.DLQ, namespace=namespace)
     assert [(await js.get_msg(name, seq)).data for seq in (2, 3)] == [newer, b"junk"]
     assert (await js.stream_info(name)).state.messages == 2
+
+
+async def test_a_subscribers_dead_letters_are_listed_and_purged_by_its_name(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """Signals two subscribers never acked (as signal-publisher writes them: the
+    subscriber's name as the worker, on dlq.subscribers) and a worker's dead letter."""
+    ns = ("--namespace", namespace)
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    signal = subjects.signals("feed-a", "EURUSD", Timeframe.M1, namespace=namespace)
+    for worker, on, n in (("alice", "subscribers", 1), ("bob", "subscribers", 2),
+                          ("alice", "subscribers", 3), (CI, CI, 4)):  # fmt: skip
+        letter = DeadLetter(
+            worker=worker,
+            reason="max_deliveries",
+            detail="",
+            subject=signal,
+            payload=b"{}",
+            failed_at_ms=n,
+        )
+        await js.publish(subjects.dlq(on, namespace=namespace), msgspec.json.encode(letter))
+
+    listed = table_rows(await run_ok(stack, "dlq", "list", *ns))
+    assert [row[:3] for row in listed] == [
+        [CI, "max_deliveries", "1"],
+        ["subscribers/alice", "max_deliveries", "2"],
+        ["subscribers/bob", "max_deliveries", "1"],
+    ]
+    # what the list says is what --worker takes
+    alice = table_rows(await run_ok(stack, "dlq", "list", "--worker", "subscribers/alice", *ns))
+    assert [row[:3] for row in alice] == [["subscribers/alice", "max_deliveries", "2"]]
+    every = table_rows(await run_ok(stack, "dlq", "list", "--worker", "subscribers", *ns))
+    assert [row[0] for row in every] == ["subscribers/alice", "subscribers/bob"]
+    purged = await run_ok(stack, "dlq", "purge", "--worker", "subscribers/alice", "--yes", *ns)
+    assert purged.strip() == "purged 2 dead letters of subscribers/alice"
+    assert counts(await letters(js, namespace)) == Counter(
+        {("bob", "max_deliveries"): 1, (CI, "max_deliveries"): 1}
+    )
+    for bad in ("subscribers/", "subscribers/a.b", "alice"):
+        proc = await run(stack, "dlq", "list", "--worker", bad, *ns)
+        assert proc.returncode == 2, bad
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
