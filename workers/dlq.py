@@ -43,6 +43,7 @@ from contracts import subjects
 from contracts.codec import Codec, ContractError
 from contracts.messages import Candle, DeadLetter, FeatureVector, Score, Signal, TickInput
 from contracts.streams import DLQ, SIGNALS, stream_name
+from workers.runtime.publish import REQUEUED_FOR
 from workers.runtime.settings import RuntimeSettings, load
 from workers.status import connect_once, render
 
@@ -112,9 +113,9 @@ def requeue_id(stream: str, seq: int) -> str:
 
 
 def requeue_headers(letter: DeadLetter, stream: str, seq: int) -> dict[str, str]:
-    """The original headers, a fresh message id, and where the message came back from. The
-    original id is the producer's, also when a requeued message is refused and requeued
-    again."""
+    """The original headers, a fresh message id, where the message came back from, and for
+    whom: the other consumers of the subject took the original and pass it by. The original
+    id is the producer's, also when a requeued message is refused and requeued again."""
     headers = {
         k: v
         for k, v in letter.headers.items()
@@ -124,6 +125,7 @@ def requeue_headers(letter: DeadLetter, stream: str, seq: int) -> dict[str, str]
     if original is not None:
         headers[ORIGINAL_ID] = original
     headers[REQUEUED_FROM] = f"{stream}:{seq}"
+    headers[REQUEUED_FOR] = letter.worker
     headers[MSG_ID] = requeue_id(stream, seq)
     return headers
 

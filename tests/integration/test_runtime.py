@@ -23,6 +23,7 @@ from contracts.codec import Codec
 from contracts.messages import DeadLetter, Tick, TickBatch, TickInput
 from tests.faults import losing_source
 from tests.waiting import eventually
+from workers.dlq import requeue_headers
 from workers.runtime import worker as worker_module
 from workers.runtime.errors import TransientError
 from workers.runtime.pull import PullSource
@@ -583,6 +584,57 @@ async def test_partition_filter_and_dead_lettered_pieces(
         "tickwire_messages_in_total", {"worker": worker_name, "outcome": "other_partition"}
     )
     assert skipped == 2
+
+
+async def test_a_requeued_message_goes_to_the_worker_that_refused_it_alone(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """Two workers consume the same subject; one refuses a tick. Requeued as ``tickwire dlq
+    requeue`` sends it, it is handled again by that worker only: the other took the
+    original, and acks the copy unread."""
+    refuser, stream, dlq_stream = await _make_streams(js, unique)
+    other = f"rt2-{unique}"
+    await js.add_consumer(stream, ConsumerConfig(durable_name=other, ack_policy=AckPolicy.EXPLICIT))
+    seen: dict[str, list[tuple[int, int]]] = {refuser: [], other: []}
+    fixed = asyncio.Event()
+    workers = []
+    for name in (refuser, other):
+        worker = _worker(name, stream, _settings(stack.nats_url))
+
+        async def handle(batch: Batch[TickInput], ctx: Context, name: str = name) -> None:
+            for d in batch:
+                assert isinstance(d.value, Tick)
+                seen[name].append((d.value.time_ms, d.info.stream_seq))
+                if name == refuser and d.value.symbol == "HELD" and not fixed.is_set():
+                    batch.reject(d, "not_yet", "its dependency is missing")
+
+        worker.handler(handle)
+        workers.append(worker)
+    subject = f"rt.{unique}.ticks"
+    for i, symbol in enumerate(("EURUSD", "HELD", "GBPUSD")):
+        await js.publish(subject, _tick(symbol, i), headers={"Nats-Msg-Id": f"tick-{i}"})
+    tasks = [await _run(w) for w in workers]
+    try:
+        letters = await eventually(lambda: _dead_letters_if(js, dlq_stream, 1), what="a letter")
+        fixed.set()
+        (letter,) = letters
+        await js.publish(letter.subject, letter.payload, headers=requeue_headers(letter, "DLQ", 1))
+        await js.publish(subject, _tick("USDJPY", 3), headers={"Nats-Msg-Id": "tick-3"})
+        for name, n in ((refuser, 5), (other, 4)):
+            await eventually(lambda name=name: _all_acked(js, stream, name), what=f"{name} done")
+            await eventually(lambda name=name, n=n: len(seen[name]) >= n, what=f"{name} handled")
+    finally:
+        for w in workers:
+            w.stop()
+        for task in tasks:
+            await asyncio.wait_for(task, 30)
+    base = 1_700_000_000_000
+    assert seen[refuser] == [(base, 1), (base + 1, 2), (base + 2, 3), (base + 1, 4), (base + 3, 5)]
+    assert seen[other] == [(base, 1), (base + 1, 2), (base + 2, 3), (base + 3, 5)]
+    passed_by = workers[1].metrics.registry.get_sample_value(
+        "tickwire_messages_in_total", {"worker": other, "outcome": "requeued_for_other"}
+    )
+    assert passed_by == 1
 
 
 @pytest.mark.parametrize(

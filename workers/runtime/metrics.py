@@ -101,6 +101,7 @@ class WorkerMetrics:
         self.in_dead = self.messages_in.labels(worker, "dead_letter")
         self.in_retry = self.messages_in.labels(worker, "retry")
         self.in_skipped = self.messages_in.labels(worker, "other_partition")
+        self.in_not_ours = self.messages_in.labels(worker, "requeued_for_other")
         self.batch_size_w = self.batch_size.labels(worker)
         self.processing_w = self.processing.labels(worker)
 

@@ -30,6 +30,9 @@ from workers.runtime.errors import TransientError
 from workers.runtime.metrics import WorkerMetrics
 
 MSG_ID: Final = "Nats-Msg-Id"
+REQUEUED_FOR: Final = "Tickwire-Requeued-For"
+"""On a message ``tickwire dlq requeue`` sent back: the worker whose dead letter it was. The
+other consumers of its subject already took the original and ack it unread."""
 MAX_PENDING: Final = 4000
 """Publishes awaiting their ack, per publisher: a batch larger than this waits for room."""
 

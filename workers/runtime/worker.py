@@ -82,7 +82,7 @@ from workers.runtime.connection import connect
 from workers.runtime.errors import Misdeployed, Rejected, ReplayFailed, TransientError
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.order import DeliveryOrder, Hole
-from workers.runtime.publish import Outgoing, Publisher
+from workers.runtime.publish import REQUEUED_FOR, Outgoing, Publisher
 from workers.runtime.pull import (
     ACK,
     IN_PROGRESS,
@@ -671,6 +671,21 @@ class Worker(Generic[T]):
                 msgs = [m for m in msgs if accept(m.subject)]
                 if not msgs:
                     return None
+        name = self.name
+        if any(m.headers and m.headers.get(REQUEUED_FOR, name) != name for m in msgs):
+            # requeued for another consumer of the subject: this one took the original
+            ours: list[Msg] = []
+            others: list[str] = []
+            for m in msgs:
+                if m.headers and m.headers.get(REQUEUED_FOR, name) != name:
+                    others.append(m.reply)
+                else:
+                    ours.append(m)
+            await wire.send(ctx.nc, wire.acks(others, ACK))
+            self.metrics.in_not_ours.inc(len(others))
+            msgs = ours
+            if not msgs:
+                return None
         limit = self._last_delivery
         positions = self._positions
         position: tuple[int, int] | None = None
