@@ -585,3 +585,39 @@ async def test_a_correction_for_an_earlier_candle_leaves_the_later_word_in_the_s
     entry = await kv.get(side_key(got[2]))
     assert entry.value is not None
     assert msgspec.json.decode(entry.value, type=Signal) == got[2]
+
+
+async def test_a_candle_of_a_period_that_had_none_coming_after_the_next_is_decided_in_its_place(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """With an allowed lateness over the timeframe, bar 1's first tick comes after bars 2
+    and 3 are out, and its score after theirs. It is no dead letter: decided in its place,
+    it enters BUY, and bar 3 then exits (a correction, its id adding bar 1). The signals are
+    those of the scores decided in time order, and a replay of SCORES adds none."""
+    values = {0: 0.1, 1: 0.7, 2: 0.5, 3: 0.1, 4: 0.7}
+    scores = [make_score("EURUSD", bar, values[bar]) for bar in (0, 2, 3, 1, 4)]
+    want = reference(sorted(scores, key=lambda s: s.open_time_ms))
+    worker = build(settings(stack, namespace, allowed_lateness_s=180.0))
+    task = await run_worker(worker)
+    try:
+        await publish(js, scores, namespace)
+        await eventually(lambda: consumed(js, namespace), what="the scores")
+    finally:
+        await stop_worker(worker, task)
+    got = await signals_of(js, namespace)
+    assert [(s.symbol, s.open_time_ms, s.side.value) for s in got] == want
+    assert await stream_messages(js, streams.DLQ, namespace) == []
+    assert [(s.signal_id, s.corrects) for s in got] == [
+        (f"fx|EURUSD|M1|{T0 + M1}|m-1", None),
+        (f"fx|EURUSD|M1|{T0 + 3 * M1}|m-1|r0@{T0 + M1}", None),
+        (f"fx|EURUSD|M1|{T0 + 4 * M1}|m-1", None),
+    ]
+    kv = await js.key_value(f"ns-{namespace}-signal-sides")
+    entry = await kv.get(side_key(got[-1]))
+    assert entry.value is not None
+    assert msgspec.json.decode(entry.value, type=Signal) == got[-1]
+
+    # SCORES read again from its start: the same ids, dropped
+    await js.delete_consumer(streams.stream_name(streams.SCORES, namespace=namespace), DURABLE)
+    await run_once(stack, js, namespace, [])
+    assert await signals_of(js, namespace) == got

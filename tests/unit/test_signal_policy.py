@@ -244,6 +244,63 @@ def test_a_revision_that_keeps_the_decision_publishes_nothing() -> None:
     assert book.apply(score(0, 0.95, revision=1), SUBJECT) == []
 
 
+def test_a_candle_of_a_period_that_had_none_coming_after_the_next_is_decided_in_its_place() -> None:
+    """With an allowed lateness over the timeframe, a period without ticks can get its first
+    tick late: its candle (revision 0) comes after the next ones. Bars 0, 2, 3 at 0.1, 0.5,
+    0.1 enter nothing. Bar 1 at 0.7, in its place, enters BUY; bar 2 at 0.5 holds it (above
+    the 0.2 exit) and bar 3 at 0.1 exits: a FLAT for bar 3, which had no signal, its id
+    adding the candle that caused it. Bar 1's signal is its first, and like a correction
+    it stays valid the lateness longer: it comes up to that long after its close."""
+    book = Book(Policy(defaults=Rule(expiry_s=30.0)), lateness_ms=120_000)
+    for bar, value in ((0, 0.1), (2, 0.5), (3, 0.1)):
+        assert book.apply(score(bar, value), SUBJECT) == []
+    out = book.apply(score(1, 0.7), SUBJECT)
+    assert not isinstance(out, Refusal), out
+    assert [(s.open_time_ms, s.side, s.signal_id, s.corrects, s.expires_ms) for s in out] == [
+        (M, Side.BUY, f"fx|EURUSD|M1|{M}|m1", None, 2 * M + 30_000 + 120_000),
+        (3 * M, Side.FLAT, f"fx|EURUSD|M1|{3 * M}|m1|r0@{M}", None, 4 * M + 30_000 + 120_000),
+    ]
+    key = ("fx", "EURUSD", Timeframe.M1)
+    assert [d.score.open_time_ms for d in book.series[key].recent] == [0, M, 2 * M, 3 * M]
+    assert book.series[key].state.side is Side.FLAT
+    assert reason_of(book.apply(score(1, 0.7), SUBJECT)) == "stale_revision"
+    # a revision of it is decided again like any kept candle's: no BUY at bar 1, and no
+    # exit at bar 3, whose correction now says the side the series keeps
+    fixes = book.apply(score(1, 0.5, revision=1), SUBJECT)
+    assert not isinstance(fixes, Refusal), fixes
+    assert [(s.open_time_ms, s.side, s.signal_id, s.corrects) for s in fixes] == [
+        (M, Side.FLAT, f"fx|EURUSD|M1|{M}|m1|r1@{M}", out[0].signal_id),
+        (3 * M, Side.FLAT, f"fx|EURUSD|M1|{3 * M}|m1|r1@{M}", out[1].signal_id),
+    ]
+    [buy] = book.apply(score(4, 0.7), SUBJECT)
+    assert (buy.open_time_ms, buy.side, buy.corrects) == (4 * M, Side.BUY, None)
+    # the same scores again, in the same order: the same signals
+    again = Book(Policy(defaults=Rule(expiry_s=30.0)), lateness_ms=120_000)
+    for bar, value in ((0, 0.1), (2, 0.5), (3, 0.1)):
+        again.apply(score(bar, value), SUBJECT)
+    assert again.apply(score(1, 0.7), SUBJECT) == out
+
+
+def test_a_late_candle_older_than_every_kept_one_is_refused() -> None:
+    """Two candles kept: bars 2 and 4. Bar 1 comes late: the state before it is gone, so it
+    is refused (a revision of it as too old) and nothing is published. Bar 3 is taken in
+    its place, and bar 2, the oldest kept, goes: a revision of it is then too old."""
+    book = Book(Policy(), depth=2)
+    for bar in (0, 2, 4):
+        assert book.apply(score(bar, 0.1), SUBJECT) == []
+    late = book.apply(score(1, 0.7), SUBJECT)
+    assert reason_of(late) == "out_of_order"
+    assert isinstance(late, Refusal)
+    assert f"before {2 * M}, the oldest of the 2 kept" in late.detail
+    assert reason_of(book.apply(score(1, 0.7, revision=1), SUBJECT)) == "revision_too_old"
+    out = book.apply(score(3, 0.7), SUBJECT)
+    assert not isinstance(out, Refusal), out
+    assert [(s.open_time_ms, s.side) for s in out] == [(3 * M, Side.BUY), (4 * M, Side.FLAT)]
+    key = ("fx", "EURUSD", Timeframe.M1)
+    assert [d.score.open_time_ms for d in book.series[key].recent] == [3 * M, 4 * M]
+    assert reason_of(book.apply(score(2, 0.7, revision=1), SUBJECT)) == "revision_too_old"
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_a_subscriber_that_acts_on_the_latest_signal_ends_where_a_fresh_run_would(
     seed: int,

@@ -3,7 +3,8 @@ with the expectations computed by an independent reference of the documented con
 
 Streams: several series (M1, M5, H4 and D1 over a change of a server clock that follows
 New York + 7), in-order candles, revisions within and beyond the kept depth, repeated
-deliveries, candles that arrive after a later one, a model version that changes, policies
+deliveries, candles that arrive after a later one (decided in their place when newer than
+the oldest kept), a model version that changes, policies
 with hysteresis, cooldown (bars and seconds), a limit per period and only-on-change on/off,
 and a restart at a random point (the book rebuilt from the scores, then ``told`` the last
 signal of each series, and ``untold`` each series that has none, as
@@ -16,6 +17,7 @@ Run as a script to print failures by property:
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import sys
@@ -256,9 +258,10 @@ def ref_decide(rule: Rule, items: list[tuple[int, Score]]) -> tuple[Side, list[S
 @dataclass
 class RefSeries:
     """Which scores the book must take (a new candle after the last; a higher revision of
-    one of the latest ``depth``), and their latest revisions."""
+    one of the latest ``depth``; a candle of a period between two of them that had none,
+    in its place), and their latest revisions."""
 
-    order: list[int] = field(default_factory=list)  # accepted candles' opens, in order
+    order: list[int] = field(default_factory=list)  # accepted candles' opens, in time order
     latest: dict[int, Score] = field(default_factory=dict)
     told_ms: int | None = None
 
@@ -267,13 +270,14 @@ class RefSeries:
             return False
         if not self.order or s.open_time_ms > self.order[-1]:
             return True
-        if s.open_time_ms in self.order[-depth:]:
+        kept = self.order[-depth:]
+        if s.open_time_ms in kept:
             return s.candle_revision > self.latest[s.open_time_ms].candle_revision
-        return False
+        return s.open_time_ms > kept[0]
 
     def take(self, s: Score) -> None:
-        if not self.order or s.open_time_ms > self.order[-1]:
-            self.order.append(s.open_time_ms)
+        if s.open_time_ms not in self.latest:
+            bisect.insort(self.order, s.open_time_ms)
         self.latest[s.open_time_ms] = s
 
 

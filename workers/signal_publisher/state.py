@@ -1,23 +1,32 @@
 """Per-series decisions, score checks and candle revisions: the pure part of signal-publisher.
 
 A series (feed, symbol, timeframe) keeps its latest ``depth`` candles: each one's score, the
-state before it and the signal in force for it (none, the one published, or a correction).
-A revised candle is decided again from the state before it, and so is every later candle
-kept, each under the rule it was first decided under (not a policy put in since); where
-the decision (a side, or no signal) differs from the one made before, a correcting signal
-is published: the new side, or when there is now no signal, the side the series keeps.
+state before it and the signal in force for it (none, the one published, or a correction). A
+revised candle is decided again from the state before it, and so is every later candle kept,
+each under the rule it was first decided under (not a policy put in since); where the
+decision (a side, or no signal) differs from the one made before, a correcting signal is
+published: the new side, or when there is now no signal, the side the series keeps.
 ``corrects`` names the signal it replaces (if the candle had one) and its own id adds the
-revision that caused it. A correction stays valid the allowed lateness longer
-than a signal: a revision comes up to that long after its candle's close, and must not
-reach subscribers expired. When the last correction is for an earlier candle and says
-another side than the series now holds (a later candle decided as before, and its signal
-went out before the corrections), the latest candle's signal is corrected too, to that
-side: the last signal subscribers get is always where the series stands. A revision that
-changes no decision publishes nothing.
+revision that caused it. A candle of a period that had none, coming after later candles (a
+late first tick, with an allowed lateness over the timeframe), is put in its place among
+them when it is newer than the oldest kept (and than the candle of the signal a restart took
+the side of): decided from the state before it under the rule in force (its signal, if any,
+is its first, under the plain id), and every later candle kept is decided again as after a
+revision, the corrections' ids adding ``r<revision>@<its open time>``. One older than every
+candle kept is refused (``out_of_order``, or ``revision_too_old`` for a revision): the state
+before it is gone. A correction, and a late candle's signal, stays valid the allowed
+lateness longer than a signal: a revision or a late candle comes up to that long after its
+candle's close, and must not reach subscribers expired. When the last correction (or the
+late candle's signal) is for an earlier candle and says another side than the series now
+holds (a later candle decided as before, and its signal went out before the corrections),
+the latest candle's signal is corrected too, to that side: the last signal subscribers get
+is always where the series stands. A revision that changes no decision publishes nothing; so
+does a late candle that gives no signal and changes none.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -149,18 +158,27 @@ class Book:
             if len(recent) > self.depth:
                 del recent[0]
             return [] if signal is None else [signal]
-        for i, d in enumerate(recent):
-            if d.score.open_time_ms == score.open_time_ms:
-                if score.candle_revision <= d.score.candle_revision:
-                    return Refusal(
-                        STALE_REVISION,
-                        f"{signal_id(score)} r{score.candle_revision} after "
-                        f"r{d.score.candle_revision}",
-                    )
-                return self._revise(series, i, score)
-        if score.candle_revision and score.open_time_ms < recent[0].score.open_time_ms:
-            return Refusal(REVISION_TOO_OLD, f"{signal_id(score)} before the last {self.depth}")
-        return Refusal(OUT_OF_ORDER, f"{signal_id(score)} after {recent[-1].score.open_time_ms}")
+        at = bisect.bisect_left(recent, score.open_time_ms, key=lambda d: d.score.open_time_ms)
+        if at == 0 and recent[0].score.open_time_ms != score.open_time_ms:
+            return Refusal(
+                REVISION_TOO_OLD if score.candle_revision else OUT_OF_ORDER,
+                f"{signal_id(score)} r{score.candle_revision}: before"
+                f" {recent[0].score.open_time_ms}, the oldest of the {len(recent)} kept",
+            )
+        d = recent[at]
+        if d.score.open_time_ms != score.open_time_ms:
+            # a candle of a period that had none, after the next ones: a late tick made it
+            recent.insert(at, Decided(score, self.policy.rule(*key), d.before, None, None))
+            out = self._revise(series, at, score, first=True)
+            if len(recent) > self.depth:
+                del recent[0]
+            return out
+        if score.candle_revision <= d.score.candle_revision:
+            return Refusal(
+                STALE_REVISION,
+                f"{signal_id(score)} r{score.candle_revision} after r{d.score.candle_revision}",
+            )
+        return self._revise(series, at, score)
 
     def told(self, signal: Signal) -> bool:
         """The series of ``signal``, the last one subscribers got, holds its side from that
@@ -208,7 +226,12 @@ class Book:
         series.recent = []
         return True
 
-    def _revise(self, series: Series, i: int, revised: Score) -> list[Signal]:
+    def _revise(
+        self, series: Series, i: int, revised: Score, *, first: bool = False
+    ) -> list[Signal]:
+        """Decide ``recent[i]`` (now ``revised``) and every later candle kept again, and
+        return the corrections; ``first``: ``recent[i]`` was just put in, never decided, and
+        a signal for it is its first, under the plain id."""
         recent = series.recent
         state = recent[i].before
         cause = f"r{revised.candle_revision}"
@@ -233,7 +256,7 @@ class Book:
             old = d.signal
             fix = msgspec.structs.replace(
                 signal,
-                signal_id=f"{signal_id(score)}|{cause}",
+                signal_id=signal.signal_id if first and j == i else f"{signal_id(score)}|{cause}",
                 corrects=None if old is None else old.signal_id,
                 expires_ms=signal.expires_ms + self.lateness_ms,
             )
