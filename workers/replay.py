@@ -20,7 +20,7 @@ the candles, feature vectors, scores and signals of the recorded feed and symbol
 period overlaps the event time of the replayed messages, read from the JetStream streams
 and keyed by their natural key; payloads are compared byte for byte. ``delete`` removes
 every stream, bucket and object store of the namespace, its QuestDB tables and its
-PostgreSQL schema.
+PostgreSQL schema (those two also once the streams are gone: the CLI says when it kept them).
 """
 
 from __future__ import annotations
@@ -513,11 +513,12 @@ async def delete(
 ) -> list[str]:
     """Remove every stream, consumer, object store and bucket of namespace ``name``, its
     QuestDB tables when ``questdb_http`` is given, and its PostgreSQL schema when
-    ``postgres_dsn`` (an admin's: the schema's owner) is given."""
+    ``postgres_dsn`` (an admin's: the schema's owner) is given; the tables and schema also
+    when its streams are gone already (deleted without them)."""
     subjects.check_name(name, "replay name")
     every = await _stream_names(js)
     removed = _of(every, name)
-    if not removed:
+    if not removed and questdb_http is None and postgres_dsn is None:
         raise ReplayError(f"no replay named {name!r}")
     for stream in removed:
         await js.delete_stream(stream)
@@ -543,7 +544,14 @@ async def delete(
             raise ReplayError(f"streams deleted, PostgreSQL schema not: {exc}") from exc
         if schema is not None:
             removed.append(f"PostgreSQL schema {schema}")
+    if not removed:
+        raise ReplayError(f"no replay named {name!r}")
     return removed
+
+
+def postgres_schema(name: str) -> str:
+    """The PostgreSQL schema of namespace ``name``, as ``market.namespace_schema`` names it."""
+    return f"ns_{name}"
 
 
 async def drop_schema(dsn: str, name: str) -> str | None:
@@ -892,6 +900,21 @@ def run(args: argparse.Namespace) -> int:
                 pg = os.environ.get("TICKWIRE_POSTGRES_DSN")
                 for stream in await delete(js, args.name, questdb_http=qdb, postgres_dsn=pg):
                     print(f"deleted {stream}")
+                # kept, they would hold this replay's rows for one made again under the name
+                if pg is None:
+                    sys.stderr.write(
+                        f"tickwire replay: PostgreSQL schema {postgres_schema(args.name)},"
+                        " if any, kept (no TICKWIRE_POSTGRES_DSN): drop it with"
+                        " TICKWIRE_POSTGRES_DSN=<admin DSN> tickwire replay delete"
+                        f" {args.name}\n"
+                    )
+                if qdb is None:
+                    sys.stderr.write(
+                        f"tickwire replay: QuestDB tables {questdb.namespace_prefix(args.name)}*,"
+                        " if any, kept (no TICKWIRE_QUESTDB_HTTP): drop them with"
+                        " TICKWIRE_QUESTDB_HTTP=<QuestDB HTTP URL> tickwire replay delete"
+                        f" {args.name}\n"
+                    )
             return 0
         finally:
             await nc.close()

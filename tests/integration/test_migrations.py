@@ -92,6 +92,29 @@ async def test_migrations_apply_once_and_a_second_run_changes_nothing(pg_dsn: st
             "PRIMARY KEY (stream, consumer)") in before  # fmt: skip
 
 
+async def test_replication_state_gets_the_stream_created_column_in_every_namespace_too(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A replay namespace made before the column came gets it with market's table; one made
+    after has it from market's."""
+    every = load_migrations()
+    column = every.index(next(m for m in every if "stream_created" in m.name))
+    for m in every[:column]:
+        write(tmp_path, m.name, m.sql)
+    await migrate(pg_dsn, directory=tmp_path)
+    await fetch(pg_dsn, "SELECT market.open_namespace('before')")
+    for m in every[column:]:
+        write(tmp_path, m.name, m.sql)
+    await migrate(pg_dsn, directory=tmp_path)
+    await fetch(pg_dsn, "SELECT market.open_namespace('after')")
+    rows = await fetch(
+        pg_dsn,
+        "SELECT table_schema FROM information_schema.columns WHERE table_name ="
+        " 'replication_state' AND column_name = 'stream_created' ORDER BY table_schema",
+    )
+    assert [r["table_schema"] for r in rows] == ["market", "ns_after", "ns_before"]
+
+
 async def test_candles_refuse_what_no_candle_can_be(pg_dsn: str) -> None:
     await migrate(pg_dsn)
     insert = (

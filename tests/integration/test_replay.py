@@ -27,6 +27,7 @@ from workers import replay, status
 ROOT = Path(__file__).resolve().parents[2]
 SYMBOLS = ("EURUSD", "US500.cash", "XAUUSD")
 FEEDS = ("feed-a", "feed-b")
+STORES = ("TICKWIRE_POSTGRES_DSN", "TICKWIRE_QUESTDB_HTTP")
 
 
 async def publish(js: JetStreamContext, tag: str, n: int) -> list[int]:
@@ -340,8 +341,11 @@ async def test_delete_removes_every_trace(
     assert {"market", f"ns_{unique}x"} <= left_schemas
 
 
-def cli(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TICKWIRE_NATS_URL": nats_url}
+def cli(*args: str, nats_url: str, **more: str) -> subprocess.CompletedProcess[str]:
+    """``tickwire replay ARGS``; ``more``: environment variables, those of the stores unset
+    unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in STORES}
+    env |= {"TICKWIRE_NATS_URL": nats_url} | more
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", "replay", *args],
         cwd=ROOT,
@@ -351,6 +355,47 @@ def cli(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+async def test_cli_delete_without_a_dsn_says_the_schema_stays_and_how_to_drop_it(
+    live: JetStreamContext, unique: str, nats_url: str, pg_dsn: str
+) -> None:
+    """Kept, the schema's replication_state would take a replay made again under the name
+    for this one; the kept schema is said, and dropped by a delete with the DSN after."""
+    seqs = await publish(live, unique, 3)
+    start = (await stored(live, streams.TICKS, seqs[0]))[2]
+    await replay.create(
+        live, unique, stream="TICKS", start=start, end=start + dt.timedelta(hours=1)
+    )
+    await migrate(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.fetchval("SELECT market.open_namespace($1)", unique)  # a replicator's run
+    finally:
+        await conn.close()
+    mine = await replay.streams_of(live, unique)
+
+    kept = await asyncio.to_thread(cli, "delete", unique, nats_url=nats_url)
+    assert kept.returncode == 0, kept.stderr
+    assert sorted(kept.stdout.splitlines()) == sorted(f"deleted {s}" for s in mine)
+    [line] = [ln for ln in kept.stderr.splitlines() if "PostgreSQL" in ln]
+    assert line == (
+        f"tickwire replay: PostgreSQL schema ns_{unique}, if any, kept (no"
+        f" TICKWIRE_POSTGRES_DSN): drop it with TICKWIRE_POSTGRES_DSN=<admin DSN> tickwire"
+        f" replay delete {unique}"
+    )
+    assert f"ns_{unique}" in await schemas(pg_dsn)
+
+    dropped = await asyncio.to_thread(
+        cli, "delete", unique, nats_url=nats_url, TICKWIRE_POSTGRES_DSN=pg_dsn
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout.splitlines() == [f"deleted PostgreSQL schema ns_{unique}"]
+    assert f"ns_{unique}" not in await schemas(pg_dsn)
+    again = await asyncio.to_thread(
+        cli, "delete", unique, nats_url=nats_url, TICKWIRE_POSTGRES_DSN=pg_dsn
+    )
+    assert (again.returncode, again.stderr) == (2, f"tickwire replay: no replay named {unique!r}\n")
 
 
 async def test_cli_creates_and_refuses_bad_arguments_without_a_change(

@@ -36,6 +36,8 @@ from tests import replication
 from tests.processes import running, spawn
 from tests.replication import BASE, Published
 from tests.waiting import eventually
+from workers import replay
+from workers.runtime.errors import Misdeployed
 from workers.runtime.worker import CommitFailed
 from workers.timescale_replicator.app import Replicator, Settings
 from workers.timescale_replicator.store import Refused, Store
@@ -444,6 +446,52 @@ async def test_restart_skips_what_the_database_has(
     )
     assert skipped == len(messages)
     assert await tables(pg_dsn, namespace) == replication.expected(messages)
+
+
+@pytest.mark.parametrize("candles_after", [10, 60], ids=["fewer", "more"])
+async def test_a_replay_made_again_under_its_name_is_not_taken_for_the_one_stored(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    candles_after: int,
+) -> None:
+    """A replay deleted without its PostgreSQL schema, made again under the same name: its
+    streams number their messages from 1 again, fewer or more of them than the stored
+    sequence. The replicator refuses to start rather than skip them as stored; once the
+    replay is deleted with its schema and made again, the tables hold exactly the new run."""
+    before = replication.published(seed=11, candles_per_series=30, namespace=namespace)
+    await publish(js, before)
+    first = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(first)
+    await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    await stop(first, task)
+
+    await replay.delete(js, namespace)  # no DSN: the schema stays
+    await streams.ensure(
+        js, streams.stream_specs(namespace=namespace), replicator_consumers(namespace)
+    )
+    after = replication.published(seed=12, candles_per_series=candles_after, namespace=namespace)
+    await publish(js, after)
+    refused = Replicator(settings(stack, namespace, writer_dsn))
+    with pytest.raises(Misdeployed, match=f"tickwire replay delete {namespace}"):
+        await stop(refused, await start(refused))  # started, it skips what it takes for stored
+    assert await tables(pg_dsn, namespace) == replication.expected(before)  # nothing written
+
+    await replay.delete(js, namespace, postgres_dsn=pg_dsn)
+    await streams.ensure(
+        js, streams.stream_specs(namespace=namespace), replicator_consumers(namespace)
+    )
+    await publish(js, after)
+    again = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(again)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated anew")
+    finally:
+        await stop(again, task)
+    assert await tables(pg_dsn, namespace) == replication.expected(after)
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
 
 
 async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored(

@@ -10,7 +10,11 @@ handles the next; batches are stored strictly in order (a batch's sequence marks
 it as stored). Because later messages may be delivered before a dead process's unacked ones
 come back, start-up first catches up with what the previous process was given (stream
 sequences above the stored one up to the consumer's last delivered), reading it on a
-short-lived consumer, before consuming anew.
+short-lived consumer, before consuming anew. The stored sequence counts one stream: its
+creation time is recorded with it, and a stream made again under the name (numbering from 1
+again: its messages would be skipped as stored) stops the start with what to do
+(``Misdeployed``). Skipping them is silent loss; re-replicating on its own would keep the old
+stream's rows beside the new one's, so ops decide.
 Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
 is skipped is checked again, so a refusal whose dead letter was never published is not lost.
 A row the database refuses is found only by its transaction, and dead-lettered after it:
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 from typing import Annotated, Any, Final
@@ -41,7 +46,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from contracts.codec import Codec, ContractError
 from contracts.streams import TIMESCALE_REPLICATOR, stream_name
-from workers.runtime.errors import Rejected, ReplayFailed, TransientError
+from workers.runtime.errors import Misdeployed, Rejected, ReplayFailed, TransientError
 from workers.runtime.metrics import WorkerMetrics
 from workers.runtime.pull import AckInfo, read_stream, stream_seq
 from workers.runtime.settings import RuntimeSettings, load
@@ -250,6 +255,7 @@ class Replica:
             ) from None
         delivered = info.delivered.stream_seq if info.delivered else 0
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        await self._same_stream(ctx)
         stored = await self.store.last_seq()
         self._last_seq.set(stored)
         if stored < floor:
@@ -278,6 +284,37 @@ class Replica:
                 delivered,
                 count,
             )
+
+    async def _same_stream(self, ctx: Context) -> None:
+        """Refuse a stream other than the one the stored sequence counts: made again under
+        its name, it numbers its messages from 1 again, and those up to the stored sequence
+        would be skipped as stored. Else record its creation time where none is (or nothing is stored yet)."""
+        info = await ctx.js.stream_info(self.stream)
+        created = info.created
+        if created is None:  # a server too old to say: the sequences are all there is
+            log.warning("%s: %s has no creation time to check", NAME, self.stream)
+        stored = await self.store.stream_state()
+        if stored is not None:
+            problem = other_stream(
+                self.stream, self.store.schema, *stored, created, info.state.last_seq
+            )
+            if problem is not None:
+                raise Misdeployed(f"{problem}; {self._remedy()}")
+        if created is not None:
+            await self.store.bind_stream(created)
+
+    def _remedy(self) -> str:
+        if self.namespace is not None:
+            return (
+                f"its rows are an earlier replay's: run `tickwire replay delete"
+                f" {self.namespace}` with TICKWIRE_POSTGRES_DSN set to the admin's DSN (it"
+                f" drops schema {self.store.schema}), then create the replay again"
+            )
+        return (
+            "to replicate this stream from its first message (the rows stored stay, upserted"
+            " by revision), run as the admin: DELETE FROM market.replication_state WHERE"
+            f" stream = '{self.stream}' AND consumer = '{self.durable}'"
+        )
 
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
         """Store the valid messages of ``first..last``; the checks' refusals come with the
@@ -334,6 +371,33 @@ class Replica:
         lag = await consumer_lag(ctx.js, self.stream, self.durable)
         self.lag_messages.set(lag.messages)
         self.lag_seconds.set(lag.seconds)
+
+
+def other_stream(
+    stream: str,
+    schema: str | None,
+    stored_seq: int,
+    stored_created: dt.datetime | None,
+    created: dt.datetime | None,
+    last_seq: int,
+) -> str | None:
+    """Why ``stream`` (created at ``created``, at ``last_seq`` now) is not the stream whose
+    sequences were stored (``stored_seq`` of a stream created at ``stored_created``); None
+    when nothing says so. A stream's sequences never go back, nor does its creation time
+    change."""
+    if stored_seq == 0:  # nothing stored: nothing to skip
+        return None
+    if stored_created is not None and created is not None and stored_created != created:
+        now = f"was created {created.isoformat()}"
+    elif stored_seq > last_seq:
+        now = f"ends at seq {last_seq}"
+    else:
+        return None
+    of = f" of a stream created {stored_created.isoformat()}" if stored_created else ""
+    return (
+        f"{stream} is not the stream {schema}.replication_state counts: that holds seq"
+        f" {stored_seq}{of}, and {stream} {now}"
+    )
 
 
 class _StreamWorker(Worker[Any]):
@@ -427,5 +491,9 @@ def main() -> int:
         tune_interpreter()
         await replicator.run()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except Misdeployed as exc:
+        log.error("%s refuses to start: %s", NAME, exc)
+        return 1
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import threading
 from collections.abc import Coroutine, Sequence
@@ -149,6 +150,16 @@ class Store:
     async def last_seq(self) -> int:
         return await self._thread.run(self._last_seq())
 
+    async def stream_state(self) -> tuple[int, dt.datetime | None] | None:
+        """The last sequence stored and the creation time of the stream it counts (None:
+        not recorded yet); None when nothing is stored for the stream."""
+        return await self._thread.run(self._stream_state())
+
+    async def bind_stream(self, created: dt.datetime) -> None:
+        """Record ``created`` as the creation time of the stream the sequences count, where
+        none is recorded or nothing is stored yet."""
+        await self._thread.run(self._bind_stream(created))
+
     async def write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
         """Store ``(stream_seq, row)`` pairs and ``through_seq`` as the last sequence."""
         return await self._thread.run(self._write(rows, through_seq))
@@ -208,6 +219,21 @@ class Store:
         except Exception as exc:
             raise await self._lost(exc) from exc
         return int(value or 0)
+
+    async def _stream_state(self) -> tuple[int, dt.datetime | None] | None:
+        conn = await self._connect()
+        try:
+            row = await conn.fetchrow(query("replicator_read_stream"), self.stream, self.consumer)
+        except Exception as exc:
+            raise await self._lost(exc) from exc
+        return None if row is None else (int(row["last_seq"]), row["stream_created"])
+
+    async def _bind_stream(self, created: dt.datetime) -> None:
+        conn = await self._connect()
+        try:
+            await conn.execute(query("replicator_bind_stream"), self.stream, self.consumer, created)
+        except Exception as exc:
+            raise await self._lost(exc) from exc
 
     async def _write(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
         conn = await self._connect()
