@@ -77,6 +77,7 @@ def test_requeue_headers_keep_the_original_and_get_a_fresh_deterministic_id() ->
         "X-Trace": "ea-7",
         ORIGINAL_ID: "orig-1",
         REQUEUED_FROM: "DLQ:17",
+        "Tickwire-Requeued-For": "feature-builder",
         "Nats-Msg-Id": "requeue|DLQ|17",
     }
     assert requeue_headers(d, "DLQ", 17) == headers
@@ -84,6 +85,9 @@ def test_requeue_headers_keep_the_original_and_get_a_fresh_deterministic_id() ->
     # refused again after the requeue, and requeued again: still the producer's id
     again = letter("feature-builder", "bad_price", 2, headers=headers)
     assert requeue_headers(again, "DLQ", 30)[ORIGINAL_ID] == "orig-1"
+    # refused by another worker that time: sent back to that one
+    other = letter("timescale-replicator", "db_refused", 3, headers=headers)
+    assert requeue_headers(other, "DLQ", 31)["Tickwire-Requeued-For"] == "timescale-replicator"
 
 
 def test_a_payload_is_checked_against_its_subjects_message_type() -> None:
