@@ -516,6 +516,7 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
 
         builder = clients["feature-builder"].jetstream()
         assert (await builder.publish(FEATURES, b"{}")).stream == "FEATURES"
+        assert (await builder.get_last_msg("FEATURES", FEATURES)).data == b"{}"
         assert (await builder.consumer_info("CANDLES", "feature-builder")).num_pending == 1
 
         replicator = clients["timescale-replicator"].jetstream()
