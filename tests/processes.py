@@ -31,11 +31,14 @@ def worker_env(stack: StackUrls, namespace: str, **settings: str) -> dict[str, s
     } | {f"TICKWIRE_{name.upper()}": value for name, value in settings.items()}
 
 
-def spawn(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``tickwire run WORKER`` with ``env``, its output appended to ``log``."""
+def spawn(
+    worker: str, env: dict[str, str], log: Path, *, module: str = "workers.cli"
+) -> subprocess.Popen[bytes]:
+    """``tickwire run WORKER`` with ``env``, its output appended to ``log`` (``module``:
+    another command line taking ``run WORKER``, such as ``tests.crashing_worker``)."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", worker],
+            [sys.executable, "-m", module, "run", worker],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -82,11 +85,13 @@ def healthy(port: int) -> bool:
         return False
 
 
-async def spawn_started(worker: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+async def spawn_started(
+    worker: str, env: dict[str, str], log: Path, *, module: str = "workers.cli"
+) -> subprocess.Popen[bytes]:
     """``spawn``, returned once /healthz answers: the worker runs and SIGTERM drains it (a
     SIGTERM before its handler is set ends the process, exit code -15)."""
     port = free_port()
-    proc = spawn(worker, {**env, "TICKWIRE_METRICS_PORT": str(port)}, log)
+    proc = spawn(worker, {**env, "TICKWIRE_METRICS_PORT": str(port)}, log, module=module)
 
     async def up() -> bool:
         return running(proc, log) and await asyncio.to_thread(healthy, port)

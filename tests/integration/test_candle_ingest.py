@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from contracts.messages import Candle, DeadLetter, Timeframe
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
+from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
 from tests.faults import fails_first, losing_source
 from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
@@ -1194,3 +1196,55 @@ async def test_a_snapshot_from_other_settings_is_rebuilt_from_the_stream(
     sample = second.metrics.registry.get_sample_value
     labels = [{"worker": "candle-ingest", "tf": tf.value} for tf in Timeframe]
     assert sum(sample("tickwire_candles_out_total", x) or 0 for x in labels) == 0
+
+
+async def test_a_restart_after_the_duplicate_window_publishes_no_candle_twice(
+    stack: StackUrls,
+    questdb: QuestDBUrls,
+    js: JetStreamContext,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """A process killed after CANDLES stored its first candles and before it acked their
+    ticks, and down longer than the stream's duplicate window: its restart publishes the
+    candles the unacked ticks owe, but not those CANDLES holds already, and writes them all
+    to QuestDB (the kill may have come before they were written)."""
+    window = 1.0
+    sc = market.scenario(seed=11, ticks=6_000)
+    await publish(js, sc, namespace)
+    await shorten_windows(js, namespace, window)
+    env = worker_env(
+        stack,
+        namespace,
+        questdb_ilp=questdb.ilp_conf,
+        questdb_http=questdb.http,
+        day_start_minutes=str(DAY_START_MS // 60_000),
+        idle_close="false",
+        handler_batch="50",
+        fetch_batch="50",
+        test_duplicate_window_s=str(window),
+    )
+    log = tmp_path / "candle-ingest.log"
+    candles = subjects.wildcard(subjects.CANDLES, namespace=namespace).split("*")[0]
+    killed = spawn(
+        "candle-ingest", {**env, "TICKWIRE_TEST_KILLED_AFTER": candles}, log, module=CRASHING
+    )
+    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    output = streams.stream_name(streams.CANDLES, namespace=namespace)
+    ticks = streams.stream_name(streams.TICKS, namespace=namespace)
+    before = await stored_messages(js, output)
+    info = await js.consumer_info(ticks, "candle-ingest")
+    assert before, "killed after its first candles were stored"
+    assert info.ack_floor.stream_seq < info.delivered.stream_seq, "and before it acked"
+    await window_gone_by(js, f"{namespace}_WINDOW", window)
+
+    proc = await spawn_started("candle-ingest", env, log, module=CRASHING)
+    try:
+        await all_ticks_consumed(js, namespace)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    got = await stored_messages(js, output)
+    assert [i for i, n in Counter(msg_id for msg_id, _ in got).items() if n > 1] == []
+    want, _ = await candles_equal_the_reference(js, namespace, sc)
+    assert len(await questdb_rows(questdb, namespace)) == len(want)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,8 +25,9 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
+from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
 from tests.faults import fails_first
-from tests.processes import running, spawn, spawn_started, worker_env
+from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
 from workers.feature_builder.app import Features, Settings, build
 from workers.feature_builder.state import Builder
@@ -36,6 +38,8 @@ from workers.runtime.worker import CommitFailed
 pytestmark = pytest.mark.integration
 
 DURABLE = "feature-builder"
+KEY = ("feed-a", "EURUSD", Timeframe.M1)
+"""The series of ``tests.candles.series`` with its defaults."""
 
 
 @pytest.fixture
@@ -515,3 +519,47 @@ def encode_candle(c: Candle) -> bytes:
 
 async def _delivered_at_least(js: JetStreamContext, namespace: str, point: int) -> bool:
     return await delivered(js, namespace) >= point
+
+
+async def test_a_restart_after_the_duplicate_window_publishes_no_vector_twice(
+    stack: StackUrls, js: JetStreamContext, namespace: str, tmp_path: Path
+) -> None:
+    """A process killed after FEATURES stored its first vectors and before it acked their
+    candles, and down longer than the stream's duplicate window: its restart publishes
+    what the unacked candles owe, but not what FEATURES holds already."""
+    window = 1.0
+    candles = series(300, seed=31, symbol="EURUSD")
+    await publish(js, candles, namespace)
+    await shorten_windows(js, namespace, window)
+    env = worker_env(
+        stack,
+        namespace,
+        handler_batch="50",
+        fetch_batch="50",
+        test_duplicate_window_s=str(window),
+    )
+    log = tmp_path / "feature-builder.log"
+    features = subjects.features(*KEY, namespace=namespace)
+    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": features}, log, module=CRASHING)
+    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    output = streams.stream_name(streams.FEATURES, namespace=namespace)
+    before = await stored_messages(js, output)
+    info = await js.consumer_info(
+        streams.stream_name(streams.CANDLES, namespace=namespace), DURABLE
+    )
+    assert before, "killed after its first vectors were stored"
+    assert info.ack_floor.stream_seq < len(before), "and before their candles were acked"
+    await window_gone_by(js, f"{namespace}_WINDOW", window)
+
+    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
+    try:
+        await eventually(lambda: consumed(js, namespace), timeout=120, what="every candle")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    got = await stored_messages(js, output)
+    ids = Counter(msg_id for msg_id, _ in got)
+    assert [i for i, n in ids.items() if n > 1] == []
+    decode = msgspec.json.Decoder(FeatureVector).decode
+    keys = [(v.symbol, v.open_time_ms, v.candle_revision) for v in (decode(d) for _, d in got)]
+    assert sorted(keys) == sorted((c.symbol, c.open_time_ms, c.revision) for c in candles)

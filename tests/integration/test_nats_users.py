@@ -507,6 +507,8 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
         mark = {"type": "watermark", "v": 1, "feed": F, "symbol": S, "time_ms": START_MS}
         assert (await ingest.publish(TICKS, msgspec.json.encode(mark))).seq == 2
         assert (await ingest.publish(CANDLES, b"{}")).stream == "CANDLES"
+        # a restart reads back the last candle of a series it owes again
+        assert (await ingest.get_last_msg("CANDLES", CANDLES)).data == b"{}"
         assert (await ingest.publish("dlq.candle-ingest", b"{}")).stream == "DLQ"
         pulled = await ingest.pull_subscribe_bind("candle-ingest", stream="TICKS")
         got = await pulled.fetch(2, timeout=5)
@@ -516,6 +518,7 @@ async def test_what_each_user_needs_is_allowed(secured: Secured, ops: JetStreamC
 
         builder = clients["feature-builder"].jetstream()
         assert (await builder.publish(FEATURES, b"{}")).stream == "FEATURES"
+        assert (await builder.get_last_msg("FEATURES", FEATURES)).data == b"{}"
         assert (await builder.consumer_info("CANDLES", "feature-builder")).num_pending == 1
 
         replicator = clients["timescale-replicator"].jetstream()

@@ -25,8 +25,9 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, Score, Side, Signal, Timeframe
 from infra.stack import StackUrls
+from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
 from tests.faults import fails_first
-from tests.processes import running, spawn, worker_env
+from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
 from workers.runtime.errors import TransientError
 from workers.signal_publisher.app import Settings, Signals, build
@@ -621,3 +622,55 @@ async def test_a_candle_of_a_period_that_had_none_coming_after_the_next_is_decid
     await js.delete_consumer(streams.stream_name(streams.SCORES, namespace=namespace), DURABLE)
     await run_once(stack, js, namespace, [])
     assert await signals_of(js, namespace) == got
+
+
+async def test_a_restart_after_the_duplicate_window_publishes_no_signal_twice(
+    stack: StackUrls, js: JetStreamContext, namespace: str, tmp_path: Path
+) -> None:
+    """A process killed after SIGNALS stored its first signals and before it acked their
+    scores, and down longer than the stream's duplicate window: its restart publishes the
+    signals the unacked scores owe, but not those subscribers were sent already."""
+    window = 1.0
+    scores = interleave(walk("EURUSD", 200, 5), walk("US500.cash", 200, 6))
+    want = reference(scores)
+    await publish(js, scores, namespace)
+    await shorten_windows(js, namespace, window)
+    env = worker_env(
+        stack,
+        namespace,
+        handler_batch="50",
+        fetch_batch="50",
+        test_duplicate_window_s=str(window),
+    )
+    log = tmp_path / "signal-publisher.log"
+    signals = subjects.wildcard(subjects.SIGNALS, namespace=namespace).split("*")[0]
+    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": signals}, log, module=CRASHING)
+    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    output = streams.stream_name(streams.SIGNALS, namespace=namespace)
+    before = await stored_messages(js, output)
+    info = await js.consumer_info(streams.stream_name(streams.SCORES, namespace=namespace), DURABLE)
+    sent = [msgspec.json.decode(p, type=Signal) for _, p in before]
+    assert sent, "killed after its first signals were stored"
+    # their scores not acked
+    assert info.ack_floor.stream_seq < max(scores.index(by(s, scores)) + 1 for s in sent)
+    await window_gone_by(js, f"{namespace}_WINDOW", window)
+
+    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
+    try:
+        await eventually(lambda: consumed(js, namespace), timeout=120, what="every score")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    got = await stored_messages(js, output)
+    ids = Counter(msg_id for msg_id, _ in got)
+    assert [i for i, n in ids.items() if n > 1] == []
+    told = [msgspec.json.decode(p, type=Signal) for _, p in got]
+    assert sorted((s.symbol, s.open_time_ms, s.side.value) for s in told) == sorted(want)
+
+
+def by(signal: Signal, scores: list[Score]) -> Score:
+    """The score ``signal`` was decided on."""
+    (score,) = (
+        s for s in scores if (s.symbol, s.open_time_ms) == (signal.symbol, signal.open_time_ms)
+    )
+    return score

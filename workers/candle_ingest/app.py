@@ -7,9 +7,10 @@ ticks are acked.
 Exactly once across crashes: the aggregator's state is snapshotted (object store) together
 with the stream sequence it covers, only when every candle it emitted is durable. On start
 the snapshot is loaded and the ticks between it and the consumer's ack floor are replayed
-with output suppressed (their candles are durable already); ticks after the floor come
-again through the durable consumer and are processed normally, so candles a crash left half
-written are written again, identically, and de-duplicated by message id and upsert key.
+with output suppressed (their candles are durable already); ticks after the floor are
+processed again, so candles a crash left half written are written again, identically, and
+de-duplicated by upsert key in QuestDB. To CANDLES go only those it does not hold yet: its
+duplicate window would not drop them once the process was down longer than it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Annotated, ClassVar, Final, Protocol
 
 import msgspec
@@ -41,6 +42,7 @@ from contracts.messages import (
 )
 from contracts.streams import (
     CANDLE_INGEST,
+    CANDLES,
     TICKS,
     ensure,
     stream_name,
@@ -57,7 +59,7 @@ from workers.candle_ingest.sink import QuestDBSink
 from workers.candle_ingest.validate import FUTURE_TIME, SalvagedBatch, TicksCodec, check_bar
 from workers.runtime.errors import ReplayFailed, TransientError
 from workers.runtime.partition import PartitionedSettings, own_durables
-from workers.runtime.publish import Outgoing
+from workers.runtime.publish import Outgoing, stored_already
 from workers.runtime.pull import read_stream
 from workers.runtime.settings import load
 from workers.runtime.worker import (
@@ -365,8 +367,10 @@ class Ingest:
 
     # --- making it durable ------------------------------------------------------------
 
-    def seal(self) -> Commit:
+    def seal(self, *, stored: Collection[int] = ()) -> Commit:
         """What the messages applied so far owe, as a commit the runtime runs in order.
+        ``stored``: the places among the pending candles of those CANDLES holds already,
+        written to QuestDB and not published.
 
         The candles pending now (and the state now, when a snapshot is due) are taken out
         of the ingest, so the next batch can be applied while this commit runs.
@@ -416,6 +420,10 @@ class Ingest:
         self._unwritten.extend(pending)
         self._unwritten_upto = number
         out = self._outgoing(pending)
+        if stored:
+            out = [o for i, o in enumerate(out) if i not in stored]
+            pending = [c for i, c in enumerate(pending) if i not in stored]
+            triggers = [t for i, t in enumerate(triggers) if i not in stored]
         early: asyncio.Future[None] | None = None
         published = self._published
         if out:
@@ -447,9 +455,9 @@ class Ingest:
 
         return commit
 
-    async def flush(self) -> None:
+    async def flush(self, *, stored: Collection[int] = ()) -> None:
         """Seal and commit at once (start-up)."""
-        await self.seal()()
+        await self.seal(stored=stored)()
 
     def _outgoing(self, pending: list[Candle]) -> list[Outgoing]:
         ns = self.namespace
@@ -526,8 +534,9 @@ class Ingest:
 
         Up to the ack floor every effect is durable: those messages only rebuild the state.
         Messages delivered to the previous process but not acked are processed now, with
-        output (de-duplicated where it was already written), before any newer message: the
-        server would redeliver them only after their ack wait, behind newer ones.
+        output (de-duplicated where it was already written, and not published again where
+        CANDLES holds it), before any newer message: the server would redeliver them only
+        after their ack wait, behind newer ones.
         """
         js = self.ctx.js
         try:  # made by ops (R3 on a cluster), or here with the defaults
@@ -552,15 +561,20 @@ class Ingest:
         start = self.agg.last_stream_seq
         if start < delivered:
             replayed = await self._replay(stream, start + 1, delivered, live_from=floor + 1)
+            output = stream_name(CANDLES, namespace=self.namespace)
+            stored = await stored_already(js, output, self._outgoing(self.pending))
             log.info(
-                "%s: state rebuilt from seq %d to %d, output from %d (%d messages)",
+                "%s: state rebuilt from seq %d to %d, output from %d (%d messages; %d candles"
+                " on %s already)",
                 NAME,
                 start + 1,
                 delivered,
                 floor + 1,
                 replayed,
+                len(stored),
+                output,
             )
-            await self.flush()
+            await self.flush(stored=stored)
         self.agg.last_stream_seq = max(self.agg.last_stream_seq, delivered)
 
     def _recorder(self, seq: int) -> Recorded:

@@ -8,8 +8,10 @@ State comes from history: on start the CANDLES stream is read again from its fir
 up to the last one the durable consumer delivered, through the same engines, so every
 series is in the state an uninterrupted run has, to the last bit. Up to the ack floor that
 only rebuilds state; after it (what a crashed process was given but did not ack) the
-vectors are published again, identically, and de-duplicated by message id. When those
-candles come again through the durable consumer they are acked without a second effect.
+vectors are published again, identically, but for those FEATURES holds already: the
+stream's duplicate window would not drop them once the process was down longer than it.
+When those candles come again through the durable consumer they are acked without a
+second effect.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from contracts.messages import Candle, Timeframe
 from contracts.streams import (
     CANDLES,
     FEATURE_BUILDER,
+    FEATURES,
     ensure,
     stream_name,
     stream_specs,
@@ -37,7 +40,7 @@ from workers.feature_builder.state import Builder, Refusal, message_id
 from workers.features import DEFAULT
 from workers.runtime.history import warm_up
 from workers.runtime.partition import PartitionedSettings, own_durables
-from workers.runtime.publish import Outgoing
+from workers.runtime.publish import Outgoing, stored_already
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 
@@ -183,7 +186,8 @@ class Features:
         await self.seal()()
 
     async def restore(self, stream: str) -> None:
-        """Rebuild every series from the stream, publishing again what was not acked."""
+        """Rebuild every series from the stream, publishing again what was not acked and
+        is not on FEATURES yet."""
         info = await self.ctx.js.consumer_info(stream, self.settings.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
@@ -191,13 +195,21 @@ class Features:
             return
         read = await self._replay(stream, delivered, live_from=floor + 1)
         self.metrics.warmup_w.inc(read)
+        output = stream_name(FEATURES, namespace=self.settings.namespace)
+        stored = await stored_already(self.ctx.js, output, self.pending)
+        if stored:
+            self.pending = [o for i, o in enumerate(self.pending) if i not in stored]
+            self.pending_meta = [m for i, m in enumerate(self.pending_meta) if i not in stored]
         log.info(
-            "%s: %d series rebuilt from %d candles up to seq %d, output from seq %d",
+            "%s: %d series rebuilt from %d candles up to seq %d, output from seq %d"
+            " (%d vectors on %s already)",
             NAME,
             len(self.builder.series),
             read,
             delivered,
             floor + 1,
+            len(stored),
+            output,
         )
         await self.flush()
         self.applied_seq = max(self.applied_seq, delivered)

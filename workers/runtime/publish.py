@@ -16,14 +16,15 @@ pending (a full store looked like a timeout).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import APIError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
 
 from workers.runtime import wire
 from workers.runtime.errors import TransientError
@@ -35,6 +36,8 @@ REQUEUED_FOR: Final = "Tickwire-Requeued-For"
 other consumers of its subject already took the original and ack it unread."""
 MAX_PENDING: Final = 4000
 """Publishes awaiting their ack, per publisher: a batch larger than this waits for room."""
+LOOKUPS_AT_ONCE: Final = 100
+"""Last messages of subjects asked for at once by ``stored_already``."""
 
 
 class Outgoing(NamedTuple):
@@ -232,3 +235,44 @@ class Publisher:
         except Exception as exc:
             return f"{unanswered} unanswered; publishing {first.subject} again: {exc!r}"
         return f"{unanswered} not acknowledged within {self._timeout_s:g} s"
+
+
+async def stored_already(
+    js: JetStreamContext, stream: str, messages: Sequence[Outgoing]
+) -> set[int]:
+    """The indices of ``messages`` that ``stream`` holds already: what a worker killed
+    after publishing and before acking its input published before it died.
+
+    A stateful worker's restart publishes again what its unacked input owes. The stream's
+    duplicate window drops the repeats only while the first publish is younger than the
+    window; a worker down longer would double them. Every output subject of a worker is
+    one series, published in order: when the last message on a subject carries the id of
+    one of ``messages``, that one and those before it on the subject are stored, and the
+    rest are not. One lookup per subject, at start-up only: the hot path pays nothing.
+    """
+    on: dict[str, list[int]] = {}
+    for i, m in enumerate(messages):
+        on.setdefault(m.subject, []).append(i)
+    names = list(on)
+    stored: set[int] = set()
+    for at in range(0, len(names), LOOKUPS_AT_ONCE):
+        chunk = names[at : at + LOOKUPS_AT_ONCE]
+        lasts = await asyncio.gather(*(_last_id(js, stream, s) for s in chunk))
+        for subject, last in zip(chunk, lasts, strict=True):
+            if last is None:
+                continue
+            places = on[subject]
+            ids = [messages[i].msg_id for i in places]
+            if last in ids:
+                upto = len(ids) - ids[::-1].index(last)
+                stored.update(places[:upto])
+    return stored
+
+
+async def _last_id(js: JetStreamContext, stream: str, subject: str) -> str | None:
+    """``Nats-Msg-Id`` of the last message on ``subject`` in ``stream``; None if none."""
+    try:
+        raw = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return None
+    return (raw.headers or {}).get(MSG_ID)

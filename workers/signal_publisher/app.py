@@ -11,8 +11,9 @@ force stays.
 
 State comes from history, as in feature-builder: on start SCORES is read again from its
 first message up to the last one the durable consumer delivered, through the same
-decisions; after the ack floor the signals are published again, identically, and
-de-duplicated by id. Then each series takes the side of its last signal where that differs
+decisions; after the ack floor the signals are published again, identically, but for those
+SIGNALS holds already (a process down longer than the duplicate window would otherwise
+send subscribers a signal twice). Then each series takes the side of its last signal where that differs
 (the policy changed since, or SCORES no longer holds the entry): subscribers hold what they
 were told, and the series' exit must reach them. The last signal is that of the latest
 candle, not the last one published (``state.last_words``). It is also kept in the KV bucket
@@ -33,6 +34,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, ClassVar, Final
 
@@ -56,7 +58,7 @@ from contracts.streams import (
 )
 from workers.runtime.history import warm_up
 from workers.runtime.partition import PartitionedSettings, own_durables
-from workers.runtime.publish import Outgoing
+from workers.runtime.publish import Outgoing, stored_already
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 from workers.signal_publisher.delivery import Exhausted
@@ -209,9 +211,11 @@ class Signals:
             self.pending.append(Outgoing(subject, encode(signal), signal.signal_id))
             self.pending_meta.append((signal, score))
 
-    def seal(self, *, live: bool = True) -> Commit:
+    def seal(self, *, live: bool = True, stored: Collection[int] = ()) -> Commit:
         """The signals pending now, as the commit that publishes them; then the last of each
-        series into the sides bucket, which keeps it after SIGNALS no longer does."""
+        series into the sides bucket, which keeps it after SIGNALS no longer does.
+        ``stored``: the places among them of those SIGNALS holds already, left out (their
+        last words are written again)."""
         pending, meta = self.pending, self.pending_meta
         self.pending, self.pending_meta = [], []
         self.metrics.series_w.set(len(self.book.series))
@@ -225,11 +229,13 @@ class Signals:
         # at the seal, not the commit: commits run in seal order, and one that fails stops
         # the worker, whose start reads the bucket again
         self.said.update(((s.feed, s.symbol, s.tf), s) for s in words)
-        if pending:
-            prefix = f"$KV.{self.settings.sides_bucket}."
-            pending += [
-                Outgoing(f"{prefix}{side_key(s)}", encode(s), f"side|{s.signal_id}") for s in words
-            ]
+        if stored:
+            pending = [o for i, o in enumerate(pending) if i not in stored]
+            meta = [m for i, m in enumerate(meta) if i not in stored]
+        prefix = f"$KV.{self.settings.sides_bucket}."
+        pending += [
+            Outgoing(f"{prefix}{side_key(s)}", encode(s), f"side|{s.signal_id}") for s in words
+        ]
 
         async def commit() -> None:
             if not pending:
@@ -265,7 +271,8 @@ class Signals:
         log.info("%s: policy entry deleted; the file's policy (or the defaults) again", NAME)
 
     async def restore(self, stream: str) -> None:
-        """Rebuild every series from the stream, publishing again what was not acked."""
+        """Rebuild every series from the stream, publishing again what was not acked and is
+        not on SIGNALS yet."""
         info = await self.ctx.js.consumer_info(stream, self.settings.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
@@ -273,8 +280,17 @@ class Signals:
             return
         read = await self._replay(stream, delivered, live_from=floor + 1)
         self.metrics.warmup_w.inc(read)
-        log.info("%s: state rebuilt from %d scores up to seq %d", NAME, read, delivered)
-        await self.seal(live=False)()
+        output = stream_name(SIGNALS, namespace=self.settings.namespace)
+        stored = await stored_already(self.ctx.js, output, self.pending)
+        log.info(
+            "%s: state rebuilt from %d scores up to seq %d (%d signals owed on %s already)",
+            NAME,
+            read,
+            delivered,
+            len(stored),
+            output,
+        )
+        await self.seal(live=False, stored=stored)()
         self.applied_seq = max(self.applied_seq, delivered)
         await self._told()
 
