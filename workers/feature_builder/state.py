@@ -46,7 +46,9 @@ NON_FINITE: Final = "non_finite_feature"
 
 
 SNAPSHOT_FORMAT: Final = 1
-"""Raise when what a snapshot holds changes shape (``Series``, the header)."""
+"""Raise when what a snapshot holds changes shape (``Series``, the header), or when a fix
+changes what state a series reaches without changing the feature-set id (``Builder``'s
+checks or revisions): a snapshot of another format is not used."""
 
 
 class SnapshotMismatch(ValueError):
