@@ -133,7 +133,7 @@ async def _cleanup(js: JetStreamContext) -> None:
             await js.delete_stream(spec.name)
     with contextlib.suppress(Exception):
         await js.delete_stream(_hop_stream())
-    for name in (bucket_name(NS), f"ns-{NS}-candle-ingest-state"):
+    for name in (bucket_name(NS), f"ns-{NS}-candle-ingest-state", f"ns-{NS}-feature-builder-state"):
         with contextlib.suppress(Exception):
             await js.delete_object_store(name)
     for name in (bucket_name(NS), kv_bucket(POLICY_BUCKET, NS), kv_bucket(SIDES_BUCKET, NS)):

@@ -69,6 +69,7 @@ from contracts.streams import (
 from db import questdb
 from db.queries import query
 from workers.candle_ingest.app import STATE_BUCKET
+from workers.feature_builder.app import STATE_BUCKET as FEATURES_STATE_BUCKET
 from workers.registry.store import (
     ACTIVE_PREFIX,
     CARD_SUFFIX,
@@ -163,7 +164,13 @@ class Replay:
 
 PIPELINE_STREAMS: Final = tuple(spec.name for spec in stream_specs())
 """Live names of the pipeline streams; a namespace's are ``NS_<name>_<live name>``."""
-NAMESPACE_BUCKETS: Final = (REGISTRY_BUCKET, STATE_BUCKET, POLICY_BUCKET, SIDES_BUCKET)
+NAMESPACE_BUCKETS: Final = (
+    REGISTRY_BUCKET,
+    STATE_BUCKET,
+    FEATURES_STATE_BUCKET,
+    POLICY_BUCKET,
+    SIDES_BUCKET,
+)
 """The buckets (KV and object stores) the pipeline makes in a namespace, ``ns-<name>-<b>``."""
 
 

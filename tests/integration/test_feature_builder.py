@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -29,9 +30,10 @@ from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, wi
 from tests.faults import fails_first
 from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
-from workers.feature_builder.app import Features, Settings, build
+from workers.feature_builder import app
+from workers.feature_builder.app import Features, Settings, bucket_name, build
 from workers.feature_builder.state import Builder
-from workers.features import DEFAULT, Candles
+from workers.features import DEFAULT, Candles, FeatureSet
 from workers.runtime.errors import TransientError
 from workers.runtime.worker import CommitFailed
 
@@ -58,6 +60,8 @@ async def drop(js: JetStreamContext, namespace: str) -> None:
     for spec in streams.stream_specs(namespace=namespace):
         with contextlib.suppress(APIError):
             await js.delete_stream(spec.name)
+    with contextlib.suppress(APIError):
+        await js.delete_object_store(bucket_name(namespace))
 
 
 def settings(stack: StackUrls, namespace: str, **kw: Any) -> Settings:
@@ -453,7 +457,7 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
     """The same candle stream (revisions and bad candles included) through an uninterrupted
     worker and through worker processes killed with SIGKILL in the middle of their work:
     FEATURES end up byte-identical, nothing missing, nothing doubled, and the first vectors
-    after each restart are warm (state rebuilt from the stream)."""
+    after each restart are warm (state rebuilt from the last snapshot and the stream)."""
     candles = stream_of_candles()
     chaos, calm = namespace, namespace_b
     # a revision number of its own, or the stream would drop it as a duplicate message id
@@ -467,8 +471,9 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
     calm_worker.stop()
     await asyncio.wait_for(task, 60)
 
-    # small batches: a kill lands between publishes and acks more often
-    env = worker_env(stack, chaos, handler_batch="50", fetch_batch="50")
+    # small batches: a kill lands between publishes and acks more often; snapshots often:
+    # most starts go on from one, taken ahead of the ack floor or behind it
+    env = worker_env(stack, chaos, handler_batch="50", fetch_batch="50", snapshot_interval_s="0.2")
     log = tmp_path / "feature-builder.log"
     total = len(payloads)
     chunk = 400
@@ -563,3 +568,115 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_vector_twice(
     decode = msgspec.json.Decoder(FeatureVector).decode
     keys = [(v.symbol, v.open_time_ms, v.candle_revision) for v in (decode(d) for _, d in got)]
     assert sorted(keys) == sorted((c.symbol, c.open_time_ms, c.revision) for c in candles)
+
+
+async def test_a_restart_after_the_stream_dropped_its_start_carries_on_from_the_snapshot(
+    stack: StackUrls, js: JetStreamContext, namespace: str, namespace_b: str
+) -> None:
+    """CANDLES keeps 14 days: a restart after that finds only the end of each series on the
+    stream. Started again after its early messages are gone (purged as retention would),
+    the worker carries on from its snapshot: every vector after the restart equals, byte
+    for byte, that of an uninterrupted run, and the batch form over the whole series."""
+    candles = [
+        *series(160, seed=27, symbol="EURUSD"),
+        *series(160, seed=28, symbol="US500.cash", price=5000.0, digits=2),
+    ]
+    candles.sort(key=lambda c: (c.close_time_ms, c.symbol))
+    first, rest = candles[:240], candles[240:]
+    chaos, calm = namespace, namespace_b
+    stream = streams.stream_name(streams.CANDLES, namespace=chaos)
+
+    await publish(js, candles, calm)
+    calm_worker = build(settings(stack, calm))
+    task = await run_worker(calm_worker)
+    try:
+        await eventually(lambda: consumed(js, calm), timeout=60, what="the calm run")
+    finally:
+        calm_worker.stop()
+        await asyncio.wait_for(task, 60)
+
+    worker = build(settings(stack, chaos))
+    task = await run_worker(worker)
+    try:
+        await publish(js, first, chaos)
+        await eventually(lambda: consumed(js, chaos), timeout=60, what="the first part")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    # retention drops all but the last three candles
+    await js.purge_stream(stream, seq=len(first) - 2)
+    assert (await js.stream_info(stream)).state.messages == 3
+
+    worker = build(settings(stack, chaos))
+    task = await run_worker(worker)
+    try:
+        await publish(js, rest, chaos)
+        await eventually(lambda: consumed(js, chaos), timeout=60, what="the rest")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    calm_out = await stream_messages(js, streams.FEATURES, calm)
+    chaos_out = await stream_messages(js, streams.FEATURES, chaos)
+    assert len(calm_out) == len(chaos_out) == len(candles)
+    after = chaos_out[len(first) :]
+    assert not any(msgspec.json.decode(v, type=FeatureVector).warming_up for v in after)
+    assert after == calm_out[len(first) :]  # byte for byte, in order
+    assert Counter(chaos_out) == Counter(calm_out)
+    assert close_enough(chaos_out, expected(candles)) == []
+
+
+@pytest.mark.parametrize("made_under", ["feature set", "revision depth"])
+async def test_a_snapshot_made_under_another_feature_set_or_depth_is_not_used(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    made_under: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The state of another feature set, or of another revision depth, is not this one's:
+    the worker says so and rebuilds every series from the start of the stream."""
+    candles = series(120, seed=29, symbol="EURUSD")
+    first, rest = candles[:80], candles[80:]
+    before = settings(stack, namespace)
+    if made_under == "feature set":
+        monkeypatch.setattr(app, "DEFAULT", FeatureSet(DEFAULT.features[:2]))
+    else:
+        before = settings(stack, namespace, revision_depth=4)
+    worker = build(before)
+    task = await run_worker(worker)
+    try:
+        await publish(js, first, namespace)
+        await eventually(lambda: consumed(js, namespace), what="the first part")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    store = await js.object_store(bucket_name(namespace))
+    assert (await store.get(DURABLE)).data, "no snapshot saved"
+    monkeypatch.undo()
+
+    worker = build(settings(stack, namespace))
+    with caplog.at_level(logging.INFO, logger=app.__name__):
+        task = await run_worker(worker)
+    try:
+        await publish(js, rest, namespace)
+        await eventually(lambda: consumed(js, namespace), what="the rest")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"snapshot not usable: taken under {made_under}" in warning
+    assert "rebuilt from the first candle CANDLES holds" in warning
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("tickwire_feature_warmup_candles_total", {"worker": DURABLE}) == len(first)
+    got = (await stream_messages(js, streams.FEATURES, namespace))[len(first) :]
+    later = rest[0].open_time_ms
+    want = Counter(
+        {v: n for v, n in expected(candles).items() if decode_vector(v).open_time_ms >= later}
+    )
+    assert len(got) == len(rest)
+    assert close_enough(got, want) == []
+
+
+def decode_vector(raw: bytes) -> FeatureVector:
+    return msgspec.json.decode(raw, type=FeatureVector)

@@ -276,6 +276,8 @@ async def test_the_pipeline_runs_with_each_worker_under_its_own_user(
         await stop_all(running)
         state = await ops.object_store("candle-ingest-state")
         assert (await state.get("candle-ingest")).data, "candle-ingest saved no snapshot"
+        built = await ops.object_store("feature-builder-state")
+        assert (await built.get("feature-builder")).data, "feature-builder saved no snapshot"
 
         # the rest, and a bad tick, while both are down; a process is given five ticks and
         # dies before acking them: the next one must rebuild its state past them
@@ -384,6 +386,9 @@ REFUSED = {
         "$JS.API.CONSUMER.CREATE.CANDLES",
         "$JS.API.CONSUMER.MSG.NEXT.CANDLES.feature-builder",
         "$JS.API.CONSUMER.DELETE.TICKS.candle-ingest",
+        # feature-builder's snapshots are pickled: no other worker may write them
+        "$O.feature-builder-state.M.ZmVhdHVyZS1idWlsZGVy",
+        "$JS.API.STREAM.PURGE.OBJ_feature-builder-state",
     ],
     "feature-builder": [
         TICKS,
@@ -395,6 +400,7 @@ REFUSED = {
         "$JS.API.CONSUMER.CREATE.CANDLES",
         "$JS.API.CONSUMER.MSG.NEXT.TICKS.candle-ingest",
         "$JS.API.CONSUMER.DELETE.CANDLES.feature-builder",
+        "$O.candle-ingest-state.M.Y2FuZGxlLWluZ2VzdA==",
     ],
     "timescale-replicator": [
         TICKS,

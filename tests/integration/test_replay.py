@@ -305,6 +305,7 @@ async def test_delete_removes_every_trace(
     target = streams.stream_name(streams.TICKS, namespace=unique)
     await js.add_consumer(target, ConsumerConfig(durable_name="candle-ingest"))
     await js.create_object_store(f"ns-{unique}-candle-ingest-state")
+    await js.create_object_store(f"ns-{unique}-feature-builder-state")
     await js.create_key_value(bucket=f"ns-{unique}-models")
     prefix = qdb.namespace_prefix(unique)
     other = qdb.namespace_prefix(unique + "x")
@@ -323,6 +324,7 @@ async def test_delete_removes_every_trace(
     deleted = await replay.delete(js, unique, questdb_http=questdb.http, postgres_dsn=pg_dsn)
 
     assert f"OBJ_ns-{unique}-candle-ingest-state" in deleted
+    assert f"OBJ_ns-{unique}-feature-builder-state" in deleted
     assert f"KV_ns-{unique}-models" in deleted
     # the namespace's own advisories of its SIGNALS, as its signal-publisher reads them
     assert streams.stream_name(streams.ADVISORIES, namespace=unique) in deleted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from contracts.messages import Candle, FeatureVector, Timeframe
 from tests.candles import series
 from workers.feature_builder import state
 from workers.feature_builder.state import Builder, Refusal
-from workers.features import DEFAULT, Candles
+from workers.features import DEFAULT, Candles, FeatureSet
 
 SUBJECT = subjects.candles("feed-a", "EURUSD", series(1)[0].tf)
 
@@ -157,3 +159,55 @@ def test_a_d1_candle_over_a_change_of_the_server_clock_is_an_hour_off_and_taken(
 def test_message_id_is_the_candle_key_revision_and_feature_set() -> None:
     v = vector(Builder(DEFAULT).apply(series(1)[0], SUBJECT))
     assert state.message_id(v) == f"feed-a|EURUSD|M1|{v.open_time_ms}|0|{DEFAULT.id}"
+
+
+def test_a_restored_snapshot_goes_on_as_the_builder_it_was_taken_of() -> None:
+    """Revisions after the restore included: the recent candles and the engines to go back
+    to are in the snapshot too."""
+    candles = series(120, seed=5)
+    b = Builder(DEFAULT, depth=4)
+    for c in candles[:100]:
+        b.apply(c, SUBJECT)
+    data = b.snapshot(100, {"stream": "CANDLES"})
+    again, seq = Builder.restore(DEFAULT, 4, data, {"stream": "CANDLES"})
+    assert seq == 100
+    later = [
+        *candles[100:110],
+        msgspec.structs.replace(candles[107], close=candles[107].low, revision=1),
+        *candles[110:],
+    ]
+    enc = msgspec.json.encode
+    assert [enc(again.apply(c, SUBJECT)) for c in later] == [
+        enc(b.apply(c, SUBJECT)) for c in later
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fs", "depth", "context", "says"),
+    [
+        (
+            FeatureSet(DEFAULT.features[:2]),
+            4,
+            {"stream": "CANDLES"},
+            "feature set 'fs-",
+        ),
+        (DEFAULT, 8, {"stream": "CANDLES"}, "revision depth 4, not 8"),
+        (DEFAULT, 4, {"stream": "NS_x_CANDLES"}, "stream 'CANDLES', not 'NS_x_CANDLES'"),
+        (DEFAULT, 4, {}, "stream 'CANDLES', not none"),
+    ],
+)
+def test_a_snapshot_taken_under_anything_else_is_refused(
+    fs: FeatureSet, depth: int, context: dict[str, str], says: str
+) -> None:
+    b = Builder(DEFAULT, depth=4)
+    b.apply(series(1)[0], SUBJECT)
+    with pytest.raises(state.SnapshotMismatch, match=re.escape(says)):
+        Builder.restore(fs, depth, b.snapshot(1, {"stream": "CANDLES"}), context)
+
+
+def test_what_is_not_a_snapshot_is_refused() -> None:
+    with pytest.raises(state.SnapshotMismatch, match="not a feature-builder snapshot"):
+        Builder.restore(DEFAULT, 4, b"\x00\x00\x00\x02{}garbage", {})
+    good = Builder(DEFAULT, depth=4).snapshot(0, {})
+    with pytest.raises(state.SnapshotMismatch, match="series not readable"):
+        Builder.restore(DEFAULT, 4, good[:-3], {})

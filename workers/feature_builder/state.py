@@ -9,6 +9,13 @@ every latest revision. So is a candle of a period the series has none of, among 
 ``depth``: one a late tick made after the next period's candle was out (an allowed
 lateness over the timeframe). Only that candle's vector is published: later vectors keep
 the history they were computed from, and their ids are taken.
+
+A snapshot of the builder is its series pickled (engines of twenty kinds of feature are
+plain objects with ``__slots__``), behind a header saying what they were built under: the
+feature set, the depth, the stream sequence they cover and what the worker adds (its input
+stream, its durable). Pickle runs code from what it loads: a snapshot is read only from
+feature-builder's own object store, which only feature-builder's NATS user (and ops) may
+write (``infra/nats/accounts.conf``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import pickle
+from collections.abc import Mapping
 from typing import Final, NamedTuple
+
+import msgspec
 
 from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Timeframe
@@ -32,6 +43,27 @@ OUT_OF_ORDER: Final = "out_of_order"
 STALE_REVISION: Final = "stale_revision"
 REVISION_TOO_OLD: Final = "revision_too_old"
 NON_FINITE: Final = "non_finite_feature"
+
+
+SNAPSHOT_FORMAT: Final = 1
+"""Raise when what a snapshot holds changes shape (``Series``, the header), or when a fix
+changes what state a series reaches without changing the feature-set id (``Builder``'s
+checks or revisions): a snapshot of another format is not used."""
+
+
+class SnapshotMismatch(ValueError):
+    """The snapshot was taken under another feature set, depth, stream or format, or cannot
+    be read: rebuild from the stream."""
+
+
+class _Header(msgspec.Struct, frozen=True, kw_only=True):
+    format: int
+    feature_set_id: str
+    depth: int
+    stream_seq: int
+    """The state holds every candle up to this stream sequence, and no later one."""
+    context: dict[str, str]
+    """What else the state was built under (the worker's input stream, durable...)."""
 
 
 class Refusal(NamedTuple):
@@ -167,6 +199,57 @@ class Builder:
         self.series: dict[Key, Series] = {}
         self.revisions = 0
         """Revised candles recomputed so far."""
+
+    def snapshot(self, stream_seq: int, context: Mapping[str, str]) -> bytes:
+        """Every series, as of ``stream_seq``, and what they were built under."""
+        header = msgspec.json.encode(
+            _Header(
+                format=SNAPSHOT_FORMAT,
+                feature_set_id=self.fs.id,
+                depth=self.depth,
+                stream_seq=stream_seq,
+                context=dict(context),
+            )
+        )
+        body = pickle.dumps(self.series, protocol=pickle.HIGHEST_PROTOCOL)
+        return len(header).to_bytes(4, "big") + header + body
+
+    @classmethod
+    def restore(
+        cls, fs: FeatureSet, depth: int, data: bytes, context: Mapping[str, str]
+    ) -> tuple[Builder, int]:
+        """The builder ``snapshot`` saved and the stream sequence it covers;
+        SnapshotMismatch if it was built under anything else than ``fs``, ``depth`` and
+        ``context``, or cannot be read."""
+        size = int.from_bytes(data[:4], "big")
+        try:
+            header = msgspec.json.decode(data[4 : 4 + size], type=_Header)
+        except msgspec.DecodeError as exc:
+            raise SnapshotMismatch(f"not a feature-builder snapshot: {exc}") from None
+        want: dict[str, object] = {
+            "format": SNAPSHOT_FORMAT,
+            "feature set": fs.id,
+            "revision depth": depth,
+            **context,
+        }
+        got: dict[str, object] = {
+            "format": header.format,
+            "feature set": header.feature_set_id,
+            "revision depth": header.depth,
+            **header.context,
+        }
+        differ = [f"{k} {got.get(k)!r}, not {v!r}" for k, v in want.items() if got.get(k) != v]
+        differ += [f"{k} {v!r}, not none" for k, v in got.items() if k not in want]
+        if differ:
+            raise SnapshotMismatch("taken under " + "; ".join(differ))
+        builder = cls(fs, depth)
+        try:
+            builder.series = pickle.loads(data[4 + size :])  # our own bucket: see the docstring
+        except Exception as exc:  # a class of the feature library changed since
+            raise SnapshotMismatch(f"series not readable: {exc!r}") from None
+        if not isinstance(builder.series, dict):
+            raise SnapshotMismatch(f"series of type {type(builder.series).__name__}")
+        return builder, header.stream_seq
 
     def apply(self, c: Candle, subject: str) -> FeatureVector | Refusal:
         """The vector of a candle (new or revised), or why there is none."""

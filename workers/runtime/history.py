@@ -1,7 +1,8 @@
 """Reading a worker's input stream again from its start, to rebuild state at start-up.
 
 A stateful worker (feature-builder, signal-publisher) rebuilds its state from the stream it
-consumes: every message up to the last one its durable consumer was given. It reads them
+consumes: every message up to the last one its durable consumer was given (after the stream
+sequence a snapshot of its state covers, if it has one). It reads them
 through a short-lived consumer of its own, named after its durable, so that its NATS user
 may read that consumer and no other; a crashed process may have left one behind (it expires
 after 60 s idle), which is deleted first. A message whose applying raises is left out, and
@@ -37,10 +38,11 @@ async def warm_up(
     live_from: int,
     desc: str,
     apply: Callable[[Delivery[T], bool], object],
+    first: int = 1,
 ) -> int:
-    """``apply(delivery, output)`` each message of the worker's own input up to ``last``, in
-    stream order, ``output`` True from ``live_from`` on (not acked yet: its effects may not
-    have gone out); the number applied. Left out: messages of another partition, those that
+    """``apply(delivery, output)`` each message of the worker's own input from ``first`` up
+    to ``last``, in stream order, ``output`` True from ``live_from`` on (not acked yet: its
+    effects may not have gone out); the number applied. Left out: messages of another partition, those that
     do not decode (the runtime dead-letters them when they come again) and those the start
     leaves out (``Context.skipped``). One whose applying raises raises ``ReplayFailed``."""
     accept = settings.acceptor(feed_symbol)
@@ -52,6 +54,7 @@ async def warm_up(
         stream,
         consumer=settings.durable + WARM_UP_SUFFIX,
         filter_subjects=settings.consumer_spec().filter_subjects,
+        first=first,
         last=last,
         desc=desc,
     )
