@@ -678,5 +678,49 @@ async def test_a_snapshot_made_under_another_feature_set_or_depth_is_not_used(
     assert close_enough(got, want) == []
 
 
+async def test_a_refusal_the_start_owes_is_in_no_snapshot_before_its_dead_letter(
+    stack: StackUrls, js: JetStreamContext, namespace: str
+) -> None:
+    """A process took candles, one of them bad, and was lost before it dead-lettered or
+    acked any. The next start refuses the bad one again while rebuilding, but its dead
+    letter is owed until the candle comes again; that process stops first. No snapshot
+    may cover the candle meanwhile: a third start would take it for done, ack it when it
+    comes and never dead-letter it."""
+    good = series(30, seed=37, symbol="EURUSD")
+    bad = msgspec.structs.replace(good[12], high=good[12].low - 0.001)
+    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    await streams.ensure(js, [], [s for s in streams.consumer_specs(namespace=namespace)
+                                  if s.durable == DURABLE])  # fmt: skip
+    await publish(js, good[:12], namespace)
+    await js.publish(subjects.candles(*KEY, namespace=namespace), encode_candle(bad))
+    await publish(js, good[12:], namespace)
+    candles = [*good[:12], bad, *good[12:]]
+    name = streams.stream_name(streams.CANDLES, namespace=namespace)
+    held = await js.pull_subscribe_bind(durable=DURABLE, stream=name)
+    taken = await held.fetch(len(candles), timeout=10)  # the lost process's, never acked
+    assert len(taken) == len(candles)
+    for _ in range(2):  # the start that owes the dead letter, stopped; then the next one
+        worker = build(settings(stack, namespace, snapshot_interval_s=1e-6))
+        task = await run_worker(worker)
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    await asyncio.gather(*(m.nak() for m in taken))  # as if their ack wait was over
+    worker = build(settings(stack, namespace))
+    task = await run_worker(worker)
+    try:
+        await eventually(lambda: consumed(js, namespace), what="all consumed")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    await held.unsubscribe()
+    letters = [
+        msgspec.json.decode(m, type=DeadLetter)
+        for m in await stream_messages(js, streams.DLQ, namespace)
+    ]
+    assert [(d.reason, d.payload) for d in letters] == [("high_below_low", encode_candle(bad))]
+    got = await stream_messages(js, streams.FEATURES, namespace)
+    assert close_enough(got, expected(good)) == []
+
+
 def decode_vector(raw: bytes) -> FeatureVector:
     return msgspec.json.decode(raw, type=FeatureVector)

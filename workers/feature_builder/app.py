@@ -140,6 +140,9 @@ class Features:
         self.refused: collections.OrderedDict[int, Refusal] = collections.OrderedDict()
         """Refusals by stream seq, for the candle coming again (a retried batch, or a
         redelivery after a restart whose replay refused it)."""
+        self.owed: set[int] = set()
+        """Stream seqs the start's replay refused, not dead letters until their candle comes
+        again: no snapshot may cover them meanwhile (its start would not refuse them)."""
         self.context: dict[str, str] = {}
         """What the state is built under besides the feature set and the depth (``restore``
         sets it): a snapshot taken under anything else is not used."""
@@ -156,6 +159,7 @@ class Features:
             refusal = self.refused.get(seq)
             if refusal is not None and batch is not None:
                 batch.reject(d, *refusal)
+                self.owed.discard(seq)
             return
         c = d.value
         revisions = self.builder.revisions
@@ -168,6 +172,8 @@ class Features:
                     self.refused.popitem(last=False)
                 if batch is not None:
                     batch.reject(d, *result)
+                else:
+                    self.owed.add(seq)
             return
         if not output:
             return
@@ -186,13 +192,18 @@ class Features:
 
         When a snapshot is due, the state now goes with it, saved once the commit is done:
         the runtime runs commits in batch order, each after its batch's dead letters, so
-        then every effect of every candle the state holds is durable."""
+        then every effect of every candle the state holds is durable. Not while a refusal of
+        the start's replay waits for its candle to come again to be dead-lettered."""
         pending, meta = self.pending, self.pending_meta
         self.pending, self.pending_meta = [], []
         self.metrics.series_w.set(len(self.builder.series))
         state = None
         now = time.monotonic()
-        if self.context and now - self._snapshot_at >= self.settings.snapshot_interval_s:
+        if (
+            self.context
+            and not self.owed
+            and now - self._snapshot_at >= self.settings.snapshot_interval_s
+        ):
             state = self.builder.snapshot(self.applied_seq, self.context)
             self._snapshot_at = now
         self.unsettled += 1
@@ -245,6 +256,7 @@ class Features:
         """Save the state now; only when every effect of it is durable (a clean stop)."""
         assert not self.pending
         assert not self.unsettled
+        assert not self.owed
         await self.saved()
         await self._save(self.builder.snapshot(self.applied_seq, self.context))
 
@@ -378,7 +390,7 @@ def build(settings: Settings) -> Worker[Candle]:
         if features is None:
             return
         await features.saved()
-        settled = not features.pending and not features.unsettled
+        settled = not features.pending and not features.unsettled and not features.owed
         if settled and not worker.failed:
             await features.snapshot()
 
