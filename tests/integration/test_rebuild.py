@@ -326,6 +326,10 @@ async def test_a_rebuilt_last_word_is_kept_past_signals_age(
         (["--from", "2025-03-03", "--stages", "features,signals"], "skips scores"),
         (["--from", "2025-03-03", "--stages", "signals,scores"], "pipeline order"),
         (["--from", "yesterday", "--stages", "scores"], "--from: not an ISO time"),
+        # epoch seconds, or an ISO basic date, read as milliseconds would be January 1970
+        (["--from", "1741000000", "--stages", "scores"], "--from: 1741000000 is ambiguous"),
+        (["--from", "20250303", "--stages", "scores"], "--from: 20250303 is ambiguous"),
+        (["--from", "2025-03-03", "--to", "1741100000", "--stages", "scores"], "--to: 1741"),
         (["--from", "2025-03-03", "--stages", "scores", "--feed", "a.b"], "feed must match"),
     ],
 )
