@@ -418,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = sub.add_parser(
         "rebuild", help="reprocess stored features, scores, signals of a range, in place"
     )
-    rebuild.add_argument("--from", dest="start", required=True, help="ISO time or epoch ms")
-    rebuild.add_argument("--to", dest="end", help="ISO time or epoch ms, end exclusive")
+    rebuild.add_argument(
+        "--from", dest="start", required=True, help="ISO time or epoch ms (13 digits)"
+    )
+    rebuild.add_argument("--to", dest="end", help="ISO time or epoch ms (13 digits), end exclusive")
     rebuild.add_argument(
         "--stages", required=True, help="features,scores,signals or a contiguous part of it"
     )
@@ -437,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     ssub.add_parser("remove", help="delete a subscriber's consumer").add_argument("name")
     rewind = ssub.add_parser("rewind", help="deliver one subscriber's signals again from a time")
     rewind.add_argument("name")
-    rewind.add_argument("--from", dest="start", required=True, help="ISO time or epoch ms")
+    rewind.add_argument(
+        "--from", dest="start", required=True, help="ISO time or epoch ms (13 digits)"
+    )
     subs.set_defaults(func=_subscribers)
 
     subscribe = sub.add_parser("subscribe", help="reference subscriber: print and ack signals")

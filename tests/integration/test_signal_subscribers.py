@@ -606,6 +606,8 @@ async def test_the_subscribers_commands_and_their_refusals(
         # stream's start and delivers every signal again
         ("subscribers", "rewind", "ea-1", "--from", "2263-01-01T00:00:00"),
         ("subscribers", "rewind", "ea-1", "--from", str(now_ms() + 3_600_000)),
+        # epoch seconds read as milliseconds would be January 1970: every signal again
+        ("subscribers", "rewind", "ea-1", "--from", str(now_ms() // 1000 - 3600)),
         ("subscribers", "rewind", "nobody", "--from", "2026-01-01T00:00:00"),
         # a pipeline worker's consumer names: taken for that worker, dead letters too
         ("subscribers", "add", "timescale-replicator"),

@@ -264,6 +264,25 @@ def test_an_empty_value_is_refused_and_never_carried(tmp_path: Path) -> None:
     ]
 
 
+def test_a_last_of_zero_is_no_last_price_not_a_refused_line(tmp_path: Path) -> None:
+    """MT5 writes a <LAST> of 0 for a symbol without deals (bid/ask-only FX): no last price,
+    as the live path reads it, not a bad one; a negative last is still refused."""
+    path = write(
+        tmp_path,
+        [
+            TICK_HEADER,
+            "2024.01.02\t00:00:00.000\t1.1\t1.2\t0\t0\t6",
+            "2024.01.02\t00:00:01.000\t\t1.3\t0.000\t\t4",
+            "2024.01.02\t00:00:02.000\t1.1\t1.2\t-1\t\t6",
+        ],
+    )
+    assert ticks(path) == [
+        (2, TickRow(time_ms=JAN2, bid=1.1, ask=1.2, last=None, volume=0.0, flags=6)),
+        (3, TickRow(time_ms=JAN2 + 1000, bid=1.1, ask=1.3, last=None, flags=4)),
+        (4, ParseError(mt5_csv.NOT_POSITIVE, "<LAST> -1")),
+    ]
+
+
 def test_a_header_with_trailing_separators_and_counts_in_plain_digits(tmp_path: Path) -> None:
     """A trailing tab on the header is no column, as on a data line; FLAGS, TICKVOL and
     SPREAD are plain digits (int() would take "1_0" as 10 and "+5" as 5)."""

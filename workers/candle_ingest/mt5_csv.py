@@ -18,7 +18,8 @@ What MT5 writes, and what is accepted here:
   ``<TIME>`` may be missing only in a D1 export. ``<SPREAD>`` is in points and becomes
   price units with ``point`` (``infer_point`` when not given).
 - Ticks: ``<DATE> <TIME> [<BID>] [<ASK>] [<LAST>] [<VOLUME>] [<FLAGS>]``. A blank bid or ask
-  means "unchanged": it carries the previous line's value. Blank last or volume is ``None``.
+  means "unchanged": it carries the previous line's value. Blank last or volume is ``None``;
+  so is a last of 0, MT5's "no deal" for a symbol with bid and ask only.
 
 Each data line yields ``(line_number, item)`` where item is the message or a
 ``ParseError(reason, detail)``: a bad line is reported with its number (the header is line
@@ -299,6 +300,14 @@ def _price(name: str, text: str) -> float:
     return value
 
 
+def _last(text: str) -> float | None:
+    """A ``<LAST>`` of 0 is MT5's "no deal" (bid/ask-only symbols): no last price, as
+    candle-ingest reads a live tick's."""
+    if _number("LAST", text) == 0:
+        return None
+    return _price("LAST", text)
+
+
 def _volume(name: str, text: str) -> float:
     value = _number(name, text)
     if value < 0:
@@ -493,7 +502,7 @@ def _ticks(
                 raise _Refused(EMPTY_TICK, "no <BID>, <ASK>, <LAST> or <VOLUME>")
             new_bid = _price("BID", bid_text) if bid_text else bid
             new_ask = _price("ASK", ask_text) if ask_text else ask
-            last = _price("LAST", last_text) if last_text else None
+            last = _last(last_text) if last_text else None
             volume = _volume("VOLUME", volume_text) if volume_text else None
             flags_text = _field(fields, i_flags)
             flags = _count("FLAGS", flags_text) if flags_text else 0

@@ -59,6 +59,8 @@ NAME: Final = "rebuild"
 READER: Final = "rebuild-reader"
 """The short-lived consumer the streams are read through."""
 PUBLISH_CHUNK: Final = 2000
+CONNECT_ATTEMPTS: Final = 3
+"""The first connection is given this many times TICKWIRE_NATS_CONNECT_TIMEOUT_S."""
 V = TypeVar("V", FeatureVector, Score)
 
 
@@ -85,6 +87,10 @@ class Report:
         out += [f"{s}: {n} messages left to the live worker" for s, n in self.left_to_live.items()]
         out += [f"scores: no usable model for {key}" for key in self.no_model]
         return out
+
+
+class _Unreachable(Exception):
+    """NATS could not be reached: nothing was read or changed."""
 
 
 class Rebuild:
@@ -302,7 +308,8 @@ async def rebuild(nc: Client, settings: Settings, req: Request) -> Report:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The CLI: one line on stderr and exit code 2 for a bad argument, nothing changed."""
+    """The CLI: one line on stderr and exit code 2 for a bad argument, 1 when NATS is out
+    of reach; nothing changed."""
     from workers.runtime.connection import connect
     from workers.runtime.settings import load
 
@@ -323,7 +330,14 @@ def run(args: argparse.Namespace) -> int:
     settings = load(Settings, **overrides)
 
     async def go() -> Report:
-        nc = await connect(settings, name="tickwire-rebuild")
+        # The shared connect() retries forever, as a worker should; a command gives up.
+        deadline = CONNECT_ATTEMPTS * settings.nats_connect_timeout_s
+        try:
+            nc = await asyncio.wait_for(connect(settings, name="tickwire-rebuild"), deadline)
+        except Exception as exc:
+            raise _Unreachable(
+                f"cannot connect to NATS at {settings.nats_url} within {deadline:g} s: {exc!r}"
+            ) from None
         try:
             return await rebuild(nc, settings, req)
         finally:
@@ -334,6 +348,9 @@ def run(args: argparse.Namespace) -> int:
     except RebuildError as exc:
         sys.stderr.write(f"tickwire rebuild: {exc}\n")
         return 2
+    except _Unreachable as exc:
+        sys.stderr.write(f"tickwire rebuild: {exc}\n")
+        return 1
     for line in report.lines():
         print(line)
     return 0

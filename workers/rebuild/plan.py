@@ -86,9 +86,21 @@ class Request:
         return [f"{prefix}{domain}.{feed}.{subjects.escape(s)}.*" for s in sorted(self.symbols)]
 
 
+MIN_EPOCH_MS: Final = 10**11
+"""Bare numbers below this (1973-03-03 in ms) are refused as ambiguous: epoch seconds of
+now (10 digits) or an ISO basic date (``20250303``) read as milliseconds would be January
+1970, and the rebuild would start at the streams' first message."""
+
+
 def parse_time(text: str, flag: str) -> int:
-    """Epoch milliseconds from an ISO time (UTC if naive) or a whole number of ms."""
-    if text.isdigit():
+    """Epoch milliseconds from an ISO time (UTC if naive) or a whole number of ms from
+    ``MIN_EPOCH_MS`` on."""
+    if text.isascii() and text.isdigit():
+        if int(text) < MIN_EPOCH_MS:
+            raise RebuildError(
+                f"{flag}: {text} is ambiguous (epoch seconds? a date?): give an ISO time "
+                "or epoch milliseconds (13 digits)"
+            )
         return int(text)
     try:
         value = dt.datetime.fromisoformat(text)

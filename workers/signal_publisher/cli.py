@@ -13,7 +13,7 @@ import datetime as dt
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
@@ -28,10 +28,21 @@ from workers.signal_publisher import delivery
 T = TypeVar("T")
 
 
+MIN_EPOCH_MS: Final = 10**11
+"""A bare ``--from`` below this (1973-03-03 in ms) is refused as ambiguous: epoch seconds
+(10 digits) or an ISO basic date (``20250303``) read as milliseconds would be January 1970,
+and every signal would come again."""
+
+
 def start_time(text: str) -> dt.datetime:
-    """``--from``: an ISO time (UTC when it has no offset) or epoch milliseconds, not after
-    now: a later one would deliver nothing again (and one past 2262, beyond the server's
-    nanoseconds, would be taken for the stream's start)."""
+    """``--from``: an ISO time (UTC when it has no offset) or epoch milliseconds from
+    ``MIN_EPOCH_MS`` on, not after now: a later one would deliver nothing again (and one past
+    2262, beyond the server's nanoseconds, would be taken for the stream's start)."""
+    if text.isascii() and text.isdigit() and int(text) < MIN_EPOCH_MS:
+        fail(
+            f"--from: {text} is ambiguous (epoch seconds? a date?): give an ISO time "
+            "or epoch milliseconds (13 digits)"
+        )
     try:
         if text.isdigit():
             value = dt.datetime.fromtimestamp(int(text) / 1000, dt.UTC)
