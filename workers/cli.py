@@ -80,7 +80,7 @@ def _contracts(args: argparse.Namespace) -> int:
 
 def _streams(args: argparse.Namespace) -> int:
     from contracts.streams import ConsumerSpec, consumer_specs, ensure, stream_specs
-    from workers.runtime.connection import connect
+    from workers.runtime.connection import connect_once
     from workers.runtime.partition import PARTITIONED, floors_of, partition_specs, placed
     from workers.runtime.settings import RuntimeSettings, load
 
@@ -89,7 +89,10 @@ def _streams(args: argparse.Namespace) -> int:
     told = dict(args.partitions)
 
     async def go() -> dict[str, str]:
-        nc = await connect(settings, name="tickwire-streams")
+        try:
+            nc = await connect_once(settings, "tickwire-streams")
+        except (TimeoutError, OSError) as exc:
+            fail(f"streams: NATS at {settings.nats_url} did not answer: {exc or 'timed out'}")
         js = nc.jetstream()
         try:
             specs = consumer_specs(namespace=args.namespace)

@@ -43,9 +43,10 @@ from contracts import subjects
 from contracts.codec import Codec, ContractError
 from contracts.messages import Candle, DeadLetter, FeatureVector, Score, Signal, TickInput
 from contracts.streams import DLQ, SIGNALS, stream_name
+from workers.runtime.connection import connect_once
 from workers.runtime.publish import REQUEUED_FOR
 from workers.runtime.settings import RuntimeSettings, load
-from workers.status import connect_once, render
+from workers.status import render
 
 ORIGINAL_ID: Final = "Tickwire-Original-Msg-Id"
 REQUEUED_FROM: Final = "Tickwire-Requeued-From"

@@ -866,8 +866,8 @@ def _time(text: str, flag: str) -> dt.datetime:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI: one line on stderr and exit code 2 for anything refused, nothing changed."""
+    from workers.runtime.connection import connect_once
     from workers.runtime.settings import RuntimeSettings, load
-    from workers.status import connect_once
 
     settings = load(RuntimeSettings)
 

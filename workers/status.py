@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Final
 
-from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, StreamInfo
@@ -30,6 +28,7 @@ from nats.js.errors import NotFoundError
 from pydantic import Field
 
 from workers.runtime import partition
+from workers.runtime.connection import connect_once
 from workers.runtime.partition import ack_floors, behind, consumers_of
 from workers.runtime.settings import RuntimeSettings
 
@@ -270,43 +269,6 @@ async def active_models(js: JetStreamContext, namespace: str | None) -> list[tup
                 )
             )
     return sorted(rows)
-
-
-class _FirstSaid(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.said: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.said is None:
-            self.said = record.getMessage().removeprefix("nats: ")
-
-
-async def connect_once(settings: RuntimeSettings, name: str) -> Client:
-    """A connection for a command, not a worker: give up after the connect timeout.
-
-    The runtime's ``connect`` retries forever (right for a worker riding out a restart);
-    a command's user wants one line instead, so its reconnect warnings are kept quiet. The
-    first one is the TimeoutError's message: a refused password is not a server down.
-    """
-    from workers.runtime.connection import connect
-    from workers.runtime.connection import log as connection_log
-
-    level, propagate = connection_log.level, connection_log.propagate
-    heard = _FirstSaid()
-    connection_log.setLevel(logging.WARNING)
-    connection_log.propagate = False
-    connection_log.addHandler(heard)
-    try:
-        return await asyncio.wait_for(connect(settings, name=name), settings.nats_connect_timeout_s)
-    except TimeoutError:
-        if heard.said is None:
-            raise
-        raise TimeoutError(heard.said) from None
-    finally:
-        connection_log.removeHandler(heard)
-        connection_log.propagate = propagate
-        connection_log.setLevel(level)
 
 
 def section(title: str, lines: list[str]) -> str:

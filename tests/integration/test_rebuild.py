@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -351,33 +347,3 @@ async def test_bad_arguments_say_why_in_one_line_exit_2_and_change_nothing(
     assert says in err, err
     assert err.count("\n") == 1, err
     assert await last_seqs(js, namespace) == seqs
-
-
-SCORES_ONLY = ("--stages", "scores")
-
-
-def test_nats_out_of_reach_stops_the_rebuild_with_one_line(tmp_path: Path) -> None:
-    """The command gives up after a few connection timeouts instead of retrying for ever,
-    as a worker would."""
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "rebuild", "--from", "2025-03-03", *SCORES_ONLY],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parents[2],
-        env={
-            "PATH": "",
-            "TICKWIRE_NATS_URL": f"nats://127.0.0.1:{port}",
-            "TICKWIRE_NATS_CONNECT_TIMEOUT_S": "0.5",
-            "TICKWIRE_LOG_LEVEL": "ERROR",
-        },
-    )
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(
-        f"tickwire rebuild: cannot connect to NATS at nats://127.0.0.1:{port}"
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -62,3 +63,40 @@ def test_delegated_subcommands_receive_their_options(tmp_path) -> None:
     bad = tickwire("stack", "--no-such-option")
     assert bad.returncode == 2
     assert "--no-such-option" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("streams", "ensure"), 2),
+        (("subscribers", "list"), 2),
+        (("models", "list"), 2),
+        (("dlq", "list"), 2),
+        (("rebuild", "--from", "2025-03-03", "--stages", "scores"), 1),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, tuple) else str(a),
+)
+def test_a_command_gives_up_on_nats_out_of_reach_with_one_line(
+    args: tuple[str, ...], code: int
+) -> None:
+    """A command is not a worker: it does not retry for ever on a wrong URL or a server
+    down, it says so in one line."""
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "",
+            "TICKWIRE_NATS_URL": url,
+            "TICKWIRE_NATS_CONNECT_TIMEOUT_S": "0.5",
+            "TICKWIRE_LOG_LEVEL": "ERROR",
+        },
+    )
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"NATS at {url} did not answer" in lines[0]

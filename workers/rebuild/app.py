@@ -59,8 +59,6 @@ NAME: Final = "rebuild"
 READER: Final = "rebuild-reader"
 """The short-lived consumer the streams are read through."""
 PUBLISH_CHUNK: Final = 2000
-CONNECT_ATTEMPTS: Final = 3
-"""The first connection is given this many times TICKWIRE_NATS_CONNECT_TIMEOUT_S."""
 V = TypeVar("V", FeatureVector, Score)
 
 
@@ -310,7 +308,7 @@ async def rebuild(nc: Client, settings: Settings, req: Request) -> Report:
 def run(args: argparse.Namespace) -> int:
     """The CLI: one line on stderr and exit code 2 for a bad argument, 1 when NATS is out
     of reach; nothing changed."""
-    from workers.runtime.connection import connect
+    from workers.runtime.connection import connect_once
     from workers.runtime.settings import load
 
     try:
@@ -330,13 +328,11 @@ def run(args: argparse.Namespace) -> int:
     settings = load(Settings, **overrides)
 
     async def go() -> Report:
-        # The shared connect() retries forever, as a worker should; a command gives up.
-        deadline = CONNECT_ATTEMPTS * settings.nats_connect_timeout_s
         try:
-            nc = await asyncio.wait_for(connect(settings, name="tickwire-rebuild"), deadline)
-        except Exception as exc:
+            nc = await connect_once(settings, "tickwire-rebuild")
+        except (TimeoutError, OSError) as exc:
             raise _Unreachable(
-                f"cannot connect to NATS at {settings.nats_url} within {deadline:g} s: {exc!r}"
+                f"NATS at {settings.nats_url} did not answer: {exc or 'timed out'}"
             ) from None
         try:
             return await rebuild(nc, settings, req)

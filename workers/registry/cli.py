@@ -32,13 +32,18 @@ def _fail(message: str) -> int:
 
 
 def _with_registry(create: bool, action: Callable[[Registry], Awaitable[T]]) -> T:
-    from workers.runtime.connection import connect
+    from workers.runtime.connection import connect_once
     from workers.runtime.settings import RuntimeSettings, load
 
     settings = load(RuntimeSettings)
 
     async def go() -> T:
-        nc = await connect(settings, name="tickwire-models")
+        try:
+            nc = await connect_once(settings, "tickwire-models")
+        except (TimeoutError, OSError) as exc:
+            raise RegistryError(
+                f"NATS at {settings.nats_url} did not answer: {exc or 'timed out'}"
+            ) from None
         try:
             registry = await Registry.open(
                 nc.jetstream(), namespace=settings.namespace, create=create

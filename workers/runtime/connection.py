@@ -1,7 +1,9 @@
-"""The one place a NATS connection is made: reconnect forever, say so in the log."""
+"""The one place a NATS connection is made: a worker's reconnects forever and says so in the
+log; a command's (``connect_once``) gives up after the connect timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -68,3 +70,37 @@ async def connect(settings: RuntimeSettings, *, name: str) -> Client:
         options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
     nc = await nats.connect(**options)
     return nc
+
+
+class _FirstSaid(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.said is None:
+            self.said = record.getMessage().removeprefix("nats: ")
+
+
+async def connect_once(settings: RuntimeSettings, name: str) -> Client:
+    """A connection for a command, not a worker: give up after the connect timeout.
+
+    The runtime's ``connect`` retries forever (right for a worker riding out a restart);
+    a command's user wants one line instead, so its reconnect warnings are kept quiet. The
+    first one is the TimeoutError's message: a refused password is not a server down.
+    """
+    level, propagate = log.level, log.propagate
+    heard = _FirstSaid()
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    log.addHandler(heard)
+    try:
+        return await asyncio.wait_for(connect(settings, name=name), settings.nats_connect_timeout_s)
+    except TimeoutError:
+        if heard.said is None:
+            raise
+        raise TimeoutError(heard.said) from None
+    finally:
+        log.removeHandler(heard)
+        log.propagate = propagate
+        log.setLevel(level)

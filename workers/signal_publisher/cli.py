@@ -21,7 +21,7 @@ from nats.js.api import ConsumerInfo
 from contracts import subjects
 from contracts.messages import Signal
 from workers.cli import fail
-from workers.runtime.connection import connect
+from workers.runtime.connection import connect_once
 from workers.runtime.settings import RuntimeSettings, load
 from workers.signal_publisher import delivery
 
@@ -61,7 +61,10 @@ def _with_js(name: str, action: Callable[[JetStreamContext, str | None], Awaitab
     settings = load(RuntimeSettings)
 
     async def go() -> T:
-        nc = await connect(settings, name=f"tickwire-{name}")
+        try:
+            nc = await connect_once(settings, f"tickwire-{name}")
+        except (TimeoutError, OSError) as exc:
+            fail(f"{name}: NATS at {settings.nats_url} did not answer: {exc or 'timed out'}")
         try:
             return await action(nc.jetstream(), settings.namespace)
         finally:

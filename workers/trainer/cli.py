@@ -37,8 +37,8 @@ from workers.registry import (
     active_key,
     should_promote,
 )
+from workers.runtime.connection import connect_once
 from workers.runtime.settings import RuntimeSettings, load
-from workers.status import connect_once
 from workers.trainer import evaluate
 from workers.trainer.dataset import Dataset, DatasetError, build, load_candles
 from workers.trainer.split import SplitError
