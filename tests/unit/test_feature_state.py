@@ -182,6 +182,44 @@ def test_a_restored_snapshot_goes_on_as_the_builder_it_was_taken_of() -> None:
     ]
 
 
+def test_a_snapshot_pickled_while_candles_go_on_holds_the_state_when_it_began() -> None:
+    """Series pickled a few at a time while candles keep coming: new ones, a revision, a
+    candle of a period the series had none of, a series that did not exist when it began.
+    Restored, it goes on exactly as a builder that stopped where the snapshot began."""
+    symbols = [f"S{i:02d}" for i in range(12)]
+    runs = {s: series(90, seed=i, symbol=s) for i, s in enumerate(symbols)}
+    subject = {s: subjects.candles("feed-a", s, runs[s][0].tf) for s in symbols}
+    b, stopped = Builder(DEFAULT, depth=4), Builder(DEFAULT, depth=4)
+    first = [(s, c) for k in range(60) for s in symbols for c in (runs[s][k],)]
+    for s, c in first:
+        b.apply(c, subject[s])
+        stopped.apply(c, subject[s])
+    taking = b.begin_snapshot(len(first), {})
+    meanwhile = [
+        (symbols[11], runs[symbols[11]][60]),
+        (symbols[5], msgspec.structs.replace(runs[symbols[5]][58], close=runs[symbols[5]][58].low,
+                                             revision=1)),
+        (symbols[7], runs[symbols[7]][61]),  # leaves a period without a candle
+        (symbols[7], runs[symbols[7]][60]),  # which comes after the next one
+        ("NEW", series(3, seed=99, symbol="NEW")[0]),
+    ]  # fmt: skip
+    done = False
+    for s, c in meanwhile:
+        done = taking.step(1)  # in order from S00: the series that change come later
+        b.apply(c, subjects.candles("feed-a", s, c.tf))
+    assert not done, "some series were still to be pickled when they changed"
+    data = taking.data()
+    b.end_snapshot()
+    again, seq = Builder.restore(DEFAULT, 4, data, {})
+    assert seq == len(first)
+    assert set(again.series) == set(stopped.series)
+    after = [(s, c) for k in range(60, 90) for s in symbols for c in (runs[s][k],)]
+    enc = msgspec.json.encode
+    assert [enc(again.apply(c, subject[s])) for s, c in after] == [
+        enc(stopped.apply(c, subject[s])) for s, c in after
+    ]
+
+
 @pytest.mark.parametrize(
     ("fs", "depth", "context", "says"),
     [
