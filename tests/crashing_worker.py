@@ -31,6 +31,11 @@ WINDOW: float | None = (
     if "TICKWIRE_TEST_DUPLICATE_WINDOW_S" in os.environ
     else None
 )
+ACK_WAIT: float | None = (
+    float(os.environ["TICKWIRE_TEST_ACK_WAIT_S"])
+    if "TICKWIRE_TEST_ACK_WAIT_S" in os.environ
+    else None
+)
 KILLED_AFTER: str | None = os.environ.get("TICKWIRE_TEST_KILLED_AFTER")
 
 
@@ -43,6 +48,20 @@ def short_windows(window: float) -> None:
         return [msgspec.structs.replace(s, duplicate_window=window) for s in specified(**kw)]
 
     streams.stream_specs = stream_specs
+
+
+def short_ack_waits(ack_wait: float) -> None:
+    """Every consumer spec, from here on, with an ack wait and redelivery delays of
+    ``ack_wait`` seconds (set before the worker's modules import ``consumer_specs``)."""
+    specified = streams.consumer_specs
+
+    def consumer_specs(**kw: Any) -> list[streams.ConsumerSpec]:
+        return [
+            msgspec.structs.replace(s, ack_wait=ack_wait, backoff=(ack_wait,) if s.backoff else ())
+            for s in specified(**kw)
+        ]
+
+    streams.consumer_specs = consumer_specs
 
 
 def killed_after_publishing_on(prefix: str) -> None:
@@ -105,6 +124,8 @@ async def stored_messages(js: JetStreamContext, stream: str) -> list[tuple[str, 
 if __name__ == "__main__":
     if WINDOW is not None:
         short_windows(WINDOW)
+    if ACK_WAIT is not None:
+        short_ack_waits(ACK_WAIT)
     if KILLED_AFTER:
         killed_after_publishing_on(KILLED_AFTER)
     from workers.cli import main

@@ -1,6 +1,7 @@
 """model-scorer on the real NATS: scores are the boosters' own predictions, a promotion or a
 rollback takes effect mid-stream without a restart, refused vectors are dead letters with
-their reason while the rest of the batch is scored, and kill -9 changes no byte of SCORES.
+their reason while the rest of the batch is scored, and kill -9 changes no byte of SCORES,
+even when the restart comes after SCORES' duplicate window.
 
 Each test runs in its own namespace: its own streams and its own model registry.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,8 +25,9 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
 from infra.stack import StackUrls
+from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
 from tests.integration.test_feature_builder import run_worker, stream_messages
-from tests.processes import running, spawn, spawn_started, worker_env
+from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer import models as models_module
@@ -74,10 +77,16 @@ async def put(registry: Registry, booster: lightgbm.Booster, series: tuple[str, 
 
 
 async def publish(
-    js: JetStreamContext, namespace: str, items: list[FeatureVector | tuple[str, bytes]]
+    js: JetStreamContext,
+    namespace: str,
+    items: list[FeatureVector | tuple[str, bytes]],
+    *,
+    as_specified: bool = True,
 ) -> None:
-    """Vectors on their own subjects (or raw payloads on a given subject), in order."""
-    await streams.ensure(js, streams.stream_specs(namespace=namespace))
+    """Vectors on their own subjects (or raw payloads on a given subject), in order;
+    ``as_specified``: the namespace's streams made or updated as specified first."""
+    if as_specified:
+        await streams.ensure(js, streams.stream_specs(namespace=namespace))
     futures = []
     for item in items:
         if isinstance(item, tuple):
@@ -376,6 +385,73 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
         for m in await stream_messages(js, streams.DLQ, chaos)
     ]
     assert [(d.reason, d.payload) for d in dead] == [("bad_values", msgspec.json.encode(bad))]
+
+
+async def test_a_restart_after_the_duplicate_window_publishes_no_score_twice(
+    stack: StackUrls, js: JetStreamContext, namespace: str, tmp_path: Path
+) -> None:
+    """A process killed after SCORES stored its first scores and before it acked their
+    vectors, and down longer than the stream's duplicate window: its restart scores newer
+    vectors first, then the vectors the killed one held, redelivered an ack wait later, and
+    publishes the scores of those it had not published only."""
+    window, ack_wait = 1.0, 10.0
+    registry = await Registry.open(js, namespace=namespace)
+    boosters = {}
+    version_of: dict[tuple[str, int], str] = {}
+    eur = vectors(FEED, *EURUSD, 100, seed=41)
+    us = vectors(FEED, *US500, 100, seed=42)
+    for booster, series, sent in (
+        (train(1), EURUSD, eur),
+        (train(2, objective="multiclass"), US500, us),
+    ):
+        version = await put(registry, booster, series)
+        assert (await registry.promote(version))[0]
+        boosters[version] = booster
+        version_of |= {(v.symbol, v.open_time_ms): version for v in sent}
+    items: list[FeatureVector] = [x for pair in zip(eur, us, strict=True) for x in pair]
+    held, newer = items[:80], items[80:]
+    await publish(js, namespace, list(held))
+    await shorten_windows(js, namespace, window)
+    env = worker_env(
+        stack,
+        namespace,
+        handler_batch="20",
+        fetch_batch="20",
+        test_duplicate_window_s=str(window),
+        test_ack_wait_s=str(ack_wait),
+    )
+    log = tmp_path / "model-scorer.log"
+    prefix = subjects.wildcard(subjects.SCORES, namespace=namespace).split("*")[0]
+    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": prefix}, log, module=CRASHING)
+    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    output = streams.stream_name(streams.SCORES, namespace=namespace)
+    features = streams.stream_name(streams.FEATURES, namespace=namespace)
+    before = await stored_messages(js, output)
+    assert before, "killed after its first scores were stored"
+    info = await js.consumer_info(features, DURABLE)
+    assert info.ack_floor.stream_seq == 0  # their vectors not acked
+    await publish(js, namespace, list(newer), as_specified=False)
+    await window_gone_by(js, f"{namespace}_WINDOW", window)
+
+    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
+    try:
+        await eventually(
+            lambda: _count_at_least(js, namespace, len(before) + len(newer)),
+            timeout=60,
+            what="the newer vectors scored",
+        )
+        info = await js.consumer_info(features, DURABLE)
+        # the held vectors come back behind the newer ones
+        assert info.ack_floor.stream_seq == 0, "redelivered before the newer vectors were scored"
+        await eventually(lambda: consumed(js, namespace), timeout=120, what="every vector")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    got = await stored_messages(js, output)
+    ids = Counter(msg_id for msg_id, _ in got)
+    assert [i for i, n in ids.items() if n > 1] == []
+    scores = [msgspec.json.decode(p, type=Score) for _, p in got]
+    assert check_scores(scores, items, boosters, version_of) == []
 
 
 class _EarlyMarker:

@@ -627,8 +627,9 @@ async def test_signal_publisher_runs_under_its_own_user(
 async def test_model_scorer_runs_under_its_own_user(
     secured: Secured, ops: JetStreamContext
 ) -> None:
-    """The registry read, the hot-reload watch, scores and a dead letter, all with the
-    deployed permissions; each score is the booster's own prediction."""
+    """The registry read, the hot-reload watch, scores, a dead letter and the look for a
+    stored score, all with the deployed permissions; each score is the booster's own
+    prediction."""
     from tests.scorer_models import card_for, expected_probabilities, train, vectors
     from workers.model_scorer.app import Settings as ScorerSettings
     from workers.model_scorer.app import build as build_scorer
@@ -658,6 +659,16 @@ async def test_model_scorer_runs_under_its_own_user(
     assert {s.model_version for s in got} == {version}
     letter = msgspec.json.decode((await ops.get_msg("DLQ", 1)).data, type=DeadLetter)
     assert letter.worker == "model-scorer"
+    # a redelivered vector's score is looked for on SCORES before it is published again
+    from workers.runtime.publish import MSG_ID, Outgoing, stored_since
+
+    last = await ops.get_msg("SCORES", info.state.last_seq)
+    score = Outgoing(last.subject, b"", (last.headers or {})[MSG_ID])
+    nc = await secured.connect("model-scorer")
+    try:
+        assert await stored_since(nc, "SCORES", [score], [0], 5.0) == {0}
+    finally:
+        await nc.close()
 
 
 async def test_a_subscriber_reads_its_own_consumer_with_its_own_inbox(

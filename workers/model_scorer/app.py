@@ -5,6 +5,12 @@ consume FEATURES (FeatureVector) -> group the batch by (feed, symbol, timeframe)
 order -> Score published to SCORES with ``Nats-Msg-Id`` = candle key, candle revision and
 model version, before the vectors are acked.
 
+A vector the scorer was killed holding is redelivered an ack wait later, maybe behind newer
+vectors of its series, and scored again. Its score, stored before the kill, would be stored
+twice once older than SCORES' duplicate window; so the scores of a redelivered vector are
+first looked for on SCORES (``stored_since``) and only those not found are published. A
+first delivery is published without looking.
+
 The active model comes from the registry and follows promotions and rollbacks as they are
 written (``workers.model_scorer.models``). A vector still warming up is acked and not
 scored, and so is a vector ``tickwire rebuild`` published (it scores those itself); a
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Annotated, ClassVar, Final
+from typing import Annotated, ClassVar, Final, NamedTuple
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,7 +32,7 @@ from pydantic import Field
 from contracts import subjects
 from contracts.codec import encode
 from contracts.messages import FeatureVector, Timeframe
-from contracts.streams import FEATURES, MODEL_SCORER, ensure, stream_name, stream_specs
+from contracts.streams import FEATURES, MODEL_SCORER, SCORES, ensure, stream_name, stream_specs
 from workers.model_scorer import scoring
 from workers.model_scorer.models import ActiveModels
 from workers.model_scorer.scoring import (
@@ -44,7 +50,7 @@ from workers.registry import Registry, RegistryError
 from workers.runtime.errors import TransientError
 from workers.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from workers.runtime.partition import PartitionedSettings, own_durables
-from workers.runtime.publish import Outgoing
+from workers.runtime.publish import Outgoing, stored_since
 from workers.runtime.settings import load
 from workers.runtime.worker import Batch, Commit, Context, Delivery, Worker, run_until_signalled
 
@@ -62,6 +68,18 @@ OUTCOMES: Final = (
     SUBJECT_MISMATCH,
 )
 Series = tuple[str, str, Timeframe]
+
+
+class Scored(NamedTuple):
+    """A score on its way, with what its commit needs of the vector it is of."""
+
+    position: int
+    """The vector's stream sequence."""
+    message: Outgoing
+    vector: FeatureVector
+    stored_ns: int
+    """When FEATURES stored the vector: the score cannot be on SCORES from before."""
+    redelivered: bool
 
 
 class Settings(PartitionedSettings):
@@ -148,6 +166,7 @@ class Scorer:
         self.models = models
         self.metrics = m
         self.namespace = settings.namespace
+        self.output = stream_name(SCORES, namespace=settings.namespace)
         self._subjects: dict[Series, tuple[str, str]] = {}
         """(features subject, scores subject) per series."""
 
@@ -182,16 +201,16 @@ class Scorer:
             m.by_outcome[WARMING_UP].inc(warming)
         if rebuilt:
             m.by_outcome[REBUILT].inc(rebuilt)
-        out: list[tuple[int, Outgoing, FeatureVector, int]] = []
+        out: list[Scored] = []
         for series, group in groups.items():
             out += await self.score(batch, series, group)
-        out.sort(key=lambda o: o[0])  # stream order
-        return self.seal([(o, v, ts) for _, o, v, ts in out])
+        out.sort(key=lambda o: o.position)  # stream order
+        return self.seal(out)
 
     async def score(
         self, batch: Batch[FeatureVector], series: Series, group: list[Delivery[FeatureVector]]
-    ) -> list[tuple[int, Outgoing, FeatureVector, int]]:
-        """Scores of one series' vectors as (position, message, vector, stream time ns)."""
+    ) -> list[Scored]:
+        """Scores of one series' vectors."""
         key = self.models.key(*series)
         try:
             model = await self.models.model_for(key)
@@ -231,11 +250,12 @@ class Scorer:
         m.by_outcome[SCORED].inc(len(usable))
         subject = self.subjects_of(series)[1]
         return [
-            (
+            Scored(
                 d.info.stream_seq,
                 Outgoing(subject, encode(s), scoring.message_id(s)),
                 d.value,
                 d.info.timestamp_ns,
+                d.info.deliveries > 1,
             )
             for d, s in zip(usable, made, strict=True)
         ]
@@ -246,19 +266,32 @@ class Scorer:
         batch.reject(d, reason, detail)
         self.metrics.refused(reason)
 
-    def seal(self, out: list[tuple[Outgoing, FeatureVector, int]]) -> Commit:
+    def seal(self, out: list[Scored]) -> Commit:
         """The commit that publishes the batch's scores; tried again after a TransientError."""
-        messages = [o for o, _, _ in out]
+        again = [o for o in out if o.redelivered]
 
         async def commit() -> None:
-            if not messages:
+            todo = out
+            if again:
+                stored = await stored_since(
+                    self.ctx.nc,
+                    self.output,
+                    [o.message for o in again],
+                    [o.stored_ns for o in again],
+                    self.settings.publish_timeout_s,
+                )
+                if stored:
+                    found = {id(again[i]) for i in stored}
+                    todo = [o for o in out if id(o) not in found]
+            if not todo:
                 return
-            await self.ctx.publisher.publish(messages)
+            await self.ctx.publisher.publish([o.message for o in todo])
             now_ns = time.time_ns()
             m = self.metrics
-            for _, v, stream_ns in out:
+            for o in todo:
+                v = o.vector
                 m.by_tf[v.tf].inc()
-                m.feature_to_score.observe(max(0, now_ns - stream_ns) / 1e9)
+                m.feature_to_score.observe(max(0, now_ns - o.stored_ns) / 1e9)
                 m.close_to_score.observe(max(0, now_ns // 1_000_000 - v.close_time_ms) / 1000)
 
         return commit

@@ -16,6 +16,8 @@ pending (a full store looked like a timeout).
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
 from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
@@ -37,7 +39,13 @@ other consumers of its subject already took the original and ack it unread."""
 MAX_PENDING: Final = 4000
 """Publishes awaiting their ack, per publisher: a batch larger than this waits for room."""
 LOOKUPS_AT_ONCE: Final = 100
-"""Last messages of subjects asked for at once by ``stored_already``."""
+"""Last messages of subjects asked for at once by ``stored_already``, subjects read at once
+by ``stored_since``."""
+CLOCK_SKEW_NS: Final = 60 * 1_000_000_000
+"""How much earlier than its input's stored time ``stored_since`` looks for an output: the
+two streams' leaders may be different servers, each stamping with its own clock."""
+NOT_FOUND: Final = 10037
+"""JetStream's error code for a message get past the stream's end."""
 
 
 class Outgoing(NamedTuple):
@@ -63,6 +71,20 @@ class _PubAck(msgspec.Struct):
 
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
+
+
+class _Stored(msgspec.Struct):
+    seq: int
+    hdrs: str = ""
+
+
+class _MsgGot(msgspec.Struct):
+    message: _Stored | None = None
+    error: _Error | None = None
+
+
+_decode_got = msgspec.json.Decoder(_MsgGot).decode
+_encode = msgspec.json.Encoder().encode
 
 
 def _header_blocks(messages: list[Outgoing]) -> list[bytes]:
@@ -276,3 +298,90 @@ async def _last_id(js: JetStreamContext, stream: str, subject: str) -> str | Non
     except NotFoundError:
         return None
     return (raw.headers or {}).get(MSG_ID)
+
+
+async def stored_since(
+    nc: Client, stream: str, messages: Sequence[Outgoing], since_ns: Sequence[int], timeout_s: float
+) -> set[int]:
+    """The indices of ``messages`` that ``stream`` holds already, each looked for among the
+    messages on its subject stored since ``since_ns`` (the same index; epoch ns): what a
+    stateless worker killed after publishing and before acking published for the input it
+    is redelivered now, older than the duplicate window when it was down long.
+
+    Newer output on the same subject may have been stored first (later input was delivered
+    before the redelivery), so the last message on the subject says nothing: each subject
+    is read forward from the earliest time, message by message, until every id asked for
+    on it is found or the stream ends. The cost is one request per message on the subject
+    since then, paid for redelivered input only.
+    """
+    on: dict[str, list[int]] = {}
+    for i, m in enumerate(messages):
+        on.setdefault(m.subject, []).append(i)
+    names = list(on)
+    stored: set[int] = set()
+    for at in range(0, len(names), LOOKUPS_AT_ONCE):
+        chunk = names[at : at + LOOKUPS_AT_ONCE]
+        found = await asyncio.gather(
+            *(
+                _ids_since(
+                    nc,
+                    stream,
+                    subject,
+                    min(since_ns[i] for i in on[subject]) - CLOCK_SKEW_NS,
+                    {messages[i].msg_id for i in on[subject]},
+                    timeout_s,
+                )
+                for subject in chunk
+            )
+        )
+        for subject, ids in zip(chunk, found, strict=True):
+            stored.update(i for i in on[subject] if messages[i].msg_id in ids)
+    return stored
+
+
+async def _ids_since(
+    nc: Client, stream: str, subject: str, since_ns: int, wanted: set[str], timeout_s: float
+) -> set[str]:
+    """Which of ``wanted`` are ``Nats-Msg-Id`` of messages on ``subject`` in ``stream``
+    stored at or after ``since_ns``."""
+    api = f"$JS.API.STREAM.MSG.GET.{stream}"
+    request: dict[str, object] = {"start_time": _rfc3339(since_ns), "next_by_subj": subject}
+    found: set[str] = set()
+    while found != wanted:
+        try:
+            reply = await nc.request(api, _encode(request), timeout=timeout_s)
+            got = _decode_got(reply.data)
+        except Exception as exc:
+            raise TransientError(f"looking for stored messages on {subject}: {exc!r}") from exc
+        if got.error is not None:
+            if got.error.err_code == NOT_FOUND:
+                break
+            raise TransientError(
+                f"looking for stored messages on {subject}: {got.error.description} "
+                f"(err_code {got.error.err_code})"
+            )
+        if got.message is None:
+            raise TransientError(f"looking for stored messages on {subject}: {reply.data[:200]!r}")
+        msg_id = _msg_id(got.message.hdrs)
+        if msg_id in wanted:
+            found.add(msg_id)
+        request = {"seq": got.message.seq + 1, "next_by_subj": subject}
+    return found
+
+
+def _msg_id(hdrs: str) -> str | None:
+    """``Nats-Msg-Id`` of a base64 header block as a message get returns it."""
+    if not hdrs:
+        return None
+    for line in base64.b64decode(hdrs).decode(errors="replace").split("\r\n")[1:]:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == MSG_ID.lower():
+            return value.strip()
+    return None
+
+
+def _rfc3339(ns: int) -> str:
+    """Epoch ns as the RFC 3339 UTC time JetStream reads, to the nanosecond."""
+    seconds, fraction = divmod(max(ns, 0), 1_000_000_000)
+    day = datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{day}.{fraction:09d}Z"
