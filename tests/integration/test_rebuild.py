@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -26,7 +27,13 @@ from contracts import streams, subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
-from tests.integration.test_feature_builder import run_worker, stream_messages
+from tests.integration.test_feature_builder import (
+    close_enough,
+    consumed,
+    run_worker,
+    stream_messages,
+)
+from tests.integration.test_feature_builder import settings as builder_settings
 from tests.integration.test_model_scorer import put
 from tests.integration.test_signal_publisher import M1, T0, make_score, run_once, signals_of
 from tests.integration.test_timescale_replicator import (
@@ -41,6 +48,7 @@ from tests.integration.test_timescale_replicator import settings as replicator_s
 from tests.scorer_models import expected_probabilities, train
 from tests.waiting import eventually
 from workers import cli
+from workers.feature_builder import app as builder_app
 from workers.features import DEFAULT, Candles
 from workers.model_scorer import app as scorer_app
 from workers.rebuild.app import Settings, rebuild
@@ -75,8 +83,9 @@ async def namespace(js: JetStreamContext, unique: str) -> AsyncIterator[str]:
     ):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
-    with contextlib.suppress(Exception):
-        await js.delete_object_store(bucket_name(unique))
+    for store in (bucket_name(unique), builder_app.bucket_name(unique)):
+        with contextlib.suppress(Exception):
+            await js.delete_object_store(store)
 
 
 def market() -> dict[str, list[Candle]]:
@@ -294,6 +303,44 @@ async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_change
         k: sig.side.value  # type: ignore[attr-defined]
         for k, sig in sigs.items()
     }
+
+
+@pytest.mark.parametrize("kept", [5, DEFAULT.warmup + 10])
+async def test_features_are_not_rebuilt_once_candles_no_longer_holds_the_series_start(
+    stack: StackUrls, nc: NATS, js: JetStreamContext, namespace: str, kept: int
+) -> None:
+    """feature-builder's state outlives CANDLES' age (its snapshot): its vectors come from
+    the series' whole history. Once the stream has dropped the start, a rebuild would warm
+    from the few candles left before T1 (warming up, or EMAs drifting) and publish what
+    differs from the live vectors only for that as corrections: it must publish nothing."""
+    candles = series(N, seed=41, feed=FEED, symbol=SYMBOLS[0])
+    await publish(js, namespace, list(candles))
+    builder = builder_app.build(builder_settings(stack, namespace))
+    task = await run_worker(builder)
+    try:
+        await eventually(lambda: consumed(js, namespace), timeout=60, what="all candles")
+    finally:
+        builder.stop()
+        await asyncio.wait_for(task, 60)
+    live = await stream_messages(js, streams.FEATURES, namespace)
+    whole = Counter(msgspec.json.encode(v) for v in vectors(candles, buggy=False))
+    assert close_enough(live, whole) == []
+    await Registry.open(js, namespace=namespace)
+    # CANDLES' age drops all but the last ``kept`` candles before T1 (candle i is seq i + 1)
+    name = streams.stream_name(streams.CANDLES, namespace=namespace)
+    await js.purge_stream(name, seq=FIRST - kept + 1)
+    assert (await js.stream_info(name)).state.messages == N - FIRST + kept
+    seqs = await last_seqs(js, namespace)
+    req = request(
+        start=str(candles[FIRST].open_time_ms), end=None, stages="features,scores,signals"
+    )
+    report = await rebuild(nc, Settings(nats_url=stack.nats_url, namespace=namespace), req)
+    assert await last_seqs(js, namespace) == seqs, report.lines()
+    assert sum(report.published.values()) == 0, report.lines()
+    assert (
+        "not rebuilt: CANDLES no longer holds enough history before T1 for demo EURUSD M1"
+        in report.lines()
+    ), report.lines()
 
 
 async def test_a_rebuilt_last_word_is_kept_past_signals_age(

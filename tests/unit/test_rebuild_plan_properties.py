@@ -30,7 +30,7 @@ import msgspec
 import pytest
 
 from contracts import subjects
-from contracts.messages import Score, Side, Signal, Timeframe
+from contracts.messages import Candle, Score, Side, Signal, Timeframe
 from workers.rebuild import plan
 from workers.signal_publisher.policy import Policy, Rule, State, decide
 from workers.signal_publisher.state import Book
@@ -387,3 +387,26 @@ def test_a_held_signal_of_a_later_revision_than_the_score_is_left_to_the_live_wo
     r1 = plan.signals(chains, in_force_of([held]), req, pol)
     assert r1.publish == []
     assert r1.unchanged == 1
+
+
+def test_a_series_not_held_whole_is_left_out_of_features_and_the_others_go_on() -> None:
+    """A series whose first candles the stream no longer holds would be warmed from fewer
+    candles than feature-builder's state was: nothing of it is computed or published, and
+    the other series come out as they do without it."""
+    from tests.candles import series as candles_of
+    from workers.features import DEFAULT
+
+    kept = candles_of(60, seed=3, feed="fx", symbol="EURUSD")
+    short = candles_of(60, seed=4, feed="fx", symbol="GBPUSD")
+    both = sorted([*kept, *short], key=lambda c: (c.open_time_ms, c.symbol))
+    req = plan.Request(kept[40].open_time_ms, None, (plan.FEATURES,))
+
+    def of(cs: Iterable[Candle]) -> list[tuple[str, Candle]]:
+        return [(subjects.candles(c.feed, c.symbol, c.tf), c) for c in cs]
+
+    got = plan.features(of(both), plan.Stored(), req, DEFAULT, 8, lambda s: s[1] != "GBPUSD")
+    alone = plan.features(of(kept), plan.Stored(), req, DEFAULT, 8, lambda _: True)
+    assert got.left_out == [("fx", "GBPUSD", Timeframe.M1)]
+    assert got.publish == alone.publish
+    assert [o.message.symbol for o in got.publish] == ["EURUSD"] * 20
+    assert alone.left_out == []

@@ -74,6 +74,8 @@ class Report:
     """Series whose last word to subscribers is now one of this rebuild's signals."""
     no_model: list[str] = field(default_factory=list)
     """Series without a usable active model (their scores are not rebuilt)."""
+    short_history: list[str] = field(default_factory=list)
+    """Series whose start CANDLES no longer holds (nothing of theirs is rebuilt)."""
 
     def lines(self) -> list[str]:
         out = [
@@ -84,6 +86,10 @@ class Report:
             out.append(f"signals: the last word on {self.sides_kept} series")
         out += [f"{s}: {n} messages left to the live worker" for s, n in self.left_to_live.items()]
         out += [f"scores: no usable model for {key}" for key in self.no_model]
+        out += [
+            f"not rebuilt: {streams.CANDLES} no longer holds enough history before T1 for {key}"
+            for key in self.short_history
+        ]
         return out
 
 
@@ -98,6 +104,8 @@ class Rebuild:
         self.req = req
         self.ns = settings.namespace
         self.report = Report()
+        self.left_out: set[plan.Series] = set()
+        """Series the features stage left out: the later stages leave them too."""
 
     # --- reading -------------------------------------------------------------------------
 
@@ -167,10 +175,19 @@ class Rebuild:
             async for seq, subject, c in self._messages(streams.CANDLES, subjects.CANDLES, codec)
             if not self._left(streams.CANDLES, seq, floor)
         ]
+        # feature-builder's state goes back to each series' first candle (its snapshot
+        # outlives the stream's age); what was read does only if the stream has lost none
+        # of its first messages by now. Which series they held is not known: none is whole.
+        stream = streams.stream_name(streams.CANDLES, namespace=self.ns)
+        whole = (await self.ctx.js.stream_info(stream)).state.first_seq <= 1
         stored = await self._stored(
             streams.FEATURES, subjects.FEATURES, FeatureVector, plan.feature_key
         )
-        result = plan.features(candles, stored, self.req, DEFAULT, self.settings.revision_depth)
+        result = plan.features(
+            candles, stored, self.req, DEFAULT, self.settings.revision_depth, lambda _: whole
+        )
+        self.left_out.update(result.left_out)
+        self.report.short_history += [f"{f} {s} {tf.value}" for f, s, tf in result.left_out]
         await self._publish(FEATURES, result, subjects.features)
         return result.current
 
@@ -202,6 +219,8 @@ class Rebuild:
             if not self._left(streams.SCORES, seq, floor)
         ]
         chains = plan.effective_scores(stream, rebuilt)
+        for series in self.left_out:
+            chains.pop(series, None)
         in_force: plan.Stored[plan.CandleKey, Signal] = plan.Stored()
         async for _, _, sig in self._messages(streams.SIGNALS, subjects.SIGNALS, Codec(Signal)):
             in_force.add(plan.candle_key(sig), sig, sig.candle_revision)

@@ -10,7 +10,11 @@ second rebuild that computes the same values publishes nothing.
 - **features**: every candle of a series from the stream's first one, in stream order,
   through the feature-builder's ``Builder``; the state before the range is warmed by the
   same candles the live worker saw, and the last vector of each candle of the range is
-  what the live worker would publish now.
+  what the live worker would publish now. That holds only while the stream has every
+  candle the series ever had: feature-builder's state outlives the stream's age (its
+  snapshot), so once a series' first candles are gone its vectors would be warmed from
+  fewer candles than the live ones (still warming up, or EMAs drifting) and differ for that
+  alone. Such a series is left out (nor are its scores or signals rebuilt).
 - **scores**: the latest vector of each candle of the range (the rebuilt one when features
   are rebuilt too) by the active model of its series, as model-scorer scores.
 - **signals**: the policy's decisions over every series' scores from its first one, the
@@ -227,6 +231,8 @@ class Result(Generic[M]):
     publish: list[Out[M]] = field(default_factory=list)
     """What differs from the stream, as the next generation of its key."""
     unchanged: int = 0
+    left_out: list[Series] = field(default_factory=list)
+    """Series of the range the stage cannot recompute: nothing is published for them."""
 
 
 def _emit(result: Result[M], message: M, held: M | None, generation: int, pipeline_id: str) -> None:
@@ -246,11 +252,18 @@ def features(
     req: Request,
     fs: FeatureSet,
     depth: int,
+    whole: Callable[[Series], bool],
 ) -> Result[FeatureVector]:
-    """Vectors of the range from ``(subject, candle)`` in stream order, from the first."""
+    """Vectors of the range from ``(subject, candle)`` in stream order, from the first.
+    A series ``whole`` does not know the candles to hold from its start is left out."""
     builder = Builder(fs, depth)
     result: Result[FeatureVector] = Result()
     for subject, c in candles:
+        series = (c.feed, c.symbol, c.tf)
+        if not whole(series):
+            if series not in result.left_out and req.covers(c.open_time_ms):
+                result.left_out.append(series)
+            continue
         v = builder.apply(c, subject)
         if isinstance(v, FeatureVector) and req.covers(c.open_time_ms):
             result.current[candle_key(v)] = v
