@@ -155,7 +155,9 @@ class Replica:
         self._early: set[asyncio.Task[bool]] = set()
         self._through = 0
         """The highest stream sequence handed to the store: a message at or below it is a
-        redelivery, or the first of a stream made again under the name (``_check_again``)."""
+        redelivery, or the first of a stream made again under the name (``_check_again``).
+        0: nothing stored yet, and the stream may have been made again since the start
+        recorded its creation time."""
 
     # --- a batch -----------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Replica:
             else:
                 rows.append((seq, row(d.value)))
                 kept.append(d)
-        if low <= self._through:
+        if low <= self._through or not self._through:
             await self._check_again(ctx)
         if top > self._through:
             self._through = top
@@ -334,7 +336,8 @@ class Replica:
         """The stream checked again before a message at or below the last sequence stored
         is skipped as stored: rare while running (a redelivery), and the first message of a
         stream deleted and made again under the name, its durable with it, while this one
-        ran (``Misdeployed``: nothing of it is acked)."""
+        ran (``Misdeployed``: nothing of it is acked). Before the first batch stored, too:
+        the stream made again since the start is then the one the sequences count."""
         try:
             await self._same_stream(ctx)
         except (nats.errors.Error, TimeoutError) as exc:  # NotFoundError: gone meanwhile
