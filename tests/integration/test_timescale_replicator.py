@@ -494,6 +494,69 @@ async def test_a_replay_made_again_under_its_name_is_not_taken_for_the_one_store
     assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
 
 
+@pytest.mark.parametrize("candles_after", [10, 60], ids=["fewer", "more"])
+async def test_a_stream_made_again_under_a_running_replicator_stops_it(
+    stack: StackUrls,
+    js: JetStreamContext,
+    namespace: str,
+    writer_dsn: str,
+    pg_dsn: str,
+    candles_after: int,
+) -> None:
+    """The replay is deleted (its schema kept) and made again while the replicator runs:
+    its durables come back with the streams, which number their messages from 1 again. The
+    replicator stops with what to do rather than ack them as stored; none of them is acked
+    and nothing of them is written."""
+    before = replication.published(seed=11, candles_per_series=30, namespace=namespace)
+    await publish(js, before)
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+        await replay.delete(js, namespace)  # no DSN: the schema stays
+        await streams.ensure(
+            js, streams.stream_specs(namespace=namespace), replicator_consumers(namespace)
+        )
+        after = replication.published(
+            seed=12, candles_per_series=candles_after, namespace=namespace
+        )
+        await publish(js, after)
+        await eventually(
+            lambda: task.done() or replicated(js, namespace), timeout=60, what="an outcome"
+        )
+        with pytest.raises(Misdeployed, match=f"tickwire replay delete {namespace}"):
+            await stop(replicator, task)
+    finally:
+        if not task.done():
+            await stop(replicator, task)
+    assert await tables(pg_dsn, namespace) == replication.expected(before)  # nothing written
+    assert set((await ack_floors(js, namespace)).values()) == {0}  # nor acked
+
+
+async def test_a_stream_made_again_before_anything_was_stored_is_the_one_counted(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
+) -> None:
+    """Made again while the replicator runs and has stored nothing yet: the new stream's
+    messages are stored, counted as the new stream's, and the next start takes it for the
+    one stored rather than refuse it."""
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        await replay.delete(js, namespace)  # no DSN: the schema stays
+        await streams.ensure(
+            js, streams.stream_specs(namespace=namespace), replicator_consumers(namespace)
+        )
+        messages = replication.published(seed=13, candles_per_series=5, namespace=namespace)
+        await publish(js, messages)
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    again = Replicator(settings(stack, namespace, writer_dsn))
+    await stop(again, await start(again))
+    assert await tables(pg_dsn, namespace) == replication.expected(messages)
+    assert await state(pg_dsn, namespace) == await last_seqs(js, namespace)
+
+
 async def test_bad_input_is_dead_lettered_with_its_reason_and_the_rest_is_stored(
     stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
 ) -> None:

@@ -22,7 +22,8 @@ class TransientError(TickwireError):
 
 
 class Misdeployed(TickwireError):
-    """The deployment keeps this worker from starting: ops must change it, retrying won't."""
+    """The deployment keeps this worker from starting or going on: ops must change it,
+    retrying won't."""
 
 
 class Rejected(TickwireError):

@@ -11,6 +11,9 @@ The ack policy is decided here, once:
                               redelivering it, and it is tried again with exponential
                               backoff until it succeeds. Order is kept and no delivery
                               attempt is spent on an outage. Stopping naks what is held.
+- ``Misdeployed``          -> the deployment changed under the worker: the batch is
+                              handed back and the worker stops, raising it (one line,
+                              exit code 1), as when it refuses to start
 - any other exception      -> the batch is retried one message at a time so one poison
                               message cannot hold back the others; a failing message is
                               nak'd with backoff and redelivered, and dead-lettered on its
@@ -550,6 +553,8 @@ class Worker(Generic[T]):
                 await self._withdraw(ctx)
             for done in finishing:
                 await done
+        if isinstance(self._failed, Misdeployed):
+            raise self._failed
         if self._failed is not None:
             raise CommitFailed(f"{self.name}: {self._failed_in} failed: {self._failed!r}") from (
                 self._failed
@@ -713,6 +718,14 @@ class Worker(Generic[T]):
             batch, commit = await self._holding(items, lambda b: self._call(ctx, b))
         except TransientError:
             # stopping while a dependency is down: hand everything back for redelivery
+            await self._hand_back(ctx, msgs)
+            return None
+        except Misdeployed as exc:
+            # the deployment changed under the running worker (its stream made again):
+            # nothing of the batch is acked, and the worker stops as it would at start
+            log.error("%s: stopping: %s", self.name, exc)
+            self._failed, self._failed_in = exc, "handler"
+            self.stop()
             await self._hand_back(ctx, msgs)
             return None
         except Exception as exc:

@@ -13,8 +13,10 @@ sequences above the stored one up to the consumer's last delivered), reading it 
 short-lived consumer, before consuming anew. The stored sequence counts one stream: its
 creation time is recorded with it, and a stream made again under the name (numbering from 1
 again: its messages would be skipped as stored) stops the start with what to do
-(``Misdeployed``). Skipping them is silent loss; re-replicating on its own would keep the old
-stream's rows beside the new one's, so ops decide.
+(``Misdeployed``); made again while the process runs, it stops the process so, before its
+first message is skipped (a message at or below the last sequence stored has the stream
+checked again: rare otherwise, a redelivery). Skipping them is silent loss; re-replicating
+on its own would keep the old stream's rows beside the new one's, so ops decide.
 Bad input is dead-lettered to ``dlq.timescale-replicator`` with its reason; a message that
 is skipped is checked again, so a refusal whose dead letter was never published is not lost.
 A row the database refuses is found only by its transaction, and dead-lettered after it:
@@ -39,6 +41,7 @@ import logging
 import signal
 from typing import Annotated, Any, Final
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
@@ -150,6 +153,11 @@ class Replica:
         """Done once the last batch handled is in the database, whichever way it got there;
         False when the database refused rows of it (``_store_early``)."""
         self._early: set[asyncio.Task[bool]] = set()
+        self._through = 0
+        """The highest stream sequence handed to the store: a message at or below it is a
+        redelivery, or the first of a stream made again under the name (``_check_again``).
+        0: nothing stored yet, and the stream may have been made again since the start
+        recorded its creation time."""
 
     # --- a batch -----------------------------------------------------------------------
 
@@ -161,11 +169,14 @@ class Replica:
         rows: list[tuple[int, Row]] = []
         kept: list[Delivery[Any]] = []  # the deliveries of ``rows``, in the same order
         top = 0
+        low = self._through + 1
         for d in batch.items:
             msg = d.msg
             seq = stream_seq(msg.reply)
             if seq > top:
                 top = seq
+            if seq < low:
+                low = seq
             if seq in skipped:  # dead-lettered at start: checking it raised
                 continue
             problem = check(d.value, msg.subject, ns)
@@ -174,6 +185,10 @@ class Replica:
             else:
                 rows.append((seq, row(d.value)))
                 kept.append(d)
+        if low <= self._through or not self._through:
+            await self._check_again(ctx)
+        if top > self._through:
+            self._through = top
 
         after, stored = self._stored, asyncio.get_running_loop().create_future()
         self._stored = stored
@@ -274,6 +289,7 @@ class Replica:
                 floor,
             )
         first = max(floor, stored) + 1
+        self._through = max(stored, delivered)
         if first <= delivered:
             count = await self._catch_up(ctx, first, delivered)
             log.info(
@@ -315,6 +331,17 @@ class Replica:
             " by revision), run as the admin: DELETE FROM market.replication_state WHERE"
             f" stream = '{self.stream}' AND consumer = '{self.durable}'"
         )
+
+    async def _check_again(self, ctx: Context) -> None:
+        """The stream checked again before a message at or below the last sequence stored
+        is skipped as stored: rare while running (a redelivery), and the first message of a
+        stream deleted and made again under the name, its durable with it, while this one
+        ran (``Misdeployed``: nothing of it is acked). Before the first batch stored, too:
+        the stream made again since the start is then the one the sequences count."""
+        try:
+            await self._same_stream(ctx)
+        except (nats.errors.Error, TimeoutError) as exc:  # NotFoundError: gone meanwhile
+            raise TransientError(f"{self.stream} not checked again: {exc!r}") from exc
 
     async def _catch_up(self, ctx: Context, first: int, last: int) -> int:
         """Store the valid messages of ``first..last``; the checks' refusals come with the
