@@ -801,6 +801,33 @@ async def test_unanswered_pull_requests_are_told_once_and_their_end_too(
     assert lines[1].startswith(f"pull requests on {next_subject} answered again after ")
 
 
+async def test_a_worker_whose_consumer_is_gone_says_it_is_unhealthy_until_it_is_back(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """Connected to NATS, but nothing can come: /healthz must not say all is well."""
+    worker_name, stream, _ = await _make_streams(js, unique)
+    config = (await js.consumer_info(stream, worker_name)).config
+    worker = _worker(worker_name, stream, _settings(stack.nats_url, unanswered_unhealthy_s=1))
+    handled: list[int] = []
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        handled.extend(d.info.stream_seq for d in batch)
+
+    task = await _run(worker)
+    try:
+        await eventually(worker.healthy, what="healthy once consuming")
+        await js.delete_consumer(stream, worker_name)
+        await eventually(lambda: not worker.healthy(), what="unhealthy while nothing answers")
+        await js.add_consumer(stream, config)
+        await js.publish(f"rt.{unique}.EURUSD", _tick("EURUSD", 1))
+        await eventually(lambda: handled == [1], what="the message once the consumer is back")
+        assert worker.healthy()
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
 async def test_a_stopped_pull_source_leaves_nothing_at_the_server_and_hands_everything_back(
     nc: Client, js: JetStreamContext, unique: str
 ) -> None:

@@ -94,6 +94,10 @@ class Unanswered:
                 self.count,
             )
 
+    def lasted(self) -> float:
+        """How long requests have gone unanswered; 0 while they are answered."""
+        return 0.0 if self.since is None else self._clock() - self.since
+
     def answered(self) -> None:
         """The server answered a pull request again."""
         if self.since is None:
@@ -244,6 +248,10 @@ class PullSource:
         self._last_delivery = last_delivery
         self._kept: list[Msg] = []
         self._stopping = asyncio.Lock()
+
+    def unanswered_for(self) -> float:
+        """How long its pull requests have gone unanswered; 0 while they are answered."""
+        return self._unanswered.lasted()
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(

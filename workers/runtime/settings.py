@@ -60,6 +60,9 @@ class RuntimeSettings(BaseSettings):
     keep handling and publishing while they catch up. Each holds up to ``handler_batch``
     unacked messages."""
     pull_expires_s: Annotated[float, Field(ge=1)] = 5.0
+    unanswered_unhealthy_s: Annotated[float, Field(gt=0)] = 60.0
+    """Pull requests unanswered this long (JetStream away, the consumer or its stream gone):
+    /healthz says unhealthy until they are answered again."""
     retry_backoff_s: Annotated[float, Field(gt=0)] = 0.5
     retry_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
     poison_deliveries: Annotated[int, Field(ge=1)] = 5

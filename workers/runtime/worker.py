@@ -363,6 +363,9 @@ class Worker(Generic[T]):
         ctx = self._ctx
         if ctx is None or not ctx.nc.is_connected or self._stop.is_set():
             return False
+        source = self._source
+        if source is not None and source.unanswered_for() > self.settings.unanswered_unhealthy_s:
+            return False  # connected, but nothing can come: JetStream or the consumer is away
         return time.monotonic() - self._alive_at < max(30.0, self.settings.pull_expires_s * 3)
 
     # --- running ---------------------------------------------------------------------
