@@ -51,6 +51,7 @@ from workers import cli
 from workers.feature_builder import app as builder_app
 from workers.features import DEFAULT, Candles
 from workers.model_scorer import app as scorer_app
+from workers.rebuild import plan
 from workers.rebuild.app import Settings, rebuild
 from workers.rebuild.plan import request
 from workers.registry import Registry, bucket_name
@@ -305,15 +306,37 @@ async def test_rebuild_fixes_the_range_only_beside_live_workers_and_twice_change
     }
 
 
-@pytest.mark.parametrize("kept", [5, DEFAULT.warmup + 10])
-async def test_features_are_not_rebuilt_once_candles_no_longer_holds_the_series_start(
+HELD = DEFAULT.memory + 20
+"""T1 of the tests of a CANDLES that lost the series' start, as a candle index."""
+LONG = HELD + 40
+
+
+def short_of(kept: int) -> str:
+    return (
+        "not rebuilt: CANDLES no longer holds enough history before T1 for demo EURUSD M1"
+        f" ({kept} candles, {DEFAULT.memory} needed)"
+    )
+
+
+async def purge_before(js: JetStreamContext, namespace: str, kept: int) -> None:
+    """CANDLES' age drops all but the last ``kept`` candles before T1 (candle i is seq i + 1)."""
+    name = streams.stream_name(streams.CANDLES, namespace=namespace)
+    await js.purge_stream(name, seq=HELD - kept + 1)
+    info = await js.stream_info(name)
+    assert (info.state.first_seq, info.state.messages) == (HELD - kept + 1, LONG - HELD + kept)
+
+
+@pytest.mark.parametrize("kept", [5, DEFAULT.warmup + 10, DEFAULT.memory])
+async def test_features_are_rebuilt_past_candles_age_only_from_the_feature_sets_memory_on(
     stack: StackUrls, nc: NATS, js: JetStreamContext, namespace: str, kept: int
 ) -> None:
     """feature-builder's state outlives CANDLES' age (its snapshot): its vectors come from
-    the series' whole history. Once the stream has dropped the start, a rebuild would warm
-    from the few candles left before T1 (warming up, or EMAs drifting) and publish what
-    differs from the live vectors only for that as corrections: it must publish nothing."""
-    candles = series(N, seed=41, feed=FEED, symbol=SYMBOLS[0])
+    the series' whole history. Once the stream has dropped the start, a rebuild warmed from
+    fewer candles than the feature set's memory (warming up, or EMAs drifting) would publish
+    what differs from the live vectors only for that as corrections: the series is left
+    out. From the memory on, the vectors are the live ones to rounding: nothing changed,
+    nothing is published, and the series is not left out."""
+    candles = series(LONG, seed=41, feed=FEED, symbol=SYMBOLS[0])
     await publish(js, namespace, list(candles))
     builder = builder_app.build(builder_settings(stack, namespace))
     task = await run_worker(builder)
@@ -326,21 +349,62 @@ async def test_features_are_not_rebuilt_once_candles_no_longer_holds_the_series_
     whole = Counter(msgspec.json.encode(v) for v in vectors(candles, buggy=False))
     assert close_enough(live, whole) == []
     await Registry.open(js, namespace=namespace)
-    # CANDLES' age drops all but the last ``kept`` candles before T1 (candle i is seq i + 1)
-    name = streams.stream_name(streams.CANDLES, namespace=namespace)
-    await js.purge_stream(name, seq=FIRST - kept + 1)
-    assert (await js.stream_info(name)).state.messages == N - FIRST + kept
+    await purge_before(js, namespace, kept)
     seqs = await last_seqs(js, namespace)
-    req = request(
-        start=str(candles[FIRST].open_time_ms), end=None, stages="features,scores,signals"
-    )
+    req = request(start=str(candles[HELD].open_time_ms), end=None, stages="features,scores,signals")
     report = await rebuild(nc, Settings(nats_url=stack.nats_url, namespace=namespace), req)
     assert await last_seqs(js, namespace) == seqs, report.lines()
     assert sum(report.published.values()) == 0, report.lines()
-    assert (
-        "not rebuilt: CANDLES no longer holds enough history before T1 for demo EURUSD M1"
-        in report.lines()
-    ), report.lines()
+    if kept < DEFAULT.memory:
+        assert short_of(kept) in report.lines(), report.lines()
+        assert report.unchanged[plan.FEATURES] == 0, report.lines()
+    else:
+        assert not [x for x in report.lines() if x.startswith("not rebuilt")], report.lines()
+        assert report.unchanged[plan.FEATURES] == LONG - HELD, report.lines()
+
+
+async def test_a_candle_changed_in_range_is_rebuilt_with_its_dependants_past_candles_age(
+    stack: StackUrls, nc: NATS, js: JetStreamContext, namespace: str
+) -> None:
+    """FEATURES holds the series' vectors from its whole history (the batch form: they
+    differ from the rebuild's stepped ones by rounding), but computed with one candle of the
+    range other than the stream has it. CANDLES holds only the feature set's memory before
+    T1. The rebuild publishes that candle's vector and the later ones its change moved past
+    the library's tolerance, with the values of the stream's candles; nothing else, and
+    nothing the second time."""
+    candles = series(LONG, seed=43, feed=FEED, symbol=SYMBOLS[0])
+    j = HELD + 5
+    c = candles[j]
+    seen = list(candles)
+    seen[j] = msgspec.structs.replace(c, close=c.high if c.close != c.high else c.low)
+    stale = vectors(seen, buggy=False)
+    await publish(js, namespace, [*candles, *stale])
+    await purge_before(js, namespace, DEFAULT.memory)
+    # what moved, measured here: the close, or a value past 1e-9 (absolute below 1)
+    want = vectors(candles, buggy=False)
+    moved = []
+    for i in range(HELD, LONG):
+        a, b = np.asarray(want[i].values), np.asarray(stale[i].values)
+        far = np.abs(a - b) > 1e-9 * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+        if want[i].close != stale[i].close or far.any():
+            moved.append(i)
+    assert moved[0] == j, moved
+    assert len(moved) > 10, moved  # the EMAs carry it on
+    before = len(await stream_messages(js, streams.FEATURES, namespace))
+    req = request(start=str(candles[HELD].open_time_ms), end=None, stages="features")
+    settings = Settings(nats_url=stack.nats_url, namespace=namespace)
+    report = await rebuild(nc, settings, req)
+    assert report.published == {plan.FEATURES: len(moved)}, report.lines()
+    assert report.unchanged == {plan.FEATURES: LONG - HELD - len(moved)}, report.lines()
+    out = (await stream_messages(js, streams.FEATURES, namespace))[before:]
+    decode = msgspec.json.Decoder(FeatureVector).decode
+    assert sorted(decode(m).open_time_ms for m in out) == [candles[i].open_time_ms for i in moved]
+    assert {decode(m).rebuild for m in out} == {1}
+    fixed = Counter(msgspec.json.encode(want[i]) for i in moved)
+    assert close_enough(out, fixed) == []
+    again = await rebuild(nc, settings, req)
+    assert again.published == {plan.FEATURES: 0}, again.lines()
+    assert len(await stream_messages(js, streams.FEATURES, namespace)) == before + len(moved)
 
 
 async def test_a_rebuilt_last_word_is_kept_past_signals_age(

@@ -13,11 +13,12 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import pytest
+from numpy.typing import NDArray
 
 from tests.candles import START_MS, series
 from workers.features import DEFAULT, Candles, Feature, FeatureSet, Stepper, violations
 from workers.features.base import Array, Bar, empty
-from workers.features.kinds import Macd, Rsi
+from workers.features.kinds import Macd, Range, Rsi
 from workers.features.lookahead import close
 
 N = 50_000
@@ -69,6 +70,57 @@ def wilder(x: pd.Series, period: int) -> pd.Series:
     s = x.iloc[period:].copy()
     s.iloc[0] = seed
     return s.ewm(alpha=1 / period, adjust=False).mean().reindex(x.index)
+
+
+def _differ(a: Array, b: Array, tol: float) -> NDArray[np.bool_]:
+    """Per candle: some value differs by more than ``tol`` (absolute below 1, relative above),
+    measured here, not by the library's ``agree``."""
+    both_nan = np.isnan(a) & np.isnan(b)
+    scale = np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+    ok = both_nan | (np.abs(a - b) <= tol * scale)
+    return np.asarray(~ok.all(axis=1), dtype=np.bool_)
+
+
+@pytest.mark.parametrize(
+    ("price", "digits", "seed", "start"),
+    [(1.1, 5, 3, 700), (5000.0, 2, 4, 2100), (1.1, 5, 6, None)],
+    ids=["fx-from-700", "index-from-2100", "fx-after-another-series"],
+)
+def test_engines_started_apart_agree_to_1e_12_after_the_memory(
+    price: float, digits: int, seed: int, start: int | None
+) -> None:
+    """Two engines in different states (one with the series' whole history, one started
+    later; or one after another series entirely), fed the same candles, agree to 1e-12
+    from the ``memory``-th candle on. Before, the recursive features still differ well
+    past the warm-up: the memory is what they need, not the warm-up."""
+    bars = series(3000, price=price, digits=digits, seed=seed)
+    if start is None:
+        other = DEFAULT.engine()
+        for bar in series(900, price=price * 1.4, digits=digits, seed=seed + 10):
+            other.step(bar)
+        a, b = DEFAULT.engine().run(bars), other.run(bars)
+    else:
+        a, b = DEFAULT.engine().run(bars)[start:], DEFAULT.engine().run(bars[start:])
+    differ = np.flatnonzero(_differ(a, b, 1e-12))
+    assert len(differ), "the two states were not apart"
+    assert differ[-1] < DEFAULT.memory - 1, f"differ at candle {differ[-1] + 1} of {DEFAULT.memory}"
+    assert differ[-1] > 4 * DEFAULT.warmup
+    assert DEFAULT.memory == max(f.memory for f in DEFAULT.features)
+
+
+def test_the_memory_of_a_recursive_feature_is_where_its_start_weighs_below_1e_12() -> None:
+    """An average ``b * avg + ...`` keeps ``b ** k`` of its start after k steps; the memory
+    is the first k where that is below 1e-12, after the warm-up that seeds the average."""
+    for period in (2, 14, 50):
+        b = 1.0 - 1.0 / period
+        k = Rsi(period=period).memory - Rsi(period=period).warmup
+        assert b**k < 1e-12 <= b ** (k - 1), period
+    fast, slow, signal = 12, 26, 9
+    bs, bg = 1.0 - 2.0 / (slow + 1), 1.0 - 2.0 / (signal + 1)
+    k = Macd(fast=fast, slow=slow, signal=signal).memory - 1
+    # the MACD's start over the first k1 candles, the signal's over the last k2
+    assert any(bs**k1 < 5e-13 and bg ** (k - k1) < 5e-13 for k1 in range(k))
+    assert Range().memory == Range().warmup == 1
 
 
 def test_rsi_atr_macd_equal_pandas_references(long_series) -> None:

@@ -5,13 +5,15 @@ Pure: numpy and the standard library, no I/O. The feature-builder worker steps a
 the same values (tests hold them to 1e-9 on 50,000 candles) and the same feature-set id.
 """
 
-from workers.features.base import Bar, Candles, Feature, Stepper
+from workers.features.base import FADED, PARITY, Bar, Candles, Feature, Stepper, agree
 from workers.features.featureset import DEFAULT, LIBRARY_VERSION, Engine, FeatureSet
 from workers.features.lookahead import Violation, violations
 
 __all__ = [
     "DEFAULT",
+    "FADED",
     "LIBRARY_VERSION",
+    "PARITY",
     "Bar",
     "Candles",
     "Engine",
@@ -19,5 +21,6 @@ __all__ = [
     "FeatureSet",
     "Stepper",
     "Violation",
+    "agree",
     "violations",
 ]

@@ -1,8 +1,9 @@
 """What every feature is made of: a candle to read, arrays of candles, and the two forms.
 
 A feature is a frozen dataclass whose fields are its parameters. It declares its output
-names and its warm-up (how many candles, the current one included, it needs before its
-values mean anything), and it carries both forms of one definition side by side:
+names, its warm-up (how many candles, the current one included, it needs before its
+values mean anything) and its memory (after how many candles what came before them no
+longer shows in its values), and it carries both forms of one definition side by side:
 
 - ``stepper()``: an incremental state that takes one candle at a time in O(1);
 - ``batch(candles)``: the same values for a whole array of candles at once.
@@ -15,13 +16,44 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterable
-from typing import Any, ClassVar, Protocol, Self
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Final, Protocol, Self
 
 import numpy as np
 from numpy.typing import NDArray
 
 Array = NDArray[np.float64]
+
+PARITY: Final = 1e-9
+"""How far two computations of the same value may differ by rounding alone (the stepped
+and batch forms, or two engines that started at different candles once past their
+memory): ``PARITY`` of the value, or absolute below 1."""
+FADED: Final = 1e-12
+"""The weight below which what came before a feature's memory counts as gone."""
+
+
+def agree(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Values equal to ``PARITY`` (NaN with NaN, an infinity with itself)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x == y or (x != x and y != y):
+            continue
+        if not abs(x - y) <= PARITY * max(1.0, abs(x), abs(y)):
+            return False
+    return True
+
+
+def fading(b: float, weight: float = FADED) -> int:
+    """Steps of ``avg = b * avg + ...`` after which the average's start weighs below
+    ``weight``: the smallest k with ``b ** k < weight``."""
+    k = max(1, math.ceil(math.log(weight) / math.log(b)))
+    while b**k >= weight:
+        k += 1
+    while k > 1 and b ** (k - 1) < weight:
+        k -= 1
+    return k
 
 
 class Bar(Protocol):
@@ -136,6 +168,14 @@ class Feature(abc.ABC):
     @abc.abstractmethod
     def warmup(self) -> int:
         """Candles needed, the current one included, before the values are valid."""
+
+    @property
+    def memory(self) -> int:
+        """Candles after which its values no longer depend on the state it had before them
+        (two steppers in any states, fed the same candles, agree to rounding, and to
+        ``FADED`` of how far apart they started): its warm-up for a feature of a window;
+        more for one that smooths recursively and so remembers every candle, fading."""
+        return self.warmup
 
     @abc.abstractmethod
     def stepper(self) -> Stepper: ...

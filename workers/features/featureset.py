@@ -36,6 +36,11 @@ class FeatureSet:
     names: tuple[str, ...] = field(init=False)
     warmup: int = field(init=False)
     """Candles a series needs before every feature is valid."""
+    memory: int = field(init=False)
+    """Candles after which every feature's values no longer depend on what came before
+    them (to rounding, and ``FADED`` of the state they started from): an engine started
+    that many candles before another's values agrees with an engine started at the
+    series' first candle to ``PARITY`` (``agree``)."""
     id: str = field(init=False)
     """``fs-`` and 16 hex digits of a hash of kinds, parameters, names and library version."""
 
@@ -45,6 +50,7 @@ class FeatureSet:
             raise ValueError(f"feature names repeat: {names}")
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "warmup", max((f.warmup for f in self.features), default=1))
+        object.__setattr__(self, "memory", max((f.memory for f in self.features), default=1))
         object.__setattr__(self, "id", f"fs-{self.digest()[:16]}")
 
     def describe(self) -> dict[str, object]:

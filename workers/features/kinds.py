@@ -9,6 +9,9 @@ Conventions shared by every definition here:
   then ``avg = (1 - 1/period) * avg + x / period``;
 - MACD's EMAs use ``alpha = 2 / (span + 1)`` seeded with the first value (pandas'
   ``ewm(span=..., adjust=False)``);
+- these smoothings remember every candle, fading by ``1 - 1/period`` (``1 - alpha``) a
+  candle: their ``memory`` is how many candles it takes for their start to weigh below
+  ``FADED`` (``fading``);
 - a ratio whose denominator is zero, or below ``FLAT`` times the price level (a flat
   window), is 0;
 - a log return whose ratio underflows to 0 (a price next to nothing) is -inf, as numpy
@@ -28,7 +31,17 @@ from typing import ClassVar
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from workers.features.base import Array, Bar, Candles, Feature, Stepper, empty, linear_scan
+from workers.features.base import (
+    FADED,
+    Array,
+    Bar,
+    Candles,
+    Feature,
+    Stepper,
+    empty,
+    fading,
+    linear_scan,
+)
 
 NAN = math.nan
 TAU = 2.0 * math.pi
@@ -452,6 +465,11 @@ class Rsi(Feature):
     def warmup(self) -> int:
         return self.period + 1
 
+    @property
+    def memory(self) -> int:
+        """Its warm-up seeds the average; then the state before fades by ``1 - 1/period``."""
+        return self.warmup + fading(1.0 - 1.0 / self.period)
+
     def stepper(self) -> Stepper:
         return _RsiStep(self.period)
 
@@ -545,6 +563,11 @@ class Atr(Feature):
     def warmup(self) -> int:
         return self.period + 1
 
+    @property
+    def memory(self) -> int:
+        """Its warm-up seeds the average; then the state before fades by ``1 - 1/period``."""
+        return self.warmup + fading(1.0 - 1.0 / self.period)
+
     def stepper(self) -> Stepper:
         return _AtrFeatureStep(self.period)
 
@@ -582,6 +605,11 @@ class SpreadAtr(Feature):
     @property
     def warmup(self) -> int:
         return self.period + 1
+
+    @property
+    def memory(self) -> int:
+        """Its warm-up seeds the average; then the state before fades by ``1 - 1/period``."""
+        return self.warmup + fading(1.0 - 1.0 / self.period)
 
     def stepper(self) -> Stepper:
         return _SpreadAtrStep(self.period)
@@ -641,6 +669,19 @@ class Macd(Feature):
     @property
     def warmup(self) -> int:
         return self.slow + self.signal - 1
+
+    @property
+    def memory(self) -> int:
+        """The first candle seeds the EMAs. What the fast and slow EMAs started from fades
+        by the slower of their factors; the signal EMA's own start by its factor, and what
+        the MACD brought into it over the first of these spans by its factor over the
+        second: each span takes its start to half of ``FADED``, so that the state before
+        weighs below ``FADED`` in every value after both."""
+        slowest = 1.0 - 2.0 / (max(self.fast, self.slow) + 1)
+        return max(
+            self.warmup,
+            1 + fading(slowest, FADED / 2) + fading(1.0 - 2.0 / (self.signal + 1), FADED / 2),
+        )
 
     def stepper(self) -> Stepper:
         return _MacdStep(self.fast, self.slow, self.signal, self.warmup)

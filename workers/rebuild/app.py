@@ -75,7 +75,8 @@ class Report:
     no_model: list[str] = field(default_factory=list)
     """Series without a usable active model (their scores are not rebuilt)."""
     short_history: list[str] = field(default_factory=list)
-    """Series whose start CANDLES no longer holds (nothing of theirs is rebuilt)."""
+    """Series whose start CANDLES no longer holds, nor the feature set's memory of candles
+    before T1 (nothing of theirs is rebuilt)."""
 
     def lines(self) -> list[str]:
         out = [
@@ -177,7 +178,8 @@ class Rebuild:
         ]
         # feature-builder's state goes back to each series' first candle (its snapshot
         # outlives the stream's age); what was read does only if the stream has lost none
-        # of its first messages by now. Which series they held is not known: none is whole.
+        # of its first messages by now. Which series they held is not known: none is whole,
+        # and each must have the feature set's memory of candles before T1 (``plan``).
         stream = streams.stream_name(streams.CANDLES, namespace=self.ns)
         whole = (await self.ctx.js.stream_info(stream)).state.first_seq <= 1
         stored = await self._stored(
@@ -187,7 +189,10 @@ class Rebuild:
             candles, stored, self.req, DEFAULT, self.settings.revision_depth, lambda _: whole
         )
         self.left_out.update(result.left_out)
-        self.report.short_history += [f"{f} {s} {tf.value}" for f, s, tf in result.left_out]
+        self.report.short_history += [
+            f"{f} {s} {tf.value} ({result.held_before[f, s, tf]} candles, {DEFAULT.memory} needed)"
+            for f, s, tf in result.left_out
+        ]
         await self._publish(FEATURES, result, subjects.features)
         return result.current
 

@@ -10,11 +10,15 @@ second rebuild that computes the same values publishes nothing.
 - **features**: every candle of a series from the stream's first one, in stream order,
   through the feature-builder's ``Builder``; the state before the range is warmed by the
   same candles the live worker saw, and the last vector of each candle of the range is
-  what the live worker would publish now. That holds only while the stream has every
-  candle the series ever had: feature-builder's state outlives the stream's age (its
-  snapshot), so once a series' first candles are gone its vectors would be warmed from
-  fewer candles than the live ones (still warming up, or EMAs drifting) and differ for that
-  alone. Such a series is left out (nor are its scores or signals rebuilt).
+  what the live worker would publish now. feature-builder's state outlives the stream's
+  age (its snapshot): its vectors come from the series' whole history. A series is
+  recomputed when the stream still has every candle it ever had, or at least the feature
+  set's ``memory`` of its candles before the range: then every feature is past its warm-up
+  and what came before weighs below ``FADED`` (RSI, ATR and MACD remember every candle,
+  fading), so the vectors equal the live ones but for rounding, and are taken as the same
+  when their values ``agree`` (to ``PARITY``; flags, ids and the rest exactly). With fewer,
+  its vectors would be warmed from too little (still warming up, or EMAs drifting) and
+  differ for that alone: the series is left out (nor are its scores or signals rebuilt).
 - **scores**: the latest vector of each candle of the range (the rebuilt one when features
   are rebuilt too) by the active model of its series, as model-scorer scores.
 - **signals**: the policy's decisions over every series' scores from its first one, the
@@ -38,7 +42,7 @@ from contracts import subjects
 from contracts.messages import Candle, FeatureVector, Score, Side, Signal, Timeframe
 from workers.feature_builder.state import Builder
 from workers.feature_builder.state import message_id as vector_id
-from workers.features import FeatureSet
+from workers.features import FeatureSet, agree
 from workers.model_scorer import scoring
 from workers.model_scorer.scoring import Model
 from workers.signal_publisher.policy import Policy, State, decide, make_signal, signal_id
@@ -233,14 +237,32 @@ class Result(Generic[M]):
     unchanged: int = 0
     left_out: list[Series] = field(default_factory=list)
     """Series of the range the stage cannot recompute: nothing is published for them."""
+    held_before: dict[Series, int] = field(default_factory=dict)
+    """Features: candles of each series of the range the stream holds before it."""
 
 
-def _emit(result: Result[M], message: M, held: M | None, generation: int, pipeline_id: str) -> None:
-    if held is not None and same(held, message):
+def alike(a: FeatureVector, b: FeatureVector) -> bool:
+    """The same but for rounding: values that ``agree``, everything else equal (``same``)."""
+    return agree(a.values, b.values) and same(
+        msgspec.structs.replace(a, values=[]), msgspec.structs.replace(b, values=[])
+    )
+
+
+def _emit(
+    result: Result[M],
+    message: M,
+    held: M | None,
+    generation: int,
+    pipeline_id: str,
+    equal: Callable[[M, M], bool] = same,
+) -> bool:
+    """Publish ``message`` unless ``held`` is ``equal`` to it; False when it is."""
+    if held is not None and equal(held, message):
         result.unchanged += 1
-        return
+        return False
     out = msgspec.structs.replace(message, rebuild=generation)
     result.publish.append(Out(out, rebuild_id(pipeline_id, generation)))
+    return True
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -255,21 +277,50 @@ def features(
     whole: Callable[[Series], bool],
 ) -> Result[FeatureVector]:
     """Vectors of the range from ``(subject, candle)`` in stream order, from the first.
-    A series ``whole`` does not know the candles to hold from its start is left out."""
+
+    A series ``whole`` says the stream holds from its first candle is compared exactly; one
+    with at least ``fs.memory`` candles before the range, by ``alike``, and where its vector
+    is alike the stream's that one stays in force (``current``, for the scores); any other
+    is left out."""
     builder = Builder(fs, depth)
     result: Result[FeatureVector] = Result()
+    before: dict[Series, set[int]] = {}
+    ranged: dict[Series, None] = {}
+    """Series with a candle in the range, in the order they came."""
     for subject, c in candles:
         series = (c.feed, c.symbol, c.tf)
-        if not whole(series):
-            if series not in result.left_out and req.covers(c.open_time_ms):
-                result.left_out.append(series)
-            continue
+        covered = req.covers(c.open_time_ms)
+        if covered:
+            ranged[series] = None
         v = builder.apply(c, subject)
-        if isinstance(v, FeatureVector) and req.covers(c.open_time_ms):
+        if not isinstance(v, FeatureVector):
+            continue
+        if covered:
             result.current[candle_key(v)] = v
-    for v in result.current.values():
+        elif c.open_time_ms < req.start_ms:
+            before.setdefault(series, set()).add(c.open_time_ms)
+    tolerant: set[Series] = set()
+    for series in ranged:
+        result.held_before[series] = len(before.get(series, ()))
+        if whole(series):
+            continue
+        if result.held_before[series] >= fs.memory:
+            tolerant.add(series)
+        else:
+            result.left_out.append(series)
+    left_out = set(result.left_out)
+    for ck in list(result.current):
+        series = ck[:3]
+        if series in left_out:
+            del result.current[ck]
+            continue
+        v = result.current[ck]
         key = feature_key(v)
-        _emit(result, v, stored.get(key), stored.next_generation(key), vector_id(v))
+        held = stored.get(key)
+        equal = alike if series in tolerant else same
+        if not _emit(result, v, held, stored.next_generation(key), vector_id(v), equal):
+            assert held is not None
+            result.current[ck] = msgspec.structs.replace(held, rebuild=0)
     return result
 
 
