@@ -17,17 +17,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from db.queries import query
-from workers.features import Candles, FeatureSet, violations
+from workers.features import DEFAULT, Candles, FeatureSet, violations
 from workers.features.base import Array
 from workers.trainer import labels
 
 LOOKAHEAD_CANDLES = 3000
 """The look-ahead check runs on the last this many candles (it steps them one at a time)."""
-WARM_UP_CANDLES = 500
+WARM_UP_CANDLES = DEFAULT.memory
 """Candles read before a training window: RSI, ATR and MACD remember every candle before
-theirs, fading by (1 - 1/14) and (1 - 2/27) a candle; after this many what the window's
-start changes is below 1e-9 of a value, so the rows equal what feature-builder serves from
-its whole history."""
+theirs; after the feature set's memory what the window's start changes weighs below 1e-12,
+so the rows equal what feature-builder serves from its whole history."""
 
 
 class DatasetError(ValueError):
