@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,14 +74,18 @@ def test_delegated_subcommands_receive_their_options(tmp_path) -> None:
         (("models", "list"), 2),
         (("dlq", "list"), 2),
         (("rebuild", "--from", "2025-03-03", "--stages", "scores"), 1),
+        (("import", "mt5-ticks", "{ticks}", "--feed", "f", "--symbol", "EURUSD"), 1),
     ],
     ids=lambda a: " ".join(a) if isinstance(a, tuple) else str(a),
 )
 def test_a_command_gives_up_on_nats_out_of_reach_with_one_line(
-    args: tuple[str, ...], code: int
+    args: tuple[str, ...], code: int, tmp_path: Path
 ) -> None:
     """A command is not a worker: it does not retry for ever on a wrong URL or a server
     down, it says so in one line."""
+    ticks = tmp_path / "ticks.csv"
+    ticks.write_text("<DATE>\t<TIME>\t<BID>\t<ASK>\n2025.03.03\t10:00:00.000\t1.1\t1.2\n")
+    args = tuple(str(ticks) if a == "{ticks}" else a for a in args)
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"nats://127.0.0.1:{s.getsockname()[1]}"

@@ -42,19 +42,17 @@ from contracts.messages import Bar, TickBatch, TickRow, Timeframe
 from contracts.streams import TICKS, ensure, stream_name, stream_specs
 from workers.candle_ingest import mt5_csv
 from workers.candle_ingest.mt5_csv import HeaderError, ParseError
-from workers.runtime.connection import connect
+from workers.runtime.connection import connect_once
 from workers.runtime.publish import MSG_ID
 from workers.runtime.settings import RuntimeSettings, load
 
 MAX_REPORTED: Final = 20
 """Malformed lines printed one by one; the rest are only counted."""
 RESUME: Final = (
-    "; running the same import again is safe: the stream drops what it already stored "
-    "within its duplicate window"
+    "; running the same import again within 10 minutes is safe: the stream drops what it"
+    " already stored within its duplicate window (later, ticks stored twice count twice)"
 )
 """Said after a publish failure: the ids make a repeated import safe."""
-CONNECT_ATTEMPTS: Final = 3
-"""The first connection is given this many times TICKWIRE_NATS_CONNECT_TIMEOUT_S."""
 MAX_BATCH: Final = 5000
 """Ticks per message at most: ~130 bytes of JSON each stays well under the 1 MiB limit."""
 
@@ -433,13 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)
 
     async def run() -> None:
-        # The shared connect() retries forever, as a worker should; an import gives up.
-        deadline = CONNECT_ATTEMPTS * settings.nats_connect_timeout_s
         try:
-            nc = await asyncio.wait_for(connect(settings, name="tickwire-import"), deadline)
-        except Exception as exc:
+            nc = await connect_once(settings, "tickwire-import")
+        except (TimeoutError, OSError) as exc:
             raise ImportFailed(
-                f"cannot connect to NATS at {settings.nats_url} within {deadline:g} s: {exc!r}"
+                f"NATS at {settings.nats_url} did not answer: {exc or 'timed out'}"
             ) from None
         try:
             js = nc.jetstream(publish_async_max_pending=args.window)
