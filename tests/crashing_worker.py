@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -109,6 +112,22 @@ async def window_gone_by(js: JetStreamContext, name: str, window: float) -> None
         await eventually(closed, timeout=10 * window + 10, what="the duplicate window closed")
     finally:
         await js.delete_stream(name)
+
+
+async def killed_after_its_first_publish(
+    worker: str, env: dict[str, str], log: Path, prefix: str
+) -> None:
+    """Run ``worker`` as a process until it has SIGKILLed itself, once JetStream stored its
+    first publish on a subject under ``prefix``."""
+    from tests.processes import spawn, tail
+
+    killed = spawn(worker, {**env, "TICKWIRE_TEST_KILLED_AFTER": prefix}, log, module=CRASHING)
+    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+
+
+def doubled(messages: list[tuple[str, bytes]]) -> list[str]:
+    """The message ids stored more than once among ``(Nats-Msg-Id, payload)`` pairs."""
+    return [i for i, n in Counter(msg_id for msg_id, _ in messages).items() if n > 1]
 
 
 async def stored_messages(js: JetStreamContext, stream: str) -> list[tuple[str, bytes]]:

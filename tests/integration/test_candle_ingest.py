@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,14 @@ from contracts.messages import Candle, DeadLetter, Timeframe
 from db.questdb import query, wait_for_wal
 from infra.stack import QuestDBUrls, StackUrls
 from tests import market, reference
-from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
+from tests.crashing_worker import (
+    CRASHING,
+    doubled,
+    killed_after_its_first_publish,
+    shorten_windows,
+    stored_messages,
+    window_gone_by,
+)
 from tests.faults import fails_first, losing_source
 from tests.processes import running, spawn, spawn_started, tail, worker_env
 from tests.waiting import eventually
@@ -1226,10 +1232,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_candle_twice(
     )
     log = tmp_path / "candle-ingest.log"
     candles = subjects.wildcard(subjects.CANDLES, namespace=namespace).split("*")[0]
-    killed = spawn(
-        "candle-ingest", {**env, "TICKWIRE_TEST_KILLED_AFTER": candles}, log, module=CRASHING
-    )
-    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    await killed_after_its_first_publish("candle-ingest", env, log, candles)
     output = streams.stream_name(streams.CANDLES, namespace=namespace)
     ticks = streams.stream_name(streams.TICKS, namespace=namespace)
     before = await stored_messages(js, output)
@@ -1245,6 +1248,6 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_candle_twice(
         proc.terminate()
         proc.wait(timeout=60)
     got = await stored_messages(js, output)
-    assert [i for i, n in Counter(msg_id for msg_id, _ in got).items() if n > 1] == []
+    assert doubled(got) == []
     want, _ = await candles_equal_the_reference(js, namespace, sc)
     assert len(await questdb_rows(questdb, namespace)) == len(want)

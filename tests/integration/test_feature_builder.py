@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,9 +25,16 @@ from contracts import streams, subjects
 from contracts.messages import Candle, DeadLetter, FeatureVector, Timeframe
 from infra.stack import StackUrls
 from tests.candles import series
-from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
+from tests.crashing_worker import (
+    CRASHING,
+    doubled,
+    killed_after_its_first_publish,
+    shorten_windows,
+    stored_messages,
+    window_gone_by,
+)
 from tests.faults import fails_first
-from tests.processes import running, spawn, spawn_started, tail, worker_env
+from tests.processes import running, spawn, spawn_started, worker_env
 from tests.waiting import eventually
 from workers.feature_builder import app
 from workers.feature_builder.app import Features, Settings, bucket_name, build
@@ -545,8 +551,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_vector_twice(
     )
     log = tmp_path / "feature-builder.log"
     features = subjects.features(*KEY, namespace=namespace)
-    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": features}, log, module=CRASHING)
-    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    await killed_after_its_first_publish(DURABLE, env, log, features)
     output = streams.stream_name(streams.FEATURES, namespace=namespace)
     before = await stored_messages(js, output)
     info = await js.consumer_info(
@@ -563,8 +568,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_vector_twice(
         proc.terminate()
         proc.wait(timeout=60)
     got = await stored_messages(js, output)
-    ids = Counter(msg_id for msg_id, _ in got)
-    assert [i for i, n in ids.items() if n > 1] == []
+    assert doubled(got) == []
     decode = msgspec.json.Decoder(FeatureVector).decode
     keys = [(v.symbol, v.open_time_ms, v.candle_revision) for v in (decode(d) for _, d in got)]
     assert sorted(keys) == sorted((c.symbol, c.open_time_ms, c.revision) for c in candles)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,9 +24,16 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, FeatureVector, Score, Timeframe
 from infra.stack import StackUrls
-from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
+from tests.crashing_worker import (
+    CRASHING,
+    doubled,
+    killed_after_its_first_publish,
+    shorten_windows,
+    stored_messages,
+    window_gone_by,
+)
 from tests.integration.test_feature_builder import run_worker, stream_messages
-from tests.processes import running, spawn, spawn_started, tail, worker_env
+from tests.processes import running, spawn, spawn_started, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer import models as models_module
@@ -422,8 +428,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_score_twice(
     )
     log = tmp_path / "model-scorer.log"
     prefix = subjects.wildcard(subjects.SCORES, namespace=namespace).split("*")[0]
-    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": prefix}, log, module=CRASHING)
-    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    await killed_after_its_first_publish(DURABLE, env, log, prefix)
     output = streams.stream_name(streams.SCORES, namespace=namespace)
     features = streams.stream_name(streams.FEATURES, namespace=namespace)
     before = await stored_messages(js, output)
@@ -448,8 +453,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_score_twice(
         proc.terminate()
         proc.wait(timeout=60)
     got = await stored_messages(js, output)
-    ids = Counter(msg_id for msg_id, _ in got)
-    assert [i for i, n in ids.items() if n > 1] == []
+    assert doubled(got) == []
     scores = [msgspec.json.decode(p, type=Score) for _, p in got]
     assert check_scores(scores, items, boosters, version_of) == []
 

@@ -25,9 +25,16 @@ from nats.js.errors import APIError
 from contracts import streams, subjects
 from contracts.messages import DeadLetter, Score, Side, Signal, Timeframe
 from infra.stack import StackUrls
-from tests.crashing_worker import CRASHING, shorten_windows, stored_messages, window_gone_by
+from tests.crashing_worker import (
+    CRASHING,
+    doubled,
+    killed_after_its_first_publish,
+    shorten_windows,
+    stored_messages,
+    window_gone_by,
+)
 from tests.faults import fails_first
-from tests.processes import running, spawn, spawn_started, tail, worker_env
+from tests.processes import running, spawn, spawn_started, worker_env
 from tests.waiting import eventually
 from workers.runtime.errors import TransientError
 from workers.signal_publisher.app import Settings, Signals, build
@@ -644,8 +651,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_signal_twice(
     )
     log = tmp_path / "signal-publisher.log"
     signals = subjects.wildcard(subjects.SIGNALS, namespace=namespace).split("*")[0]
-    killed = spawn(DURABLE, {**env, "TICKWIRE_TEST_KILLED_AFTER": signals}, log, module=CRASHING)
-    assert await asyncio.to_thread(killed.wait, 120) == -signal.SIGKILL, tail(log)
+    await killed_after_its_first_publish(DURABLE, env, log, signals)
     output = streams.stream_name(streams.SIGNALS, namespace=namespace)
     before = await stored_messages(js, output)
     info = await js.consumer_info(streams.stream_name(streams.SCORES, namespace=namespace), DURABLE)
@@ -662,8 +668,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_signal_twice(
         proc.terminate()
         proc.wait(timeout=60)
     got = await stored_messages(js, output)
-    ids = Counter(msg_id for msg_id, _ in got)
-    assert [i for i, n in ids.items() if n > 1] == []
+    assert doubled(got) == []
     told = [msgspec.json.decode(p, type=Signal) for _, p in got]
     assert sorted((s.symbol, s.open_time_ms, s.side.value) for s in told) == sorted(want)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, NamedTuple
 
 import msgspec
@@ -272,6 +272,23 @@ async def stored_already(
     one of ``messages``, that one and those before it on the subject are stored, and the
     rest are not. One lookup per subject, at start-up only: the hot path pays nothing.
     """
+
+    async def look(subject: str, places: list[int]) -> set[int]:
+        last = await _last_id(js, stream, subject)
+        ids = [messages[i].msg_id for i in places]
+        if last is None or last not in ids:
+            return set()
+        return set(places[: len(ids) - ids[::-1].index(last)])
+
+    return await _per_subject(messages, look)
+
+
+async def _per_subject(
+    messages: Sequence[Outgoing],
+    look: Callable[[str, list[int]], Awaitable[set[int]]],
+) -> set[int]:
+    """``look(subject, places)`` for the places in ``messages`` of each subject, a few
+    subjects at once; the union of what each says is stored."""
     on: dict[str, list[int]] = {}
     for i, m in enumerate(messages):
         on.setdefault(m.subject, []).append(i)
@@ -279,15 +296,8 @@ async def stored_already(
     stored: set[int] = set()
     for at in range(0, len(names), LOOKUPS_AT_ONCE):
         chunk = names[at : at + LOOKUPS_AT_ONCE]
-        lasts = await asyncio.gather(*(_last_id(js, stream, s) for s in chunk))
-        for subject, last in zip(chunk, lasts, strict=True):
-            if last is None:
-                continue
-            places = on[subject]
-            ids = [messages[i].msg_id for i in places]
-            if last in ids:
-                upto = len(ids) - ids[::-1].index(last)
-                stored.update(places[:upto])
+        for found in await asyncio.gather(*(look(s, on[s]) for s in chunk)):
+            stored |= found
     return stored
 
 
@@ -314,29 +324,14 @@ async def stored_since(
     on it is found or the stream ends. The cost is one request per message on the subject
     since then, paid for redelivered input only.
     """
-    on: dict[str, list[int]] = {}
-    for i, m in enumerate(messages):
-        on.setdefault(m.subject, []).append(i)
-    names = list(on)
-    stored: set[int] = set()
-    for at in range(0, len(names), LOOKUPS_AT_ONCE):
-        chunk = names[at : at + LOOKUPS_AT_ONCE]
-        found = await asyncio.gather(
-            *(
-                _ids_since(
-                    nc,
-                    stream,
-                    subject,
-                    min(since_ns[i] for i in on[subject]) - CLOCK_SKEW_NS,
-                    {messages[i].msg_id for i in on[subject]},
-                    timeout_s,
-                )
-                for subject in chunk
-            )
-        )
-        for subject, ids in zip(chunk, found, strict=True):
-            stored.update(i for i in on[subject] if messages[i].msg_id in ids)
-    return stored
+
+    async def look(subject: str, places: list[int]) -> set[int]:
+        since = min(since_ns[i] for i in places) - CLOCK_SKEW_NS
+        wanted = {messages[i].msg_id for i in places}
+        ids = await _ids_since(nc, stream, subject, since, wanted, timeout_s)
+        return {i for i in places if messages[i].msg_id in ids}
+
+    return await _per_subject(messages, look)
 
 
 async def _ids_since(
