@@ -464,24 +464,22 @@ class Aggregator:
                 a_first, a_last = b.a_first, b.a_last
                 op, hi, lo, cl = b.a_op, b.a_hi, b.a_lo, b.a_cl
                 cnt, vol, ssum, smax = b.a_n, b.a_vol, b.a_ssum, b.a_smax
-                wm, nxt, max_seq = b.wm, b.next_event, b.max_seq
-                floor = wm - late
+                wm, max_seq = b.wm, b.max_seq
+                # nothing falls due before this: the accumulator's end, a close, a fold
+                stop = a_close if a_close < b.next_event else b.next_event
                 j = i
                 while j < n:
                     t = rows[j]
                     tm, bid, ask = t.time_ms, t.bid, t.ask
                     last, volume, seq = t.last, t.volume, t.seq
-                    if not (0.0 < bid < top and 0.0 < ask < top) or bid > ask or tm > limit:
+                    # every check first: a row that breaks off has changed nothing
+                    if not 0.0 < bid <= ask < top or tm > limit:
                         break
                     if last and not 0.0 < last < top:  # 0: none (MT5's word for it)
                         break
                     if volume is not None and not 0.0 <= volume < top:
                         break
-                    if not a_open <= tm < a_close or tm < floor:
-                        break
                     if seq is not None and seq != max_seq + 1:
-                        break
-                    if tm > wm and tm >= nxt:
                         break
                     if kind == 0:
                         price = bid
@@ -491,33 +489,36 @@ class Aggregator:
                         break
                     else:
                         price = last
-                    if seq is not None:
-                        max_seq = seq
-                    if tm >= a_last:
+                    if tm > wm:  # in order: the accumulator holds the watermark
+                        if tm >= stop:
+                            break
+                        wm = a_last = tm
+                        cl = price
+                    elif tm < a_open or tm < wm - late:
+                        break
+                    elif tm >= a_last:
                         a_last = tm
                         cl = price
                     elif tm < a_first:
                         a_first = tm
                         op = price
+                    if seq is not None:
+                        max_seq = seq
                     if price > hi:
                         hi = price
                     elif price < lo:
                         lo = price
-                    cnt += 1
                     if volume is not None:
                         vol += volume
                     spread = ask - bid
                     ssum += spread
                     if spread > smax:
                         smax = spread
-                    if tm > wm:
-                        wm = tm
-                        floor = wm - late
                     j += 1
                 if j > i:
                     b.a_first, b.a_last = a_first, a_last
                     b.a_op, b.a_hi, b.a_lo, b.a_cl = op, hi, lo, cl
-                    b.a_n, b.a_vol, b.a_ssum, b.a_smax = cnt, vol, ssum, smax
+                    b.a_n, b.a_vol, b.a_ssum, b.a_smax = cnt + j - i, vol, ssum, smax
                     b.wm, b.max_seq = wm, max_seq
                     accepted += j - i
                     i = j
