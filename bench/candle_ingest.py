@@ -17,7 +17,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -26,7 +25,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure, best_in_turn
+from bench.report import Figure, best_in_turn, counted
 from contracts import streams, subjects
 from contracts.messages import Tick, TickBatch, TickRow
 from infra.stack import StackUrls
@@ -108,16 +107,12 @@ async def _worker(urls: StackUrls, ns: str, ticks: int) -> float:
     worker = build(_settings(urls, ns))
     task = asyncio.create_task(worker.run())
     await worker.started.wait()
-    t0 = time.perf_counter()
-    registry = worker.metrics.registry
-    while True:
-        accepted = registry.get_sample_value(
-            "tickwire_ticks_in_total", {"worker": "candle-ingest", "outcome": "accepted"}
-        )
-        if (accepted or 0) >= ticks:
-            break
-        await asyncio.sleep(0.02)  # polling a counter to time a run, not synchronising a test
-    elapsed = time.perf_counter() - t0
+    elapsed = await counted(
+        worker.metrics.registry,
+        "tickwire_ticks_in_total",
+        {"worker": "candle-ingest", "outcome": "accepted"},
+        ticks,
+    )
     worker.stop()
     await task
     return ticks / elapsed

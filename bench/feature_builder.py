@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from bench import bare, partitioned
-from bench.report import Figure, best_in_turn
+from bench.report import Figure, best_in_turn, counted
 from contracts import streams, subjects
 from contracts.messages import Candle, Timeframe
 from infra.stack import StackUrls
@@ -100,14 +100,8 @@ async def _worker(urls: StackUrls, ns: str, messages: int) -> float:
     worker = build(Settings(nats_url=urls.nats_url, namespace=ns, metrics_port=0))
     task = asyncio.create_task(worker.run())
     await worker.started.wait()
-    t0 = time.perf_counter()
-    registry = worker.metrics.registry
     labels = {"worker": worker.name, "outcome": "ok"}
-    while True:
-        if (registry.get_sample_value("tickwire_messages_in_total", labels) or 0) >= messages:
-            break
-        await asyncio.sleep(0.02)  # polling a counter to time a run, not synchronising a test
-    elapsed = time.perf_counter() - t0
+    elapsed = await counted(worker.metrics.registry, "tickwire_messages_in_total", labels, messages)
     worker.stop()
     await task
     return messages / elapsed

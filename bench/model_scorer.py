@@ -24,7 +24,7 @@ import nats
 import numpy as np
 from tqdm import tqdm
 
-from bench.report import Figure
+from bench.report import Figure, counted
 from contracts import streams, subjects
 from contracts.codec import encode
 from contracts.messages import FeatureVector, Timeframe
@@ -113,12 +113,11 @@ async def _measure(urls: StackUrls, symbols: int, per_symbol: int) -> dict[str, 
         worker = build(Settings(nats_url=urls.nats_url, namespace=NS, handler_batch=BATCH))
         task = asyncio.create_task(worker.run())
         await worker.started.wait()
-        t0 = time.perf_counter()
         labels = {"worker": worker.name, "outcome": "ok"}
-        sample = worker.metrics.registry.get_sample_value
-        while (sample("tickwire_messages_in_total", labels) or 0) < len(items):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # polling a counter to time a run
-        result["end_to_end"] = len(items) / (time.perf_counter() - t0)
+        elapsed = await counted(
+            worker.metrics.registry, "tickwire_messages_in_total", labels, len(items)
+        )
+        result["end_to_end"] = len(items) / elapsed
 
         # one at a time: the next vector of the same series, the score on a plain subscription
         single = vectors(FEED, "SYM000", Timeframe.M1, 1000, seed=0, start=per_symbol)

@@ -6,12 +6,15 @@ seconds earlier on the same machine is the figure that means something.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -59,6 +62,22 @@ class Figure:
         if self.limit is not None:
             parts.append(f"<= {self.limit:,.0f} {self.unit}")
         return " and ".join(parts) or "-"
+
+
+async def counted(
+    registry: CollectorRegistry, name: str, labels: dict[str, str], at_least: float
+) -> float:
+    """Seconds until the sample ``name{labels}`` of a worker in this process reaches
+    ``at_least``. Only that metric is collected at each look (every 20 ms): collecting the
+    whole registry would take worker time the bare consumer does not spend."""
+    only = registry.restricted_registry([name])
+    t0 = time.perf_counter()
+    while True:
+        for metric in only.collect():
+            for sample in metric.samples:
+                if sample.name == name and sample.labels == labels and sample.value >= at_least:
+                    return time.perf_counter() - t0
+        await asyncio.sleep(0.02)  # polling a counter to time a run, not synchronising a test
 
 
 async def median_rate(n: int, run: Callable[[], Awaitable[float]], repeats: int) -> float:
