@@ -24,6 +24,11 @@ from workers.registry import RegistryError, active_key, bucket_name, should_prom
         ({"auc": 0.55}, {"logloss": 0.5}, "auc", 0.0, True),  # active cannot be compared
         ({"logloss": 0.5}, {"auc": 0.6}, "auc", 0.0, False),  # candidate cannot be compared
         ({"auc": math.nan}, {"auc": 0.6}, "auc", 0.0, False),
+        # no better than chance: never, whatever is active
+        ({"auc": 0.5}, None, "auc", 0.0, False),
+        ({"auc": 0.47}, {"logloss": 0.5}, "auc", 0.0, False),
+        ({"auc": 0.48}, {"auc": 0.40}, "auc", 0.0, False),
+        ({"auc": 0.501}, None, "auc", 0.0, True),
     ],
 )
 def test_gate_decides_on_the_gain(
@@ -37,7 +42,9 @@ def test_gate_decides_on_the_gain(
     assert ok is promote
     assert reason
     assert "\n" not in reason
-    if active is not None and metric in active and math.isfinite(candidate.get(metric, math.nan)):
+    if metric == "auc" and candidate.get(metric, 1.0) <= 0.5:
+        assert "no better than chance" in reason
+    elif active is not None and metric in active and math.isfinite(candidate.get(metric, math.nan)):
         assert f"{metric}={candidate[metric]:.6g} vs active {active[metric]:.6g}" in reason
 
 

@@ -12,6 +12,9 @@ from typing import Final
 
 LOWER_IS_BETTER: Final = frozenset({"logloss", "log_loss", "brier", "max_drawdown"})
 """Metrics where smaller is better; every other metric is better when larger."""
+CHANCE: Final = {"auc": 0.5}
+"""What a model that ranks no better than a coin scores: a candidate must beat it, whatever
+the active model scores (or when there is none), to be promoted without force."""
 
 
 def should_promote(
@@ -23,7 +26,8 @@ def should_promote(
 ) -> tuple[bool, str]:
     """Whether the candidate beats the active model by more than ``min_gain`` on ``metric``.
 
-    Returns the decision and a one-line reason. No active model: promote. A metric that is
+    Returns the decision and a one-line reason. A candidate no better than chance on the
+    metric (``CHANCE``) is refused. Otherwise, no active model: promote. A metric that is
     missing or not finite on the candidate refuses; on the active model only, promotes (the
     active model cannot be shown to be better).
     """
@@ -32,6 +36,9 @@ def should_promote(
     candidate = candidate_metrics.get(metric)
     if candidate is None or not math.isfinite(candidate):
         return False, f"candidate has no finite {metric} (got {candidate!r})"
+    chance = CHANCE.get(metric)
+    if chance is not None and candidate <= chance:
+        return False, f"candidate {metric}={candidate:.6g} is no better than chance ({chance:g})"
     if active_metrics is None:
         return True, f"no active model; candidate {metric}={candidate:.6g}"
     active = active_metrics.get(metric)
