@@ -812,7 +812,9 @@ class Worker(Generic[T]):
         if retry:
             m.in_retry.inc(len(retry))
         m.batch_size_w.observe(len(msgs))
-        m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
+        m.pending.labels(self.name, self.stream, self.durable).set(
+            parse_reply(msgs[-1].reply).pending
+        )
         m.processing_w.observe(time.perf_counter() - staged.started)
         return True
 
