@@ -71,6 +71,10 @@ REQUIRED_METRICS = {
     "tickwire_batch_size_bucket",
     "tickwire_up",
     "tickwire_scorer_active_model",
+    "tickwire_replication_lag_seconds",
+    "tickwire_replication_lag_messages",
+    "tickwire_scheduler_runs_total",
+    "tickwire_scheduler_leader",
 }
 
 
