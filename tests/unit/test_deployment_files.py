@@ -533,6 +533,39 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _panel_exprs(title: str) -> list[str]:
+    exprs = [expr for t, expr, _ in _dashboard_targets() if t == title]
+    assert exprs, f"no panel {title!r}"
+    return [e.replace("$worker", ".*") for e in exprs]
+
+
+def test_workers_up_says_down_when_one_instance_of_a_worker_is(tmp_path: Path) -> None:
+    # evaluated by Prometheus' own engine (promtool test rules): two instances of
+    # candle-ingest (partitions), one of them connected but not consuming
+    [expr] = _panel_exprs("Workers up")
+    series = {
+        'tickwire_up{worker="candle-ingest", instance="ci-0:9101"}': "1x5",
+        'tickwire_up{worker="candle-ingest", instance="ci-1:9101"}': "0x5",
+        'tickwire_up{worker="feature-builder", instance="fb-0:9102"}': "1x5",
+    }
+    test = {
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": k, "values": v} for k, v in series.items()],
+            "promql_expr_test": [{"expr": expr, "eval_time": "4m", "exp_samples": [
+                {"labels": '{worker="candle-ingest"}', "value": 0},
+                {"labels": '{worker="feature-builder"}', "value": 1},
+            ]}],
+        }]
+    }  # fmt: skip
+    path = tmp_path / "test.yml"
+    path.write_text(json.dumps(test))
+    done = subprocess.run(
+        [_promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # --- image -------------------------------------------------------------------------------
 
 
