@@ -6,6 +6,7 @@ QUESTDB_VERSION := 9.3.4
 QUESTDB_JAR     := .cache/questdb/questdb-$(QUESTDB_VERSION).jar
 export TICKWIRE_QUESTDB_JAR := $(abspath $(QUESTDB_JAR))
 PROMTOOL        := .cache/prometheus/usr/bin/promtool
+PROMETHEUS      := .cache/prometheus/usr/bin/prometheus
 # a download into the project, which apt's own _apt user may not be able to write into
 APT_DOWNLOAD    := apt-get download -qq -o APT::Sandbox::User=root
 
@@ -43,21 +44,22 @@ setup-tls:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends postgresql; }
 
-# promtool, for the tests that check infra/prometheus.yml and the dashboard's queries: taken
-# out of Debian's prometheus package, not installed (installing would start a Prometheus).
-$(PROMTOOL):
+# promtool and prometheus, for the tests that check infra/prometheus.yml and the dashboard's
+# queries (a real scrape of the workers among them): taken out of Debian's prometheus
+# package, not installed (installing would start a Prometheus).
+$(PROMTOOL) $(PROMETHEUS) &:
 	rm -rf .cache/prometheus && mkdir -p .cache/prometheus
 	cd .cache/prometheus && { $(APT_DOWNLOAD) prometheus || \
 		{ apt-get update -qq && $(APT_DOWNLOAD) prometheus; }; }
 	dpkg-deb --fsys-tarfile .cache/prometheus/prometheus_*.deb | \
-		tar -x -C .cache/prometheus ./usr/bin/promtool
+		tar -x -C .cache/prometheus ./usr/bin/promtool ./usr/bin/prometheus
 	rm .cache/prometheus/prometheus_*.deb
-	test -x $@
+	test -x $(PROMTOOL) && test -x $(PROMETHEUS)
 
 demo: setup
 	$(BIN)/tickwire demo
 
-test: setup setup-tls $(PROMTOOL)
+test: setup setup-tls $(PROMTOOL) $(PROMETHEUS)
 	$(BIN)/python -m pytest
 
 test-unit: setup

@@ -3,7 +3,8 @@ fresh namespace: simulated EA ticks go through, and each worker's /metrics is sc
 
 Counts are checked against what the test itself computes from the ticks it sent (distinct
 minutes = M1 candles, and so on). The deployment files are checked too: Prometheus scrapes
-the launcher's ports, and every metric the Grafana dashboard queries is served.
+the launcher's ports, every metric the Grafana dashboard queries is served, and a real
+Prometheus, configured by infra/prometheus.yml, answers every dashboard query with data.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
+import shutil
 import socket
+import subprocess
+import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -99,11 +105,9 @@ def _scrape_all(launcher: Launcher) -> dict[str, Samples]:
     return {name: scrape(c.metrics_url) for name, c in launcher.children.items()}
 
 
-async def test_every_worker_serves_metrics_that_move(
-    pipeline: tuple[Launcher, str], js: JetStreamContext
-) -> None:
-    launcher, ns = pipeline
-    before = _scrape_all(launcher)
+async def _send_ticks(js: JetStreamContext, ns: str) -> list[TickRow]:
+    """SPAN_MS of simulated ticks, one malformed message and the watermark that closes the
+    last candle; the rows of the ticks sent."""
     rows: list[TickRow] = []
     for t, _, _, row in market.ticks(5, [FEED], [SYMBOL], START_MS):
         if t >= START_MS + SPAN_MS:
@@ -120,6 +124,15 @@ async def test_every_worker_serves_metrics_that_move(
     await js.publish(
         subjects.ticks(FEED, SYMBOL, namespace=ns), encode(wm), headers={"Nats-Msg-Id": wm.msg_id}
     )
+    return rows
+
+
+async def test_every_worker_serves_metrics_that_move(
+    pipeline: tuple[Launcher, str], js: JetStreamContext
+) -> None:
+    launcher, ns = pipeline
+    before = _scrape_all(launcher)
+    rows = await _send_ticks(js, ns)
     minutes = len({r.time_ms // 60_000 for r in rows})
 
     def get(worker: str, name: str, **labels: str) -> float:
@@ -167,3 +180,120 @@ def test_prometheus_scrapes_the_launchers_ports() -> None:
     text = (REPO / "infra" / "prometheus.yml").read_text()
     targets = dict(re.findall(r'targets: \["([a-z-]+):(\d+)"\]', text))
     assert {k: int(v) for k, v in targets.items() if k in WORKERS} == default_ports()
+
+
+PROMETHEUS = REPO / ".cache" / "prometheus" / "usr" / "bin" / "prometheus"
+# Series that exist only once something happened that this run does not make happen.
+MAY_BE_EMPTY = {
+    "tickwire_publish_failures_total": "no publish fails",
+    "tickwire_scheduler_runs_total": "no training run is due",
+}
+
+
+def _dashboard_queries() -> list[tuple[str, str, str]]:
+    """(panel title, expr, legend) of every query, those of panels in rows too."""
+
+    def panels(ps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [q for p in ps for q in [p, *panels(p.get("panels", []))]]
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (p["title"], t["expr"].replace("$worker", ".*"), t.get("legendFormat", ""))
+        for p in panels(dashboard["panels"])
+        for t in p.get("targets", [])
+    ]
+
+
+@contextlib.contextmanager
+def _prometheus(launcher: Launcher, tmp_path: Path) -> Iterator[str]:
+    """Debian's Prometheus with infra/prometheus.yml, its targets the launcher's ports and
+    its intervals 1 s; its URL."""
+    binary = PROMETHEUS if PROMETHEUS.exists() else shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(f"no prometheus at {PROMETHEUS} (`make test` fetches it) nor on the PATH")
+    ports = {name: c.port for name, c in launcher.children.items()}
+    replaced: set[str] = set()
+
+    def target(m: re.Match[str]) -> str:
+        if m[1] not in ports:
+            return m[0]
+        replaced.add(m[1])
+        return f'"127.0.0.1:{ports[m[1]]}"'
+
+    text = re.sub(r'"([a-z-]+):\d+"', target, (REPO / "infra" / "prometheus.yml").read_text())
+    text = re.sub(r"(scrape_interval|scrape_timeout|evaluation_interval): \d+s", r"\1: 1s", text)
+    assert replaced == set(WORKERS)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    [port] = _free_ports(1)
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(binary),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _api(url: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{url}/api/v1/{path}?{query}", timeout=10) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+async def test_every_dashboard_query_answers_in_a_real_prometheus(
+    pipeline: tuple[Launcher, str], js: JetStreamContext, tmp_path: Path
+) -> None:
+    """Prometheus scrapes every worker through infra/prometheus.yml while ticks go through;
+    then each dashboard query has a series with a number, and the labels its legend names."""
+    launcher, ns = pipeline
+    with _prometheus(launcher, tmp_path) as url:
+
+        async def query(expr: str) -> list[dict[str, Any]]:
+            try:
+                data = await asyncio.to_thread(_api, url, "query", query=expr)
+            except OSError:  # not listening yet
+                return []
+            return list(data["result"])
+
+        async def all_up() -> bool:
+            up = await query('up{job="tickwire"}')
+            return len(up) == len(WORKERS) and all(r["value"][1] == "1" for r in up)
+
+        await eventually(all_up, timeout=60, interval=0.5, what="every worker scraped")
+        await _send_ticks(js, ns)
+
+        async def answered(expr: str, legend: str) -> bool:
+            result = await query(expr)
+            labels = re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)
+            return any(
+                math.isfinite(float(r["value"][1])) and all(k in r["metric"] for k in labels)
+                for r in result
+            )
+
+        for title, expr, legend in _dashboard_queries():
+            if any(name in expr for name in MAY_BE_EMPTY):
+                await query(expr)  # still a query Prometheus takes
+                continue
+            await eventually(
+                lambda e=expr, g=legend: answered(e, g),
+                timeout=90,
+                interval=1,
+                what=f"{title}: {expr}",
+            )
+        workers = await asyncio.to_thread(
+            _api, url, "label/worker/values", **{"match[]": "tickwire_up"}
+        )
+        assert sorted(workers) == sorted(WORKERS)  # the dashboard's worker list

@@ -293,6 +293,42 @@ async def test_held_up_longer_than_the_ack_wait_nothing_is_redelivered(
     assert keepalives >= 3
 
 
+async def test_consumer_pending_shows_the_backlog_growing_while_a_dependency_is_down(
+    stack, js: JetStreamContext, unique: str
+) -> None:
+    """No batch is acked while the handler waits out an outage, so no ack reply tells the
+    backlog: tickwire_consumer_pending still follows the consumer's, not the last batch's."""
+    worker_name, stream, _ = await _make_streams(js, unique, ack_wait=3)
+    settings = _settings(stack.nats_url, fetch_batch=1, handler_batch=1, retry_backoff_s=0.5)
+    worker = _worker(worker_name, stream, settings)
+    down = False
+
+    @worker.handler
+    async def handle(batch: Batch[TickInput], ctx: Context) -> None:
+        if down:
+            raise TransientError("database is restarting")
+
+    def pending() -> float | None:
+        labels = {"worker": worker_name, "stream": stream, "consumer": worker_name}
+        return worker.metrics.registry.get_sample_value("tickwire_consumer_pending", labels)
+
+    async def shown() -> bool:
+        info = await js.consumer_info(stream, worker_name)
+        return info.num_pending > 0 and pending() == info.num_pending
+
+    task = await _run(worker)
+    try:
+        await js.publish(f"rt.{unique}.x", _tick("EURUSD", 0))
+        await eventually(lambda: pending() == 0, what="the first message acked")
+        down = True
+        for i in range(1, 101):
+            await js.publish(f"rt.{unique}.x", _tick("EURUSD", i))
+        await eventually(shown, timeout=30, what="the backlog on /metrics")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
 @pytest.mark.parametrize("depth", [2, 4])
 async def test_a_commit_overlaps_the_next_batch_and_batches_are_acked_in_order(
     stack, js: JetStreamContext, unique: str, depth: int

@@ -166,6 +166,47 @@ async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_do
     assert first_c == max(f for f, pid in calls if pid == b.pid) + 1
 
 
+async def test_an_active_and_a_waiting_scheduler_both_say_they_are_up(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """tickwire_up, the dashboard's "Workers up" and its worker list, counts the scheduler;
+    tickwire_scheduler_leader tells the active one from the one waiting."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    ports = {n: free_port() for n in "ab"}
+    logs = {n: tmp_path / f"{n}.log" for n in "ab"}
+
+    def env(n: str) -> dict[str, str]:
+        return scheduler_env(
+            pg_dsn,
+            TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record",
+            SCHEDULER_TEST_RUNS=str(runs),
+            TICKWIRE_METRICS_PORT=str(ports[n]),
+        )
+
+    def metrics(n: str) -> dict[str, float]:
+        url = f"http://127.0.0.1:{ports[n]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        found = re.findall(r'^(tickwire_up\{worker="scheduler"\}|tickwire_scheduler_leader) (\S+)$',
+                           text, re.M)  # fmt: skip
+        return {name: float(value) for name, value in found}
+
+    with schedulers(tmp_path) as procs:
+        a = spawn(procs, env("a"), logs["a"])
+        await eventually(lambda: len(recorded(runs)) >= 1, timeout=30, what="a runs jobs")
+        b = spawn(procs, env("b"), logs["b"])
+        await eventually(
+            lambda: "another scheduler is active" in logs["b"].read_text(), what="b waits"
+        )
+        alive(a, logs["a"])
+        alive(b, logs["b"])
+        got = {n: await asyncio.to_thread(metrics, n) for n in "ab"}
+    up = 'tickwire_up{worker="scheduler"}'
+    assert got["a"] == {up: 1.0, "tickwire_scheduler_leader": 1.0}
+    assert got["b"] == {up: 1.0, "tickwire_scheduler_leader": 0.0}
+
+
 @pytest.mark.parametrize("coalesce", [False, True])
 async def test_a_fire_time_that_comes_while_its_job_still_runs(
     pg_dsn: str, tmp_path: Path, coalesce: bool

@@ -415,6 +415,31 @@ async def test_tables_equal_the_streams_latest_revision_wins(
     assert upserted == sum(published.values())  # every message went through exactly once
 
 
+async def test_each_streams_consumer_pending_is_its_own_series(
+    stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str
+) -> None:
+    """One durable name on four streams: /metrics tells their backlogs apart by stream."""
+    messages = replication.published(seed=3, candles_per_series=20, namespace=namespace)
+    await publish(js, messages)
+    replicator = Replicator(settings(stack, namespace, writer_dsn, fetch_batch=10))
+    task = await start(replicator)
+    try:
+        await eventually(lambda: replicated(js, namespace), timeout=60, what="replicated")
+    finally:
+        await stop(replicator, task)
+    pending = {
+        tuple(sorted(s.labels.items())): s.value
+        for family in replicator.metrics.registry.collect()
+        if family.name == "tickwire_consumer_pending"
+        for s in family.samples
+    }
+    want = {
+        (("consumer", DURABLE), ("stream", spec.stream), ("worker", DURABLE)): 0.0
+        for spec in replicator_consumers(namespace)
+    }
+    assert pending == want
+
+
 async def test_restart_skips_what_the_database_has(
     stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
 ) -> None:

@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from contracts.streams import consumer_specs
+from workers.candle_ingest import app as candle_ingest_app
 from workers.cli import WORKERS
-from workers.runtime.metrics import WorkerMetrics
+from workers.feature_builder import app as feature_builder_app
+from workers.model_scorer import app as model_scorer_app
+from workers.signal_publisher import app as signal_publisher_app
+from workers.timescale_replicator import app as replicator_app
+from workers.trainer.scheduler import SchedulerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -54,9 +60,6 @@ SECRETS = {
     )
 }
 
-# Metrics a panel may use that no WorkerMetrics defines: Prometheus' own scrape health, and
-# the scorer's model gauge (labels ``key``, ``version``), exported by the model scorer itself.
-EXTRA_METRICS = {"up", "tickwire_scorer_active_model"}
 # What the dashboard must show (design: Ops).
 REQUIRED_METRICS = {
     "tickwire_messages_in_total",
@@ -68,6 +71,10 @@ REQUIRED_METRICS = {
     "tickwire_batch_size_bucket",
     "tickwire_up",
     "tickwire_scorer_active_model",
+    "tickwire_replication_lag_seconds",
+    "tickwire_replication_lag_messages",
+    "tickwire_scheduler_runs_total",
+    "tickwire_scheduler_leader",
 }
 
 
@@ -323,18 +330,65 @@ def test_nats_max_payload_fits_the_largest_stream_message() -> None:
 # --- Prometheus and Grafana --------------------------------------------------------------
 
 
-def _known_metrics() -> set[str]:
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-    return {
-        family.name + suffix
-        for family in WorkerMetrics("test").registry.collect()
-        for suffix in suffixes[family.type]
+def _registries() -> dict[str, CollectorRegistry]:
+    """Each worker's registry, made by the code that makes it when the worker runs."""
+    pipeline = {
+        "candle-ingest": candle_ingest_app,
+        "feature-builder": feature_builder_app,
+        "model-scorer": model_scorer_app,
+        "signal-publisher": signal_publisher_app,
     }
+    out = {name: app.build(app.Settings()).metrics.registry for name, app in pipeline.items()}
+    dsn = "postgresql://unused@127.0.0.1/unused"  # built, never connected
+    out["timescale-replicator"] = replicator_app.Replicator(
+        replicator_app.Settings(postgres_dsn=dsn)
+    ).metrics.registry
+    out["scheduler"] = SchedulerMetrics().registry
+    return out
+
+
+# Labels Prometheus gives every series of a scrape.
+SCRAPE_LABELS = {"job", "instance"}
+
+
+def _target_labels() -> set[str]:
+    """The labels infra/prometheus.yml gives its targets."""
+    return set(re.findall(r"^\s+labels:\s*\n\s+(\w+):", PROMETHEUS.read_text(), re.M))
+
+
+def _exported() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every series name served, with its family's type and label names (``up`` included)."""
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    scrape = frozenset(SCRAPE_LABELS | _target_labels())
+    out: dict[str, tuple[str, frozenset[str]]] = {"up": ("gauge", scrape)}
+    for worker, registry in _registries().items():
+        for collector in registry._collector_to_names:  # every metric, with or without samples
+            kind, labels = collector._type, frozenset(collector._labelnames) | scrape
+            for suffix in suffixes[kind]:
+                name = collector._name + suffix
+                have = labels | {"le"} if suffix == "_bucket" else labels
+                assert out.get(name, (kind, have)) == (kind, have), f"{name} differs in {worker}"
+                out[name] = (kind, have)
+    return out
+
+
+def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every panel, those inside a collapsed row too."""
+    return [q for p in panels for q in [p, *_panels(p.get("panels", []))]]
+
+
+def _dashboard_targets() -> list[tuple[str, str, str]]:
+    """(panel title, expr, legend) of every query of the dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (p["title"], t["expr"], t.get("legendFormat", ""))
+        for p in _panels(dashboard["panels"])
+        for t in p.get("targets", [])
+    ]
 
 
 def _dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [expr for _, expr, _ in _dashboard_targets()]
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -343,10 +397,78 @@ def _metric_names(expr: str) -> set[str]:
     return {w for w in words if w.startswith("tickwire_") or w == "up"}
 
 
-def test_dashboard_uses_only_existing_metrics() -> None:
-    known = _known_metrics() | EXTRA_METRICS
-    used = set().union(*map(_metric_names, _dashboard_exprs()))
-    assert used <= known, f"unknown metrics: {sorted(used - known)}"
+def _query_problems(
+    expr: str, legend: str, exported: dict[str, tuple[str, frozenset[str]]]
+) -> list[str]:
+    """What in one query names a series or label nothing serves, or does wrong math."""
+    problems = [f"no such series {n}" for n in sorted(_metric_names(expr)) if n not in exported]
+    names = [n for n in _metric_names(expr) if n in exported]
+    labels = frozenset().union(*(exported[n][1] for n in names))
+    for name, matchers in re.findall(r"\b([a-z_][a-z0-9_]*)\{([^}]*)\}", expr):
+        if name in exported:
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                if label not in exported[name][1]:
+                    problems.append(f"{name} has no label {label}")
+    groupings = {
+        (how, frozenset(g.strip() for g in group.split(",") if g.strip()))
+        for how, group in re.findall(r"\b(by|without)\s*\(([^)]*)\)", expr)
+    }
+    for _, group in groupings:
+        problems += [f"no series here has a label {g}" for g in sorted(group - labels)]
+    by = [group for how, group in groupings if how == "by"]
+    kept = set(frozenset.intersection(*by) - {"le"}) if by else set(labels)
+    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+        if label not in kept:
+            problems.append(f"legend {{{{{label}}}}}: not a label of the result")
+    for fn, name in re.findall(r"\b(rate|irate|increase)\(\s*([a-z_][a-z0-9_]*)", expr):
+        if name in exported and exported[name][0] == "gauge":
+            problems.append(f"{fn}() of the gauge {name}")
+    for inner in re.findall(r"histogram_quantile\(\s*[0-9.]+\s*,(.*)", expr):
+        buckets = re.findall(r"\b([a-z_][a-z0-9_]*)_bucket\b", inner)
+        by = re.match(r"\s*sum\s+by\s*\(([^)]*)\)\s*\(\s*rate\(", inner)
+        if not buckets or by is None or "le" not in {g.strip() for g in by.group(1).split(",")}:
+            problems.append("histogram_quantile over anything but sum by (le, ...) (rate(_bucket))")
+    return problems
+
+
+def test_dashboard_queries_name_what_the_workers_export() -> None:
+    exported = _exported()
+    problems = [
+        f"{title}: {expr}: {problem}"
+        for title, expr, legend in _dashboard_targets()
+        for problem in _query_problems(expr, legend, exported)
+    ]
+    assert problems == []
+
+
+def test_dashboard_variables_name_what_the_workers_export() -> None:
+    exported = _exported()
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert variables
+    for variable in variables:
+        query = (
+            variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        )
+        found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", query)
+        assert found is not None, query
+        assert found[2] in exported[found[1]][1], query
+
+
+def test_the_dashboard_check_catches_a_wrong_name_label_or_rate() -> None:
+    exported = _exported()
+    good = "sum by (worker, reason) (rate(tickwire_dead_letters_total[5m]))"
+    assert _query_problems(good, "{{worker}} {{reason}}", exported) == []
+    wrong = {
+        "sum by (worker) (rate(tickwire_dead_letters[5m]))": "{{worker}}",  # no _total
+        'sum by (worker) (rate(tickwire_dead_letters_total{stage="x"}[5m]))': "{{worker}}",
+        "sum by (worker, stage) (rate(tickwire_dead_letters_total[5m]))": "{{stage}}",
+        "sum by (worker) (rate(tickwire_dead_letters_total[5m]))": "{{reason}}",
+        "sum by (worker) (rate(tickwire_consumer_pending[5m]))": "{{worker}}",
+        "histogram_quantile(0.5, sum by (worker) (rate(tickwire_batch_size_bucket[5m])))": "",
+        "histogram_quantile(0.5, rate(tickwire_batch_size_bucket[5m]))": "",
+    }
+    for expr, legend in wrong.items():
+        assert _query_problems(expr, legend, exported), expr
 
 
 def test_dashboard_shows_what_ops_watch() -> None:
@@ -407,6 +529,39 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     path.write_text(json.dumps(rules))
     done = subprocess.run(
         [_promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _panel_exprs(title: str) -> list[str]:
+    exprs = [expr for t, expr, _ in _dashboard_targets() if t == title]
+    assert exprs, f"no panel {title!r}"
+    return [e.replace("$worker", ".*") for e in exprs]
+
+
+def test_workers_up_says_down_when_one_instance_of_a_worker_is(tmp_path: Path) -> None:
+    # evaluated by Prometheus' own engine (promtool test rules): two instances of
+    # candle-ingest (partitions), one of them connected but not consuming
+    [expr] = _panel_exprs("Workers up")
+    series = {
+        'tickwire_up{worker="candle-ingest", instance="ci-0:9101"}': "1x5",
+        'tickwire_up{worker="candle-ingest", instance="ci-1:9101"}': "0x5",
+        'tickwire_up{worker="feature-builder", instance="fb-0:9102"}': "1x5",
+    }
+    test = {
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": k, "values": v} for k, v in series.items()],
+            "promql_expr_test": [{"expr": expr, "eval_time": "4m", "exp_samples": [
+                {"labels": '{worker="candle-ingest"}', "value": 0},
+                {"labels": '{worker="feature-builder"}', "value": 1},
+            ]}],
+        }]
+    }  # fmt: skip
+    path = tmp_path / "test.yml"
+    path.write_text(json.dumps(test))
+    done = subprocess.run(
+        [_promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -68,7 +68,7 @@ class WorkerMetrics:
         self.pending = Gauge(
             "tickwire_consumer_pending",
             "Messages in the stream not yet delivered to this consumer",
-            ["worker", "consumer"],
+            ["worker", "stream", "consumer"],
             registry=r,
         )
         self.publish_failures = Counter(

@@ -812,7 +812,9 @@ class Worker(Generic[T]):
         if retry:
             m.in_retry.inc(len(retry))
         m.batch_size_w.observe(len(msgs))
-        m.pending.labels(self.name, self.durable).set(parse_reply(msgs[-1].reply).pending)
+        m.pending.labels(self.name, self.stream, self.durable).set(
+            parse_reply(msgs[-1].reply).pending
+        )
         m.processing_w.observe(time.perf_counter() - staged.started)
         return True
 
@@ -915,6 +917,19 @@ class Worker(Generic[T]):
         if self._source is not None:
             await self._source.keep_alive()
         self.metrics.keepalives.labels(self.name).inc()
+        await self._show_pending()
+
+    async def _show_pending(self) -> None:
+        """``tickwire_consumer_pending`` from the server: while held up no batch is acked,
+        so no ack reply tells how the backlog grows."""
+        try:
+            info = await self.context.js.consumer_info(
+                self.stream, self.durable, timeout=self._ack_wait / 6
+            )
+        except Exception as exc:  # a report: JetStream away now shows as a stale value
+            log.debug("%s: pending of %s not read: %r", self.name, self.durable, exc)
+            return
+        self.metrics.pending.labels(self.name, self.stream, self.durable).set(info.num_pending or 0)
 
     async def _call(self, ctx: Context, batch: Batch[T]) -> Commit | None:
         """Run the handler."""

@@ -496,6 +496,7 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     try:
         if not await lock.fetchval(query("scheduler_tables_exist")):
             fail("no scheduler tables in this database: run tickwire db migrate")
+        metrics.up.labels(metrics.worker).set(1)  # connected: active or waiting to be
         waiting_logged = False
         while not await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
             if not waiting_logged:
@@ -509,6 +510,7 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
         return await _lead(settings, stop, name, lock, metrics)
     finally:
         metrics.leader.set(0)
+        metrics.up.labels(metrics.worker).set(0)
         await lock.close()
         await server.stop()
 
