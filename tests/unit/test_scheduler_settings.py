@@ -50,6 +50,8 @@ def test_five_fields_are_crontab_and_six_fields_start_with_seconds() -> None:
         ("demo/EURUSD/M5@0 3 * *", "has 4 fields"),
         ("demo/EURUSD/M5@0 25 * * *", "25"),
         ("de.mo/EURUSD/M5@0 3 * * *", "feed must match"),
+        ("demo/EURUSD/M5@0 3 30 2 *", "never fires"),
+        ("demo/EURUSD/M5@0 0 3 31 4 *", "never fires"),
     ],
 )
 def test_a_bad_entry_is_refused_with_what_is_wrong(text: str, says: str) -> None:
@@ -78,6 +80,7 @@ def run_scheduler(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             "bad setting TICKWIRE_TRAIN_SCHEDULE: Value error, scheduled twice: train:demo/EURUSD/M5",
         ),
         ({"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@every day"}, "has 2 fields"),
+        ({"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 30 2 *"}, "never fires"),
         ({"TICKWIRE_TRAIN_WINDOW_DAYS": "0"}, "bad setting TICKWIRE_TRAIN_WINDOW_DAYS"),
         (
             {

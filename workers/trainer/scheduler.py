@@ -89,7 +89,15 @@ class Entry:
 
 
 def cron_trigger(cron: str) -> CronTrigger:
-    """Five crontab fields (minute hour day month day-of-week), or six with seconds first."""
+    """Five crontab fields (minute hour day month day-of-week), or six with seconds first;
+    one that has no fire time from now on (such as 30 February) is refused."""
+    trigger = _cron_fields(cron)
+    if trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)) is None:
+        raise ValueError(f"cron {cron!r} never fires")
+    return trigger
+
+
+def _cron_fields(cron: str) -> CronTrigger:
     fields = cron.split()
     if len(fields) == 5:
         return CronTrigger.from_crontab(cron, timezone=dt.UTC)
