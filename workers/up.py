@@ -3,7 +3,8 @@
 ``Launcher`` is the reusable part (``make demo`` and the tests use it): start each worker as
 ``python -m workers.cli run NAME`` with ``TICKWIRE_METRICS_PORT`` set and its output in a
 log file of its own, wait until every /healthz answers 200, notice a worker that died, and
-stop them all: SIGTERM (a worker drains what it holds), a grace period, then SIGKILL.
+stop them all: SIGTERM (a worker drains what it holds), a grace period, then SIGKILL. A
+worker gets SIGTERM from the kernel when its launcher dies without stopping it (kill -9).
 
 The default ports are those ``infra/prometheus.yml`` scrapes: 9101.. in ``WORKERS`` order.
 """
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -75,6 +78,28 @@ class Child:
             return False
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _end_with_launcher() -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM when the launcher dies. The kernel sends it when
+    the forking *thread* ends, so only for children started from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _indented(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines()) or "    (no output)"
 
@@ -104,6 +129,7 @@ class Launcher:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        preexec = _end_with_launcher()
         for name in self.workers:
             log = self.log_dir / f"{name}.log"
             env = self.env | {"TICKWIRE_METRICS_PORT": str(self.ports[name])}
@@ -116,6 +142,7 @@ class Launcher:
                     stderr=subprocess.STDOUT,
                     # Ctrl-C in the terminal reaches the launcher only; it stops them in turn
                     start_new_session=True,
+                    preexec_fn=preexec,
                 )
             self.children[name] = Child(name, self.ports[name], log, process)
 
@@ -179,7 +206,7 @@ class Launcher:
 
 
 class Stopped(Exception):
-    """SIGTERM arrived."""
+    """SIGTERM or SIGHUP (the terminal closed) arrived."""
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -225,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
     launcher = Launcher(
         args.workers or list(WORKERS), log_dir=args.log_dir, ports=ports, namespace=args.namespace
     )
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_sigterm)
     code = 0
     try:
         launcher.start()
@@ -244,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, Stopped):
         print("tickwire up: stopping ...", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
         codes = launcher.stop()
     for name, rc in codes.items():
         if rc not in (0, -signal.SIGTERM):
