@@ -4,7 +4,8 @@
 ``python -m workers.cli run NAME`` with ``TICKWIRE_METRICS_PORT`` set and its output in a
 log file of its own, wait until every /healthz answers 200, notice a worker that died, and
 stop them all: SIGTERM (a worker drains what it holds), a grace period, then SIGKILL. A
-worker gets SIGTERM from the kernel when its launcher dies without stopping it (kill -9).
+metrics port already in use is refused before any worker starts, and a worker gets SIGTERM
+from the kernel when its launcher dies without stopping it (kill -9).
 
 The default ports are those ``infra/prometheus.yml`` scrapes: 9101.. in ``WORKERS`` order.
 """
@@ -16,6 +17,7 @@ import collections
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,6 +102,16 @@ def _end_with_launcher() -> Callable[[], None] | None:
     return preexec
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the worker's server
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _indented(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines()) or "    (no output)"
 
@@ -128,6 +140,14 @@ class Launcher:
         self.children: dict[str, Child] = {}
 
     def start(self) -> None:
+        """Start every worker; ``LaunchError`` before any starts if a port is in use."""
+        host = self.env.get("TICKWIRE_METRICS_HOST", "127.0.0.1")
+        for name in self.workers:
+            if _port_in_use(host, self.ports[name]):
+                raise LaunchError(
+                    f"port {self.ports[name]} for {name} is in use"
+                    " (another tickwire up still running?)"
+                )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         preexec = _end_with_launcher()
         for name in self.workers:

@@ -1,13 +1,15 @@
-"""``tickwire up``: its workers never outlive it."""
+"""``tickwire up``: its workers never outlive it, and a port already in use is refused."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from db.migrate import migrate
 from infra.stack import REPO, pid_alive
 from tests.waiting import eventually
 from workers.cli import WORKERS
+from workers.up import Launcher, LaunchError
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +83,35 @@ async def test_workers_do_not_outlive_their_launcher(
         launcher.send_signal(signum)
         await eventually(lambda: launcher.poll() is not None, timeout=60, what="launcher exit")
         await eventually(lambda: not pid_alive(worker), timeout=60, what="the worker to end")
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _start_healthy(launcher: Launcher) -> None:
+    launcher.start()
+    launcher.wait_healthy(30)
+
+
+def test_a_metrics_port_in_use_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    """Something (such as a worker a previous run left) answers 200 on the port: the new
+    worker could not listen there, and its /healthz must not be taken from the other."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    port = int(server.server_address[1])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    launcher = Launcher(["scheduler"], log_dir=tmp_path, ports={"scheduler": port}, env={})
+    try:
+        with pytest.raises(LaunchError, match=f"port {port} .*in use"):
+            _start_healthy(launcher)
+        assert launcher.children == {}
+    finally:
+        launcher.stop()
+        server.shutdown()
+        server.server_close()
