@@ -275,6 +275,74 @@ async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_n
     assert max(f for f, pid in calls if pid == a.pid) < min(f for f, pid in calls if pid == b.pid)
 
 
+SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name
+    "import os, socket, sys\n"
+    "os.getpid = lambda: 1\n"
+    "socket.gethostname = lambda: 'scheduler-container'\n"
+    "from workers.cli import main\n"
+    "sys.exit(main(['run', 'scheduler']))\n"
+)
+
+
+async def test_a_scheduler_restarted_with_the_same_host_and_pid_runs_the_run_it_died_in(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A scheduler is killed inside a run (OOM, kill -9) and its container restarts it: the
+    same host name, the same pid 1. The run left unfinished is run again, not taken for one
+    the new scheduler is inside itself."""
+    await migrate(pg_dsn)
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(tmp_path / "runs.txt"),
+        SCHEDULER_TEST_JOB_S="600",
+    )
+    la, lb = tmp_path / "a.log", tmp_path / "b.log"
+
+    def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SAME_HOST_AND_PID],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        procs.append(proc)
+        return proc
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = start(env, la)
+
+            async def a_inside_a_run() -> dt.datetime | None:
+                alive(a, la)
+                return await conn.fetchval(  # type: ignore[no-any-return]
+                    "SELECT fire_time FROM scheduler.runs WHERE finished_at IS NULL"
+                )
+
+            fire = await eventually(a_inside_a_run, timeout=30, what="a inside a run")
+            a.kill()
+            a.wait()
+            b = start(env | {"SCHEDULER_TEST_JOB_S": "0"}, lb)
+
+            async def finished() -> asyncpg.Record | None:
+                alive(b, lb)
+                return await conn.fetchrow(  # type: ignore[no-any-return]
+                    "SELECT * FROM scheduler.runs WHERE fire_time = $1 AND finished_at IS NOT NULL",
+                    fire,
+                )
+
+            row = await eventually(finished, timeout=30, what="the run a died in to be run")
+            b.terminate()
+            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+    finally:
+        await conn.close()
+    assert (row["outcome"], row["attempts"]) == ("ok", 2)
+
+
 REFUSE_CLAIMS = """
 CREATE FUNCTION scheduler.refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -588,7 +589,9 @@ def main() -> int:
         fail(f"TICKWIRE_SCHEDULER_JOB: {exc}")
     if not callable(func):
         fail(f"TICKWIRE_SCHEDULER_JOB: {settings.scheduler_job} is not callable")
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    # unique to this start: a container restarted after a crash has the same host name and
+    # pid (1), and a run left unfinished under the same name would never be taken over
+    name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     async def go() -> int:
         stop = asyncio.Event()
