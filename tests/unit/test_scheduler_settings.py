@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -129,3 +130,22 @@ async def test_a_stored_job_keeps_its_next_fire_time_when_only_how_its_runs_wait
         assert job.next_run_time == due
     finally:
         scheduler.shutdown(wait=False)
+
+
+def test_a_report_directory_that_cannot_be_written_stops_the_scheduler_at_start(
+    tmp_path: Path,
+) -> None:
+    """Every scheduled ``tickwire train`` writes its report there: one that cannot be
+    written (a read-only container) is refused at start, not at each fire time."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = run_scheduler(
+        {
+            "TICKWIRE_POSTGRES_DSN": "postgresql://x/y",
+            "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *",
+            "TICKWIRE_TRAIN_OUT": str(not_a_dir / "reports"),
+        }
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"TICKWIRE_TRAIN_OUT {not_a_dir / 'reports'}: " in proc.stderr

@@ -32,6 +32,7 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -589,6 +590,12 @@ def main() -> int:
         fail(f"TICKWIRE_SCHEDULER_JOB: {exc}")
     if not callable(func):
         fail(f"TICKWIRE_SCHEDULER_JOB: {settings.scheduler_job} is not callable")
+    if func is train_job:  # each run writes its report there: checked now, not at a fire time
+        try:
+            settings.train_out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=settings.train_out).close()
+        except OSError as exc:
+            fail(f"TICKWIRE_TRAIN_OUT {settings.train_out}: {exc.strerror or exc}")
     # unique to this start: a container restarted after a crash has the same host name and
     # pid (1), and a run left unfinished under the same name would never be taken over
     name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
