@@ -275,6 +275,34 @@ async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_n
     assert max(f for f, pid in calls if pid == a.pid) < min(f for f, pid in calls if pid == b.pid)
 
 
+async def test_a_job_that_exits_is_a_failed_run_and_the_scheduler_goes_on(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A job calls sys.exit() (a command-line function used as the job): its run is recorded
+    as failed, and the scheduler runs the next fire times."""
+    await migrate(pg_dsn)
+    runs, log = tmp_path / "runs.txt", tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_and_exit",
+        SCHEDULER_TEST_RUNS=str(runs),
+    )
+
+    def three_ran() -> bool:
+        alive(proc, log)
+        return len(recorded(runs)) >= 3
+
+    with schedulers(tmp_path) as procs:
+        proc = spawn(procs, env, log)
+        await eventually(three_ran, timeout=30, what="three runs")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+
+    rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
+    for fire, _ in recorded(runs):
+        assert (rows[fire]["outcome"], rows[fire]["detail"]) == ("failed", "SystemExit: 3")
+
+
 SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name
     "import os, socket, sys\n"
     "os.getpid = lambda: 1\n"

@@ -363,7 +363,7 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
             log.info("running %s for %s", job.id, when)
             try:
                 detail = job.func(*job.args, **(job.kwargs | {"fire_time": fire_time}))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # an exit would end the scheduler
                 log.exception("%s for %s failed", job.id, when)
                 outcome, text_ = "failed", f"{type(exc).__name__}: {exc}"
                 event = JobExecutionEvent(
