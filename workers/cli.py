@@ -33,10 +33,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class Refused(SystemExit):
+    """Exit code 2 after one line on stderr, which ``message`` holds for a caller that
+    runs a command as a function (the scheduler's training job)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 def fail(message: str) -> NoReturn:
     """Stop with one line and exit code 2."""
     sys.stderr.write(f"tickwire: {message}\n")
-    raise SystemExit(2)
+    raise Refused(message)
 
 
 def _run_worker(args: argparse.Namespace) -> int:

@@ -426,6 +426,38 @@ async def test_a_fire_time_that_cannot_be_claimed_is_run_after_the_restart(
     assert {int(r["fire_time"].timestamp()) for r in await run_log(pg_dsn)} == set(fires)
 
 
+async def test_a_training_that_refuses_its_input_is_logged_with_its_reason(
+    pg_dsn: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """``tickwire train`` stops with one line (here: no candles in the window); the run log
+    says that line, not only that it exited."""
+    await migrate(pg_dsn)
+    log = tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_NATS_URL=nats_url,
+        TICKWIRE_NAMESPACE=namespace,
+        TICKWIRE_TRAIN_OUT=str(tmp_path / "reports"),
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            proc = spawn(procs, env, log)
+
+            async def failed() -> str | None:
+                alive(proc, log)
+                return await conn.fetchval(  # type: ignore[no-any-return]
+                    "SELECT detail FROM scheduler.runs WHERE outcome = 'failed' LIMIT 1"
+                )
+
+            detail = await eventually(failed, timeout=60, what="a failed run")
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    finally:
+        await conn.close()
+    assert detail.startswith(f"RuntimeError: no candles for {FEED} {SYMBOL} {TF} in ["), detail
+
+
 async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
     candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
 ) -> None:

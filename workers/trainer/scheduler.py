@@ -62,7 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.messages import Timeframe
 from db.queries import query
-from workers.cli import fail
+from workers.cli import Refused, fail
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.settings import RuntimeSettings, load
 
@@ -185,8 +185,9 @@ def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
     )
     try:
         code = run(args)
-    except SystemExit as exc:  # bad input: the trainer printed its one line
-        raise RuntimeError(f"tickwire train exited with {exc.code}") from None
+    except SystemExit as exc:  # bad input: the trainer printed its one line, logged with the run
+        why = exc.message if isinstance(exc, Refused) else f"tickwire train exited with {exc.code}"
+        raise RuntimeError(why) from None
     if code == 1:
         return "not promoted: stays a candidate"
     return "promoted" if settings.train_promote else "stored as a candidate"
