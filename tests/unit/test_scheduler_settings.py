@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,23 @@ def test_a_report_directory_that_cannot_be_written_stops_the_scheduler_at_start(
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert f"TICKWIRE_TRAIN_OUT {not_a_dir / 'reports'}: " in proc.stderr
+
+
+def test_a_postgresql_that_does_not_answer_stops_the_scheduler_with_one_line(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_scheduler(
+        {
+            "TICKWIRE_POSTGRES_DSN": f"postgresql://u:secret-pw@127.0.0.1:{port}/y",
+            "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *",
+            "TICKWIRE_TRAIN_OUT": str(tmp_path),
+            "TICKWIRE_LOG_LEVEL": "WARNING",
+        }
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot reach PostgreSQL" in proc.stderr
+    assert "secret-pw" not in proc.stderr

@@ -503,7 +503,11 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     metrics = SchedulerMetrics()
     server = MetricsServer(metrics, lambda: True, settings.metrics_host, settings.metrics_port)
     await server.start()
-    lock = await asyncpg.connect(dsn)
+    try:
+        lock = await asyncpg.connect(dsn)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        await server.stop()
+        fail(f"cannot reach PostgreSQL: {exc}")
     try:
         if not await lock.fetchval(query("scheduler_tables_exist")):
             fail("no scheduler tables in this database: run tickwire db migrate")
