@@ -40,6 +40,10 @@ TAIL_LINES: Final = 15
 POLL_S: Final = 0.2
 
 
+LOOPBACK: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""For the workers' own ports: never through a proxy from http_proxy and the like."""
+
+
 def default_ports(base: int = BASE_PORT) -> dict[str, int]:
     """Worker -> metrics port: ``base``, ``base + 1``, ... in ``WORKERS`` order."""
     return {name: base + i for i, name in enumerate(WORKERS)}
@@ -74,7 +78,7 @@ class Child:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as r:
+            with LOOPBACK.open(self.health_url, timeout=2) as r:
                 return bool(r.status == 200)
         except (OSError, urllib.error.URLError):
             return False

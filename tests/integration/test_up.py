@@ -19,7 +19,8 @@ from db.migrate import migrate
 from infra.stack import REPO, pid_alive
 from tests.waiting import eventually
 from workers.cli import WORKERS
-from workers.up import Launcher, LaunchError
+from workers.demo import scrape
+from workers.up import Child, Launcher, LaunchError
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +90,7 @@ class _Healthy(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
-        self.wfile.write(b"ok\n")
+        self.wfile.write(b"# ok\n")  # a comment in the metrics text format
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -113,5 +114,26 @@ def test_a_metrics_port_in_use_is_refused_before_any_worker_starts(tmp_path: Pat
         assert launcher.children == {}
     finally:
         launcher.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_health_and_metrics_are_read_directly_whatever_the_proxy_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy for the user's web traffic (http_proxy, without no_proxy) must not stand
+    between the launcher and its workers' loopback ports."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    port = int(server.server_address[1])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        child = Child("scheduler", port, tmp_path / "log", None)  # type: ignore[arg-type]
+        assert child.healthy()
+        assert scrape(child.metrics_url) == {}  # no samples, but read
+    finally:
         server.shutdown()
         server.server_close()
