@@ -303,6 +303,54 @@ async def test_a_job_that_exits_is_a_failed_run_and_the_scheduler_goes_on(
         assert (rows[fire]["outcome"], rows[fire]["detail"]) == ("failed", "SystemExit: 3")
 
 
+async def test_a_second_signal_stops_a_scheduler_that_waits_for_its_job(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """SIGTERM lets the job it is inside go on to its end; a second SIGTERM (or Ctrl-C)
+    stops it at once, and the run is left to the next scheduler, as after kill -9."""
+    await migrate(pg_dsn)
+    log = tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_DRAIN_TIMEOUT_S="1",
+        SCHEDULER_TEST_RUNS=str(tmp_path / "runs.txt"),
+        SCHEDULER_TEST_JOB_S="600",
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            proc = spawn(procs, env, log)
+
+            async def inside_a_run() -> bool:
+                alive(proc, log)
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
+                    )
+                )
+
+            await eventually(inside_a_run, timeout=30, what="inside a run")
+            proc.send_signal(signal.SIGTERM)
+
+            async def lock_released() -> bool:  # the drain is over, the job still runs
+                return not await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                )
+
+            await eventually(lock_released, timeout=30, what="the drain to end")
+            assert proc.poll() is None  # the job goes on
+            proc.send_signal(signal.SIGINT)
+            await eventually(lambda: proc.poll() is not None, timeout=30, what="the exit")
+        unfinished = await conn.fetchval(
+            "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
+        )
+    finally:
+        await conn.close()
+    assert unfinished == 1
+    assert "stopping now" in log.read_text()
+
+
 SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name
     "import os, socket, sys\n"
     "os.getpid = lambda: 1\n"

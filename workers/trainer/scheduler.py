@@ -398,7 +398,12 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
     async def drain(self, limit_s: float) -> None:
         if self.tasks:
             log.info("waiting up to %gs for %d running job(s)", limit_s, len(self.tasks))
-            await asyncio.wait(set(self.tasks), timeout=limit_s)
+            _, running = await asyncio.wait(set(self.tasks), timeout=limit_s)
+            if running:
+                log.warning(
+                    "%d job(s) still running: exiting after they end (signal again to stop now)",
+                    len(running),
+                )
 
 
 class StoreKeepingUnclaimed(SQLAlchemyJobStore):  # type: ignore[misc]
@@ -608,8 +613,17 @@ def main() -> int:
     async def go() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                stop.set()
+                return
+            # a job thread would keep the process to the job's end: as kill -9, by design safe
+            log.warning("%s: stopping now; the next scheduler runs what was left", name)
+            os._exit(1)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         return await serve(settings, stop, name)
 
     return asyncio.run(go())
