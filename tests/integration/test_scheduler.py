@@ -525,15 +525,22 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
         alive(proc, log)
         return [r for r in await run_log(candles_db) if r["finished_at"] is not None]
 
+    async def two_finished() -> list[asyncpg.Record] | None:
+        done = await finished()
+        return done if len(done) >= 2 else None
+
     with schedulers(tmp_path) as procs:
         proc = spawn(procs, env, log)
-        first, *_ = await eventually(finished, timeout=120, what="a finished training run")
+        first, second, *_ = await eventually(two_finished, timeout=240, what="two runs")
         url = f"http://127.0.0.1:{port}/metrics"
         metrics = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)).read()
         proc.terminate()
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
 
-    assert (first["outcome"], first["detail"]) == ("ok", "promoted"), dict(first)
+    assert (first["outcome"], second["outcome"]) == ("ok", "ok")
+    # the same candles again: the same model, already active, and the run log says so
+    assert re.fullmatch(r"promoted (\S+): .+", first["detail"]), dict(first)
+    assert re.fullmatch(r"model (\S+): \1 is already active: nothing changed", second["detail"])
     fire: dt.datetime = first["fire_time"]
     assert fire.timestamp() % 5 == 0
     assert b"tickwire_scheduler_leader 1.0" in metrics

@@ -168,7 +168,7 @@ class Settings(RuntimeSettings):
 
 def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
     """One ``tickwire train`` of the window ending at the scheduled fire time."""
-    from workers.trainer.cli import run
+    from workers.trainer.cli import outcome_line, train_and_store
 
     settings = load(Settings)
     stamp = fire_time.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -184,13 +184,11 @@ def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
         promote=settings.train_promote,
     )
     try:
-        code = run(args)
+        outcome = train_and_store(args)
     except SystemExit as exc:  # bad input: the trainer printed its one line, logged with the run
         why = exc.message if isinstance(exc, Refused) else f"tickwire train exited with {exc.code}"
         raise RuntimeError(why) from None
-    if code == 1:
-        return "not promoted: stays a candidate"
-    return "promoted" if settings.train_promote else "stored as a candidate"
+    return outcome_line(outcome)
 
 
 class SchedulerMetrics(WorkerMetrics):
