@@ -351,6 +351,51 @@ async def test_a_second_signal_stops_a_scheduler_that_waits_for_its_job(
     assert "stopping now" in log.read_text()
 
 
+async def test_a_waiting_scheduler_that_loses_its_connection_waits_on_and_takes_over(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The connection of a scheduler waiting to lead drops (a PostgreSQL restart, an idle
+    kill): it connects again and goes on waiting, and takes over when the leader dies."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn, TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record", SCHEDULER_TEST_RUNS=str(runs)
+    )
+    la, lb = tmp_path / "a.log", tmp_path / "b.log"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = spawn(procs, env, la)
+            await eventually(lambda: len(recorded(runs)) >= 1, timeout=30, what="a runs jobs")
+            b = spawn(procs, env, lb)
+            await eventually(
+                lambda: lb.exists() and "another scheduler is active" in lb.read_text(),
+                what="b waits",
+            )
+            killed = await conn.fetchval(  # b's connection: the one without the advisory lock
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND query LIKE '%pg_try_advisory_lock%'"
+                " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+            )
+            assert killed
+            await eventually(
+                lambda: "connecting again" in lb.read_text() or b.poll() is not None,
+                what="b to notice",
+            )
+            a.kill()
+            a.wait()
+            await eventually(
+                lambda: alive(b, lb) or sum(pid == b.pid for _, pid in recorded(runs)) >= 2,
+                timeout=30,
+                what="b takes over",
+            )
+            b.terminate()
+            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+    finally:
+        await conn.close()
+
+
 SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name
     "import os, socket, sys\n"
     "os.getpid = lambda: 1\n"

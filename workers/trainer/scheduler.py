@@ -515,7 +515,19 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
         if not await lock.fetchval(query("scheduler_tables_exist")):
             fail("no scheduler tables in this database: run tickwire db migrate")
         waiting_logged = False
-        while not await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
+        while True:
+            try:
+                if await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
+                    break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # not the leader: nothing to give up; wait on with a new connection
+                log.warning("%s: lost the connection while waiting (%s); connecting again",
+                            name, exc)  # fmt: skip
+                lock.terminate()
+                lock = await _connect_again(dsn, stop, settings.scheduler_leader_retry_s)
+                if lock is None:
+                    return 0
+                continue
             if not waiting_logged:
                 log.info("%s: another scheduler is active; retrying every %gs", name,
                          settings.scheduler_leader_retry_s)  # fmt: skip
@@ -527,8 +539,20 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
         return await _lead(settings, stop, name, lock, metrics)
     finally:
         metrics.leader.set(0)
-        await lock.close()
+        if lock is not None:
+            await lock.close()
         await server.stop()
+
+
+async def _connect_again(dsn: str, stop: asyncio.Event, retry_s: float) -> Any:
+    """A new connection, tried every ``retry_s`` until one is made; None once ``stop``."""
+    while True:
+        try:
+            return await asyncpg.connect(dsn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("cannot reach PostgreSQL (%s); trying again in %gs", exc, retry_s)
+        if await _wait(stop, retry_s):
+            return None
 
 
 async def _lead(
