@@ -23,3 +23,9 @@ def record_slowly(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> st
     interval between its fire times."""
     time.sleep(float(os.environ["SCHEDULER_TEST_JOB_S"]))
     return record(feed, symbol, tf, fire_time)
+
+
+def record_and_exit(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
+    """``record``, then ``sys.exit(3)``, as a command-line function used as a job may."""
+    record(feed, symbol, tf, fire_time)
+    raise SystemExit(3)

@@ -33,10 +33,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class Refused(SystemExit):
+    """Exit code 2 after one line on stderr, which ``message`` holds for a caller that
+    runs a command as a function (the scheduler's training job)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 def fail(message: str) -> NoReturn:
     """Stop with one line and exit code 2."""
     sys.stderr.write(f"tickwire: {message}\n")
-    raise SystemExit(2)
+    raise Refused(message)
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -252,6 +261,16 @@ def _gain(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
+    return value
+
+
 def _up(args: argparse.Namespace) -> int:
     from workers.up import run
 
@@ -456,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=_worker_names, help="a comma-separated subset")
     up.add_argument("--base-port", type=int, default=9101, help="first metrics port (9101)")
     up.add_argument("--log-dir", type=Path, default=Path(".stack/logs"), help="worker logs")
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to become healthy")
+    up.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to become healthy")
     up.set_defaults(func=_up)
 
     demo = sub.add_parser("demo", help="the main job, end to end, on a local stack")

@@ -33,7 +33,6 @@ import math
 import os
 import sys
 import time
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -61,7 +60,7 @@ from contracts.messages import (
 from infra.stack import REPO, LocalStack, StackUrls, describe
 from workers.cli import WORKERS
 from workers.ea_sim import market
-from workers.up import Launcher, LaunchError, default_ports
+from workers.up import LOOPBACK, Launcher, LaunchError, default_ports
 
 FEEDS: Final = ("icmarkets-live", "pepperstone-demo")
 SYMBOLS: Final = ("EURUSD", "XAUUSD", "US500.cash")
@@ -243,7 +242,7 @@ def _read_policy_doc() -> dict[str, Any]:
 
 def scrape(url: str) -> Samples:
     """Every sample of a worker's /metrics, keyed by name and labels."""
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with LOOPBACK.open(url, timeout=5) as r:
         text = r.read().decode()
     out: Samples = {}
     for family in text_string_to_metric_families(text):

@@ -3,7 +3,9 @@
 ``Launcher`` is the reusable part (``make demo`` and the tests use it): start each worker as
 ``python -m workers.cli run NAME`` with ``TICKWIRE_METRICS_PORT`` set and its output in a
 log file of its own, wait until every /healthz answers 200, notice a worker that died, and
-stop them all: SIGTERM (a worker drains what it holds), a grace period, then SIGKILL.
+stop them all: SIGTERM (a worker drains what it holds), a grace period, then SIGKILL. A
+metrics port already in use is refused before any worker starts, and a worker gets SIGTERM
+from the kernel when its launcher dies without stopping it (kill -9).
 
 The default ports are those ``infra/prometheus.yml`` scrapes: 9101.. in ``WORKERS`` order.
 """
@@ -12,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -33,6 +38,10 @@ STOP_GRACE_S: Final = 25.0
 """More than a worker's ``drain_timeout_s`` (20 s): it gets to finish what it holds."""
 TAIL_LINES: Final = 15
 POLL_S: Final = 0.2
+
+
+LOOPBACK: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""For the workers' own ports: never through a proxy from http_proxy and the like."""
 
 
 def default_ports(base: int = BASE_PORT) -> dict[str, int]:
@@ -69,10 +78,42 @@ class Child:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as r:
+            with LOOPBACK.open(self.health_url, timeout=2) as r:
                 return bool(r.status == 200)
         except (OSError, urllib.error.URLError):
             return False
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _end_with_launcher() -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM when the launcher dies. The kernel sends it when
+    the forking *thread* ends, so only for children started from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the worker's server
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _indented(text: str) -> str:
@@ -103,7 +144,16 @@ class Launcher:
         self.children: dict[str, Child] = {}
 
     def start(self) -> None:
+        """Start every worker; ``LaunchError`` before any starts if a port is in use."""
+        host = self.env.get("TICKWIRE_METRICS_HOST", "127.0.0.1")
+        for name in self.workers:
+            if _port_in_use(host, self.ports[name]):
+                raise LaunchError(
+                    f"port {self.ports[name]} for {name} is in use"
+                    " (another tickwire up still running?)"
+                )
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        preexec = _end_with_launcher()
         for name in self.workers:
             log = self.log_dir / f"{name}.log"
             env = self.env | {"TICKWIRE_METRICS_PORT": str(self.ports[name])}
@@ -116,6 +166,7 @@ class Launcher:
                     stderr=subprocess.STDOUT,
                     # Ctrl-C in the terminal reaches the launcher only; it stops them in turn
                     start_new_session=True,
+                    preexec_fn=preexec,
                 )
             self.children[name] = Child(name, self.ports[name], log, process)
 
@@ -179,7 +230,7 @@ class Launcher:
 
 
 class Stopped(Exception):
-    """SIGTERM arrived."""
+    """SIGTERM or SIGHUP (the terminal closed) arrived."""
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -225,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
     launcher = Launcher(
         args.workers or list(WORKERS), log_dir=args.log_dir, ports=ports, namespace=args.namespace
     )
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_sigterm)
     code = 0
     try:
         launcher.start()
@@ -244,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, Stopped):
         print("tickwire up: stopping ...", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
         codes = launcher.stop()
     for name, rc in codes.items():
         if rc not in (0, -signal.SIGTERM):

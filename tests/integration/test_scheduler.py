@@ -316,6 +316,195 @@ async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_n
     assert max(f for f, pid in calls if pid == a.pid) < min(f for f, pid in calls if pid == b.pid)
 
 
+async def test_a_job_that_exits_is_a_failed_run_and_the_scheduler_goes_on(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A job calls sys.exit() (a command-line function used as the job): its run is recorded
+    as failed, and the scheduler runs the next fire times."""
+    await migrate(pg_dsn)
+    runs, log = tmp_path / "runs.txt", tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_and_exit",
+        SCHEDULER_TEST_RUNS=str(runs),
+    )
+
+    def three_ran() -> bool:
+        alive(proc, log)
+        return len(recorded(runs)) >= 3
+
+    with schedulers(tmp_path) as procs:
+        proc = spawn(procs, env, log)
+        await eventually(three_ran, timeout=30, what="three runs")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+
+    rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
+    for fire, _ in recorded(runs):
+        assert (rows[fire]["outcome"], rows[fire]["detail"]) == ("failed", "SystemExit: 3")
+
+
+async def test_a_second_signal_stops_a_scheduler_that_waits_for_its_job(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """SIGTERM lets the job it is inside go on to its end; a second SIGTERM (or Ctrl-C)
+    stops it at once, and the run is left to the next scheduler, as after kill -9."""
+    await migrate(pg_dsn)
+    log = tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_DRAIN_TIMEOUT_S="1",
+        SCHEDULER_TEST_RUNS=str(tmp_path / "runs.txt"),
+        SCHEDULER_TEST_JOB_S="600",
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            proc = spawn(procs, env, log)
+
+            async def inside_a_run() -> bool:
+                alive(proc, log)
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
+                    )
+                )
+
+            await eventually(inside_a_run, timeout=30, what="inside a run")
+            proc.send_signal(signal.SIGTERM)
+
+            async def lock_released() -> bool:  # the drain is over, the job still runs
+                return not await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                )
+
+            await eventually(lock_released, timeout=30, what="the drain to end")
+            assert proc.poll() is None  # the job goes on
+            proc.send_signal(signal.SIGINT)
+            await eventually(lambda: proc.poll() is not None, timeout=30, what="the exit")
+        unfinished = await conn.fetchval(
+            "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
+        )
+    finally:
+        await conn.close()
+    assert unfinished == 1
+    assert "stopping now" in log.read_text()
+
+
+async def test_a_waiting_scheduler_that_loses_its_connection_waits_on_and_takes_over(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The connection of a scheduler waiting to lead drops (a PostgreSQL restart, an idle
+    kill): it connects again and goes on waiting, and takes over when the leader dies."""
+    await migrate(pg_dsn)
+    runs = tmp_path / "runs.txt"
+    env = scheduler_env(
+        pg_dsn, TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record", SCHEDULER_TEST_RUNS=str(runs)
+    )
+    la, lb = tmp_path / "a.log", tmp_path / "b.log"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = spawn(procs, env, la)
+            await eventually(lambda: len(recorded(runs)) >= 1, timeout=30, what="a runs jobs")
+            b = spawn(procs, env, lb)
+            await eventually(
+                lambda: lb.exists() and "another scheduler is active" in lb.read_text(),
+                what="b waits",
+            )
+            killed = await conn.fetchval(  # b's connection: the one without the advisory lock
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND query LIKE '%pg_try_advisory_lock%'"
+                " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+            )
+            assert killed
+            await eventually(
+                lambda: "connecting again" in lb.read_text() or b.poll() is not None,
+                what="b to notice",
+            )
+            a.kill()
+            a.wait()
+            await eventually(
+                lambda: alive(b, lb) or sum(pid == b.pid for _, pid in recorded(runs)) >= 2,
+                timeout=30,
+                what="b takes over",
+            )
+            b.terminate()
+            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+    finally:
+        await conn.close()
+
+
+SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name
+    "import os, socket, sys\n"
+    "os.getpid = lambda: 1\n"
+    "socket.gethostname = lambda: 'scheduler-container'\n"
+    "from workers.cli import main\n"
+    "sys.exit(main(['run', 'scheduler']))\n"
+)
+
+
+async def test_a_scheduler_restarted_with_the_same_host_and_pid_runs_the_run_it_died_in(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A scheduler is killed inside a run (OOM, kill -9) and its container restarts it: the
+    same host name, the same pid 1. The run left unfinished is run again, not taken for one
+    the new scheduler is inside itself."""
+    await migrate(pg_dsn)
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record_slowly",
+        TICKWIRE_SCHEDULER_MISFIRE_GRACE_S="120",
+        SCHEDULER_TEST_RUNS=str(tmp_path / "runs.txt"),
+        SCHEDULER_TEST_JOB_S="600",
+    )
+    la, lb = tmp_path / "a.log", tmp_path / "b.log"
+
+    def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SAME_HOST_AND_PID],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        procs.append(proc)
+        return proc
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            a = start(env, la)
+
+            async def a_inside_a_run() -> dt.datetime | None:
+                alive(a, la)
+                return await conn.fetchval(  # type: ignore[no-any-return]
+                    "SELECT fire_time FROM scheduler.runs WHERE finished_at IS NULL"
+                )
+
+            fire = await eventually(a_inside_a_run, timeout=30, what="a inside a run")
+            a.kill()
+            a.wait()
+            b = start(env | {"SCHEDULER_TEST_JOB_S": "0"}, lb)
+
+            async def finished() -> asyncpg.Record | None:
+                alive(b, lb)
+                return await conn.fetchrow(  # type: ignore[no-any-return]
+                    "SELECT * FROM scheduler.runs WHERE fire_time = $1 AND finished_at IS NOT NULL",
+                    fire,
+                )
+
+            row = await eventually(finished, timeout=30, what="the run a died in to be run")
+            b.terminate()
+            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+    finally:
+        await conn.close()
+    assert (row["outcome"], row["attempts"]) == ("ok", 2)
+
+
 REFUSE_CLAIMS = """
 CREATE FUNCTION scheduler.refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -371,6 +560,38 @@ async def test_a_fire_time_that_cannot_be_claimed_is_run_after_the_restart(
     assert {int(r["fire_time"].timestamp()) for r in await run_log(pg_dsn)} == set(fires)
 
 
+async def test_a_training_that_refuses_its_input_is_logged_with_its_reason(
+    pg_dsn: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """``tickwire train`` stops with one line (here: no candles in the window); the run log
+    says that line, not only that it exited."""
+    await migrate(pg_dsn)
+    log = tmp_path / "scheduler.log"
+    env = scheduler_env(
+        pg_dsn,
+        TICKWIRE_NATS_URL=nats_url,
+        TICKWIRE_NAMESPACE=namespace,
+        TICKWIRE_TRAIN_OUT=str(tmp_path / "reports"),
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with schedulers(tmp_path) as procs:
+            proc = spawn(procs, env, log)
+
+            async def failed() -> str | None:
+                alive(proc, log)
+                return await conn.fetchval(  # type: ignore[no-any-return]
+                    "SELECT detail FROM scheduler.runs WHERE outcome = 'failed' LIMIT 1"
+                )
+
+            detail = await eventually(failed, timeout=60, what="a failed run")
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    finally:
+        await conn.close()
+    assert detail.startswith(f"RuntimeError: no candles for {FEED} {SYMBOL} {TF} in ["), detail
+
+
 async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
     candles_db: str, nats_url: str, namespace: str, js: JetStreamContext, tmp_path: Path
 ) -> None:
@@ -390,15 +611,22 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
         alive(proc, log)
         return [r for r in await run_log(candles_db) if r["finished_at"] is not None]
 
+    async def two_finished() -> list[asyncpg.Record] | None:
+        done = await finished()
+        return done if len(done) >= 2 else None
+
     with schedulers(tmp_path) as procs:
         proc = spawn(procs, env, log)
-        first, *_ = await eventually(finished, timeout=120, what="a finished training run")
+        first, second, *_ = await eventually(two_finished, timeout=240, what="two runs")
         url = f"http://127.0.0.1:{port}/metrics"
         metrics = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)).read()
         proc.terminate()
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
 
-    assert (first["outcome"], first["detail"]) == ("ok", "promoted"), dict(first)
+    assert (first["outcome"], second["outcome"]) == ("ok", "ok")
+    # the same candles again: the same model, already active, and the run log says so
+    assert re.fullmatch(r"promoted (\S+): .+", first["detail"]), dict(first)
+    assert re.fullmatch(r"model (\S+): \1 is already active: nothing changed", second["detail"])
     fire: dt.datetime = first["fire_time"]
     assert fire.timestamp() % 5 == 0
     assert b"tickwire_scheduler_leader 1.0" in metrics

@@ -38,6 +38,8 @@ def tickwire(*args: str) -> subprocess.CompletedProcess[str]:
         (("streams", "ensure", "--partitions", "candle-ingest"), "from 1 to 64"),
         (("streams", "ensure", "--partitions", "candle-ingest=0"), "from 1 to 64"),
         (("streams", "ensure", "--partitions", "scorer=2"), "expected WORKER=N"),
+        (("up", "--workers", "scheduler", "--timeout", "nan"), "finite number > 0: 'nan'"),
+        (("up", "--workers", "scheduler", "--timeout", "0"), "finite number > 0: '0'"),
     ],
 )  # fmt: skip
 def test_bad_arguments_give_one_line_and_exit_2(args: tuple[str, ...], says: str) -> None:

@@ -175,6 +175,17 @@ def test_one_service_per_worker(compose: dict[str, dict[str, Any]]) -> None:
         assert service["restart"] == "unless-stopped"
 
 
+@pytest.mark.parametrize("profile", ["default", "cluster"])
+def test_the_scheduler_writes_its_reports_where_its_read_only_container_may(
+    compose: dict[str, dict[str, Any]], profile: str
+) -> None:
+    service = _services(compose, profile)["scheduler"]
+    assert service["read_only"] is True
+    out = service["environment"]["TICKWIRE_TRAIN_OUT"]
+    writable = [*service.get("tmpfs", []), *(v["target"] for v in service.get("volumes", []))]
+    assert any(out.startswith(f"{w.rstrip('/')}/") for w in writable), (out, writable)
+
+
 def test_metrics_ports_are_distinct(compose: dict[str, dict[str, Any]]) -> None:
     services = _services(compose, "default")
     ports = [services[w]["environment"]["TICKWIRE_METRICS_PORT"] for w in WORKERS]

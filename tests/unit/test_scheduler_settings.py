@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -50,6 +52,8 @@ def test_five_fields_are_crontab_and_six_fields_start_with_seconds() -> None:
         ("demo/EURUSD/M5@0 3 * *", "has 4 fields"),
         ("demo/EURUSD/M5@0 25 * * *", "25"),
         ("de.mo/EURUSD/M5@0 3 * * *", "feed must match"),
+        ("demo/EURUSD/M5@0 3 30 2 *", "never fires"),
+        ("demo/EURUSD/M5@0 0 3 31 4 *", "never fires"),
     ],
 )
 def test_a_bad_entry_is_refused_with_what_is_wrong(text: str, says: str) -> None:
@@ -78,6 +82,7 @@ def run_scheduler(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             "bad setting TICKWIRE_TRAIN_SCHEDULE: Value error, scheduled twice: train:demo/EURUSD/M5",
         ),
         ({"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@every day"}, "has 2 fields"),
+        ({"TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 30 2 *"}, "never fires"),
         ({"TICKWIRE_TRAIN_WINDOW_DAYS": "0"}, "bad setting TICKWIRE_TRAIN_WINDOW_DAYS"),
         (
             {
@@ -126,3 +131,42 @@ async def test_a_stored_job_keeps_its_next_fire_time_when_only_how_its_runs_wait
         assert job.next_run_time == due
     finally:
         scheduler.shutdown(wait=False)
+
+
+def test_a_report_directory_that_cannot_be_written_stops_the_scheduler_at_start(
+    tmp_path: Path,
+) -> None:
+    """Every scheduled ``tickwire train`` writes its report there: one that cannot be
+    written (a read-only container) is refused at start, not at each fire time."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = run_scheduler(
+        {
+            "TICKWIRE_POSTGRES_DSN": "postgresql://x/y",
+            "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *",
+            "TICKWIRE_TRAIN_OUT": str(not_a_dir / "reports"),
+        }
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"TICKWIRE_TRAIN_OUT {not_a_dir / 'reports'}: " in proc.stderr
+
+
+def test_a_postgresql_that_does_not_answer_stops_the_scheduler_with_one_line(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_scheduler(
+        {
+            "TICKWIRE_POSTGRES_DSN": f"postgresql://u:secret-pw@127.0.0.1:{port}/y",
+            "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 * * *",
+            "TICKWIRE_TRAIN_OUT": str(tmp_path),
+            "TICKWIRE_LOG_LEVEL": "WARNING",
+        }
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot reach PostgreSQL" in proc.stderr
+    assert "secret-pw" not in proc.stderr

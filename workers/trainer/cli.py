@@ -238,13 +238,17 @@ def summary(rep: dict[str, Any], outcome: Outcome, paths: list[Path]) -> str:
         f" Sharpe {bt['sharpe']:.2f}, max drawdown {bt['max_drawdown']:.5f}"
     )
     lines.append(f"report: {', '.join(str(p) for p in paths)}")
-    if outcome.promoted is None:
-        lines.append(f"model {outcome.version}: {outcome.reason}")
-    elif outcome.promoted:
-        lines.append(f"promoted {outcome.version}: {outcome.reason}")
-    else:
-        lines.append(f"not promoted, {outcome.version} stays a candidate: {outcome.reason}")
+    lines.append(outcome_line(outcome))
     return "\n".join(lines)
+
+
+def outcome_line(outcome: Outcome) -> str:
+    """What became of the model, in one line (the last of the summary)."""
+    if outcome.promoted is None:
+        return f"model {outcome.version}: {outcome.reason}"
+    if outcome.promoted:
+        return f"promoted {outcome.version}: {outcome.reason}"
+    return f"not promoted, {outcome.version} stays a candidate: {outcome.reason}"
 
 
 async def _nats_answers(settings: Settings) -> None:
@@ -253,6 +257,16 @@ async def _nats_answers(settings: Settings) -> None:
 
 
 def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
+    """``tickwire train``: 1 when the gate kept the model a candidate, else 0."""
+    outcome = train_and_store(args, fs)
+    if outcome.promoted is False:
+        log.info("model %s not promoted: %s", outcome.version, outcome.reason)
+        return 1
+    return 0
+
+
+def train_and_store(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> Outcome:
+    """Train, report, store (and gate) the model; print the summary; what became of it."""
     settings = load(Settings)
     try:
         active_key(args.feed, args.symbol, args.tf)
@@ -311,7 +325,4 @@ def run(args: argparse.Namespace, fs: FeatureSet = DEFAULT) -> int:
     except (TimeoutError, OSError) as exc:
         fail(f"NATS at {settings.nats_url} did not answer: {exc!r}; the model is not stored")
     print(summary(rep, outcome, paths))
-    if outcome.promoted is False:
-        log.info("model %s not promoted: %s", outcome.version, outcome.reason)
-        return 1
-    return 0
+    return outcome

@@ -29,8 +29,10 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import secrets
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -60,7 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.messages import Timeframe
 from db.queries import query
-from workers.cli import fail
+from workers.cli import Refused, fail
 from workers.runtime.metrics import MetricsServer, WorkerMetrics
 from workers.runtime.settings import RuntimeSettings, load
 
@@ -89,7 +91,15 @@ class Entry:
 
 
 def cron_trigger(cron: str) -> CronTrigger:
-    """Five crontab fields (minute hour day month day-of-week), or six with seconds first."""
+    """Five crontab fields (minute hour day month day-of-week), or six with seconds first;
+    one that has no fire time from now on (such as 30 February) is refused."""
+    trigger = _cron_fields(cron)
+    if trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)) is None:
+        raise ValueError(f"cron {cron!r} never fires")
+    return trigger
+
+
+def _cron_fields(cron: str) -> CronTrigger:
     fields = cron.split()
     if len(fields) == 5:
         return CronTrigger.from_crontab(cron, timezone=dt.UTC)
@@ -158,7 +168,7 @@ class Settings(RuntimeSettings):
 
 def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
     """One ``tickwire train`` of the window ending at the scheduled fire time."""
-    from workers.trainer.cli import run
+    from workers.trainer.cli import outcome_line, train_and_store
 
     settings = load(Settings)
     stamp = fire_time.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -174,12 +184,11 @@ def train_job(feed: str, symbol: str, tf: str, fire_time: dt.datetime) -> str:
         promote=settings.train_promote,
     )
     try:
-        code = run(args)
-    except SystemExit as exc:  # bad input: the trainer printed its one line
-        raise RuntimeError(f"tickwire train exited with {exc.code}") from None
-    if code == 1:
-        return "not promoted: stays a candidate"
-    return "promoted" if settings.train_promote else "stored as a candidate"
+        outcome = train_and_store(args)
+    except SystemExit as exc:  # bad input: the trainer printed its one line, logged with the run
+        why = exc.message if isinstance(exc, Refused) else f"tickwire train exited with {exc.code}"
+        raise RuntimeError(why) from None
+    return outcome_line(outcome)
 
 
 class SchedulerMetrics(WorkerMetrics):
@@ -353,7 +362,7 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
             log.info("running %s for %s", job.id, when)
             try:
                 detail = job.func(*job.args, **(job.kwargs | {"fire_time": fire_time}))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # an exit would end the scheduler
                 log.exception("%s for %s failed", job.id, when)
                 outcome, text_ = "failed", f"{type(exc).__name__}: {exc}"
                 event = JobExecutionEvent(
@@ -387,7 +396,12 @@ class ClaimingExecutor(BaseExecutor):  # type: ignore[misc]
     async def drain(self, limit_s: float) -> None:
         if self.tasks:
             log.info("waiting up to %gs for %d running job(s)", limit_s, len(self.tasks))
-            await asyncio.wait(set(self.tasks), timeout=limit_s)
+            _, running = await asyncio.wait(set(self.tasks), timeout=limit_s)
+            if running:
+                log.warning(
+                    "%d job(s) still running: exiting after they end (signal again to stop now)",
+                    len(running),
+                )
 
 
 class StoreKeepingUnclaimed(SQLAlchemyJobStore):  # type: ignore[misc]
@@ -492,13 +506,29 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     metrics = SchedulerMetrics()
     server = MetricsServer(metrics, lambda: True, settings.metrics_host, settings.metrics_port)
     await server.start()
-    lock = await asyncpg.connect(dsn)
+    try:
+        lock = await asyncpg.connect(dsn)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        await server.stop()
+        fail(f"cannot reach PostgreSQL: {exc}")
     try:
         if not await lock.fetchval(query("scheduler_tables_exist")):
             fail("no scheduler tables in this database: run tickwire db migrate")
         metrics.up.labels(metrics.worker).set(1)  # connected: active or waiting to be
         waiting_logged = False
-        while not await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
+        while True:
+            try:
+                if await lock.fetchval(query("scheduler_try_leadership"), LOCK_NAME):
+                    break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # not the leader: nothing to give up; wait on with a new connection
+                log.warning("%s: lost the connection while waiting (%s); connecting again",
+                            name, exc)  # fmt: skip
+                lock.terminate()
+                lock = await _connect_again(dsn, stop, settings.scheduler_leader_retry_s)
+                if lock is None:
+                    return 0
+                continue
             if not waiting_logged:
                 log.info("%s: another scheduler is active; retrying every %gs", name,
                          settings.scheduler_leader_retry_s)  # fmt: skip
@@ -511,8 +541,20 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     finally:
         metrics.leader.set(0)
         metrics.up.labels(metrics.worker).set(0)
-        await lock.close()
+        if lock is not None:
+            await lock.close()
         await server.stop()
+
+
+async def _connect_again(dsn: str, stop: asyncio.Event, retry_s: float) -> Any:
+    """A new connection, tried every ``retry_s`` until one is made; None once ``stop``."""
+    while True:
+        try:
+            return await asyncpg.connect(dsn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("cannot reach PostgreSQL (%s); trying again in %gs", exc, retry_s)
+        if await _wait(stop, retry_s):
+            return None
 
 
 async def _lead(
@@ -582,13 +624,30 @@ def main() -> int:
         fail(f"TICKWIRE_SCHEDULER_JOB: {exc}")
     if not callable(func):
         fail(f"TICKWIRE_SCHEDULER_JOB: {settings.scheduler_job} is not callable")
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    if func is train_job:  # each run writes its report there: checked now, not at a fire time
+        try:
+            settings.train_out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=settings.train_out).close()
+        except OSError as exc:
+            fail(f"TICKWIRE_TRAIN_OUT {settings.train_out}: {exc.strerror or exc}")
+    # unique to this start: a container restarted after a crash has the same host name and
+    # pid (1), and a run left unfinished under the same name would never be taken over
+    name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     async def go() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                stop.set()
+                return
+            # a job thread would keep the process to the job's end: as kill -9, by design safe
+            log.warning("%s: stopping now; the next scheduler runs what was left", name)
+            os._exit(1)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         return await serve(settings, stop, name)
 
     return asyncio.run(go())
