@@ -54,6 +54,10 @@ def test_five_fields_are_crontab_and_six_fields_start_with_seconds() -> None:
         ("de.mo/EURUSD/M5@0 3 * * *", "feed must match"),
         ("demo/EURUSD/M5@0 3 30 2 *", "never fires"),
         ("demo/EURUSD/M5@0 0 3 31 4 *", "never fires"),
+        # read otherwise by crontab: 1-5 is Monday to Friday there, Tuesday to Saturday here
+        ("demo/EURUSD/M5@0 3 * * 1-5", "with names (mon-fri)"),
+        ("demo/EURUSD/M5@0 0 3 * * 0", "with names (mon-fri)"),
+        ("demo/EURUSD/M5@0 3 1 * mon", "both the day of month and the day of week"),
     ],
 )
 def test_a_bad_entry_is_refused_with_what_is_wrong(text: str, says: str) -> None:

@@ -92,7 +92,8 @@ class Entry:
 
 def cron_trigger(cron: str) -> CronTrigger:
     """Five crontab fields (minute hour day month day-of-week), or six with seconds first;
-    one that has no fire time from now on (such as 30 February) is refused."""
+    one that has no fire time from now on (such as 30 February) is refused, and so is one
+    crontab would read otherwise: a numeric day of week, or both days set."""
     trigger = _cron_fields(cron)
     if trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)) is None:
         raise ValueError(f"cron {cron!r} never fires")
@@ -101,6 +102,19 @@ def cron_trigger(cron: str) -> CronTrigger:
 
 def _cron_fields(cron: str) -> CronTrigger:
     fields = cron.split()
+    if len(fields) in (5, 6):
+        # where crontab and APScheduler read the same text differently, refuse it
+        day, dow = fields[-3], fields[-1]
+        if any(ch.isdigit() for ch in dow):
+            raise ValueError(
+                f"cron {cron!r}: write the day of week with names (mon-fri): crontab counts "
+                "0 = Sunday, this scheduler 0 = Monday"
+            )
+        if day != "*" and dow != "*":
+            raise ValueError(
+                f"cron {cron!r} sets both the day of month and the day of week: crontab runs "
+                "when either matches, this scheduler only when both do; leave one of them *"
+            )
     if len(fields) == 5:
         return CronTrigger.from_crontab(cron, timezone=dt.UTC)
     if len(fields) == 6:
