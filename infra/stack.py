@@ -342,9 +342,14 @@ def pid_alive(pid: int) -> bool:
     return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""For the local servers' and workers' own ports: never through a proxy from http_proxy and
+the like (urllib would send a request for 127.0.0.1 there unless no_proxy names it)."""
+
+
 def _http_ok(url: str, expect: bytes = b"") -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with LOOPBACK.open(url, timeout=2) as response:
             return response.status == 200 and expect in response.read()
     except (OSError, urllib.error.URLError):
         return False
@@ -495,7 +500,7 @@ class NatsNode(NatsServer):
     def jsz(self) -> dict[str, Any]:
         """The node's /jsz (JetStream state, meta leader); empty if it does not answer."""
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/jsz", timeout=2) as response:
+            with LOOPBACK.open(f"{self.monitor_url}/jsz", timeout=2) as response:
                 return dict(json.load(response))
         except (OSError, urllib.error.URLError, ValueError):
             return {}

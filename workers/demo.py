@@ -57,10 +57,10 @@ from contracts.messages import (
     Timeframe,
     Watermark,
 )
-from infra.stack import REPO, LocalStack, StackUrls, describe
+from infra.stack import LOOPBACK, REPO, LocalStack, StackUrls, describe
 from workers.cli import WORKERS
 from workers.ea_sim import market
-from workers.up import LOOPBACK, Launcher, LaunchError, default_ports
+from workers.up import Launcher, LaunchError, default_ports
 
 FEEDS: Final = ("icmarkets-live", "pepperstone-demo")
 SYMBOLS: Final = ("EURUSD", "XAUUSD", "US500.cash")

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Final
 
+from infra.stack import LOOPBACK
 from workers.cli import WORKERS, fail
 
 BASE_PORT: Final = 9101
@@ -38,10 +39,6 @@ STOP_GRACE_S: Final = 25.0
 """More than a worker's ``drain_timeout_s`` (20 s): it gets to finish what it holds."""
 TAIL_LINES: Final = 15
 POLL_S: Final = 0.2
-
-
-LOOPBACK: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-"""For the workers' own ports: never through a proxy from http_proxy and the like."""
 
 
 def default_ports(base: int = BASE_PORT) -> dict[str, int]:

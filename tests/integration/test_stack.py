@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,26 @@ def test_a_stack_of_nats_alone() -> None:
         assert urls.env() == {"TICKWIRE_NATS_URL": urls.nats_url}
         assert stack.root.is_dir()
     assert not stack.root.exists()
+
+
+def test_servers_are_seen_ready_whatever_the_proxy_settings(
+    private_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy for the user's web traffic (http_proxy, without no_proxy) must not stand
+    between the stack and its servers' loopback ports."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = NatsServer(private_dir / "nats", start_timeout=15)
+    server.start()
+    try:
+        assert server.running  # start() waits until the server says it is ready
+    finally:
+        server.stop()
 
 
 def test_postgres_restart_and_crash_keep_committed_rows(private_dir: Path) -> None:
