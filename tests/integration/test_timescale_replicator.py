@@ -440,6 +440,39 @@ async def test_each_streams_consumer_pending_is_its_own_series(
     assert pending == want
 
 
+def listening_ports() -> set[int]:
+    """TCP ports this process listens on (its sockets in /proc/net/tcp, state LISTEN)."""
+    fds = Path("/proc/self/fd")
+    inodes = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_one_replicator_process_listens_on_one_metrics_port(
+    stack: StackUrls, namespace: str, writer_dsn: str
+) -> None:
+    """Its four stream consumers share one registry: the first serves it, the others open no
+    port of their own (each was an open port on every interface nobody scraped)."""
+    before = listening_ports()
+    replicator = Replicator(settings(stack, namespace, writer_dsn))
+    task = await start(replicator)
+    try:
+        assert len(replicator.workers) == 4
+        assert replicator.lead.metrics_server is not None
+        assert listening_ports() - before == {replicator.lead.metrics_server.port}
+    finally:
+        await stop(replicator, task)
+
+
 async def test_restart_skips_what_the_database_has(
     stack: StackUrls, js: JetStreamContext, namespace: str, writer_dsn: str, pg_dsn: str
 ) -> None:

@@ -323,6 +323,8 @@ class Worker(Generic[T]):
         self._failed_in = "commit"
         self._dlq_subject = subjects.dlq(name, namespace=settings.namespace)
         self.metrics_server: MetricsServer | None = None
+        self.serves_metrics = True
+        """False for a worker whose metrics another worker of the process serves."""
         self.started = asyncio.Event()
         """Set once connected, subscribed and serving metrics."""
 
@@ -397,9 +399,10 @@ class Worker(Generic[T]):
             state={},
         )
         self._ctx = ctx
-        self.metrics_server = MetricsServer(
-            self.metrics, self.healthy, s.metrics_host, s.metrics_port
-        )
+        if self.serves_metrics:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.healthy, s.metrics_host, s.metrics_port
+            )
         try:
             if self.in_order and not await self._until_ready(self._alone, ctx):
                 return  # stopped meanwhile
@@ -438,7 +441,8 @@ class Worker(Generic[T]):
                 max_buffered=max(s.fetch_batch, s.handler_batch) * 4,
                 last_delivery=self._last_delivery,
             )
-            await self.metrics_server.start()
+            if self.metrics_server is not None:
+                await self.metrics_server.start()
             await self._source.start()
             self.metrics.up.labels(self.name).set(1)
             self._alive_at = time.monotonic()

@@ -446,18 +446,17 @@ class Replicator:
         self.replicas = [Replica(settings, TABLES[s], own) for s in settings.streams]
         self.workers: list[_StreamWorker] = []
         for i, replica in enumerate(self.replicas):
-            # only the first serves the configured metrics port
-            s = settings if i == 0 else settings.model_copy(update={"metrics_port": 0})
             worker = _StreamWorker(
                 NAME,
                 stream=replica.stream,
                 durable=replica.durable,
                 codec=replica.codec,
-                settings=s,
+                settings=settings,
                 handler=replica.handle,
                 in_order=True,
             )
             worker.metrics = self.metrics
+            worker.serves_metrics = i == 0  # one port for the process: the first serves all
             worker.on_startup(replica.start)
             worker.on_shutdown(_closer(replica))
             self.workers.append(worker)
