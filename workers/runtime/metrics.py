@@ -31,7 +31,7 @@ class WorkerMetrics:
         r = self.registry
         self.messages_in = Counter(
             "tickwire_messages_in",
-            "Input messages by outcome: ok, dead_letter, retry, other_partition",
+            "Input messages by outcome: ok, dead_letter, retry, other_partition, requeued_for_other",
             ["worker", "outcome"],
             registry=r,
         )
