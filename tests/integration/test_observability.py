@@ -135,14 +135,21 @@ async def test_every_worker_serves_metrics_that_move(
     rows = await _send_ticks(js, ns)
     minutes = len({r.time_ms // 60_000 for r in rows})
 
-    def get(worker: str, name: str, **labels: str) -> float:
-        return total(_scrape_all(launcher)[worker], name, **labels)
+    def through() -> bool:
+        """Everything sent has had its effect: the last candle's score, a signal in
+        PostgreSQL, the malformed message's dead letter (each counted after its own commit)."""
+        now = _scrape_all(launcher)
+        ready = total(now["feature-builder"], "tickwire_feature_vectors_out_total", tf="M1",
+                      warming_up="false")  # fmt: skip
+        return (
+            total(now["timescale-replicator"], "tickwire_replicated_rows_total", stream="SIGNALS")
+            > 0
+            and total(now["candle-ingest"], "tickwire_dead_letters_total") >= 1
+            and ready == minutes - DEFAULT.warmup + 1
+            and total(now["model-scorer"], "tickwire_scores_out_total", tf="M1") >= ready
+        )
 
-    await eventually(
-        lambda: get("timescale-replicator", "tickwire_replicated_rows_total", stream="SIGNALS") > 0,
-        timeout=90,
-        interval=0.5,
-    )
+    await eventually(through, timeout=90, interval=0.5)
     after = _scrape_all(launcher)
     assert all(total(s, "tickwire_ticks_in_total") == 0 for s in before.values())
     ci, fb, ms = after["candle-ingest"], after["feature-builder"], after["model-scorer"]
