@@ -102,6 +102,17 @@ def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
         raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
 
 
+async def unfinished_run(
+    conn: asyncpg.Connection, proc: subprocess.Popen[bytes], log: Path
+) -> dt.datetime | None:
+    """The fire time of the run a scheduler is inside (claimed, not finished); None if none.
+    Fails if the scheduler exited."""
+    alive(proc, log)
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        "SELECT fire_time FROM scheduler.runs WHERE finished_at IS NULL"
+    )
+
+
 async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_doubles(
     pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -275,15 +286,7 @@ async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_n
         with schedulers(tmp_path) as procs:
             a = spawn(procs, env, la)
 
-            async def a_inside_a_run() -> bool:
-                alive(a, la)
-                return bool(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
-                    )
-                )
-
-            await eventually(a_inside_a_run, timeout=30, what="a inside a run")
+            await eventually(lambda: unfinished_run(conn, a, la), timeout=30, what="a inside a run")
             b = spawn(procs, env, lb)
             await eventually(
                 lambda: lb.exists() and "another scheduler is active" in lb.read_text(),
@@ -363,15 +366,9 @@ async def test_a_second_signal_stops_a_scheduler_that_waits_for_its_job(
         with schedulers(tmp_path) as procs:
             proc = spawn(procs, env, log)
 
-            async def inside_a_run() -> bool:
-                alive(proc, log)
-                return bool(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM scheduler.runs WHERE finished_at IS NULL"
-                    )
-                )
-
-            await eventually(inside_a_run, timeout=30, what="inside a run")
+            await eventually(
+                lambda: unfinished_run(conn, proc, log), timeout=30, what="inside a run"
+            )
             proc.send_signal(signal.SIGTERM)
 
             async def lock_released() -> bool:  # the drain is over, the job still runs
@@ -479,13 +476,9 @@ async def test_a_scheduler_restarted_with_the_same_host_and_pid_runs_the_run_it_
         with schedulers(tmp_path) as procs:
             a = start(env, la)
 
-            async def a_inside_a_run() -> dt.datetime | None:
-                alive(a, la)
-                return await conn.fetchval(  # type: ignore[no-any-return]
-                    "SELECT fire_time FROM scheduler.runs WHERE finished_at IS NULL"
-                )
-
-            fire = await eventually(a_inside_a_run, timeout=30, what="a inside a run")
+            fire = await eventually(
+                lambda: unfinished_run(conn, a, la), timeout=30, what="a inside a run"
+            )
             a.kill()
             a.wait()
             b = start(env | {"SCHEDULER_TEST_JOB_S": "0"}, lb)
