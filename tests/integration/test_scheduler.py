@@ -102,6 +102,29 @@ def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
         raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
 
 
+def alive_or_clean(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Still running, or exited with 0."""
+    if proc.poll():
+        raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
+
+
+async def three_runs(
+    tmp_path: Path, env: dict[str, str], log: Path, runs: Path, *, within_s: float
+) -> None:
+    """One scheduler until its job has recorded three runs, then stopped by SIGTERM."""
+    with schedulers(tmp_path) as procs:
+        proc = spawn(procs, env, log)
+
+        def three_ran() -> bool:
+            alive(proc, log)
+            return len(recorded(runs)) >= 3
+
+        await eventually(three_ran, timeout=within_s, what="three runs")
+        proc.terminate()
+        proc.wait(timeout=within_s)
+        alive_or_clean(proc, log)
+
+
 async def unfinished_run(
     conn: asyncpg.Connection, proc: subprocess.Popen[bytes], log: Path
 ) -> dt.datetime | None:
@@ -236,15 +259,7 @@ async def test_a_fire_time_that_comes_while_its_job_still_runs(
         SCHEDULER_TEST_JOB_S="1.5",  # fire times every second
     )
 
-    def three_ran() -> bool:
-        alive(proc, log)
-        return len(recorded(runs)) >= 3
-
-    with schedulers(tmp_path) as procs:
-        proc = spawn(procs, env, log)
-        await eventually(three_ran, timeout=60, what="three runs")
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    await three_runs(tmp_path, env, log, runs, within_s=60)
 
     fires = [fire for fire, _ in recorded(runs)]
     rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
@@ -332,15 +347,7 @@ async def test_a_job_that_exits_is_a_failed_run_and_the_scheduler_goes_on(
         SCHEDULER_TEST_RUNS=str(runs),
     )
 
-    def three_ran() -> bool:
-        alive(proc, log)
-        return len(recorded(runs)) >= 3
-
-    with schedulers(tmp_path) as procs:
-        proc = spawn(procs, env, log)
-        await eventually(three_ran, timeout=30, what="three runs")
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    await three_runs(tmp_path, env, log, runs, within_s=30)
 
     rows = {int(r["fire_time"].timestamp()): r for r in await run_log(pg_dsn)}
     for fire, _ in recorded(runs):
