@@ -24,6 +24,7 @@ from nats.js.errors import APIError
 
 from contracts import streams, subjects
 from contracts.messages import Bar, TickBatch, TickRow, Timeframe
+from tests.crashing_worker import window_gone_by
 from workers.candle_ingest import importer
 
 pytestmark = pytest.mark.integration
@@ -172,7 +173,43 @@ async def test_tick_import_publishes_exactly_the_exported_ticks_once(
     # The same import again stores nothing new.
     assert await asyncio.to_thread(run_import, *argv) == 0
     out, _ = capsys.readouterr()
-    assert "8 messages published (0 new, 8 duplicate)" in out
+    assert "8 messages on the stream already, 0 messages published (0 new, 0 duplicate)" in out
+    assert (await js.stream_info(stream)).state.messages == 8
+
+
+async def test_an_import_run_again_after_the_duplicate_window_stores_nothing_twice(
+    js: JetStreamContext, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped after three of its eight messages and run again once the stream's duplicate
+    window has gone by (1 s here, 10 minutes deployed): the rest goes out, nothing twice."""
+    specs = streams.stream_specs(namespace=namespace)
+    await streams.ensure(js, [msgspec.structs.replace(s, duplicate_window=1.0) for s in specs])
+    export = tick_export(tmp_path / "EURUSD.m_ticks.csv", count=5000, offset_hours=2, seed=7)
+    # the export up to its 2,100th tick (a malformed line among them): the first three
+    # messages of 700 of a run that stopped there
+    lines = export.path.read_bytes().decode("utf-16").split("\r\n")
+    stopped = tmp_path / "stopped.csv"
+    stopped.write_bytes("".join(f"{line}\r\n" for line in lines[:2102]).encode("utf-16"))
+    args = ["--feed", FEED, "--symbol", SYMBOL, "--utc-offset", "2", "--batch", "700"]
+    stream = f"NS_{namespace}_TICKS"
+
+    assert await asyncio.to_thread(run_import, "mt5-ticks", str(stopped), *args) == 0
+    assert (await js.stream_info(stream)).state.messages == 3
+    await window_gone_by(js, f"W_{namespace}", 1.0)
+    capsys.readouterr()
+    assert await asyncio.to_thread(run_import, "mt5-ticks", str(export.path), *args) == 0
+    out, _ = capsys.readouterr()
+    assert "3 messages on the stream already, 5 messages published (5 new, 0 duplicate)" in out
+
+    messages = await stored(js, stream)
+    batches = [msgspec.json.decode(data, type=TickBatch) for _, data, _ in messages]
+    assert [t for b in batches for t in b.ticks] == export.expected  # each once, in order
+    assert len({msg_id for _, _, msg_id in messages}) == len(messages) == 8
+
+    await window_gone_by(js, f"W_{namespace}", 1.0)
+    assert await asyncio.to_thread(run_import, "mt5-ticks", str(export.path), *args) == 0
+    out, _ = capsys.readouterr()
+    assert "8 messages on the stream already, 0 messages published" in out
     assert (await js.stream_info(stream)).state.messages == 8
 
 
@@ -233,7 +270,7 @@ async def test_bar_import_publishes_each_bar_once_with_spread_in_price_units(
 
     assert await asyncio.to_thread(run_import, *argv) == 0
     out, _ = capsys.readouterr()
-    assert "300 messages published (0 new, 300 duplicate)" in out
+    assert "300 messages on the stream already, 0 messages published (0 new, 0 duplicate)" in out
     assert (await js.stream_info(stream)).state.messages == 300
 
 

@@ -7,10 +7,12 @@ candle-ingest takes it like live input:
 - ticks: ``TickBatch`` messages of up to ``--batch`` ticks (``seq`` None), ``Nats-Msg-Id``
   ``mt5ticks|<feed>|<symbol>|<time_ms of the first tick>|<line number of the first tick>``.
 
-The ids depend only on the file and the options, so importing the same file again within
-the stream's duplicate window stores nothing new (the summary counts such messages as
-duplicates). A tick import repeated with another ``--batch`` or ``--utc-offset`` makes other
-ids and is not de-duplicated.
+The ids depend only on the file and the options. Before publishing, the importer reads the
+ids the stream holds on the symbol's subject (headers only, no payloads) and skips every
+message stored already, so an import run again, whole or after it stopped half-way, stores
+nothing twice however long after (the stream's duplicate window lasts minutes only). A tick
+import repeated with another ``--batch`` or ``--utc-offset`` makes other ids and is not
+de-duplicated.
 
 Publishes are asynchronous with at most ``--window`` unacknowledged; a failed or timed-out
 publish stops the import with one line and exit code 1. Malformed lines are reported as
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import hashlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final, NoReturn
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
@@ -44,13 +49,14 @@ from workers.candle_ingest import mt5_csv
 from workers.candle_ingest.mt5_csv import HeaderError, ParseError
 from workers.runtime.connection import connect_once
 from workers.runtime.publish import MSG_ID
+from workers.runtime.pull import read_stream
 from workers.runtime.settings import RuntimeSettings, load
 
 MAX_REPORTED: Final = 20
 """Malformed lines printed one by one; the rest are only counted."""
 RESUME: Final = (
-    "; running the same import again within 10 minutes is safe: the stream drops what it"
-    " already stored within its duplicate window (later, ticks stored twice count twice)"
+    "; run the same import again (same --batch and --utc-offset) to go on: what the stream"
+    " holds already is skipped"
 )
 """Said after a publish failure: the ids make a repeated import safe."""
 MAX_BATCH: Final = 5000
@@ -190,14 +196,17 @@ class Outcome:
     published: int = 0
     new: int = 0
     duplicate: int = 0
+    held: int = 0
+    """Messages the stream held already (an earlier run of the same import): not sent."""
 
     def summary(self, kind: str, path: Path, note: str = "") -> str:
         what = "bars" if kind == "mt5-bars" else "ticks"
-        return (
-            f"{path}: {self.lines} lines read, {self.items} {what} in {self.published} messages "
-            f"published ({self.new} new, {self.duplicate} duplicate), "
-            f"{self.malformed} malformed lines skipped{note}"
-        )
+        sent = f"{self.published} messages published ({self.new} new, {self.duplicate} duplicate)"
+        if self.held:
+            sent = f"{self.items} {what}: {self.held} messages on the stream already, {sent}"
+        else:
+            sent = f"{self.items} {what} in {sent}"
+        return f"{path}: {self.lines} lines read, {sent}, {self.malformed} malformed lines skipped{note}"
 
 
 class _Malformed:
@@ -217,12 +226,22 @@ class _Malformed:
             tqdm.write(f"... and {hidden} more malformed lines", file=sys.stderr)
 
 
+def bar_ids(feed: str, symbol: str, tf: Timeframe) -> str:
+    """What the ids of a bar import's messages start with."""
+    return f"bar|{feed}|{symbol}|{tf.value}|"
+
+
+def tick_ids(feed: str, symbol: str) -> str:
+    """What the ids of a tick import's messages start with."""
+    return f"mt5ticks|{feed}|{symbol}|"
+
+
 def bar_msg_id(bar: Bar) -> str:
-    return f"bar|{bar.feed}|{bar.symbol}|{bar.tf.value}|{bar.open_time_ms}"
+    return f"{bar_ids(bar.feed, bar.symbol, bar.tf)}{bar.open_time_ms}"
 
 
 def tick_batch_msg_id(feed: str, symbol: str, first: TickRow, first_line: int) -> str:
-    return f"mt5ticks|{feed}|{symbol}|{first.time_ms}|{first_line}"
+    return f"{tick_ids(feed, symbol)}{first.time_ms}|{first_line}"
 
 
 Message = tuple[bytes, str]
@@ -270,6 +289,45 @@ def _tick_messages(
             rows = []
     if rows:
         yield message()
+
+
+async def stored_ids(
+    nc: Client, js: JetStreamContext, stream: str, subject: str, prefix: str, *, progress: bool
+) -> set[str]:
+    """The ids starting with ``prefix`` of the messages ``stream`` holds on ``subject``, read
+    without their payloads through a short-lived consumer: what earlier runs stored."""
+    try:
+        last = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return set()
+    assert last.seq is not None
+    ids: set[str] = set()
+    reading = read_stream(
+        nc,
+        js,
+        stream,
+        consumer="tickwire-import-" + hashlib.sha256(subject.encode()).hexdigest()[:16],
+        filter_subjects=[subject],
+        last=last.seq,
+        desc=f"ids on {subject}",
+        progress=progress,
+        headers_only=True,
+    )
+    async with contextlib.aclosing(reading) as batches:
+        async for batch in batches:
+            for _, msg in batch:
+                msg_id = msg.headers.get(MSG_ID) if msg.headers else None
+                if msg_id is not None and msg_id.startswith(prefix):
+                    ids.add(msg_id)
+    return ids
+
+
+def _not_held(messages: Iterable[Message], held: set[str], outcome: Outcome) -> Iterator[Message]:
+    for message in messages:
+        if message[1] in held:
+            outcome.held += 1
+        else:
+            yield message
 
 
 async def publish_all(
@@ -382,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)  # a bad TICKWIRE_NAMESPACE
 
     path: Path = args.file
+    show = sys.stderr.isatty() if args.progress is None else bool(args.progress)
     progress_bar = tqdm(
         total=path.stat().st_size,
         unit="B",
@@ -389,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unit_divisor=1024,
         desc=path.name,
         file=sys.stderr,
-        disable=not (sys.stderr.isatty() if args.progress is None else args.progress),
+        disable=not show,
         leave=False,
     )
 
@@ -403,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.kind == "mt5-bars":
             tf = Timeframe(args.tf)
+            prefix = bar_ids(args.feed, args.symbol, tf)
             point = args.point
             if point is None:
                 point = mt5_csv.infer_point(path)
@@ -418,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             messages = _bar_messages(bars, outcome, malformed)
         else:
+            prefix = tick_ids(args.feed, args.symbol)
             ticks = mt5_csv.iter_ticks(
                 path,
                 feed=args.feed,
@@ -443,10 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_msg_size = await _ensure_streams(js, settings.namespace)
             except Exception as exc:
                 raise ImportFailed(f"cannot create the streams: {exc!r}") from None
+            stream = stream_name(TICKS, namespace=settings.namespace)
+            try:
+                held = await stored_ids(nc, js, stream, subject, prefix, progress=show)
+            except Exception as exc:
+                raise ImportFailed(f"cannot read the ids {stream} holds: {exc!r}") from None
             await publish_all(
                 js,
                 subject,
-                messages,
+                _not_held(messages, held, outcome),
                 outcome,
                 window=args.window,
                 timeout_s=settings.publish_timeout_s,

@@ -409,12 +409,13 @@ async def read_stream(
     desc: str,
     first: int = 1,
     progress: bool = True,
+    headers_only: bool = False,
 ) -> AsyncGenerator[list[tuple[AckInfo, Msg]], None]:
     """Batches of ``(ack info, message)`` of the stream from seq ``first`` up to ``last``
     (fewer if the rest is gone from the stream), read through a short-lived consumer without
     acks named ``consumer`` (one a crashed process left behind is deleted first). A progress
     bar unless ``progress`` is False; a stall while messages are still pending raises
-    ``TransientError``."""
+    ``TransientError``. ``headers_only``: the messages come without their payloads."""
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(stream, consumer)
     await js.add_consumer(
@@ -427,6 +428,7 @@ async def read_stream(
             filter_subjects=list(filter_subjects),
             inactive_threshold=60.0,
             mem_storage=True,
+            headers_only=headers_only or None,
         ),
     )
     source = PullSource(nc, stream, consumer, batch=max(1, min(READ_BATCH, last - first + 1)))
