@@ -650,3 +650,34 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
         (tmp_path / "reports" / f"{FEED}_{SYMBOL}_{TF}" / stamp / "report.json").read_text()
     )
     assert report["holdout"]["auc"] == pytest.approx(card.metrics["auc"], abs=1e-12)
+
+
+async def test_a_run_taken_over_gets_the_outcome_of_the_scheduler_that_took_it(
+    pg_dsn: str,
+) -> None:
+    """A scheduler that stopped renewing its claim (stalled, not dead) may still finish the
+    run after the leader took it over: the run log keeps the outcome of the one it is
+    claimed by, whichever finishes first."""
+    from sqlalchemy import create_engine
+
+    from workers.trainer.scheduler import RunLog, SchedulerMetrics, sqlalchemy_url
+
+    await migrate(pg_dsn)
+    engine = create_engine(sqlalchemy_url(pg_dsn))
+    try:
+        stalled = RunLog(engine, "stalled", SchedulerMetrics())
+        leader = RunLog(engine, "leader", SchedulerMetrics())
+        fire = dt.datetime(2026, 3, 2, 3, 0, tzinfo=dt.UTC)
+        assert stalled.claim("train:demo/EURUSD/M5", fire)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("UPDATE scheduler.runs SET heartbeat_at = now() - interval '1 hour'")
+            assert leader.reclaim(lease_s=60) == [("train:demo/EURUSD/M5", fire)]
+            stalled.finish("train:demo/EURUSD/M5", fire, "ok", "promoted v-stalled")
+            leader.finish("train:demo/EURUSD/M5", fire, "failed", "exited with 1")
+            row = await conn.fetchrow("SELECT scheduler, outcome, detail FROM scheduler.runs")
+        finally:
+            await conn.close()
+    finally:
+        engine.dispose()
+    assert dict(row) == {"scheduler": "leader", "outcome": "failed", "detail": "exited with 1"}

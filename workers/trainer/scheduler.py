@@ -259,11 +259,29 @@ class RunLog:
         return row is not None
 
     def finish(self, job_id: str, fire_time: dt.datetime, outcome: str, detail: str) -> None:
+        """Record the outcome of a run this scheduler claims; one another scheduler took over
+        meanwhile is left to that one (its outcome is the one recorded)."""
         with self.engine.begin() as conn:
-            conn.execute(
+            row = conn.execute(
                 text(query("scheduler_finish_run")),
-                {"job_id": job_id, "fire_time": fire_time, "outcome": outcome, "detail": detail},
+                {
+                    "job_id": job_id,
+                    "fire_time": fire_time,
+                    "scheduler": self.name,
+                    "outcome": outcome,
+                    "detail": detail,
+                },
+            ).first()
+        if row is None:
+            log.warning(
+                "%s %s: taken over by another scheduler meanwhile; its outcome (%s: %s) is "
+                "not recorded",
+                job_id,
+                fire_time.isoformat(),
+                outcome,
+                detail,
             )
+            return
         self.metrics.runs.labels(outcome).inc()
 
     def reclaim(self, lease_s: float) -> list[tuple[str, dt.datetime]]:
