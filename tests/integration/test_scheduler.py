@@ -102,10 +102,16 @@ def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
         raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
 
 
-def alive_or_clean(proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Still running, or exited with 0."""
-    if proc.poll():
-        raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-2000:]}")
+def stop_cleanly(proc: subprocess.Popen[bytes], log: Path, *, within_s: float) -> None:
+    """SIGTERM; the scheduler must exit with 0 within ``within_s``."""
+    proc.terminate()
+    if proc.wait(timeout=within_s) != 0:
+        raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-3000:]}")
+
+
+def runs_by(proc: subprocess.Popen[bytes], runs: Path) -> int:
+    """How many runs the job recorded in ``runs`` ran in ``proc``."""
+    return sum(pid == proc.pid for _, pid in recorded(runs))
 
 
 async def three_runs(
@@ -120,9 +126,7 @@ async def three_runs(
             return len(recorded(runs)) >= 3
 
         await eventually(three_ran, timeout=within_s, what="three runs")
-        proc.terminate()
-        proc.wait(timeout=within_s)
-        alive_or_clean(proc, log)
+        stop_cleanly(proc, log, within_s=within_s)
 
 
 async def unfinished_run(
@@ -152,7 +156,7 @@ async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_do
 
     def ran_by(proc: subprocess.Popen[bytes], log: Path) -> int:
         alive(proc, log)
-        return sum(pid == proc.pid for _, pid in recorded(runs))
+        return runs_by(proc, runs)
 
     with schedulers(tmp_path) as procs:
         a = spawn(procs, env, logs["a"])
@@ -175,8 +179,7 @@ async def test_one_scheduler_runs_and_a_takeover_or_restart_neither_loses_nor_do
         await eventually(lambda: time.time() >= stopped + 3, what="three fire times missed")
         c = spawn(procs, env, logs["c"])
         await eventually(lambda: ran_by(c, logs["c"]) >= 6, timeout=30, what="c catches up")
-        c.terminate()
-        assert c.wait(timeout=30) == 0, logs["c"].read_text()[-2000:]
+        stop_cleanly(c, logs["c"], within_s=30)
 
     calls = recorded(runs)
     fires = Counter(fire for fire, _ in calls)
@@ -315,12 +318,11 @@ async def test_a_leader_that_loses_its_lock_finishes_its_run_and_the_next_does_n
             await eventually(lambda: a.poll() is not None, timeout=60, what="a stops")
             assert "lost the leader lock's connection" in la.read_text()
             await eventually(
-                lambda: sum(pid == b.pid for _, pid in recorded(runs)) >= 2,
+                lambda: runs_by(b, runs) >= 2,
                 timeout=60,
                 what="b runs jobs",
             )
-            b.terminate()
-            assert b.wait(timeout=60) == 0, lb.read_text()[-2000:]
+            stop_cleanly(b, lb, within_s=60)
     finally:
         await conn.close()
     calls = recorded(runs)
@@ -431,12 +433,11 @@ async def test_a_waiting_scheduler_that_loses_its_connection_waits_on_and_takes_
             a.kill()
             a.wait()
             await eventually(
-                lambda: alive(b, lb) or sum(pid == b.pid for _, pid in recorded(runs)) >= 2,
+                lambda: alive(b, lb) or runs_by(b, runs) >= 2,
                 timeout=30,
                 what="b takes over",
             )
-            b.terminate()
-            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+            stop_cleanly(b, lb, within_s=30)
     finally:
         await conn.close()
 
@@ -498,8 +499,7 @@ async def test_a_scheduler_restarted_with_the_same_host_and_pid_runs_the_run_it_
                 )
 
             row = await eventually(finished, timeout=30, what="the run a died in to be run")
-            b.terminate()
-            assert b.wait(timeout=30) == 0, lb.read_text()[-2000:]
+            stop_cleanly(b, lb, within_s=30)
     finally:
         await conn.close()
     assert (row["outcome"], row["attempts"]) == ("ok", 2)
@@ -544,11 +544,8 @@ async def test_a_fire_time_that_cannot_be_claimed_is_run_after_the_restart(
             last_a = max(f for f, _ in recorded(runs))
             await conn.execute("DROP TRIGGER refuse_claims ON scheduler.runs")
             b = spawn(procs, env, logs["b"])
-            await eventually(
-                lambda: sum(pid == b.pid for _, pid in recorded(runs)) >= 3, what="b runs"
-            )
-            b.terminate()
-            assert b.wait(timeout=30) == 0, logs["b"].read_text()[-2000:]
+            await eventually(lambda: runs_by(b, runs) >= 3, what="b runs")
+            stop_cleanly(b, logs["b"], within_s=30)
     finally:
         await conn.close()
 
@@ -585,8 +582,7 @@ async def test_a_training_that_refuses_its_input_is_logged_with_its_reason(
                 )
 
             detail = await eventually(failed, timeout=60, what="a failed run")
-            proc.terminate()
-            assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+            stop_cleanly(proc, log, within_s=60)
     finally:
         await conn.close()
     assert detail.startswith(f"RuntimeError: no candles for {FEED} {SYMBOL} {TF} in ["), detail
@@ -620,8 +616,7 @@ async def test_the_scheduled_job_trains_the_window_ending_at_its_fire_time(
         first, second, *_ = await eventually(two_finished, timeout=240, what="two runs")
         url = f"http://127.0.0.1:{port}/metrics"
         metrics = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)).read()
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        stop_cleanly(proc, log, within_s=60)
 
     assert (first["outcome"], second["outcome"]) == ("ok", "ok")
     # the same candles again: the same model, already active, and the run log says so
