@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from infra.stack import StackUrls
@@ -103,3 +105,16 @@ async def spawn_started(
         proc.wait()
         raise
     return proc
+
+
+@contextlib.asynccontextmanager
+async def started_worker(
+    worker: str, env: dict[str, str], log: Path, *, module: str = "workers.cli"
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``spawn_started``, stopped by SIGTERM (and waited for) when the block ends."""
+    proc = await spawn_started(worker, env, log, module=module)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

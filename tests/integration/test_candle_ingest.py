@@ -41,7 +41,7 @@ from tests.crashing_worker import (
     window_gone_by,
 )
 from tests.faults import fails_first, losing_source
-from tests.processes import running, spawn, spawn_started, tail, worker_env
+from tests.processes import running, spawn, started_worker, tail, worker_env
 from tests.waiting import eventually
 from workers.candle_ingest import importer
 from workers.candle_ingest.aggregate import Aggregator
@@ -433,15 +433,11 @@ async def test_kill_9_at_random_moments_changes_nothing(
         proc.kill()
         proc.wait()
         kills += 1
-    proc = await spawn_started("candle-ingest", env, log)
-    try:
+    async with started_worker("candle-ingest", env, log) as proc:
         await asyncio.wait_for(publisher, 300)
         await eventually(
             lambda: consumed(js, ticks_chaos, "candle-ingest"), timeout=300, what="the end"
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     assert kills == 7
     assert proc.returncode == 0, tail(log)
     assert (await js.stream_info(ticks_chaos)).state.last_seq == total
@@ -1241,12 +1237,8 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_candle_twice(
     assert info.ack_floor.stream_seq < info.delivered.stream_seq, "and before it acked"
     await window_gone_by(js, f"{namespace}_WINDOW", window)
 
-    proc = await spawn_started("candle-ingest", env, log, module=CRASHING)
-    try:
+    async with started_worker("candle-ingest", env, log, module=CRASHING):
         await all_ticks_consumed(js, namespace)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     got = await stored_messages(js, output)
     assert doubled(got) == []
     want, _ = await candles_equal_the_reference(js, namespace, sc)

@@ -34,7 +34,7 @@ from tests.crashing_worker import (
     window_gone_by,
 )
 from tests.faults import fails_first
-from tests.processes import running, spawn, spawn_started, worker_env
+from tests.processes import running, spawn, started_worker, worker_env
 from tests.waiting import eventually
 from workers.feature_builder import app
 from workers.feature_builder.app import Features, Settings, bucket_name, build
@@ -503,12 +503,8 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_features(
             streams.stream_name(streams.CANDLES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = await spawn_started(DURABLE, env, log)
-    try:
+    async with started_worker(DURABLE, env, log) as proc:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     assert kills >= 8
     assert any(left), left
     assert proc.returncode == 0, log.read_text()[-3000:]
@@ -561,12 +557,8 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_vector_twice(
     assert info.ack_floor.stream_seq < len(before), "and before their candles were acked"
     await window_gone_by(js, f"{namespace}_WINDOW", window)
 
-    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
-    try:
+    async with started_worker(DURABLE, env, log, module=CRASHING):
         await eventually(lambda: consumed(js, namespace), timeout=120, what="every candle")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     got = await stored_messages(js, output)
     assert doubled(got) == []
     decode = msgspec.json.Decoder(FeatureVector).decode

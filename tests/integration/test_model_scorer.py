@@ -33,7 +33,7 @@ from tests.crashing_worker import (
     window_gone_by,
 )
 from tests.integration.test_feature_builder import run_worker, stream_messages
-from tests.processes import running, spawn, spawn_started, worker_env
+from tests.processes import running, spawn, started_worker, worker_env
 from tests.scorer_models import card_for, expected_probabilities, train, vectors
 from tests.waiting import eventually
 from workers.model_scorer import models as models_module
@@ -372,12 +372,8 @@ async def test_kill_9_in_the_middle_changes_no_byte_of_the_scores(
             streams.stream_name(streams.FEATURES, namespace=chaos), DURABLE
         )
         left.append(info.delivered.stream_seq - info.ack_floor.stream_seq)
-    proc = await spawn_started(DURABLE, env, log)
-    try:
+    async with started_worker(DURABLE, env, log) as proc:
         await eventually(lambda: consumed(js, chaos), timeout=180, what="the end")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     assert kills >= 5
     assert any(left), left
     assert proc.returncode == 0, log.read_text()[-3000:]
@@ -438,8 +434,7 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_score_twice(
     await publish(js, namespace, list(newer), as_specified=False)
     await window_gone_by(js, f"{namespace}_WINDOW", window)
 
-    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
-    try:
+    async with started_worker(DURABLE, env, log, module=CRASHING):
         await eventually(
             lambda: _count_at_least(js, namespace, len(before) + len(newer)),
             timeout=60,
@@ -449,9 +444,6 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_score_twice(
         # the held vectors come back behind the newer ones
         assert info.ack_floor.stream_seq == 0, "redelivered before the newer vectors were scored"
         await eventually(lambda: consumed(js, namespace), timeout=120, what="every vector")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     got = await stored_messages(js, output)
     assert doubled(got) == []
     scores = [msgspec.json.decode(p, type=Score) for _, p in got]

@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 
 from db.migrate import migrate
 from tests.integration.test_tickwire_train import FEED, SYMBOL, TF, candles_db, namespace
-from tests.processes import free_port
+from tests.processes import free_port, tail
 from tests.trainer_market import M5_MS
 from tests.waiting import eventually
 from workers.registry import Registry
@@ -106,7 +106,7 @@ def stop_cleanly(proc: subprocess.Popen[bytes], log: Path, *, within_s: float) -
     """SIGTERM; the scheduler must exit with 0 within ``within_s``."""
     proc.terminate()
     if proc.wait(timeout=within_s) != 0:
-        raise AssertionError(f"scheduler exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        raise AssertionError(f"scheduler exited with {proc.returncode}: {tail(log)}")
 
 
 def runs_by(proc: subprocess.Popen[bytes], runs: Path) -> int:

@@ -34,7 +34,7 @@ from tests.crashing_worker import (
     window_gone_by,
 )
 from tests.faults import fails_first
-from tests.processes import running, spawn, spawn_started, worker_env
+from tests.processes import running, spawn, started_worker, worker_env
 from tests.waiting import eventually
 from workers.runtime.errors import TransientError
 from workers.signal_publisher.app import Settings, Signals, build
@@ -661,12 +661,8 @@ async def test_a_restart_after_the_duplicate_window_publishes_no_signal_twice(
     assert info.ack_floor.stream_seq < max(scores.index(by(s, scores)) + 1 for s in sent)
     await window_gone_by(js, f"{namespace}_WINDOW", window)
 
-    proc = await spawn_started(DURABLE, env, log, module=CRASHING)
-    try:
+    async with started_worker(DURABLE, env, log, module=CRASHING):
         await eventually(lambda: consumed(js, namespace), timeout=120, what="every score")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     got = await stored_messages(js, output)
     assert doubled(got) == []
     told = [msgspec.json.decode(p, type=Signal) for _, p in got]
