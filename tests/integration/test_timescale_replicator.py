@@ -746,6 +746,36 @@ def _refused_by_the_database(
     monkeypatch.setitem(TABLES, CANDLE_TABLE.stream, dataclasses.replace(CANDLE_TABLE, row=row))
 
 
+async def test_a_first_revision_stored_already_is_upserted_with_the_rest_of_its_batch(
+    writer_dsn: str, pg_dsn: str
+) -> None:
+    """A batch of first revisions goes in as it is; where one of them is stored already (a
+    candle published again after the duplicate window), the batch is upserted instead: the
+    same revision replaces the stored row, a stored later revision stays, and the new rows
+    of the batch are stored all the same."""
+    messages = replication.published(seed=6, candles_per_series=3, namespace="x", troubles=False)
+    candles = [m.message for m in messages if isinstance(m.message, Candle)]
+    candles = [c for c in candles if c.revision == 0]  # the revisions are made here
+    held_back, first = candles[-4:], candles[:-4]
+    later = msgspec.structs.replace(first[1], revision=1, tick_volume=first[1].tick_volume + 7)
+    again = msgspec.structs.replace(first[0], tick_volume=first[0].tick_volume + 1000)
+    stale = msgspec.structs.replace(first[1], tick_volume=first[1].tick_volume + 2000)
+    batches = [first, [later], [held_back[0], again, *held_back[1:3], stale, held_back[3]]]
+    store = Store(writer_dsn, CANDLE_TABLE, stream="S", consumer=DURABLE)
+    seq = 0
+    try:
+        for batch in batches:
+            rows = [(seq + i, CANDLE_TABLE.row(c)) for i, c in enumerate(batch, start=1)]
+            seq += len(batch)
+            written = await store.write(rows, seq)
+            assert (written.rows, written.skipped, written.last_seq) == (len(batch), 0, seq)
+    finally:
+        await store.close()
+    order = [c for batch in batches for c in batch]
+    want = replication.expected([Published("candles", "", b"", "", c) for c in order])
+    assert (await tables(pg_dsn, None))["candles"] == want["candles"]
+
+
 async def test_a_batch_the_database_refuses_is_stored_row_by_row(
     writer_dsn: str, pg_dsn: str
 ) -> None:

@@ -3,7 +3,9 @@
 Each replicated stream has its own connection (and so its own temporary staging tables).
 ``write`` runs one transaction: read the stream's last replicated sequence (locking its
 row), drop what it already covers, COPY the rest into staging, upsert it into the market
-table, record the batch's last sequence. The caller acks after it returns.
+table (a batch of first revisions is inserted as it is, and upserted only when a key of it
+is stored already: ``_merge``), record the batch's last sequence. The caller acks after it
+returns.
 
 A database that cannot be reached, restarts, or times out raises ``TransientError`` (the
 runtime holds the batch and tries again with backoff; the connection is made again). A
@@ -35,7 +37,7 @@ import asyncpg
 
 from db.queries import query
 from workers.runtime.errors import TransientError
-from workers.timescale_replicator.tables import Row, Table, latest
+from workers.timescale_replicator.tables import Row, Table, latest, plain_insert
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Store:
         self._command_timeout_s = command_timeout_s
         self._conn: asyncpg.Connection | None = None
         self._upsert = query(table.upsert_query)
+        self._insert = plain_insert(self._upsert)
         self._columns = table.column_names
         self._thread = _Thread(f"{stream} to PostgreSQL")
 
@@ -249,7 +252,7 @@ class Store:
                         columns=self._columns,
                         schema_name="pg_temp",
                     )
-                    await conn.execute(self._upsert)
+                    await self._merge(conn, unique)
                 if through_seq > last:
                     await self._record(conn, through_seq)
         except _VALUE_ERRORS as exc:
@@ -257,6 +260,21 @@ class Store:
         except Exception as exc:
             raise await self._lost(exc) from exc
         return Written(len(unique), len(rows) - len(fresh), max(last, through_seq))
+
+    async def _merge(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
+        """Staging into the table. Rows of first revisions are new but for a message
+        published again (after the duplicate window) or a stream replicated again: they
+        are inserted as they are, and only where one is stored already (its key refused,
+        in a savepoint) upserted. Rows with later revisions are upserted at once."""
+        at = self.table.revision
+        if all(row[at] == 0 for row in rows):
+            try:
+                async with conn.transaction():  # a savepoint
+                    await conn.execute(self._insert)
+                return
+            except asyncpg.UniqueViolationError:
+                pass
+        await conn.execute(self._upsert)
 
     async def _write_each(self, rows: Sequence[tuple[int, Row]], through_seq: int) -> Written:
         conn = await self._connect()

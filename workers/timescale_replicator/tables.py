@@ -68,6 +68,15 @@ class Table(Generic[M]):
         return f"replicator_upsert_{self.name}"
 
 
+def plain_insert(upsert: str) -> str:
+    """An upsert's ``INSERT ... SELECT`` without its ``ON CONFLICT`` clause: refused on a
+    stored key, and cheaper by a third where no key is stored."""
+    head, clause, _ = upsert.partition("\nON CONFLICT ")
+    if not clause:
+        raise ValueError("not an upsert: no ON CONFLICT clause on a line of its own")
+    return head
+
+
 def latest(rows: Iterable[Row], key: int, revision: int) -> list[Row]:
     """One row per natural key (a row's first ``key`` values): the highest revision, the
     later one among equals.
