@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -27,11 +28,14 @@ import pytest
 from nats.js import JetStreamContext
 
 from db.migrate import migrate
+from db.queries import query
+from infra.stack import LocalStack
 from tests.integration.test_tickwire_train import FEED, SYMBOL, TF, candles_db, namespace
 from tests.processes import free_port, tail
 from tests.trainer_market import M5_MS
 from tests.waiting import eventually
 from workers.registry import Registry
+from workers.trainer.scheduler import LOCK_NAME
 
 pytestmark = pytest.mark.integration
 __all__ = ["candles_db", "namespace"]  # fixtures shared with the trainer's tests
@@ -440,6 +444,69 @@ async def test_a_waiting_scheduler_that_loses_its_connection_waits_on_and_takes_
             stop_cleanly(b, lb, within_s=30)
     finally:
         await conn.close()
+
+
+def health(port: int) -> int:
+    """The status /healthz answers with."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_healthz_says_whether_a_scheduler_is_connected(
+    local_stack: LocalStack, pg_dsn: str, unique: str, tmp_path: Path
+) -> None:
+    """A waiting scheduler whose connection drops and cannot be made again (PostgreSQL
+    refuses its role) answers /healthz with 503 and sets tickwire_up to 0 until it is
+    connected again."""
+    await migrate(pg_dsn)
+    postgres = local_stack.postgres
+    assert postgres is not None
+    role = f"{unique}_scheduler"  # roles are cluster-wide: one of this test's own
+    postgres.psql('CREATE ROLE :"role" LOGIN IN ROLE postgres;', role=role)
+    port = free_port()
+    env = scheduler_env(
+        pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1),
+        TICKWIRE_SCHEDULER_JOB="tests.scheduler_job:record",
+        SCHEDULER_TEST_RUNS=str(tmp_path / "runs.txt"),
+        TICKWIRE_METRICS_PORT=str(port),
+    )
+    log = tmp_path / "s.log"
+    holder = await asyncpg.connect(pg_dsn)  # holds the leader lock: the scheduler waits
+    try:
+        assert await holder.fetchval(query("scheduler_try_leadership"), LOCK_NAME)
+        with schedulers(tmp_path) as procs:
+            proc = spawn(procs, env, log)
+            await eventually(
+                lambda: log.exists() and "another scheduler is active" in log.read_text(),
+                what="the scheduler waits",
+            )
+            assert health(port) == 200
+            await holder.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            assert await holder.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+                role,
+            )
+            await eventually(lambda: health(port) == 503, what="503 while not connected")
+            assert up_value(port) == 0
+            alive(proc, log)
+            await holder.execute(f'ALTER ROLE "{role}" LOGIN')
+            await eventually(lambda: health(port) == 200, what="200 once connected again")
+            assert up_value(port) == 1
+            stop_cleanly(proc, log, within_s=30)
+    finally:
+        await holder.close()
+        postgres.psql('DROP ROLE IF EXISTS :"role";', role=role)
+
+
+def up_value(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(r'^tickwire_up\{worker="scheduler"\} (\S+)$', text, re.M)
+    assert found, "no tickwire_up of the scheduler"
+    return float(found.group(1))
 
 
 SAME_HOST_AND_PID = (  # as in a container restarted after a crash: pid 1, the same host name

@@ -536,7 +536,8 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     assert settings.postgres_dsn is not None
     dsn = settings.postgres_dsn.get_secret_value()
     metrics = SchedulerMetrics()
-    server = MetricsServer(metrics, lambda: True, settings.metrics_host, settings.metrics_port)
+    connected = asyncio.Event()  # /healthz: connected to PostgreSQL, active or waiting to be
+    server = MetricsServer(metrics, connected.is_set, settings.metrics_host, settings.metrics_port)
     await server.start()
     try:
         lock = await asyncpg.connect(dsn)
@@ -546,7 +547,9 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
     try:
         if not await lock.fetchval(query("scheduler_tables_exist")):
             fail("no scheduler tables in this database: run tickwire db migrate")
-        metrics.up.labels(metrics.worker).set(1)  # connected: active or waiting to be
+        up = metrics.up.labels(metrics.worker)
+        up.set(1)
+        connected.set()
         waiting_logged = False
         while True:
             try:
@@ -557,9 +560,13 @@ async def serve(settings: Settings, stop: asyncio.Event, name: str) -> int:
                 log.warning("%s: lost the connection while waiting (%s); connecting again",
                             name, exc)  # fmt: skip
                 lock.terminate()
+                up.set(0)
+                connected.clear()
                 lock = await _connect_again(dsn, stop, settings.scheduler_leader_retry_s)
                 if lock is None:
                     return 0
+                up.set(1)
+                connected.set()
                 continue
             if not waiting_logged:
                 log.info("%s: another scheduler is active; retrying every %gs", name,
