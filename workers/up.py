@@ -214,7 +214,11 @@ class Launcher:
         return codes
 
     def __enter__(self) -> Launcher:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # those started before the one that failed stop with it
+            self.stop()
+            raise
         return self
 
     def __exit__(

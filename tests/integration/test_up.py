@@ -86,6 +86,32 @@ async def test_workers_do_not_outlive_their_launcher(
         await eventually(lambda: not pid_alive(worker), timeout=60, what="the worker to end")
 
 
+async def test_workers_started_before_one_that_cannot_start_are_stopped(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The second worker's log cannot be opened: the first, already running, is stopped
+    as the launcher gives up, not left behind."""
+    await migrate(pg_dsn)
+    (tmp_path / "candle-ingest.log").mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "TICKWIRE_POSTGRES_DSN": pg_dsn,
+        "TICKWIRE_TRAIN_SCHEDULE": "demo/EURUSD/M5@0 3 1 1 *",
+    }
+    ports = {"scheduler": _free_port(), "candle-ingest": _free_port()}
+    launcher = Launcher(["scheduler", "candle-ingest"], log_dir=tmp_path, ports=ports, env=env)
+    try:
+        with pytest.raises(IsADirectoryError), launcher:
+            pass
+        scheduler = launcher.children["scheduler"]
+        assert scheduler.process.poll() is not None, "the scheduler was left running"
+    finally:
+        for c in launcher.children.values():
+            if c.process.poll() is None:
+                c.process.kill()
+                c.process.wait()
+
+
 class _Healthy(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(200)
