@@ -22,6 +22,7 @@ import lightgbm
 import msgspec
 import nats
 import numpy as np
+from nats.aio.client import Client
 from tqdm import tqdm
 
 from bench.report import Figure, counted
@@ -76,9 +77,7 @@ async def _cleanup(js: nats.js.JetStreamContext) -> None:
         await js.delete_key_value(bucket_name(NS))
 
 
-async def _round_trips(
-    nc: nats.aio.client.Client, items: list[FeatureVector], out: str
-) -> list[float]:
+async def _round_trips(nc: Client, items: list[FeatureVector], out: str) -> list[float]:
     """Seconds from publishing each vector to receiving a message on ``out``."""
     js = nc.jetstream()
     got: asyncio.Queue[None] = asyncio.Queue()

@@ -28,7 +28,7 @@ POLL_S = 0.05
 async def _remaining(js: nats.js.JetStreamContext, stream: str, durable: str) -> int | None:
     with contextlib.suppress(Exception):
         info = await js.consumer_info(stream, durable)
-        return info.num_pending + info.num_ack_pending
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
     return None
 
 

@@ -8,6 +8,7 @@ whose card and booster read the features in that order.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import lightgbm
 import numpy as np
@@ -36,6 +37,7 @@ def train(
     x = rng.normal(size=(600, len(names)))
     signal = x[:, 0] + 0.5 * x[:, 1] - 0.3 * x[:, 2] + rng.normal(scale=0.5, size=600)
     params: dict[str, object] = {"verbose": -1, "num_leaves": 7, "seed": seed}
+    y: np.ndarray[Any, Any]
     if objective == "multiclass":
         y = np.digitize(signal, [-0.5, 0.5])
         params |= {"objective": "multiclass", "num_class": 3}
