@@ -17,10 +17,12 @@ consumed everything their streams hold without a restart of their own.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -268,3 +270,49 @@ async def test_a_restart_of_the_one_nats_server_loses_and_doubles_nothing(
         f"{len(got)} ({len(published)} revisions), in QuestDB {len(rows)}, feature vectors "
         f"{len(on_features)}; nothing lost, doubled or dead-lettered"
     )
+
+
+def ea_messages_in(server: NatsServer) -> int:
+    """Messages the server has received from the EA's connection (its monitoring)."""
+    with urllib.request.urlopen(f"{server.monitor_url}/connz", timeout=5) as response:
+        conns = json.load(response).get("connections") or []
+    return sum(int(c["in_msgs"]) for c in conns if c.get("name") == "tickwire-ea-sim")
+
+
+async def test_the_ea_waits_for_a_stream_that_does_not_answer_yet(
+    own_nats: NatsServer, own_nc: Client, unique: str, tmp_path: Path
+) -> None:
+    """A server that has just restarted, or is stopping, answers "no responders" for the
+    stream until it has its streams loaded: the EA asks again (for up to its publish
+    timeout) and delivers every tick, rather than stopping at the first such answer."""
+    server, ns = own_nats, unique
+    ticks = 2_000
+    args = ["--seed", str(SEED), "--feeds", ",".join(FEEDS), "--symbols", ",".join(SYMBOLS)]
+    args += ["--start", START, "--ticks", str(ticks), "--speed", "max", "--namespace", ns]
+    ea_err = tmp_path / "ea-sim.err"
+    with ea_err.open("wb") as err:
+        ea = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.cli", "ea-sim", *args,
+            env={**os.environ, "TICKWIRE_NATS_URL": server.url},
+            stdout=asyncio.subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+    try:
+        # the EA publishes before any stream answers for its subjects (or has stopped)
+        async def published() -> bool:
+            return ea.returncode is not None or await asyncio.to_thread(ea_messages_in, server) > 0
+
+        await eventually(published, timeout=60, what="the EA's ticks")
+        js = own_nc.jetstream()
+        await streams.ensure(js, streams.stream_specs(namespace=ns))
+        out, _ = await asyncio.wait_for(ea.communicate(), 120)
+        assert ea.returncode == 0, ea_err.read_text()[-3000:]
+        assert f"{ticks} ticks in" in out.decode(), out.decode()
+        kept = await read_all(js, streams.stream_name(streams.TICKS, namespace=ns))
+        sent = market.simulate(
+            seed=SEED, feeds=FEEDS, symbols=SYMBOLS, start_ms=START_MS, max_ticks=ticks
+        )
+        assert Counter(s.msg_id for s in kept) == Counter(m.msg_id for m in sent)
+    finally:
+        if ea.returncode is None:
+            ea.kill()
+            await ea.wait()
