@@ -39,7 +39,7 @@ from typing import Final, NoReturn
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 from tqdm import tqdm
 
 from contracts import subjects
@@ -66,6 +66,8 @@ STORE_FULL: Final = frozenset({10002, 10023, 10047})
 FULL_RETRY_S: Final = (0.1, 5.0)
 """First and longest pause between two publishes of a message the full store refused."""
 STILL_FULL_EVERY_S: Final = 30.0
+NO_STREAM_RETRY_S: Final = 0.1
+"""Pause between two publishes of a message no stream answered, within its grace."""
 PACE_AHEAD_S: Final = 0.010
 """A paced message due within this much of now goes at once: a paced EA wakes at most about
 100 times a second, not once per tick, and what is due goes out in one write. A wake-up
@@ -390,7 +392,9 @@ async def publish_paced(
     nats-py's ``publish_async`` future pending (nats-io/nats.py#985): when an ack does not
     come in time, that message is published once more synchronously, with the same id, for
     the server's answer; so is every message behind it still unanswered, at once. A full
-    store is waited out (``confirm``); any other refusal stops the EA with its reason.
+    store is waited out (``confirm``); any other refusal stops the EA with its reason. No
+    stream answering is a refusal only once it lasts ``timeout_s``: a server that has just
+    restarted answers so until it has loaded its streams again.
     """
     inflight: collections.deque[tuple[asyncio.Future[PubAck], str, Outgoing]] = collections.deque()
     full = _FullStore()
@@ -398,11 +402,19 @@ async def publish_paced(
     async def confirm(subject: str, m: Outgoing) -> PubAck:
         """Publish ``m`` again with its id, until the server stores it (or had it)."""
         pause = FULL_RETRY_S[0]
+        no_stream_until: float | None = None
         while True:
             try:
                 ack = await js.publish(
                     subject, m.payload, timeout=timeout_s, headers={MSG_ID: m.msg_id}
                 )
+            except NoStreamResponseError as exc:
+                now = time.monotonic()
+                no_stream_until = no_stream_until or now + timeout_s
+                if now >= no_stream_until:
+                    raise _failed(subject, exc) from None
+                await asyncio.sleep(NO_STREAM_RETRY_S)  # a restarted server loading streams
+                continue
             except APIError as exc:
                 if exc.err_code not in STORE_FULL:
                     raise _failed(subject, exc) from None
@@ -428,8 +440,8 @@ async def publish_paced(
                     if not future.done():
                         await asyncio.wait_for(asyncio.shield(future), timeout_s)
                     ack = future.result()
-                except TimeoutError:
-                    stalled = True
+                except (TimeoutError, NoStreamResponseError):
+                    stalled = True  # asked again below: no stream may be a server restarting
                 except Exception as exc:
                     raise _failed(subject, exc) from None
             if ack is None:
