@@ -12,12 +12,14 @@ settings (a URL may carry ``user:password@`` too).
 
 Pacing: ``--speed X`` publishes a message when X times the wall-clock time since the start
 has passed in event time (``max``: at once); ``--rate N`` publishes N ticks per second
-whatever their event times. Exit codes: 0 done, 1 NATS unreachable or a publish failed,
-2 bad arguments.
+whatever their event times. Exit codes: 0 done, 1 NATS unreachable at the start or a
+publish refused, 2 bad arguments.
 
 A full JetStream store (the server's or the account's file limit) is not a failure: the
 EA says so in one line, publishes the same message again with growing pauses until the
-server has room, says when it has, and goes on in order. Nothing is dropped.
+server has room, says when it has, and goes on in order. Nothing is dropped. Nor is a
+server that restarts or drops out of reach mid-run: the EA reconnects, says so, and
+publishes what was not answered again with the same ids (stored once).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Final, NoReturn
 
 import msgspec
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
 from tqdm import tqdm
@@ -68,6 +70,9 @@ FULL_RETRY_S: Final = (0.1, 5.0)
 STILL_FULL_EVERY_S: Final = 30.0
 NO_STREAM_RETRY_S: Final = 0.1
 """Pause between two publishes of a message no stream answered, within its grace."""
+OUTAGE_RETRY_S: Final = 0.1
+"""Pause between two publishes of a message the connection could not write."""
+STILL_AWAY_EVERY_S: Final = 30.0
 PACE_AHEAD_S: Final = 0.010
 """A paced message due within this much of now goes at once: a paced EA wakes at most about
 100 times a second, not once per tick, and what is due goes out in one write. A wake-up
@@ -376,7 +381,7 @@ class Pacer:
 
 
 async def publish_paced(
-    js: JetStreamContext,
+    nc: Client,
     messages: Iterable[Outgoing],
     counts: Counts,
     *,
@@ -394,20 +399,36 @@ async def publish_paced(
     the server's answer; so is every message behind it still unanswered, at once. A full
     store is waited out (``confirm``); any other refusal stops the EA with its reason. No
     stream answering is a refusal only once it lasts ``timeout_s``: a server that has just
-    restarted answers so until it has loaded its streams again.
+    restarted answers so until it has loaded its streams again. A server restarting or out
+    of reach is waited out too, as an EA does: a message whose answer did not come while
+    the connection was down, or came back, is published again until it comes; no answer
+    on a connection that stayed up stops the EA (a subject it may not publish to).
     """
+    js = nc.jetstream(publish_async_max_pending=window)
     inflight: collections.deque[tuple[asyncio.Future[PubAck], str, Outgoing]] = collections.deque()
     full = _FullStore()
+    outage = _Outage()
+
+    def reconnects() -> int:
+        return int(nc.stats["reconnects"])
 
     async def confirm(subject: str, m: Outgoing) -> PubAck:
         """Publish ``m`` again with its id, until the server stores it (or had it)."""
         pause = FULL_RETRY_S[0]
         no_stream_until: float | None = None
         while True:
+            before = reconnects()
             try:
                 ack = await js.publish(
                     subject, m.payload, timeout=timeout_s, headers={MSG_ID: m.msg_id}
                 )
+            except (TimeoutError, OSError) as exc:
+                if nc.is_connected and reconnects() == before:
+                    raise _failed(subject, exc) from None
+                outage.waiting(subject)  # the server restarting or out of reach
+                if not isinstance(exc, TimeoutError):  # the write failed: not a wait
+                    await asyncio.sleep(OUTAGE_RETRY_S)  # a backoff while reconnecting
+                continue
             except NoStreamResponseError as exc:
                 now = time.monotonic()
                 no_stream_until = no_stream_until or now + timeout_s
@@ -426,6 +447,7 @@ async def publish_paced(
             except Exception as exc:
                 raise _failed(subject, exc) from None
             full.stored()
+            outage.over()
             return ack
 
     async def settle(keep: int) -> None:
@@ -464,14 +486,21 @@ async def publish_paced(
                 await asyncio.sleep(wait)  # pacing to event time, not synchronisation
             if len(inflight) >= window:
                 await settle(window - 1)
+            if not nc.is_connected:
+                # what was sent before the connection dropped goes again first, in order
+                await settle(0)
             subject = subjects.ticks(m.feed, m.symbol, namespace=namespace)
             # nats-py waits for a free slot through a timed wait, which always suspends: a
             # burst would then leave one write per message. A slot is free unless the last
             # acks' callbacks have yet to run; only then is the wait bounded.
             stall = timeout_s if js.publish_async_pending() >= window else None
-            future = await js.publish_async(
-                subject, m.payload, headers={MSG_ID: m.msg_id}, wait_stall=stall
-            )
+            try:
+                future = await js.publish_async(
+                    subject, m.payload, headers={MSG_ID: m.msg_id}, wait_stall=stall
+                )
+            except OSError:  # the connection lost under the write: asked again, in order
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(TimeoutError())
             inflight.append((future, subject, m))
         await settle(0)
     finally:
@@ -513,6 +542,32 @@ class _FullStore:
                 f"and {self.attempts} refused publishes; going on"
             )
             self.since, self.attempts = None, 0
+
+
+class _Outage:
+    """One line when the server stops answering, one every ``STILL_AWAY_EVERY_S`` while it
+    does not, and one when it answers again."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self._said_at = 0.0
+
+    def waiting(self, subject: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = self._said_at = now
+            _say(
+                f"NATS away (no answer to a publish to {subject}); publishing again with the"
+                " same ids until it answers, nothing is dropped"
+            )
+        elif now - self._said_at >= STILL_AWAY_EVERY_S:
+            self._said_at = now
+            _say(f"NATS still away after {now - self.since:.0f} s")
+
+    def over(self) -> None:
+        if self.since is not None:
+            _say(f"NATS answers again after {time.monotonic() - self.since:.1f} s; going on")
+            self.since = None
 
 
 def _say(line: str) -> None:
@@ -590,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ) from None
         try:
             await publish_paced(
-                nc.jetstream(publish_async_max_pending=args.window),
+                nc,
                 messages,
                 counts,
                 namespace=settings.namespace,
