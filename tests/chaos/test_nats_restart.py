@@ -81,6 +81,21 @@ async def own_nc(own_nats: NatsServer) -> AsyncIterator[Client]:
     await client.close()
 
 
+async def start_ea(
+    server: NatsServer, ns: str, err_path: Path, *pacing: str
+) -> asyncio.subprocess.Process:
+    """``tickwire ea-sim`` on ``server`` in namespace ``ns``, the test's feeds and symbols
+    from ``START``: its summary on stdout (a pipe), its errors in ``err_path``."""
+    args = ["--seed", str(SEED), "--feeds", ",".join(FEEDS), "--symbols", ",".join(SYMBOLS)]
+    args += ["--start", START, "--namespace", ns, *pacing]
+    with err_path.open("wb") as err:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.cli", "ea-sim", *args,
+            env={**os.environ, "TICKWIRE_NATS_URL": server.url},
+            stdout=asyncio.subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+
+
 async def consumed(js: JetStreamContext, stream: str, durable: str) -> bool:
     info = await js.consumer_info(stream, durable)
     return info.num_pending == 0 and info.num_ack_pending == 0
@@ -131,14 +146,7 @@ async def test_a_restart_of_the_one_nats_server_loses_and_doubles_nothing(
             assert ingest.alive(), tail(ingest.log)
             assert builder.poll() is None, tail(builder_log)
 
-        args = ["--seed", str(SEED), "--feeds", ",".join(FEEDS), "--symbols", ",".join(SYMBOLS)]
-        args += ["--start", START, "--ticks", str(TICKS), "--rate", str(RATE), "--namespace", ns]
-        with ea_err.open("wb") as err:
-            ea = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "workers.cli", "ea-sim", *args,
-                env={**os.environ, "TICKWIRE_NATS_URL": server.url},
-                stdout=asyncio.subprocess.PIPE, stderr=err,
-            )  # fmt: skip
+        ea = await start_ea(server, ns, ea_err, "--ticks", str(TICKS), "--rate", str(RATE))
 
         async def stored_ticks(n: int) -> bool:
             workers_alive()
@@ -295,15 +303,8 @@ async def test_the_ea_waits_for_a_stream_that_does_not_answer_yet(
     timeout) and delivers every tick, rather than stopping at the first such answer."""
     server, ns = own_nats, unique
     ticks = 2_000
-    args = ["--seed", str(SEED), "--feeds", ",".join(FEEDS), "--symbols", ",".join(SYMBOLS)]
-    args += ["--start", START, "--ticks", str(ticks), "--speed", "max", "--namespace", ns]
     ea_err = tmp_path / "ea-sim.err"
-    with ea_err.open("wb") as err:
-        ea = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.cli", "ea-sim", *args,
-            env={**os.environ, "TICKWIRE_NATS_URL": server.url},
-            stdout=asyncio.subprocess.PIPE, stderr=err,
-        )  # fmt: skip
+    ea = await start_ea(server, ns, ea_err, "--ticks", str(ticks), "--speed", "max")
     try:
         # the EA publishes before any stream answers for its subjects (or has stopped)
         async def published() -> bool:
